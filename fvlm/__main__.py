@@ -1,0 +1,5 @@
+import sys
+
+from fvlm.cli import main
+
+sys.exit(main())

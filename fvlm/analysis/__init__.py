@@ -1,0 +1,1 @@
+"""Analysis: scaling-law fits, figures, the export and the decision report."""

@@ -1,0 +1,351 @@
+"""One typed, nested config tree for a run, loaded from YAML plus `key=value` overrides.
+
+Every field is read by some part of fvlm; an unknown key is an error (the reference implementation
+had keys that nothing read, so ablations silently trained the baseline). Validation names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fvlm.errors import UsageError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["foveated", "multi_token"] = "foveated"
+    # A local Hugging Face folder, a hub id found in the local cache, or a shape name from
+    # fvlm/model/shapes (tiny, smollm2-135m, ...). Shape names build random weights.
+    llm: str = "tiny"
+    dino: str = "tiny"
+    deep_query: bool = True
+    coarse_only: bool = False
+    # Visual tokens per frame: 1 for the foveated model, a square k*k for the multi-token baseline
+    # (null picks 1 or 16 by architecture).
+    tokens_per_frame: int | None = None
+    lambda_coarse: float = 0.0
+    freeze_dino: bool = False
+    freeze_llm: bool = False
+    # Width of q_static / q_init / llm_to_query outputs; null means the DINO width.
+    query_dim: int | None = None
+    visual_scale: float = 0.14
+    image_size: int = 224
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    # Shards: a folder, a glob, a comma-separated list, a YAML mix file, or "synthetic"
+    # (the project's own synthetic set, generated on first use under <out_dir>/data/).
+    train: str = "synthetic"
+    val: str = "synthetic"
+    probe: str = "synthetic"
+    # Per-source sampling weights, e.g. {video: 0.55, image: 0.30, text: 0.15}; empty = natural mix.
+    mix: dict[str, float] = field(default_factory=dict)
+    text_ratio: float = 0.14
+    replicate_image_frames: int = 1
+    max_frames: int = 8
+    fps: float = 1.0
+    max_text_tokens: int = 128
+    num_workers: int = 0
+    # Dynamic batching: cap on the total number of frames in a batch (0 = off).
+    max_batch_frames: int = 0
+    seed: int | None = None
+    # Synthetic data used when a path above is "synthetic".
+    synth_videos: int = 2000
+    synth_images: int = 500
+    synth_texts: int = 500
+    synth_frames: int = 8
+    synth_size: int = 64
+    synth_val: int = 200
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    max_steps: int = 0
+    max_samples: int = 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    eval_every: int = 100
+    save_every: int = 100
+    log_every: int = 10
+    keep_last: int = 2
+    eval_batch_size: int = 8
+    eval_samples: int = 256
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    init_from: str = ""
+    # Stop as diverged when the loss exceeds this multiple of its running mean.
+    divergence_factor: float = 5.0
+    wandb: Literal["off", "online", "offline"] = "off"
+    wandb_project: str = "fvlm"
+
+
+@dataclass
+class OptimConfig:
+    lr_connector: float = 1e-4
+    lr_dino: float = 1e-5
+    lr_llm: float = 1e-5
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: Literal["cosine", "constant", "converging"] = "cosine"
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class RunConfig:
+    run_id: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def config_hash(self) -> str:
+        """Identifies a run's settings: everything except where it is written and what it is called."""
+        settings = self.to_dict()
+        settings.pop("run_id")
+        settings.pop("out_dir")
+        blob = json.dumps(settings, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.run_id
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Checks (and gently converts) a YAML value against a field's type annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except UsageError as exc:
+                errors.append(str(exc))
+        raise UsageError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise UsageError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{where}: expected a mapping, got {value!r}")
+        _, value_type = typing.get_args(tp)
+        return {str(k): _coerce(v, value_type, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UsageError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise UsageError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise UsageError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise UsageError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str, source: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
+            raise UsageError(f"{source}: unknown config key '{where}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UsageError(f"{source}: '{where}' is a section; expected a mapping, got {value!r}")
+            _apply(current, value, f"{where}.", source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{source}: {where}"))
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=value` strings to (key, YAML-parsed value) pairs."""
+    pairs = []
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def resolve_config_path(name_or_path: str | None) -> Path:
+    """A config file path, or the name of a shipped config (tiny, paper_135m_stage1, ...)."""
+    if name_or_path is None:
+        return CONFIG_DIR / "tiny.yaml"
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UsageError(f"config file not found: {path}")
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise UsageError(f"no config file or shipped config named '{name_or_path}' (shipped: {', '.join(names)})")
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Loads a config file (following `base:` chains) and applies overrides, then validates it."""
+    cfg = RunConfig()
+    path = resolve_config_path(name_or_path)
+    for layer_path, data in _read_chain(path):
+        _apply(cfg, data, "", str(layer_path))
+    if isinstance(overrides, dict):
+        override_pairs = list(overrides.items())
+    else:
+        override_pairs = parse_overrides(list(overrides or []))
+    for key, value in override_pairs:
+        _apply(cfg, _nest(key, value), "", "override")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, data, "", source)
+    validate(cfg)
+    return cfg
+
+
+def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict[str, Any]]]:
+    if path.resolve() in seen:
+        raise UsageError(f"{path}: 'base:' chain loops back on itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping at the top level")
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = (path.parent / f"{base}.yaml") if not str(base).endswith((".yaml", ".yml")) else path.parent / base
+        if not base_path.is_file():
+            base_path = resolve_config_path(str(base))
+        chain = _read_chain(base_path, seen + (path.resolve(),))
+    return chain + [(path, data)]
+
+
+def _positive(value: float, where: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Impossible values and combinations, each named by field."""
+    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    if not cfg.run_id or "/" in cfg.run_id:
+        raise UsageError(f"run_id must be a non-empty name without '/', got {cfg.run_id!r}")
+    if m.tokens_per_frame is None:
+        m.tokens_per_frame = 1 if m.arch == "foveated" else 16
+    if m.arch == "foveated" and m.tokens_per_frame != 1:
+        raise UsageError("model.tokens_per_frame must be 1 for model.arch=foveated (use arch=multi_token)")
+    if m.arch == "multi_token":
+        k = round(m.tokens_per_frame**0.5)
+        if m.tokens_per_frame < 1 or k * k != m.tokens_per_frame:
+            raise UsageError(f"model.tokens_per_frame must be a square (1, 4, 16, ...), got {m.tokens_per_frame}")
+        if m.coarse_only or not m.deep_query:
+            raise UsageError("model.coarse_only / model.deep_query apply to arch=foveated only")
+    if m.coarse_only and m.lambda_coarse != 0:
+        raise UsageError("model.lambda_coarse has no meaning with model.coarse_only=true (the coarse loss is the loss)")
+    _positive(m.lambda_coarse, "model.lambda_coarse", allow_zero=True)
+    _positive(m.visual_scale, "model.visual_scale")
+    _positive(m.image_size, "model.image_size")
+    if m.query_dim is not None:
+        _positive(m.query_dim, "model.query_dim")
+    if not 0 <= d.text_ratio <= 1:
+        raise UsageError(f"data.text_ratio must be in [0, 1], got {d.text_ratio}")
+    for source, weight in d.mix.items():
+        if weight < 0:
+            raise UsageError(f"data.mix.{source} must be >= 0, got {weight}")
+    if d.mix and sum(d.mix.values()) <= 0:
+        raise UsageError("data.mix weights must not all be zero")
+    _positive(d.replicate_image_frames, "data.replicate_image_frames")
+    _positive(d.max_frames, "data.max_frames")
+    _positive(d.fps, "data.fps")
+    _positive(d.max_text_tokens, "data.max_text_tokens")
+    _positive(d.num_workers, "data.num_workers", allow_zero=True)
+    _positive(d.max_batch_frames, "data.max_batch_frames", allow_zero=True)
+    if t.stage not in (1, 2, 3):
+        raise UsageError(f"train.stage must be 1, 2 or 3, got {t.stage}")
+    for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_last",
+                 "eval_batch_size", "eval_samples"):
+        _positive(getattr(t, name), f"train.{name}")
+    _positive(t.max_steps, "train.max_steps", allow_zero=True)
+    _positive(t.max_samples, "train.max_samples", allow_zero=True)
+    _positive(t.grad_clip, "train.grad_clip", allow_zero=True)
+    _positive(t.divergence_factor, "train.divergence_factor")
+    for name in ("lr_connector", "lr_dino", "lr_llm"):
+        _positive(getattr(o, name), f"optim.{name}", allow_zero=True)
+    if not 0 <= o.warmup_ratio < 1:
+        raise UsageError(f"optim.warmup_ratio must be in [0, 1), got {o.warmup_ratio}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise UsageError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")

@@ -1,0 +1,1 @@
+"""Data: WebDataset shards of video, image and text-only samples; the synthetic dataset; mixing."""

@@ -1,0 +1,1 @@
+"""Evaluation: three inference modes, multiple-choice benchmarks, generation, attention pictures."""

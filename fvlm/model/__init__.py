@@ -1,0 +1,1 @@
+"""The foveated VLM, its baselines, backbones and FLOP counter."""

@@ -1,0 +1,128 @@
+"""Loading the two backbones: a causal LM (SmolLM2 is Llama-shaped) and a DINOv2 vision encoder.
+
+A backbone spec (`model.llm`, `model.dino`) is one of
+- a shape name shipped in fvlm/model/shapes (`tiny`, `smollm2-135m`, `dinov2-small`, ...): the real
+  architecture with random weights, needing no download (tests, the tiny preset, FLOP counting);
+- a local folder in Hugging Face format (config.json + weights): pretrained weights;
+- a hub id (`HuggingFaceTB/SmolLM2-135M-Instruct`) already in the local Hugging Face cache.
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fvlm.errors import UsageError
+
+SHAPES_DIR = Path(__file__).parent / "shapes"
+_ALIASES = {("llm", "tiny"): "tiny-llm", ("dino", "tiny"): "tiny-dino"}
+_EXPECTED_TYPE = {"llm": None, "dino": "dinov2"}
+
+
+def shape_names() -> list[str]:
+    return sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
+
+
+def _shape_file(spec: str, kind: str) -> Path | None:
+    name = _ALIASES.get((kind, spec), spec.lower())
+    path = SHAPES_DIR / f"{name}.json"
+    return path if path.is_file() else None
+
+
+def is_shape_name(spec: str, kind: str) -> bool:
+    return _shape_file(spec, kind) is not None
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
+
+
+def backbone_config(spec: str, kind: str):
+    """The transformers config of a backbone spec, without loading weights."""
+    from transformers import AutoConfig
+
+    shape = _shape_file(spec, kind)
+    if shape is not None:
+        data = json.loads(shape.read_text())
+        model_type = data.pop("model_type")
+        return AutoConfig.for_model(model_type, **data)
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise UsageError(f"model.{kind}: {path} has no config.json (not a Hugging Face model folder)")
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        elif _looks_like_hub_id(spec):
+            config = AutoConfig.from_pretrained(spec, local_files_only=True)
+        else:
+            raise UsageError(
+                f"model.{kind}: '{spec}' is neither a folder nor a shape name ({', '.join(shape_names())})"
+            )
+    except UsageError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model.{kind}: cannot read a model config from '{spec}' ({str(exc).splitlines()[0]})") from None
+    expected = _EXPECTED_TYPE[kind]
+    if expected and config.model_type != expected:
+        raise UsageError(f"model.{kind}: '{spec}' is a {config.model_type} model, expected {expected}")
+    return config
+
+
+def load_llm(spec: str, attn_implementation: str = "sdpa"):
+    """(causal LM, pretrained?) for a spec; shape names give random weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = backbone_config(spec, "llm")
+    if is_shape_name(spec, "llm"):
+        config._attn_implementation = attn_implementation
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation), False
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(Path(spec).expanduser()) if Path(spec).expanduser().is_dir() else spec,
+            local_files_only=True,
+            attn_implementation=attn_implementation,
+            dtype="float32",
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model.llm: cannot load weights from '{spec}' ({str(exc).splitlines()[0]})") from None
+    return model, True
+
+
+def load_dino(spec: str, attn_implementation: str = "sdpa"):
+    """(Dinov2Model, pretrained?) for a spec; shape names give random weights."""
+    from transformers import Dinov2Model
+
+    config = backbone_config(spec, "dino")
+    if is_shape_name(spec, "dino"):
+        return Dinov2Model._from_config(config, attn_implementation=attn_implementation), False
+    try:
+        model = Dinov2Model.from_pretrained(
+            str(Path(spec).expanduser()) if Path(spec).expanduser().is_dir() else spec,
+            local_files_only=True,
+            attn_implementation=attn_implementation,
+            dtype="float32",
+        )
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model.dino: cannot load weights from '{spec}' ({str(exc).splitlines()[0]})") from None
+    return model, True
+
+
+def load_tokenizer(spec: str):
+    """The LLM folder's tokenizer; the project's byte-level tokenizer for shape names."""
+    from transformers import AutoTokenizer
+
+    from fvlm.model.tokenizer import byte_tokenizer
+
+    if is_shape_name(spec, "llm"):
+        return byte_tokenizer()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(Path(spec).expanduser()) if Path(spec).expanduser().is_dir() else spec,
+                                            local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"model.llm: cannot load a tokenizer from '{spec}' ({str(exc).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise UsageError(f"model.llm: the tokenizer in '{spec}' has no chat template")
+    return tok
