@@ -1,0 +1,87 @@
+"""Building a model from its config, and saving/loading a trained one as a self-contained folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from fvlm.config import ModelConfig
+from fvlm.errors import UsageError
+from fvlm.model.backbones import load_dino, load_llm, load_tokenizer
+from fvlm.model.vlm import FoveatedVLM, MultiTokenVLM, VLMBase
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "fvlm_model.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def assemble(cfg: ModelConfig, llm, dino) -> VLMBase:
+    patch = dino.config.patch_size
+    if cfg.image_size % patch:
+        raise UsageError(f"model.image_size ({cfg.image_size}) must be a multiple of DINO's patch size ({patch})")
+    cls = MultiTokenVLM if cfg.arch == "multi_token" else FoveatedVLM
+    model = cls(cfg, llm, dino)
+    model.apply_freeze()
+    if cfg.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    return model
+
+
+def build_model(cfg: ModelConfig) -> VLMBase:
+    """Backbones from their specs (pretrained folders or random shapes) plus a fresh connector."""
+    llm, _ = load_llm(cfg.llm, cfg.attn_implementation)
+    dino, _ = load_dino(cfg.dino, cfg.attn_implementation)
+    return assemble(cfg, llm, dino)
+
+
+def build_tokenizer(cfg: ModelConfig):
+    return load_tokenizer(cfg.llm)
+
+
+def save_model(model: VLMBase, folder: str | Path, tokenizer=None) -> Path:
+    """Weights (safetensors), the fvlm model config and both backbone configs, and the tokenizer:
+    everything needed to rebuild the model without the original backbone folders."""
+    from safetensors.torch import save_model as save_safetensors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model, str(folder / MODEL_FILE))
+    meta = {
+        "model": dataclasses.asdict(model.cfg),
+        "llm_config": model.llm.config.to_dict(),
+        "dino_config": model.encoder.dino.config.to_dict(),
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    return folder
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer) from a folder written by `save_model`."""
+    from safetensors.torch import load_model as load_safetensors
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dinov2Model
+
+    folder = Path(folder)
+    for name in (MODEL_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise UsageError(f"{folder}: not a saved fvlm model (missing {name})")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = ModelConfig(**meta["model"])
+    llm_cfg = dict(meta["llm_config"])
+    dino_cfg = dict(meta["dino_config"])
+    llm = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg), attn_implementation=cfg.attn_implementation
+    )
+    dino = Dinov2Model._from_config(
+        AutoConfig.for_model(dino_cfg.pop("model_type"), **dino_cfg), attn_implementation=cfg.attn_implementation
+    )
+    model = assemble(cfg, llm, dino)
+    load_safetensors(model, str(folder / MODEL_FILE), device=str(device))
+    tokenizer = None
+    if (folder / TOKENIZER_DIR).is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+    return model.to(device), tokenizer

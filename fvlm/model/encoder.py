@@ -1,0 +1,138 @@
+"""DINOv2 as a foveated encoder: patches are encoded once, queries read them cheaply afterwards.
+
+The deep query is one extra token that passes through every DINO layer, attending to that layer's
+keys and values of the patch tokens (CLS kept). Because patch tokens never attend to the query, the
+patch stream is exactly DINO's own forward pass; its per-layer K/V are cached once per frame, and any
+number of queries (the coarse and the fine pass, every autoregressive step) reuse them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PatchCache:
+    """What a query needs from one batch of frames.
+
+    keys/values: per DINO layer, [N, heads, 1 + P, head_dim] (deep query only).
+    features: DINO's final normalised tokens [N, 1 + P, D] (CLS first).
+    """
+
+    features: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    grid: tuple[int, int]
+
+    @property
+    def num_frames(self) -> int:
+        return self.features.shape[0]
+
+    def select(self, index: torch.Tensor) -> "PatchCache":
+        return PatchCache(
+            self.features[index],
+            [k[index] for k in self.keys],
+            [v[index] for v in self.values],
+            self.grid,
+        )
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    n, s, d = x.shape
+    return x.view(n, s, heads, d // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    n, h, s, hd = x.shape
+    return x.transpose(1, 2).reshape(n, s, h * hd)
+
+
+def query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per frame over its keys; explicit softmax so the weights are free to return.
+
+    q: [N, heads, 1, hd]; k, v: [N, heads, S, hd] -> (out [N, heads, 1, hd], weights [N, heads, S]).
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    weights = scores.softmax(dim=-1)
+    return torch.matmul(weights, v), weights.squeeze(-2)
+
+
+class DinoEncoder(nn.Module):
+    """Wraps a transformers `Dinov2Model` (5.x layout: norm1, attention.{q,k,v,o}_proj, layer_scale1,
+    norm2, mlp, layer_scale2) without changing its weights or parameter names."""
+
+    def __init__(self, dino: nn.Module):
+        super().__init__()
+        self.dino = dino
+        self.config = dino.config
+        self.hidden_size = dino.config.hidden_size
+        self.num_heads = dino.config.num_attention_heads
+        self.patch_size = dino.config.patch_size
+        self.num_layers = dino.config.num_hidden_layers
+        # Counts patch encodings (frames), so tests and benchmarks can check DINO runs once per frame.
+        self.frames_encoded = 0
+
+    def encode_patches(self, pixels: torch.Tensor, cache_kv: bool = True) -> PatchCache:
+        """pixels [N, 3, H, W] -> PatchCache. DINO's own forward, keeping each layer's K/V."""
+        self.frames_encoded += pixels.shape[0]
+        grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
+        hidden = self.dino.embeddings(pixels)
+        keys, values = [], []
+        for layer in self.dino.encoder.layer:
+            attn = layer.attention
+            x = layer.norm1(hidden)
+            q = _split_heads(attn.q_proj(x), self.num_heads)
+            k = _split_heads(attn.k_proj(x), self.num_heads)
+            v = _split_heads(attn.v_proj(x), self.num_heads)
+            if cache_kv:
+                keys.append(k)
+                values.append(v)
+            out = _merge_heads(F.scaled_dot_product_attention(q, k, v))
+            hidden = layer.drop_path(layer.layer_scale1(attn.o_proj(out))) + hidden
+            hidden = layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(hidden)))) + hidden
+        return PatchCache(self.dino.layernorm(hidden), keys, values, grid)
+
+    def deep_query(self, cache: PatchCache, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [N, D] (already in DINO width) -> (token [N, D], attention [N, layers, heads, 1 + P])."""
+        hidden = query.unsqueeze(1)
+        weights_per_layer = []
+        for layer, k, v in zip(self.dino.encoder.layer, cache.keys, cache.values):
+            attn = layer.attention
+            q = _split_heads(attn.q_proj(layer.norm1(hidden)), self.num_heads)
+            out, weights = query_attention(q, k, v)
+            hidden = layer.layer_scale1(attn.o_proj(_merge_heads(out))) + hidden
+            hidden = layer.layer_scale2(layer.mlp(layer.norm2(hidden))) + hidden
+            weights_per_layer.append(weights)
+        token = self.dino.layernorm(hidden).squeeze(1)
+        return token, torch.stack(weights_per_layer, dim=1)
+
+
+class ShallowQuery(nn.Module):
+    """Ablation A1: one cross-attention from the query to DINO's final features (no layer-by-layer path).
+    Its K/V projections of the features are query-independent, so they are computed once per frame."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+
+    def project_kv(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _split_heads(self.k(features), self.heads), _split_heads(self.v(features), self.heads)
+
+    def forward(self, kv: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = _split_heads(self.q(query.unsqueeze(1)), self.heads)
+        out, weights = query_attention(q, *kv)
+        return self.o(_merge_heads(out)).squeeze(1), weights.unsqueeze(1)
+
+
+def attention_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of attention distributions over their last axis."""
+    return -(weights * weights.clamp_min(1e-12).log()).sum(-1).mean()
