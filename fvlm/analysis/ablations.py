@@ -1,0 +1,263 @@
+"""The plan's ablation questions (Decision 1), answered from the curves with their own noise.
+
+Runs are recognised by the plan's ids (F1, F2, F3/LR1, LR2-4, A1, A6, A8a/b, D1, B1) whether they
+come from a project sweep (`F1`) or the historical export (`F1_freeze_both`, `baseline`). Nothing
+about who wins is written here: winners, margins and the noise they are judged against all come
+from the data.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fvlm.analysis.table import Run, Table
+
+# A run's noise is measured on the tail of its curve, where the curve is smooth enough for a
+# quadratic in log samples; fewer tail points than this leave too few degrees of freedom.
+MIN_TAIL_POINTS = 5
+TAIL_FRACTION = 0.5
+LOCAL_POINTS = 9
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    title: str
+    roles: tuple[str, ...]
+    axis: str = "samples_seen"  # or "flops": compared at matched compute rather than matched data
+    plan_rule: str = ""
+
+
+QUESTIONS = (
+    Question("freeze", "Freeze strategy", ("F1", "F2", "F3"),
+             plan_rule="pick lowest val_loss with stable grad norms; F1 ~ F3 -> freeze backbones"),
+    Question("learning_rate", "Learning rate ratio", ("F3", "LR2", "LR3", "LR4"),
+             plan_rule="pick the best ratio; LR4 ~ LR1 -> uniform LR is enough"),
+    Question("deep_query", "Deep query essential?", ("A1", "F3"),
+             plan_rule="A1 ~ F3 -> deep query not load-bearing"),
+    Question("two_pass", "Two-pass essential?", ("A6", "F3"),
+             plan_rule="the A6 - F3 gap quantifies the foveation benefit"),
+    Question("image_handling", "Image handling (frame replication)", ("A8",),
+             plan_rule="pick 1-frame or 16-frame replication (image VQA when measured)"),
+    Question("data_mix", "Data mix", ("D1", "F3"), plan_rule="adjust the video:image:text ratio"),
+    Question("efficiency", "Efficiency: 1 foveated token vs 16 tokens", ("F3", "B1"), axis="flops",
+             plan_rule="F3 (1 tok) vs B1 (16 tok) at matched FLOPs"),
+)
+
+# The export calls F3 `baseline`; the plan notes F3 = LR1.
+_ALIASES = {"F3": ("f3", "lr1", "baseline")}
+
+
+def plan_id(run: Run) -> str | None:
+    """The plan's id of a run (F3 for `baseline`, A8 for every image-replication variant)."""
+    head = re.split(r"[-_/]", run.run_id.lower())[0]
+    for role, names in _ALIASES.items():
+        if head in names:
+            return role
+    if head in ("a8a", "a8b", "a8"):
+        return "A8"
+    return head.upper() if re.fullmatch(r"(f[12]|lr[234]|a[0-9]+|b1|d1)", head) else None
+
+
+def replicate_frames(run: Run) -> int | None:
+    if run.config:
+        return run.config.get("data", {}).get("replicate_image_frames")
+    name = run.run_id.lower()
+    match = re.search(r"(\d+)\s*frames?", name)
+    if match:
+        return int(match.group(1))
+    return {"a8a": 1, "a8b": 16}.get(re.split(r"[-_]", name)[0])
+
+
+def role_label(run: Run) -> str:
+    pid = plan_id(run) or run.run_id
+    if pid == "A8":
+        frames = replicate_frames(run)
+        return f"A8 ({frames} frame{'s' if frames != 1 else ''})" if frames else run.run_id
+    return pid
+
+
+def members(question: Question, table: Table) -> list[Run]:
+    return [r for r in table.runs.values() if plan_id(r) in question.roles]
+
+
+# ----------------------------------------------------------------------------- curve statistics
+
+
+def _curve(run: Run, axis: str) -> tuple[np.ndarray, np.ndarray]:
+    x = run.flops() if axis == "flops" else run.col("samples_seen")
+    y = run.col("val_loss")
+    keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
+    return x[keep], y[keep]
+
+
+def tail_fit(run: Run) -> tuple[np.ndarray, float] | None:
+    """Quadratic in log samples over the last part of the curve, and the residual scatter around it:
+    the eval noise of this run (val set sampling plus step-to-step training noise)."""
+    x, y = _curve(run, "samples_seen")
+    m = max(MIN_TAIL_POINTS, int(math.ceil(len(x) * TAIL_FRACTION)))
+    if len(x) < MIN_TAIL_POINTS + 1:
+        return None
+    lx, ly = np.log(x[-m:]), y[-m:]
+    coef = np.polyfit(lx, ly, 2)
+    resid = ly - np.polyval(coef, lx)
+    return coef, float(math.sqrt(resid @ resid / (len(lx) - 3)))
+
+
+def run_noise(run: Run) -> float:
+    fit = tail_fit(run)
+    return fit[1] if fit else math.nan
+
+
+def smoothed_at(run: Run, target: float, axis: str) -> float:
+    """The curve's value at `target`, from a local quadratic (log x) through the nearest evals."""
+    x, y = _curve(run, axis)
+    if len(x) < 4:
+        return float(np.interp(np.log(target), np.log(x), y)) if len(x) else math.nan
+    lx = np.log(x)
+    near = np.argsort(np.abs(lx - math.log(target)))[:min(LOCAL_POINTS, len(x))]
+    coef = np.polyfit(lx[near], y[near], 2 if len(near) >= 5 else 1)
+    return float(np.polyval(coef, math.log(target)))
+
+
+def still_falling(run: Run) -> dict[str, float] | None:
+    """Drop of the smoothed curve over the last fifth of its samples, against twice its noise."""
+    fit = tail_fit(run)
+    if not fit:
+        return None
+    coef, noise = fit
+    x, _ = _curve(run, "samples_seen")
+    drop = float(np.polyval(coef, math.log(0.8 * x[-1])) - np.polyval(coef, math.log(x[-1])))
+    return {"drop_last_fifth": drop, "noise": noise, "falling": bool(drop > 2 * noise),
+            "samples": float(x[-1])}
+
+
+def instability(run: Run) -> str | None:
+    """Why a run counts as unstable: its status, a non-finite loss, or a val loss that ends far
+    (more than 5 noise) above its best."""
+    if run.status in ("diverged", "failed"):
+        return f"status {run.status}"
+    val = run.col("val_loss")
+    if (~np.isfinite(val)).any() or (~np.isfinite(run.col("train_loss"))).any():
+        return "non-finite loss"
+    noise = run_noise(run)
+    finite = val[np.isfinite(val)]
+    if len(finite) and math.isfinite(noise) and finite[-1] - finite.min() > 5 * noise:
+        return f"val loss ends {finite[-1] - finite.min():.3f} above its best ({(finite[-1] - finite.min()) / noise:.0f}x noise)"
+    return None
+
+
+# ----------------------------------------------------------------------------- the questions
+
+
+def _verdict(margin: float, noise: float) -> str:
+    if not math.isfinite(noise) or noise <= 0:
+        return "noise unknown"
+    if margin > 2 * noise:
+        return "clear (margin > 2x noise)"
+    if margin > noise:
+        return "weak (noise < margin < 2x noise)"
+    return "within noise"
+
+
+def _image_vqa(run: Run) -> float | None:
+    bench = (run.eval_result or {}).get("bench") or {}
+    scores = [modes[m]["accuracy"] for modes in bench.values() for m in modes if "accuracy" in modes[m]]
+    return float(np.mean(scores)) if scores else None
+
+
+def answer(question: Question, table: Table) -> dict[str, Any] | None:
+    runs = members(question, table)
+    if len(runs) < 2:
+        return None
+    stats = []
+    for run in runs:
+        x, y = _curve(run, question.axis)
+        if not len(x):
+            continue
+        stats.append({"run": run, "x_end": float(x[-1]), "noise": run_noise(run), "unstable": instability(run),
+                      "best": float(y.min()), "best_x": float(x[int(np.argmin(y))]), "final": float(y[-1])})
+    if len(stats) < 2:
+        return None
+    common = min(s["x_end"] for s in stats)
+    for s in stats:
+        x, y = _curve(s["run"], question.axis)
+        s["at_common"] = float(np.interp(math.log(common), np.log(x), y))
+        s["smoothed"] = smoothed_at(s["run"], common, question.axis)
+
+    vqa = {s["run"].run_id: _image_vqa(s["run"]) for s in stats}
+    use_vqa = question.id == "image_handling" and all(v is not None for v in vqa.values())
+    # Higher accuracy is better; negate so that "lowest wins" holds for both metrics.
+    score = {s["run"].run_id: (-vqa[s["run"].run_id] if use_vqa else s["smoothed"]) for s in stats}
+    eligible = [s for s in stats if not s["unstable"]] or stats
+    ranked = sorted(eligible, key=lambda s: score[s["run"].run_id])
+    winner, runner_up = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+    margin = score[runner_up["run"].run_id] - score[winner["run"].run_id] if runner_up else math.nan
+    # A margin compares two runs' values, each read with its own eval noise.
+    noise = math.sqrt(winner["noise"] ** 2 + runner_up["noise"] ** 2) if runner_up else math.nan
+    by_best = sorted(eligible, key=lambda s: s["best"])
+    result = {
+        "id": question.id, "title": question.title, "plan_rule": question.plan_rule,
+        "runs": [s["run"].run_id for s in stats],
+        "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
+        "metric": "image VQA accuracy (eval bench)" if use_vqa else "val_loss (smoothed)",
+        "axis": question.axis, "common_x": common,
+        "winner": winner["run"].run_id, "runner_up": runner_up["run"].run_id if runner_up else None,
+        "margin": margin, "noise": noise, "verdict": _verdict(margin, noise),
+        "winner_at_best": by_best[0]["run"].run_id,
+        "margin_at_best": by_best[1]["best"] - by_best[0]["best"] if len(by_best) > 1 else math.nan,
+        "unstable": {s["run"].run_id: s["unstable"] for s in stats if s["unstable"]},
+        "rows": stats,
+    }
+    if question.id == "deep_query":
+        ratios = {s["run"].run_id: _last_finite(s["run"].col("val_loss_ratio")) for s in stats}
+        result["val_loss_ratio"] = {k: v for k, v in ratios.items() if v is not None}
+    return result
+
+
+def _last_finite(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite[-1]) if len(finite) else None
+
+
+def answer_all(table: Table) -> list[dict[str, Any]]:
+    """One record per plan question; a question without its runs is reported as missing."""
+    out = []
+    for question in QUESTIONS:
+        result = answer(question, table)
+        if result is None:
+            found = [r.run_id for r in members(question, table)]
+            out.append({"id": question.id, "title": question.title, "plan_rule": question.plan_rule,
+                        "runs": found, "winner": None, "margin": None, "noise": None,
+                        "verdict": f"no data: needs runs {', '.join(question.roles)}"
+                                   + (f" (found only {', '.join(found)})" if found else "")})
+        else:
+            out.append(result)
+    return out
+
+
+ABLATION_COLUMNS = ("question", "run_id", "role", "status", "n_points", "common_x_axis", "common_x",
+                    "val_loss_at_common", "smoothed_at_common", "best_val_loss", "best_at", "final_val_loss",
+                    "final_at", "noise_sd", "unstable", "winner", "margin", "noise", "verdict")
+
+
+def table_rows(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for result in answers:
+        for s in result.get("rows", []):
+            run = s["run"]
+            rows.append({
+                "question": result["id"], "run_id": run.run_id, "role": result["labels"][run.run_id],
+                "status": run.status, "n_points": run.n_points, "common_x_axis": result["axis"],
+                "common_x": result["common_x"], "val_loss_at_common": s["at_common"],
+                "smoothed_at_common": s["smoothed"], "best_val_loss": s["best"], "best_at": s["best_x"],
+                "final_val_loss": s["final"], "final_at": s["x_end"], "noise_sd": s["noise"],
+                "unstable": s["unstable"] or "", "winner": run.run_id == result["winner"],
+                "margin": result["margin"], "noise": result["noise"], "verdict": result["verdict"],
+            })
+    return rows

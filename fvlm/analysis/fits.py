@@ -1,0 +1,350 @@
+"""Scaling-law fits: per-size data scaling, joint Chinchilla, iso-FLOP minima, bootstrap intervals.
+
+The exponents make every one of these fits non-convex, and a single local start lands wherever it
+starts. The least-squares fits are therefore solved globally: for fixed exponents the model is
+linear in its coefficients, so the coefficients are solved exactly on a grid of exponents and the
+best grid cell is then refined. The Huber fit of Hoffmann et al. (approach 3) has no such linear
+part; it runs L-BFGS from the best points of a grid of starts, as they did.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from scipy import optimize
+from scipy.special import logsumexp
+
+HUBER_DELTA = 1e-3
+# Resampling whole runs keeps the autocorrelation of a curve's points together, but with few runs
+# the resamples are a handful of near-identical sets; below this many runs, points are resampled.
+MIN_RUNS_FOR_RUN_BOOTSTRAP = 5
+EXPONENT_MAX = 3.0
+# Hoffmann et al. 2022, approach 3 (D in tokens, not samples): context only, never used in a fit.
+CHINCHILLA_REFERENCE = {
+    "source": "Hoffmann et al. 2022 (Training Compute-Optimal LLMs), approach 3",
+    "form": "L(N, D) = E + A / N^alpha + B / D^beta",
+    "E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28,
+    "note": "text-only LLMs with D in tokens; our D is samples, so only the exponents are comparable",
+}
+
+
+# ----------------------------------------------------------------------------- per size: L(D) = E + a / D^b
+
+
+def _profile_sse(x: np.ndarray, loss: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each exponent b, the exact least-squares (E, a') of loss = E + a' x^-b, and its SSE."""
+    z = x[None, :] ** -b[:, None]
+    z_mean = z.mean(axis=1, keepdims=True)
+    l_mean = loss.mean()
+    zc = z - z_mean
+    var = (zc**2).sum(axis=1)
+    slope = np.where(var > 0, (zc * (loss - l_mean)).sum(axis=1) / np.where(var > 0, var, 1), 0.0)
+    intercept = l_mean - slope * z_mean[:, 0]
+    resid = loss[None, :] - intercept[:, None] - slope[:, None] * z
+    return intercept, slope, (resid**2).sum(axis=1)
+
+
+def fit_data_scaling(samples: np.ndarray, loss: np.ndarray) -> dict[str, float]:
+    """Global least-squares fit of L(D) = E + a / D^b. Needs at least 3 points."""
+    samples = np.asarray(samples, float)
+    loss = np.asarray(loss, float)
+    # Working in D / D0 keeps x^-b near 1 for every b, so the linear solve stays well conditioned.
+    d0 = float(np.exp(np.mean(np.log(samples))))
+    x = samples / d0
+    grid = np.linspace(1e-3, EXPONENT_MAX, 600)
+    _, _, sse = _profile_sse(x, loss, grid)
+    k = int(np.argmin(sse))
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    res = optimize.minimize_scalar(lambda b: _profile_sse(x, loss, np.array([b]))[2][0],
+                                   bounds=(lo, hi), method="bounded", options={"xatol": 1e-8})
+    b = float(res.x) if res.fun <= sse[k] else float(grid[k])
+    e, a_scaled, sse_best = (float(v[0]) for v in _profile_sse(x, loss, np.array([b])))
+    return {"E": e, "a": a_scaled * d0**b, "b": b, "sse": sse_best,
+            "rmse": math.sqrt(sse_best / len(loss)), "n_points": int(len(loss)),
+            "b_at_bound": bool(b >= EXPONENT_MAX - 1e-6 or b <= 1e-3 + 1e-9)}
+
+
+def predict_data_scaling(fit: dict[str, float], samples: np.ndarray | float) -> np.ndarray:
+    return fit["E"] + fit["a"] / np.asarray(samples, float) ** fit["b"]
+
+
+# ----------------------------------------------------------------------------- joint: L(N, D)
+
+
+@dataclass
+class JointData:
+    n: np.ndarray       # parameters per point
+    d: np.ndarray       # samples per point
+    loss: np.ndarray
+    size: np.ndarray    # integer size index per point (for the per-size-offset form)
+    run: np.ndarray     # integer run index per point (for the bootstrap)
+    size_labels: list[str]
+
+    @property
+    def n_sizes(self) -> int:
+        return len(self.size_labels)
+
+    def take(self, idx: np.ndarray) -> "JointData":
+        return JointData(self.n[idx], self.d[idx], self.loss[idx], self.size[idx], self.run[idx], self.size_labels)
+
+
+def _design(data: JointData, alpha: float | None, beta: float, n0: float, d0: float) -> np.ndarray:
+    """Columns of the model linear in its coefficients at fixed exponents.
+
+    With three or more sizes: [1, (N/N0)^-alpha, (D/D0)^-beta]. With fewer, A/N^alpha only ever
+    takes one value per size, so it cannot be told apart from E: one offset column per size.
+    """
+    d_term = (data.d / d0) ** -beta
+    if alpha is None:
+        onehot = (data.size[:, None] == np.arange(data.n_sizes)[None, :]).astype(float)
+        return np.column_stack([onehot, d_term])
+    return np.column_stack([np.ones_like(data.d), (data.n / n0) ** -alpha, d_term])
+
+
+def _lstsq_sse(design: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, float]:
+    coef, *_ = np.linalg.lstsq(design, loss, rcond=None)
+    resid = loss - design @ coef
+    return coef, float(resid @ resid)
+
+
+def fit_joint_least_squares(data: JointData) -> dict[str, Any]:
+    n0 = float(np.exp(np.mean(np.log(data.n))))
+    d0 = float(np.exp(np.mean(np.log(data.d))))
+    identifiable = data.n_sizes >= 3
+    grid = np.linspace(0.02, EXPONENT_MAX, 60)
+
+    def sse_of(exps: np.ndarray) -> float:
+        alpha = float(exps[0]) if identifiable else None
+        return _lstsq_sse(_design(data, alpha, float(exps[-1]), n0, d0), data.loss)[1]
+
+    if identifiable:
+        cells = [(a, b) for a in grid for b in grid]
+    else:
+        cells = [(b,) for b in grid]
+    scores = [sse_of(np.array(c)) for c in cells]
+    start = np.array(cells[int(np.argmin(scores))])
+    res = optimize.minimize(sse_of, start, method="L-BFGS-B", bounds=[(1e-3, EXPONENT_MAX)] * len(start))
+    exps = res.x if res.fun <= min(scores) else start
+    alpha = float(exps[0]) if identifiable else None
+    beta = float(exps[-1])
+    coef, sse = _lstsq_sse(_design(data, alpha, beta, n0, d0), data.loss)
+    out = _joint_record(data, coef, alpha, beta, n0, d0)
+    out.update(method="least_squares", sse=sse, rmse=math.sqrt(sse / len(data.loss)))
+    return out
+
+
+def _joint_record(data: JointData, coef: np.ndarray, alpha: float | None, beta: float,
+                  n0: float, d0: float) -> dict[str, Any]:
+    """Coefficients back in raw units (N in parameters, D in samples)."""
+    record: dict[str, Any] = {"alpha": alpha, "beta": beta, "B": float(coef[-1] * d0**beta)}
+    if alpha is None:
+        record.update(E=None, A=None, E_by_size={lab: float(coef[i]) for i, lab in enumerate(data.size_labels)})
+    else:
+        record.update(E=float(coef[0]), A=float(coef[1] * n0**alpha), E_by_size=None)
+    return record
+
+
+def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    small = np.abs(r) <= delta
+    value = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta))
+    grad = np.where(small, r, delta * np.sign(r))
+    return value, grad
+
+
+def fit_joint_huber(data: JointData, delta: float = HUBER_DELTA, n_starts: int = 16,
+                    extra_starts: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """Hoffmann et al. approach 3: Huber loss on log L, L-BFGS from the best points of a start grid.
+
+    Parameters are logs (e = log E per size or shared, a = log A, b = log B) and exponents, so the
+    prediction is log L = logsumexp(e, a - alpha log N, b - beta log D).
+    """
+    log_n, log_d, log_l = np.log(data.n), np.log(data.d), np.log(data.loss)
+    identifiable = data.n_sizes >= 3
+    onehot = (data.size[:, None] == np.arange(data.n_sizes)[None, :]).astype(float)
+
+    def terms(theta: np.ndarray) -> np.ndarray:
+        if identifiable:
+            e, a, b, alpha, beta = theta
+            return np.column_stack([np.full_like(log_d, e), a - alpha * log_n, b - beta * log_d])
+        es, b, beta = theta[:-2], theta[-2], theta[-1]
+        return np.column_stack([onehot @ es, b - beta * log_d])
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        t = terms(theta)
+        pred = logsumexp(t, axis=1)
+        w = np.exp(t - pred[:, None])
+        value, g = _huber(pred - log_l, delta)
+        if identifiable:
+            grad = np.array([g @ w[:, 0], g @ w[:, 1], g @ w[:, 2],
+                             -(g * w[:, 1]) @ log_n, -(g * w[:, 2]) @ log_d])
+        else:
+            grad = np.concatenate([onehot.T @ (g * w[:, 0]), [g @ w[:, 1], -(g * w[:, 1]) @ log_d]])
+        return float(value.sum()), grad
+
+    if identifiable:
+        axes = [np.linspace(-1, 1, 5), np.arange(0, 30, 5.0), np.arange(0, 30, 5.0),
+                np.linspace(0, 2, 5), np.linspace(0, 2, 5)]
+    else:
+        axes = [np.linspace(-1, 1, 5)] * data.n_sizes + [np.arange(0, 30, 5.0), np.linspace(0, 2, 5)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
+    scores = _grid_huber(grid, log_n, log_d, log_l, onehot, identifiable, delta)
+    starts = list(grid[np.argsort(scores)[:n_starts]]) + list(extra_starts or [])
+    bounds = [(None, None)] * (len(axes) - 2) + [(None, None), (0.0, EXPONENT_MAX)]
+    if identifiable:
+        bounds = [(None, None)] * 3 + [(0.0, EXPONENT_MAX)] * 2
+    best = None
+    for start in starts:
+        res = optimize.minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds)
+        if best is None or res.fun < best.fun:
+            best = res
+    theta = best.x
+    pred = np.exp(logsumexp(terms(theta), axis=1))
+    resid = data.loss - pred
+    if identifiable:
+        e, a, b, alpha, beta = (float(v) for v in theta)
+        record = {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
+                  "E_by_size": None}
+    else:
+        record = {"E": None, "A": None, "B": math.exp(float(theta[-2])), "alpha": None,
+                  "beta": float(theta[-1]),
+                  "E_by_size": {lab: math.exp(float(theta[i])) for i, lab in enumerate(data.size_labels)}}
+    record.update(method="huber_log", huber_delta=delta, objective=float(best.fun),
+                  rmse=math.sqrt(float(resid @ resid) / len(resid)), theta=[float(v) for v in theta],
+                  n_starts=len(starts))
+    return record
+
+
+def _grid_huber(grid: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
+                onehot: np.ndarray, identifiable: bool, delta: float) -> np.ndarray:
+    """The Huber objective at every grid point at once (the grid has thousands of points)."""
+    scores = np.empty(len(grid))
+    for lo in range(0, len(grid), 512):
+        g = grid[lo:lo + 512]
+        if identifiable:
+            t = np.stack([np.broadcast_to(g[:, :1], (len(g), len(log_d))),
+                          g[:, 1:2] - g[:, 3:4] * log_n[None, :],
+                          g[:, 2:3] - g[:, 4:5] * log_d[None, :]], axis=-1)
+        else:
+            t = np.stack([g[:, :-2] @ onehot.T, g[:, -2:-1] - g[:, -1:] * log_d[None, :]], axis=-1)
+        scores[lo:lo + 512] = _huber(logsumexp(t, axis=-1) - log_l[None, :], delta)[0].sum(axis=1)
+    return scores
+
+
+def predict_joint(fit: dict[str, Any], n: float, d: np.ndarray | float, size: str | None = None) -> np.ndarray | None:
+    """Loss at (N, D); for a fit with per-size offsets, only at the sizes it was fitted on."""
+    d = np.asarray(d, float)
+    if fit.get("alpha") is not None:
+        return fit["E"] + fit["A"] / n ** fit["alpha"] + fit["B"] / d ** fit["beta"]
+    offsets = fit.get("E_by_size") or {}
+    if size not in offsets:
+        return None
+    return offsets[size] + fit["B"] / d ** fit["beta"]
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap(run_index: np.ndarray, fit: Callable[[np.ndarray], dict[str, Any]], keys: list[str],
+              n_boot: int, seed: int) -> dict[str, Any]:
+    """Percentile 95% intervals of fit(idx)[key] over resamples of whole runs or of points."""
+    rng = np.random.default_rng(seed)
+    runs = np.unique(run_index)
+    by_run = len(runs) >= MIN_RUNS_FOR_RUN_BOOTSTRAP
+    draws: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(n_boot):
+        if by_run:
+            chosen = rng.choice(runs, size=len(runs), replace=True)
+            idx = np.concatenate([np.flatnonzero(run_index == r) for r in chosen])
+        else:
+            idx = rng.integers(0, len(run_index), size=len(run_index))
+        try:
+            result = fit(idx)
+        except (np.linalg.LinAlgError, ValueError):
+            continue
+        for k in keys:
+            if result.get(k) is not None:
+                draws[k].append(float(result[k]))
+    intervals = {k: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= 10 else None)
+                 for k, v in draws.items()}
+    unit = "runs" if by_run else "points"
+    note = (f"{n_boot} resamples of whole runs ({len(runs)} runs)" if by_run else
+            f"{n_boot} resamples of points: only {len(runs)} run(s), fewer than {MIN_RUNS_FOR_RUN_BOOTSTRAP}; "
+            "points along one curve are correlated, so these intervals are optimistic")
+    return {"ci95": intervals, "unit": unit, "n_resamples": n_boot, "note": note}
+
+
+# ----------------------------------------------------------------------------- iso-FLOP
+
+_BUDGET_RE = re.compile(r"(?:^|[-_])(C\d+)(?:[-_]|$)")
+
+
+def budget_label(run_id: str) -> str | None:
+    match = _BUDGET_RE.search(run_id)
+    return match.group(1) if match else None
+
+
+def group_budgets(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs grouped by FLOP budget: the plan's C1..C4 label in the run id, else by total FLOPs
+    (runs within a factor 1.5 of each other share a budget)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    unlabeled = []
+    for entry in entries:
+        label = budget_label(entry["run_id"])
+        if label:
+            groups.setdefault(label, []).append(entry)
+        elif entry.get("C"):
+            unlabeled.append(entry)
+    unlabeled.sort(key=lambda e: e["C"])
+    cluster: list[dict[str, Any]] = []
+    for entry in unlabeled:
+        if cluster and entry["C"] > 1.5 * cluster[0]["C"]:
+            groups[f"{cluster[0]['C']:.2g}"] = cluster
+            cluster = []
+        cluster.append(entry)
+    if cluster:
+        groups[f"{cluster[0]['C']:.2g}"] = cluster
+    return groups
+
+
+def iso_flop(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Parabola of final loss in log10 N per budget, its minimum N*, D* = C / FLOPs-per-sample(N*),
+    and power laws N*(C), D*(C) across budgets. entries: run_id, N, C, D, loss."""
+    budgets = {}
+    for label, group in group_budgets(entries).items():
+        sizes = sorted({e["N"] for e in group})
+        record: dict[str, Any] = {"runs": [e["run_id"] for e in group], "n_sizes": len(sizes),
+                                  "C": float(np.exp(np.mean(np.log([e["C"] for e in group]))))}
+        if len(sizes) < 3:
+            record["note"] = f"{len(sizes)} model size(s) at this budget; a parabola needs 3"
+            budgets[label] = record
+            continue
+        x = np.log10([e["N"] for e in group])
+        y = np.array([e["loss"] for e in group])
+        c2, c1, c0 = np.polyfit(x, y, 2)
+        record["parabola"] = {"c2": float(c2), "c1": float(c1), "c0": float(c0), "x": "log10(N)"}
+        if c2 <= 0:
+            record["note"] = "the loss is not convex in log N at this budget: no minimum"
+        else:
+            x_star = -c1 / (2 * c2)
+            record["N_star"] = float(10**x_star)
+            record["interior"] = bool(x.min() <= x_star <= x.max())
+            record["loss_at_N_star"] = float(c0 - c1**2 / (4 * c2))
+            fps = np.array([e["C"] / e["D"] for e in group])
+            slope, icpt = np.polyfit(x, np.log10(fps), 1)
+            record["D_star"] = float(record["C"] / 10 ** (icpt + slope * x_star))
+        budgets[label] = record
+    out: dict[str, Any] = {"budgets": budgets}
+    optimal = [b for b in budgets.values() if "N_star" in b]
+    if len(optimal) >= 2:
+        log_c = np.log10([b["C"] for b in optimal])
+        for key in ("N_star", "D_star"):
+            exponent, icpt = np.polyfit(log_c, np.log10([b[key] for b in optimal]), 1)
+            out[f"{key}_of_C"] = {"form": f"{key} = k * C^a", "a": float(exponent), "k": float(10**icpt),
+                                  "n_budgets": len(optimal)}
+    else:
+        out["note"] = f"{len(optimal)} budget(s) with a minimum; power laws N*(C), D*(C) need 2 or more"
+    return out
