@@ -74,6 +74,11 @@ class VLMBase(nn.Module):
     def apply_freeze(self) -> None:
         self.encoder.dino.requires_grad_(not self.cfg.freeze_dino)
         self.llm.requires_grad_(not self.cfg.freeze_llm)
+        # DINO's mask token exists for masked-image pre-training only; nothing here uses it, and an
+        # unused trainable parameter would make DDP fail.
+        mask_token = getattr(self.encoder.dino.embeddings, "mask_token", None)
+        if mask_token is not None:
+            mask_token.requires_grad_(False)
 
     @property
     def dino_trainable(self) -> bool:

@@ -1,0 +1,256 @@
+"""The foveated model and its baselines on tiny random backbones."""
+
+import pytest
+import torch
+
+from fvlm.config import load_config
+from fvlm.model.build import build_model, load_model, save_model
+from fvlm.model.encoder import query_attention
+
+S = 64  # tiny image size; DINO patch 8 -> 8x8 grid
+
+
+def make_batch(b=2, t=4, length=12, valid=(4, 2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    frame_mask = torch.zeros(b, t, dtype=torch.bool)
+    for i, n in enumerate(valid):
+        frame_mask[i, :n] = True
+    attention_mask = torch.ones(b, length, dtype=torch.long)
+    attention_mask[-1, length - 3 :] = 0
+    return {
+        "frames": torch.randn(b, t, 3, S, S, generator=g),
+        "frame_mask": frame_mask,
+        "input_ids": torch.randint(4, 260, (b, length), generator=g),
+        "attention_mask": attention_mask,
+        "loss_mask": attention_mask.bool(),
+    }
+
+
+def tiny(*overrides):
+    torch.manual_seed(0)
+    cfg = load_config(None, list(overrides))
+    model = build_model(cfg.model)
+    model.eval()
+    return model
+
+
+def test_cached_deep_query_equals_full_dino_with_query_token():
+    model = tiny()
+    enc = model.encoder
+    pixels = torch.randn(3, 3, S, S)
+    query = torch.randn(3, enc.hidden_size)
+    cache = enc.encode_patches(pixels)
+    token, weights = enc.deep_query(cache, query)
+
+    # Reference: every DINO layer on [CLS, patches, query], the query hidden from every token
+    # (patches must not see it; it reads the patches' K/V only).
+    hidden = torch.cat([enc.dino.embeddings(pixels), query[:, None]], dim=1)
+    n = hidden.shape[1]
+    mask = torch.zeros(1, 1, n, n)
+    mask[..., -1] = float("-inf")
+    for layer in enc.dino.encoder.layer:
+        hidden = layer(hidden, attention_mask=mask)
+    reference = enc.dino.layernorm(hidden)
+    assert torch.allclose(token, reference[:, -1], atol=1e-5)
+    # The query changes nothing about the patch features: they equal DINO's own forward.
+    plain = enc.dino(pixel_values=pixels).last_hidden_state
+    assert torch.allclose(reference[:, :-1], plain, atol=1e-5)
+    assert torch.allclose(cache.features, plain, atol=1e-5)
+    assert weights.shape == (3, enc.num_layers, enc.num_heads, n - 1)
+    assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def test_query_attention_matches_sdpa():
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
+    out, _ = query_attention(q, k, v)
+    assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6)
+
+
+def test_dino_runs_once_per_frame_in_coarse_fine():
+    model = tiny()
+    batch = make_batch(valid=(4, 2))
+    model.encoder.frames_encoded = 0
+    model(batch, mode="coarse_fine").loss.backward()
+    assert model.encoder.frames_encoded == 6  # valid frames only, once, shared by both passes
+
+
+@pytest.mark.parametrize("arch_overrides", [[], ["model.deep_query=false"], ["model.arch=multi_token"],
+                                            ["model.lambda_coarse=0.5"]])
+def test_padded_frames_do_not_change_losses(arch_overrides):
+    model = tiny(*arch_overrides)
+    batch = make_batch(t=4, valid=(4, 2))
+    padded = dict(batch)
+    extra = torch.randn(2, 3, 3, S, S)
+    padded["frames"] = torch.cat([batch["frames"], extra], dim=1)
+    padded["frame_mask"] = torch.cat([batch["frame_mask"], torch.zeros(2, 3, dtype=torch.bool)], dim=1)
+    modes = ["coarse_only"] if "multi_token" in str(arch_overrides) else ["coarse_fine", "coarse_only", "autoregressive"]
+    for mode in modes:
+        a, b = model(batch, mode=mode), model(padded, mode=mode)
+        assert torch.allclose(a.loss, b.loss, atol=1e-5), mode
+        if a.loss_coarse is not None:
+            assert torch.allclose(a.loss_coarse, b.loss_coarse, atol=1e-5), mode
+
+
+def test_single_sample_loss_equals_batched():
+    model = tiny()
+    batch = make_batch(valid=(4, 2))
+    alone = {k: v[1:] for k, v in batch.items()}
+    alone["frames"], alone["frame_mask"] = alone["frames"][:, :2], alone["frame_mask"][:, :2]
+    both = model(batch, mode="coarse_fine")
+    one = model(alone, mode="coarse_fine")
+    # Token-mean over the batch: recombine from per-sample means weighted by token counts.
+    first = model({k: v[:1] for k, v in batch.items()}, mode="coarse_fine")
+    combined = (first.loss * first.n_tokens + one.loss * one.n_tokens) / (first.n_tokens + one.n_tokens)
+    assert torch.allclose(both.loss, combined, atol=1e-5)
+
+
+def test_coarse_loss_paths_agree():
+    """lambda=0 uses a visual-only pass plus a cached no-grad text continuation; the full
+    coarse sequence pass must give the same coarse loss and the same fine loss."""
+    model = tiny()
+    batch = make_batch()
+    fast = model(batch, mode="coarse_fine")
+    model.cfg.gradient_checkpointing = True  # forces the single full-sequence coarse pass
+    full = model(batch, mode="coarse_fine")
+    model.cfg.gradient_checkpointing = False
+    assert torch.allclose(fast.loss_coarse, full.loss_coarse, atol=1e-5)
+    assert torch.allclose(fast.loss_fine, full.loss_fine, atol=1e-5)
+    assert torch.allclose(fast.loss_coarse, model(batch, mode="coarse_only").loss, atol=1e-5)
+
+
+def test_loss_combines_fine_and_weighted_coarse():
+    model = tiny("model.lambda_coarse=0.5")
+    out = model(make_batch(), mode="coarse_fine")
+    assert torch.allclose(out.loss, out.loss_fine + 0.5 * out.loss_coarse, atol=1e-6)
+    assert out.loss_coarse.item() > 0 and out.loss_coarse.item() != out.loss_fine.item()
+
+
+def test_autoregressive_cache_equals_recompute_and_starts_from_q_init():
+    model = tiny()
+    batch = make_batch(valid=(4, 3))
+    prepared = model._prepare(batch["frames"], batch["frame_mask"])
+    cached, w_cached = model._sequential_fine(batch["frame_mask"], prepared, use_cache=True)
+    full, w_full = model._sequential_fine(batch["frame_mask"], prepared, use_cache=False)
+    assert torch.allclose(cached, full, atol=1e-5)
+    assert torch.allclose(w_cached, w_full, atol=1e-5)
+    # The first frame is read with q_init.
+    cache, kv = prepared
+    first, _ = model._read(cache.select(torch.tensor([0, 4])), kv, model.q_init.expand(2, -1))
+    assert torch.allclose(cached[:, 0], first, atol=1e-6)
+
+
+def test_generation_with_cache_equals_without():
+    model = tiny()
+    batch = make_batch(valid=(4, 2))
+    for mode in ("coarse_only", "coarse_fine", "autoregressive"):
+        with_cache = model.generate(batch, mode=mode, max_new_tokens=6, use_cache=True)
+        without = model.generate(batch, mode=mode, max_new_tokens=6, use_cache=False)
+        assert torch.equal(with_cache, without), mode
+
+
+def test_text_only_batch_and_mixed_batch():
+    model = tiny()
+    batch = make_batch(valid=(0, 0))
+    out = model(batch)
+    assert torch.isfinite(out.loss)
+    mixed = model(make_batch(valid=(3, 0)))
+    assert torch.isfinite(mixed.loss) and mixed.n_tokens > 0
+
+
+def test_no_loss_tokens_gives_zero_not_nan():
+    model = tiny()
+    batch = make_batch()
+    batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
+    out = model(batch)
+    assert out.n_tokens == 0 and out.loss.item() == 0.0
+
+
+def _grad_names(model):
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def test_gradients_reach_every_connector_module():
+    model = tiny()
+    model.train()
+    model(make_batch(), mode="coarse_fine").loss.backward()
+    names = _grad_names(model)
+    for expected in ("q_static", "q_init", "llm_to_query.weight", "query_proj.weight", "dino_to_llm.weight"):
+        assert expected in names, expected
+    assert any(n.startswith("encoder.dino.") for n in names)
+    assert any(n.startswith("llm.") for n in names)
+
+
+def test_frozen_groups_receive_no_gradient():
+    model = tiny("model.freeze_dino=true", "model.freeze_llm=true")
+    model.train()
+    model(make_batch(), mode="coarse_fine").loss.backward()
+    for name, param in model.named_parameters():
+        if name.startswith(("encoder.dino.", "llm.")):
+            assert param.grad is None, name
+    groups = model.param_groups()
+    assert groups["dino"] == [] and groups["llm"] == [] and len(groups["connector"]) == 7  # q_static, q_init, query_proj, dino_to_llm (w, b), llm_to_query (w, b)
+
+
+def test_param_groups_partition_trainable_parameters():
+    for overrides in ([], ["model.deep_query=false"], ["model.arch=multi_token"], ["model.coarse_only=true"]):
+        model = tiny(*overrides)
+        groups = model.param_groups()
+        ids = [id(p) for g in groups.values() for p in g]
+        assert len(ids) == len(set(ids))
+        assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
+        backbone = {id(p) for p in model.llm.parameters()} | {id(p) for p in model.encoder.dino.parameters()}
+        assert {id(p) for p in groups["connector"]}.isdisjoint(backbone)
+
+
+def test_coarse_only_training_uses_every_parameter():
+    model = tiny("model.coarse_only=true")
+    model.train()
+    out = model(make_batch())
+    out.loss.backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+    assert out.loss_fine is None and not hasattr(model, "llm_to_query")
+
+
+def test_multi_token_gives_k_squared_tokens_per_frame():
+    for k in (1, 2, 4):
+        model = tiny("model.arch=multi_token", f"model.tokens_per_frame={k * k}")
+        batch = make_batch(t=3, valid=(3, 1))
+        tokens, mask = model.visual_tokens(batch)
+        assert tokens.shape == (2, 3 * k * k, model.llm_dim)
+        assert mask.sum(1).tolist() == [3 * k * k, k * k]
+
+
+def test_attention_weights_and_entropy():
+    model = tiny()
+    out = model(make_batch(valid=(4, 2)), return_attention=True)
+    fine = out.attention["fine"]
+    assert fine.shape == (2, 4, 2, 4, 65)
+    assert torch.allclose(fine[0].sum(-1), torch.ones(()), atol=1e-5)
+    assert fine[1, 2:].abs().sum() == 0  # padded frames
+    assert 0 < out.attention_entropy <= torch.log(torch.tensor(65.0)).item() + 1e-5
+
+
+def test_save_load_round_trip(tmp_path):
+    from fvlm.model.tokenizer import byte_tokenizer
+
+    for overrides in ([], ["model.arch=multi_token"]):
+        model = tiny(*overrides)
+        with torch.no_grad():
+            model.dino_to_llm.weight.add_(0.1)  # not the init any more
+        save_model(model, tmp_path / "m", byte_tokenizer())
+        loaded, tok = load_model(tmp_path / "m")
+        loaded.eval()
+        batch = make_batch()
+        assert torch.equal(model(batch).loss, loaded(batch).loss)
+        assert tok("a red ball").input_ids == byte_tokenizer()("a red ball").input_ids
+
+
+def test_bad_backbone_path_is_a_usage_error(tmp_path):
+    from fvlm.errors import UsageError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="config.json"):
+        build_model(load_config(None, [f"model.llm={tmp_path / 'empty'}"]).model)
+    with pytest.raises(UsageError, match="neither a folder"):
+        build_model(load_config(None, [f"model.dino={tmp_path / 'missing'}"]).model)
