@@ -1,0 +1,347 @@
+"""Batches for training and evaluation: `build_loader(cfg, split, tokenizer, ...)`.
+
+The main process decides which samples form each batch (from the index and the seeded schedule),
+so the order does not depend on the number of workers; workers only decode, tokenise and collate.
+The cursor is the stream position after the last batch handed to the caller, so batches prefetched
+but never consumed are simply produced again after a resume.
+
+DDP: a global step takes `world_size * n` consecutive stream positions and rank r takes the r-th
+run of n, so each position goes to exactly one rank; each batch goes to exactly one worker.
+With `max_batch_frames`, n is the largest size at which *every* rank's run fits the cap, computed
+from the index on every rank alike, so ranks never disagree on the number or size of batches.
+
+Samples that fail at load time (undecodable frames, nothing left to learn after truncation) are
+counted and logged once; in training they are replaced by the next sample of the same source, so
+batch sizes (and DDP) stay in step; in evaluation they are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+
+import numpy as np
+
+from fvlm.data.decode import (
+    DEFAULT_PROMPTS,
+    SampleError,
+    decode_frames,
+    encode_dialogue,
+    normalise,
+    read_meta,
+)
+from fvlm.data.index import KINDS, DataIndex, build_index, read_sample
+from fvlm.data.schedule import TrainSchedule, source_probabilities
+from fvlm.data.sources import resolve_sources
+
+log = logging.getLogger("fvlm.data")
+SPLITS = ("train", "val", "probe", "bench")
+_MAX_SUBSTITUTES = 64
+_index_cache: dict[tuple, DataIndex] = {}
+_logged: set[tuple[str, str, str]] = set()  # once per process, however many loaders see the sample
+
+
+def load_index(spec: str, what: str = "data path") -> DataIndex:
+    """The index of a path spec, cached per process while its shards are unchanged."""
+    sources = resolve_sources(spec, what)
+    key = tuple(
+        (s.name, s.weight, s.prompt, tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in s.shards))
+        for s in sources
+    )
+    if key not in _index_cache:
+        _index_cache[key] = build_index(sources)
+    return _index_cache[key]
+
+
+class SampleReader:
+    """Turns an index row into model-ready tensors; lives in each loader worker."""
+
+    def __init__(self, index: DataIndex, tokenizer, *, image_size: int, stage: int, max_text_tokens: int,
+                 max_frames: int, fps: float, replicate_image_frames: int):
+        self.index = index
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.stage = stage
+        self.max_text_tokens = max_text_tokens
+        self.max_frames = max_frames
+        self.fps = fps
+        self.replicate_image_frames = replicate_image_frames
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.end_of_turn_id = end if isinstance(end, int) and end != tokenizer.unk_token_id else tokenizer.eos_token_id
+        self._handles: dict[str, object] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    def _handle(self, path: str):
+        if self._pid != os.getpid():  # forked: never share a file offset with the parent
+            self._handles, self._pid = {}, os.getpid()
+        if path not in self._handles:
+            self._handles[path] = open(path, "rb")
+        return self._handles[path]
+
+    def visual_count(self, row: int) -> int:
+        """Frames this row will contribute (an upper bound for .mp4)."""
+        kind = KINDS[self.index.kind_id[row]]
+        if kind == "text":
+            return 0
+        if kind == "image":
+            return self.replicate_image_frames
+        declared = int(self.index.frames[row])
+        return min(declared, self.max_frames) if declared else self.max_frames
+
+    def load(self, row: int) -> dict:
+        index = self.index
+        shard = index.shards[index.shard_id[row]]
+        key, parts = read_sample(shard, int(index.start[row]), int(index.end[row]), self._handle(shard))
+        kind, source = index.kind_of(row), index.source_of(row)
+        try:
+            meta = read_meta(parts)
+            frames = decode_frames(parts, kind, self.image_size, max_frames=self.max_frames, fps=self.fps,
+                                   replicate_image_frames=self.replicate_image_frames)
+            user = meta.get("user") or index.prompts.get(source) or DEFAULT_PROMPTS[kind]
+            ids, mask, full_length = encode_dialogue(self.tokenizer, user, meta["assistant"], stage=self.stage,
+                                        max_tokens=self.max_text_tokens, end_of_turn_id=self.end_of_turn_id)
+        except SampleError as exc:
+            exc.where = (shard, key)
+            raise
+        return {"frames": normalise(frames), "ids": ids, "mask": mask, "full_length": full_length, "key": key,
+                "source": source, "kind": kind}
+
+
+class _Items:
+    """Map-style dataset over (row, substitute?) items; returns (sample | None, skip events)."""
+
+    def __init__(self, reader: SampleReader, substitute: bool):
+        self.reader = reader
+        self.substitute = substitute
+        self._source_rows: dict[int, np.ndarray] = {}
+
+    def _next_of_source(self, row: int) -> int:
+        sid = int(self.reader.index.source_id[row])
+        if sid not in self._source_rows:
+            self._source_rows[sid] = np.flatnonzero(self.reader.index.source_id == sid)
+        rows = self._source_rows[sid]
+        return int(rows[(np.searchsorted(rows, row) + 1) % len(rows)])
+
+    def __getitem__(self, row: int):
+        events = []
+        for _ in range(_MAX_SUBSTITUTES if self.substitute else 1):
+            try:
+                return self.reader.load(row), events
+            except SampleError as exc:
+                events.append((exc.where[0], exc.where[1], exc.reason))
+                row = self._next_of_source(row)
+        if self.substitute:
+            shard, key, _ = events[-1]
+            raise RuntimeError(f"{_MAX_SUBSTITUTES} consecutive unusable samples in a row near {shard}:{key}")
+        return None, events
+
+    def __len__(self) -> int:
+        return len(self.reader.index)
+
+
+def collate(samples: list[dict], pad_id: int) -> dict:
+    import torch
+
+    batch_size = len(samples)
+    t_max = max((s["frames"].shape[0] for s in samples), default=0)
+    l_max = max((len(s["ids"]) for s in samples), default=0)
+    size = samples[0]["frames"].shape[-1] if samples else 0
+    frames = torch.zeros(batch_size, t_max, 3, size, size, dtype=torch.float32)
+    frame_mask = torch.zeros(batch_size, t_max, dtype=torch.bool)
+    input_ids = torch.full((batch_size, l_max), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(batch_size, l_max, dtype=torch.long)
+    loss_mask = torch.zeros(batch_size, l_max, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        t, n = s["frames"].shape[0], len(s["ids"])
+        frames[b, :t] = s["frames"]
+        frame_mask[b, :t] = True
+        input_ids[b, :n] = torch.tensor(s["ids"], dtype=torch.long)
+        attention_mask[b, :n] = 1
+        loss_mask[b, :n] = torch.tensor(s["mask"], dtype=torch.bool)
+    return {
+        "frames": frames,
+        "frame_mask": frame_mask,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "keys": [s["key"] for s in samples],
+        "sources": [s["source"] for s in samples],
+        "kinds": [s["kind"] for s in samples],
+    }
+
+
+class _Collate:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items):
+        samples = [s for s, _ in items if s is not None]
+        events = [e for _, ev in items for e in ev]
+        return collate(samples, self.pad_id), events
+
+
+def _worker_init(_):
+    import torch
+
+    torch.set_num_threads(1)
+
+
+class Loader:
+    """Iterable over batches with a checkpointable cursor (`state_dict`) and skip counts (`stats`)."""
+
+    def __init__(self, reader: SampleReader, *, train: bool, batch_size: int, seed: int, rank: int,
+                 world_size: int, num_workers: int, max_batch_frames: int, schedule: TrainSchedule | None,
+                 max_samples: int | None, pad_id: int):
+        self.reader = reader
+        self.train = train
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.max_batch_frames = max_batch_frames
+        self.schedule = schedule
+        self.pad_id = pad_id
+        self.position = 0  # train: next stream position; eval: samples of this rank already yielded
+        self.stats: Counter = Counter(s.reason for s in reader.index.skips)
+        for skip in reader.index.skips:
+            self._log(skip.shard, skip.key, skip.reason)
+        n = len(reader.index)
+        self._eval_rows = np.arange(rank, n, world_size)
+        if max_samples:
+            self._eval_rows = self._eval_rows[: max(0, -(-max_samples // world_size))]
+
+    @property
+    def index(self) -> DataIndex:
+        return self.reader.index
+
+    def _log(self, shard: str, key: str, reason: str) -> None:
+        if (shard, key, reason) not in _logged:
+            _logged.add((shard, key, reason))
+            log.warning("skipped sample %s in %s: %s", key, shard, reason)
+
+    def _fit(self, counts: np.ndarray) -> int:
+        """Largest n <= batch_size with every rank's n consecutive samples within the frame cap."""
+        if not self.max_batch_frames:
+            return self.batch_size
+        for n in range(self.batch_size, 0, -1):
+            runs = counts[: n * self.world_size].reshape(self.world_size, n)
+            if runs.sum(axis=1).max() <= self.max_batch_frames:
+                return n
+        return 1
+
+    def _train_batches(self):
+        position = self.position
+        need = self.batch_size * self.world_size
+        while True:
+            rows = self.schedule.rows_at(position, position + need)
+            counts = np.array([self.reader.visual_count(int(r)) for r in rows])
+            n = self._fit(counts)
+            mine = rows[self.rank * n : (self.rank + 1) * n]
+            position += n * self.world_size
+            yield [int(r) for r in mine], position
+
+    def _eval_batches(self):
+        position = self.position
+        rows = self._eval_rows
+        while position < len(rows):
+            chunk = rows[position : position + self.batch_size]
+            counts = np.array([self.reader.visual_count(int(r)) for r in chunk])
+            n = self.batch_size
+            if self.max_batch_frames:
+                n = max(1, int(np.searchsorted(np.cumsum(counts), self.max_batch_frames, side="right")))
+            position += min(n, len(chunk))
+            yield [int(r) for r in chunk[:n]], position
+
+    def __iter__(self):
+        import torch
+
+        plan = self._train_batches() if self.train else self._eval_batches()
+        positions: list[int] = []
+
+        def batches():
+            for rows, end in plan:
+                positions.append(end)
+                yield rows
+
+        loader = torch.utils.data.DataLoader(
+            _Items(self.reader, substitute=self.train),
+            batch_sampler=batches(),
+            num_workers=self.num_workers,
+            collate_fn=_Collate(self.pad_id),
+            worker_init_fn=_worker_init if self.num_workers else None,
+            prefetch_factor=4 if self.num_workers else None,
+        )
+        for batch, events in loader:
+            self.position = positions.pop(0)
+            for shard, key, reason in events:
+                self.stats[reason] += 1
+                self._log(shard, key, reason)
+            if batch["input_ids"].shape[0]:
+                yield batch
+
+    def __len__(self) -> int:
+        """Batches per pass for evaluation loaders (an upper bound with max_batch_frames)."""
+        if self.train:
+            raise TypeError("a training loader is endless")
+        return -(-len(self._eval_rows) // self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"data cursor was saved with seed {state['seed']}, this loader uses {self.seed}")
+        if self.train and state["world_size"] != self.world_size:
+            raise ValueError(f"data cursor was saved with world_size {state['world_size']}, now {self.world_size}")
+        self.position = int(state["position"])
+        self.stats = Counter(state.get("stats", {}))
+
+
+def data_seed(cfg) -> int:
+    return cfg.data.seed if cfg.data.seed is not None else cfg.seed
+
+
+def split_path(cfg, split: str) -> str:
+    """The shard spec for a split, generating the synthetic set when the config asks for it."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    spec = getattr(cfg.data, split, "synthetic")
+    if spec == "synthetic":
+        from fvlm.data.synth import ensure_synthetic
+
+        return ensure_synthetic(cfg)[split]
+    return spec
+
+
+def build_loader(cfg, split: str, tokenizer, *, rank: int = 0, world_size: int = 1, train: bool | None = None,
+                 batch_size: int | None = None, max_samples: int | None = None) -> Loader:
+    """A Loader for `split` (train|val|probe|bench). `train` (default: split == "train") makes it an
+    endless seeded mixture stream; otherwise each sample of this rank comes once, in index order.
+    Raises UsageError for a missing path, a path without shards, or a mix naming a missing source."""
+    train = split == "train" if train is None else train
+    d = cfg.data
+    index = load_index(split_path(cfg, split), f"data.{split}")
+    seed = data_seed(cfg)
+    schedule = None
+    if train:
+        schedule = TrainSchedule(index, source_probabilities(index, d.mix, d.text_ratio), seed)
+    elif not len(index):
+        from fvlm.errors import UsageError
+
+        raise UsageError(f"data.{split}: no usable samples (run `fvlm data inspect` on it)")
+    reader = SampleReader(index, tokenizer, image_size=cfg.model.image_size, stage=cfg.train.stage,
+                          max_text_tokens=d.max_text_tokens, max_frames=d.max_frames, fps=d.fps,
+                          replicate_image_frames=d.replicate_image_frames)
+    if batch_size is None:
+        batch_size = cfg.train.batch_size if train else cfg.train.eval_batch_size
+    return Loader(reader, train=train, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                  num_workers=d.num_workers, max_batch_frames=d.max_batch_frames, schedule=schedule,
+                  max_samples=max_samples, pad_id=tokenizer.pad_token_id)

@@ -1,0 +1,324 @@
+"""The synthetic dataset: what makes fvlm run anywhere, designed so that foveation matters.
+
+Each video shows a few small coloured shapes (~8-12 px at 64 px, about one DINO patch) on a
+textured background; exactly one of them moves, and the answer names its colour, shape and
+direction. A static query per frame has to summarise a whole cluttered frame in one token and
+loses which object moved; a query chosen after seeing earlier frames can fix on the mover.
+Images ask about one object among several; text-only samples are short dialogues; multiple-choice
+variants (`A. ...` options, answer `B. blue square, up`) make up the `bench` split for the eval
+harness; they stay out of train/val because four listed options need ~130 byte-level tokens, more
+than the tiny preset's max_text_tokens, and would only be truncated away. Everything is a function
+of the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+GENERATOR_VERSION = 1
+SAMPLES_PER_SHARD = 256
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40),
+    "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (245, 245, 245), "cyan": (40, 200, 210),
+}
+SHAPES = ("square", "circle", "triangle", "diamond")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+VIDEO_PROMPTS = ("Which object moves, and which way?", "What is moving in this clip?", "Describe the motion.", "")
+LETTERS = "ABCD"
+WORDS = ("cat", "house", "river", "green", "light", "stone", "paper", "cloud", "train", "apple")
+SMALL_TALK = (
+    ("Hi! How are you?", "I am well, thank you."),
+    ("Can you help me?", "Of course. What do you need?"),
+    ("Thanks a lot!", "You are welcome."),
+    ("What do you see in videos?", "Shapes that move."),
+    ("Good night.", "Good night, sleep well."),
+)
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def _shape_mask(shape: str, d: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:d, 0:d] + 0.5
+    c = d / 2
+    if shape == "square":
+        return np.ones((d, d), dtype=bool)
+    if shape == "circle":
+        return (yy - c) ** 2 + (xx - c) ** 2 <= c * c
+    if shape == "diamond":
+        return np.abs(yy - c) + np.abs(xx - c) <= c
+    return (yy >= 0) & (np.abs(xx - c) <= yy / 2)  # triangle, apex up
+
+
+class _Painter:
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.size = size
+        self.rng = rng
+        lo, hi = max(4, round(size * 0.125)), max(5, round(size * 0.19))
+        self.sizes = range(lo, hi + 1)
+        self.masks = {(s, d): _shape_mask(s, d) for s in SHAPES for d in self.sizes}
+
+    def background(self) -> np.ndarray:
+        """Muted low-frequency colour blobs plus fine stripes and grain: texture the query must ignore."""
+        rng, size = self.rng, self.size
+        coarse = rng.integers(60, 170, size=(4, 4, 3), dtype=np.uint8)
+        base = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.int16)
+        period = rng.integers(3, 7)
+        stripes = ((np.arange(size)[:, None] + np.arange(size)[None, :] * rng.integers(0, 2)) // period % 2) * 16 - 8
+        return base + stripes[..., None] + rng.integers(-10, 11, size=(size, size, 3), dtype=np.int16)
+
+    def layout(self, n: int, distinct_shapes: bool) -> list[tuple[str, str, int]]:
+        shapes = self.rng.permutation(SHAPES)[:n] if distinct_shapes else self.rng.choice(SHAPES, size=n)
+        colours = self.rng.permutation(list(COLOURS))[:n]
+        return [(str(c), str(s), int(self.rng.choice(self.sizes))) for c, s in zip(colours, shapes)]
+
+    def place(self, d: int, taken: list[tuple[int, int, int, int]], span: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+        """Top-left corner for a d-sized object (moving by `span` in total) clear of `taken` boxes."""
+        dx, dy = span
+        for _ in range(50):
+            x = int(self.rng.integers(max(0, -dx), self.size - d - max(0, dx) + 1))
+            y = int(self.rng.integers(max(0, -dy), self.size - d - max(0, dy) + 1))
+            box = (min(x, x + dx), min(y, y + dy), max(x, x + dx) + d, max(y, y + dy) + d)
+            if all(box[2] + 1 < b[0] or b[2] + 1 < box[0] or box[3] + 1 < b[1] or b[3] + 1 < box[1] for b in taken):
+                taken.append(box)
+                return x, y
+        taken.append(box)
+        return x, y
+
+    def paint(self, canvas: np.ndarray, colour: str, shape: str, d: int, x: int, y: int) -> None:
+        region = canvas[y : y + d, x : x + d]
+        region[self.masks[(shape, d)]] = COLOURS[colour]
+
+    def finish(self, canvas: np.ndarray) -> bytes:
+        grain = self.rng.integers(-4, 5, size=canvas.shape, dtype=np.int16)
+        img = Image.fromarray(np.clip(canvas + grain, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+
+
+def _choices(rng: np.random.Generator, right: str, wrong: list[str]) -> tuple[list[str], int]:
+    options = [right] + [str(w) for w in rng.permutation(sorted(set(wrong) - {right}))[:3]]
+    order = rng.permutation(len(options))
+    options = [options[i] for i in order]
+    return options, options.index(right)
+
+
+def _mc(question: str, options: list[str], answer: int) -> tuple[str, str]:
+    listed = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return f"{question}\n{listed}\nAnswer with the letter.", f"{LETTERS[answer]}. {options[answer]}"
+
+
+def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
+    rng, size = p.rng, p.size
+    objects = p.layout(int(rng.integers(3, 6)), distinct_shapes=False)
+    direction = str(rng.choice(list(DIRECTIONS)))
+    travel = round(size * 0.35)
+    span = (DIRECTIONS[direction][0] * travel, DIRECTIONS[direction][1] * travel)
+    taken: list = []
+    mover_colour, mover_shape, mover_d = objects[0]
+    mx, my = p.place(mover_d, taken, span)
+    static = [(c, s, d, *p.place(d, taken)) for c, s, d in objects[1:]]
+    background = p.background()
+    jpegs = []
+    for t in range(frames):
+        canvas = background.copy()
+        for c, s, d, x, y in static:
+            p.paint(canvas, c, s, d, x, y)
+        f = t / max(1, frames - 1)
+        p.paint(canvas, mover_colour, mover_shape, mover_d, mx + round(span[0] * f), my + round(span[1] * f))
+        jpegs.append(p.finish(canvas))
+    answer = f"{mover_colour} {mover_shape}, {direction}"
+    meta = {"source": "video", "frame_count": frames}
+    if mc:
+        wrong = [f"{mover_colour} {mover_shape}, {d}" for d in DIRECTIONS] + [
+            f"{c} {s}, {direction}" for c, s, _ in objects[1:]
+        ]
+        options, right = _choices(rng, answer, wrong)
+        meta["user"], meta["assistant"] = _mc("Which object moves, and where?", options, right)
+        meta.update(choices=options, answer_index=right)
+    else:
+        meta["user"] = str(rng.choice(VIDEO_PROMPTS))
+        meta["assistant"] = f"The {mover_colour} {mover_shape} moves {direction}."
+    return jpegs, meta
+
+
+def make_image(p: _Painter, mc: bool) -> tuple[bytes, dict]:
+    rng, size = p.rng, p.size
+    objects = p.layout(int(rng.integers(3, 5)), distinct_shapes=True)
+    canvas = p.background()
+    taken: list = []
+    placed = [(c, s, d, *p.place(d, taken)) for c, s, d in objects]
+    for obj in placed:
+        p.paint(canvas, *obj)
+    colour, shape, d, x, y = placed[0]
+    where = f"{'top' if y + d / 2 < size / 2 else 'bottom'} {'left' if x + d / 2 < size / 2 else 'right'}"
+    question = int(rng.integers(3))
+    if question == 0:
+        user, short, answer = f"What colour is the {shape}?", colour, f"The {shape} is {colour}."
+        wrong = list(COLOURS)
+    elif question == 1:
+        user, short, answer = f"What shape is the {colour} object?", shape, f"The {colour} object is a {shape}."
+        wrong = list(SHAPES)
+    else:
+        user, short, answer = f"Where is the {colour} {shape}?", where, f"At the {where}."
+        wrong = [f"{v} {h}" for v in ("top", "bottom") for h in ("left", "right")]
+    meta = {"source": "image", "frame_count": 1}
+    if mc:
+        options, right = _choices(rng, short, wrong)
+        meta["user"], meta["assistant"] = _mc(user, options, right)
+        meta.update(choices=options, answer_index=right)
+    else:
+        meta["user"], meta["assistant"] = user, answer
+    return p.finish(canvas), meta
+
+
+def make_text(rng: np.random.Generator) -> dict:
+    kind = int(rng.integers(5))
+    if kind == 0:
+        a, b = (int(v) for v in rng.integers(0, 50, size=2))
+        user, answer = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+    elif kind == 1:
+        d = str(rng.choice(list(OPPOSITE)))
+        user, answer = f"What is the opposite of {d}?", f"The opposite of {d} is {OPPOSITE[d]}."
+    elif kind == 2:
+        w = str(rng.choice(WORDS))
+        user, answer = f"Spell '{w}' backwards.", w[::-1]
+    elif kind == 3:
+        a, b = (int(v) for v in rng.choice(100, size=2, replace=False))
+        user, answer = f"Which is bigger, {a} or {b}?", f"{max(a, b)} is bigger."
+    else:
+        user, answer = SMALL_TALK[int(rng.integers(len(SMALL_TALK)))]
+    return {"user": user, "assistant": answer, "source": "text", "frame_count": 0}
+
+
+class _ShardWriter:
+    def __init__(self, folder: Path, prefix: str):
+        self.folder, self.prefix = folder, prefix
+        self.count, self.shard, self.tar = 0, 0, None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, meta: dict, images: list[bytes] | None = None, image: bytes | None = None) -> None:
+        if self.tar is None or self.count % SAMPLES_PER_SHARD == 0:
+            self.close()
+            self.tar = tarfile.open(self.folder / f"{self.prefix}-{self.shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
+            self.shard += 1
+        self._add(f"{key}.json", json.dumps(meta).encode())
+        for t, frame in enumerate(images or []):
+            self._add(f"{key}.{t:03d}.jpg", frame)
+        if image is not None:
+            self._add(f"{key}.jpg", image)
+        self.count += 1
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+
+def _write_split(folder: Path, split: str, seed: int, *, videos: int, images: int, texts: int, frames: int,
+                 size: int, mc_fraction: float) -> dict[str, int]:
+    rng = np.random.default_rng([seed, sum(map(ord, split))])
+    order = [("video", i) for i in range(videos)] + [("image", i) for i in range(images)]
+    order += [("text", i) for i in range(texts)]
+    order = [order[i] for i in rng.permutation(len(order))]
+    painter = _Painter(size, rng)
+    writer = _ShardWriter(folder, split)
+    counts = {"video": 0, "image": 0, "text": 0, "multiple_choice": 0}
+    for kind, i in order:
+        key = f"{split}-{kind}-{i:06d}"
+        mc = kind != "text" and rng.random() < mc_fraction
+        if kind == "video":
+            jpegs, meta = make_video(painter, frames, mc)
+            writer.write(key, meta, images=jpegs)
+        elif kind == "image":
+            jpeg, meta = make_image(painter, mc)
+            writer.write(key, meta, image=jpeg)
+        else:
+            writer.write(key, make_text(rng))
+        counts[kind] += 1
+        counts["multiple_choice"] += mc
+    writer.close()
+    return counts
+
+
+def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames: int, size: int, seed: int,
+                       val: int = 200, probe: int = 10, bench: int = 200) -> dict:
+    """Writes train/, val/, probe/ and bench/ shard folders plus manifest.json under `out_dir`.
+
+    val keeps the train mix of kinds; probe holds `probe` plain videos for attention heatmaps;
+    bench holds `bench` multiple-choice questions (videos and images, half each).
+    Returns the manifest: parameters, counts per split and kind, seconds and samples/s.
+    """
+    out = Path(out_dir)
+    began = time.perf_counter()
+    total = max(1, videos + images + texts)
+    val_counts = [round(val * n / total) for n in (videos, images)]
+    common = {"frames": frames, "size": size}
+    splits = {
+        "train": _write_split(out / "train", "train", seed, videos=videos, images=images, texts=texts,
+                              mc_fraction=0.0, **common),
+        "val": _write_split(out / "val", "val", seed, videos=val_counts[0], images=val_counts[1],
+                            texts=max(0, val - sum(val_counts)), mc_fraction=0.0, **common),
+        "probe": _write_split(out / "probe", "probe", seed, videos=probe, images=0, texts=0, mc_fraction=0.0, **common),
+        "bench": _write_split(out / "bench", "bench", seed, videos=bench - bench // 2, images=bench // 2, texts=0,
+                              mc_fraction=1.0, **common),
+    }
+    seconds = time.perf_counter() - began
+    samples = sum(c[k] for c in splits.values() for k in ("video", "image", "text"))
+    manifest = {
+        "generator_version": GENERATOR_VERSION,
+        "params": {"videos": videos, "images": images, "texts": texts, "frames": frames, "size": size, "seed": seed,
+                   "val": val, "probe": probe, "bench": bench},
+        "splits": splits,
+        "samples": samples,
+        "seconds": round(seconds, 3),
+        "samples_per_sec": round(samples / max(seconds, 1e-9), 1),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def synth_params(cfg) -> dict:
+    from fvlm.data.loader import data_seed
+
+    d = cfg.data
+    return {"videos": d.synth_videos, "images": d.synth_images, "texts": d.synth_texts, "frames": d.synth_frames,
+            "size": d.synth_size, "seed": data_seed(cfg), "val": d.synth_val, "probe": 10, "bench": 200}
+
+
+def ensure_synthetic(cfg) -> dict[str, str]:
+    """Split -> shard folder. Splits whose path is "synthetic" point into a set generated once under
+    <out_dir>/data/synth-<hash>/; two processes racing both generate, and the first rename wins."""
+    params = synth_params(cfg)
+    digest = hashlib.sha256(json.dumps([GENERATOR_VERSION, params], sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(cfg.out_dir) / "data" / f"synth-{digest}"
+    if not (root / "manifest.json").is_file():
+        tmp = root.parent / f".tmp-{root.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        generate_synthetic(tmp, **params)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / "manifest.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    paths = {split: str(root / split) for split in ("train", "val", "probe", "bench")}
+    for split in ("train", "val", "probe"):
+        configured = getattr(cfg.data, split)
+        if configured != "synthetic":
+            paths[split] = configured
+    return paths
