@@ -1,0 +1,92 @@
+"""`fvlm analyze PATH [PATH ...] --out DIR [--fit-runs GLOB,GLOB]`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "analyze", help="fits, ablation table, figures, export and decision report from runs or an export",
+        description="Reads run folders, sweep folders and export folders (all_eval_points.csv + run_summaries.csv) "
+                    "and writes report.md, ablation_table.csv, decisions.json, the figures, and the export "
+                    "(all_eval_points.csv, run_summaries.csv, scaling_fits.json, scaling_law_plot.png) to --out.")
+    parser.add_argument("paths", nargs="+", metavar="PATH")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--fit-runs", default="",
+                        help="comma-separated run-id globs used for the scaling fits (default: every run)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the 95%% intervals")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run_analyze)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    globs = [g.strip() for g in args.fit_runs.split(",") if g.strip()]
+    summary = analyze(args.paths, Path(args.out), globs or None, n_boot=args.bootstrap, seed=args.seed)
+    print(f"analyzed {summary['runs']} runs -> {args.out} ({summary['figures']} figures, "
+          f"{summary['absent']} absent; see report.md)")
+    return 0
+
+
+def analyze(paths: list[str], out: Path, globs: list[str] | None, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+    import csv
+    import json
+    import math
+
+    from fvlm.analysis import ablations, figures, report, scaling, table
+    from fvlm.errors import UsageError
+
+    data = table.load(paths)
+    fit_runs = data.select(globs)
+    if globs and not fit_runs:
+        raise UsageError(f"--fit-runs {','.join(globs)} matched no run (runs: {', '.join(data.runs)})")
+    out.mkdir(parents=True, exist_ok=True)
+
+    fits = scaling.scaling_fits(fit_runs, globs, n_boot=n_boot, seed=seed)
+    answers = ablations.answer_all(data)
+    checklist = report.go_no_go(data, answers, fits)
+    ctx = figures.Context(table=data, answers=answers, fits=fits, fit_runs=fit_runs, out=out)
+    drawn = figures.draw_all(ctx)
+
+    table.write_export_csvs(data, out)
+    (out / "scaling_fits.json").write_text(json.dumps(_jsonable(fits), indent=2) + "\n")
+
+    with (out / "ablation_table.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=ablations.ABLATION_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in ablations.table_rows(answers):
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v)
+                             for k, v in row.items()})
+
+    decision_keys = ("id", "title", "runs", "winner", "runner_up", "margin", "noise", "verdict", "metric", "axis",
+                     "common_x", "winner_at_best", "margin_at_best", "unstable", "val_loss_ratio", "plan_rule")
+    decisions = {
+        "questions": [{k: a[k] for k in decision_keys if k in a} for a in answers],
+        "go_no_go": checklist,
+        "decision2": report.decision2(data, fits),
+    }
+    (out / "decisions.json").write_text(json.dumps(_jsonable(decisions), indent=2) + "\n")
+    report.write_report(out / "report.md", data, answers, fits, checklist, decisions["decision2"], drawn, paths)
+    return {"runs": len(data.runs), "figures": sum(1 for _, p, _ in drawn if p),
+            "absent": sum(1 for _, p, _ in drawn if p is None)}
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN and infinities become null: JSON has no NaN, and a missing number is what they mean."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value

@@ -1,0 +1,400 @@
+"""The plan's figures (Fig 1-8) and the scaling figures, one PNG each, only from the run table.
+
+Each figure function returns the PNG path, or a sentence saying which data it lacks; the report
+lists such figures as absent instead of drawing empty axes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fvlm.analysis import ablations
+from fvlm.analysis.attention_maps import load_attention, render_video
+from fvlm.analysis.fits import predict_data_scaling, predict_joint
+from fvlm.analysis.table import Run, Table
+
+STYLE = {
+    "figure.figsize": (6.4, 4.2), "figure.dpi": 100, "savefig.dpi": 150, "savefig.bbox": "tight",
+    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+    "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8, "legend.frameon": False,
+    "lines.linewidth": 1.6, "font.family": "DejaVu Sans",
+}
+ARCH_STYLE = {"foveated": "-", "multi_token": "--", "shallow": ":", "coarse_only": "-."}
+
+
+@dataclass
+class Context:
+    table: Table
+    answers: list[dict[str, Any]]
+    fits: dict[str, Any]
+    fit_runs: list[Run]
+    out: Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(STYLE)
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
+def _colors(n: int) -> list:
+    cmap = _plt().get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _curves(ax, runs: list[Run], y: str = "val_loss", labels: dict[str, str] | None = None) -> None:
+    for color, run in zip(_colors(len(runs)), runs):
+        x, v = run.col("samples_seen"), run.col(y)
+        keep = np.isfinite(x) & np.isfinite(v)
+        label = (labels or {}).get(run.run_id, run.run_id)
+        ax.plot(x[keep], v[keep], ARCH_STYLE.get(run.arch, "-"), color=color, label=label)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel(y.replace("_", " "))
+    ax.legend()
+
+
+def _by_plan_id(table: Table, ids: tuple[str, ...]) -> list[Run]:
+    return sorted((r for r in table.runs.values() if ablations.plan_id(r) in ids),
+                  key=lambda r: ids.index(ablations.plan_id(r)))
+
+
+def _labels(runs: list[Run]) -> dict[str, str]:
+    return {r.run_id: f"{ablations.role_label(r)} ({r.run_id})" if ablations.role_label(r) != r.run_id else r.run_id
+            for r in runs}
+
+
+def fig1_foveated_vs_alternatives(ctx: Context) -> Path | str:
+    runs = _by_plan_id(ctx.table, ("F3", "A6", "A1", "B1"))
+    if not any(ablations.plan_id(r) == "F3" for r in runs) or len(runs) < 2:
+        return "needs F3 and at least one of A6, A1, B1"
+    plt = _plt()
+    fig, ax = plt.subplots()
+    _curves(ax, runs, labels=_labels(runs))
+    ax.set_title("Fig 1: two-pass foveated vs coarse-only, shallow and multi-token")
+    return _save(fig, ctx.out / "fig1_foveated_vs_alternatives.png")
+
+
+def fig2_loss_ratio(ctx: Context) -> Path | str:
+    series = []
+    for run in ctx.table.runs.values():
+        if run.steps is not None and np.isfinite(run.steps["loss_ratio"]).any():
+            series.append((run, run.steps["step"], run.steps["loss_ratio"], "train step"))
+        elif np.isfinite(run.col("val_loss_ratio")).any():
+            series.append((run, run.col("step"), run.col("val_loss_ratio"), "eval"))
+    if not series:
+        return "no run logged loss_fine / loss_coarse (steps.csv loss_ratio or metrics.csv val_loss_ratio)"
+    # The plan draws F3's ratio; other runs are shown only when F3 is absent.
+    f3 = [s for s in series if ablations.plan_id(s[0]) == "F3"]
+    series = f3 or series
+    plt = _plt()
+    fig, ax = plt.subplots()
+    for color, (run, step, ratio, kind) in zip(_colors(len(series)), series):
+        keep = np.isfinite(ratio)
+        ax.plot(step[keep], ratio[keep], color=color, alpha=0.35 if kind == "train step" else 1, lw=1)
+        if kind == "train step" and keep.sum() >= 10:
+            window = max(keep.sum() // 20, 5)
+            smooth = np.convolve(ratio[keep], np.ones(window) / window, mode="valid")
+            ax.plot(step[keep][window - 1:], smooth, color=color, label=f"{run.run_id} (moving mean)")
+        else:
+            ax.plot([], [], color=color, label=f"{run.run_id} ({kind})")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss_fine / loss_coarse")
+    ax.set_title("Fig 2: foveation benefit over training (< 1: fine pass helps)")
+    ax.legend()
+    return _save(fig, ctx.out / "fig2_loss_ratio.png")
+
+
+def _matched_flops_points(table: Table) -> dict[str, dict[int, float]]:
+    """Val loss per size and tokens/frame at the largest FLOPs every run of that size reached."""
+    out: dict[str, dict[int, float]] = {}
+    by_size: dict[str, list[Run]] = {}
+    for run in table.runs.values():
+        if run.arch in ("foveated", "multi_token") and run.flops_per_sample and run.n_points:
+            by_size.setdefault(run.model_size, []).append(run)
+    for size, runs in by_size.items():
+        tokens = {r.tokens_per_frame for r in runs}
+        if len(tokens) < 2:
+            continue
+        common = min(np.nanmax(r.flops()) for r in runs)
+        out[size] = {}
+        for tok in sorted(tokens):
+            values = [ablations.smoothed_at(r, common, "flops") for r in runs if r.tokens_per_frame == tok]
+            out[size][tok] = float(np.min(values))
+    return out
+
+
+def fig3_token_efficiency(ctx: Context) -> Path | str:
+    points = _matched_flops_points(ctx.table)
+    if not points:
+        return "needs foveated (1 token/frame) and multi-token runs of the same size with FLOPs"
+    plt = _plt()
+    fig, ax = plt.subplots()
+    for color, (size, values) in zip(_colors(len(points)), points.items()):
+        ax.plot(list(values), list(values.values()), "o-", color=color, label=size)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("visual tokens per frame")
+    ax.set_ylabel("val loss at matched FLOPs")
+    ax.set_title("Fig 3: token-efficiency frontier")
+    ax.legend(title="model size")
+    return _save(fig, ctx.out / "fig3_token_efficiency.png")
+
+
+def fig4_attention_heatmaps(ctx: Context) -> Path | str:
+    with_maps = [r for r in ctx.table.runs.values() if r.attention_files]
+    if not with_maps:
+        return "no run has attention/step_*.npz"
+    preferred = [r for r in with_maps if ablations.plan_id(r) == "F3"] or with_maps
+    run = preferred[0]
+    record = load_attention(run.attention_files[-1])
+    return render_video(record, 0, ctx.out / "fig4_attention_heatmaps.png",
+                        gif_path=ctx.out / "fig4_attention_heatmaps.gif")
+
+
+def fig5_freeze(ctx: Context) -> Path | str:
+    runs = _by_plan_id(ctx.table, ("F1", "F2", "F3"))
+    if len(runs) < 2:
+        return "needs at least two of F1, F2, F3"
+    plt = _plt()
+    has_grad = any(np.isfinite(r.col("grad_norm")).any() for r in runs)
+    fig, axes = plt.subplots(1, 2 if has_grad else 1, figsize=(11 if has_grad else 6.4, 4.2), squeeze=False)
+    _curves(axes[0, 0], runs, labels=_labels(runs))
+    axes[0, 0].set_title("val loss")
+    if has_grad:
+        _curves(axes[0, 1], runs, y="grad_norm", labels=_labels(runs))
+        axes[0, 1].set_title("grad norm (stability)")
+    fig.suptitle("Fig 5: freeze strategy")
+    return _save(fig, ctx.out / "fig5_freeze.png")
+
+
+def fig6_attention_entropy(ctx: Context) -> Path | str:
+    runs = [r for r in ctx.table.runs.values() if np.isfinite(r.col("attention_entropy")).any()]
+    if not runs:
+        return "no run logged attention_entropy"
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    _curves(ax, runs, y="attention_entropy")
+    ax.set_xscale("log")
+    ax.legend(ncol=2, fontsize=6)
+    ax.set_title("Fig 6: attention entropy over training (lower = sharper)")
+    return _save(fig, ctx.out / "fig6_attention_entropy.png")
+
+
+def fig7_eval_modes(ctx: Context) -> Path | str:
+    runs = [r for r in ctx.table.runs.values() if r.eval_result and r.eval_result.get("modes")]
+    if not runs:
+        return "no run has eval/eval.json (fvlm eval)"
+    modes = ["coarse_only", "coarse_fine", "autoregressive"]
+    plt = _plt()
+    fig, ax = plt.subplots()
+    width = 0.8 / len(modes)
+    for i, (mode, color) in enumerate(zip(modes, _colors(len(modes)))):
+        values = [r.eval_result["modes"].get(mode, {}).get("loss", np.nan) for r in runs]
+        ax.bar(np.arange(len(runs)) + i * width, values, width, color=color, label=mode)
+    ax.set_xticks(np.arange(len(runs)) + width * (len(modes) - 1) / 2, [r.run_id for r in runs], rotation=20)
+    ax.set_ylabel("eval loss")
+    ax.set_title("Fig 7: eval modes")
+    ax.legend()
+    return _save(fig, ctx.out / "fig7_eval_modes.png")
+
+
+def fig8_scaling(ctx: Context) -> Path | str:
+    runs = [r for r in ctx.fit_runs if r.flops_per_sample]
+    if len({r.model_size for r in runs}) < 2:
+        return "needs fit runs of at least two model sizes"
+    plt = _plt()
+    fig, ax = plt.subplots()
+    sizes = sorted({r.model_size for r in runs}, key=lambda s: min(r.params or 0 for r in runs if r.model_size == s))
+    colors = dict(zip(sizes, _colors(len(sizes))))
+    seen = set()
+    for run in runs:
+        c, v = run.flops(), run.col("val_loss")
+        keep = np.isfinite(c) & np.isfinite(v)
+        key = (run.model_size, run.arch)
+        ax.plot(c[keep], v[keep], ARCH_STYLE.get(run.arch, "-"), color=colors[run.model_size], alpha=0.85,
+                label=f"{run.model_size} {run.arch}" if key not in seen else None)
+        seen.add(key)
+    estimated = any(r.flops_estimated for r in runs)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs" + (" (estimated: 2 x N x 500 tokens per sample)" if estimated else ""))
+    ax.set_ylabel("val loss")
+    ax.set_title("Fig 8: loss vs compute by model size")
+    ax.legend()
+    return _save(fig, ctx.out / "fig8_scaling.png")
+
+
+def scaling_isoflop(ctx: Context) -> Path | str:
+    budgets = {k: b for k, b in ctx.fits.get("iso_flop", {}).get("budgets", {}).items() if "parabola" in b}
+    if not budgets:
+        return "needs 3 or more model sizes at one FLOP budget"
+    plt = _plt()
+    fig, ax = plt.subplots()
+    for color, (label, budget) in zip(_colors(len(budgets)), budgets.items()):
+        entries = [e for e in ctx.fits["iso_flop"]["entries"] if e["run_id"] in budget["runs"]]
+        n = np.array([e["N"] for e in entries])
+        ax.plot(n, [e["loss"] for e in entries], "o", color=color, label=f"{label} ({budget['C']:.2g} FLOPs)")
+        grid = np.linspace(np.log10(n.min()) - 0.1, np.log10(n.max()) + 0.1, 100)
+        p = budget["parabola"]
+        ax.plot(10**grid, p["c2"] * grid**2 + p["c1"] * grid + p["c0"], color=color, lw=1)
+        if "N_star" in budget:
+            ax.axvline(budget["N_star"], color=color, lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("final val loss")
+    ax.set_title("Iso-FLOP curves")
+    ax.legend()
+    return _save(fig, ctx.out / "scaling_isoflop.png")
+
+
+def scaling_foveated_vs_baseline(ctx: Context) -> Path | str:
+    runs = [r for r in ctx.table.runs.values() if r.arch in ("foveated", "multi_token") and r.flops_per_sample]
+    if {r.arch for r in runs} != {"foveated", "multi_token"}:
+        return "needs both foveated and multi-token runs with FLOPs"
+    plt = _plt()
+    fig, ax = plt.subplots()
+    sizes = sorted({r.model_size for r in runs})
+    colors = dict(zip(sizes, _colors(len(sizes))))
+    for arch, marker in (("foveated", "o"), ("multi_token", "s")):
+        for size in sizes:
+            chosen = [r for r in runs if r.arch == arch and r.model_size == size]
+            if chosen:
+                ax.plot([np.nanmax(r.flops()) for r in chosen], [r.col("val_loss")[-1] for r in chosen], marker,
+                        ls=ARCH_STYLE[arch], color=colors[size], label=f"{size} {arch}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("final val loss")
+    ax.set_title("Foveated vs multi-token baseline across compute")
+    ax.legend()
+    return _save(fig, ctx.out / "scaling_foveated_vs_baseline.png")
+
+
+def scaling_data_curves(ctx: Context) -> Path | str:
+    per_size = ctx.fits.get("per_size_fits", {})
+    if not ctx.fit_runs:
+        return "no fit runs selected"
+    plt = _plt()
+    fig, ax = plt.subplots()
+    sizes = sorted({r.model_size for r in ctx.fit_runs})
+    colors = dict(zip(sizes, _colors(len(sizes))))
+    for run in ctx.fit_runs:
+        ax.plot(run.col("samples_seen"), run.col("val_loss"), ARCH_STYLE.get(run.arch, "-"),
+                color=colors[run.model_size], alpha=0.5, lw=1)
+    for size in sizes:
+        fit = per_size.get(size)
+        if fit:
+            d = np.geomspace(*fit["D_range"], 200)
+            ax.plot(d, predict_data_scaling(fit, d), color=colors[size], lw=2.2,
+                    label=f"{size}: {fit['E']:.3f} + {fit['a']:.3g}/D^{fit['b']:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("samples seen D")
+    ax.set_ylabel("val loss")
+    ax.set_title("Data scaling: eval curves (thin) and per-size fits (thick)")
+    ax.legend()
+    return _save(fig, ctx.out / "scaling_data_curves.png")
+
+
+def scaling_compute_optimal(ctx: Context) -> Path | str:
+    iso = ctx.fits.get("iso_flop", {})
+    law = iso.get("N_star_of_C")
+    if not law:
+        return "needs iso-FLOP minima at 2 or more budgets (3+ sizes each)"
+    plt = _plt()
+    fig, ax = plt.subplots()
+    budgets = [b for b in iso["budgets"].values() if "N_star" in b]
+    c = np.array([b["C"] for b in budgets])
+    ax.plot(c, [b["N_star"] for b in budgets], "o", label="iso-FLOP minima")
+    grid = np.geomspace(c.min() / 2, c.max() * 2, 50)
+    ax.plot(grid, law["k"] * grid ** law["a"], label=f"N* = {law['k']:.3g} C^{law['a']:.3f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute C (FLOPs)")
+    ax.set_ylabel("compute-optimal N*")
+    ax.set_title("Compute-optimal model size")
+    ax.legend()
+    return _save(fig, ctx.out / "scaling_compute_optimal.png")
+
+
+def scaling_law_plot(ctx: Context) -> Path | str:
+    per_size = ctx.fits.get("per_size_fits", {})
+    if not per_size:
+        return "no size had enough fit points (3+) for L(D)"
+    joint = ctx.fits.get("joint_chinchilla_fit") or {}
+    plt = _plt()
+    fig, (ax, res_ax) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    colors = dict(zip(per_size, _colors(len(per_size))))
+    for size, fit in per_size.items():
+        runs = [r for r in ctx.fit_runs if r.model_size == size]
+        d = np.concatenate([r.col("samples_seen") for r in runs])
+        loss = np.concatenate([r.col("val_loss") for r in runs])
+        ax.plot(d, loss, ".", color=colors[size], alpha=0.5, ms=4)
+        grid = np.geomspace(*fit["D_range"], 200)
+        ax.plot(grid, predict_data_scaling(fit, grid), color=colors[size],
+                label=f"{size} per-size LS: E={fit['E']:.3f}, b={fit['b']:.3f}, RMSE={fit['rmse']:.4f}")
+        joint_curve = predict_joint(joint, fit["N"], grid, size) if joint else None
+        if joint_curve is not None:
+            ax.plot(grid, joint_curve, "--", color=colors[size], lw=1.2, label=f"{size} joint ({joint.get('method')})")
+        res_ax.plot(d, loss - predict_data_scaling(fit, d), ".", color=colors[size], ms=4, label=size)
+    ax.set_xscale("log")
+    ax.set_xlabel("samples seen D")
+    ax.set_ylabel("val loss")
+    ax.set_title("Scaling law fits")
+    ax.legend()
+    res_ax.axhline(0, color="k", lw=0.8)
+    res_ax.set_xscale("log")
+    res_ax.set_xlabel("samples seen D")
+    res_ax.set_ylabel("residual (data - per-size fit)")
+    res_ax.set_title("Residuals")
+    return _save(fig, ctx.out / "scaling_law_plot.png")
+
+
+def convergence_all(ctx: Context) -> Path | str:
+    runs = [r for r in ctx.table.runs.values() if ablations.plan_id(r)]
+    if not runs:
+        return "no ablation runs (F1..D1) found"
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    _curves(ax, runs, labels=_labels(runs))
+    ax.legend(ncol=2, fontsize=6)
+    ax.set_title("Convergence of every ablation run")
+    return _save(fig, ctx.out / "convergence_ablations.png")
+
+
+FIGURES: tuple[tuple[str, Callable[[Context], Path | str]], ...] = (
+    ("Fig 1: foveated vs alternatives", fig1_foveated_vs_alternatives),
+    ("Fig 2: loss_fine / loss_coarse ratio", fig2_loss_ratio),
+    ("Fig 3: token-efficiency frontier", fig3_token_efficiency),
+    ("Fig 4: attention heatmaps", fig4_attention_heatmaps),
+    ("Fig 5: freeze strategy", fig5_freeze),
+    ("Fig 6: attention entropy", fig6_attention_entropy),
+    ("Fig 7: eval-mode comparison", fig7_eval_modes),
+    ("Fig 8: scaling curves", fig8_scaling),
+    ("Convergence curves (all ablations)", convergence_all),
+    ("Iso-FLOP curves", scaling_isoflop),
+    ("Foveated vs baseline across FLOPs", scaling_foveated_vs_baseline),
+    ("Data-scaling curves", scaling_data_curves),
+    ("Compute-optimal N vs C", scaling_compute_optimal),
+    ("Scaling-law fits over the data", scaling_law_plot),
+)
+
+
+def draw_all(ctx: Context) -> list[tuple[str, Path | None, str]]:
+    """(title, path or None, reason when absent) for every figure."""
+    out = []
+    for title, draw in FIGURES:
+        result = draw(ctx)
+        out.append((title, result, "") if isinstance(result, Path) else (title, None, result))
+    return out

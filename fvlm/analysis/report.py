@@ -1,0 +1,246 @@
+"""The plan's decision framework computed from the data: Decision 1 and 2, go/no-go, report.md."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fvlm.analysis import ablations
+from fvlm.analysis.figures import _matched_flops_points
+from fvlm.analysis.fits import predict_data_scaling
+from fvlm.analysis.table import Table
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) >= 1e4 or abs(value) < 1e-3 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _answer(answers: list[dict[str, Any]], qid: str) -> dict[str, Any]:
+    return next(a for a in answers if a["id"] == qid)
+
+
+# ----------------------------------------------------------------------------- go / no-go
+
+
+def _two_pass(answers: list[dict[str, Any]]) -> tuple[str, str]:
+    a = _answer(answers, "two_pass")
+    if a["winner"] is None:
+        return "unknown", a["verdict"]
+    f3_won = a["labels"][a["winner"]] == "F3"
+    evidence = (f"winner {a['winner']} by {_fmt(a['margin'])} val loss at {a['common_x']:.0f} samples; "
+                f"noise {_fmt(a['noise'])}; {a['verdict']}")
+    return ("pass" if f3_won and a["verdict"].startswith("clear") else "fail"), evidence
+
+
+def _converged(table: Table, answers: list[dict[str, Any]]) -> tuple[str, str]:
+    runs = {rid for a in answers for rid in a.get("runs", []) if a["winner"] is not None}
+    checks = {rid: ablations.still_falling(table.runs[rid]) for rid in sorted(runs)}
+    checks = {k: v for k, v in checks.items() if v}
+    if not checks:
+        return "unknown", "no ablation run has enough eval points to judge its tail"
+    falling = {k: v for k, v in checks.items() if v["falling"]}
+    budget = max(v["samples"] for v in checks.values())
+    if falling:
+        detail = "; ".join(f"{k}: drop {v['drop_last_fifth']:.4f} over the last fifth vs noise {v['noise']:.4f}"
+                           for k, v in falling.items())
+        return "fail", f"{len(falling)}/{len(checks)} ablation runs still falling at ~{budget:.0f} samples ({detail})"
+    worst = max(checks.items(), key=lambda kv: kv[1]["drop_last_fifth"] / kv[1]["noise"])
+    return "pass", (f"all {len(checks)} ablation runs flat at ~{budget:.0f} samples (largest drop over the last fifth: "
+                    f"{worst[0]} {worst[1]['drop_last_fifth']:.4f} vs 2x noise {2 * worst[1]['noise']:.4f})")
+
+
+def _stable_winners(table: Table, answers: list[dict[str, Any]]) -> tuple[str, str]:
+    winners = sorted({a["winner"] for a in answers if a["winner"]})
+    if not winners:
+        return "unknown", "no question has a winner"
+    problems = {w: ablations.instability(table.runs[w]) for w in winners}
+    bad = {w: p for w, p in problems.items() if p}
+    if bad:
+        return "fail", "; ".join(f"{w}: {p}" for w, p in bad.items())
+    return "pass", f"winners {', '.join(winners)}: none diverged, no non-finite loss, none ends > 5x noise above its best"
+
+
+def _compute_optimal(fits: dict[str, Any]) -> tuple[str, str]:
+    budgets = fits.get("iso_flop", {}).get("budgets", {})
+    with_min = {k: b for k, b in budgets.items() if "N_star" in b}
+    if not any("parabola" in b for b in budgets.values()):
+        sizes = {b["n_sizes"] for b in budgets.values()} or {0}
+        return "unknown", (f"no FLOP budget has 3 or more model sizes (at most {max(sizes)}); "
+                           "iso-FLOP minima cannot be located")
+    interior = {k: b for k, b in with_min.items() if b["interior"]}
+    evidence = "; ".join(f"{k}: N* = {b['N_star']:.3g}{' (inside the grid)' if b['interior'] else ' (extrapolated)'}"
+                         for k, b in with_min.items()) or "no budget's loss is convex in log N"
+    return ("pass" if interior else "fail"), evidence
+
+
+def _efficiency(table: Table, answers: list[dict[str, Any]]) -> tuple[str, str]:
+    a = _answer(answers, "efficiency")
+    if a["winner"] is None:
+        return "unknown", a["verdict"]
+    evidence = (f"{a['winner']} lower by {_fmt(a['margin'])} at {a['common_x']:.3g} FLOPs; noise {_fmt(a['noise'])}; "
+                f"{a['verdict']}")
+    return ("fail" if a.get("unstable") else "pass"), evidence
+
+
+def _logging(table: Table) -> tuple[str, str]:
+    project = [r for r in table.runs.values() if r.config is not None]
+    if not project:
+        return "unknown", ("only exported data: it carries no loss_fine/loss_coarse, attention maps or checkpoint "
+                           "metadata to verify")
+    problems = []
+    for run in project:
+        missing = []
+        if run.summary is None:
+            missing.append("run_summary.json")
+        if run.steps is None:
+            missing.append("steps.csv")
+        if not run.attention_files:
+            missing.append("attention maps")
+        if not run.has_checkpoint_meta:
+            missing.append("checkpoint meta.json")
+        for column in ("val_loss", "loss_coarse", "attention_entropy", "grad_norm"):
+            if not np.isfinite(run.col(column)).any():
+                missing.append(f"metrics {column}")
+        if missing:
+            problems.append(f"{run.run_id}: {', '.join(missing)}")
+    if problems:
+        return "fail", "; ".join(problems)
+    return "pass", (f"{len(project)} run folders: metrics (incl. loss_coarse, entropy, grad norm), steps.csv, "
+                    "run_summary.json, attention maps and checkpoint metadata all present")
+
+
+def go_no_go(table: Table, answers: list[dict[str, Any]], fits: dict[str, Any]) -> list[dict[str, str]]:
+    items = [
+        ("Foveated (F3) clearly beats coarse-only (A6)", _two_pass(answers)),
+        ("Val loss curves converge (not still falling) at the ablation budget", _converged(table, answers)),
+        ("No divergence in any winning config", _stable_winners(table, answers)),
+        ("Scaling grid shows a clear compute-optimal point", _compute_optimal(fits)),
+        ("Foveated has a measured efficiency comparison vs the multi-token baseline", _efficiency(table, answers)),
+        ("All logging works (CSV, attention maps, checkpoint metadata)", _logging(table)),
+    ]
+    return [{"criterion": c, "status": s, "evidence": e} for c, (s, e) in items]
+
+
+# ----------------------------------------------------------------------------- Decision 2
+
+
+def decision2(table: Table, fits: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    per_size = fits.get("per_size_fits", {})
+    budgets = fits.get("iso_flop", {}).get("budgets", {})
+    minima = {k: b for k, b in budgets.items() if "N_star" in b}
+    if minima:
+        answer = "; ".join(f"{k}: N* = {b['N_star']:.3g}, D* = {b['D_star']:.3g}" for k, b in minima.items())
+    elif len(per_size) >= 2:
+        d_common = min(f["D_range"][1] for f in per_size.values())
+        preds = {s: float(predict_data_scaling(f, d_common)) for s, f in per_size.items()}
+        best = min(preds, key=preds.get)
+        answer = (f"no iso-FLOP minimum (fewer than 3 sizes per budget). At matched data D = {d_common:.3g} the "
+                  f"per-size fits give " + ", ".join(f"{s}: {v:.4f}" for s, v in preds.items()) + f" -> {best} lowest")
+    else:
+        answer = "unknown: fits for fewer than 2 sizes"
+    rows.append({"question": "Compute-optimal size", "answer": answer})
+
+    matched = _matched_flops_points(table)
+    if matched:
+        gaps = {s: v.get(1, math.nan) - v.get(max(v), math.nan) for s, v in matched.items()}
+        answer = "foveated minus multi-token val loss at matched FLOPs: " + ", ".join(
+            f"{s}: {g:+.4f}" for s, g in gaps.items())
+    else:
+        answer = "unknown: no multi-token baseline runs alongside foveated runs of the same size"
+    rows.append({"question": "Does foveation scale?", "answer": answer})
+    rows.append({"question": "Token efficiency", "answer": answer if matched else
+                 "unknown: needs 1-token and 16-token runs at matched FLOPs"})
+
+    plateau = {s: f.get("D_plateau") for s, f in per_size.items()}
+    if any(plateau.values()):
+        answer = "samples beyond which doubling D gains less than the eval noise (per-size fit): " + ", ".join(
+            f"{s}: {_fmt(v, 3) if v else 'n/a'} (noise {per_size[s]['eval_noise']:.4f})" for s, v in plateau.items())
+    else:
+        answer = "unknown: no per-size fit"
+    rows.append({"question": "How much data?", "answer": answer})
+    return rows
+
+
+# ----------------------------------------------------------------------------- report.md
+
+
+def _ci(fit: dict[str, Any], key: str) -> str:
+    interval = (fit.get("ci95") or {}).get(key)
+    return f"[{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "—"
+
+
+def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: dict[str, Any],
+                 checklist: list[dict[str, str]], decision2_rows: list[dict[str, str]],
+                 figures: list[tuple[str, Path | None, str]], inputs: list[str]) -> None:
+    n_points = sum(r.n_points for r in table.runs.values())
+    lines = ["# fvlm analysis report", "",
+             f"Inputs: {', '.join(inputs)} — {len(table.runs)} runs, {n_points} eval points.", ""]
+    if table.notes:
+        lines += ["Notes on the inputs:", ""] + [f"- {n}" for n in table.notes] + [""]
+
+    lines += ["## Decision 1: architecture config (ablations)", "",
+              "Compared on the smoothed val loss at the last sample count all runs of a question reached (FLOPs "
+              "for the efficiency question). Noise = the scatter of each run's val loss around a quadratic (in log "
+              "samples) over the last half of its curve, combined for the two runs compared. Verdict: clear if "
+              "margin > 2x noise, weak if > 1x.", "",
+              "| question | runs | winner | margin | noise | verdict | winner at best | unstable runs |",
+              "|---|---|---|---|---|---|---|---|"]
+    for a in answers:
+        runs = ", ".join(f"{r} ({a['labels'][r]})" if a.get("labels") and a["labels"][r] != r else r for r in a["runs"])
+        unstable = "; ".join(f"{k}: {v}" for k, v in (a.get("unstable") or {}).items())
+        lines.append(f"| {a['title']} | {runs or '—'} | {a['winner'] or '—'} | {_fmt(a['margin'])} | "
+                     f"{_fmt(a['noise'])} | {a['verdict']} | {a.get('winner_at_best') or '—'} | {unstable or '—'} |")
+    mapped = {r for a in answers for r in a.get("runs", [])}
+    others = [r for r in table.runs if r not in mapped]
+    if others:
+        lines += ["", f"Runs not part of a plan question: {', '.join(others)}."]
+
+    lines += ["", "## Decision 2: model size (scaling grid)", "", "| question | answer |", "|---|---|"]
+    lines += [f"| {row['question']} | {row['answer']} |" for row in decision2_rows]
+
+    lines += ["", "## Go / no-go", "", "| criterion | status | evidence |", "|---|---|---|"]
+    lines += [f"| {c['criterion']} | **{c['status']}** | {c['evidence']} |" for c in checklist]
+
+    lines += ["", "## Scaling fits", "", f"Fit runs: {', '.join(fits['fit_runs']) or '—'} "
+              f"(globs: {', '.join(fits['fit_run_globs'])}).", ""]
+    per_size = fits.get("per_size_fits", {})
+    if per_size:
+        lines += ["Per size, L(D) = E + a / D^b (global least squares; D = samples seen):", "",
+                  "| size | N | runs | points | E [95% CI] | a [95% CI] | b [95% CI] | RMSE | bootstrap |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for size, f in per_size.items():
+            lines.append(f"| {size} | {_fmt(f['N'], 4)} | {f['n_runs']} | {f['n_points']} | {_fmt(f['E'])} {_ci(f, 'E')} | "
+                         f"{_fmt(f['a'])} {_ci(f, 'a')} | {_fmt(f['b'])} {_ci(f, 'b')} | {_fmt(f['rmse'])} | "
+                         f"{f['bootstrap']['note']} |")
+    joint = fits.get("joint_chinchilla_fit")
+    if joint:
+        lines += ["", f"Joint fit {joint['form']} ({joint['n_points']} points, {joint['n_sizes']} sizes):", "",
+                  "| method | E | A | alpha | B [95% CI] | beta [95% CI] | E + A/N^alpha by size | RMSE |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, m in joint["methods"].items():
+            by_size = ", ".join(f"{s}: {v:.4f}" for s, v in (m.get("E_by_size") or {}).items()) or "—"
+            lines.append(f"| {name} | {_fmt(m['E'])} {_ci(m, 'E') if m['E'] is not None else ''} | {_fmt(m['A'])} | "
+                         f"{_fmt(m['alpha'])} | {_fmt(m['B'])} {_ci(m, 'B')} | {_fmt(m['beta'])} {_ci(m, 'beta')} | "
+                         f"{by_size} | {_fmt(m['rmse'])} |")
+        if joint.get("note"):
+            lines += ["", f"Note: {joint['note']}."]
+        lines += ["", f"Bootstrap: {joint['bootstrap']['note']}."]
+    if fits.get("flops_estimated"):
+        lines += ["", "FLOPs of exported runs are estimated with the plan's 2 x N x 500 tokens per sample."]
+
+    lines += ["", "## Figures", ""]
+    for title, fig_path, reason in figures:
+        if fig_path:
+            lines += [f"### {title}", "", f"![{title}]({fig_path.name})", ""]
+    absent = [(t, r) for t, p, r in figures if p is None]
+    if absent:
+        lines += ["Absent (their data is not in the inputs):", ""] + [f"- {t}: {r}" for t, r in absent] + [""]
+    path.write_text("\n".join(lines) + "\n")
