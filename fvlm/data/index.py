@@ -81,7 +81,7 @@ def scan_members(read_at, file_size: int, start: int = 0, end: int | None = None
     `read_at(offset, n)` returns bytes; the scan covers [start, end).
     """
     end = file_size if end is None else end
-    pos, long_name = start, None
+    pos, long_name, first_header = start, None, None  # a long name's own header opens its member
     while pos + BLOCK <= end:
         block = read_at(pos, BLOCK)
         if len(block) < BLOCK:
@@ -93,22 +93,23 @@ def scan_members(read_at, file_size: int, start: int = 0, end: int | None = None
             pos += BLOCK
             while pos + BLOCK <= end and not _header_ok(read_at(pos, BLOCK)):
                 pos += BLOCK
-            long_name = None
+            long_name = first_header = None
             continue
         size = _octal(block[124:136])
         kind = block[156:157]
         data_offset = pos + BLOCK
         next_pos = data_offset + (size + BLOCK - 1) // BLOCK * BLOCK
         if kind in (b"L", b"x"):
+            first_header = pos if first_header is None else first_header
             data = read_at(data_offset, size)
             long_name = data.rstrip(b"\0").decode("utf-8", "replace") if kind == b"L" else _pax_path(data)
         elif kind in (b"0", b"\0", b"7"):
             name = long_name or _ustar_name(block)
-            member = Member(name, pos, data_offset, size)
+            member = Member(name, pos if first_header is None else first_header, data_offset, size)
             yield ("truncated", member) if data_offset + size > file_size else member
-            long_name = None
+            long_name = first_header = None
         else:
-            long_name = None
+            long_name = first_header = None
         pos = next_pos
 
 

@@ -5,8 +5,8 @@ textured background; exactly one of them moves, and the answer names its colour,
 direction. A static query per frame has to summarise a whole cluttered frame in one token and
 loses which object moved; a query chosen after seeing earlier frames can fix on the mover.
 Images ask about one object among several; text-only samples are short dialogues; multiple-choice
-variants (`A. ...` options, answer `B. blue square, up`) make up the `bench` split for the eval
-harness; they stay out of train/val because four listed options need ~130 byte-level tokens, more
+variants (`A. ...` options, answer `B. blue square up`) make up the `bench` split for the eval
+harness; they stay out of train/val because four listed options need 110-160 byte-level tokens, more
 than the tiny preset's max_text_tokens, and would only be truncated away. Everything is a function
 of the seed.
 """
@@ -115,7 +115,7 @@ def _choices(rng: np.random.Generator, right: str, wrong: list[str]) -> tuple[li
 
 def _mc(question: str, options: list[str], answer: int) -> tuple[str, str]:
     listed = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-    return f"{question}\n{listed}\nAnswer with the letter.", f"{LETTERS[answer]}. {options[answer]}"
+    return f"{question}\n{listed}", f"{LETTERS[answer]}. {options[answer]}"
 
 
 def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
@@ -137,11 +137,11 @@ def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
         f = t / max(1, frames - 1)
         p.paint(canvas, mover_colour, mover_shape, mover_d, mx + round(span[0] * f), my + round(span[1] * f))
         jpegs.append(p.finish(canvas))
-    answer = f"{mover_colour} {mover_shape}, {direction}"
+    answer = f"{mover_colour} {mover_shape} {direction}"
     meta = {"source": "video", "frame_count": frames}
     if mc:
-        wrong = [f"{mover_colour} {mover_shape}, {d}" for d in DIRECTIONS] + [
-            f"{c} {s}, {direction}" for c, s, _ in objects[1:]
+        wrong = [f"{mover_colour} {mover_shape} {d}" for d in DIRECTIONS] + [
+            f"{c} {s} {direction}" for c, s, _ in objects[1:]
         ]
         options, right = _choices(rng, answer, wrong)
         meta["user"], meta["assistant"] = _mc("Which object moves, and where?", options, right)

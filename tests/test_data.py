@@ -1,0 +1,378 @@
+"""Data pipeline: determinism across workers, exact resume, DDP coverage, mixing rates, loss masks,
+robustness to damaged shards, and path errors. Small synthetic shards in tmp_path, CPU only."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fvlm.cli import main as fvlm_main
+from fvlm.config import load_config
+from fvlm.data.decode import MEAN, STD
+from fvlm.data.index import build_index
+from fvlm.data.inspect import inspect_path
+from fvlm.data.loader import build_loader, load_index
+from fvlm.data.schedule import TrainSchedule, source_probabilities
+from fvlm.data.sources import resolve_sources
+from fvlm.data.synth import ensure_synthetic, generate_synthetic
+from fvlm.errors import UsageError
+from fvlm.model.tokenizer import byte_tokenizer
+
+TOK = byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate_synthetic(out, videos=48, images=16, texts=16, frames=4, size=32, seed=3, val=20, probe=4, bench=8)
+    return out
+
+
+def cfg_for(train=None, val=None, **overrides):
+    values = {"model.image_size": 32, "data.max_frames": 4, "train.batch_size": 4, "train.eval_batch_size": 5}
+    if train is not None:
+        values["data.train"] = str(train)
+    if val is not None:
+        values["data.val"] = str(val)
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def take(loader, n_batches):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n_batches:
+            break
+    return out
+
+
+def keys_of(batches):
+    return [k for b in batches for k in b["keys"]]
+
+
+def jpeg(colour=(10, 200, 30), size=32) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def meta(assistant="a red square", user="what?", frame_count=None, source=None) -> bytes:
+    m = {"user": user, "assistant": assistant}
+    if frame_count is not None:
+        m["frame_count"] = frame_count
+    if source:
+        m["source"] = source
+    return json.dumps(m).encode()
+
+
+def video(key, n=3, **kw) -> tuple[str, dict[str, bytes]]:
+    parts = {"json": meta(frame_count=n, **kw)}
+    parts.update({f"{t:03d}.jpg": jpeg() for t in range(n)})
+    return key, parts
+
+
+# ----------------------------------------------------------------------------- synthetic data
+
+
+def test_synthetic_is_deterministic_and_counts_match(tmp_path, synth):
+    again = tmp_path / "again"
+    manifest = generate_synthetic(again, videos=48, images=16, texts=16, frames=4, size=32, seed=3, val=20, probe=4,
+                                  bench=8)
+    assert manifest["splits"]["train"] == {"video": 48, "image": 16, "text": 16, "multiple_choice": 0}
+    assert manifest["splits"]["probe"]["video"] == 4 and manifest["splits"]["bench"]["multiple_choice"] == 8
+    for split in ("train", "val", "probe", "bench"):
+        for a, b in zip(sorted((synth / split).glob("*.tar")), sorted((again / split).glob("*.tar")), strict=True):
+            assert a.read_bytes() == b.read_bytes()
+    index = load_index(str(synth / "bench"))
+    key, parts = __import__("fvlm.data.index", fromlist=["read_sample"]).read_sample(
+        index.shards[0], int(index.start[0]), int(index.end[0]))
+    m = json.loads(parts["json"])
+    assert "\nA. " in m["user"] and m["assistant"].startswith("ABCD"[m["answer_index"]] + ". ")
+    assert m["assistant"][3:] == m["choices"][m["answer_index"]]
+
+
+def test_ensure_synthetic_generates_once(tmp_path):
+    cfg = load_config(None, {"out_dir": str(tmp_path), "data.synth_videos": 4, "data.synth_images": 2,
+                             "data.synth_texts": 2, "data.synth_val": 4, "data.synth_size": 32,
+                             "data.val": str(tmp_path)})
+    first = ensure_synthetic(cfg)
+    stamp = os.stat(Path(first["train"]).parent / "manifest.json").st_mtime_ns
+    second = ensure_synthetic(cfg)
+    assert first == second and first["val"] == str(tmp_path)
+    assert os.stat(Path(first["train"]).parent / "manifest.json").st_mtime_ns == stamp
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [Path(first["train"]).parent.name]
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_batch_contract(synth):
+    cfg = cfg_for(synth / "train")
+    (batch,) = take(build_loader(cfg, "train", TOK), 1)
+    b, t = batch["frames"].shape[:2]
+    assert batch["frames"].shape == (b, t, 3, 32, 32) and batch["frames"].dtype == torch.float32
+    assert batch["frame_mask"].dtype == torch.bool and batch["frame_mask"].shape == (b, t)
+    for name, dtype in (("input_ids", torch.long), ("attention_mask", torch.long), ("loss_mask", torch.bool)):
+        assert batch[name].dtype == dtype and batch[name].shape == batch["input_ids"].shape
+    assert len(batch["keys"]) == len(batch["sources"]) == len(batch["kinds"]) == b == 4
+    # valid frames left-aligned; padding carries pad ids and no attention
+    fm = batch["frame_mask"].int()
+    assert torch.all(fm[:, :-1] >= fm[:, 1:])
+    assert torch.all(batch["input_ids"][batch["attention_mask"] == 0] == TOK.pad_token_id)
+    for i, kind in enumerate(batch["kinds"]):
+        assert int(fm[i].sum()) == {"video": 4, "image": 1, "text": 0}[kind]
+
+
+def test_frames_normalised_as_dino_expects(tmp_path):
+    write_shard(tmp_path / "s.tar", [("img", {"json": meta(), "jpg": jpeg((128, 128, 128), 48)})])
+    cfg = cfg_for(val=tmp_path, **{"data.replicate_image_frames": 3})
+    (batch,) = list(build_loader(cfg, "val", TOK))
+    assert batch["frames"].shape == (1, 3, 3, 32, 32)  # resized 48 -> 32 and replicated
+    expected = (128 / 255 - MEAN) / STD
+    assert np.allclose(batch["frames"][0, 0].mean(dim=(1, 2)).numpy(), expected, atol=0.03)
+
+
+def test_loss_masks_stage1_all_text_stage2_answer_only(tmp_path):
+    write_shard(tmp_path / "s.tar", [("t", {"json": meta("blue circle up", "what moves?")})])
+    for stage in (1, 2):
+        (batch,) = list(build_loader(cfg_for(val=tmp_path, **{"train.stage": stage}), "val", TOK))
+        ids, lm, am = batch["input_ids"][0], batch["loss_mask"][0], batch["attention_mask"][0]
+        if stage == 1:
+            assert torch.equal(lm, am.bool())
+        else:
+            assert TOK.decode(ids[lm]) == "blue circle up<|im_end|>"
+            assert TOK.decode(ids[: int(lm.int().argmax())]).endswith("<|im_start|>assistant\n")
+
+
+def test_default_prompt_and_truncation(tmp_path):
+    write_shard(tmp_path / "s.tar", [
+        ("empty", {"json": meta("fine", user="")}),
+        ("long", {"json": meta("the answer", user="x" * 200)}),
+    ])
+    (batch,) = list(build_loader(cfg_for(val=tmp_path, **{"data.max_text_tokens": 64}), "val", TOK))
+    assert "Say something." in TOK.decode(batch["input_ids"][0])
+    assert batch["attention_mask"][1].sum() == 64
+    loader = build_loader(cfg_for(val=tmp_path, **{"data.max_text_tokens": 64, "train.stage": 2}), "val", TOK)
+    assert keys_of(list(loader)) == ["empty"] and loader.stats["no_loss_tokens"] == 1
+
+
+def test_mp4_sampled_at_fps_and_capped(tmp_path):
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        for i in range(16):  # 4 s at 4 fps
+            img = np.full((32, 32, 3), i * 15, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    write_shard(tmp_path / "s.tar", [("clip", {"json": meta(), "mp4": buf.getvalue()})])
+    (batch,) = list(build_loader(cfg_for(val=tmp_path, **{"data.fps": 1.0, "data.max_frames": 8}), "val", TOK))
+    assert batch["frames"].shape[1] == 4 and batch["kinds"] == ["video"]
+    (batch,) = list(build_loader(cfg_for(val=tmp_path, **{"data.fps": 4.0, "data.max_frames": 5}), "val", TOK))
+    assert batch["frames"].shape[1] == 5
+    brightness = batch["frames"][0].mean(dim=(1, 2, 3))
+    assert torch.all(brightness[1:] > brightness[:-1])  # evenly thinned, in temporal order
+
+
+# ----------------------------------------------------------------------------- order, resume, DDP
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_same_seed_same_order_for_any_worker_count(synth, workers):
+    reference = keys_of(take(build_loader(cfg_for(synth / "train"), "train", TOK), 12))
+    other = keys_of(take(build_loader(cfg_for(synth / "train", **{"data.num_workers": workers}), "train", TOK), 12))
+    assert other == reference
+    assert len(set(reference)) > 30  # a shuffled stream, not one sample repeated
+    shifted = keys_of(take(build_loader(cfg_for(synth / "train", **{"data.seed": 1}), "train", TOK), 12))
+    assert shifted != reference
+
+
+def test_resume_from_cursor_equals_uninterrupted(synth):
+    cfg = cfg_for(synth / "train", **{"data.num_workers": 2, "data.max_batch_frames": 10})
+    full = keys_of(take(build_loader(cfg, "train", TOK), 30))  # 30 batches span several source epochs
+    first = build_loader(cfg, "train", TOK)
+    head = keys_of(take(first, 11))
+    state = json.loads(json.dumps(first.state_dict()))  # a checkpoint is plain data
+    resumed = build_loader(cfg, "train", TOK)
+    resumed.load_state_dict(state)
+    assert head + keys_of(take(resumed, 19)) == full
+
+
+def test_two_ranks_two_workers_cover_every_sample_once(synth):
+    index = load_index(str(synth / "train"))
+    n_video = int((index.kind_id == 0).sum())
+    cfg = cfg_for(synth / "train", **{"data.num_workers": 2, "data.mix": {"video": 1.0}, "train.batch_size": 4})
+    per_rank = []
+    for rank in range(2):
+        loader = build_loader(cfg, "train", TOK, rank=rank, world_size=2)
+        per_rank.append(keys_of(take(loader, n_video // 8)))  # one epoch of the video source
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(k for k in map(str, _video_keys(index)))
+    val = [keys_of(list(build_loader(cfg_for(val=synth / "val", **{"data.num_workers": 2}), "val", TOK,
+                                     rank=r, world_size=2))) for r in range(2)]
+    assert len(val[0]) + len(val[1]) == len(set(val[0]) | set(val[1])) == len(load_index(str(synth / "val")))
+
+
+def _video_keys(index):
+    from fvlm.data.index import read_sample
+
+    return [read_sample(index.shards[index.shard_id[r]], int(index.start[r]), int(index.end[r]))[0]
+            for r in np.flatnonzero(index.kind_id == 0)]
+
+
+def test_dynamic_batching_identical_on_all_ranks(synth):
+    cfg = cfg_for(synth / "train", **{"data.max_batch_frames": 9, "train.batch_size": 6})
+    ranks = [take(build_loader(cfg, "train", TOK, rank=r, world_size=2), 15) for r in range(2)]
+    for a, b in zip(*ranks, strict=True):
+        assert a["frames"].shape[0] == b["frames"].shape[0]
+        assert int(a["frame_mask"].sum()) <= 9 and int(b["frame_mask"].sum()) <= 9
+    assert {int(b["frames"].shape[0]) for b in ranks[0]} != {6}  # the cap did bite
+
+
+# ----------------------------------------------------------------------------- mixing
+
+
+def test_text_only_samples_arrive_at_requested_rate(synth):
+    index = load_index(str(synth / "train"))
+    draws = 20000
+    for ratio in (0.14, 0.5):
+        probs = source_probabilities(index, {}, ratio)
+        rows = TrainSchedule(index, probs, seed=0).rows_at(0, draws)
+        share = float(np.mean(index.kind_id[rows] == 2))
+        assert abs(share - ratio) < 4 * np.sqrt(ratio * (1 - ratio) / draws)
+    kinds = Counter(k for b in take(build_loader(cfg_for(synth / "train"), "train", TOK), 50) for k in b["kinds"])
+    assert 0.05 < kinds["text"] / 200 < 0.25
+
+
+def test_mix_weights_are_realised(synth):
+    index = load_index(str(synth / "train"))
+    mix = {"video": 0.55, "image": 0.30, "text": 0.15}
+    probs = source_probabilities(index, mix, 0.15)
+    rows = TrainSchedule(index, probs, seed=0).rows_at(0, 20000)
+    realised = np.bincount(index.kind_id[rows], minlength=3) / 20000
+    assert np.allclose(realised, [0.55, 0.30, 0.15], atol=0.015)
+    with pytest.raises(UsageError, match="text_ratio"):
+        source_probabilities(index, mix, 0.14)
+    with pytest.raises(UsageError, match="data.mix.audio"):
+        source_probabilities(index, {"audio": 1.0}, 0.14)
+
+
+def test_mix_file_sources_and_missing_source(tmp_path, synth):
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"sources:\n  a: {{path: {synth / 'probe'}, weight: 3, prompt: 'Look.'}}\n"
+                   f"  b: {{path: '{synth / 'bench'}/*.tar', weight: 1}}\n")
+    index = load_index(str(mix))
+    assert index.sources == ["a", "b"] and index.prompts["a"] == "Look."
+    probs = source_probabilities(index, {}, 0.14)
+    assert probs == pytest.approx({"a": 0.75, "b": 0.25})
+    mix.write_text(f"sources:\n  a: {{path: {synth / 'probe'}}}\n  b: {{path: {tmp_path / 'nowhere'}}}\n")
+    with pytest.raises(UsageError, match="source 'b'"):
+        resolve_sources(str(mix))
+
+
+def test_path_forms(tmp_path, synth):
+    shards = sorted(str(p) for p in (synth / "train").glob("*.tar"))
+    assert resolve_sources(str(synth / "train"))[0].shards == shards
+    assert resolve_sources(str(synth / "train" / "*.tar"))[0].shards == shards
+    assert resolve_sources(",".join(shards))[0].shards == shards
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "missing", tmp_path / "empty", tmp_path / "missing.yaml"):
+        with pytest.raises(UsageError):
+            resolve_sources(str(bad))
+
+
+def test_missing_path_exits_2(tmp_path, capsys):
+    assert fvlm_main(["data", "inspect", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="data.train"):
+        build_loader(cfg_for(tmp_path / "missing"), "train", TOK)
+
+
+# ----------------------------------------------------------------------------- robustness
+
+
+def damaged_dataset(folder: Path) -> tuple[Path, dict[str, str]]:
+    good = [video(f"good{i}") for i in range(6)] + [("txt", {"json": meta("hello")})]
+    bad_frame = video("badframe")
+    bad_frame[1]["001.jpg"] = b"\xff\xd8 not a jpeg"
+    gap = video("gap")
+    gap[1]["003.jpg"] = gap[1].pop("002.jpg")
+    samples = good + [
+        ("badjson", {"json": b"{not json", "jpg": jpeg()}),
+        gap,
+        ("count", {"json": meta(frame_count=5), **{f"{t:03d}.jpg": jpeg() for t in range(3)}}),
+        ("empty", {"json": meta("  ")}),
+        ("nojson", {"jpg": jpeg()}),
+        bad_frame,
+        video("tail"),
+    ]
+    shard = write_shard(folder / "a.tar", samples)
+    write_shard(folder / "b.tar", [video("b0"), ("hdr", {"json": meta("header will break")}), video("b2")])
+    # the last member of a.tar loses its end; b.tar gets a scrambled header in the middle
+    data = shard.read_bytes()
+    shard.write_bytes(data[: data.rindex(b"tail.002.jpg") + 700])
+    b = (folder / "b.tar").read_bytes()
+    at = b.index(b"hdr.json")
+    (folder / "b.tar").write_bytes(b[:at] + b"\x00garbage" + b[at + 8 :])
+    expected = {"badjson": "invalid_json", "gap": "missing_frames", "count": "frame_count_mismatch",
+                "empty": "empty_answer", "nojson": "missing_json", "badframe": "undecodable_frame",
+                "tail": "truncated", "@": "corrupt_header"}
+    return folder, expected
+
+
+def test_damaged_inputs_are_skipped_counted_and_listed(tmp_path):
+    folder, expected = damaged_dataset(tmp_path / "d")
+    report = inspect_path(str(folder), cfg_for())["splits"]["data"]
+    listed = {("@" if s["key"].startswith("@") else s["key"]): s["reason"] for s in report["skipped"]}
+    assert listed == expected
+    assert report["samples"] == 6 + 1 + 2  # good videos, text, b0 and b2 around the broken header
+    assert report["skipped_by_reason"]["corrupt_header"] == 1
+    # evaluation drops the bad sample; training replaces it and keeps batch sizes
+    val = build_loader(cfg_for(val=folder), "val", TOK)
+    keys = keys_of(list(val))
+    assert "badframe" not in keys and len(keys) == 9 and val.stats["undecodable_frame"] == 1
+    assert sum(val.stats.values()) == len(expected)
+    train = build_loader(cfg_for(folder, **{"data.num_workers": 2}), "train", TOK)
+    batches = take(train, 12)
+    assert all(b["input_ids"].shape[0] == 4 for b in batches)
+    assert train.stats["undecodable_frame"] >= 1 and "badframe" not in keys_of(batches)
+
+
+def test_index_survives_pax_and_long_names(tmp_path):
+    key = "deep/" + "n" * 120
+    path = tmp_path / "long.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for ext, data in (("json", meta("ok")), ("jpg", jpeg())):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    index = build_index(resolve_sources(str(path)))
+    assert len(index) == 1 and index.kind_of(0) == "image" and not index.skips
+    (batch,) = list(build_loader(cfg_for(val=path), "val", TOK))
+    assert batch["keys"] == [key]
