@@ -21,21 +21,22 @@ class PatchCache:
     """What a query needs from one batch of frames.
 
     keys/values: per DINO layer, [N, heads, 1 + P, head_dim] (deep query only).
-    features: DINO's final normalised tokens [N, 1 + P, D] (CLS first).
+    features: DINO's final normalised tokens [N, 1 + P, D] (CLS first), or None when only the
+    deep query reads this cache.
     """
 
-    features: torch.Tensor
+    features: torch.Tensor | None
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     grid: tuple[int, int]
 
     @property
     def num_frames(self) -> int:
-        return self.features.shape[0]
+        return (self.features if self.features is not None else self.keys[0]).shape[0]
 
     def select(self, index: torch.Tensor) -> "PatchCache":
         return PatchCache(
-            self.features[index],
+            None if self.features is None else self.features[index],
             [k[index] for k in self.keys],
             [v[index] for v in self.values],
             self.grid,
@@ -77,21 +78,28 @@ class DinoEncoder(nn.Module):
         # Counts patch encodings (frames), so tests and benchmarks can check DINO runs once per frame.
         self.frames_encoded = 0
 
-    def encode_patches(self, pixels: torch.Tensor, cache_kv: bool = True) -> PatchCache:
-        """pixels [N, 3, H, W] -> PatchCache. DINO's own forward, keeping each layer's K/V."""
+    def encode_patches(self, pixels: torch.Tensor, cache_kv: bool = True, need_features: bool = True) -> PatchCache:
+        """pixels [N, 3, H, W] -> PatchCache. DINO's own forward, keeping each layer's K/V.
+
+        The deep query needs only K/V, so with need_features=False the last layer stops after
+        its K/V projections: the rest of it would only produce features nobody reads.
+        """
         self.frames_encoded += pixels.shape[0]
         grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
         hidden = self.dino.embeddings(pixels)
         keys, values = [], []
-        for layer in self.dino.encoder.layer:
+        last = len(self.dino.encoder.layer) - 1
+        for index, layer in enumerate(self.dino.encoder.layer):
             attn = layer.attention
             x = layer.norm1(hidden)
-            q = _split_heads(attn.q_proj(x), self.num_heads)
             k = _split_heads(attn.k_proj(x), self.num_heads)
             v = _split_heads(attn.v_proj(x), self.num_heads)
             if cache_kv:
                 keys.append(k)
                 values.append(v)
+            if index == last and not need_features:
+                return PatchCache(None, keys, values, grid)
+            q = _split_heads(attn.q_proj(x), self.num_heads)
             out = _merge_heads(F.scaled_dot_product_attention(q, k, v))
             hidden = layer.drop_path(layer.layer_scale1(attn.o_proj(out))) + hidden
             hidden = layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(hidden)))) + hidden

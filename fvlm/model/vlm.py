@@ -85,12 +85,12 @@ class VLMBase(nn.Module):
         return any(p.requires_grad for p in self.encoder.dino.parameters())
 
     # ------------------------------------------------------------------ vision
-    def encode_frames(self, frames: torch.Tensor, frame_mask: torch.Tensor, cache_kv: bool) -> PatchCache:
+    def encode_frames(self, frames: torch.Tensor, frame_mask: torch.Tensor, deep_query: bool) -> PatchCache:
         """DINO over the valid frames only (padded frames cost nothing), in batch-major order."""
         valid = frames[frame_mask]
         context = nullcontext() if self.dino_trainable and torch.is_grad_enabled() else torch.no_grad()
         with context:
-            return self.encoder.encode_patches(valid, cache_kv=cache_kv)
+            return self.encoder.encode_patches(valid, cache_kv=deep_query, need_features=not deep_query)
 
     def _scatter(self, values: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """Valid-frame rows [N, ...] back into a padded [B, T, ...] tensor (zeros for padding)."""
@@ -198,12 +198,20 @@ class MultiTokenVLM(VLMBase):
         if int(frame_mask.sum()) == 0:
             empty = frames.new_zeros(b, t * per_frame, self.llm_dim)
             return empty, frame_mask.repeat_interleave(per_frame, dim=1)
-        cache = self.encode_frames(frames, frame_mask, cache_kv=False)
+        cache = self.encode_frames(frames, frame_mask, deep_query=False)
         patches = cache.features[:, 1:]
         grid = patches.transpose(1, 2).reshape(patches.shape[0], self.dino_dim, *cache.grid)
         pooled = F.adaptive_avg_pool2d(grid, self.k).flatten(2).transpose(1, 2)
         tokens = self._scatter(self.project(pooled), frame_mask)
         return tokens.reshape(b, t * per_frame, self.llm_dim), frame_mask.repeat_interleave(per_frame, dim=1)
+
+    supported_modes = ("coarse_only",)
+
+    def visual_blocks(self, batch, modes):
+        """Same contract as FoveatedVLM.visual_blocks; the pooled grid has no query, hence no attention."""
+        _check_modes(self, modes)
+        tokens, mask = self.visual_tokens(batch)
+        return {mode: (tokens, mask, {}) for mode in modes}
 
     def forward(self, batch, mode: str | None = None, compute_coarse: bool = True, return_attention: bool = False):
         visual, visual_mask = self.visual_tokens(batch)
@@ -231,7 +239,7 @@ class FoveatedVLM(VLMBase):
 
     # ------------------------------------------------------------------ queries over frames
     def _prepare(self, frames, frame_mask):
-        cache = self.encode_frames(frames, frame_mask, cache_kv=self.cfg.deep_query)
+        cache = self.encode_frames(frames, frame_mask, deep_query=self.cfg.deep_query)
         kv = self.shallow.project_kv(cache.features) if self.shallow is not None else None
         return cache, kv
 
@@ -338,20 +346,40 @@ class FoveatedVLM(VLMBase):
             query = torch.where(valid[:, None], self.llm_to_query(hidden), query)
         return torch.stack(tokens, dim=1), torch.stack(weights_all, dim=1)
 
+    @property
+    def supported_modes(self) -> tuple[str, ...]:
+        return ("coarse_only",) if self.cfg.coarse_only else MODES
+
     def visual_tokens(self, batch, mode: str):
         """The visual block a mode feeds the LLM (for generation and evaluation)."""
+        tokens, mask, _ = self.visual_blocks(batch, (mode,))[mode]
+        return tokens, mask
+
+    def visual_blocks(self, batch, modes):
+        """Every requested mode's visual block from ONE DINO pass (evaluation compares modes on the same
+        samples): {mode: (tokens [B, T, D_llm], frame_mask, attention {"coarse"|"fine": [B, T, layers,
+        heads, 1 + P]})}. coarse_only and coarse_fine share the coarse read."""
+        _check_modes(self, modes)
         frame_mask = batch["frame_mask"]
         if int(frame_mask.sum()) == 0:
-            return batch["frames"].new_zeros(*frame_mask.shape, self.llm_dim), frame_mask
+            empty = batch["frames"].new_zeros(*frame_mask.shape, self.llm_dim)
+            return {mode: (empty, frame_mask, {}) for mode in modes}
         prepared = self._prepare(batch["frames"], frame_mask)
-        if mode == "coarse_only":
-            return self._coarse(prepared, frame_mask)[0], frame_mask
-        if mode == "coarse_fine":
-            coarse, _ = self._coarse(prepared, frame_mask)
-            coarse_hidden = self.run_llm(coarse, frame_mask)
-            tokens, _ = self._read(*prepared, self._next_queries(coarse_hidden, frame_mask))
-            return self._scatter(tokens, frame_mask), frame_mask
-        return self._sequential_fine(frame_mask, prepared)[0], frame_mask
+        blocks = {}
+        if "coarse_only" in modes or "coarse_fine" in modes:
+            coarse, coarse_attn = self._coarse(prepared, frame_mask)
+        for mode in modes:
+            if mode == "coarse_only":
+                blocks[mode] = (coarse, frame_mask, {"coarse": coarse_attn})
+            elif mode == "coarse_fine":
+                coarse_hidden = self.run_llm(coarse, frame_mask)
+                tokens, weights = self._read(*prepared, self._next_queries(coarse_hidden, frame_mask))
+                attn = {"coarse": coarse_attn, "fine": self._scatter(weights, frame_mask)}
+                blocks[mode] = (self._scatter(tokens, frame_mask), frame_mask, attn)
+            else:
+                tokens, weights = self._sequential_fine(frame_mask, prepared)
+                blocks[mode] = (tokens, frame_mask, {"fine": weights})
+        return blocks
 
     def _text_only(self, batch):
         b = batch["input_ids"].shape[0]
@@ -374,6 +402,12 @@ class FoveatedVLM(VLMBase):
             attention_entropy=entropy,
             attention={k: v.detach() for k, v in attn.items()} if return_attention else {},
         )
+
+
+def _check_modes(model, modes) -> None:
+    for mode in modes:
+        if mode not in model.supported_modes:
+            raise ValueError(f"mode {mode!r} is not available for this model (available: {model.supported_modes})")
 
 
 def _left_align(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

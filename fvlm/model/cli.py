@@ -1,0 +1,95 @@
+"""`fvlm flops`: FLOPs per training sample, samples per budget, and measured FLOPs side by side."""
+
+from __future__ import annotations
+
+import json
+
+PAPER_SIZES = {"135M": "smollm2-135m", "360M": "smollm2-360m", "1.7B": "smollm2-1.7b"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("flops", help="FLOPs per training sample and samples per FLOP budget")
+    p.add_argument("config", nargs="?", help="config file or shipped config name (default: tiny)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--budget", type=float, action="append", help="FLOP budget(s); default: the plan's C1-C4")
+    p.add_argument("--flops-formula", choices=("exact", "seed"), default="exact")
+    p.add_argument("--frames", type=int, help="frames per sample (default: data.max_frames)")
+    p.add_argument("--text-tokens", type=int, help="text tokens per sample (default: data.max_text_tokens)")
+    p.add_argument("--measure", action="store_true",
+                   help="also count FLOPs of a real training step with torch.utils.flop_counter (CPU)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def _split_config_arg(args):
+    """`fvlm flops key=value` (no config) puts the first override in `config`."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def _report(model_cfg, frames, text, formula, budgets, measure=False):
+    from fvlm.model.flops import estimate_flops, measure_flops
+
+    est = estimate_flops(model_cfg, frames, text, formula=formula)
+    exact = est if formula == "exact" else estimate_flops(model_cfg, frames, text)
+    seed = est if formula == "seed" else estimate_flops(model_cfg, frames, text, formula="seed")
+    out = {
+        "llm": model_cfg.llm, "dino": model_cfg.dino, "arch": model_cfg.arch,
+        "tokens_per_frame": model_cfg.tokens_per_frame, "frames": frames, "text_tokens": text,
+        "formula": formula, "params": est.params,
+        "flops_per_sample": est.per_sample,
+        "flops_per_sample_exact": exact.per_sample, "flops_per_sample_seed": seed.per_sample,
+        "breakdown_exact": exact.breakdown,
+        "samples_for_budget": {name: est.samples_for(b) for name, b in budgets.items()},
+    }
+    if measure:
+        measured = measure_flops(model_cfg, frames, text)
+        out["flops_per_sample_measured"] = measured
+        out["exact_over_measured"] = exact.per_sample / measured
+    return out
+
+
+def run(args) -> int:
+    from fvlm.config import load_config
+    from fvlm.model.flops import PLAN_BUDGETS, PLAN_FRAMES, PLAN_TEXT_TOKENS
+
+    config, overrides = _split_config_arg(args)
+    cfg = load_config(config, overrides)
+    budgets = {f"{b:.3g}": b for b in args.budget} if args.budget else dict(PLAN_BUDGETS)
+    frames = args.frames or cfg.data.max_frames
+    text = args.text_tokens or cfg.data.max_text_tokens
+    result = {"config": _report(cfg.model, frames, text, args.flops_formula, budgets, args.measure)}
+
+    # The plan's three sizes with DINOv2-small at its sample shape (~500 tokens), both architectures.
+    paper = {}
+    for size, llm in PAPER_SIZES.items():
+        for arch in ("foveated", "multi_token"):
+            model_cfg = load_config(None, {"model": {"llm": llm, "dino": "dinov2-small", "arch": arch,
+                                                      "image_size": 224}}).model
+            paper[f"{size}-{arch}"] = _report(model_cfg, PLAN_FRAMES, PLAN_TEXT_TOKENS, args.flops_formula, budgets)
+    result["paper_sizes"] = paper
+
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    c = result["config"]
+    print(f"config: llm={c['llm']} dino={c['dino']} arch={c['arch']} frames={frames} text_tokens={text}")
+    print(f"  params: {c['params']['total']:,} (llm {c['params']['llm']:,}, dino {c['params']['dino']:,}, "
+          f"connector {c['params']['connector']:,})")
+    print(f"  FLOPs/sample: exact {c['flops_per_sample_exact']:.4g}   seed (2*N*tokens) {c['flops_per_sample_seed']:.4g}")
+    if "flops_per_sample_measured" in c:
+        print(f"  measured (torch flop counter): {c['flops_per_sample_measured']:.4g}   "
+              f"exact/measured = {c['exact_over_measured']:.4f}")
+    print("  samples per budget (" + args.flops_formula + "): "
+          + ", ".join(f"{k}={v:,}" for k, v in c["samples_for_budget"].items()))
+    print(f"\nplan sizes (DINOv2-small, 224 px, {PLAN_FRAMES} frames + {PLAN_TEXT_TOKENS} text tokens), "
+          f"formula={args.flops_formula}:")
+    print(f"  {'model':<18}{'params':>14}{'exact':>12}{'seed':>12}  samples per budget")
+    for name, r in paper.items():
+        budget_text = " ".join(f"{k}={v:,}" for k, v in r["samples_for_budget"].items())
+        print(f"  {name:<18}{r['params']['total']:>14,}{r['flops_per_sample_exact']:>12.4g}"
+              f"{r['flops_per_sample_seed']:>12.4g}  {budget_text}")
+    return 0
