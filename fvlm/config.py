@@ -86,6 +86,8 @@ class TrainConfig:
     keep_last: int = 2
     eval_batch_size: int = 8
     eval_samples: int = 256
+    # Probe videos whose raw encoder attention is saved at every eval point (0 = none).
+    probe_videos: int = 10
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
@@ -340,6 +342,7 @@ def validate(cfg: RunConfig) -> None:
                  "eval_batch_size", "eval_samples"):
         _positive(getattr(t, name), f"train.{name}")
     _positive(t.max_steps, "train.max_steps", allow_zero=True)
+    _positive(t.probe_videos, "train.probe_videos", allow_zero=True)
     _positive(t.max_samples, "train.max_samples", allow_zero=True)
     _positive(t.grad_clip, "train.grad_clip", allow_zero=True)
     _positive(t.divergence_factor, "train.divergence_factor")

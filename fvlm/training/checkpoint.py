@@ -1,0 +1,138 @@
+"""Checkpoints: `<run>/checkpoints/step_NNNNNNN/`, written atomically and pruned to the last k + best.
+
+A checkpoint holds the `save_model` files (so `fvlm.model.build.load_model` opens it directly), the
+optimizer state, the trainer state (step, samples seen, wall time, divergence tracker), one
+`rank_R.pt` per DDP rank (RNG states and data cursor: both differ by rank) and `meta.json`.
+Everything is written into a hidden temporary folder that is renamed into place last, so a crash
+mid-write leaves either the previous checkpoint or a complete new one; `meta.json` is written last
+inside it, and a folder without it is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fvlm.errors import UsageError
+from fvlm.model.build import CONFIG_FILE, MODEL_FILE, save_model
+from fvlm.training.dist import Dist
+
+CHECKPOINTS = "checkpoints"
+META = "meta.json"
+OPTIMIZER = "optimizer.pt"
+TRAINER = "trainer.pt"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    found = []
+    for folder in root.glob("step_*") if root.is_dir() else []:
+        if (folder / META).is_file() and folder.name[5:].isdigit():
+            found.append((int(folder.name[5:]), folder))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def resolve_weights(path: str) -> Path:
+    """`train.init_from`: a checkpoint folder, or a run folder (its latest complete checkpoint)."""
+    folder = Path(path).expanduser()
+    if (folder / MODEL_FILE).is_file() and (folder / CONFIG_FILE).is_file():
+        return folder
+    if folder.is_dir():
+        latest = latest_checkpoint(folder)
+        if latest is not None:
+            return latest
+        raise UsageError(f"train.init_from: {folder} holds no complete checkpoint")
+    raise UsageError(f"train.init_from: no such run or checkpoint folder: {folder}")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_json(path: Path, obj) -> None:
+    """Replace-by-rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, step: int, dist: Dist, *, model, tokenizer, optimizer,
+                    trainer_state: dict, rank_state: dict, meta: dict) -> Path:
+    """Collective: every rank calls it (each writes its own rank file); rank 0 writes the rest."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / step_name(step)
+    tmp = root / f".tmp_{step_name(step)}"
+    if dist.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    torch.save(rank_state, tmp / f"rank_{dist.rank}.pt")
+    if dist.is_main:
+        save_model(model, tmp, tokenizer)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save(trainer_state, tmp / TRAINER)
+    dist.barrier()
+    if dist.is_main:
+        write_json(tmp / META, meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(folder: Path, dist: Dist, *, model, optimizer) -> tuple[dict, dict, dict]:
+    """Restores weights and optimizer in place; returns (trainer state, this rank's state, meta)."""
+    from safetensors.torch import load_model as load_safetensors
+
+    rank_file = folder / f"rank_{dist.rank}.pt"
+    if not rank_file.is_file():
+        raise UsageError(f"{folder}: written by a run with a different number of processes "
+                         f"(no {rank_file.name}); resume with the same number")
+    load_safetensors(model, str(folder / MODEL_FILE), device=str(next(model.parameters()).device))
+    optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=False))
+    trainer_state = torch.load(folder / TRAINER, map_location="cpu", weights_only=False)
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    meta = json.loads((folder / META).read_text())
+    return trainer_state, rank_state, meta
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> None:
+    """Keeps the newest `keep_last` complete checkpoints and the best one; removes stale temporaries."""
+    found = complete_checkpoints(run_dir)
+    keep = {step for step, _ in found[-keep_last:]}
+    if best_step is not None:
+        keep.add(best_step)
+    for step, folder in found:
+        if step not in keep:
+            shutil.rmtree(folder)
+    for stale in (Path(run_dir) / CHECKPOINTS).glob(".tmp_step_*"):
+        shutil.rmtree(stale)

@@ -1,0 +1,101 @@
+"""Process group setup for `torchrun` (NCCL on GPU, gloo on CPU) and the few collectives training uses.
+
+Gradients are summed across ranks once per optimizer step, after every micro-batch of every rank
+has finished, rather than by DistributedDataParallel's hooks inside backward. That ordering is what
+lets the ranks agree, before any gradient collective, on whether a step is kept: a rank that ran out
+of memory, or a step whose batches hold no target tokens, is skipped by every rank together (with
+DDP's hooks, the other ranks would already be waiting inside backward). The price is no overlap of
+communication with backward, paid once per `grad_accum` micro-batches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+BUCKET_ELEMENTS = 1 << 24
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Sums a short vector of numbers over ranks (float64, so token counts stay exact)."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sums `.grad` over ranks in flat buckets. A parameter without a gradient on this rank
+        contributes zeros, so every rank flattens the same layout."""
+        if not self.enabled:
+            return
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            bucket.append(param.grad)
+            size += param.numel()
+            if size >= BUCKET_ELEMENTS:
+                _reduce_bucket(bucket)
+                bucket, size = [], 0
+        if bucket:
+            _reduce_bucket(bucket)
+
+    def broadcast_model(self, model: torch.nn.Module) -> None:
+        """Rank 0's weights everywhere, so ranks cannot start from different initialisations."""
+        if not self.enabled:
+            return
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            torch_dist.broadcast(tensor.data, src=0)
+
+
+def _reduce_bucket(grads: list[torch.Tensor]) -> None:
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch_dist.all_reduce(flat)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def init_distributed() -> Dist:
+    """Joins the torchrun process group when launched by torchrun; a single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown(dist: Dist) -> None:
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()

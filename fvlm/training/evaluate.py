@@ -1,0 +1,130 @@
+"""Evaluation during training: validation losses, attention entropy, and probe-video attention maps.
+
+`val_loss` is the loss of the model's own default mode: the fine pass for a foveated two-pass model,
+the coarse pass for a coarse-only model and the only pass of the multi-token baseline. It leaves
+out the lambda-weighted coarse term, so runs with different lambda_coarse stay comparable.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fvlm.data.decode import MEAN, STD
+from fvlm.training.dist import Dist
+
+ATTENTION_DIR = "attention"
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+@torch.no_grad()
+def validate(model, loader, dist: Dist, autocast: Callable[[], AbstractContextManager]) -> dict:
+    """Token-weighted means over this rank's share of the val split, summed over ranks."""
+    was_training = model.training
+    model.eval()
+    # tokens, loss_fine*tokens, fine tokens, loss_coarse*tokens, coarse tokens, entropy*frames, frames
+    sums = [0.0] * 7
+    for batch in loader:
+        batch = to_device(batch, dist.device)
+        with autocast():
+            out = model(batch, compute_coarse=True)
+        n = out.n_tokens
+        sums[0] += n
+        if out.loss_fine is not None:
+            sums[1] += float(out.loss_fine) * n
+            sums[2] += n
+        if out.loss_coarse is not None:
+            sums[3] += float(out.loss_coarse) * n
+            sums[4] += n
+        if out.attention_entropy is not None:
+            frames = int(batch["frame_mask"].sum())
+            sums[5] += out.attention_entropy * frames
+            sums[6] += frames
+    model.train(was_training)
+    tokens, fine, fine_n, coarse, coarse_n, entropy, frames = dist.all_sum(sums)
+    loss_fine = fine / fine_n if fine_n else None
+    loss_coarse = coarse / coarse_n if coarse_n else None
+    return {
+        "val_loss": loss_fine if loss_fine is not None else loss_coarse,
+        "val_loss_fine": loss_fine,
+        "val_loss_coarse": loss_coarse,
+        "val_loss_ratio": _ratio(loss_fine, loss_coarse),
+        "attention_entropy": entropy / frames if frames else None,
+    }
+
+
+@torch.no_grad()
+def save_probe_attention(model, loader, n_videos: int, step: int, run_dir: Path, device: torch.device,
+                         autocast: Callable[[], AbstractContextManager]) -> Path | None:
+    """The encoder query's attention over [CLS + patches] for the first `n_videos` probe videos,
+    per layer and head, as `attention/step_NNNNNNN.npz` (the heatmap figure's input). Returns
+    None for a model without a query (the multi-token baseline)."""
+    was_training = model.training
+    model.eval()
+    videos: list[dict] = []
+    for batch in loader:
+        keep = [i for i, kind in enumerate(batch["kinds"]) if kind == "video"][: n_videos - len(videos)]
+        if not keep:
+            continue
+        rows = torch.tensor(keep)
+        sub = {k: (v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in batch.items()}
+        with autocast():
+            out = model(to_device(sub, device), return_attention=True)
+        if not out.attention:
+            model.train(was_training)
+            return None
+        for j, key in enumerate(sub["keys"]):
+            mask = sub["frame_mask"][j]
+            videos.append({
+                "key": key,
+                "mask": mask.numpy(),
+                "frames": sub["frames"][j].numpy(),
+                **{name: out.attention[name][j].float().cpu().numpy() for name in out.attention},
+            })
+        if len(videos) >= n_videos:
+            break
+    model.train(was_training)
+    if not videos:
+        return None
+    n_frames = max(len(v["mask"]) for v in videos)
+    size = videos[0]["frames"].shape[-1]
+    patch = model.encoder.dino.config.patch_size
+
+    def stack(name: str) -> np.ndarray:
+        first = videos[0][name]
+        out = np.zeros((len(videos), n_frames, *first.shape[1:]), dtype=first.dtype)
+        for i, video in enumerate(videos):
+            out[i, : len(video[name])] = video[name]
+        return out
+
+    pixels = stack("frames").transpose(0, 1, 3, 4, 2) * STD + MEAN
+    arrays = {
+        "coarse_attn": stack("coarse").astype(np.float32),
+        "frames": np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8),
+        "frame_mask": stack("mask").astype(bool),
+        "grid": np.array([size // patch, size // patch], dtype=np.int64),
+        "keys": np.array([v["key"] for v in videos]),
+        "step": np.array(step, dtype=np.int64),
+    }
+    if "fine" in videos[0]:
+        arrays["fine_attn"] = stack("fine").astype(np.float32)
+    folder = Path(run_dir) / ATTENTION_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:07d}.npz"
+    tmp = folder / f".{path.name}.tmp"
+    with tmp.open("wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+    return path

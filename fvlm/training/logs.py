@@ -1,0 +1,143 @@
+"""What a run writes besides checkpoints: the CSVs of DESIGN.md §3, wandb, and the console.
+
+CSV is the record (always written, flushed per row); wandb is a mirror when enabled. On resume each
+CSV keeps the rows up to the checkpoint's step and drops the rest, which the resumed run rewrites.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fvlm.errors import UsageError
+
+STEP_COLUMNS = (
+    "run_id", "step", "samples_seen", "wall_time_sec", "train_loss", "loss_fine", "loss_coarse", "loss_ratio",
+    "grad_norm", "lr_connector", "lr_dino", "lr_llm", "throughput_samples_sec", "gpu_mem_allocated_gb",
+    "gpu_mem_reserved_gb",
+)
+METRIC_COLUMNS = (
+    "run_id", "step", "samples_seen", "wall_time_sec", "train_loss", "val_loss", "loss_fine", "loss_coarse",
+    "loss_ratio", "grad_norm", "attention_entropy", "lr_connector", "lr_dino", "lr_llm", "throughput",
+    "gpu_mem_gb", "val_loss_fine", "val_loss_coarse", "val_loss_ratio",
+)
+
+
+def _cell(value) -> str:
+    """Empty for a value that was not measured (e.g. loss_fine of a coarse-only model); full
+    precision for floats, because resumed and uninterrupted runs are compared from these files."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return str(value)
+
+
+class CsvLog:
+    def __init__(self, path: Path, columns: tuple[str, ...], keep_until_step: int | None):
+        self.path = Path(path)
+        self.columns = columns
+        kept: list[list[str]] = []
+        if keep_until_step is not None and self.path.is_file():
+            with self.path.open(newline="") as f:
+                reader = csv.reader(f)
+                header = next(reader, None)
+                if header == list(columns):
+                    kept = [row for row in reader if row and int(row[1]) <= keep_until_step]
+        self.kept_rows = [dict(zip(columns, row)) for row in kept]
+        self._file = self.path.open("w", newline="")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(columns)
+        self._writer.writerows(kept)
+        self._file.flush()
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow([_cell(row.get(c)) for c in self.columns])
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def git_commit() -> str | None:
+    """The commit of the fvlm source tree (with `-dirty` when it has local changes), if it is a repo."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+class Wandb:
+    """Mirrors the CSV rows to wandb. Imported only when enabled; offline mode needs no network."""
+
+    def __init__(self, mode: str, project: str, run_dir: Path, run_id: str, config_hash: str, config: dict,
+                 resume: bool):
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError(f"train.wandb={mode} needs the wandb package (pip install 'fvlm[wandb]')") from None
+        if mode == "offline":
+            os.environ["WANDB_MODE"] = "offline"
+        self._run = wandb.init(project=project, name=run_id, id=f"{run_id}-{config_hash}", dir=str(run_dir),
+                               config=config, mode=mode, resume="allow" if resume else None)
+
+    def log(self, row: dict, prefix: str) -> None:
+        values = {f"{prefix}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        self._run.log(values, step=row["step"])
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise one plain line per logged step (for log files)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.enabled = enabled
+        self.total = total
+        self.bar = None
+        self.started = time.perf_counter()
+        self.initial = initial
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, row: dict | None) -> None:
+        """Called every step; `row` is the steps.csv row on logged steps."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if row is not None:
+                self.bar.set_postfix(loss=f"{row['train_loss']:.4f}",
+                                     samples_s=f"{row['throughput_samples_sec']:.1f}", refresh=False)
+            return
+        if row is not None:
+            done = step - self.initial
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / max(done, 1) * (self.total - step)
+            print(f"step {step}/{self.total} | loss {row['train_loss']:.4f} | "
+                  f"{row['throughput_samples_sec']:.1f} samples/s | eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,538 @@
+"""One training run, read top to bottom: setup, the step loop, evaluation points, the summary.
+
+How losses combine. The model returns a token mean per micro-batch. A step's objective is the mean
+over every target token of every micro-batch on every rank, so each micro-batch is backpropagated
+as a token *sum* (mean x count), the gradients are summed over ranks, and divided once by the
+step's all-reduced token count. This is what makes 2 processes x k micro-batches equal 1 process x
+2k micro-batches: no micro-batch is over- or under-weighted by how many answer tokens it happens
+to hold, and a micro-batch with none contributes nothing (rather than a NaN).
+
+Exactness of resume. Weights, optimizer, the step (the LR schedule is a pure function of it), the
+divergence tracker, RNG states and the data cursor are all checkpointed. Data loading and evaluation
+run inside `torch.random.fork_rng`, so the global RNG stream the model sees does not depend on when
+a loader iterator was (re)created or whether an evaluation happened in this process.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from fvlm.config import RunConfig, config_from_dict
+from fvlm.errors import UsageError
+from fvlm.training import checkpoint as ckpt
+from fvlm.training.dist import Dist, init_distributed, shutdown
+from fvlm.training.evaluate import save_probe_attention, to_device, validate
+from fvlm.training.logs import METRIC_COLUMNS, STEP_COLUMNS, CsvLog, Progress, Wandb, git_commit
+from fvlm.training.optim import GROUPS, apply_lrs, build_optimizer, group_lrs
+
+# Settings that may change between a run and its resumption: they change how long it runs or what
+# it records, not what a step computes.
+RESUMABLE_CHANGES = {
+    "train.max_steps", "train.max_samples", "train.eval_every", "train.save_every", "train.log_every",
+    "train.keep_last", "train.wandb", "train.wandb_project", "data.num_workers",
+}
+# The loss spike test needs a running level first; early steps fall too fast to have one.
+DIVERGENCE_WARMUP_STEPS = 10
+LOSS_EMA_DECAY = 0.9
+# convergence_step: the first eval point within this relative distance of the best val loss.
+CONVERGENCE_TOLERANCE = 0.01
+GIB = 2**30
+
+
+def train(cfg: RunConfig) -> dict:
+    """Runs (or resumes, or reports the already finished) run of `cfg`; returns its run summary."""
+    dist = init_distributed()
+    try:
+        return Trainer(cfg, dist).run()
+    finally:
+        shutdown(dist)
+
+
+def planned_steps(cfg: RunConfig, world_size: int) -> int:
+    t = cfg.train
+    if not t.max_steps and not t.max_samples:
+        raise UsageError("set train.max_steps or train.max_samples (both are 0)")
+    per_step = t.batch_size * t.grad_accum * world_size
+    from_samples = -(-t.max_samples // per_step) if t.max_samples else None
+    return min(s for s in (t.max_steps or None, from_samples) if s)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "mix":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _group_of(name: str) -> str:
+    if name.startswith("encoder.dino."):
+        return "dino"
+    return "llm" if name.startswith("llm.") else "connector"
+
+
+def _parse_row(row: dict) -> dict:
+    """A CSV row back to numbers (empty cells are unmeasured values)."""
+    parsed = {k: (float(v) if v else None) for k, v in row.items() if k != "run_id"}
+    parsed["step"] = int(parsed["step"])
+    return {"run_id": row["run_id"], **parsed}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, dist: Dist):
+        self.cfg = cfg
+        self.dist = dist
+        self.run_dir = cfg.run_dir
+        self.total_steps = planned_steps(cfg, dist.world_size)
+        self.bf16 = self._precision()
+        self.resume_from, self.finished = self._inspect_run_dir()
+        self.step = 0
+        self.samples_seen = 0
+        self.sequence_tokens = 0
+        self.wall_time_before = 0.0
+        self.loss_ema: float | None = None
+        self.skipped_steps = 0
+        self.best: dict = {}
+        self.history: list[dict] = []
+        self.last_row: dict | None = None
+        self.saved_meta: dict = {}
+        self.last_saved_step = -1
+        self.last_eval_step = -1
+        self.stop_requested = False
+        self.timing = {"train": 0.0, "eval": 0.0, "checkpoint": 0.0, "log": 0.0}
+        if self.finished is not None:
+            return
+        self._setup()
+
+    # ------------------------------------------------------------------ setup
+    def _precision(self) -> bool:
+        precision = self.cfg.train.precision
+        cuda = self.dist.device.type == "cuda"
+        if precision == "bf16" and not cuda:
+            raise UsageError("train.precision=bf16 needs a CUDA device (use auto or fp32 on CPU)")
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return cuda and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+
+    def _inspect_run_dir(self) -> tuple[Path | None, dict | None]:
+        """(checkpoint to resume from, summary of a run that already finished)."""
+        saved_config = self.run_dir / "config.yaml"
+        if not saved_config.is_file():
+            return None, None
+        saved = config_from_dict(yaml.safe_load(saved_config.read_text()), str(saved_config))
+        old, new = _flatten(saved.to_dict()), _flatten(self.cfg.to_dict())
+        changed = sorted(k for k in new if old.get(k) != new[k] and k not in RESUMABLE_CHANGES | {"out_dir"})
+        if changed:
+            raise UsageError(f"{self.run_dir} holds a run with different settings ({', '.join(changed)}); "
+                             "choose another run_id or out_dir")
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        summary_path = self.run_dir / "run_summary.json"
+        if latest is not None and summary_path.is_file():
+            import json
+
+            summary = json.loads(summary_path.read_text())
+            done = summary.get("status") == "diverged" or (
+                summary.get("status") == "completed" and summary.get("total_steps", 0) >= self.total_steps)
+            if done:
+                return latest, summary
+        return latest, None
+
+    def _setup(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        from fvlm.data.loader import build_loader, split_path
+        from fvlm.model.build import build_model, build_tokenizer
+
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        if dist.is_main:
+            for split in ("train", "val", "probe"):
+                split_path(cfg, split)  # generates the synthetic set once, before other ranks look
+        dist.barrier()
+        self.tokenizer = build_tokenizer(cfg.model)
+        self.model = build_model(cfg.model)
+        if cfg.train.init_from and self.resume_from is None:
+            self._load_init_weights(ckpt.resolve_weights(cfg.train.init_from))
+        self.model.to(dist.device)
+        dist.broadcast_model(self.model)
+        groups = self.model.param_groups()
+        self.trainable = [p for params in groups.values() for p in params]
+        self.trainable_groups = {name for name, params in groups.items() if params}
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.train_loader = build_loader(cfg, "train", self.tokenizer, rank=dist.rank, world_size=dist.world_size)
+        self._build_loader = build_loader
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        if cfg.train.compile:
+            if dist.device.type == "cuda":
+                self.model.compile()
+            elif dist.is_main:
+                print("fvlm: train.compile is ignored on CPU", flush=True)
+        self.model.train()
+        self._open_outputs()
+
+    def _load_init_weights(self, folder: Path) -> None:
+        from safetensors.torch import load_model as load_safetensors
+
+        try:
+            load_safetensors(self.model, str(folder / "model.safetensors"))
+        except RuntimeError as exc:
+            raise UsageError(f"train.init_from: {folder} does not fit this model "
+                             f"({str(exc).splitlines()[0]})") from None
+
+    def _restore(self, folder: Path) -> None:
+        trainer_state, rank_state, meta = ckpt.load_checkpoint(folder, self.dist, model=self.model,
+                                                               optimizer=self.optimizer)
+        if meta.get("world_size", 1) != self.dist.world_size:
+            raise UsageError(f"{folder} was written by {meta.get('world_size')} processes; resume with as many")
+        self.step = trainer_state["step"]
+        self.samples_seen = trainer_state["samples_seen"]
+        self.sequence_tokens = trainer_state["sequence_tokens"]
+        self.wall_time_before = trainer_state["wall_time_sec"]
+        self.loss_ema = trainer_state["loss_ema"]
+        self.skipped_steps = trainer_state["skipped_steps"]
+        self.best = meta.get("best") or {}
+        self.saved_meta = meta
+        self.last_saved_step = self.step
+        self.train_loader.load_state_dict(rank_state["data"])
+        ckpt.set_rng_state(rank_state["rng"])
+
+    def _open_outputs(self) -> None:
+        cfg = self.cfg
+        self.steps_log = self.metrics_log = self.wandb = None
+        self.progress = Progress(self.total_steps, self.step, enabled=self.dist.is_main)
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        keep = self.step if self.resume_from is not None else None
+        self.steps_log = CsvLog(self.run_dir / "steps.csv", STEP_COLUMNS, keep)
+        self.metrics_log = CsvLog(self.run_dir / "metrics.csv", METRIC_COLUMNS, keep)
+        self.history = [_parse_row(row) for row in self.metrics_log.kept_rows]
+        if self.steps_log.kept_rows:
+            self.last_row = _parse_row(self.steps_log.kept_rows[-1])
+        if cfg.train.wandb != "off":
+            self.wandb = Wandb(cfg.train.wandb, cfg.train.wandb_project, self.run_dir, cfg.run_id,
+                               cfg.config_hash(), cfg.to_dict(), resume=self.resume_from is not None)
+        self._print_plan()
+
+    def _print_plan(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        params = self._param_counts()
+        lines = [
+            f"fvlm train: {self.run_dir} ({'resuming at step ' + str(self.step) if self.step else 'new run'})",
+            f"  device {self.dist.device} x{self.dist.world_size}, {'bf16' if self.bf16 else 'fp32'}",
+            f"  params {params['total']:,} total, {params['trainable']:,} trainable; "
+            + ", ".join(f"{g} {n:,}" for g, n in params["by_group"].items()),
+            f"  {self.total_steps} steps x {t.batch_size} x {t.grad_accum} accum x {self.dist.world_size} ranks"
+            f" = {self.total_steps * t.batch_size * t.grad_accum * self.dist.world_size:,} samples",
+            f"  lr connector {cfg.optim.lr_connector:g} dino {cfg.optim.lr_dino:g} llm {cfg.optim.lr_llm:g}, "
+            f"{cfg.optim.schedule}; trainable groups: {', '.join(sorted(self.trainable_groups))}",
+        ]
+        self.progress.message("\n".join(lines))
+
+    def _param_counts(self) -> dict:
+        by_group = dict.fromkeys(GROUPS, 0)
+        for name, param in self.model.named_parameters():
+            by_group[_group_of(name)] += param.numel()
+        return {
+            "total": sum(by_group.values()),
+            "trainable": sum(p.numel() for p in self.trainable),
+            "by_group": by_group,
+        }
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        if self.finished is not None:
+            if self.dist.is_main:
+                print(f"fvlm train: {self.run_dir} already finished ({self.finished['status']}); nothing to do",
+                      flush=True)
+            return self.finished
+        self.session_began = time.perf_counter()
+        handlers = self._install_signal_handlers()
+        try:
+            status = self._loop()
+        except BaseException as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            message = None if interrupted else f"{type(exc).__name__}: {exc}"
+            self._finish("interrupted" if interrupted else "failed", message)
+            raise
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        return self._finish(status, None)
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM and the first Ctrl-C ask the loop to stop at the end of the current step (with a
+        checkpoint); a second Ctrl-C interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum, frame):
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            self.progress.message(f"fvlm train: {signal.Signals(signum).name} received; "
+                                  "stopping after this step with a checkpoint")
+
+        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def wall_time(self) -> float:
+        return self.wall_time_before + time.perf_counter() - self.session_began
+
+    def _loop(self) -> str:
+        t = self.cfg.train
+        batches = iter(self.train_loader)
+        interval_samples, interval_time = 0, 0.0
+        while self.step < self.total_steps and not (t.max_samples and self.samples_seen >= t.max_samples):
+            began = time.perf_counter()
+            next_step = self.step + 1
+            logged = next_step % t.log_every == 0 or next_step % t.eval_every == 0 or next_step in (
+                1, self.total_steps)
+            lrs = group_lrs(self.step, self.total_steps, self.cfg.optim, self.trainable_groups)
+            apply_lrs(self.optimizer, lrs)
+            with torch.random.fork_rng(devices=[]):
+                micro = [next(batches) for _ in range(t.grad_accum)]
+            local = self._forward_backward(micro, compute_coarse=logged or self.cfg.model.lambda_coarse > 0)
+            (tokens, loss_sum, fine_sum, fine_n, coarse_sum, coarse_n, samples, seq_tokens, oom,
+             stop) = self.dist.all_sum(local + [float(self.stop_requested)])
+            if oom or tokens == 0:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_steps += 1
+                self.progress.message(f"fvlm train: skipped a step ({'out of memory' if oom else 'no target tokens'})"
+                                      f" on {'some rank' if self.dist.enabled else 'this process'}")
+                continue
+            train_loss = loss_sum / tokens
+            if self._is_divergent(train_loss):
+                self.progress.message(f"fvlm train: diverged at step {next_step} (loss {train_loss:.4g}, "
+                                      f"running level {self.loss_ema})")
+                return "diverged"
+            grad_norm = self._optimizer_step(tokens)
+            if not math.isfinite(grad_norm):
+                self.progress.message(f"fvlm train: diverged at step {next_step} (gradient norm {grad_norm})")
+                return "diverged"
+            self.step = next_step
+            self.samples_seen += int(samples)
+            self.sequence_tokens += int(seq_tokens)
+            elapsed = time.perf_counter() - began
+            self.timing["train"] += elapsed
+            interval_samples += int(samples)
+            interval_time += elapsed
+            row = None
+            if logged:
+                log_began = time.perf_counter()
+                loss_fine = fine_sum / fine_n if fine_n else None
+                loss_coarse = coarse_sum / coarse_n if coarse_n else None
+                row = {
+                    "run_id": self.cfg.run_id, "step": self.step, "samples_seen": self.samples_seen,
+                    "wall_time_sec": round(self.wall_time(), 3), "train_loss": train_loss,
+                    "loss_fine": loss_fine, "loss_coarse": loss_coarse,
+                    "loss_ratio": loss_fine / loss_coarse if loss_fine is not None and loss_coarse else None,
+                    "grad_norm": grad_norm, **{f"lr_{g}": lrs[g] for g in GROUPS},
+                    "throughput_samples_sec": interval_samples / max(interval_time, 1e-9),
+                    **self._gpu_memory(),
+                }
+                interval_samples, interval_time = 0, 0.0
+                self.last_row = row
+                if self.steps_log is not None:
+                    self.steps_log.write(row)
+                if self.wandb is not None:
+                    self.wandb.log(row, "train")
+                self.timing["log"] += time.perf_counter() - log_began
+            self.progress.update(self.step, row)
+            finished = self.step >= self.total_steps or bool(t.max_samples and self.samples_seen >= t.max_samples)
+            evaluate = self.step % t.eval_every == 0 or finished
+            if evaluate or self.step % t.save_every == 0 or stop:
+                self._save()
+            if evaluate:
+                self._evaluate()
+            if stop:
+                return "interrupted"
+        if self.last_eval_step != self.step and self.step > 0:
+            # Resumed from a final checkpoint whose evaluation never finished.
+            self._evaluate()
+        return "completed"
+
+    def _forward_backward(self, micro: list[dict], compute_coarse: bool) -> list[float]:
+        """Backpropagates each micro-batch's token-sum loss; returns this rank's sums for the step:
+        [tokens, loss*tokens, loss_fine*tokens, fine tokens, loss_coarse*tokens, coarse tokens,
+        samples, sequence tokens (visual + text), out of memory]."""
+        sums = [0.0] * 9
+        tokens_per_frame = self.cfg.model.tokens_per_frame
+        for batch in micro:
+            sums[6] += batch["input_ids"].shape[0]
+            sums[7] += int(batch["frame_mask"].sum()) * tokens_per_frame + int(batch["attention_mask"].sum())
+            if sums[8]:
+                continue  # keep pulling this step's batches so every rank's data stream stays in step
+            try:
+                batch = to_device(batch, self.dist.device)
+                with self.autocast():
+                    out = self.model(batch, compute_coarse=compute_coarse)
+                n = out.n_tokens
+                (out.loss * n).backward()
+            except torch.cuda.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                sums[8] = 1.0
+                continue
+            sums[0] += n
+            sums[1] += float(out.loss.detach()) * n
+            if out.loss_fine is not None:
+                sums[2] += float(out.loss_fine) * n
+                sums[3] += n
+            if out.loss_coarse is not None:
+                sums[4] += float(out.loss_coarse) * n
+                sums[5] += n
+        return sums
+
+    def _is_divergent(self, loss: float) -> bool:
+        t = self.cfg.train
+        if not math.isfinite(loss):
+            return True
+        if self.step >= DIVERGENCE_WARMUP_STEPS and loss > t.divergence_factor * self.loss_ema:
+            return True
+        self.loss_ema = loss if self.loss_ema is None else LOSS_EMA_DECAY * self.loss_ema + (1 - LOSS_EMA_DECAY) * loss
+        return False
+
+    def _optimizer_step(self, tokens: float) -> float:
+        self.dist.sum_gradients(self.trainable)
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        torch._foreach_div_(grads, tokens)
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _gpu_memory(self) -> dict:
+        if self.dist.device.type != "cuda":
+            return {"gpu_mem_allocated_gb": 0.0, "gpu_mem_reserved_gb": 0.0}
+        return {"gpu_mem_allocated_gb": torch.cuda.memory_allocated() / GIB,
+                "gpu_mem_reserved_gb": torch.cuda.memory_reserved() / GIB}
+
+    # ------------------------------------------------------------------ checkpoints and evaluation
+    def _save(self) -> None:
+        if self.last_saved_step == self.step:
+            return
+        began = time.perf_counter()
+        trainer_state = {
+            "step": self.step, "samples_seen": self.samples_seen, "sequence_tokens": self.sequence_tokens,
+            "wall_time_sec": self.wall_time(), "loss_ema": self.loss_ema, "skipped_steps": self.skipped_steps,
+        }
+        rank_state = {"rng": ckpt.rng_state(), "data": self.train_loader.state_dict()}
+        self.saved_meta = {
+            "step": self.step, "samples_seen": self.samples_seen, "wall_time_sec": trainer_state["wall_time_sec"],
+            "git_commit": git_commit(), "config_hash": self.cfg.config_hash(), "world_size": self.dist.world_size,
+            "best": self.best, "config": self.cfg.to_dict(),
+        }
+        ckpt.save_checkpoint(self.run_dir, self.step, self.dist, model=self.model, tokenizer=self.tokenizer,
+                             optimizer=self.optimizer, trainer_state=trainer_state, rank_state=rank_state,
+                             meta=self.saved_meta)
+        self.last_saved_step = self.step
+        if self.dist.is_main:
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self.best.get("step"))
+        self.timing["checkpoint"] += time.perf_counter() - began
+
+    def _evaluate(self) -> None:
+        """Validation and probe attention at the current step, which was just checkpointed."""
+        began = time.perf_counter()
+        cfg, t = self.cfg, self.cfg.train
+        with torch.random.fork_rng(devices=[]):
+            val_loader = self._build_loader(cfg, "val", self.tokenizer, rank=self.dist.rank,
+                                            world_size=self.dist.world_size, max_samples=t.eval_samples)
+            metrics = validate(self.model, val_loader, self.dist, self.autocast)
+            if self.dist.is_main and t.probe_videos:
+                probe_loader = self._build_loader(cfg, "probe", self.tokenizer, train=False,
+                                                  max_samples=t.probe_videos)
+                save_probe_attention(self.model, probe_loader, t.probe_videos, self.step, self.run_dir,
+                                     self.dist.device, self.autocast)
+        self.dist.barrier()
+        self.last_eval_step = self.step
+        self.timing["eval"] += time.perf_counter() - began
+        if not self.dist.is_main:
+            return
+        train_row = self.last_row
+        row = {
+            **{k: train_row[k] for k in ("run_id", "step", "samples_seen", "wall_time_sec", "train_loss",
+                                          "loss_fine", "loss_coarse", "loss_ratio", "grad_norm",
+                                          "lr_connector", "lr_dino", "lr_llm")},
+            "throughput": train_row["throughput_samples_sec"],
+            "gpu_mem_gb": torch.cuda.max_memory_allocated() / GIB if self.dist.device.type == "cuda" else 0.0,
+            **metrics,
+        }
+        self.history.append(row)
+        if metrics["val_loss"] is not None and (not self.best or metrics["val_loss"] < self.best["val_loss"]):
+            self.best = dict(row)
+        self.metrics_log.write(row)
+        if self.wandb is not None:
+            self.wandb.log(row, "eval")
+        # The checkpoint of this step was written before its evaluation; its meta now learns the result.
+        self.saved_meta["best"] = self.best
+        ckpt.write_json(self.run_dir / ckpt.CHECKPOINTS / ckpt.step_name(self.step) / ckpt.META, self.saved_meta)
+        ckpt.prune_checkpoints(self.run_dir, t.keep_last, self.best.get("step"))
+        self.progress.message(
+            f"eval step {self.step}: val_loss {_fmt(metrics['val_loss'])} (fine {_fmt(metrics['val_loss_fine'])},"
+            f" coarse {_fmt(metrics['val_loss_coarse'])}), attention entropy {_fmt(metrics['attention_entropy'])}")
+
+    # ------------------------------------------------------------------ the end
+    def _finish(self, status: str, error: str | None) -> dict:
+        summary = self._summary(status, error)
+        if self.dist.is_main:
+            ckpt.write_json(self.run_dir / "run_summary.json", summary)
+            for sink in (self.steps_log, self.metrics_log, self.wandb):
+                if sink is not None:
+                    sink.close()
+            self.progress.close()
+            print(f"fvlm train: {status} at step {self.step} ({self.samples_seen:,} samples, "
+                  f"{summary['wall_time_sec']:.1f}s); best val_loss {_fmt(summary['best_val_loss'])}"
+                  + (f"; {error}" if error else ""), flush=True)
+        return summary
+
+    def _summary(self, status: str, error: str | None) -> dict:
+        best_val = self.best.get("val_loss")
+        convergence_step = None
+        if best_val is not None:
+            convergence_step = next(int(r["step"]) for r in self.history
+                                    if r["val_loss"] is not None and r["val_loss"] <= best_val * (1 + CONVERGENCE_TOLERANCE))
+        # The plan's FLOP calibration (2 x total params x tokens per sample), with the tokens per sample
+        # this run actually fed the LLM (visual + text).
+        params = self._param_counts()
+        tokens_per_sample = self.sequence_tokens / self.samples_seen if self.samples_seen else 0.0
+        flops_per_sample = 2.0 * params["total"] * tokens_per_sample
+        wall = self.wall_time()
+        summary = {
+            "run_id": self.cfg.run_id, "status": status, "git_commit": git_commit(),
+            "config_hash": self.cfg.config_hash(),
+            "final_train_loss": self.last_row["train_loss"] if self.last_row else None,
+            "best_val_loss": best_val, "best_val_step": self.best.get("step"),
+            "convergence_step": convergence_step, "total_steps": self.step, "total_samples": self.samples_seen,
+            "wall_time_sec": wall, "wall_time_hours": wall / 3600, "params": params,
+            "flops_per_sample": flops_per_sample, "total_flops": flops_per_sample * self.samples_seen,
+            "final": self.history[-1] if self.history else {}, "best": self.best,
+            "skipped_steps": self.skipped_steps, "data_skips": dict(self.train_loader.stats),
+            "time_sec": {k: round(v, 3) for k, v in self.timing.items()},
+        }
+        if error:
+            summary["error"] = error
+        return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
