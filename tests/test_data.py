@@ -18,7 +18,7 @@ from PIL import Image
 from fvlm.cli import main as fvlm_main
 from fvlm.config import load_config
 from fvlm.data.decode import MEAN, STD
-from fvlm.data.index import build_index
+from fvlm.data.index import build_index, read_sample
 from fvlm.data.inspect import inspect_path
 from fvlm.data.loader import build_loader, load_index
 from fvlm.data.schedule import TrainSchedule, source_probabilities
@@ -105,8 +105,7 @@ def test_synthetic_is_deterministic_and_counts_match(tmp_path, synth):
         for a, b in zip(sorted((synth / split).glob("*.tar")), sorted((again / split).glob("*.tar")), strict=True):
             assert a.read_bytes() == b.read_bytes()
     index = load_index(str(synth / "bench"))
-    key, parts = __import__("fvlm.data.index", fromlist=["read_sample"]).read_sample(
-        index.shards[0], int(index.start[0]), int(index.end[0]))
+    _, parts = read_sample(index.shards[0], int(index.start[0]), int(index.end[0]))
     m = json.loads(parts["json"])
     assert "\nA. " in m["user"] and m["assistant"].startswith("ABCD"[m["answer_index"]] + ". ")
     assert m["assistant"][3:] == m["choices"][m["answer_index"]]
@@ -233,15 +232,13 @@ def test_two_ranks_two_workers_cover_every_sample_once(synth):
         loader = build_loader(cfg, "train", TOK, rank=rank, world_size=2)
         per_rank.append(keys_of(take(loader, n_video // 8)))  # one epoch of the video source
     assert not set(per_rank[0]) & set(per_rank[1])
-    assert sorted(per_rank[0] + per_rank[1]) == sorted(k for k in map(str, _video_keys(index)))
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(_video_keys(index))
     val = [keys_of(list(build_loader(cfg_for(val=synth / "val", **{"data.num_workers": 2}), "val", TOK,
                                      rank=r, world_size=2))) for r in range(2)]
     assert len(val[0]) + len(val[1]) == len(set(val[0]) | set(val[1])) == len(load_index(str(synth / "val")))
 
 
 def _video_keys(index):
-    from fvlm.data.index import read_sample
-
     return [read_sample(index.shards[index.shard_id[r]], int(index.start[r]), int(index.end[r]))[0]
             for r in np.flatnonzero(index.kind_id == 0)]
 

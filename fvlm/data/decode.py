@@ -91,14 +91,13 @@ def decode_frames(parts: dict[str, bytes], kind: str, size: int, *, max_frames: 
     return np.stack([decode_image(parts[n], size) for n in names])
 
 
-def normalise(frames_uint8) -> "torch.Tensor":  # noqa: F821
-    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] with ImageNet mean/std."""
+def normalise_into(out, frames_uint8: np.ndarray) -> None:
+    """uint8 [T, H, W, 3] -> `out`, a float32 tensor [T, 3, H, W], with ImageNet mean/std, in place:
+    one pass over the batch buffer instead of a temporary per step."""
     import torch
 
-    x = torch.from_numpy(frames_uint8).permute(*range(frames_uint8.ndim - 3), -1, -3, -2).float()
-    shape = (3, 1, 1)
-    x.mul_(torch.from_numpy(1.0 / (255.0 * STD)).view(shape)).sub_(torch.from_numpy(MEAN / STD).view(shape))
-    return x.contiguous()
+    out.copy_(torch.from_numpy(np.ascontiguousarray(frames_uint8.transpose(0, 3, 1, 2))))  # bytes move fastest
+    out.mul_(torch.from_numpy(1.0 / (255.0 * STD)).view(3, 1, 1)).sub_(torch.from_numpy(MEAN / STD).view(3, 1, 1))
 
 
 def read_meta(parts: dict[str, bytes]) -> dict:

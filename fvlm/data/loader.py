@@ -28,7 +28,7 @@ from fvlm.data.decode import (
     SampleError,
     decode_frames,
     encode_dialogue,
-    normalise,
+    normalise_into,
     read_meta,
 )
 from fvlm.data.index import KINDS, DataIndex, build_index, read_sample
@@ -109,7 +109,7 @@ class SampleReader:
         except SampleError as exc:
             exc.where = (shard, key)
             raise
-        return {"frames": normalise(frames), "ids": ids, "mask": mask, "full_length": full_length, "key": key,
+        return {"frames": frames, "ids": ids, "mask": mask, "full_length": full_length, "key": key,
                 "source": source, "kind": kind}
 
 
@@ -141,25 +141,35 @@ class _Items:
             raise RuntimeError(f"{_MAX_SUBSTITUTES} consecutive unusable samples in a row near {shard}:{key}")
         return None, events
 
-    def __len__(self) -> int:
-        return len(self.reader.index)
+
+def _empty(*shape, dtype):
+    """A tensor that a loader worker can hand to the main process without copying it."""
+    import torch
+
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(*shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.tensor([], dtype=dtype).set_(storage).view(*shape)
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
+    """Pads and stacks; frames are normalised straight into the batch (samples carry uint8)."""
     import torch
 
     batch_size = len(samples)
     t_max = max((s["frames"].shape[0] for s in samples), default=0)
     l_max = max((len(s["ids"]) for s in samples), default=0)
-    size = samples[0]["frames"].shape[-1] if samples else 0
-    frames = torch.zeros(batch_size, t_max, 3, size, size, dtype=torch.float32)
+    size = samples[0]["frames"].shape[1] if samples else 0
+    frames = _empty(batch_size, t_max, 3, size, size, dtype=torch.float32)
     frame_mask = torch.zeros(batch_size, t_max, dtype=torch.bool)
     input_ids = torch.full((batch_size, l_max), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(batch_size, l_max, dtype=torch.long)
     loss_mask = torch.zeros(batch_size, l_max, dtype=torch.bool)
     for b, s in enumerate(samples):
         t, n = s["frames"].shape[0], len(s["ids"])
-        frames[b, :t] = s["frames"]
+        normalise_into(frames[b, :t], s["frames"])
+        frames[b, t:] = 0
         frame_mask[b, :t] = True
         input_ids[b, :n] = torch.tensor(s["ids"], dtype=torch.long)
         attention_mask[b, :n] = 1
@@ -216,10 +226,6 @@ class Loader:
         self._eval_rows = np.arange(rank, n, world_size)
         if max_samples:
             self._eval_rows = self._eval_rows[: max(0, -(-max_samples // world_size))]
-
-    @property
-    def index(self) -> DataIndex:
-        return self.reader.index
 
     def _log(self, shard: str, key: str, reason: str) -> None:
         if (shard, key, reason) not in _logged:
