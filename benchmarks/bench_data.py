@@ -1,7 +1,8 @@
 """Data pipeline throughput: decode + resize + normalise + tokenise + collate, in frames/s.
 
 Writes 224 px JPEG video shards with the synthetic generator, then times the training loader with
-0 and N workers side by side in one process (the issue's goal: >= 1,000 frames/s with 2 workers).
+0 and N workers side by side in one process (the issue's goal: >= 1,000 frames/s with 2 workers),
+and the per-core cost in CPU seconds, which stays meaningful when other jobs share the machine.
 
     .venv/bin/python benchmarks/bench_data.py [--workers 2] [--videos 160] [--batches 60]
 """
@@ -32,6 +33,25 @@ def frames_per_second(cfg, batches: int, warmup: int = 5) -> float:
     return frames / (time.perf_counter() - began)
 
 
+def frames_per_cpu_second(cfg, samples: int = 80) -> float:
+    """The same work in this process on one thread, timed in CPU seconds: what one worker does per
+    core, whatever else the machine is running."""
+    import torch
+
+    from fvlm.data.loader import collate
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    loader = build_loader(cfg, "train", byte_tokenizer())
+    rows = [int(r) for r in loader.schedule.rows_at(0, samples)]
+    began, frames = time.process_time(), 0
+    for i in range(0, samples, cfg.train.batch_size):
+        batch = collate([loader.reader.load(r) for r in rows[i : i + cfg.train.batch_size]], loader.pad_id)
+        frames += int(batch["frame_mask"].sum())
+    torch.set_num_threads(threads)
+    return frames / (time.process_time() - began)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -47,6 +67,7 @@ def main() -> None:
         print(f"synthetic {args.size}px: {manifest['samples_per_sec']:.0f} samples/s "
               f"({manifest['samples_per_sec'] * args.frames:.0f} frames/s written)")
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}")
+        print(f"load average before timing: {os.getloadavg()[0]:.1f}")
         for workers in (0, args.workers):
             cfg = load_config(None, {"data.train": f"{tmp}/train", "data.num_workers": workers,
                                      "data.max_frames": args.frames, "model.image_size": args.size,
@@ -54,6 +75,9 @@ def main() -> None:
             fps = frames_per_second(cfg, args.batches)
             print(f"workers={workers}: {fps:,.0f} frames/s at {args.size}px "
                   f"(batch {args.batch_size} x {args.frames} frames, decode+resize+normalise+tokenise+collate)")
+        per_core = frames_per_cpu_second(cfg)
+        print(f"one worker: {per_core:,.0f} frames per CPU-second (x{args.workers} workers on idle cores: "
+              f"{per_core * args.workers:,.0f} frames/s)")
 
 
 if __name__ == "__main__":

@@ -100,6 +100,16 @@ def normalise_into(out, frames_uint8: np.ndarray) -> None:
     out.mul_(torch.from_numpy(1.0 / (255.0 * STD)).view(3, 1, 1)).sub_(torch.from_numpy(MEAN / STD).view(3, 1, 1))
 
 
+def normalise(frames_uint8: np.ndarray) -> "torch.Tensor":  # noqa: F821
+    """uint8 [T, H, W, 3] -> a new float32 tensor [T, 3, H, W], normalised as DINOv2 expects."""
+    import torch
+
+    t, h, w, _ = frames_uint8.shape
+    out = torch.empty(t, 3, h, w, dtype=torch.float32)
+    normalise_into(out, frames_uint8)
+    return out
+
+
 def read_meta(parts: dict[str, bytes]) -> dict:
     return json.loads(parts["json"])
 

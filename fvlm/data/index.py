@@ -184,7 +184,8 @@ def _scan_shard(path: str, source: str, sources: list[str], rows: list, skips: l
             if isinstance(item, tuple):
                 event, detail = item
                 if event == "corrupt":
-                    skips.append(Skip(path, f"@{detail}", "corrupt_header"))
+                    after = f" after {groups[-1][1][-1].name}" if groups else ""
+                    skips.append(Skip(path, f"@{detail}{after}", "corrupt_header"))
                     continue
                 key, _ = split_name(detail.name)
                 problems = ["truncated"]
