@@ -236,6 +236,9 @@ def test_two_ranks_two_workers_cover_every_sample_once(synth):
     val = [keys_of(list(build_loader(cfg_for(val=synth / "val", **{"data.num_workers": 2}), "val", TOK,
                                      rank=r, world_size=2))) for r in range(2)]
     assert len(val[0]) + len(val[1]) == len(set(val[0]) | set(val[1])) == len(load_index(str(synth / "val")))
+    capped = [keys_of(list(build_loader(cfg_for(val=synth / "val"), "val", TOK, rank=r, world_size=2,
+                                        max_samples=7))) for r in range(2)]
+    assert len(set(capped[0]) | set(capped[1])) == len(capped[0]) + len(capped[1]) == 7
 
 
 def _video_keys(index):

@@ -222,10 +222,8 @@ class Loader:
         self.stats: Counter = Counter(s.reason for s in reader.index.skips)
         for skip in reader.index.skips:
             self._log(skip.shard, skip.key, skip.reason)
-        n = len(reader.index)
-        self._eval_rows = np.arange(rank, n, world_size)
-        if max_samples:
-            self._eval_rows = self._eval_rows[: max(0, -(-max_samples // world_size))]
+        n = min(len(reader.index), max_samples) if max_samples else len(reader.index)
+        self._eval_rows = np.arange(rank, n, world_size)  # the first max_samples, split over ranks
 
     def _log(self, shard: str, key: str, reason: str) -> None:
         if (shard, key, reason) not in _logged:
@@ -282,7 +280,6 @@ class Loader:
             num_workers=self.num_workers,
             collate_fn=_Collate(self.pad_id),
             worker_init_fn=_worker_init if self.num_workers else None,
-            prefetch_factor=4 if self.num_workers else None,
         )
         for batch, events in loader:
             self.position = positions.pop(0)
@@ -330,7 +327,8 @@ def split_path(cfg, split: str) -> str:
 def build_loader(cfg, split: str, tokenizer, *, rank: int = 0, world_size: int = 1, train: bool | None = None,
                  batch_size: int | None = None, max_samples: int | None = None) -> Loader:
     """A Loader for `split` (train|val|probe|bench). `train` (default: split == "train") makes it an
-    endless seeded mixture stream; otherwise each sample of this rank comes once, in index order.
+    endless seeded mixture stream; otherwise each sample of this rank comes once, in index order
+    (the first `max_samples` of the split, when given, dealt round-robin over ranks).
     Raises UsageError for a missing path, a path without shards, or a mix naming a missing source."""
     train = split == "train" if train is None else train
     d = cfg.data
