@@ -185,12 +185,17 @@ def fig6_attention_entropy(ctx: Context) -> Path | str:
     runs = [r for r in ctx.table.runs.values() if np.isfinite(r.col("attention_entropy")).any()]
     if not runs:
         return "no run logged attention_entropy"
+    # Ablation runs and the rest in separate panels: one panel of 25 curves is unreadable.
+    groups = [(t, g) for t, g in (("ablation runs", [r for r in runs if ablations.plan_id(r)]),
+                                  ("other runs", [r for r in runs if not ablations.plan_id(r)])) if g]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    _curves(ax, runs, y="attention_entropy")
-    ax.set_xscale("log")
-    ax.legend(ncol=2, fontsize=6)
-    ax.set_title("Fig 6: attention entropy over training (lower = sharper)")
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False, sharey=True)
+    for ax, (title, group) in zip(axes[0], groups):
+        _curves(ax, group, y="attention_entropy", labels=_labels(group))
+        ax.set_xscale("log")
+        ax.legend(ncol=2, fontsize=6)
+        ax.set_title(title)
+    fig.suptitle("Fig 6: attention entropy over training (lower = sharper)")
     return _save(fig, ctx.out / "fig6_attention_entropy.png")
 
 
@@ -346,7 +351,7 @@ def scaling_law_plot(ctx: Context) -> Path | str:
                 label=f"{size} per-size LS: E={fit['E']:.3f}, b={fit['b']:.3f}, RMSE={fit['rmse']:.4f}")
         joint_curve = predict_joint(joint, fit["N"], grid, size) if joint else None
         if joint_curve is not None:
-            ax.plot(grid, joint_curve, "--", color=colors[size], lw=1.2, label=f"{size} joint ({joint.get('method')})")
+            ax.plot(grid, joint_curve, "--", color=colors[size], lw=1.2, label=f"{size} joint fit (Huber on log L)")
         res_ax.plot(d, loss - predict_data_scaling(fit, d), ".", color=colors[size], ms=4, label=size)
     ax.set_xscale("log")
     ax.set_xlabel("samples seen D")

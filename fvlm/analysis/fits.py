@@ -157,6 +157,8 @@ def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_joint_huber(data: JointData, delta: float = HUBER_DELTA, n_starts: int = 16,
                     extra_starts: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """n_starts = 0 skips the grid and starts only from extra_starts (a bootstrap resample starts
+    from the full-data optimum)."""
     """Hoffmann et al. approach 3: Huber loss on log L, L-BFGS from the best points of a start grid.
 
     Parameters are logs (e = log E per size or shared, a = log A, b = log B) and exponents, so the
@@ -183,16 +185,20 @@ def fit_joint_huber(data: JointData, delta: float = HUBER_DELTA, n_starts: int =
                              -(g * w[:, 1]) @ log_n, -(g * w[:, 2]) @ log_d])
         else:
             grad = np.concatenate([onehot.T @ (g * w[:, 0]), [g @ w[:, 1], -(g * w[:, 1]) @ log_d]])
-        return float(value.sum()), grad
+        # Divided by delta: the same minimiser, but gradients of order one, so L-BFGS's absolute
+        # gradient tolerance does not stop it at its start when residuals are all beyond delta.
+        return float(value.sum()) / delta, grad / delta
 
     if identifiable:
         axes = [np.linspace(-1, 1, 5), np.arange(0, 30, 5.0), np.arange(0, 30, 5.0),
                 np.linspace(0, 2, 5), np.linspace(0, 2, 5)]
     else:
         axes = [np.linspace(-1, 1, 5)] * data.n_sizes + [np.arange(0, 30, 5.0), np.linspace(0, 2, 5)]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
-    scores = _grid_huber(grid, log_n, log_d, log_l, onehot, identifiable, delta)
-    starts = list(grid[np.argsort(scores)[:n_starts]]) + list(extra_starts or [])
+    starts = list(extra_starts or [])
+    if n_starts:
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
+        scores = _grid_huber(grid, log_n, log_d, log_l, onehot, identifiable, delta)
+        starts = list(grid[np.argsort(scores)[:n_starts]]) + starts
     bounds = [(None, None)] * (len(axes) - 2) + [(None, None), (0.0, EXPONENT_MAX)]
     if identifiable:
         bounds = [(None, None)] * 3 + [(0.0, EXPONENT_MAX)] * 2
@@ -212,7 +218,7 @@ def fit_joint_huber(data: JointData, delta: float = HUBER_DELTA, n_starts: int =
         record = {"E": None, "A": None, "B": math.exp(float(theta[-2])), "alpha": None,
                   "beta": float(theta[-1]),
                   "E_by_size": {lab: math.exp(float(theta[i])) for i, lab in enumerate(data.size_labels)}}
-    record.update(method="huber_log", huber_delta=delta, objective=float(best.fun),
+    record.update(method="huber_log", huber_delta=delta, objective=float(best.fun) * delta,
                   rmse=math.sqrt(float(resid @ resid) / len(resid)), theta=[float(v) for v in theta],
                   n_starts=len(starts))
     return record
@@ -249,32 +255,36 @@ def predict_joint(fit: dict[str, Any], n: float, d: np.ndarray | float, size: st
 
 
 def bootstrap(run_index: np.ndarray, fit: Callable[[np.ndarray], dict[str, Any]], keys: list[str],
-              n_boot: int, seed: int) -> dict[str, Any]:
-    """Percentile 95% intervals of fit(idx)[key] over resamples of whole runs or of points."""
+              n_boot: int, seed: int, strata: np.ndarray | None = None) -> dict[str, Any]:
+    """Percentile 95% intervals of fit(idx)[key] over resamples of whole runs or of points.
+
+    Resampling happens within each stratum (model size), so no resample loses a size; runs are the
+    unit only when every stratum has enough of them.
+    """
     rng = np.random.default_rng(seed)
-    runs = np.unique(run_index)
-    by_run = len(runs) >= MIN_RUNS_FOR_RUN_BOOTSTRAP
+    strata = np.zeros(len(run_index), int) if strata is None else strata
+    groups = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    runs_per_group = [np.unique(run_index[g]) for g in groups]
+    by_run = min(len(r) for r in runs_per_group) >= MIN_RUNS_FOR_RUN_BOOTSTRAP
     draws: dict[str, list[float]] = {k: [] for k in keys}
     for _ in range(n_boot):
-        if by_run:
-            chosen = rng.choice(runs, size=len(runs), replace=True)
-            idx = np.concatenate([np.flatnonzero(run_index == r) for r in chosen])
-        else:
-            idx = rng.integers(0, len(run_index), size=len(run_index))
-        try:
-            result = fit(idx)
-        except (np.linalg.LinAlgError, ValueError):
-            continue
+        parts = []
+        for members, runs in zip(groups, runs_per_group):
+            if by_run:
+                parts += [np.flatnonzero(run_index == r) for r in rng.choice(runs, size=len(runs), replace=True)]
+            else:
+                parts.append(rng.choice(members, size=len(members), replace=True))
+        result = fit(np.concatenate(parts))
         for k in keys:
             if result.get(k) is not None:
                 draws[k].append(float(result[k]))
     intervals = {k: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= 10 else None)
                  for k, v in draws.items()}
-    unit = "runs" if by_run else "points"
-    note = (f"{n_boot} resamples of whole runs ({len(runs)} runs)" if by_run else
-            f"{n_boot} resamples of points: only {len(runs)} run(s), fewer than {MIN_RUNS_FOR_RUN_BOOTSTRAP}; "
-            "points along one curve are correlated, so these intervals are optimistic")
-    return {"ci95": intervals, "unit": unit, "n_resamples": n_boot, "note": note}
+    fewest = min(len(r) for r in runs_per_group)
+    note = (f"{n_boot} resamples of whole runs within each size" if by_run else
+            f"{n_boot} resamples of points within each size: the fewest runs in a size is {fewest}, below "
+            f"{MIN_RUNS_FOR_RUN_BOOTSTRAP}; points along one curve are correlated, so these intervals are optimistic")
+    return {"ci95": intervals, "unit": "runs" if by_run else "points", "n_resamples": n_boot, "note": note}
 
 
 # ----------------------------------------------------------------------------- iso-FLOP

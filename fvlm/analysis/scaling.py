@@ -68,9 +68,10 @@ def joint(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any] | None:
     huber = fits.fit_joint_huber(data)
     keys = ["E", "A", "B", "alpha", "beta"] if data.n_sizes >= 3 else ["B", "beta"]
     start = np.array(huber["theta"])
-    ls_boot = fits.bootstrap(run_idx, lambda idx: fits.fit_joint_least_squares(data.take(idx)), keys, n_boot, seed)
-    hub_boot = fits.bootstrap(run_idx, lambda idx: fits.fit_joint_huber(data.take(idx), n_starts=2, extra_starts=[start]),
-                              keys, n_boot, seed)
+    ls_boot = fits.bootstrap(run_idx, lambda idx: fits.fit_joint_least_squares(data.take(idx)), keys, n_boot, seed,
+                             strata=size_idx)
+    hub_boot = fits.bootstrap(run_idx, lambda idx: fits.fit_joint_huber(data.take(idx), n_starts=0, extra_starts=[start]),
+                              keys, n_boot, seed, strata=size_idx)
     least_squares.update(ci95=ls_boot["ci95"])
     huber.update(ci95=hub_boot["ci95"])
     identifiable = data.n_sizes >= 3
