@@ -111,6 +111,28 @@ def test_synthetic_is_deterministic_and_counts_match(tmp_path, synth):
     assert m["assistant"][3:] == m["choices"][m["answer_index"]]
 
 
+def _ensure(cfg, queue):
+    queue.put(ensure_synthetic(cfg))
+
+
+def test_ensure_synthetic_is_safe_when_two_processes_race(tmp_path):
+    import multiprocessing
+
+    cfg = load_config(None, {"out_dir": str(tmp_path), "data.synth_videos": 6, "data.synth_images": 2,
+                             "data.synth_texts": 2, "data.synth_val": 4, "data.synth_size": 32})
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    racers = [ctx.Process(target=_ensure, args=(cfg, queue)) for _ in range(2)]
+    for p in racers:
+        p.start()
+    results = [queue.get(timeout=120) for _ in racers]
+    for p in racers:
+        p.join()
+    assert results[0] == results[1] == ensure_synthetic(cfg)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [Path(results[0]["train"]).parent.name]
+    assert len(load_index(results[0]["train"])) == 10
+
+
 def test_ensure_synthetic_generates_once(tmp_path):
     cfg = load_config(None, {"out_dir": str(tmp_path), "data.synth_videos": 4, "data.synth_images": 2,
                              "data.synth_texts": 2, "data.synth_val": 4, "data.synth_size": 32,
@@ -294,6 +316,9 @@ def test_mix_file_sources_and_missing_source(tmp_path, synth):
     mix.write_text(f"sources:\n  a: {{path: {synth / 'probe'}}}\n  b: {{path: {tmp_path / 'nowhere'}}}\n")
     with pytest.raises(UsageError, match="source 'b'"):
         resolve_sources(str(mix))
+    mix.write_text(f"sources:\n  a: {{path: {synth / 'probe'}, weight: 1}}\n  b: {{path: {synth / 'bench'}}}\n")
+    with pytest.raises(UsageError, match="not to b"):
+        resolve_sources(str(mix))
 
 
 def test_path_forms(tmp_path, synth):
@@ -376,3 +401,18 @@ def test_index_survives_pax_and_long_names(tmp_path):
     assert len(index) == 1 and index.kind_of(0) == "image" and not index.skips
     (batch,) = list(build_loader(cfg_for(val=path), "val", TOK))
     assert batch["keys"] == [key]
+
+
+def test_cli_synth_then_inspect_json(tmp_path, capsys):
+    out = tmp_path / "set"
+    args = ["data", "synth", str(out), "--videos", "6", "--images", "3", "--texts", "3", "--frames", "3",
+            "--size", "32", "--val", "4", "--probe", "2", "--bench", "4"]
+    assert fvlm_main(args) == 0
+    assert "samples/s" in capsys.readouterr().out
+    assert fvlm_main(args) == 2  # never writes into a folder that holds data
+    capsys.readouterr()
+    assert fvlm_main(["data", "inspect", str(out), "--json", "model.image_size=32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["splits"]["train"]["by_kind"] == {"video": 6, "image": 3, "text": 3}
+    assert report["requested"]["train"]["video"] == 6 and report["splits"]["probe"]["by_kind"]["video"] == 2
+    assert report["splits"]["train"]["mix"]["requested_by_kind"]["text"] == pytest.approx(0.14)

@@ -63,6 +63,10 @@ def _read_mix(path: Path, what: str) -> list[SourceSpec]:
         paths = entry["path"] if isinstance(entry["path"], list) else str(entry["path"]).split(",")
         shards = [s for p in paths for s in _shards_of(str(p).strip(), path.parent, where)]
         specs.append(SourceSpec(str(name), shards, None if weight is None else float(weight), entry.get("prompt")))
+    weighted = [s.name for s in specs if s.weight is not None]
+    if weighted and len(weighted) != len(specs):
+        missing = ", ".join(s.name for s in specs if s.weight is None)
+        raise UsageError(f"{what}: mix file {path} gives weights to some sources but not to {missing}")
     return specs
 
 
