@@ -30,8 +30,9 @@ def register(sub) -> None:
 
     inspect = data_sub.add_parser("inspect", help="counts, mix, lengths and skipped samples of a data path")
     inspect.add_argument("path", metavar="PATH", help="folder, glob, comma list, mix .yaml, or a `data synth` folder")
-    inspect.add_argument("overrides", nargs="*", metavar="key=value",
-                         help="config fields that shape the reading (train.stage=2, data.max_text_tokens=..., data.mix=...)")
+    inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="a config field that shapes the reading (train.stage=2, data.max_text_tokens=96, "
+                              "data.mix={video: 0.6, image: 0.4}); repeatable")
     inspect.add_argument("--config", default=None, help="config file or shipped name (default: tiny)")
     inspect.add_argument("--no-decode", action="store_true", help="headers and JSON only: fast, but misses bad frames")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -63,7 +64,7 @@ def cmd_inspect(args) -> int:
     from fvlm.config import load_config
     from fvlm.data.inspect import format_report, inspect_path
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.set)
     report = inspect_path(args.path, cfg, decode=not args.no_decode)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
