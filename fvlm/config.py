@@ -188,6 +188,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise UsageError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; it is the way people write learning rates.
+            try:
+                if abs(float(value)) != float("inf") and float(value) == float(value):
+                    return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{where}: expected a number, got {value!r}")
         return float(value)

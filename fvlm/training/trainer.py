@@ -41,8 +41,7 @@ RESUMABLE_CHANGES = {
     "train.max_steps", "train.max_samples", "train.eval_every", "train.save_every", "train.log_every",
     "train.keep_last", "train.wandb", "train.wandb_project", "data.num_workers",
 }
-# The loss spike test needs a running level first; early steps fall too fast to have one.
-DIVERGENCE_WARMUP_STEPS = 10
+# Divergence: the loss climbs above train.divergence_factor x the lowest running level it reached.
 LOSS_EMA_DECAY = 0.9
 # convergence_step: the first eval point within this relative distance of the best val loss.
 CONVERGENCE_TOLERANCE = 0.01
@@ -103,6 +102,7 @@ class Trainer:
         self.sequence_tokens = 0
         self.wall_time_before = 0.0
         self.loss_ema: float | None = None
+        self.loss_floor: float | None = None
         self.skipped_steps = 0
         self.best: dict = {}
         self.history: list[dict] = []
@@ -206,6 +206,7 @@ class Trainer:
         self.sequence_tokens = trainer_state["sequence_tokens"]
         self.wall_time_before = trainer_state["wall_time_sec"]
         self.loss_ema = trainer_state["loss_ema"]
+        self.loss_floor = trainer_state["loss_floor"]
         self.skipped_steps = trainer_state["skipped_steps"]
         self.best = meta.get("best") or {}
         self.saved_meta = meta
@@ -220,6 +221,9 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.train.wandb != "off":
+            self.wandb = Wandb(cfg.train.wandb, cfg.train.wandb_project, self.run_dir, cfg.run_id,
+                               cfg.config_hash(), cfg.to_dict(), resume=self.resume_from is not None)
         (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         keep = self.step if self.resume_from is not None else None
         self.steps_log = CsvLog(self.run_dir / "steps.csv", STEP_COLUMNS, keep)
@@ -227,9 +231,6 @@ class Trainer:
         self.history = [_parse_row(row) for row in self.metrics_log.kept_rows]
         if self.steps_log.kept_rows:
             self.last_row = _parse_row(self.steps_log.kept_rows[-1])
-        if cfg.train.wandb != "off":
-            self.wandb = Wandb(cfg.train.wandb, cfg.train.wandb_project, self.run_dir, cfg.run_id,
-                               cfg.config_hash(), cfg.to_dict(), resume=self.resume_from is not None)
         self._print_plan()
 
     def _print_plan(self) -> None:
@@ -321,7 +322,7 @@ class Trainer:
             train_loss = loss_sum / tokens
             if self._is_divergent(train_loss):
                 self.progress.message(f"fvlm train: diverged at step {next_step} (loss {train_loss:.4g}, "
-                                      f"running level {self.loss_ema})")
+                                      f"lowest running level {_fmt(self.loss_floor)})")
                 return "diverged"
             grad_norm = self._optimizer_step(tokens)
             if not math.isfinite(grad_norm):
@@ -402,12 +403,15 @@ class Trainer:
         return sums
 
     def _is_divergent(self, loss: float) -> bool:
-        t = self.cfg.train
+        """NaN/inf, or a climb far above the lowest level the smoothed loss reached. Against the
+        lowest level rather than the current one, so a loss that ramps up over many steps (which
+        the running level would follow) is caught as well as a sudden spike."""
         if not math.isfinite(loss):
             return True
-        if self.step >= DIVERGENCE_WARMUP_STEPS and loss > t.divergence_factor * self.loss_ema:
+        if self.loss_floor is not None and loss > self.cfg.train.divergence_factor * self.loss_floor:
             return True
         self.loss_ema = loss if self.loss_ema is None else LOSS_EMA_DECAY * self.loss_ema + (1 - LOSS_EMA_DECAY) * loss
+        self.loss_floor = self.loss_ema if self.loss_floor is None else min(self.loss_floor, self.loss_ema)
         return False
 
     def _optimizer_step(self, tokens: float) -> float:
@@ -434,7 +438,8 @@ class Trainer:
         began = time.perf_counter()
         trainer_state = {
             "step": self.step, "samples_seen": self.samples_seen, "sequence_tokens": self.sequence_tokens,
-            "wall_time_sec": self.wall_time(), "loss_ema": self.loss_ema, "skipped_steps": self.skipped_steps,
+            "wall_time_sec": self.wall_time(), "loss_ema": self.loss_ema,
+            "loss_floor": self.loss_floor, "skipped_steps": self.skipped_steps,
         }
         rank_state = {"rng": ckpt.rng_state(), "data": self.train_loader.state_dict()}
         self.saved_meta = {

@@ -1,0 +1,260 @@
+"""`fvlm train`: config errors, parameter groups and schedules, every file of DESIGN.md §3, divergence,
+wandb offline. (Resume and DDP, which need subprocesses, are in test_train_resume.py.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fvlm.cli import main
+from fvlm.config import OptimConfig, load_config
+from fvlm.training.logs import METRIC_COLUMNS, STEP_COLUMNS
+from fvlm.training.optim import group_lrs
+from fvlm.training.trainer import train
+
+# A smaller synthetic set and model input than the tiny preset, so a run takes seconds.
+SMALL = [
+    "data.synth_videos=48", "data.synth_images=16", "data.synth_texts=16", "data.synth_val=16",
+    "data.synth_frames=4", "data.synth_size=32", "data.max_frames=4", "data.max_text_tokens=64",
+    "model.image_size=32", "train.batch_size=4", "train.eval_batch_size=8", "train.eval_samples=16",
+    "train.probe_videos=3",
+]
+
+
+@pytest.fixture(scope="session")
+def out_dir(tmp_path_factory):
+    """One out_dir for all training tests of the session, so the synthetic set is generated once."""
+    folder = tmp_path_factory.getbasetemp() / "train-runs"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def small_config(out_dir, run_id, *overrides):
+    return load_config("tiny", [f"out_dir={out_dir}", f"run_id={run_id}", *SMALL, *overrides])
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+# ---------------------------------------------------------------------------- config errors
+@pytest.mark.parametrize("args, message", [
+    (["train.max_step=3"], "did you mean train.max_steps"),
+    (["optim.lr_llm=fast"], "optim.lr_llm"),
+    (["train.max_steps=0"], "train.max_steps or train.max_samples"),
+    (["train.init_from=/nonexistent/run"], "train.init_from"),
+    (["train.precision=bf16"], "train.precision"),
+])
+def test_config_errors_exit_2_naming_the_field(tmp_path, capsys, args, message):
+    if "precision" in args[0] and torch.cuda.is_available():
+        pytest.skip("bf16 is valid with CUDA")
+    code = main(["train", "tiny", f"out_dir={tmp_path}", *args])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_schedules():
+    peaks = dict(lr_connector=1e-3, lr_dino=1e-5, lr_llm=1e-4)
+    cosine = OptimConfig(**peaks, schedule="cosine", warmup_ratio=0.1, min_lr_ratio=0.1)
+    everything = {"connector", "dino", "llm"}
+    assert group_lrs(0, 100, cosine, everything)["connector"] == pytest.approx(1e-4)  # warmup 1/10
+    assert group_lrs(10, 100, cosine, everything)["llm"] == pytest.approx(1e-4)  # peak
+    assert group_lrs(100, 100, cosine, everything)["dino"] == pytest.approx(1e-6)  # min_lr_ratio x peak
+    constant = OptimConfig(**peaks, schedule="constant", warmup_ratio=0.0)
+    assert group_lrs(73, 100, constant, everything) == {"connector": 1e-3, "dino": 1e-5, "llm": 1e-4}
+    converging = OptimConfig(**peaks, schedule="converging", warmup_ratio=0.0, min_lr_ratio=0.5)
+    start, end = group_lrs(0, 100, converging, everything), group_lrs(100, 100, converging, everything)
+    assert start == pytest.approx({"connector": 1e-3, "dino": 1e-5, "llm": 1e-4})
+    assert end == pytest.approx({"connector": 5e-6, "dino": 5e-6, "llm": 5e-6})  # all meet at 0.5 x 1e-5
+    only_connector = group_lrs(5, 100, converging, {"connector"})
+    shape = 0.5 * (1 + np.cos(np.pi * 0.05))
+    assert only_connector == pytest.approx({"connector": 5e-4 + (1e-3 - 5e-4) * shape, "dino": 0.0, "llm": 0.0})
+
+
+# ---------------------------------------------------------------------------- a run and its files
+@pytest.fixture(scope="session")
+def small_run(out_dir):
+    cfg = small_config(out_dir, "files", "train.max_steps=24", "train.eval_every=12", "train.save_every=6",
+                       "train.log_every=4", "train.keep_last=1")
+    return cfg, train(cfg)
+
+
+def test_every_file_of_a_run_has_its_exact_columns(small_run):
+    cfg, summary = small_run
+    run = cfg.run_dir
+    header, steps = read_csv(run / "steps.csv")
+    assert tuple(header) == STEP_COLUMNS
+    assert [int(r["step"]) for r in steps] == [1, 4, 8, 12, 16, 20, 24]
+    assert all(r["loss_coarse"] not in ("", "0.0") for r in steps), "loss_coarse must be measured (lambda=0)"
+    assert all(float(r["throughput_samples_sec"]) > 0 and float(r["grad_norm"]) > 0 for r in steps)
+    assert int(steps[-1]["samples_seen"]) == 24 * 4
+    header, metrics = read_csv(run / "metrics.csv")
+    assert tuple(header) == METRIC_COLUMNS
+    assert [int(r["step"]) for r in metrics] == [12, 24]
+    for row in metrics:
+        assert float(row["val_loss"]) == float(row["val_loss_fine"])
+        assert float(row["val_loss_ratio"]) == pytest.approx(float(row["val_loss_fine"]) / float(row["val_loss_coarse"]))
+        assert 0 < float(row["attention_entropy"]) <= np.log(1 + 16) + 1e-6  # 32 px / 8 px patches
+    assert float(steps[-1]["train_loss"]) < float(steps[0]["train_loss"]) - 0.5, "the loss should fall"
+
+    assert load_config(str(run / "config.yaml")).to_dict() == cfg.to_dict()
+    on_disk = json.loads((run / "run_summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("run_id", "status", "git_commit", "config_hash", "final_train_loss", "best_val_loss", "best_val_step",
+                "convergence_step", "total_steps", "total_samples", "wall_time_sec", "wall_time_hours", "params",
+                "flops_per_sample", "total_flops", "final", "best"):
+        assert key in on_disk, key
+    assert on_disk["status"] == "completed" and on_disk["config_hash"] == cfg.config_hash()
+    assert on_disk["total_steps"] == 24 and on_disk["total_samples"] == 96
+    assert on_disk["best_val_step"] == 24 and on_disk["best_val_loss"] == on_disk["best"]["val_loss"]
+    params = on_disk["params"]
+    assert sum(params["by_group"].values()) == params["total"] >= params["trainable"] > 0
+    assert on_disk["final"]["step"] == 24 and set(on_disk["final"]) == set(METRIC_COLUMNS)
+
+
+def test_checkpoints_are_complete_loadable_and_pruned(small_run):
+    from fvlm.model.build import load_model
+
+    cfg, _ = small_run
+    names = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
+    assert names == ["step_0000024"]  # keep_last=1, and the best is the last
+    folder = cfg.run_dir / "checkpoints" / "step_0000024"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["step"] == 24 and meta["samples_seen"] == 96 and meta["config"]["run_id"] == "files"
+    assert meta["best"]["step"] == 24 and "git_commit" in meta
+    model, tokenizer = load_model(folder)
+    assert tokenizer is not None and type(model).__name__ == "FoveatedVLM"
+
+
+def test_attention_npz_contract(small_run):
+    cfg, _ = small_run
+    saved = sorted(p.name for p in (cfg.run_dir / "attention").iterdir())
+    assert saved == ["step_0000012.npz", "step_0000024.npz"]
+    z = np.load(cfg.run_dir / "attention" / "step_0000024.npz")
+    n, t = z["frame_mask"].shape
+    assert n == 3 and t == 4
+    assert z["coarse_attn"].dtype == np.float32 and z["coarse_attn"].shape == (3, 4, 2, 4, 17)
+    assert z["fine_attn"].shape == z["coarse_attn"].shape
+    assert z["frames"].dtype == np.uint8 and z["frames"].shape == (3, 4, 32, 32, 3)
+    assert list(z["grid"]) == [4, 4] and int(z["step"]) == 24 and len(z["keys"]) == 3
+    real = z["fine_attn"][z["frame_mask"]]
+    np.testing.assert_allclose(real.sum(-1), 1.0, rtol=1e-4)
+
+
+def test_rerunning_a_completed_run_does_nothing(small_run, capsys):
+    cfg, summary = small_run
+    again = train(cfg)
+    assert again["wall_time_sec"] == summary["wall_time_sec"]
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_changed_settings_in_an_existing_run_folder_are_refused(small_run):
+    from fvlm.errors import UsageError
+
+    cfg, _ = small_run
+    changed = load_config(str(cfg.run_dir / "config.yaml"), ["optim.lr_llm=0.5"])
+    with pytest.raises(UsageError, match="optim.lr_llm"):
+        train(changed)
+
+
+# ---------------------------------------------------------------------------- groups and freezing
+def test_frozen_groups_stay_bit_identical_and_groups_get_their_lrs(out_dir):
+    from safetensors.torch import load_file
+
+    from fvlm.model.build import build_model
+
+    cfg = small_config(out_dir, "frozen", "model.freeze_dino=true", "train.max_steps=3", "train.eval_every=3",
+                       "train.log_every=1", "optim.schedule=constant", "optim.warmup_ratio=0",
+                       "optim.lr_connector=2e-3", "optim.lr_llm=5e-4", "optim.lr_dino=1e-3")
+    torch.manual_seed(cfg.seed)
+    initial = build_model(cfg.model).state_dict()
+    train(cfg)
+    _, steps = read_csv(cfg.run_dir / "steps.csv")
+    assert {(r["lr_connector"], r["lr_dino"], r["lr_llm"]) for r in steps} == {("0.002", "0.0", "0.0005")}
+    trained = load_file(str(cfg.run_dir / "checkpoints" / "step_0000003" / "model.safetensors"))
+    dino = [k for k in initial if k.startswith("encoder.dino.")]
+    assert dino and all(torch.equal(trained[k], initial[k]) for k in dino)
+    changed = [k for k in trained if not k.startswith("encoder.dino.") and not torch.equal(trained[k], initial[k])]
+    assert any(k.startswith("llm.") for k in changed) and "q_static" in changed
+
+
+def test_optimizer_groups_carry_the_configured_rates():
+    from fvlm.model.build import build_model
+    from fvlm.training.optim import build_optimizer
+
+    cfg = load_config("tiny", ["model.freeze_llm=true", "optim.lr_connector=1e-3", "optim.lr_dino=1e-5"])
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    rates = {(g["group"], g["weight_decay"] > 0): g["lr"] for g in optimizer.param_groups}
+    assert {name for name, _ in rates} == {"connector", "dino"}
+    assert rates[("connector", True)] == 1e-3 and rates[("dino", True)] == 1e-5
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in model.llm.parameters())
+
+
+# ---------------------------------------------------------------------------- failure modes
+def test_divergence_stops_the_run_with_status_diverged(out_dir, capsys):
+    code = main(["train", "tiny", f"out_dir={out_dir}", "run_id=diverge", *SMALL, "train.max_steps=30",
+                 "train.grad_clip=0", "optim.lr_connector=30", "optim.lr_llm=30", "optim.lr_dino=30",
+                 "optim.warmup_ratio=0"])
+    assert code == 1
+    summary = json.loads((out_dir / "diverge" / "run_summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["total_steps"] < 30
+    assert "diverged" in capsys.readouterr().err
+
+
+def test_a_crash_writes_status_failed_with_the_message(out_dir, monkeypatch):
+    from fvlm.training import trainer
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(trainer.Trainer, "_evaluate", broken)
+    cfg = small_config(out_dir, "crash", "train.max_steps=2", "train.eval_every=2")
+    with pytest.raises(RuntimeError):
+        train(cfg)
+    summary = json.loads((cfg.run_dir / "run_summary.json").read_text())
+    assert summary["status"] == "failed" and "disk on fire" in summary["error"]
+    assert (cfg.run_dir / "checkpoints" / "step_0000002" / "meta.json").is_file(), "checkpoint precedes eval"
+
+
+def test_wandb_offline_mirrors_the_csv(out_dir, monkeypatch):
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class FakeRun:
+        def log(self, values, step):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    def init(**kwargs):
+        calls["init"].append(kwargs)
+        return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = small_config(out_dir, "wandb", "train.max_steps=2", "train.eval_every=2", "train.log_every=1",
+                       "train.wandb=offline")
+    train(cfg)
+    assert calls["init"][0]["mode"] == "offline" and calls["finish"] == 1
+    logged = {(step, key) for step, values in calls["log"] for key in values}
+    assert (1, "train/train_loss") in logged and (2, "eval/val_loss") in logged
+    assert yaml.safe_load((cfg.run_dir / "config.yaml").read_text())["train"]["wandb"] == "offline"
+
+
+def test_wandb_missing_is_a_usage_error(out_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    code = main(["train", "tiny", f"out_dir={out_dir}", "run_id=nowandb", *SMALL, "train.max_steps=1",
+                 "train.wandb=offline"])
+    assert code == 2

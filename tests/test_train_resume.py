@@ -1,0 +1,119 @@
+"""Runs compared with runs: killed (SIGKILL) and resumed vs uninterrupted, SIGTERM then resumed,
+and DDP on 2 CPU processes (gloo) vs 1 process with twice the accumulation. Each run is a real
+`fvlm train` subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_train import SMALL, read_csv
+
+pytestmark = pytest.mark.slow
+
+RESUME = ["train.max_steps=20", "train.log_every=1", "train.save_every=4", "train.eval_every=8"]
+COMPARED = ("train_loss", "loss_fine", "loss_coarse", "grad_norm", "lr_connector", "samples_seen")
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    folder = tmp_path_factory.getbasetemp() / "train-runs"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def command(out_dir, run_id, *extra):
+    return [sys.executable, "-m", "fvlm", "train", "tiny", f"out_dir={out_dir}", f"run_id={run_id}", *SMALL, *extra]
+
+
+def environment():
+    # One thread per process: the same reduction order in every run, and no oversubscription of 2 cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(cmd):
+    done = subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def start_and_signal(cmd, checkpoint, sig):
+    """Starts a run and sends `sig` as soon as `checkpoint` is complete (meta.json written)."""
+    proc = subprocess.Popen(cmd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (checkpoint / "meta.json").is_file():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def by_step(path):
+    _, rows = read_csv(path)
+    return {int(r["step"]): r for r in rows}
+
+
+def assert_same_rows(a, b, columns, tol):
+    assert sorted(a) == sorted(b)
+    for step in a:
+        for column in columns:
+            x, y = a[step][column], b[step][column]
+            assert (x == y == "") or abs(float(x) - float(y)) <= tol, (step, column, x, y)
+
+
+@pytest.fixture(scope="module")
+def reference(out_dir):
+    run(command(out_dir, "uninterrupted", *RESUME))
+    return out_dir / "uninterrupted"
+
+
+def test_sigkill_then_rerun_gives_the_same_losses(out_dir, reference):
+    cmd = command(out_dir, "killed", *RESUME)
+    code, _ = start_and_signal(cmd, out_dir / "killed" / "checkpoints" / "step_0000004", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert not (out_dir / "killed" / "run_summary.json").exists(), "killed before the end"
+    resumed = run(cmd)
+    assert "resuming at step" in resumed.stderr
+    assert_same_rows(by_step(reference / "steps.csv"), by_step(out_dir / "killed" / "steps.csv"), COMPARED, 1e-6)
+    assert_same_rows(by_step(reference / "metrics.csv"), by_step(out_dir / "killed" / "metrics.csv"),
+                     ("val_loss", "val_loss_coarse", "attention_entropy"), 1e-6)
+    summary = json.loads((out_dir / "killed" / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["total_samples"] == 20 * 4
+
+
+def test_sigterm_checkpoints_marks_interrupted_and_resumes(out_dir, reference):
+    cmd = command(out_dir, "terminated", *RESUME)
+    code, err = start_and_signal(cmd, out_dir / "terminated" / "checkpoints" / "step_0000004", signal.SIGTERM)
+    assert code == 1, err[-2000:]
+    summary = json.loads((out_dir / "terminated" / "run_summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    stopped_at = summary["total_steps"]
+    assert 4 <= stopped_at < 20
+    assert (out_dir / "terminated" / "checkpoints" / f"step_{stopped_at:07d}" / "meta.json").is_file()
+    run(cmd)
+    assert json.loads((out_dir / "terminated" / "run_summary.json").read_text())["status"] == "completed"
+    assert_same_rows(by_step(reference / "steps.csv"), by_step(out_dir / "terminated" / "steps.csv"), COMPARED, 1e-6)
+
+
+def test_ddp_on_two_processes_equals_one_process_with_twice_the_accumulation(out_dir):
+    common = ["train.max_steps=5", "train.log_every=1", "train.eval_every=5", "train.batch_size=2"]
+    run(command(out_dir, "single", *common, "train.grad_accum=2"))
+    ddp = command(out_dir, "ddp", *common, "train.grad_accum=1")
+    ddp.insert(ddp.index("tiny"), "--nproc=2")
+    run(ddp)
+    single, both = by_step(out_dir / "single" / "steps.csv"), by_step(out_dir / "ddp" / "steps.csv")
+    assert_same_rows(single, both, COMPARED, 1e-5)
+    assert_same_rows(by_step(out_dir / "single" / "metrics.csv"), by_step(out_dir / "ddp" / "metrics.csv"),
+                     ("val_loss", "val_loss_coarse"), 1e-5)
+    assert int(both[5]["samples_seen"]) == 5 * 2 * 2
+    meta = json.loads((out_dir / "ddp" / "checkpoints" / "step_0000005" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert sorted(p.name for p in (out_dir / "ddp" / "checkpoints" / "step_0000005").glob("rank_*.pt")) == [
+        "rank_0.pt", "rank_1.pt"]
