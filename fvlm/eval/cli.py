@@ -1,0 +1,121 @@
+"""`fvlm eval` and `fvlm generate`."""
+
+from __future__ import annotations
+
+from fvlm.errors import UsageError
+
+MODES_HELP = "comma-separated: coarse_only,coarse_fine,autoregressive (default: every mode the model has)"
+
+
+def register(sub) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="validation loss in each inference mode, multiple-choice accuracy, attention pictures",
+        description="Evaluate a run's latest checkpoint (or every one with --all-checkpoints, or one checkpoint "
+                    "folder): validation loss of the answer tokens in each mode on the same samples, the gaps "
+                    "between modes, and multiple-choice accuracy (95%% Wilson interval, chance level, per "
+                    "category). DINO runs once per sample for all modes and once per question for all options. "
+                    "Writes <run>/eval/eval.json and eval.md (or --out).",
+    )
+    ev.add_argument("target", metavar="RUN_DIR_OR_CKPT")
+    ev.add_argument("--modes", help=MODES_HELP)
+    ev.add_argument("--data", help="validation shards (default: the run's data.val); 'none' skips the losses")
+    ev.add_argument("--bench", nargs="+", default=[], metavar="FILE",
+                    help="multiple-choice benchmarks: .jsonl files or shard folders/globs "
+                         "(default for synthetic runs: the synthetic bench split)")
+    ev.add_argument("--all-checkpoints", action="store_true", help="evaluate every complete checkpoint of the run")
+    ev.add_argument("--out", help="output folder (default: <run>/eval)")
+    ev.add_argument("--max-samples", type=int, default=0, help="validation samples (default: all)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--score", choices=("mean", "sum"), default="mean",
+                    help="option score: mean (default) or sum of the answer tokens' log-likelihood; both are reported")
+    ev.add_argument("--attention", type=int, default=0, metavar="N",
+                    help="draw where the model looks on the first N probe videos (PNG per video)")
+    ev.add_argument("--gif", action="store_true", help="also write a GIF per attention video")
+    ev.add_argument("--layer", type=int, help="attention of one DINO layer (default: mean over layers)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a run config field (e.g. data.max_frames=16)")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser(
+        "generate",
+        help="describe a video, frame folder or image with a trained model",
+        description="Generate text in autoregressive mode (KV-cached) by default. Images are repeated to the "
+                    "number of frames the run trained images with (data.replicate_image_frames).",
+    )
+    gen.add_argument("target", metavar="RUN_DIR_OR_CKPT")
+    gen.add_argument("media", metavar="VIDEO_OR_IMAGE", help="a video file, a folder of frames, or an image")
+    gen.add_argument("--prompt", help="the question (default: the data pipeline's prompt for the kind of input)")
+    gen.add_argument("--mode", choices=("coarse_only", "coarse_fine", "autoregressive"),
+                     help="inference mode (default: autoregressive where the model has it)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--frames", type=int, help="frames to use (default: the run's data.max_frames, for images "
+                                                "data.replicate_image_frames)")
+    gen.add_argument("--attention", metavar="DIR", help="also draw where the model looked into DIR")
+    gen.add_argument("--gif", action="store_true", help="with --attention: also a GIF")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    gen.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args) -> int:
+    from fvlm.eval.generate import cmd_generate
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.frames is not None and args.frames < 1):
+        raise UsageError("--max-new-tokens and --frames must be >= 1, --temperature >= 0")
+    return cmd_generate(args)
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from fvlm.eval.evaluate import evaluate_checkpoint, find_checkpoints, write_results
+
+    if args.batch_size < 1 or args.max_samples < 0 or args.attention < 0:
+        raise UsageError("--batch-size must be >= 1; --max-samples and --attention >= 0")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoints = find_checkpoints(args.target, args.all_checkpoints)
+    first = checkpoints[0]
+    out = Path(args.out) if args.out else (first.run_dir or first.folder) / "eval"
+    entries = []
+    for ckpt in checkpoints:
+        entries.append(evaluate_checkpoint(ckpt, modes=modes, data=args.data, benches=args.bench, overrides=args.set,
+                                           max_samples=args.max_samples, batch_size=args.batch_size, device=device,
+                                           score=args.score))
+    if args.attention:
+        entries[-1]["attention"] = draw_probe_attention(checkpoints[-1], args, out / "attention", device)
+    path = write_results(entries, out)
+    print(f"wrote {path} and {path.with_name('eval.md')}")
+    return 0
+
+
+def draw_probe_attention(ckpt, args, out, device) -> dict:
+    """Pictures of the first N probe videos of the run's data, plus the arrays behind them."""
+    from fvlm.data.loader import build_loader
+    from fvlm.eval.evaluate import run_config
+    from fvlm.eval.looks import attention_record, draw, save_npz
+    from fvlm.model.build import load_model
+
+    model, tokenizer = load_model(ckpt.folder, device=device)
+    model.eval()
+    cfg = run_config(ckpt, model.cfg, args.set)
+    batch = next(iter(build_loader(cfg, "probe", tokenizer, train=False, batch_size=args.attention,
+                                   max_samples=args.attention)))
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    record = attention_record(model, batch, batch["keys"], ckpt.step, out / "attention.npz")
+    save_npz(record, record.path)
+    looked = draw(record, out, gif=args.gif, layer=args.layer)
+    shares = [(v["coarse_on_mover"], v["fine_on_mover"]) for v in looked.values() if v["fine_on_mover"] is not None]
+    if shares:
+        coarse, fine = (sum(s[i] for s in shares) / len(shares) for i in (0, 1))
+        area = sum(v["mover_area"] for v in looked.values()) / len(looked)
+        print(f"attention on the moving object (share of patch mass, {len(shares)} videos): "
+              f"static query {coarse:.3f}, fine query {fine:.3f} (uniform would be {area:.3f})")
+    print(f"attention pictures: {out}")
+    return {"videos": looked, "npz": str(record.path)}

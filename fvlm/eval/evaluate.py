@@ -1,0 +1,243 @@
+"""`fvlm eval`: validation loss in each inference mode and multiple-choice accuracy, per checkpoint.
+
+Results go to `<run>/eval/eval.json` (read by `fvlm analyze` for the eval-mode figure) and
+`eval.md`. With several checkpoints (`--all-checkpoints`, for the data-scaling curves) eval.json
+describes the latest one at its top level and lists every checkpoint's entry under `steps`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fvlm.errors import UsageError
+from fvlm.eval.bench import VisualSettings, bench_name, read_bench
+from fvlm.eval.scoring import Question, encode_question, frames_batch, score_batch, summarise
+from fvlm.model.vlm import MODES
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    run_dir: Path | None
+    step: int | None
+    meta: dict
+
+
+def _checkpoint(folder: Path, run_dir: Path | None) -> Checkpoint:
+    meta_path = folder / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    step = meta.get("step")
+    if step is None and folder.name.startswith("step_") and folder.name[5:].isdigit():
+        step = int(folder.name[5:])
+    return Checkpoint(folder, run_dir, step, meta)
+
+
+def find_checkpoints(target: str | Path, all_checkpoints: bool = False) -> list[Checkpoint]:
+    """A run folder (its latest complete checkpoint, or all of them), a checkpoint folder, or a
+    model folder written by `save_model`. A checkpoint without meta.json is incomplete: never read."""
+    path = Path(target).expanduser()
+    if (path / MODEL_FILE).is_file():
+        in_run = path.parent.name == "checkpoints"
+        if in_run and not (path / META_FILE).is_file():
+            raise UsageError(f"{path}: incomplete checkpoint (no {META_FILE})")
+        return [_checkpoint(path, path.parent.parent if in_run else None)]
+    if not path.is_dir():
+        raise UsageError(f"{path}: no such run or checkpoint folder")
+    found = []
+    root = path / "checkpoints"
+    for folder in root.glob("step_*") if root.is_dir() else []:
+        if folder.name[5:].isdigit() and (folder / META_FILE).is_file() and (folder / MODEL_FILE).is_file():
+            found.append(_checkpoint(folder, path))
+    if not found:
+        raise UsageError(f"{path}: neither a run folder with complete checkpoints nor a saved model")
+    found.sort(key=lambda c: c.step)
+    return found if all_checkpoints else found[-1:]
+
+
+def run_config(ckpt: Checkpoint, model_cfg, overrides: list[str]):
+    """The run's resolved config (its data settings decide how frames and text are prepared), from
+    the run's config.yaml or the checkpoint's meta.json, with `key=value` overrides and the saved
+    model's own model config. Synthetic data resolves beside the run, where training generated it."""
+    import yaml
+
+    from fvlm.config import config_from_dict, load_config, parse_overrides
+
+    config_file = ckpt.run_dir / "config.yaml" if ckpt.run_dir is not None else None
+    if config_file is not None and config_file.is_file():
+        settings, source = yaml.safe_load(config_file.read_text()), str(config_file)
+    elif isinstance(ckpt.meta.get("config"), dict):
+        settings, source = ckpt.meta["config"], str(ckpt.folder / META_FILE)
+    else:
+        cfg = load_config(None, overrides)
+        cfg.model = model_cfg
+        return cfg
+    for key, value in parse_overrides(overrides):
+        node = settings
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    cfg = config_from_dict(settings, source)
+    if ckpt.run_dir is not None:
+        cfg.out_dir = str(ckpt.run_dir.parent)
+    cfg.model = model_cfg
+    return cfg
+
+
+def resolve_modes(requested: list[str] | None, model) -> tuple[str, ...]:
+    available = model.supported_modes
+    if not requested:
+        return tuple(m for m in MODES_ORDER if m in available)
+    for mode in requested:
+        if mode not in MODES:
+            raise UsageError(f"--modes: unknown mode '{mode}' (expected: {', '.join(MODES_ORDER)})")
+        if mode not in available:
+            raise UsageError(f"--modes: this model has no '{mode}' mode (available: {', '.join(available)})")
+    return tuple(requested)
+
+
+MODES_ORDER = ("coarse_only", "coarse_fine", "autoregressive")
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def mode_losses(model, batches, modes: tuple[str, ...], device="cpu") -> dict:
+    """Token-weighted validation loss of the answer targets per mode, the same samples for every mode
+    and DINO once per sample (all modes' visual blocks come from one pass)."""
+    totals = {m: 0.0 for m in modes}
+    tokens = {m: 0 for m in modes}
+    samples = 0
+    for batch in batches:
+        batch = _to(batch, device)
+        blocks = model.visual_blocks(batch, modes)
+        for mode in modes:
+            visual, visual_mask, _ = blocks[mode]
+            loss, n = model.loss_over(visual, visual_mask, batch)
+            totals[mode] += float(loss) * n
+            tokens[mode] += n
+        samples += batch["input_ids"].shape[0]
+    return {m: {"loss": totals[m] / tokens[m] if tokens[m] else float("nan"), "n": samples, "tokens": tokens[m]}
+            for m in modes}
+
+
+def mode_gaps(losses: dict) -> dict:
+    """Loss differences of every ordered pair (a positive gap: the second mode is better)."""
+    present = [m for m in MODES_ORDER if m in losses]
+    return {f"{a}_minus_{b}": losses[a]["loss"] - losses[b]["loss"]
+            for i, a in enumerate(present) for b in present[i + 1:]}
+
+
+@torch.no_grad()
+def run_benchmark(model, tokenizer, questions: list[Question], modes: tuple[str, ...], *, batch_size: int = 8,
+                  device="cpu", score: str = "mean") -> dict:
+    """{mode: accuracy summary} for one benchmark."""
+    encoded = [encode_question(tokenizer, q) for q in questions]
+    scores = {m: [] for m in modes}
+    for start in range(0, len(questions), batch_size):
+        chunk = slice(start, start + batch_size)
+        frames, frame_mask = frames_batch([q.frames() for q in questions[chunk]])
+        batch_scores = score_batch(model, encoded[chunk], frames.to(device), frame_mask.to(device), modes,
+                                   tokenizer.pad_token_id)
+        for mode in modes:
+            scores[mode].extend(batch_scores[mode])
+    return {mode: summarise(questions, scores[mode], score) for mode in modes}
+
+
+def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str | None, benches: list[str],
+                        overrides: list[str], max_samples: int, batch_size: int, device: str, score: str,
+                        log=print) -> dict:
+    from fvlm.model.build import load_model
+
+    began = time.perf_counter()
+    model, tokenizer = load_model(ckpt.folder, device=device)
+    model.eval()
+    if tokenizer is None:
+        raise UsageError(f"{ckpt.folder}: no tokenizer saved with the model")
+    cfg = run_config(ckpt, model.cfg, overrides)
+    chosen = resolve_modes(modes, model)
+    entry = {
+        "run_id": cfg.run_id if ckpt.run_dir is not None else ckpt.folder.name,
+        "step": ckpt.step,
+        "samples_seen": ckpt.meta.get("samples_seen"),
+        "checkpoint": str(ckpt.folder),
+        "score": score,
+        "modes": {},
+        "gaps": {},
+    }
+    if data != "none":
+        from fvlm.data.loader import build_loader
+
+        if data:
+            cfg.data.val = data
+        loader = build_loader(cfg, "val", tokenizer, train=False, batch_size=batch_size,
+                              max_samples=max_samples or None)
+        entry["modes"] = mode_losses(model, loader, chosen, device)
+        entry["gaps"] = mode_gaps(entry["modes"])
+    settings = VisualSettings.from_config(cfg)
+    if not benches and cfg.data.train == "synthetic":
+        from fvlm.data.loader import split_path
+
+        benches = [split_path(cfg, "bench")]
+        names = ["synthetic_mc"]
+    else:
+        names = [bench_name(b) for b in benches]
+    entry["bench"] = {}
+    for name, spec in zip(names, benches):
+        questions = read_bench(spec, settings)
+        entry["bench"][name] = run_benchmark(model, tokenizer, questions, chosen, batch_size=batch_size,
+                                             device=device, score=score)
+    entry["seconds"] = round(time.perf_counter() - began, 2)
+    log(format_entry(entry))
+    return entry
+
+
+def _num(value, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def format_entry(entry: dict) -> str:
+    """The markdown table of one checkpoint: losses per mode, then accuracy per benchmark and mode."""
+    lines = [f"## {entry['run_id']} @ step {entry['step']}", ""]
+    if entry["modes"]:
+        lines += ["| mode | val loss | samples | tokens |", "|---|---|---|---|"]
+        lines += [f"| {m} | {_num(r['loss'])} | {r['n']} | {r['tokens']} |" for m, r in entry["modes"].items()]
+        lines += [""] + [f"- {k.replace('_minus_', ' − ')}: {_num(v)}" for k, v in entry["gaps"].items()] + [""]
+    for name, by_mode in entry.get("bench", {}).items():
+        lines += [f"**{name}** (score: {entry['score']} log-likelihood of the answer tokens)", "",
+                  "| mode | accuracy | 95% CI | chance | n | accuracy (other score) |", "|---|---|---|---|---|---|"]
+        for mode, r in by_mode.items():
+            other = next(v for k, v in r.items() if k.startswith("accuracy_"))
+            lines.append(f"| {mode} | {_num(r['accuracy'], 3)} | [{_num(r['ci95'][0], 3)}, {_num(r['ci95'][1], 3)}] "
+                         f"| {_num(r['chance'], 3)} | {r['n']} | {_num(other, 3)} |")
+        categories = sorted({c for r in by_mode.values() for c in r["per_category"]})
+        if len(categories) > 1:
+            lines += ["", "| category | " + " | ".join(by_mode) + " |", "|---" * (len(by_mode) + 1) + "|"]
+            for c in categories:
+                cells = [f"{_num(r['per_category'][c]['accuracy'], 3)} (n={r['per_category'][c]['n']})"
+                         for r in by_mode.values()]
+                lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(entries: list[dict], out: Path) -> Path:
+    """eval.json (latest entry at the top level, every entry under `steps` when there are several) and eval.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = dict(entries[-1])
+    if len(entries) > 1:
+        result["steps"] = entries
+    (out / "eval.json").write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    (out / "eval.md").write_text("# Evaluation\n\n" + "\n".join(format_entry(e) for e in entries))
+    return out / "eval.json"

@@ -1,0 +1,74 @@
+"""`fvlm generate`: text about a video, a frame folder or an image, from a trained checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fvlm.errors import UsageError
+from fvlm.eval.media import check_visual_path, load_visual
+
+
+def generate_text(model, tokenizer, frames_uint8, prompt: str, *, mode: str, max_new_tokens: int,
+                  temperature: float, seed: int, device) -> str:
+    """Greedy (temperature 0) or sampled continuation of the prompt after the visual block; the LLM
+    runs with a KV cache. Stops at the end-of-turn token."""
+    from fvlm.data.decode import normalise
+    from fvlm.eval.scoring import end_of_turn_id
+
+    messages = [{"role": "user", "content": prompt}]
+    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+    batch = {
+        "frames": normalise(frames_uint8)[None].to(device),
+        "frame_mask": torch.ones(1, frames_uint8.shape[0], dtype=torch.bool, device=device),
+        "input_ids": torch.tensor([ids], device=device),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
+    }
+    generator = torch.Generator(device=device).manual_seed(seed)
+    end = end_of_turn_id(tokenizer)
+    new = model.generate(batch, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
+                         eos_token_id=end, use_cache=True, generator=generator)[0].tolist()
+    if end in new:
+        new = new[: new.index(end)]
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def default_prompt(path: Path) -> str:
+    from fvlm.data.decode import DEFAULT_PROMPTS
+
+    return DEFAULT_PROMPTS["image" if check_visual_path(path) == "image" else "video"]
+
+
+def cmd_generate(args) -> int:
+    from fvlm.eval.evaluate import find_checkpoints, run_config
+    from fvlm.model.build import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = find_checkpoints(args.target)[-1]
+    model, tokenizer = load_model(ckpt.folder, device=device)
+    model.eval()
+    if tokenizer is None:
+        raise UsageError(f"{ckpt.folder}: no tokenizer saved with the model")
+    mode = args.mode or ("autoregressive" if "autoregressive" in model.supported_modes else model.default_mode)
+    if mode not in model.supported_modes:
+        raise UsageError(f"--mode: this model has no '{mode}' mode (available: {', '.join(model.supported_modes)})")
+    cfg = run_config(ckpt, model.cfg, [])
+    media = Path(args.media).expanduser()
+    frames = load_visual(media, size=cfg.model.image_size, max_frames=args.frames or cfg.data.max_frames,
+                         fps=cfg.data.fps, image_frames=args.frames or cfg.data.replicate_image_frames)
+    prompt = args.prompt if args.prompt is not None else default_prompt(media)
+    text = generate_text(model, tokenizer, frames, prompt, mode=mode, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, seed=args.seed, device=device)
+    print(text)
+    if args.attention:
+        from fvlm.data.decode import normalise
+        from fvlm.eval.looks import attention_record, draw
+
+        batch = {"frames": normalise(frames)[None].to(device),
+                 "frame_mask": torch.ones(1, frames.shape[0], dtype=torch.bool, device=device)}
+        out = Path(args.attention)
+        record = attention_record(model, batch, [media.stem], ckpt.step, out)
+        looked = draw(record, out, gif=args.gif)[media.stem]
+        print(f"attention picture: {looked['png']}")
+    return 0

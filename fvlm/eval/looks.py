@@ -1,0 +1,97 @@
+"""Where the model looks: the coarse (static) and fine (LLM-chosen) query's attention over a video's
+frames, drawn by the analysis renderer (one renderer for `fvlm eval`, `fvlm generate` and the report),
+and a number for "does the fine query follow the moving object": the share of patch attention that
+falls on the patches where the frame differs from the video's median frame (the mover's current
+position, since the background and the other objects do not move)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fvlm.analysis.attention_maps import AttentionRecord, patch_map, render_video
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """Normalised frames [..., 3, S, S] back to uint8 [..., S, S, 3] for drawing."""
+    from fvlm.data.decode import MEAN, STD
+
+    x = frames.detach().float().cpu().movedim(-3, -1).numpy()
+    return np.clip((x * STD + MEAN) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+@torch.no_grad()
+def attention_record(model, batch: dict, keys: list[str], step: int, path: Path) -> AttentionRecord:
+    """Coarse attention from the static query and fine attention from the model's inference mode
+    (autoregressive: each query chosen by the LLM's state after the previous fine token)."""
+    modes = [m for m in ("coarse_only", "autoregressive") if m in model.supported_modes]
+    blocks = model.visual_blocks(batch, tuple(modes))
+    coarse = blocks["coarse_only"][2]["coarse"]
+    fine = blocks["autoregressive"][2]["fine"] if "autoregressive" in blocks else None
+    size = batch["frames"].shape[-1]
+    patch = model.encoder.patch_size
+    return AttentionRecord(
+        coarse=coarse.float().cpu().numpy(),
+        fine=None if fine is None else fine.float().cpu().numpy(),
+        frames=to_uint8(batch["frames"]),
+        frame_mask=batch["frame_mask"].cpu().numpy().astype(bool),
+        grid=(size // patch, size // patch),
+        keys=list(keys),
+        step=int(step or 0),
+        path=path,
+    )
+
+
+def mover_patches(frames: np.ndarray, grid: tuple[int, int], threshold: float = 30.0) -> np.ndarray:
+    """bool [T, rows, cols]: patches whose pixels differ from the median frame (the moving object)."""
+    median = np.median(frames.astype(np.float32), axis=0)
+    changed = np.abs(frames.astype(np.float32) - median).max(axis=-1) > threshold
+    t, h, w = changed.shape
+    rows, cols = grid
+    blocks = changed[:, : rows * (h // rows), : cols * (w // cols)].reshape(t, rows, h // rows, cols, w // cols)
+    return blocks.mean(axis=(2, 4)) > 0.25
+
+
+def mover_share(record: AttentionRecord, video: int, which: str = "fine") -> float | None:
+    """Mean over frames of the share of patch attention mass on the mover's patches."""
+    attn = record.fine if which == "fine" else record.coarse
+    if attn is None:
+        return None
+    frame_ids = np.flatnonzero(record.frame_mask[video])
+    if len(frame_ids) < 2:
+        return None
+    movers = mover_patches(record.frames[video, frame_ids], record.grid)
+    shares = []
+    for mover, t in zip(movers, frame_ids):
+        patches = patch_map(attn[video, t], record.grid)
+        if mover.any() and patches.sum() > 0:
+            shares.append(float(patches[mover].sum() / patches.sum()))
+    return float(np.mean(shares)) if shares else None
+
+
+def draw(record: AttentionRecord, out: Path, gif: bool = False, layer: int | None = None) -> dict:
+    """One PNG (and GIF) per video; returns {key: {png, coarse_on_mover, fine_on_mover, mover_area}}."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for video, key in enumerate(record.keys):
+        name = key.replace("/", "_")
+        png = render_video(record, video, out / f"{name}.png", layer=layer,
+                           gif_path=out / f"{name}.gif" if gif else None)
+        frame_ids = np.flatnonzero(record.frame_mask[video])
+        area = float(mover_patches(record.frames[video, frame_ids], record.grid).mean()) if len(frame_ids) > 1 else None
+        summary[key] = {"png": str(png), "coarse_on_mover": mover_share(record, video, "coarse"),
+                        "fine_on_mover": mover_share(record, video, "fine"), "mover_area": area}
+    return summary
+
+
+def save_npz(record: AttentionRecord, path: Path) -> Path:
+    """The same arrays training writes to attention/step_NNNNNNN.npz, so `fvlm analyze` can redraw them."""
+    arrays = {"coarse_attn": record.coarse.astype(np.float32), "frames": record.frames,
+              "frame_mask": record.frame_mask, "grid": np.array(record.grid), "keys": np.array(record.keys),
+              "step": np.array(record.step)}
+    if record.fine is not None:
+        arrays["fine_attn"] = record.fine.astype(np.float32)
+    np.savez_compressed(path, **arrays)
+    return path
