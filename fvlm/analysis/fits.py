@@ -204,7 +204,8 @@ def fit_joint_huber(data: JointData, delta: float = HUBER_DELTA, n_starts: int =
         bounds = [(None, None)] * 3 + [(0.0, EXPONENT_MAX)] * 2
     best = None
     for start in starts:
-        res = optimize.minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds)
+        res = optimize.minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds,
+                                options={"maxiter": 500})
         if best is None or res.fun < best.fun:
             best = res
     theta = best.x
