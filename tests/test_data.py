@@ -383,6 +383,7 @@ def test_damaged_inputs_are_skipped_counted_and_listed(tmp_path):
     keys = keys_of(list(val))
     assert "badframe" not in keys and len(keys) == 9 and val.stats["undecodable_frame"] == 1
     assert sum(val.stats.values()) == len(expected)
+    assert keys_of(list(val)) == keys  # a second pass repeats the first
     train = build_loader(cfg_for(folder, **{"data.num_workers": 2}), "train", TOK)
     batches = take(train, 12)
     assert all(b["input_ids"].shape[0] == 4 for b in batches)

@@ -218,7 +218,7 @@ class Loader:
         self.max_batch_frames = max_batch_frames
         self.schedule = schedule
         self.pad_id = pad_id
-        self.position = 0  # train: next stream position; eval: samples of this rank already yielded
+        self.position = 0  # train: next stream position; eval: samples of this rank yielded in this pass
         self.stats: Counter = Counter(s.reason for s in reader.index.skips)
         for skip in reader.index.skips:
             self._log(skip.shard, skip.key, skip.reason)
@@ -288,6 +288,7 @@ class Loader:
                 self._log(shard, key, reason)
             if batch["input_ids"].shape[0]:
                 yield batch
+        self.position = 0  # an evaluation pass is complete: the next one starts from the beginning
 
     def __len__(self) -> int:
         """Batches per pass for evaluation loaders (an upper bound with max_batch_frames)."""
