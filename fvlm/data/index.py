@@ -64,14 +64,20 @@ def _ustar_name(block: bytes) -> str:
 
 
 def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax header; None when absent or unreadable (the ustar name then stands)."""
     pos = 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        if key == b"path":
-            return value.decode("utf-8", "replace")
-        pos += length
+    try:
+        while pos < len(data):
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+            key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+            if key == b"path":
+                return value.decode("utf-8", "replace")
+            if length <= 0:
+                return None
+            pos += length
+    except ValueError:
+        return None
     return None
 
 
