@@ -99,7 +99,8 @@ class Trainer:
         self.resume_from, self.finished = self._inspect_run_dir()
         self.step = 0
         self.samples_seen = 0
-        self.sequence_tokens = 0
+        # Totals over the run for the FLOP estimate: frames, text tokens and target tokens seen.
+        self.seen = {"frames": 0, "text_tokens": 0, "loss_tokens": 0}
         self.wall_time_before = 0.0
         self.loss_ema: float | None = None
         self.loss_floor: float | None = None
@@ -203,7 +204,7 @@ class Trainer:
             raise UsageError(f"{folder} was written by {meta.get('world_size')} processes; resume with as many")
         self.step = trainer_state["step"]
         self.samples_seen = trainer_state["samples_seen"]
-        self.sequence_tokens = trainer_state["sequence_tokens"]
+        self.seen = trainer_state["seen"]
         self.wall_time_before = trainer_state["wall_time_sec"]
         self.loss_ema = trainer_state["loss_ema"]
         self.loss_floor = trainer_state["loss_floor"]
@@ -311,7 +312,7 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):
                 micro = [next(batches) for _ in range(t.grad_accum)]
             local = self._forward_backward(micro, compute_coarse=logged or self.cfg.model.lambda_coarse > 0)
-            (tokens, loss_sum, fine_sum, fine_n, coarse_sum, coarse_n, samples, seq_tokens, oom,
+            (tokens, loss_sum, fine_sum, fine_n, coarse_sum, coarse_n, samples, frames, text_tokens, oom,
              stop) = self.dist.all_sum(local + [float(self.stop_requested)])
             if oom or tokens == 0:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -330,7 +331,8 @@ class Trainer:
                 return "diverged"
             self.step = next_step
             self.samples_seen += int(samples)
-            self.sequence_tokens += int(seq_tokens)
+            for key, value in (("frames", frames), ("text_tokens", text_tokens), ("loss_tokens", tokens)):
+                self.seen[key] += int(value)
             elapsed = time.perf_counter() - began
             self.timing["train"] += elapsed
             interval_samples += int(samples)
@@ -373,13 +375,13 @@ class Trainer:
     def _forward_backward(self, micro: list[dict], compute_coarse: bool) -> list[float]:
         """Backpropagates each micro-batch's token-sum loss; returns this rank's sums for the step:
         [tokens, loss*tokens, loss_fine*tokens, fine tokens, loss_coarse*tokens, coarse tokens,
-        samples, sequence tokens (visual + text), out of memory]."""
-        sums = [0.0] * 9
-        tokens_per_frame = self.cfg.model.tokens_per_frame
+        samples, frames, text tokens, out of memory]."""
+        sums = [0.0] * 10
         for batch in micro:
             sums[6] += batch["input_ids"].shape[0]
-            sums[7] += int(batch["frame_mask"].sum()) * tokens_per_frame + int(batch["attention_mask"].sum())
-            if sums[8]:
+            sums[7] += int(batch["frame_mask"].sum())
+            sums[8] += int(batch["attention_mask"].sum())
+            if sums[9]:
                 continue  # keep pulling this step's batches so every rank's data stream stays in step
             try:
                 batch = to_device(batch, self.dist.device)
@@ -390,7 +392,7 @@ class Trainer:
             except torch.cuda.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-                sums[8] = 1.0
+                sums[9] = 1.0
                 continue
             sums[0] += n
             sums[1] += float(out.loss.detach()) * n
@@ -437,7 +439,7 @@ class Trainer:
             return
         began = time.perf_counter()
         trainer_state = {
-            "step": self.step, "samples_seen": self.samples_seen, "sequence_tokens": self.sequence_tokens,
+            "step": self.step, "samples_seen": self.samples_seen, "seen": dict(self.seen),
             "wall_time_sec": self.wall_time(), "loss_ema": self.loss_ema,
             "loss_floor": self.loss_floor, "skipped_steps": self.skipped_steps,
         }
@@ -510,17 +512,25 @@ class Trainer:
                   + (f"; {error}" if error else ""), flush=True)
         return summary
 
+    def _flops_per_sample(self) -> float | None:
+        """The exact training FLOPs (fvlm.model.flops) of this run's average sample: mean frames,
+        text tokens and target tokens over everything it trained on."""
+        from fvlm.model.flops import estimate_flops
+
+        if not self.samples_seen:
+            return None
+        mean = {k: v / self.samples_seen for k, v in self.seen.items()}
+        return estimate_flops(self.cfg.model, frames=mean["frames"], text_tokens=mean["text_tokens"],
+                              loss_tokens=mean["loss_tokens"]).per_sample
+
     def _summary(self, status: str, error: str | None) -> dict:
         best_val = self.best.get("val_loss")
         convergence_step = None
         if best_val is not None:
             convergence_step = next(int(r["step"]) for r in self.history
                                     if r["val_loss"] is not None and r["val_loss"] <= best_val * (1 + CONVERGENCE_TOLERANCE))
-        # The plan's FLOP calibration (2 x total params x tokens per sample), with the tokens per sample
-        # this run actually fed the LLM (visual + text).
         params = self._param_counts()
-        tokens_per_sample = self.sequence_tokens / self.samples_seen if self.samples_seen else 0.0
-        flops_per_sample = 2.0 * params["total"] * tokens_per_sample
+        flops_per_sample = self._flops_per_sample()
         wall = self.wall_time()
         summary = {
             "run_id": self.cfg.run_id, "status": status, "git_commit": git_commit(),
@@ -529,7 +539,7 @@ class Trainer:
             "best_val_loss": best_val, "best_val_step": self.best.get("step"),
             "convergence_step": convergence_step, "total_steps": self.step, "total_samples": self.samples_seen,
             "wall_time_sec": wall, "wall_time_hours": wall / 3600, "params": params,
-            "flops_per_sample": flops_per_sample, "total_flops": flops_per_sample * self.samples_seen,
+            "flops_per_sample": flops_per_sample, "total_flops": flops_per_sample * self.samples_seen if flops_per_sample else None,
             "final": self.history[-1] if self.history else {}, "best": self.best,
             "skipped_steps": self.skipped_steps, "data_skips": dict(self.train_loader.stats),
             "time_sec": {k: round(v, 3) for k, v in self.timing.items()},
