@@ -258,3 +258,15 @@ def test_wandb_missing_is_a_usage_error(out_dir, monkeypatch):
     code = main(["train", "tiny", f"out_dir={out_dir}", "run_id=nowandb", *SMALL, "train.max_steps=1",
                  "train.wandb=offline"])
     assert code == 2
+
+
+def test_init_from_a_run_folder_starts_from_its_weights(out_dir, small_run):
+    from safetensors.torch import load_file
+
+    source, _ = small_run
+    cfg = small_config(out_dir, "stage2", "train.stage=2", f"train.init_from={source.run_dir}", "train.max_steps=1",
+                       "train.eval_every=1", "optim.lr_connector=0", "optim.lr_dino=0", "optim.lr_llm=0")
+    train(cfg)
+    before = load_file(str(source.run_dir / "checkpoints" / "step_0000024" / "model.safetensors"))
+    after = load_file(str(cfg.run_dir / "checkpoints" / "step_0000001" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -123,6 +123,8 @@ class Trainer:
         cuda = self.dist.device.type == "cuda"
         if precision == "bf16" and not cuda:
             raise UsageError("train.precision=bf16 needs a CUDA device (use auto or fp32 on CPU)")
+        if not cuda and self.cfg.train.cpu_threads:
+            torch.set_num_threads(self.cfg.train.cpu_threads)
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -159,6 +161,9 @@ class Trainer:
         from fvlm.data.loader import build_loader, split_path
         from fvlm.model.build import build_model, build_tokenizer
 
+        init_weights = None
+        if cfg.train.init_from and self.resume_from is None:
+            init_weights = ckpt.resolve_weights(cfg.train.init_from)  # before any slow work: a typo fails fast
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -168,8 +173,8 @@ class Trainer:
         dist.barrier()
         self.tokenizer = build_tokenizer(cfg.model)
         self.model = build_model(cfg.model)
-        if cfg.train.init_from and self.resume_from is None:
-            self._load_init_weights(ckpt.resolve_weights(cfg.train.init_from))
+        if init_weights is not None:
+            self._load_init_weights(init_weights)
         self.model.to(dist.device)
         dist.broadcast_model(self.model)
         groups = self.model.param_groups()
