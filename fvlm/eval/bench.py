@@ -28,7 +28,7 @@ from fvlm.eval.scoring import Question
 
 LETTERS = string.ascii_uppercase
 JSONL_FIELDS = {"video", "question", "options", "answer", "category", "id"}
-_OPTION_LINE = re.compile(r"^\s*([A-Z])[.)]\s+(.*\S)\s*$")
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s+(.*\S)\s*$")
 _LETTER_PREFIX = re.compile(r"^\s*\(?([A-Z])[.):]\s*")
 _ANSWER_LETTER = re.compile(r"^\s*\(?([A-Z])\b")
 
