@@ -1,0 +1,137 @@
+"""`fvlm eval` / `fvlm generate` end to end on a tiny saved model, mode losses against the model's own
+forward, and the attention pictures."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fvlm.analysis.attention_maps import patch_map, upsample_mass
+from fvlm.cli import main
+from fvlm.config import load_config
+from fvlm.data.loader import build_loader
+from fvlm.data.synth import generate_synthetic
+from fvlm.eval.evaluate import mode_gaps, mode_losses
+from fvlm.eval.looks import attention_record, draw, mover_patches
+from fvlm.model.build import build_model, build_tokenizer, save_model
+
+MODES = ("coarse_only", "coarse_fine", "autoregressive")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder as training writes it: config.yaml, two complete checkpoints, one incomplete."""
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "data"
+    generate_synthetic(data, videos=3, images=2, texts=1, frames=3, size=64, seed=0, val=5, probe=2, bench=4)
+    cfg = load_config(None, {"run_id": "r", "out_dir": str(root), "data.train": str(data / "train"),
+                             "data.val": str(data / "val"), "data.probe": str(data / "probe"),
+                             "train.stage": 2, "data.max_text_tokens": 320})
+    run_dir = root / "r"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    torch.manual_seed(0)
+    model, tok = build_model(cfg.model).eval(), build_tokenizer(cfg.model)
+    for step in (5, 10, 15):
+        folder = save_model(model, run_dir / "checkpoints" / f"step_{step:07d}", tok)
+        if step != 15:
+            (folder / "meta.json").write_text(json.dumps({"step": step, "samples_seen": 8 * step}))
+    return {"root": root, "data": data, "run": run_dir, "cfg": cfg, "model": model, "tok": tok}
+
+
+def test_mode_losses_match_forward_and_run_dino_once(run):
+    model, cfg = run["model"], run["cfg"]
+    batches = list(build_loader(cfg, "val", run["tok"], train=False, batch_size=4))
+    frames = sum(int(b["frame_mask"].sum()) for b in batches)
+    model.encoder.frames_encoded = 0
+    losses = mode_losses(model, batches, MODES)
+    assert model.encoder.frames_encoded == frames
+    assert losses == mode_losses(model, batches, MODES)  # reproducible
+    with torch.no_grad():
+        for mode in MODES:
+            outputs = [model(b, mode=mode) for b in batches]
+            tokens = sum(o.n_tokens for o in outputs)
+            total = sum(float(o.loss_fine if mode != "coarse_only" else o.loss) * o.n_tokens for o in outputs)
+            assert losses[mode]["tokens"] == tokens and losses[mode]["n"] == 5
+            assert np.isfinite(losses[mode]["loss"]) and losses[mode]["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    gaps = mode_gaps(losses)
+    assert gaps["coarse_only_minus_coarse_fine"] == pytest.approx(losses["coarse_only"]["loss"] - losses["coarse_fine"]["loss"])
+    assert set(gaps) == {"coarse_only_minus_coarse_fine", "coarse_only_minus_autoregressive",
+                         "coarse_fine_minus_autoregressive"}
+
+
+def test_eval_all_checkpoints_writes_eval_json(run, tmp_path, capsys):
+    bench = tmp_path / "mc.jsonl"
+    probe_frames = run["data"] / "frames"
+    probe_frames.mkdir(exist_ok=True)
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (64, 64), (80 * i, 10, 10)).save(probe_frames / f"{i}.jpg")
+    bench.write_text("\n".join(json.dumps({"video": str(probe_frames), "question": f"Q{i}", "options": ["a", "b", "c"],
+                                           "answer": i % 3, "category": "odd" if i % 2 else "even"}) for i in range(4)))
+    out = tmp_path / "out"
+    code = main(["eval", str(run["run"]), "--all-checkpoints", "--bench", str(bench), str(run["data"] / "bench"),
+                 "--out", str(out), "--max-samples", "3", "--attention", "2"])
+    assert code == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["step"] == 10 and result["run_id"] == "r" and result["samples_seen"] == 80
+    assert [e["step"] for e in result["steps"]] == [5, 10]  # step 15 has no meta.json: incomplete, skipped
+    assert set(result["modes"]) == set(MODES) and all(result["modes"][m]["n"] == 3 for m in MODES)
+    assert "coarse_only_minus_coarse_fine" in result["gaps"]
+    assert set(result["bench"]) == {"mc", "bench"}
+    for mode in MODES:
+        mc = result["bench"]["mc"][mode]
+        assert mc["n"] == 4 and mc["chance"] == pytest.approx(1 / 3) and set(mc["per_category"]) == {"odd", "even"}
+        lo, hi = mc["ci95"]
+        assert 0 <= lo <= mc["accuracy"] <= hi <= 1
+        assert result["bench"]["bench"][mode]["n"] == 4
+    assert "| coarse_fine |" in (out / "eval.md").read_text()
+    assert len(list((out / "attention").glob("*.png"))) == 2 and (out / "attention" / "attention.npz").is_file()
+    assert "static query" in capsys.readouterr().out
+
+
+def test_eval_rejects_bad_modes_and_folders(run, tmp_path, capsys):
+    assert main(["eval", str(run["run"]), "--modes", "coarse_only,sideways", "--data", "none"]) == 2
+    assert "unknown mode 'sideways'" in capsys.readouterr().err
+    assert main(["eval", str(run["run"] / "checkpoints" / "step_0000015")]) == 2
+    assert "incomplete checkpoint" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2
+
+
+def test_generate_on_an_image_and_a_frame_folder(run, tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (80, 64), (200, 30, 30)).save(image)
+    assert main(["generate", str(run["run"]), str(image), "--max-new-tokens", "4"]) == 0
+    assert main(["generate", str(run["run"]), str(run["data"] / "frames"), "--mode", "coarse_fine",
+                 "--temperature", "0.7", "--max-new-tokens", "4", "--attention", str(tmp_path / "look")]) == 0
+    assert (tmp_path / "look" / "frames.png").is_file()
+    assert main(["generate", str(run["run"]), str(image), "--max-new-tokens", "0"]) == 2
+
+
+def test_heatmaps_have_frame_size_and_sum_to_attention_mass(run):
+    model, cfg = run["model"], run["cfg"]
+    batch = next(iter(build_loader(cfg, "probe", run["tok"], train=False, batch_size=2)))
+    record = attention_record(model, batch, batch["keys"], 0, run["root"] / "a.npz")
+    assert record.fine is not None and record.frames.dtype == np.uint8
+    for attn in (record.coarse, record.fine):
+        for video in range(2):
+            for t in np.flatnonzero(record.frame_mask[video]):
+                heat = upsample_mass(patch_map(attn[video, t], record.grid), 64, 64)
+                assert heat.shape == record.frames.shape[2:4]
+                assert heat.sum() == pytest.approx(1 - attn[video, t, :, :, 0].mean(), abs=1e-5)
+    summary = draw(record, run["root"] / "pictures")
+    for values in summary.values():
+        assert 0 <= values["coarse_on_mover"] <= 1 and 0 <= values["fine_on_mover"] <= 1
+
+
+def test_mover_patches_find_the_moving_square():
+    frames = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+    for t in range(4):
+        frames[t, 8:16, 8 * t: 8 * t + 8] = 255  # an 8-pixel square moving one patch right per frame
+    movers = mover_patches(frames, (8, 8))
+    for t in range(4):
+        assert movers[t].sum() == 1 and movers[t][1, t]
