@@ -84,6 +84,8 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 10
     keep_last: int = 2
+    # Checkpoints at this many evenly spaced points of the run are kept for later evaluation (0 = none).
+    keep_milestones: int = 5
     eval_batch_size: int = 8
     eval_samples: int = 256
     # Probe videos whose raw encoder attention is saved at every eval point (0 = none).
@@ -352,6 +354,7 @@ def validate(cfg: RunConfig) -> None:
         _positive(getattr(t, name), f"train.{name}")
     _positive(t.max_steps, "train.max_steps", allow_zero=True)
     _positive(t.probe_videos, "train.probe_videos", allow_zero=True)
+    _positive(t.keep_milestones, "train.keep_milestones", allow_zero=True)
     _positive(t.cpu_threads, "train.cpu_threads", allow_zero=True)
     _positive(t.max_samples, "train.max_samples", allow_zero=True)
     _positive(t.grad_clip, "train.grad_clip", allow_zero=True)

@@ -125,12 +125,11 @@ def load_checkpoint(folder: Path, dist: Dist, *, model, optimizer) -> tuple[dict
     return trainer_state, rank_state, meta
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int, best_step: int | None) -> None:
-    """Keeps the newest `keep_last` complete checkpoints and the best one; removes stale temporaries."""
+def prune_checkpoints(run_dir: Path, keep_last: int, also_keep: set[int]) -> None:
+    """Keeps the newest `keep_last` complete checkpoints and those of `also_keep` (the best, the
+    milestones); removes stale temporaries."""
     found = complete_checkpoints(run_dir)
-    keep = {step for step, _ in found[-keep_last:]}
-    if best_step is not None:
-        keep.add(best_step)
+    keep = {step for step, _ in found[-keep_last:]} | also_keep
     for step, folder in found:
         if step not in keep:
             shutil.rmtree(folder)

@@ -39,7 +39,7 @@ from fvlm.training.optim import GROUPS, apply_lrs, build_optimizer, group_lrs
 # it records, not what a step computes.
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.max_samples", "train.eval_every", "train.save_every", "train.log_every",
-    "train.keep_last", "train.wandb", "train.wandb_project", "data.num_workers",
+    "train.keep_last", "train.keep_milestones", "train.wandb", "train.wandb_project", "data.num_workers",
 }
 # Divergence: the loss climbs above train.divergence_factor x the lowest running level it reached.
 LOSS_EMA_DECAY = 0.9
@@ -95,6 +95,9 @@ class Trainer:
         self.dist = dist
         self.run_dir = cfg.run_dir
         self.total_steps = planned_steps(cfg, dist.world_size)
+        # The plan's intermediate checkpoints (data-scaling curves): saved and never pruned.
+        n = cfg.train.keep_milestones
+        self.milestones = {round(self.total_steps * k / n) for k in range(1, n + 1)} - {0} if n else set()
         self.bf16 = self._precision()
         self.resume_from, self.finished = self._inspect_run_dir()
         self.step = 0
@@ -366,7 +369,7 @@ class Trainer:
             self.progress.update(self.step, row)
             finished = self.step >= self.total_steps or bool(t.max_samples and self.samples_seen >= t.max_samples)
             evaluate = self.step % t.eval_every == 0 or finished
-            if evaluate or self.step % t.save_every == 0 or stop:
+            if evaluate or self.step % t.save_every == 0 or self.step in self.milestones or stop:
                 self._save()
             if evaluate:
                 self._evaluate()
@@ -459,8 +462,11 @@ class Trainer:
                              meta=self.saved_meta)
         self.last_saved_step = self.step
         if self.dist.is_main:
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self.best.get("step"))
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self._always_kept())
         self.timing["checkpoint"] += time.perf_counter() - began
+
+    def _always_kept(self) -> set[int]:
+        return self.milestones | ({self.best["step"]} if self.best else set())
 
     def _evaluate(self) -> None:
         """Validation and probe attention at the current step, which was just checkpointed."""
@@ -498,7 +504,7 @@ class Trainer:
         # The checkpoint of this step was written before its evaluation; its meta now learns the result.
         self.saved_meta["best"] = self.best
         ckpt.write_json(self.run_dir / ckpt.CHECKPOINTS / ckpt.step_name(self.step) / ckpt.META, self.saved_meta)
-        ckpt.prune_checkpoints(self.run_dir, t.keep_last, self.best.get("step"))
+        ckpt.prune_checkpoints(self.run_dir, t.keep_last, self._always_kept())
         self.progress.message(
             f"eval step {self.step}: val_loss {_fmt(metrics['val_loss'])} (fine {_fmt(metrics['val_loss_fine'])},"
             f" coarse {_fmt(metrics['val_loss_coarse'])}), attention entropy {_fmt(metrics['attention_entropy'])}")
