@@ -175,6 +175,11 @@ class Trainer:
                 split_path(cfg, split)  # generates the synthetic set once, before other ranks look
         dist.barrier()
         self.tokenizer = build_tokenizer(cfg.model)
+        # Data paths are checked (and indexed) before the model is built: a bad path fails in seconds.
+        self.train_loader = build_loader(cfg, "train", self.tokenizer, rank=dist.rank, world_size=dist.world_size)
+        build_loader(cfg, "val", self.tokenizer, train=False)
+        if cfg.train.probe_videos:
+            build_loader(cfg, "probe", self.tokenizer, train=False)
         self.model = build_model(cfg.model)
         if init_weights is not None:
             self._load_init_weights(init_weights)
@@ -184,7 +189,6 @@ class Trainer:
         self.trainable = [p for params in groups.values() for p in params]
         self.trainable_groups = {name for name, params in groups.items() if params}
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.train_loader = build_loader(cfg, "train", self.tokenizer, rank=dist.rank, world_size=dist.world_size)
         self._build_loader = build_loader
         if self.resume_from is not None:
             self._restore(self.resume_from)
