@@ -111,11 +111,13 @@ def draw_probe_attention(ckpt, args, out, device) -> dict:
     record = attention_record(model, batch, batch["keys"], ckpt.step, out / "attention.npz")
     save_npz(record, record.path)
     looked = draw(record, out, gif=args.gif, layer=args.layer)
-    shares = [(v["coarse_on_mover"], v["fine_on_mover"]) for v in looked.values() if v["fine_on_mover"] is not None]
-    if shares:
-        coarse, fine = (sum(s[i] for s in shares) / len(shares) for i in (0, 1))
-        area = sum(v["mover_area"] for v in looked.values()) / len(looked)
-        print(f"attention on the moving object (share of patch mass, {len(shares)} videos): "
-              f"static query {coarse:.3f}, fine query {fine:.3f} (uniform would be {area:.3f})")
+    tracked = [v for v in looked.values() if v["fine_on_mover"] is not None]
+    summary = {"videos": looked, "npz": str(record.path)}
+    if tracked:
+        for name in ("coarse_on_mover", "fine_on_mover", "mover_area"):
+            summary[f"mean_{name}"] = sum(v[name] for v in tracked) / len(tracked)
+        print(f"attention on the moving object (share of patch mass, {len(tracked)} videos): static query "
+              f"{summary['mean_coarse_on_mover']:.3f}, fine query {summary['mean_fine_on_mover']:.3f} "
+              f"(uniform attention: {summary['mean_mover_area']:.3f})")
     print(f"attention pictures: {out}")
-    return {"videos": looked, "npz": str(record.path)}
+    return summary
