@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fvlm.analysis.attention_maps import AttentionRecord, patch_map, render_video
+from fvlm.errors import UsageError
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -28,6 +29,8 @@ def attention_record(model, batch: dict, keys: list[str], step: int, path: Path)
     (autoregressive: each query chosen by the LLM's state after the previous fine token)."""
     modes = [m for m in ("coarse_only", "autoregressive") if m in model.supported_modes]
     blocks = model.visual_blocks(batch, tuple(modes))
+    if "coarse" not in blocks["coarse_only"][2]:
+        raise UsageError("attention pictures: this model has no query (multi-token baseline)")
     coarse = blocks["coarse_only"][2]["coarse"]
     fine = blocks["autoregressive"][2]["fine"] if "autoregressive" in blocks else None
     size = batch["frames"].shape[-1]
