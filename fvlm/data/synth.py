@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SAMPLES_PER_SHARD = 256
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40),
@@ -140,10 +140,13 @@ def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
     answer = f"{mover_colour} {mover_shape} {direction}"
     meta = {"source": "video", "frame_count": frames}
     if mc:
-        wrong = [f"{mover_colour} {mover_shape} {d}" for d in DIRECTIONS] + [
-            f"{c} {s} {direction}" for c, s, _ in objects[1:]
-        ]
-        options, right = _choices(rng, answer, wrong)
+        # A 2x2 of {the mover, a static object of the same scene} x {its direction, another one}: every
+        # object and every direction is in exactly two options, so the text alone favours none of them.
+        colour, shape, _ = objects[1 + int(rng.integers(len(objects) - 1))]
+        other = str(rng.choice([d for d in DIRECTIONS if d != direction]))
+        options = [f"{c} {s} {d}" for c, s in ((mover_colour, mover_shape), (colour, shape)) for d in (direction, other)]
+        options = [options[i] for i in rng.permutation(len(options))]
+        right = options.index(answer)
         meta["user"], meta["assistant"] = _mc("Which object moves, and where?", options, right)
         meta.update(choices=options, answer_index=right)
     else:
