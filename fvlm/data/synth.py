@@ -6,9 +6,10 @@ direction. A static query per frame has to summarise a whole cluttered frame in 
 loses which object moved; a query chosen after seeing earlier frames can fix on the mover.
 Images ask about one object among several; text-only samples are short dialogues; multiple-choice
 variants (`A. ...` options, answer `B. blue square up`) make up the `bench` split for the eval
-harness; they stay out of train/val because four listed options need 110-160 byte-level tokens, more
-than the tiny preset's max_text_tokens, and would only be truncated away. Everything is a function
-of the seed.
+harness; they stay out of train/val because a whole multiple-choice dialogue takes 140-175 byte-level
+tokens for a video (85-125 for an image), more than the tiny preset's max_text_tokens, and would only
+be truncated away. The options are balanced (see make_video): without the pixels every option is
+equally likely. Everything is a function of the seed.
 """
 
 from __future__ import annotations
