@@ -76,6 +76,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def changed_settings(old: RunConfig, new: RunConfig) -> list[str]:
+    """Fields that differ between a run folder's saved config and a new one, other than those a run
+    may change on resume (RESUMABLE_CHANGES) and where it is written."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return sorted(k for k in b if a.get(k) != b[k] and k not in RESUMABLE_CHANGES | {"out_dir"})
+
+
 def _group_of(name: str) -> str:
     if name.startswith("encoder.dino."):
         return "dino"
@@ -142,8 +149,7 @@ class Trainer:
         if not saved_config.is_file():
             return None, None
         saved = config_from_dict(yaml.safe_load(saved_config.read_text()), str(saved_config))
-        old, new = _flatten(saved.to_dict()), _flatten(self.cfg.to_dict())
-        changed = sorted(k for k in new if old.get(k) != new[k] and k not in RESUMABLE_CHANGES | {"out_dir"})
+        changed = changed_settings(saved, self.cfg)
         if changed:
             raise UsageError(f"{self.run_dir} holds a run with different settings ({', '.join(changed)}); "
                              "choose another run_id or out_dir")
@@ -224,6 +230,8 @@ class Trainer:
         self.best = meta.get("best") or {}
         self.saved_meta = meta
         self.last_saved_step = self.step
+        if meta.get("evaluated_step") == self.step:
+            self.last_eval_step = self.step  # its evaluation finished too: resuming must not repeat it
         self.train_loader.load_state_dict(rank_state["data"])
         ckpt.set_rng_state(rank_state["rng"])
 
@@ -507,6 +515,7 @@ class Trainer:
             self.wandb.log(row, "eval")
         # The checkpoint of this step was written before its evaluation; its meta now learns the result.
         self.saved_meta["best"] = self.best
+        self.saved_meta["evaluated_step"] = self.step
         ckpt.write_json(self.run_dir / ckpt.CHECKPOINTS / ckpt.step_name(self.step) / ckpt.META, self.saved_meta)
         ckpt.prune_checkpoints(self.run_dir, t.keep_last, self._always_kept())
         self.progress.message(
