@@ -101,11 +101,12 @@ def _logging(table: Table) -> tuple[str, str]:
             missing.append("run_summary.json")
         if run.steps is None:
             missing.append("steps.csv")
-        if not run.attention_files:
+        queries = run.arch != "multi_token"  # the baseline has no query, so no query attention to log
+        if queries and not run.attention_files:
             missing.append("attention maps")
         if not run.has_checkpoint_meta:
             missing.append("checkpoint meta.json")
-        for column in ("val_loss", "loss_coarse", "attention_entropy", "grad_norm"):
+        for column in ("val_loss", "grad_norm") + (("loss_coarse", "attention_entropy") if queries else ()):
             if not np.isfinite(run.col(column)).any():
                 missing.append(f"metrics {column}")
         if missing:

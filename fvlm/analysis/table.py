@@ -304,7 +304,11 @@ def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> Non
     llm = str(config.get("model", {}).get("llm", ""))
     params = float(raw["params"]["total"]) if raw else None
     named_params = params_from_label(Path(llm).name)
-    size = size_label(named_params or params) if (named_params or params) else "unknown"
+    # A size is the backbones' size: the foveated model and the multi-token baseline built on the same
+    # LLM and DINO are the same size even though their connectors differ.
+    by_group = (raw or {}).get("params", {}).get("by_group") or {}
+    backbone_params = (by_group.get("llm", 0) + by_group.get("dino", 0)) or params
+    size = size_label(named_params or backbone_params) if (named_params or backbone_params) else "unknown"
     status = (raw or {}).get("status") or sweep_status or "unknown"
     if raw is None:
         table.notes.append(f"{summary_path} is absent: run '{run_id}' treated as unfinished ({status})")
