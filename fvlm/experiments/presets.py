@@ -1,0 +1,121 @@
+"""The two Phase 1 presets: `paper` (the plan's settings, spec/phase1_ablations_and_scaling_plan.md)
+and `tiny` (the same plan shrunk to finish on a 2-core CPU in minutes).
+
+A preset says what every run shares (a shipped config plus overrides), how long an ablation runs,
+the learning rates the LR sweep multiplies, the data mixes of A8 and D1, the scaling grid's sizes
+and FLOP budgets, and the assumptions of the cost estimate. The run matrices themselves are built
+from a preset in `fvlm.experiments.matrix`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fvlm.errors import UsageError
+from fvlm.model.flops import PLAN_BUDGETS, PLAN_FRAMES, PLAN_TEXT_TOKENS
+
+
+@dataclass(frozen=True)
+class Size:
+    label: str  # S / M / L: the plan's run ids (S-C1-F ...)
+    name: str  # what the plan calls it (135M)
+    llm: str  # shape name or local folder; `S:model.llm=/models/...` overrides it
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # Multiplies the winning config's LLM learning rate: bigger LLMs usually want a smaller one (the
+    # export's lesson: one LR for every size made 360M look worse than 135M).
+    llm_lr_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    config: str  # shipped config every run starts from
+    overrides: dict[str, Any]
+    # Phase 1a
+    ablation_samples: int
+    ablation_evals: int  # eval points per ablation run (the noise estimate needs >= 6)
+    connector_lr: float  # F3/LR1's connector LR; backbones get a tenth (10:1)
+    replicate_max: int  # A8b's replication (16 in the plan; the tiny data has 8 frames)
+    image_heavy_mix: dict[str, float]  # A8's "Cauldron-heavy" data
+    video_heavy_mix: dict[str, float]  # D1: 55% video / 30% image / 15% text
+    # Phase 1b
+    sizes: tuple[Size, ...]
+    budgets: dict[str, float]  # C1..C4 in training FLOPs
+    scaling_evals: int  # eval points per scaling run, evenly spaced in samples
+    isoflop_extras: tuple[tuple[str, str], ...]  # (size, budget) cells that also get an iso-FLOP baseline
+    sample_shape: tuple[int, int]  # (frames, text tokens) of an average sample, for the FLOP counter
+    # Cost estimate (dry runs)
+    gpus: int = 2
+    gpu_name: str = "A100-80GB"
+    gpu_peak_flops: float = 312e12  # bf16 dense
+    assumed_mfu: float = 0.30
+    gpu_hour_cost: float = 0.70  # the plan's ~$65-85 for ~48-60 h of a 2-GPU machine
+    jobs: int = 1  # runs side by side on a CPU machine (each single-threaded)
+
+    @property
+    def backbone_lr(self) -> float:
+        return self.connector_lr / 10
+
+
+# The plan's 1.7B runs use gradient checkpointing; a smaller micro-batch with more accumulation keeps
+# the plan's 64 samples per optimizer step.
+PAPER = Preset(
+    name="paper",
+    description="the plan's settings: SmolLM2-135M/360M/1.7B + DINOv2-small, 1M samples per ablation, "
+                "budgets C1-C4, 2 GPUs",
+    config="paper_135m_stage1",
+    overrides={"train.max_samples": 0},
+    ablation_samples=1_000_000,
+    ablation_evals=20,
+    connector_lr=1e-4,
+    replicate_max=16,
+    image_heavy_mix={"video": 0.26, "image": 0.60, "text": 0.14},
+    video_heavy_mix={"video": 0.55, "image": 0.30, "text": 0.15},
+    sizes=(
+        Size("S", "135M", "smollm2-135m"),
+        Size("M", "360M", "smollm2-360m"),
+        Size("L", "1.7B", "smollm2-1.7b", overrides={"model.gradient_checkpointing": True,
+                                                      "train.batch_size": 4, "train.grad_accum": 8}),
+    ),
+    budgets=dict(PLAN_BUDGETS),
+    scaling_evals=6,
+    isoflop_extras=(("S", "C2"), ("S", "C3"), ("M", "C2"), ("M", "C3")),
+    sample_shape=(PLAN_FRAMES, PLAN_TEXT_TOKENS),
+)
+
+# Tiny: the plan's structure with every number shrunk. Learning rates are the plan's x 100 (random tiny
+# backbones learn from scratch); budgets are the plan's x 1.5e-6, which puts C3 near the ablation budget
+# for the smallest size, as in the plan (C3 = 1M samples at 135M).
+TINY = Preset(
+    name="tiny",
+    description="the plan shrunk for a 2-core CPU: random tiny backbones, synthetic data, minutes",
+    config="tiny",
+    overrides={"train.max_steps": 0, "train.eval_samples": 64, "train.probe_videos": 4,
+               "train.keep_last": 1, "train.log_every": 5},
+    ablation_samples=1600,
+    ablation_evals=10,
+    connector_lr=1e-2,
+    replicate_max=8,
+    image_heavy_mix={"video": 0.26, "image": 0.60, "text": 0.14},
+    video_heavy_mix={"video": 0.55, "image": 0.30, "text": 0.15},
+    sizes=(
+        Size("S", "tiny", "tiny"),
+        Size("M", "tiny-m", "tiny-llm-m", llm_lr_scale=0.7),
+        Size("L", "tiny-l", "tiny-llm-l", llm_lr_scale=0.5),
+    ),
+    budgets={k: v * 1.5e-6 for k, v in PLAN_BUDGETS.items()},
+    scaling_evals=6,
+    isoflop_extras=(("S", "C2"), ("S", "C3"), ("M", "C2"), ("M", "C3")),
+    sample_shape=(6, 72),  # the synthetic train mix: 2/3 eight-frame videos; ~72 text tokens
+    jobs=2,
+)
+
+PRESETS = {p.name: p for p in (TINY, PAPER)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return PRESETS[name]

@@ -1,0 +1,396 @@
+"""Runs a sweep: one normal run folder per RunSpec, `sweep.csv`, and a state file that makes
+re-running the same command skip what is finished and resume what was interrupted.
+
+Execution:
+- one process, one run after another (the default; a GPU run uses the one visible GPU);
+- `jobs > 1` on a CPU machine: that many worker processes side by side, each single-threaded, each
+  importing torch once for all its runs (the tiny preset's runs are seconds long, so imports matter);
+- several visible GPUs: each run goes through `torchrun --nproc_per_node <gpus> -m fvlm train`.
+
+A run that diverges or fails is recorded and the sweep goes on. Ctrl-C (or SIGTERM) lets the runs in
+flight stop at the end of their step with a checkpoint, records them as interrupted, and stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from fvlm.config import RunConfig, config_from_dict, load_config
+from fvlm.errors import UsageError
+from fvlm.experiments.matrix import RunSpec
+
+STATE_FILE = "sweep_state.json"
+SWEEP_CSV = "sweep.csv"
+FINISHED = ("completed", "diverged", "failed")
+SWEEP_COLUMNS = (
+    "run_id", "sweep", "status", "description", "diff", "planned_samples", "planned_flops", "flops_per_sample",
+    "total_samples", "total_steps", "total_flops", "best_val_loss", "best_val_step", "final_val_loss",
+    "final_val_loss_fine", "final_val_loss_coarse", "final_val_loss_ratio", "final_attention_entropy",
+    "final_train_loss", "wall_time_sec", "config_hash", "error",
+)
+
+
+def diff_text(diff: dict[str, Any]) -> str:
+    """A run's overrides as `key=value` text, the way a user would type them."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {fmt(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, float):
+            return f"{v:g}"
+        return str(v)
+    return " ".join(f"{k}={fmt(v)}" for k, v in diff.items()) or "(base)"
+
+
+def data_overrides(data: str | None) -> dict[str, str]:
+    """`--data PATH`: a folder with train/ (and val/, probe/) split folders, as `fvlm data synth`
+    writes, or a shard folder / mix file for data.train."""
+    if not data:
+        return {}
+    path = Path(data)
+    if not path.exists():
+        raise UsageError(f"--data {data}: no such file or folder")
+    if (path / "train").is_dir():
+        out = {"data.train": str(path / "train")}
+        for split in ("val", "probe"):
+            if (path / split).is_dir():
+                out[f"data.{split}"] = str(path / split)
+        return out
+    return {"data.train": str(path)}
+
+
+def resolve_synthetic(preset_config: str, base: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Generates the synthetic set once under `root` (when the base config asks for it) and points
+    every run at it, so that the runs of a sweep share one dataset."""
+    cfg = load_config(preset_config, {**base, "run_id": "data", "out_dir": str(root)})
+    if "synthetic" not in (cfg.data.train, cfg.data.val, cfg.data.probe):
+        return base
+    from fvlm.data.synth import ensure_synthetic
+
+    paths = ensure_synthetic(cfg)
+    return {**base, **{f"data.{split}": paths[split] for split in ("train", "val", "probe")}}
+
+
+@dataclass
+class Planned:
+    spec: RunSpec
+    cfg: RunConfig
+    flops_per_sample: float
+
+
+class Sweep:
+    def __init__(self, folder: Path, kind: str, preset_config: str, base: dict[str, Any], specs: list[RunSpec],
+                 sample_shape: tuple[int, int], jobs: int = 1, log: Callable[[str], None] | None = None):
+        self.folder, self.kind, self.preset_config = Path(folder), kind, preset_config
+        self.sample_shape = sample_shape
+        self.base, self.specs, self.jobs = base, specs, max(1, jobs)
+        self.log = log or (lambda text: print(text, flush=True))
+        self.state_path = self.folder / STATE_FILE
+        self.planned = [self._plan(spec) for spec in specs]  # every config validated before anything runs
+
+    # ------------------------------------------------------------------ planning
+    def _plan(self, spec: RunSpec) -> Planned:
+        from fvlm.model.flops import estimate_flops
+
+        overrides = {**spec.overrides(self.base), "out_dir": str(self.folder)}
+        try:
+            cfg = load_config(self.preset_config, overrides)
+        except UsageError as exc:
+            raise UsageError(f"run {spec.run_id}: {exc}") from None
+        fps = spec.meta.get("flops_per_sample")
+        if fps is None:
+            fps = estimate_flops(cfg.model, *self.sample_shape).per_sample
+        return Planned(spec, cfg, float(fps))
+
+    def load_state(self) -> dict[str, Any]:
+        if not self.state_path.is_file():
+            return {"kind": self.kind, "runs": {}}
+        try:
+            state = json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{self.state_path}: not valid JSON ({exc.msg}); move it away to start the sweep afresh") from None
+        if state.get("kind") != self.kind:
+            raise UsageError(f"{self.folder} holds a '{state.get('kind')}' sweep, not '{self.kind}'; choose another --out")
+        return state
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1, default=str) + "\n")
+        os.replace(tmp, self.state_path)
+
+    def check_existing(self) -> None:
+        """A run folder that holds different settings is refused before anything runs."""
+        from fvlm.training.trainer import changed_settings
+
+        for p in self.planned:
+            saved = self.folder / p.spec.run_id / "config.yaml"
+            if not saved.is_file():
+                continue
+            old = config_from_dict(yaml.safe_load(saved.read_text()), str(saved))
+            changed = changed_settings(old, p.cfg)
+            if changed:
+                raise UsageError(f"{saved.parent} holds run {p.spec.run_id} with other settings "
+                                 f"({', '.join(changed)}); use another --out, or move that run away")
+
+    def run_status(self, run_id: str) -> str:
+        summary = self.folder / run_id / "run_summary.json"
+        if summary.is_file():
+            try:
+                return json.loads(summary.read_text()).get("status", "unknown")
+            except json.JSONDecodeError:
+                return "interrupted"
+        return "interrupted" if (self.folder / run_id / "config.yaml").is_file() else "pending"
+
+    # ------------------------------------------------------------------ running
+    def run(self, retry_failed: bool = False) -> dict[str, str]:
+        """Runs every pending or interrupted run; returns run_id -> status. Stops early (leaving the
+        rest pending) when interrupted."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.check_existing()
+        state = self.load_state()
+        for p in self.planned:
+            record = state["runs"].setdefault(p.spec.run_id, {})
+            record.update(description=p.spec.description, diff=p.spec.diff, planned_samples=p.spec.samples,
+                          flops_per_sample=p.flops_per_sample, config_hash=p.cfg.config_hash())
+            record["status"] = self.run_status(p.spec.run_id)
+        self._save_state(state)
+        todo = [p for p in self.planned
+                if state["runs"][p.spec.run_id]["status"] not in FINISHED
+                or (retry_failed and state["runs"][p.spec.run_id]["status"] == "failed")]
+        done = len(self.planned) - len(todo)
+        if done:
+            self.log(f"[{self.kind}] {done} of {len(self.planned)} runs already finished; "
+                     f"{len(todo)} to run")
+        self.write_csv(state)
+        if not todo:
+            return {rid: r["status"] for rid, r in state["runs"].items()}
+
+        counter = {"n": done}
+
+        def finished(run_id: str, status: str, error: str | None, seconds: float) -> None:
+            counter["n"] += 1
+            record = state["runs"][run_id]
+            record.update(status=status, error=error, session_wall_sec=round(seconds, 1),
+                          finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self._save_state(state)
+            self.write_csv(state)
+            self.log(f"[{self.kind} {counter['n']}/{len(self.planned)}] {run_id:<12} {status:<11} "
+                     f"{seconds:6.1f}s  {self._result_text(run_id, error)}")
+
+        def started(run_id: str) -> None:
+            state["runs"][run_id]["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            state["runs"][run_id]["status"] = "running"
+            self._save_state(state)
+
+        gpus = _cuda_count()
+        if gpus > 1:
+            interrupted = self._run_torchrun(todo, gpus, started, finished)
+        elif self.jobs > 1 and gpus == 0:
+            interrupted = self._run_workers(todo, started, finished)
+        else:
+            interrupted = self._run_inline(todo, started, finished)
+        if interrupted:
+            self.log(f"[{self.kind}] interrupted: re-run the same command to resume ({self.state_path})")
+            raise KeyboardInterrupt
+        return {rid: r["status"] for rid, r in state["runs"].items()}
+
+    def _result_text(self, run_id: str, error: str | None) -> str:
+        if error:
+            return error.splitlines()[0][:160]
+        summary = _read_summary(self.folder / run_id)
+        final = (summary or {}).get("final") or {}
+        if not final.get("val_loss"):
+            return ""
+        text = f"val_loss {final['val_loss']:.4f}"
+        if final.get("val_loss_coarse") is not None and final.get("val_loss_fine") is not None:
+            text += f" (fine {final['val_loss_fine']:.4f}, coarse {final['val_loss_coarse']:.4f})"
+        return text
+
+    def _run_inline(self, todo: list[Planned], started, finished) -> bool:
+        from fvlm.training.trainer import train
+
+        for p in todo:
+            started(p.spec.run_id)
+            began = time.perf_counter()
+            try:
+                summary = train(p.cfg)
+                status, error = summary["status"], summary.get("error")
+            except KeyboardInterrupt:
+                finished(p.spec.run_id, "interrupted", None, time.perf_counter() - began)
+                return True
+            except UsageError as exc:
+                status, error = "failed", str(exc)
+            except Exception as exc:  # the trainer has written status `failed`; the sweep goes on
+                status, error = "failed", f"{type(exc).__name__}: {exc}"
+            finished(p.spec.run_id, status, error, time.perf_counter() - began)
+            if status == "interrupted":
+                return True
+        return False
+
+    def _run_workers(self, todo: list[Planned], started, finished) -> bool:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        stop = {"requested": False}
+
+        def request_stop(signum, frame):
+            if stop["requested"] and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            stop["requested"] = True
+            self.log(f"[{self.kind}] {signal.Signals(signum).name}: the runs in flight stop after their step "
+                     "with a checkpoint")
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        queue = list(todo)
+        running: dict[Any, tuple[str, float]] = {}
+        context = multiprocessing.get_context("spawn")
+        try:
+            with ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_worker_init) as pool:
+                while queue or running:
+                    while queue and len(running) < self.jobs and not stop["requested"]:
+                        p = queue.pop(0)
+                        started(p.spec.run_id)
+                        log_path = self.folder / p.spec.run_id / "train.log"
+                        running[pool.submit(_train_in_worker, p.cfg.to_dict(), str(log_path))] = (
+                            p.spec.run_id, time.perf_counter())
+                    if not running:
+                        break
+                    if stop["requested"] and not stop.get("forwarded"):
+                        stop["forwarded"] = True
+                        for proc in list(getattr(pool, "_processes", {}).values()):
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(proc.pid, signal.SIGTERM)
+                    done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        run_id, began = running.pop(future)
+                        try:
+                            status, error = future.result()
+                        except Exception as exc:  # a worker that died (killed, out of memory)
+                            status, error = "failed", f"worker died: {type(exc).__name__}: {exc}"
+                        finished(run_id, status, error, time.perf_counter() - began)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return stop["requested"]
+
+    def _run_torchrun(self, todo: list[Planned], gpus: int, started, finished) -> bool:
+        configs = self.folder / "configs"
+        configs.mkdir(parents=True, exist_ok=True)
+        for p in todo:
+            path = configs / f"{p.spec.run_id}.yaml"
+            path.write_text(yaml.safe_dump(p.cfg.to_dict(), sort_keys=False))
+            started(p.spec.run_id)
+            began = time.perf_counter()
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                       "-m", "fvlm", "train", str(path)]
+            try:
+                code = subprocess.call(command)
+            except KeyboardInterrupt:
+                finished(p.spec.run_id, "interrupted", None, time.perf_counter() - began)
+                return True
+            status = self.run_status(p.spec.run_id)
+            if code == 2:
+                status = "failed"
+            finished(p.spec.run_id, status, None if status != "failed" else f"fvlm train exited {code}",
+                     time.perf_counter() - began)
+            if status == "interrupted":
+                return True
+        return False
+
+    # ------------------------------------------------------------------ sweep.csv
+    def write_csv(self, state: dict[str, Any]) -> None:
+        rows = []
+        for p in self.planned:
+            record = state["runs"].get(p.spec.run_id, {})
+            summary = _read_summary(self.folder / p.spec.run_id) or {}
+            final = summary.get("final") or {}
+            row = {
+                "run_id": p.spec.run_id, "sweep": self.kind, "status": record.get("status", "pending"),
+                "description": p.spec.description, "diff": diff_text(p.spec.diff),
+                "planned_samples": p.spec.samples, "planned_flops": p.spec.samples * p.flops_per_sample,
+                "flops_per_sample": summary.get("flops_per_sample") or p.flops_per_sample,
+                "total_samples": summary.get("total_samples"), "total_steps": summary.get("total_steps"),
+                "total_flops": summary.get("total_flops"), "best_val_loss": summary.get("best_val_loss"),
+                "best_val_step": summary.get("best_val_step"), "final_val_loss": final.get("val_loss"),
+                "final_val_loss_fine": final.get("val_loss_fine"), "final_val_loss_coarse": final.get("val_loss_coarse"),
+                "final_val_loss_ratio": final.get("val_loss_ratio"),
+                "final_attention_entropy": final.get("attention_entropy"),
+                "final_train_loss": summary.get("final_train_loss"), "wall_time_sec": summary.get("wall_time_sec"),
+                "config_hash": p.cfg.config_hash(), "error": record.get("error") or summary.get("error") or "",
+            }
+            rows.append(row)
+        tmp = self.folder / (SWEEP_CSV + ".tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=SWEEP_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _cell(v) for k, v in row.items()})
+        os.replace(tmp, self.folder / SWEEP_CSV)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else ""
+    return str(value)
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "run_summary.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+
+def _worker_init() -> None:
+    # Between runs a worker ignores Ctrl-C (the parent decides); during a run the trainer's own handler
+    # turns it into "stop after this step with a checkpoint".
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _train_in_worker(cfg_dict: dict[str, Any], log_path: str) -> tuple[str, str | None]:
+    from fvlm.training.trainer import train
+
+    cfg = config_from_dict(cfg_dict, "sweep")
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            summary = train(cfg)
+            return summary["status"], summary.get("error")
+        except KeyboardInterrupt:
+            return "interrupted", None
+        except UsageError as exc:
+            return "failed", str(exc)
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc(file=log)
+            return "failed", f"{type(exc).__name__}: {exc}"

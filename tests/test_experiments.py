@@ -1,0 +1,219 @@
+"""The Phase 1 plan as commands: run matrices of both presets, the plan's conditional and tie rules,
+and the sweep runner (resume, divergence, side-by-side workers, a mini sweep end to end)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from test_analysis import write_run
+
+from fvlm.cli import main
+from fvlm.errors import UsageError
+from fvlm.experiments import decide, matrix
+from fvlm.experiments.presets import PAPER, TINY
+from fvlm.experiments.runner import Sweep
+from fvlm.model.flops import PLAN_BUDGETS
+
+# The plan's sample counts per budget (spec: "FLOP Budget Calibration").
+PLAN_SAMPLES = {
+    "S": {"C1": 100e3, "C2": 360e3, "C3": 1e6, "C4": 2e6},
+    "M": {"C1": 40e3, "C2": 140e3, "C3": 400e3, "C4": 800e3},
+    "L": {"C1": 9e3, "C2": 30e3, "C3": 90e3, "C4": 180e3},
+}
+SMALL = {
+    "data.synth_videos": 48, "data.synth_images": 16, "data.synth_texts": 16, "data.synth_val": 16,
+    "data.synth_frames": 4, "data.synth_size": 32, "data.max_frames": 4, "data.max_text_tokens": 64,
+    "model.image_size": 32, "train.max_steps": 0, "train.batch_size": 4, "train.eval_batch_size": 8,
+    "train.eval_samples": 8, "train.probe_videos": 2, "train.eval_every": 2, "train.save_every": 2,
+}
+
+
+def _dry(capsys, *argv) -> dict:
+    assert main([*argv, "--dry-run", "--json", "--no-measure"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# ----------------------------------------------------------------------------- matrices
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_ablation_matrix_has_the_plans_twelve_runs_and_knobs(capsys, preset):
+    record = _dry(capsys, "sweep", "ablations", "--preset", preset)
+    runs = {r["run_id"]: r for r in record["runs"]}
+    assert tuple(runs) == matrix.ABLATION_IDS
+    p = TINY if preset == "tiny" else PAPER
+    c, b = p.connector_lr, p.backbone_lr
+    base = record["base"]
+    assert (base["optim.lr_connector"], base["optim.lr_dino"], base["optim.lr_llm"]) == (c, b, b)  # F3 = LR1, 10:1
+    assert runs["F3"]["diff"] == {}
+    assert runs["F1"]["diff"] == {"model.freeze_dino": True, "model.freeze_llm": True}
+    assert runs["F2"]["diff"] == {"model.freeze_llm": True}
+    ratios = {rid: runs[rid]["diff"]["optim.lr_connector"] / b for rid in ("LR2", "LR3", "LR4")}
+    assert ratios == pytest.approx({"LR2": 100, "LR3": 3, "LR4": 1})
+    assert runs["A1"]["diff"] == {"model.deep_query": False}
+    assert runs["A6"]["diff"] == {"model.coarse_only": True}
+    assert runs["B1"]["diff"] == {"model.arch": "multi_token", "model.tokens_per_frame": 16}
+    for rid, frames in (("A8a", 1), ("A8b", p.replicate_max)):
+        assert runs[rid]["diff"]["data.replicate_image_frames"] == frames
+        assert runs[rid]["diff"]["train.stage"] == 2
+        assert runs[rid]["diff"]["data.mix"]["image"] > 0.5
+    assert runs["D1"]["diff"]["data.mix"] == {"video": 0.55, "image": 0.30, "text": 0.15}
+    assert {r["samples"] for r in runs.values()} == {p.ablation_samples}
+    # Frozen backbones cost fewer FLOPs per sample (no backward through them); the baseline more.
+    assert runs["F1"]["flops"] < runs["F3"]["flops"] < runs["B1"]["flops"]
+    if preset == "paper":
+        assert record["estimate"]["gpu_hours"] > 0 and record["estimate"]["cost_usd"] > 0
+
+
+def test_freeze_winner_f1_skips_the_lr_runs():
+    ids = [s.run_id for s in matrix.ablation_specs(TINY, freeze_winner="F1")]
+    assert ids == [i for i in matrix.ABLATION_IDS if i not in ("LR2", "LR3", "LR4")]
+    assert [s.run_id for s in matrix.ablation_specs(TINY, freeze_winner="F2")] == list(matrix.ABLATION_IDS)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_scaling_grid_is_24_cells_plus_isoflop_extras(capsys, preset):
+    record = _dry(capsys, "sweep", "scaling", "--preset", preset)
+    runs = {r["run_id"]: r for r in record["runs"]}
+    cells = [f"{s}-{c}-{a}" for s in "SML" for c in ("C1", "C2", "C3", "C4") for a in "FB"]
+    extras = [f"{s}-{c}-B-isoflop" for s, c in (("S", "C2"), ("S", "C3"), ("M", "C2"), ("M", "C3"))]
+    assert sorted(runs) == sorted(cells + extras)
+    p = TINY if preset == "tiny" else PAPER
+    for s in "SML":
+        for c, budget in p.budgets.items():
+            fov, base = runs[f"{s}-{c}-F"], runs[f"{s}-{c}-B"]
+            assert budget - fov["flops_per_sample"] < fov["flops"] <= budget  # the budget is spent
+            assert base["samples"] == fov["samples"] and base["flops"] > fov["flops"]  # iso-sample baseline
+            if f"{s}-{c}-B-isoflop" in runs:
+                iso = runs[f"{s}-{c}-B-isoflop"]
+                assert budget - iso["flops_per_sample"] < iso["flops"] <= budget
+                assert runs[f"{s}-{c}-B-isoflop"]["samples"] < fov["samples"]
+        samples = [runs[f"{s}-{c}-F"]["samples"] for c in p.budgets]
+        assert samples == sorted(samples)
+    # ~5 evaluations per run at evenly spaced sample counts, each kept as a checkpoint.
+    for run in runs.values():
+        per_step = 32 if preset == "paper" else 8  # 16 x 2 accumulation (L: 4 x 8) on one device
+        steps = -(-run["samples"] // per_step)
+        every = run["diff"]["train.eval_every"]
+        evals = steps // every + (steps % every > 0)  # the trainer also evaluates at the last step
+        assert min(steps, p.scaling_evals) <= evals <= 2 * p.scaling_evals
+        assert run["diff"]["train.keep_milestones"] == p.scaling_evals
+
+
+def test_paper_budgets_with_the_plans_formula_give_the_plans_sample_counts(capsys):
+    record = _dry(capsys, "sweep", "scaling", "--preset", "paper", "--flops-formula", "seed")
+    runs = {r["run_id"]: r for r in record["runs"]}
+    for size, budgets in PLAN_SAMPLES.items():
+        for budget, planned in budgets.items():
+            assert runs[f"{size}-{budget}-F"]["samples"] == pytest.approx(planned, rel=0.10), (size, budget)
+    assert PAPER.budgets == PLAN_BUDGETS
+
+
+def test_phase1_dry_run_lists_both_sweeps(capsys):
+    assert main(["phase1", "--dry-run", "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    assert "phase 1a" in out and "phase 1b" in out and "LR2" in out and "L-C4-B" in out
+
+
+def test_size_prefixed_overrides_reach_one_size_only(capsys):
+    record = _dry(capsys, "sweep", "scaling", "M:optim.lr_llm=1e-5", "seed=3")
+    runs = {r["run_id"]: r for r in record["runs"]}
+    assert runs["M-C2-F"]["diff"]["optim.lr_llm"] == 1e-5
+    assert "optim.lr_llm" not in runs["S-C2-F"]["diff"]
+    assert runs["L-C2-F"]["diff"]["optim.lr_llm"] == pytest.approx(TINY.backbone_lr * 0.5)  # the size's own LR
+    assert record["base"]["seed"] == 3
+    with pytest.raises(UsageError, match="'X' is not a size"):
+        matrix.split_overrides(["X:optim.lr_llm=1"], ("S", "M", "L"))
+    assert main(["sweep", "ablations", "--dry-run", "--no-measure", "optim.lr_conector=1"]) == 2
+    assert "did you mean optim.lr_connector" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- decisions
+
+
+def _freeze_sweep(root, offsets):
+    samples = np.linspace(200, 2000, 10)
+    rng = np.random.default_rng(0)
+    knobs = {"F1": {"model.freeze_dino": True, "model.freeze_llm": True}, "F2": {"model.freeze_llm": True}}
+    for rid, offset in offsets.items():
+        loss = 2.0 + offset + 3 / (samples / 100) ** 0.5 + rng.normal(0, 0.003, len(samples))
+        write_run(root, rid, samples, loss, 2e5, 1e8, knobs.get(rid))
+    (root / "sweep.csv").write_text("run_id,status\n" + "".join(f"{r},completed\n" for r in offsets))
+
+
+@pytest.mark.parametrize("f1_offset, expected", [(0.5, "F3"), (0.001, "F1")])
+def test_freeze_choice_follows_the_plans_tie_rule(tmp_path, f1_offset, expected):
+    _freeze_sweep(tmp_path, {"F1": f1_offset, "F2": 0.3, "F3": 0.0})
+    choice = decide.freeze_choice(tmp_path, matrix.ablation_specs(TINY))
+    assert choice["analysis_winner"] in ("F3", "F1") and choice["choice"] == expected
+    adopted = {"F3": {}, "F1": {"model.freeze_dino": True, "model.freeze_llm": True}}[expected]
+    assert choice["adopted"] == adopted
+    assert choice["noise"] > 0 and "reason" in choice
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+def _specs(*items):
+    return [matrix.RunSpec(rid, "test", rid, diff, samples) for rid, diff, samples in items]
+
+
+def _rows(folder):
+    with (folder / "sweep.csv").open() as handle:
+        return {r["run_id"]: r for r in csv.DictReader(handle)}
+
+
+def test_resume_skips_finished_runs_and_a_diverging_run_does_not_stop_the_sweep(tmp_path):
+    folder = tmp_path / "sweep"
+    specs = _specs(
+        ("ok1", {}, 16),
+        ("boom", {"train.grad_clip": 0, "optim.lr_connector": 30, "optim.lr_llm": 30, "optim.lr_dino": 30,
+                  "optim.warmup_ratio": 0}, 120),
+        ("ok2", {"model.coarse_only": True}, 16),
+    )
+    base = {**SMALL, "data.train": "synthetic"}
+    Sweep(folder, "test", "tiny", base, specs, (4, 40)).run()
+    rows = _rows(folder)
+    assert [rows[r]["status"] for r in ("ok1", "boom", "ok2")] == ["completed", "diverged", "completed"]
+    assert float(rows["ok1"]["final_val_loss"]) > 0 and rows["ok1"]["total_samples"] == "16"
+    state = json.loads((folder / "sweep_state.json").read_text())
+    assert state["runs"]["boom"]["status"] == "diverged"
+
+    # An interrupted run (killed before it wrote its summary) resumes; finished ones are not touched.
+    finished = {r: (folder / r / "run_summary.json").stat().st_mtime_ns for r in ("ok1", "boom")}
+    (folder / "ok2" / "run_summary.json").unlink()
+    Sweep(folder, "test", "tiny", base, specs, (4, 40)).run()
+    assert {r: (folder / r / "run_summary.json").stat().st_mtime_ns for r in finished} == finished
+    assert _rows(folder)["ok2"]["status"] == "completed"
+    metrics = (folder / "ok2" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 1 + 2  # resumed from its last checkpoint, not repeated: one row per eval point
+
+    # The same folder with other settings for a finished run is refused before anything runs.
+    changed = _specs(("ok1", {"model.deep_query": False}, 16))
+    with pytest.raises(UsageError, match="other settings"):
+        Sweep(folder, "test", "tiny", base, changed, (4, 40)).run()
+
+
+def test_mini_sweep_end_to_end_with_two_workers(tmp_path):
+    """Three ablation-style runs side by side in worker processes, then analysed as a sweep."""
+    from fvlm.analysis.cli import analyze
+    from fvlm.experiments.runner import resolve_synthetic
+
+    folder = tmp_path / "mini"
+    base = resolve_synthetic("tiny", {**SMALL, "train.eval_every": 1, "train.save_every": 1}, tmp_path)
+    assert os.path.isdir(base["data.train"])
+    specs = _specs(("F3", {}, 32), ("A6", {"model.coarse_only": True}, 32),
+                   ("B1", {"model.arch": "multi_token", "model.tokens_per_frame": 4}, 32))
+    statuses = Sweep(folder, "ablations", "tiny", base, specs, (4, 40), jobs=2).run()
+    assert statuses == {"F3": "completed", "A6": "completed", "B1": "completed"}
+    for rid in statuses:
+        assert (folder / rid / "train.log").read_text().count("eval step") == 8
+    summary = analyze([str(folder)], tmp_path / "report", None, n_boot=5)
+    assert summary["runs"] == 3
+    decisions = json.loads((tmp_path / "report" / "decisions.json").read_text())
+    two_pass = next(q for q in decisions["questions"] if q["id"] == "two_pass")
+    assert set(two_pass["runs"]) == {"F3", "A6"} and two_pass["winner"] in ("F3", "A6")
