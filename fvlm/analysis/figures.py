@@ -266,16 +266,19 @@ def scaling_isoflop(ctx: Context) -> Path | str:
 
 
 def scaling_foveated_vs_baseline(ctx: Context) -> Path | str:
-    runs = [r for r in ctx.table.runs.values() if r.arch in ("foveated", "multi_token") and r.flops_per_sample]
+    # The fit runs (the scaling grid when --fit-runs selects it): ablation variants that share an
+    # architecture label would otherwise join the lines.
+    runs = [r for r in ctx.fit_runs if r.arch in ("foveated", "multi_token") and r.flops_per_sample and r.n_points]
     if {r.arch for r in runs} != {"foveated", "multi_token"}:
         return "needs both foveated and multi-token runs with FLOPs"
     plt = _plt()
     fig, ax = plt.subplots()
-    sizes = sorted({r.model_size for r in runs})
+    sizes = sorted({r.model_size for r in runs}, key=lambda s: min(r.params or 0 for r in runs if r.model_size == s))
     colors = dict(zip(sizes, _colors(len(sizes))))
     for arch, marker in (("foveated", "o"), ("multi_token", "s")):
         for size in sizes:
-            chosen = [r for r in runs if r.arch == arch and r.model_size == size]
+            chosen = sorted((r for r in runs if r.arch == arch and r.model_size == size),
+                            key=lambda r: np.nanmax(r.flops()))
             if chosen:
                 ax.plot([np.nanmax(r.flops()) for r in chosen], [r.col("val_loss")[-1] for r in chosen], marker,
                         ls=ARCH_STYLE[arch], color=colors[size], label=f"{size} {arch}")

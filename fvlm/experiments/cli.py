@@ -263,12 +263,33 @@ def cmd_phase1(args) -> int:
     _log(f"fvlm phase1 --preset {preset.name} -> {root} ({jobs} run(s) side by side)")
     base = _ablation_base(preset, common, root)
     locked = run_ablations(preset, ablation_dir, base, jobs, args.retry_failed)
+    evaluate_modes(preset, ablation_dir / "F3", base)
     sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], args.flops_formula, root, jobs)
     sweep.run(args.retry_failed)
     summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked)
     _log(f"fvlm phase1: done in {(time.perf_counter() - began) / 60:.1f} min; report {report_dir / 'report.md'} "
          f"({summary['figures']} figures), decisions {root / 'decisions.json'}")
     return 0
+
+
+def evaluate_modes(preset, run_dir: Path, base: dict[str, Any]) -> None:
+    """F3 (the baseline every question is asked against) in all three inference modes, on the
+    synthetic multiple-choice benchmark when there is one, with attention pictures: the report's
+    eval-mode figure (Fig 7). Skipped when already done; a failure is reported, not fatal."""
+    from fvlm.cli import main
+
+    if (run_dir / "eval" / "eval.json").is_file() or not (run_dir / "run_summary.json").is_file():
+        return
+    argv = ["eval", str(run_dir), "--attention", "4"]
+    if preset.name == "tiny":
+        argv += ["--max-samples", str(preset.overrides.get("train.eval_samples", 64))]
+    bench = Path(str(base.get("data.val", ""))).parent / "bench"
+    if base.get("data.val") and bench.is_dir():
+        argv += ["--bench", str(bench)]
+    _log(f"[phase1] fvlm {' '.join(argv)}")
+    code = main(argv)
+    if code != 0:
+        _log(f"[phase1] evaluation of {run_dir.name} failed (exit {code}); the report goes on without Fig 7")
 
 
 def write_report(preset, root: Path, ablation_dir: Path, scaling_dir: Path, report_dir: Path,
