@@ -116,6 +116,20 @@ class Sweep:
             fps = estimate_flops(cfg.model, *self.sample_shape).per_sample
         return Planned(spec, cfg, float(fps))
 
+    def _lock(self) -> None:
+        """One sweep process per folder: a second `fvlm sweep`/`phase1` on it is refused."""
+        import fcntl
+
+        if getattr(self, "_lock_file", None) is not None:
+            return
+        handle = open(self.folder / ".sweep.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise UsageError(f"{self.folder}: another fvlm sweep is running in this folder") from None
+        self._lock_file = handle
+
     def load_state(self) -> dict[str, Any]:
         if not self.state_path.is_file():
             return {"kind": self.kind, "runs": {}}
@@ -160,6 +174,14 @@ class Sweep:
         """Runs every pending or interrupted run; returns run_id -> status. Stops early (leaving the
         rest pending) when interrupted."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            return self._run(retry_failed)
+        finally:
+            self._lock_file.close()  # releases the lock
+            self._lock_file = None
+
+    def _run(self, retry_failed: bool) -> dict[str, str]:
         self.check_existing()
         state = self.load_state()
         for p in self.planned:
@@ -374,9 +396,36 @@ def _worker_init() -> None:
     # turns it into "stop after this step with a checkpoint".
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    global _PARENT_PID
+    _PARENT_PID = os.getppid()
+    _terminate_with_parent()
+
+
+_PARENT_PID: int | None = None
+
+
+def _terminate_with_parent() -> None:
+    """Linux: SIGTERM this worker when the sweep process dies (even by SIGKILL), so that no orphan
+    keeps writing into a run folder that a re-run is about to resume."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _train_in_worker(cfg_dict: dict[str, Any], log_path: str) -> tuple[str, str | None]:
+    try:
+        return _train_logged(cfg_dict, log_path)
+    finally:
+        if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
+            os._exit(0)  # the sweep process is gone: nobody to report to, nothing more to run
+
+
+def _train_logged(cfg_dict: dict[str, Any], log_path: str) -> tuple[str, str | None]:
     from fvlm.training.trainer import train
 
     cfg = config_from_dict(cfg_dict, "sweep")
