@@ -35,7 +35,8 @@ def per_size(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any]:
         fit = fits.fit_data_scaling(d, loss)
         boot = fits.bootstrap(run_idx, lambda idx: fits.fit_data_scaling(d[idx], loss[idx]), ["E", "a", "b"],
                               n_boot, seed)
-        noise = float(np.nanmedian([ablations.run_noise(r) for r in group]))
+        noises = np.array([ablations.run_noise(r) for r in group])
+        noise = float(np.median(noises[np.isfinite(noises)])) if np.isfinite(noises).any() else math.nan
         fit.update(N=float(group[0].params) if group[0].params else None, runs=[r.run_id for r in group],
                    n_runs=len(group), D_range=[float(d.min()), float(d.max())], ci95=boot["ci95"],
                    bootstrap={"unit": boot["unit"], "n_resamples": boot["n_resamples"], "note": boot["note"]},

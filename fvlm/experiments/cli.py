@@ -235,7 +235,7 @@ def cmd_phase1(args) -> int:
 
     preset, root, common, by_size = _setup(args, None)
     jobs = _jobs(args, preset)
-    ablation_dir, scaling_dir, report_dir = root / "ablations", root / "scaling", root / "report"
+    ablation_dir, scaling_dir = root / "ablations", root / "scaling"
     if args.dry_run:
         base = _ablation_base(preset, common, None)
         abl = Sweep(ablation_dir, "ablations", preset.config, base, matrix.ablation_specs(preset), preset.sample_shape,
@@ -258,18 +258,26 @@ def cmd_phase1(args) -> int:
             print(f"\nphase 1 total: about {fmt_seconds(wall)} wall, then the analysis")
         return 0
 
+    run_phase1(preset, root, common, by_size, jobs, args.flops_formula, args.retry_failed)
+    return 0
+
+
+def run_phase1(preset, root: Path, common: dict[str, Any], by_size: dict[str, dict[str, Any]], jobs: int,
+               formula: str = "exact", retry_failed: bool = False) -> dict[str, Any]:
+    """Ablations -> locked config -> F3 in three modes -> scaling grid -> report, under `root`."""
     began = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
+    ablation_dir, scaling_dir, report_dir = root / "ablations", root / "scaling", root / "report"
     _log(f"fvlm phase1 --preset {preset.name} -> {root} ({jobs} run(s) side by side)")
     base = _ablation_base(preset, common, root)
-    locked = run_ablations(preset, ablation_dir, base, jobs, args.retry_failed)
+    locked = run_ablations(preset, ablation_dir, base, jobs, retry_failed)
     evaluate_modes(preset, ablation_dir / "F3", base)
-    sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], args.flops_formula, root, jobs)
-    sweep.run(args.retry_failed)
+    sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs)
+    sweep.run(retry_failed)
     summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked)
     _log(f"fvlm phase1: done in {(time.perf_counter() - began) / 60:.1f} min; report {report_dir / 'report.md'} "
          f"({summary['figures']} figures), decisions {root / 'decisions.json'}")
-    return 0
+    return summary
 
 
 def evaluate_modes(preset, run_dir: Path, base: dict[str, Any]) -> None:

@@ -1,0 +1,62 @@
+"""`fvlm phase1` end to end on a micro version of the tiny preset: 12 ablation runs, the locked
+config, F3 in three modes, the 28-run grid, the report with its figures; a re-run does nothing."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import yaml
+
+from fvlm.experiments.cli import run_phase1
+from fvlm.experiments.presets import TINY
+
+MICRO = dataclasses.replace(TINY, ablation_samples=24, ablation_evals=6,
+                            budgets={k: v * 0.03 for k, v in TINY.budgets.items()})
+DATA = {
+    "data.synth_videos": 48, "data.synth_images": 16, "data.synth_texts": 16, "data.synth_val": 16,
+    "data.synth_frames": 4, "data.synth_size": 32, "data.max_frames": 4, "data.max_text_tokens": 64,
+    "model.image_size": 32, "train.batch_size": 4, "train.eval_batch_size": 8, "train.eval_samples": 8,
+    "train.probe_videos": 2,
+}
+
+
+def _statuses(path):
+    with path.open() as handle:
+        return {row["run_id"]: row["status"] for row in csv.DictReader(handle)}
+
+
+def test_phase1_end_to_end_and_rerun_resumes(tmp_path):
+    root = tmp_path / "phase1"
+    summary = run_phase1(MICRO, root, dict(DATA), {}, jobs=1)
+
+    ablations = _statuses(root / "ablations" / "sweep.csv")
+    assert set(ablations) >= {"F1", "F2", "F3", "A1", "A6", "B1", "A8a", "A8b", "D1"}
+    assert set(ablations.values()) <= {"completed", "diverged"}
+    scaling = _statuses(root / "scaling" / "sweep.csv")
+    assert len(scaling) == 28 and set(scaling.values()) == {"completed"}
+
+    locked = json.loads((root / "ablations" / "locked_config.json").read_text())
+    assert [c["question"] for c in locked["choices"]] == ["freeze", "learning_rate", "image_handling", "data_mix"]
+    # The grid was trained with the locked overrides.
+    config = yaml.safe_load((root / "scaling" / "S-C2-F" / "config.yaml").read_text())
+    for key, value in locked["overrides"].items():
+        section, name = key.split(".")
+        assert config[section][name] == value
+
+    decisions = json.loads((root / "decisions.json").read_text())
+    assert {q["id"] for q in decisions["questions"]} >= {"freeze", "two_pass", "efficiency"}
+    assert decisions["locked_config"] == locked
+    assert len(decisions["go_no_go"]) == 6
+    report = root / "report"
+    assert "Locked configuration (fvlm phase1)" in (report / "report.md").read_text()
+    for figure in ("fig1_foveated_vs_alternatives", "fig2_loss_ratio", "fig5_freeze", "fig7_eval_modes",
+                   "fig8_scaling", "scaling_isoflop", "scaling_foveated_vs_baseline"):
+        assert (report / f"{figure}.png").is_file(), figure
+    assert (root / "ablations" / "F3" / "eval" / "eval.json").is_file()
+    assert summary["figures"] >= 10
+
+    finished = {p: p.stat().st_mtime_ns for p in root.glob("*/*/run_summary.json")}
+    run_phase1(MICRO, root, dict(DATA), {}, jobs=1)
+    assert {p: p.stat().st_mtime_ns for p in root.glob("*/*/run_summary.json")} == finished
