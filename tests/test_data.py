@@ -417,3 +417,29 @@ def test_cli_synth_then_inspect_json(tmp_path, capsys):
     assert report["splits"]["train"]["by_kind"] == {"video": 6, "image": 3, "text": 3}
     assert report["requested"]["train"]["video"] == 6 and report["splits"]["probe"]["by_kind"]["video"] == 2
     assert report["splits"]["train"]["mix"]["requested_by_kind"]["text"] == pytest.approx(0.14)
+
+
+def test_mc_fraction_asks_train_and_val_as_multiple_choice_on_request_only(tmp_path, capsys):
+    def assistants(split):
+        texts = []
+        for shard in sorted((tmp_path / "mc" / split).glob("*.tar")) + sorted((tmp_path / "plain" / split).glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                texts += [(shard.parent.parent.name, json.loads(tar.extractfile(m).read()))
+                          for m in tar.getmembers() if m.name.endswith(".json")]
+        return texts
+
+    plain = generate_synthetic(tmp_path / "plain", videos=20, images=10, texts=6, frames=3, size=32, seed=5, val=12,
+                               probe=0, bench=0)
+    assert plain["splits"]["train"]["multiple_choice"] == plain["splits"]["val"]["multiple_choice"] == 0
+    assert plain["params"]["mc_fraction"] == 0.0
+    assert fvlm_main(["data", "synth", str(tmp_path / "mc"), "--videos", "20", "--images", "10", "--texts", "6",
+                      "--frames", "3", "--size", "32", "--seed", "5", "--val", "12", "--probe", "0", "--bench", "0",
+                      "--mc-fraction", "1"]) == 0
+    manifest = json.loads((tmp_path / "mc" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["multiple_choice"] == 30 and manifest["params"]["mc_fraction"] == 1.0
+    for split in ("train", "val"):
+        for name, meta in assistants(split):
+            is_mc = "choices" in meta
+            assert is_mc == (name == "mc" and meta["source"] != "text"), (name, meta)
+    capsys.readouterr()
+    assert fvlm_main(["data", "synth", str(tmp_path / "bad"), "--mc-fraction", "1.5"]) == 2

@@ -26,6 +26,9 @@ def register(sub) -> None:
     synth.add_argument("--val", type=int, default=_DEFAULTS.synth_val, help="validation samples")
     synth.add_argument("--probe", type=int, default=10, help="attention-probe videos")
     synth.add_argument("--bench", type=int, default=200, help="multiple-choice benchmark questions")
+    synth.add_argument("--mc-fraction", type=float, default=0.0,
+                       help="share of train/val videos and images asked as multiple choice (default 0: captions; "
+                            "a whole multiple-choice dialogue needs data.max_text_tokens >= 192)")
     synth.set_defaults(func=cmd_synth)
 
     inspect = data_sub.add_parser("inspect", help="counts, mix, lengths and skipped samples of a data path")
@@ -48,11 +51,14 @@ def cmd_synth(args) -> int:
             raise UsageError(f"--{name} must be >= 0")
     if args.frames < 1 or args.size < 16:
         raise UsageError("--frames must be >= 1 and --size >= 16")
+    if not 0.0 <= args.mc_fraction <= 1.0:
+        raise UsageError("--mc-fraction must be between 0 and 1")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} is not empty; choose a new folder")
     manifest = generate_synthetic(out, videos=args.videos, images=args.images, texts=args.texts, frames=args.frames,
-                                  size=args.size, seed=args.seed, val=args.val, probe=args.probe, bench=args.bench)
+                                  size=args.size, seed=args.seed, val=args.val, probe=args.probe, bench=args.bench,
+                                  mc_fraction=args.mc_fraction)
     for split, counts in manifest["splits"].items():
         print(f"{split:<6} " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     print(f"wrote {manifest['samples']} samples to {out} in {manifest['seconds']:.1f}s "

@@ -6,10 +6,12 @@ direction. A static query per frame has to summarise a whole cluttered frame in 
 loses which object moved; a query chosen after seeing earlier frames can fix on the mover.
 Images ask about one object among several; text-only samples are short dialogues; multiple-choice
 variants (`A. ...` options, answer `B. blue square up`) make up the `bench` split for the eval
-harness; they stay out of train/val because a whole multiple-choice dialogue takes 140-175 byte-level
-tokens for a video (85-125 for an image), more than the tiny preset's max_text_tokens, and would only
-be truncated away. The options are balanced (see make_video): without the pixels every option is
-equally likely. Everything is a function of the seed.
+harness. By default they stay out of train/val because a whole multiple-choice dialogue takes 140-175
+byte-level tokens for a video (85-125 for an image), more than the tiny preset's max_text_tokens, and
+would only be truncated away; `mc_fraction` (`fvlm data synth --mc-fraction`) asks that share of the
+train/val videos and images as multiple choice instead (then data.max_text_tokens >= 192). The options
+are balanced (see make_video): without the pixels every option is equally likely. Everything is a
+function of the seed.
 """
 
 from __future__ import annotations
@@ -261,11 +263,12 @@ def _write_split(folder: Path, split: str, seed: int, *, videos: int, images: in
 
 
 def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames: int, size: int, seed: int,
-                       val: int = 200, probe: int = 10, bench: int = 200) -> dict:
+                       val: int = 200, probe: int = 10, bench: int = 200, mc_fraction: float = 0.0) -> dict:
     """Writes train/, val/, probe/ and bench/ shard folders plus manifest.json under `out_dir`.
 
     val keeps the train mix of kinds; probe holds `probe` plain videos for attention heatmaps;
-    bench holds `bench` multiple-choice questions (videos and images, half each).
+    bench holds `bench` multiple-choice questions (videos and images, half each). `mc_fraction` of the
+    train/val videos and images are asked as multiple choice too (default 0: captions only).
     Returns the manifest: parameters, counts per split and kind, seconds and samples/s.
     """
     out = Path(out_dir)
@@ -275,9 +278,9 @@ def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames:
     common = {"frames": frames, "size": size}
     splits = {
         "train": _write_split(out / "train", "train", seed, videos=videos, images=images, texts=texts,
-                              mc_fraction=0.0, **common),
+                              mc_fraction=mc_fraction, **common),
         "val": _write_split(out / "val", "val", seed, videos=val_counts[0], images=val_counts[1],
-                            texts=max(0, val - sum(val_counts)), mc_fraction=0.0, **common),
+                            texts=max(0, val - sum(val_counts)), mc_fraction=mc_fraction, **common),
         "probe": _write_split(out / "probe", "probe", seed, videos=probe, images=0, texts=0, mc_fraction=0.0, **common),
         "bench": _write_split(out / "bench", "bench", seed, videos=bench - bench // 2, images=bench // 2, texts=0,
                               mc_fraction=1.0, **common),
@@ -287,7 +290,7 @@ def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames:
     manifest = {
         "generator_version": GENERATOR_VERSION,
         "params": {"videos": videos, "images": images, "texts": texts, "frames": frames, "size": size, "seed": seed,
-                   "val": val, "probe": probe, "bench": bench},
+                   "val": val, "probe": probe, "bench": bench, "mc_fraction": mc_fraction},
         "splits": splits,
         "samples": samples,
         "seconds": round(seconds, 3),
