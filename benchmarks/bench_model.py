@@ -38,51 +38,65 @@ def make_batch(b, t, length, size, device):
     }
 
 
-def step_time(model, batch, repeats, bf16):
+def make_step(model, batch, bf16):
     def step():
         with torch.autocast(batch["frames"].device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(batch, compute_coarse=False).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    if batch["frames"].is_cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    return step
+
+
+def interleaved_times(steps: dict, repeats: int, cuda: bool) -> dict:
+    """Median seconds per step of each variant, timed round-robin (one step of each in turn), so
+    that a load change on a shared machine hits every variant alike."""
+    samples = {name: [] for name in steps}
+    for step in steps.values():
+        step()  # warm-up
     for _ in range(repeats):
-        step()
-    if batch["frames"].is_cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+        for name, step in steps.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - start)
+    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=("tiny", "135m", "both"), default="both")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="peak bf16 dense TFLOPs (H100 SXM: 989)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     shapes = ("tiny", "135m") if args.shape == "both" else (args.shape,)
     precisions = [False, True] if args.device == "cuda" else [False]
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         for bf16 in precisions:
-            times = {}
+            steps, flops = {}, {}
             for name, variant in VARIANTS.items():
                 cfg = load_config(None, {"model": {**shape["overrides"], **variant}}).model
                 model = build_model(cfg).to(args.device).train()
                 batch = make_batch(shape["batch"], shape["frames"], shape["text"], cfg.image_size, args.device)
-                times[name] = step_time(model, batch, args.repeats, bf16)
-                flops = estimate_flops(cfg, shape["frames"], shape["text"]).per_sample * shape["batch"]
-                mfu = f"  MFU {flops / times[name] / (args.peak_tflops * 1e12):.1%}" if args.device == "cuda" else ""
+                steps[name] = make_step(model, batch, bf16)
+                flops[name] = estimate_flops(cfg, shape["frames"], shape["text"]).per_sample * shape["batch"]
+            times = interleaved_times(steps, args.repeats, args.device == "cuda")
+            for name, seconds in times.items():
+                mfu = f"  MFU {flops[name] / seconds / (args.peak_tflops * 1e12):.1%}" if args.device == "cuda" else ""
                 print(f"[{shape_name} {args.device} {'bf16' if bf16 else 'fp32'}] {name:<15} "
-                      f"{times[name] * 1000:8.1f} ms/step  {flops / times[name] / 1e9:8.1f} GFLOP/s{mfu}")
-                del model
+                      f"{seconds * 1000:8.1f} ms/step  {flops[name] / seconds / 1e9:8.1f} GFLOP/s{mfu}")
             base = times["coarse_only"]
             print(f"[{shape_name}] ratios to coarse_only: "
-                  + ", ".join(f"{k} {v / base:.2f}x" for k, v in times.items()))
+                  + ", ".join(f"{k} {v / base:.2f}x" for k, v in times.items())
+                  + "; FLOP ratios: " + ", ".join(f"{k} {flops[k] / flops['coarse_only']:.2f}x" for k in times))
 
 
 if __name__ == "__main__":
