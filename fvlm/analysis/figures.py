@@ -14,7 +14,7 @@ import numpy as np
 
 from fvlm.analysis import ablations
 from fvlm.analysis.attention_maps import load_attention, render_video
-from fvlm.analysis.fits import predict_data_scaling, predict_joint
+from fvlm.analysis.fits import budget_label, predict_data_scaling, predict_joint
 from fvlm.analysis.table import Run, Table
 
 STYLE = {
@@ -266,9 +266,10 @@ def scaling_isoflop(ctx: Context) -> Path | str:
 
 
 def scaling_foveated_vs_baseline(ctx: Context) -> Path | str:
-    # The fit runs (the scaling grid when --fit-runs selects it): ablation variants that share an
-    # architecture label would otherwise join the lines.
-    runs = [r for r in ctx.fit_runs if r.arch in ("foveated", "multi_token") and r.flops_per_sample and r.n_points]
+    # The scaling grid's cells (run ids with a budget label, C1..C4), both architectures: ablation
+    # variants that share an architecture label would otherwise join the lines.
+    grid = [r for r in ctx.table.runs.values() if budget_label(r.run_id)] or ctx.fit_runs
+    runs = [r for r in grid if r.arch in ("foveated", "multi_token") and r.flops_per_sample and r.n_points]
     if {r.arch for r in runs} != {"foveated", "multi_token"}:
         return "needs both foveated and multi-token runs with FLOPs"
     plt = _plt()
