@@ -48,3 +48,24 @@ def test_image_options_are_balanced():
         _, meta = make_image(painter, mc=True)
         assert len(set(meta["choices"])) == 4
         assert meta["assistant"] == f"{'ABCD'[meta['answer_index']]}. {meta['choices'][meta['answer_index']]}"
+
+
+def test_scene_knobs_flat_background_object_size_and_count():
+    """The experiment knobs: a flat background is one colour (up to grain and JPEG), objects have the
+    asked size, and a multiple-choice video keeps a distractor even with min_objects=1."""
+    import io
+
+    from PIL import Image
+
+    painter = _Painter(64, np.random.default_rng(2), background="flat", object_scale=(0.25, 0.25),
+                       min_objects=1, max_objects=1)
+    assert list(painter.sizes) == [16]
+    background = painter.background()
+    assert background.std(axis=(0, 1)).max() == 0
+    frames, meta = make_video(painter, 2, mc=False)
+    pixels = np.asarray(Image.open(io.BytesIO(frames[0])), dtype=float)
+    colour = meta["assistant"].split()[1]
+    painted = (np.abs(pixels - COLOURS[colour]).sum(-1) < 30).sum()
+    assert 0.35 * 16 * 16 <= painted <= 16 * 16  # one object (a triangle covers half its box)
+    _, mc_meta = make_video(painter, 2, mc=True)
+    assert len(set(mc_meta["choices"])) == 4

@@ -29,6 +29,12 @@ def register(sub) -> None:
     synth.add_argument("--mc-fraction", type=float, default=0.0,
                        help="share of train/val videos and images asked as multiple choice (default 0: captions; "
                             "a whole multiple-choice dialogue needs data.max_text_tokens >= 192)")
+    synth.add_argument("--background", choices=("texture", "flat"), default="texture",
+                       help="texture: colour blobs, stripes and grain; flat: one colour per video")
+    synth.add_argument("--object-scale", type=float, nargs=2, default=(0.125, 0.19), metavar=("MIN", "MAX"),
+                       help="object side as a share of the frame side")
+    synth.add_argument("--max-objects", type=int, default=5, help="most objects per video (images: at most 4)")
+    synth.add_argument("--min-objects", type=int, default=3, help="fewest objects per video and image")
     synth.set_defaults(func=cmd_synth)
 
     inspect = data_sub.add_parser("inspect", help="counts, mix, lengths and skipped samples of a data path")
@@ -53,12 +59,18 @@ def cmd_synth(args) -> int:
         raise UsageError("--frames must be >= 1 and --size >= 16")
     if not 0.0 <= args.mc_fraction <= 1.0:
         raise UsageError("--mc-fraction must be between 0 and 1")
+    if not 1 <= args.min_objects <= args.max_objects:
+        raise UsageError("--min-objects must be >= 1 and <= --max-objects")
+    if not 0 < args.object_scale[0] <= args.object_scale[1] <= 0.5:
+        raise UsageError("--object-scale MIN MAX must satisfy 0 < MIN <= MAX <= 0.5")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} is not empty; choose a new folder")
     manifest = generate_synthetic(out, videos=args.videos, images=args.images, texts=args.texts, frames=args.frames,
                                   size=args.size, seed=args.seed, val=args.val, probe=args.probe, bench=args.bench,
-                                  mc_fraction=args.mc_fraction)
+                                  mc_fraction=args.mc_fraction, background=args.background,
+                                  object_scale=tuple(args.object_scale), max_objects=args.max_objects,
+                                  min_objects=args.min_objects)
     for split, counts in manifest["splits"].items():
         print(f"{split:<6} " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     print(f"wrote {manifest['samples']} samples to {out} in {manifest['seconds']:.1f}s "

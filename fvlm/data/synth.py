@@ -12,6 +12,12 @@ would only be truncated away; `mc_fraction` (`fvlm data synth --mc-fraction`) as
 train/val videos and images as multiple choice instead (then data.max_text_tokens >= 192). The options
 are balanced (see make_video): without the pixels every option is equally likely. Everything is a
 function of the seed.
+
+Knobs for experiments (`fvlm data synth --background flat --object-scale 0.22 0.3 --min-objects 1
+--max-objects 4`; the defaults reproduce the set described above): `background` "flat" paints one
+colour per video (plus the JPEG grain) instead of the texture, `object_scale` is the object side as
+a share of the frame side, `min_objects`/`max_objects` bound the objects per scene (a multiple-choice
+video keeps at least two, images at most four).
 """
 
 from __future__ import annotations
@@ -63,16 +69,23 @@ def _shape_mask(shape: str, d: int) -> np.ndarray:
 
 
 class _Painter:
-    def __init__(self, size: int, rng: np.random.Generator):
+    def __init__(self, size: int, rng: np.random.Generator, *, background: str = "texture",
+                 object_scale: tuple[float, float] = (0.125, 0.19), max_objects: int = 5, min_objects: int = 3):
         self.size = size
         self.rng = rng
-        lo, hi = max(4, round(size * 0.125)), max(5, round(size * 0.19))
+        self.style = background
+        self.max_objects = max_objects
+        self.min_objects = min_objects
+        lo, hi = max(4, round(size * object_scale[0])), max(5, round(size * object_scale[1]))
         self.sizes = range(lo, hi + 1)
         self.masks = {(s, d): _shape_mask(s, d) for s in SHAPES for d in self.sizes}
 
     def background(self) -> np.ndarray:
         """Muted low-frequency colour blobs plus fine stripes and grain: texture the query must ignore."""
         rng, size = self.rng, self.size
+        if self.style == "flat":
+            shade = rng.integers(70, 160, size=3)
+            return np.broadcast_to(shade.astype(np.int16), (size, size, 3)).copy()
         coarse = rng.integers(60, 170, size=(4, 4, 3), dtype=np.uint8)
         base = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.int16)
         period = rng.integers(3, 7)
@@ -123,7 +136,8 @@ def _mc(question: str, options: list[str], answer: int) -> tuple[str, str]:
 
 def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
     rng, size = p.rng, p.size
-    objects = p.layout(int(rng.integers(3, 6)), distinct_shapes=False)
+    low = max(p.min_objects, 2 if mc else 1)  # a multiple-choice video needs a static object for its options
+    objects = p.layout(int(rng.integers(low, max(low, p.max_objects) + 1)), distinct_shapes=False)
     direction = str(rng.choice(list(DIRECTIONS)))
     travel = round(size * 0.35)
     span = (DIRECTIONS[direction][0] * travel, DIRECTIONS[direction][1] * travel)
@@ -160,7 +174,8 @@ def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
 
 def make_image(p: _Painter, mc: bool) -> tuple[bytes, dict]:
     rng, size = p.rng, p.size
-    objects = p.layout(int(rng.integers(3, 5)), distinct_shapes=True)
+    low = min(p.min_objects, 4)  # four distinct shapes at most
+    objects = p.layout(int(rng.integers(low, max(low, min(p.max_objects, 4)) + 1)), distinct_shapes=True)
     canvas = p.background()
     taken: list = []
     placed = [(c, s, d, *p.place(d, taken)) for c, s, d in objects]
@@ -237,12 +252,12 @@ class _ShardWriter:
 
 
 def _write_split(folder: Path, split: str, seed: int, *, videos: int, images: int, texts: int, frames: int,
-                 size: int, mc_fraction: float) -> dict[str, int]:
+                 size: int, mc_fraction: float, painter: dict | None = None) -> dict[str, int]:
     rng = np.random.default_rng([seed, sum(map(ord, split))])
     order = [("video", i) for i in range(videos)] + [("image", i) for i in range(images)]
     order += [("text", i) for i in range(texts)]
     order = [order[i] for i in rng.permutation(len(order))]
-    painter = _Painter(size, rng)
+    painter = _Painter(size, rng, **(painter or {}))
     writer = _ShardWriter(folder, split)
     counts = {"video": 0, "image": 0, "text": 0, "multiple_choice": 0}
     for kind, i in order:
@@ -263,7 +278,9 @@ def _write_split(folder: Path, split: str, seed: int, *, videos: int, images: in
 
 
 def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames: int, size: int, seed: int,
-                       val: int = 200, probe: int = 10, bench: int = 200, mc_fraction: float = 0.0) -> dict:
+                       val: int = 200, probe: int = 10, bench: int = 200, mc_fraction: float = 0.0,
+                       background: str = "texture", object_scale: tuple[float, float] = (0.125, 0.19),
+                       max_objects: int = 5, min_objects: int = 3) -> dict:
     """Writes train/, val/, probe/ and bench/ shard folders plus manifest.json under `out_dir`.
 
     val keeps the train mix of kinds; probe holds `probe` plain videos for attention heatmaps;
@@ -275,7 +292,9 @@ def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames:
     began = time.perf_counter()
     total = max(1, videos + images + texts)
     val_counts = [round(val * n / total) for n in (videos, images)]
-    common = {"frames": frames, "size": size}
+    style = {"background": background, "object_scale": tuple(object_scale), "max_objects": max_objects,
+             "min_objects": min_objects}
+    common = {"frames": frames, "size": size, "painter": style}
     splits = {
         "train": _write_split(out / "train", "train", seed, videos=videos, images=images, texts=texts,
                               mc_fraction=mc_fraction, **common),
@@ -290,7 +309,9 @@ def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames:
     manifest = {
         "generator_version": GENERATOR_VERSION,
         "params": {"videos": videos, "images": images, "texts": texts, "frames": frames, "size": size, "seed": seed,
-                   "val": val, "probe": probe, "bench": bench, "mc_fraction": mc_fraction},
+                   "val": val, "probe": probe, "bench": bench, "mc_fraction": mc_fraction,
+                   "background": background, "object_scale": list(object_scale), "max_objects": max_objects,
+                   "min_objects": min_objects},
         "splits": splits,
         "samples": samples,
         "seconds": round(seconds, 3),
