@@ -45,9 +45,20 @@ def test_mode_losses_match_forward_and_run_dino_once(run):
     batches = list(build_loader(cfg, "val", run["tok"], train=False, batch_size=4))
     frames = sum(int(b["frame_mask"].sum()) for b in batches)
     model.encoder.frames_encoded = 0
-    losses = mode_losses(model, batches, MODES)
+    losses = mode_losses(model, batches, MODES, blank_control=False)
     assert model.encoder.frames_encoded == frames
-    assert losses == mode_losses(model, batches, MODES)  # reproducible
+    assert losses == mode_losses(model, batches, MODES, blank_control=False)  # reproducible
+    model.encoder.frames_encoded = 0
+    with_blank = mode_losses(model, batches, MODES)
+    assert model.encoder.frames_encoded == 2 * frames  # the blank-frame control: one more DINO pass
+    with torch.no_grad():
+        for mode in MODES:
+            assert with_blank[mode]["loss"] == losses[mode]["loss"]
+            blank = [model({**b, "frames": torch.zeros_like(b["frames"])}, mode=mode) for b in batches]
+            total = sum(float(o.loss_fine if mode != "coarse_only" else o.loss) * o.n_tokens for o in blank)
+            assert with_blank[mode]["loss_blank_frames"] == pytest.approx(total / losses[mode]["tokens"], rel=1e-5)
+            assert with_blank[mode]["pixel_gain"] == pytest.approx(
+                with_blank[mode]["loss_blank_frames"] - with_blank[mode]["loss"])
     with torch.no_grad():
         for mode in MODES:
             outputs = [model(b, mode=mode) for b in batches]

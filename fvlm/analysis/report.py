@@ -178,6 +178,25 @@ def _ci(fit: dict[str, Any], key: str) -> str:
     return f"[{_fmt(interval[0])}, {_fmt(interval[1])}]" if interval else "—"
 
 
+def _pixel_check(table: Table) -> list[str]:
+    """Does the model read the pixels? From `fvlm eval`'s blank-frame control: the same validation
+    samples with every frame replaced by flat grey. Mode and ablation gaps mean little without it."""
+    rows = []
+    for run in table.runs.values():
+        modes = (run.eval_result or {}).get("modes") or {}
+        for mode, r in modes.items():
+            if r.get("pixel_gain") is not None:
+                rows.append(f"| {run.run_id} | {mode} | {_fmt(r['loss'])} | {_fmt(r['loss_blank_frames'])} | "
+                            f"{_fmt(r['pixel_gain'])} |")
+    if not rows:
+        return []
+    return ["", "## Pixel check (fvlm eval, blank-frame control)", "",
+            "Validation loss with the real frames and with every frame replaced by flat grey (frame count and "
+            "masks unchanged). A pixel gain near 0 means the model reads only how many frames there are: its "
+            "mode and ablation gaps then come from training dynamics, not from what it sees.", "",
+            "| run | mode | val loss | blank frames | pixel gain |", "|---|---|---|---|---|", *rows]
+
+
 def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: dict[str, Any],
                  checklist: list[dict[str, str]], decision2_rows: list[dict[str, str]],
                  figures: list[tuple[str, Path | None, str]], inputs: list[str]) -> None:
@@ -209,6 +228,8 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
 
     lines += ["", "## Go / no-go", "", "| criterion | status | evidence |", "|---|---|---|"]
     lines += [f"| {c['criterion']} | **{c['status']}** | {c['evidence']} |" for c in checklist]
+
+    lines += _pixel_check(table)
 
     lines += ["", "## Scaling fits", "", f"Fit runs: {', '.join(fits['fit_runs']) or '—'} "
               f"(globs: {', '.join(fits['fit_run_globs'])}).", ""]

@@ -112,23 +112,39 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def mode_losses(model, batches, modes: tuple[str, ...], device="cpu") -> dict:
+def mode_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_control: bool = True) -> dict:
     """Token-weighted validation loss of the answer targets per mode, the same samples for every mode
-    and DINO once per sample (all modes' visual blocks come from one pass)."""
+    and DINO once per sample (all modes' visual blocks come from one pass).
+
+    The blank-frame control scores the same samples with every frame replaced by the normalised
+    mean (flat grey), frame count and masks unchanged: `pixel_gain` = blank loss - loss is what the
+    model gets from the pixels themselves. A model whose pixel_gain is ~0 reads only the number of
+    frames, however its modes compare."""
     totals = {m: 0.0 for m in modes}
+    blank = {m: 0.0 for m in modes}
     tokens = {m: 0 for m in modes}
     samples = 0
     for batch in batches:
         batch = _to(batch, device)
         blocks = model.visual_blocks(batch, modes)
+        grey = model.visual_blocks({**batch, "frames": torch.zeros_like(batch["frames"])}, modes) if blank_control else {}
         for mode in modes:
             visual, visual_mask, _ = blocks[mode]
             loss, n = model.loss_over(visual, visual_mask, batch)
             totals[mode] += float(loss) * n
             tokens[mode] += n
+            if blank_control:
+                visual, visual_mask, _ = grey[mode]
+                blank[mode] += float(model.loss_over(visual, visual_mask, batch)[0]) * n
         samples += batch["input_ids"].shape[0]
-    return {m: {"loss": totals[m] / tokens[m] if tokens[m] else float("nan"), "n": samples, "tokens": tokens[m]}
-            for m in modes}
+    out = {}
+    for m in modes:
+        loss = totals[m] / tokens[m] if tokens[m] else float("nan")
+        out[m] = {"loss": loss, "n": samples, "tokens": tokens[m]}
+        if blank_control:
+            out[m]["loss_blank_frames"] = blank[m] / tokens[m] if tokens[m] else float("nan")
+            out[m]["pixel_gain"] = out[m]["loss_blank_frames"] - loss
+    return out
 
 
 def mode_gaps(losses: dict) -> dict:
@@ -210,8 +226,9 @@ def format_entry(entry: dict) -> str:
     """The markdown table of one checkpoint: losses per mode, then accuracy per benchmark and mode."""
     lines = [f"## {entry['run_id']} @ step {entry['step']}", ""]
     if entry["modes"]:
-        lines += ["| mode | val loss | samples | tokens |", "|---|---|---|---|"]
-        lines += [f"| {m} | {_num(r['loss'])} | {r['n']} | {r['tokens']} |" for m, r in entry["modes"].items()]
+        lines += ["| mode | val loss | blank frames | pixel gain | samples | tokens |", "|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {_num(r['loss'])} | {_num(r.get('loss_blank_frames'))} | {_num(r.get('pixel_gain'))} "
+                  f"| {r['n']} | {r['tokens']} |" for m, r in entry["modes"].items()]
         lines += [""] + [f"- {k.replace('_minus_', ' − ')}: {_num(v)}" for k, v in entry["gaps"].items()] + [""]
     for name, by_mode in entry.get("bench", {}).items():
         lines += [f"**{name}** (score: {entry['score']} log-likelihood of the answer tokens)", "",
