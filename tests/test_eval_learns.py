@@ -30,37 +30,33 @@ def grey_copy(source, target):
                 dst.addfile(member, io.BytesIO(data))
 
 
-# Known to fail (measured, 600 steps, about 2 min): 0.250 [0.195, 0.314] on the real frames vs 0.245 on
-# grey ones (initializer_range 0.02); 0.245 vs 0.240 (0.15); 0.275 vs 0.275 (0.1, lr_dino 3e-3). The tiny
-# model's answers do not depend on the pixels yet; the 0.35 it scored before came from the options'
-# wording. strict: the day it passes, this marker must go.
-# Not the missing multiple-choice training (this test trains on it): with 12k-24k unique samples
-# (no repeats), captions + MC mixed (generate_synthetic mc_fraction=0.5), 64 px, visual_scale 0.05/0.2,
-# a shallow query, lr_connector up to 3e-2 and lr_dino up to 1e-2, 800-1500 steps, every run scores
-# exactly the same on real and grey frames (e.g. 0.28 vs 0.28). Even the caption loss is the same with
-# grey frames (0.1486 vs 0.1486): the trained visual tokens hardly vary between samples (across-sample
-# std about 0.1-0.5% of their norm), so nothing in the pixels reaches the LLM.
-@pytest.mark.xfail(strict=True, reason="the tiny model does not yet answer from the pixels (at chance with balanced options)")
+# The scenes are the generator's easy end (flat background, 1-2 objects of about 40% of the frame side):
+# on the default scenes (3-5 objects of 4-6 px at 32 px, textured) a tiny random-backbone model stays at
+# chance for thousands of steps (benchmarks/RESULTS.md has the measurements). Captions ride along with the
+# multiple-choice questions (mc_fraction 0.5): a caption names the mover's colour, shape and direction in
+# full, which teaches reading the pixels faster than the one answer letter does.
+# Measured: 0.335 [0.273, 0.403] against 0.235 with grey frames (images 0.45, videos 0.22); ~4 min.
 @pytest.mark.slow
 def test_trained_tiny_model_beats_chance_and_grey_frames_on_held_out_questions(tmp_path):
-    for name, seed, count in (("train", 1, 1024), ("held_out", 2, 200)):
-        generate_synthetic(tmp_path / name, videos=0, images=0, texts=0, frames=4, size=32, seed=seed,
-                           val=0, probe=0, bench=count)
-    train_set, held_out = tmp_path / "train" / "bench", tmp_path / "held_out" / "bench"
+    easy = dict(frames=4, size=32, background="flat", object_scale=(0.35, 0.45), min_objects=1, max_objects=2)
+    generate_synthetic(tmp_path / "train", videos=6000, images=6000, texts=0, seed=1, val=0, probe=0, bench=0,
+                       mc_fraction=0.5, **easy)
+    generate_synthetic(tmp_path / "held_out", videos=0, images=0, texts=0, seed=2, val=0, probe=0, bench=200, **easy)
+    train_set, held_out = tmp_path / "train" / "train", tmp_path / "held_out" / "bench"
     grey = tmp_path / "grey"
     grey_copy(held_out, grey)
     assert main(["train", "tiny", f"out_dir={tmp_path}", "run_id=mc", f"data.train={train_set}",
-                 f"data.val={held_out}", f"data.probe={held_out}", "model.image_size=32", "data.max_frames=4",
-                 "data.max_text_tokens=320", "train.stage=2", "train.max_steps=600", "train.batch_size=16",
-                 "train.eval_every=600", "train.save_every=600", "train.eval_samples=32",
-                 "optim.lr_connector=3e-3", "optim.lr_llm=3e-3", "optim.lr_dino=1e-3",
+                 f"data.val={held_out}", f"data.probe={held_out}", "data.text_ratio=0", "model.image_size=32",
+                 "data.max_frames=4", "data.max_text_tokens=320", "train.stage=2", "train.max_steps=2000",
+                 "train.batch_size=16", "train.eval_every=2000", "train.save_every=2000", "train.eval_samples=32",
                  "optim.schedule=constant"]) == 0
     assert main(["eval", str(tmp_path / "mc"), "--data", "none", "--modes", "coarse_fine",
-                 "--bench", str(held_out), str(grey), "--batch-size", "32"]) == 0
+                 "--bench", str(held_out), str(grey), "--batch-size", "50"]) == 0
     benches = json.loads((tmp_path / "mc" / "eval" / "eval.json").read_text())["bench"]
     result, control = benches["bench"]["coarse_fine"], benches["grey"]["coarse_fine"]
     assert result["n"] == control["n"] == 200 and result["chance"] == pytest.approx(0.25)
-    # Same questions without the pictures: the text alone gives no answer away.
-    assert control["ci95"][0] < 0.25 < control["ci95"][1], control
+    # Same questions without the pictures: the text alone gives no answer away (a leak in the options
+    # would lift this above chance; below chance is what a model fixed on one reading of grey does).
+    assert control["ci95"][0] < 0.25, control
     # The whole 95% interval above chance and above the grey-frame control, not just the point estimate.
     assert result["ci95"][0] > max(result["chance"], control["accuracy"]), (result, control)
