@@ -100,6 +100,7 @@ class Sweep:
         self.base, self.specs, self.jobs = base, specs, max(1, jobs)
         self.log = log or (lambda text: print(text, flush=True))
         self.state_path = self.folder / STATE_FILE
+        self._lock_file = None  # the open .sweep.lock while run() holds it
         self.planned = [self._plan(spec) for spec in specs]  # every config validated before anything runs
 
     # ------------------------------------------------------------------ planning
@@ -120,7 +121,7 @@ class Sweep:
         """One sweep process per folder: a second `fvlm sweep`/`phase1` on it is refused."""
         import fcntl
 
-        if getattr(self, "_lock_file", None) is not None:
+        if self._lock_file is not None:
             return
         handle = open(self.folder / ".sweep.lock", "w")
         try:
