@@ -112,39 +112,63 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def mode_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_control: bool = True) -> dict:
-    """Token-weighted validation loss of the answer targets per mode, the same samples for every mode
-    and DINO once per sample (all modes' visual blocks come from one pass).
+def sample_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_control: bool = True) -> dict:
+    """The answer targets' loss per validation sample, in loader order, the same samples for every
+    mode and DINO once per sample (all modes' visual blocks come from one pass):
+    {"keys": [sample key, ...], "modes": {mode: {"loss_sum": float64 [N], "tokens": int64 [N],
+    "loss_sum_blank": float64 [N] (with `blank_control`)}}}, where loss_sum is a sample's summed
+    cross-entropy over its targets. `mode_losses` aggregates this; paired comparisons (two modes,
+    two runs, real against grey frames) read it per sample.
 
     The blank-frame control scores the same samples with every frame replaced by the normalised
-    mean (flat grey), frame count and masks unchanged: `pixel_gain` = blank loss - loss is what the
-    model gets from the pixels themselves. A model whose pixel_gain is ~0 reads only the number of
-    frames, however its modes compare."""
-    totals = {m: 0.0 for m in modes}
-    blank = {m: 0.0 for m in modes}
-    tokens = {m: 0 for m in modes}
-    samples = 0
+    mean (flat grey), frame count and masks unchanged."""
+    keys: list = []
+    names = ("loss_sum", "tokens", "loss_sum_blank") if blank_control else ("loss_sum", "tokens")
+    parts = {m: {name: [] for name in names} for m in modes}
     for batch in batches:
         batch = _to(batch, device)
         blocks = model.visual_blocks(batch, modes)
         grey = model.visual_blocks({**batch, "frames": torch.zeros_like(batch["frames"])}, modes) if blank_control else {}
         for mode in modes:
             visual, visual_mask, _ = blocks[mode]
-            loss, n = model.loss_over(visual, visual_mask, batch)
-            totals[mode] += float(loss) * n
-            tokens[mode] += n
+            total, count = model.loss_over(visual, visual_mask, batch, per_sample=True)
+            parts[mode]["loss_sum"].append(total.double().cpu())
+            parts[mode]["tokens"].append(count.cpu())
             if blank_control:
                 visual, visual_mask, _ = grey[mode]
-                blank[mode] += float(model.loss_over(visual, visual_mask, batch)[0]) * n
-        samples += batch["input_ids"].shape[0]
+                parts[mode]["loss_sum_blank"].append(model.loss_over(visual, visual_mask, batch, per_sample=True)[0]
+                                                     .double().cpu())
+        keys.extend(batch.get("keys") or [None] * batch["input_ids"].shape[0])
+    empty = {"loss_sum": torch.zeros(0, dtype=torch.float64), "tokens": torch.zeros(0, dtype=torch.long),
+             "loss_sum_blank": torch.zeros(0, dtype=torch.float64)}
+    return {"keys": keys, "modes": {mode: {name: torch.cat(chunks or [empty[name]]).numpy()
+                                           for name, chunks in arrays.items()} for mode, arrays in parts.items()}}
+
+
+def summarise_losses(per_sample: dict) -> dict:
+    """`sample_losses` -> {mode: {loss, n, tokens[, loss_blank_frames, pixel_gain]}}: token-weighted
+    validation loss per mode (every answer token counts once, whatever sample it is in)."""
     out = {}
-    for m in modes:
-        loss = totals[m] / tokens[m] if tokens[m] else float("nan")
-        out[m] = {"loss": loss, "n": samples, "tokens": tokens[m]}
-        if blank_control:
-            out[m]["loss_blank_frames"] = blank[m] / tokens[m] if tokens[m] else float("nan")
-            out[m]["pixel_gain"] = out[m]["loss_blank_frames"] - loss
+    n = len(per_sample["keys"])
+    for mode, arrays in per_sample["modes"].items():
+        tokens = int(arrays["tokens"].sum())
+        loss = float(arrays["loss_sum"].sum()) / tokens if tokens else float("nan")
+        out[mode] = {"loss": loss, "n": n, "tokens": tokens}
+        if "loss_sum_blank" in arrays:
+            out[mode]["loss_blank_frames"] = float(arrays["loss_sum_blank"].sum()) / tokens if tokens else float("nan")
+            out[mode]["pixel_gain"] = out[mode]["loss_blank_frames"] - loss
     return out
+
+
+def mode_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_control: bool = True) -> dict:
+    """Token-weighted validation loss of the answer targets per mode, the same samples for every mode
+    and DINO once per sample (`sample_losses`, aggregated by `summarise_losses`).
+
+    The blank-frame control scores the same samples with every frame replaced by the normalised
+    mean (flat grey), frame count and masks unchanged: `pixel_gain` = blank loss - loss is what the
+    model gets from the pixels themselves. A model whose pixel_gain is ~0 reads only the number of
+    frames, however its modes compare."""
+    return summarise_losses(sample_losses(model, batches, modes, device, blank_control))
 
 
 def mode_gaps(losses: dict) -> dict:
@@ -156,18 +180,31 @@ def mode_gaps(losses: dict) -> dict:
 
 @torch.no_grad()
 def run_benchmark(model, tokenizer, questions: list[Question], modes: tuple[str, ...], *, batch_size: int = 8,
-                  device="cpu", score: str = "mean") -> dict:
-    """{mode: accuracy summary} for one benchmark."""
+                  device="cpu", score: str = "mean", grey_control: bool = True) -> dict:
+    """{mode: accuracy summary} for one benchmark. With `grey_control` the same questions are also
+    scored with every frame flat grey (the normalised mean; frame count unchanged), under
+    `grey_frames`: with balanced options that is chance, and the gap to it is what the pixels bring."""
     encoded = [encode_question(tokenizer, q) for q in questions]
     scores = {m: [] for m in modes}
+    grey = {m: [] for m in modes}
     for start in range(0, len(questions), batch_size):
         chunk = slice(start, start + batch_size)
         frames, frame_mask = frames_batch([q.frames() for q in questions[chunk]])
-        batch_scores = score_batch(model, encoded[chunk], frames.to(device), frame_mask.to(device), modes,
-                                   tokenizer.pad_token_id)
+        frames, frame_mask = frames.to(device), frame_mask.to(device)
+        batch_scores = score_batch(model, encoded[chunk], frames, frame_mask, modes, tokenizer.pad_token_id)
         for mode in modes:
             scores[mode].extend(batch_scores[mode])
-    return {mode: summarise(questions, scores[mode], score) for mode in modes}
+        if grey_control:
+            grey_scores = score_batch(model, encoded[chunk], torch.zeros_like(frames), frame_mask, modes,
+                                      tokenizer.pad_token_id)
+            for mode in modes:
+                grey[mode].extend(grey_scores[mode])
+    out = {mode: summarise(questions, scores[mode], score) for mode in modes}
+    if grey_control:
+        for mode in modes:
+            control = summarise(questions, grey[mode], score)
+            out[mode]["grey_frames"] = {k: control[k] for k in ("accuracy", "ci95", "n", "correct")}
+    return out
 
 
 def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str | None, benches: list[str],
@@ -232,11 +269,14 @@ def format_entry(entry: dict) -> str:
         lines += [""] + [f"- {k.replace('_minus_', ' − ')}: {_num(v)}" for k, v in entry["gaps"].items()] + [""]
     for name, by_mode in entry.get("bench", {}).items():
         lines += [f"**{name}** (score: {entry['score']} log-likelihood of the answer tokens)", "",
-                  "| mode | accuracy | 95% CI | chance | n | accuracy (other score) |", "|---|---|---|---|---|---|"]
+                  "| mode | accuracy | 95% CI | chance | n | accuracy (other score) | grey frames | grey 95% CI |",
+                  "|---|---|---|---|---|---|---|---|"]
         for mode, r in by_mode.items():
             other = next(v for k, v in r.items() if k.startswith("accuracy_"))
+            g = r.get("grey_frames") or {"accuracy": None, "ci95": [None, None]}
             lines.append(f"| {mode} | {_num(r['accuracy'], 3)} | [{_num(r['ci95'][0], 3)}, {_num(r['ci95'][1], 3)}] "
-                         f"| {_num(r['chance'], 3)} | {r['n']} | {_num(other, 3)} |")
+                         f"| {_num(r['chance'], 3)} | {r['n']} | {_num(other, 3)} | {_num(g['accuracy'], 3)} "
+                         f"| [{_num(g['ci95'][0], 3)}, {_num(g['ci95'][1], 3)}] |")
         categories = sorted({c for r in by_mode.values() for c in r["per_category"]})
         if len(categories) > 1:
             lines += ["", "| category | " + " | ".join(by_mode) + " |", "|---" * (len(by_mode) + 1) + "|"]

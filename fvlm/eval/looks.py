@@ -57,8 +57,11 @@ def mover_patches(frames: np.ndarray, grid: tuple[int, int], threshold: float = 
     return blocks.mean(axis=(2, 4)) > 0.25
 
 
-def mover_share(record: AttentionRecord, video: int, which: str = "fine") -> float | None:
-    """Mean over frames of the share of patch attention mass on the mover's patches."""
+def mover_shares(record: AttentionRecord, video: int, which: str = "fine") -> list[tuple[int, float, float]] | None:
+    """Frame by frame, (frame index, share of patch attention mass on the mover's patches, the
+    mover's share of the patches): the second number is what attention spread evenly over the
+    patches would put on the mover. Frames without a mover, or without patch attention, are left
+    out; None when the query is absent or the video has fewer than 2 frames (no median to move from)."""
     attn = record.fine if which == "fine" else record.coarse
     if attn is None:
         return None
@@ -66,12 +69,18 @@ def mover_share(record: AttentionRecord, video: int, which: str = "fine") -> flo
     if len(frame_ids) < 2:
         return None
     movers = mover_patches(record.frames[video, frame_ids], record.grid)
-    shares = []
+    rows = []
     for mover, t in zip(movers, frame_ids):
         patches = patch_map(attn[video, t], record.grid)
         if mover.any() and patches.sum() > 0:
-            shares.append(float(patches[mover].sum() / patches.sum()))
-    return float(np.mean(shares)) if shares else None
+            rows.append((int(t), float(patches[mover].sum() / patches.sum()), float(mover.mean())))
+    return rows
+
+
+def mover_share(record: AttentionRecord, video: int, which: str = "fine") -> float | None:
+    """Mean over frames of the share of patch attention mass on the mover's patches."""
+    rows = mover_shares(record, video, which)
+    return float(np.mean([share for _, share, _ in rows])) if rows else None
 
 
 def draw(record: AttentionRecord, out: Path, gif: bool = False, layer: int | None = None) -> dict:

@@ -180,6 +180,8 @@ def summarise(questions: list[Question], scores: list[np.ndarray], score: str = 
     options = [len(q.options) for q in questions]
     result = accuracy_summary(correct, options)
     result["score"] = score
+    # Per question, in order: what paired comparisons (two modes, two runs) are computed from.
+    result["correct"] = [int(c) for c in correct]
     other = "sum" if score == "mean" else "mean"
     result[f"accuracy_{other}"] = float(np.mean([p == q.answer for p, q in zip(picked[other], questions)]))
     per_category = {}

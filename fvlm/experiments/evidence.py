@@ -1,0 +1,670 @@
+"""Foveation evidence for the Phase 1 report: do the models read the pixels, and does the foveated
+(fine, LLM-chosen) query beat the static (coarse) one, measured on the same samples and questions?
+
+Four measurements, per run's latest checkpoint, all without gradients on one CPU thread:
+
+1. Pixel check on the answer tokens, for every completed ablation run and for the grid's
+   largest-budget cells: validation loss of the assistant's answer tokens (the stage-2 loss mask,
+   whatever stage the run trained with) with the real frames and with every frame flat grey, per
+   inference mode, and the pixel gain (grey - real) with its standard error over samples.
+2. The synthetic multiple-choice benchmark (the `bench` split beside the val split), with the
+   per-question outcomes and the grey-frame control, for F3 (coarse_fine and coarse_only), A6, A1,
+   B1 and the largest-budget grid cells.
+3. Paired differences on the same questions (accuracy) and the same samples (answer loss), with
+   95% intervals: F3's fine vs static query, F3 vs A6 / A1 / B1, and F vs B per grid size.
+4. Attention on the moving object, frame by frame, against the share uniform attention would give,
+   on the probe videos, for F3 (and A1, A6).
+
+`collect_evidence` writes <root>/evidence.json (atomically) and returns it; a later call with the
+same settings and no run changed returns the file as it is, so re-running phase1 is cheap.
+`evidence_markdown` renders the report section, `decisions_summary` the decisions.json entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+EVIDENCE_FILE = "evidence.json"
+# Bumped whenever what is measured changes, so that an older evidence.json is not reused.
+VERSION = 1
+Z95 = 1.959964
+
+# Runs read on the multiple-choice benchmark (besides the grid cells), and the runs whose attention
+# is measured. F3 is read in both its fine and its static mode, the others in their default mode.
+BENCH_RUNS = ("F3", "A6", "A1", "B1")
+ATTENTION_RUNS = ("F3", "A1", "A6")
+F3_BENCH_MODES = ("coarse_only", "coarse_fine")
+GRID_CELL = re.compile(r"^(?P<size>[^-]+)-(?P<budget>C(?P<k>\d+))-(?P<arch>F|B)$")
+
+# The paired comparisons: (label, (run, mode), (run, mode)); mode None = the run's default mode.
+# A positive difference always means the first one is better.
+ABLATION_PAIRS = (
+    ("F3 fine query vs F3 static query (same model)", ("F3", "coarse_fine"), ("F3", "coarse_only")),
+    ("F3 vs A6 (trained with the static query only)", ("F3", None), ("A6", None)),
+    ("F3 vs A1 (shallow query)", ("F3", None), ("A1", None)),
+    ("F3 vs B1 (16 tokens per frame, no query)", ("F3", None), ("B1", None)),
+)
+PRIMARY = ABLATION_PAIRS[0][0]
+STATIC_TRAINED = ABLATION_PAIRS[1][0]
+
+
+@dataclass
+class EvidenceSettings:
+    """What every measurement is sized by (part of evidence.json: changing it re-evaluates)."""
+
+    max_samples: int = 128  # validation samples for the pixel check and the paired answer losses
+    max_questions: int = 200  # benchmark questions (the synthetic bench split has 200)
+    probe_videos: int = 10  # probe videos for the attention measurement
+    batch_size: int = 16
+    n_boot: int = 2000  # paired-bootstrap resamples
+    seed: int = 0
+    score: str = "mean"  # option score of the benchmark (mean log-likelihood of the answer tokens)
+    device: str = "cpu"
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def paired_difference(a, b, weights=None, *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Difference of two measurements on the same items (questions, samples): mean(a) - mean(b),
+    weighted by `weights` when given (e.g. answer tokens per sample, so that the difference is the
+    token-weighted one), with two 95% intervals computed from the per-item differences:
+
+    - `ci95`: analytic, d +- 1.96 * se, where se is the standard error of the (weighted) mean of
+      the per-item differences (the ratio-estimator form; with equal weights sd(d) / sqrt(n));
+    - `ci95_bootstrap`: percentiles of the same statistic over `n_boot` resamples of the items
+      (seeded; the pairs are resampled together, so what the two have in common cancels).
+
+    Items with a non-finite value or zero weight are left out. Returns {n, a, b, diff, se, ci95,
+    ci95_bootstrap}; the difference of anything with itself is exactly 0 with a zero-width interval."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference: {a.shape} and {b.shape} items are not paired")
+    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b) & np.isfinite(w) & (w > 0)
+    a, b, w = a[keep], b[keep], w[keep]
+    n = len(a)
+    nan = float("nan")
+    if n == 0:
+        return {"n": 0, "a": nan, "b": nan, "diff": nan, "se": nan, "ci95": [nan, nan], "ci95_bootstrap": [nan, nan]}
+    d = a - b
+    total = w.sum()
+    diff = float((w * d).sum() / total)
+    if n > 1:
+        residual = w * (d - diff)
+        se = float(math.sqrt(n / (n - 1) * float((residual ** 2).sum())) / total)
+    else:
+        se = nan
+    rng = np.random.default_rng(seed)
+    boot = []
+    for start in range(0, n_boot, 500):  # in chunks: [chunk, n] index arrays stay small
+        idx = rng.integers(0, n, size=(min(500, n_boot - start), n))
+        boot.append((w[idx] * d[idx]).sum(1) / w[idx].sum(1))
+    boot = np.concatenate(boot) if boot else np.array([diff])
+    return {
+        "n": n,
+        "a": float((w * a).sum() / total),
+        "b": float((w * b).sum() / total),
+        "diff": diff,
+        "se": se,
+        "ci95": [diff - Z95 * se, diff + Z95 * se],
+        "ci95_bootstrap": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+    }
+
+
+def verdict(interval) -> str:
+    """'yes' when the whole interval is above 0 (the first one is better), 'no' when it is below 0
+    (the second one is better), 'not distinguishable' when it holds 0 (or was not measured)."""
+    lo, hi = interval
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return "not distinguishable"
+    if lo > 0:
+        return "yes"
+    if hi < 0:
+        return "no"
+    return "not distinguishable"
+
+
+# ----------------------------------------------------------------------------- which runs
+
+
+def _run_status(run_dir: Path) -> str:
+    summary = run_dir / "run_summary.json"
+    if not run_dir.is_dir():
+        return "missing"
+    if not summary.is_file():
+        return "not finished"
+    try:
+        return str(json.loads(summary.read_text()).get("status", "unknown"))
+    except (OSError, ValueError):
+        return "unreadable run_summary.json"
+
+
+def fingerprint(run_dir: Path) -> dict[str, Any]:
+    """What identifies the state of a run: its status and, when completed, its latest complete
+    checkpoint (folder, step, the model file's size and modification time). Equal fingerprints:
+    the evidence measured before still holds."""
+    from fvlm.errors import UsageError
+    from fvlm.eval.evaluate import MODEL_FILE, find_checkpoints
+
+    status = _run_status(run_dir)
+    if status != "completed":
+        return {"status": status}
+    try:
+        ckpt = find_checkpoints(run_dir)[-1]
+    except UsageError as exc:
+        return {"status": "no checkpoint", "error": str(exc)}
+    stat = (ckpt.folder / MODEL_FILE).stat()
+    return {"status": status, "checkpoint": ckpt.folder.name, "step": ckpt.step, "model_bytes": stat.st_size,
+            "model_mtime_ns": stat.st_mtime_ns}
+
+
+def grid_cells(scaling_dir: Path, budget: str | None = None, sizes: tuple[str, ...] | None = None) -> list[str]:
+    """The grid's cells of one budget (default: the largest found), F and B (not B-isoflop), in
+    size order (`sizes`, else by name) and F before B."""
+    found = [m for m in (GRID_CELL.match(p.name) for p in sorted(scaling_dir.iterdir())
+                         if p.is_dir()) if m] if scaling_dir.is_dir() else []
+    if not found:
+        return []
+    if budget is None:
+        budget = max(found, key=lambda m: int(m["k"]))["budget"]
+    cells = [m for m in found if m["budget"] == budget]
+    order = {s: i for i, s in enumerate(sizes or sorted({m["size"] for m in cells}))}
+    cells.sort(key=lambda m: (order.get(m["size"], len(order)), m["size"], m["arch"] != "F"))
+    return [m.string for m in cells]
+
+
+@dataclass
+class Target:
+    run_id: str
+    run_dir: Path
+    group: str  # "ablation" or "grid"
+    bench_modes: tuple[str, ...] | None  # None: no benchmark; () the default mode
+    attention: bool
+
+
+def targets(ablation_dir: Path, scaling_dir: Path, budget: str | None = None,
+            sizes: tuple[str, ...] | None = None) -> list[Target]:
+    from fvlm.experiments.matrix import ABLATION_IDS
+
+    out = []
+    for rid in ABLATION_IDS:
+        modes = (F3_BENCH_MODES if rid == "F3" else ()) if rid in BENCH_RUNS else None
+        out.append(Target(rid, ablation_dir / rid, "ablation", modes, rid in ATTENTION_RUNS))
+    for rid in grid_cells(scaling_dir, budget, sizes):
+        out.append(Target(rid, scaling_dir / rid, "grid", (), False))
+    return out
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def _rounded(values, digits: int = 6) -> list:
+    return [round(float(v), digits) for v in values]
+
+
+def _pixel_rows(per_sample: dict, settings: EvidenceSettings) -> dict[str, Any]:
+    """Per mode: the token-weighted answer loss with real and grey frames (as `fvlm eval` reports
+    them) and the standard error of the gain from the per-sample differences."""
+    from fvlm.eval.evaluate import summarise_losses
+
+    out = {}
+    for mode, row in summarise_losses(per_sample).items():
+        arrays = per_sample["modes"][mode]
+        tokens = arrays["tokens"].astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            grey, real = arrays["loss_sum_blank"] / tokens, arrays["loss_sum"] / tokens
+        paired = paired_difference(grey, real, tokens, n_boot=settings.n_boot, seed=settings.seed)
+        out[mode] = {**row, "se": paired["se"], "ci95": paired["ci95"], "ci95_bootstrap": paired["ci95_bootstrap"],
+                     "above_noise": verdict(paired["ci95"]) == "yes"}
+    return out
+
+
+def _attention(model, cfg, tokenizer, settings: EvidenceSettings, step) -> dict[str, Any]:
+    """Per frame index t, over the probe videos: the mean share of the fine (autoregressive) and the
+    static (coarse) query's patch attention on the mover's patches, and the mover's share of the
+    patches (= what uniform attention would put on it)."""
+    from fvlm.data.loader import build_loader
+    from fvlm.eval.looks import attention_record, mover_shares
+
+    batch = next(iter(build_loader(cfg, "probe", tokenizer, train=False, batch_size=settings.probe_videos,
+                                   max_samples=settings.probe_videos)))
+    batch = {k: v.to(settings.device) if hasattr(v, "to") else v for k, v in batch.items()}
+    record = attention_record(model, batch, batch["keys"], step, Path("unused.npz"))  # nothing is saved
+    per_t: dict[int, dict[str, list[float]]] = {}
+    for video in range(len(record.keys)):
+        for which, name in (("coarse", "static"), ("fine", "fine")):
+            for t, share, area in mover_shares(record, video, which) or []:
+                cell = per_t.setdefault(t, {"static": [], "fine": [], "uniform": []})
+                cell[name].append(share)
+                if which == "coarse":  # the static query sees every frame: one area per (video, frame)
+                    cell["uniform"].append(area)
+
+    def mean(values):
+        return float(np.mean(values)) if values else None
+
+    frames = [{"t": t, "videos": len(c["static"]), "fine": mean(c["fine"]), "static": mean(c["static"]),
+               "uniform": mean(c["uniform"])} for t, c in sorted(per_t.items())]
+    every = {k: [v for c in per_t.values() for v in c[k]] for k in ("fine", "static", "uniform")}
+    return {"videos": len(record.keys), "has_fine": record.fine is not None, "frames": frames,
+            "overall": {k: mean(v) for k, v in every.items()}}
+
+
+def evaluate_run(target: Target, settings: EvidenceSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One run's measurements: {status: "ok", arch, default_mode, modes, pixel, samples, bench,
+    attention, seconds}. Raises on failure (the caller records it)."""
+    import torch
+
+    from fvlm.data.loader import build_loader, split_path
+    from fvlm.eval.bench import VisualSettings, read_bench
+    from fvlm.eval.evaluate import find_checkpoints, resolve_modes, run_benchmark, run_config, sample_losses
+    from fvlm.model.build import load_model
+
+    began = time.perf_counter()
+    ckpt = find_checkpoints(target.run_dir)[-1]
+    model, tokenizer = load_model(ckpt.folder, device=settings.device)
+    model.eval()
+    if tokenizer is None:
+        raise RuntimeError(f"{ckpt.folder}: no tokenizer saved with the model")
+    cfg = run_config(ckpt, model.cfg, [])
+    # Stage 2 masks exactly the assistant's answer (its content and end-of-turn token; not the role
+    # header, not the prompt), whatever stage the run trained with: the loss of what it answers.
+    cfg.train.stage = 2
+    modes = resolve_modes(None, model)
+    entry: dict[str, Any] = {"status": "ok", "step": ckpt.step, "arch": type(model).__name__,
+                             "default_mode": model.default_mode, "modes": list(modes)}
+    with torch.no_grad():
+        loader = build_loader(cfg, "val", tokenizer, train=False, batch_size=settings.batch_size,
+                              max_samples=settings.max_samples)
+        per_sample = sample_losses(model, loader, modes, settings.device)
+        entry["pixel"] = _pixel_rows(per_sample, settings)
+        entry["samples"] = {"keys": [str(k) for k in per_sample["keys"]],
+                            "modes": {m: {"tokens": [int(x) for x in a["tokens"]], "loss_sum": _rounded(a["loss_sum"]),
+                                          "loss_sum_grey": _rounded(a["loss_sum_blank"])}
+                                      for m, a in per_sample["modes"].items()}}
+        entry["bench"] = None
+        if target.bench_modes is not None:
+            bench = Path(split_path(cfg, "val")).parent / "bench"
+            if bench.is_dir():
+                questions = read_bench(str(bench), VisualSettings.from_config(cfg))[: settings.max_questions]
+                wanted = tuple(m for m in (target.bench_modes or (model.default_mode,)) if m in modes)
+                result = run_benchmark(model, tokenizer, questions, wanted, batch_size=settings.batch_size,
+                                       device=settings.device, score=settings.score)
+                keep = ("accuracy", "ci95", "chance", "n", "correct", "grey_frames")
+                entry["bench"] = {"split": str(bench), "questions": len(questions),
+                                  "digest": hashlib.sha1("\n".join(q.where for q in questions).encode()).hexdigest(),
+                                  "modes": {m: {k: r[k] for k in keep} for m, r in result.items()}}
+            else:
+                entry["bench_note"] = f"no benchmark split at {bench}"
+        entry["attention"] = None
+        if target.attention and hasattr(model, "q_static"):  # a query to look with (not the multi-token B1)
+            try:
+                entry["attention"] = _attention(model, cfg, tokenizer, settings, ckpt.step)
+            except Exception as exc:  # the losses and the benchmark stand without it
+                entry["attention_error"] = f"{type(exc).__name__}: {exc}"
+                log(f"[evidence] {target.run_id}: attention not measured: {entry['attention_error']}")
+    entry["seconds"] = round(time.perf_counter() - began, 2)
+    gains = ", ".join(f"{m} {r['pixel_gain']:+.4f} (se {r['se']:.4f})" for m, r in entry["pixel"].items())
+    bench_text = ""
+    if entry["bench"]:
+        bench_text = "; bench " + ", ".join(f"{m} {r['accuracy']:.3f} (grey {r['grey_frames']['accuracy']:.3f})"
+                                            for m, r in entry["bench"]["modes"].items())
+    log(f"[evidence] {target.run_id}: pixel gain {gains}{bench_text} ({entry['seconds']:.0f}s)")
+    return entry
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def _mode_of(entry: dict[str, Any], mode: str | None) -> str:
+    return mode or entry["default_mode"]
+
+
+def _per_sample_loss(entry: dict[str, Any], mode: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    arrays = entry["samples"]["modes"][mode]
+    tokens = np.asarray(arrays["tokens"], dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return entry["samples"]["keys"], np.asarray(arrays["loss_sum"]) / tokens, tokens
+
+
+def _named(paired: dict[str, Any], first: float, second: float) -> dict[str, Any]:
+    """paired_difference's result with the two means named after the sides of the comparison."""
+    rest = {k: v for k, v in paired.items() if k not in ("a", "b")}
+    return {"first": first, "second": second, **rest, "verdict": verdict(paired["ci95"])}
+
+
+def compare(runs: dict[str, dict[str, Any]], first: tuple[str, str | None], second: tuple[str, str | None],
+            settings: EvidenceSettings, label: str | None = None) -> dict[str, Any]:
+    """Paired comparison of (run, mode) `first` against `second` (mode None: the run's default):
+    accuracy on the same benchmark questions (first - second) and answer loss on the same val
+    samples (second - first, so that positive means the first is better in both), each with
+    `paired_difference`'s intervals and a verdict ('yes': the first is better)."""
+    (ra, ma), (rb, mb) = first, second
+    out: dict[str, Any] = {"label": label or f"{ra} vs {rb}", "first": {"run": ra}, "second": {"run": rb},
+                           "accuracy": None, "answer_loss": None}
+    ea, eb = runs.get(ra) or {}, runs.get(rb) or {}
+    missing = [r for r, e in ((ra, ea), (rb, eb)) if e.get("status") != "ok"]
+    if missing:
+        why = {r: (runs.get(r) or {}).get("reason") or (runs.get(r) or {}).get("status", "missing") for r in missing}
+        out["note"] = "not measured: " + ", ".join(f"{r} ({w})" for r, w in why.items())
+        return out
+    ma, mb = _mode_of(ea, ma), _mode_of(eb, mb)
+    out["first"]["mode"], out["second"]["mode"] = ma, mb
+    notes = []
+    ba, bb = ea.get("bench") or {}, eb.get("bench") or {}
+    if ma in ba.get("modes", {}) and mb in bb.get("modes", {}):
+        if ba["digest"] != bb["digest"]:
+            notes.append("the two runs' benchmarks differ: accuracy not paired")
+        else:
+            paired = paired_difference(ba["modes"][ma]["correct"], bb["modes"][mb]["correct"],
+                                       n_boot=settings.n_boot, seed=settings.seed)
+            out["accuracy"] = _named(paired, first=paired["a"], second=paired["b"])
+    else:
+        notes.append("no benchmark result for both")
+    if ma in ea["samples"]["modes"] and mb in eb["samples"]["modes"]:
+        keys_a, loss_a, tok_a = _per_sample_loss(ea, ma)
+        keys_b, loss_b, tok_b = _per_sample_loss(eb, mb)
+        if keys_a != keys_b:  # samples skipped by one run's text settings: pair what both scored
+            where = {k: i for i, k in reversed(list(enumerate(keys_b)))}
+            rows = [(i, where[k]) for i, k in enumerate(keys_a) if k in where]
+            ia, ib = (np.array([r[j] for r in rows], dtype=int) for j in (0, 1))
+            loss_a, tok_a, loss_b, tok_b = loss_a[ia], tok_a[ia], loss_b[ib], tok_b[ib]
+        # Loss per answer token of each sample, weighted by its answer tokens: the token-weighted
+        # difference of the two runs' validation losses on the samples they share.
+        paired = paired_difference(loss_b, loss_a, (tok_a + tok_b) / 2, n_boot=settings.n_boot, seed=settings.seed)
+        out["answer_loss"] = _named(paired, first=paired["b"], second=paired["a"])
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
+
+
+def comparisons(runs: dict[str, dict[str, Any]], grid: list[str], settings: EvidenceSettings) -> list[dict[str, Any]]:
+    """The ablation pairs, then F vs B per size of the grid cells."""
+    out = [compare(runs, a, b, settings, label) for label, a, b in ABLATION_PAIRS]
+    for rid in grid:
+        match = GRID_CELL.match(rid)
+        other = f"{match['size']}-{match['budget']}-B"
+        if match["arch"] == "F" and other in grid:
+            out.append(compare(runs, (rid, None), (other, None), settings,
+                               f"{rid} vs {other} (foveated vs multi-token, same budget)"))
+    return out
+
+
+# ----------------------------------------------------------------------------- the verdict
+
+
+def _interval_text(r: dict[str, Any] | None, digits: int = 3) -> str:
+    if not r:
+        return "n/a"
+    lo, hi = r["ci95"]
+    return f"{r['diff']:+.{digits}f} [95% {lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def conclusion(runs: dict[str, dict[str, Any]], pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Does the foveated query beat the static one? From F3's fine (coarse_fine) vs static
+    (coarse_only) query on the same benchmark questions (or, without a benchmark, the same val
+    samples' answer loss): 'yes', 'no' (the static query is better) or 'not distinguishable'.
+    Returns {answer, basis, sentence (one plain sentence with the numbers), details (the answer
+    loss, F3 against A6 trained static-only, and whether F3 reads the pixels at all)}."""
+    primary = next(p for p in pairs if p["label"] == PRIMARY)
+    static = next(p for p in pairs if p["label"] == STATIC_TRAINED)
+    basis = "accuracy" if primary.get("accuracy") else "answer_loss" if primary.get("answer_loss") else None
+    if basis is None:
+        why = primary.get("note", "F3 not measured")
+        return {"answer": "not measured", "basis": None, "details": "",
+                "sentence": f"Whether the foveated query beats the static one could not be measured ({why})."}
+    r = primary[basis]
+    if basis == "accuracy":
+        numbers = (f"on the same {r['n']} benchmark questions F3 scores {r['first']:.3f} with its fine query "
+                   f"(coarse_fine) and {r['second']:.3f} with its static query (coarse_only), a paired difference "
+                   f"of {_interval_text(r)}")
+    else:
+        numbers = (f"on the same {r['n']} val samples F3's answer loss is {r['first']:.4f} with its fine query "
+                   f"(coarse_fine) and {r['second']:.4f} with its static query (coarse_only), static − fine "
+                   f"{_interval_text(r, 4)}")
+    sentence = {"yes": f"Yes, the foveated query beats the static one: {numbers}.",
+                "no": f"No, the static query beats the foveated one: {numbers}.",
+                "not distinguishable": f"Not distinguishable: {numbers}, an interval that holds 0."}[r["verdict"]]
+    details = []
+    if basis == "accuracy" and primary.get("answer_loss"):
+        loss = primary["answer_loss"]
+        details.append(f"Answer loss on the same val samples, static − fine: {_interval_text(loss, 4)} "
+                       f"({loss['verdict']}).")
+    other = static.get(basis)
+    if other:
+        measure, digits = ("accuracy", 3) if basis == "accuracy" else ("answer loss", 4)
+        details.append(f"F3 against A6, trained with the static query only ({measure}): "
+                       f"{_interval_text(other, digits)} ({other['verdict']}).")
+    f3 = runs.get("F3") or {}
+    pixel = (f3.get("pixel") or {}).get("coarse_fine")
+    if pixel:
+        lo, hi = pixel["ci95"]
+        if pixel["above_noise"]:
+            details.append(f"F3 reads the pixels: grey frames raise its answer loss (coarse_fine) by "
+                           f"{pixel['pixel_gain']:.4f} [95% {lo:.4f}, {hi:.4f}].")
+        else:
+            details.append(f"F3's pixel gain (coarse_fine), {pixel['pixel_gain']:+.4f} [95% {lo:+.4f}, {hi:+.4f}], is "
+                           "not clearly above noise: a difference between its queries cannot come from what it sees.")
+    bench = ((f3.get("bench") or {}).get("modes") or {}).get("coarse_fine")
+    if bench:
+        details.append(f"With every frame grey F3 scores {bench['grey_frames']['accuracy']:.3f} (chance "
+                       f"{bench['chance']:.3f}).")
+    return {"answer": r["verdict"], "basis": basis, "sentence": sentence, "details": " ".join(details)}
+
+
+# ----------------------------------------------------------------------------- collect
+
+
+def _dumps(value: Any, level: int = 0) -> str:
+    """JSON indented by structure, with each list of plain values (per-sample losses, per-question
+    outcomes) on one line: a readable file instead of one number per line."""
+    pad, inner = " " * level, " " * (level + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(str(k))}: {_dumps(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(f"{inner}{_dumps(v, level + 1)}" for v in value) + f"\n{pad}]"
+    return json.dumps(value, allow_nan=True)
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Written beside and renamed over: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(_dumps(data) + "\n")
+    os.replace(tmp, path)
+
+
+def collect_evidence(root: Path, ablation_dir: Path, scaling_dir: Path, settings: EvidenceSettings | None = None, *,
+                     budget: str | None = None, sizes: tuple[str, ...] | None = None, force: bool = False,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measures every target run (the plan's ablations, the grid's largest-budget F and B cells),
+    compares them and writes <root>/evidence.json. When that file exists with the same settings
+    and every run it covers has the same fingerprint, it is returned as it is (nothing loaded).
+    Otherwise runs whose fingerprint is unchanged and that were measured keep their measurements.
+    A run that fails to evaluate is logged and recorded (status "failed", error), not raised.
+
+    Returns {version, settings, runs: {run_id: {group, run_dir, fingerprint, status, ...}},
+    grid_cells, comparisons, attention: {run_id: per-frame table}, conclusion, seconds}."""
+    import torch
+
+    settings = settings or EvidenceSettings()
+    root = Path(root)
+    path = root / EVIDENCE_FILE
+    chosen = targets(Path(ablation_dir), Path(scaling_dir), budget, sizes)
+    prints = {t.run_id: fingerprint(t.run_dir) for t in chosen}
+    previous: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = {}
+    same_settings = previous.get("version") == VERSION and previous.get("settings") == asdict(settings)
+    old_runs = previous.get("runs", {}) if same_settings else {}
+    if not force and same_settings and {r: e.get("fingerprint") for r, e in old_runs.items()} == prints:
+        log(f"[evidence] {path}: every run unchanged, kept")
+        return previous
+
+    began = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs: dict[str, dict[str, Any]] = {}
+    try:
+        for t in chosen:
+            base = {"group": t.group, "run_dir": str(t.run_dir), "fingerprint": prints[t.run_id]}
+            old = old_runs.get(t.run_id)
+            if not force and old and old.get("fingerprint") == prints[t.run_id] and old.get("status") == "ok":
+                runs[t.run_id] = old
+                continue
+            status = prints[t.run_id]["status"]
+            if status != "completed":
+                runs[t.run_id] = {**base, "status": "not evaluated", "reason": f"run {status}"}
+                continue
+            try:
+                runs[t.run_id] = {**base, **evaluate_run(t, settings, log)}
+            except Exception as exc:  # one run's failure is recorded; the others and the report go on
+                log(f"[evidence] {t.run_id}: evaluation failed: {type(exc).__name__}: {exc}")
+                runs[t.run_id] = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        torch.set_num_threads(threads)
+    grid = [t.run_id for t in chosen if t.group == "grid"]
+    pairs = comparisons(runs, grid, settings)
+    evidence = {
+        "version": VERSION,
+        "settings": asdict(settings),
+        "runs": runs,
+        "grid_cells": grid,
+        "comparisons": pairs,
+        "attention": {rid: e["attention"] for rid, e in runs.items() if e.get("attention")},
+        "conclusion": conclusion(runs, pairs),
+        "seconds": round(time.perf_counter() - began, 1),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, evidence)
+    log(f"[evidence] {evidence['conclusion']['sentence']} {evidence['conclusion']['details']}")
+    log(f"[evidence] wrote {path} ({evidence['seconds']:.0f}s)")
+    return evidence
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _num(value, digits: int = 4, sign: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _ci(interval, digits: int = 4, sign: bool = False) -> str:
+    if not interval:
+        return "n/a"
+    return f"[{_num(interval[0], digits, sign)}, {_num(interval[1], digits, sign)}]"
+
+
+def _noise_word(row: dict[str, Any]) -> str:
+    if row["above_noise"]:
+        return "yes"
+    return "no (grey frames lower)" if verdict(row["ci95"]) == "no" else "no"
+
+
+def _side(side: dict[str, Any]) -> str:
+    return f"{side['run']} {side['mode']}" if side.get("mode") else side["run"]
+
+
+def evidence_markdown(evidence: dict[str, Any]) -> str:
+    """The report's `## Foveation evidence` section: the conclusion, then one table per measurement."""
+    runs = evidence["runs"]
+    s = evidence["settings"]
+    lines = ["", "## Foveation evidence", "",
+             f"**{evidence['conclusion']['sentence']}**", "", evidence["conclusion"]["details"], "",
+             f"Each run's latest checkpoint; intervals are 95%, from per-sample (per-question) paired differences "
+             f"on the same items; bootstrap: {s['n_boot']} seeded resamples. Details: `{EVIDENCE_FILE}`.", "",
+             "### Pixel check on the answer tokens", "",
+             f"Validation loss of the assistant's answer tokens only (first {s['max_samples']} val samples), with "
+             "the real frames and with every frame flat grey (frame count and masks unchanged). Pixel gain = grey − "
+             "real: what the model gets from the pixels. Above noise: its 95% interval (± 1.96 s.e. of the "
+             "per-sample differences, token-weighted) excludes 0.", "",
+             "| run | mode | answer loss | grey frames | pixel gain | s.e. | 95% interval | above noise | samples |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for rid, e in runs.items():
+        for mode, r in (e.get("pixel") or {}).items():
+            lines.append(f"| {rid} | {mode} | {_num(r['loss'])} | {_num(r['loss_blank_frames'])} | "
+                         f"{_num(r['pixel_gain'], sign=True)} | {_num(r['se'])} | {_ci(r['ci95'], sign=True)} | "
+                         f"{_noise_word(r)} | {r['n']} |")
+    bench_rows = [(rid, mode, r) for rid, e in runs.items()
+                  for mode, r in ((e.get("bench") or {}).get("modes") or {}).items()]
+    if bench_rows:
+        lines += ["", "### Multiple choice (synthetic benchmark)", "",
+                  "Accuracy with the real frames and with every frame grey (same questions; 95% Wilson intervals).",
+                  "", "| run | mode | accuracy | 95% CI | grey frames | grey 95% CI | chance | questions |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for rid, mode, r in bench_rows:
+            g = r["grey_frames"]
+            lines.append(f"| {rid} | {mode} | {_num(r['accuracy'], 3)} | {_ci(r['ci95'], 3)} | "
+                         f"{_num(g['accuracy'], 3)} | {_ci(g['ci95'], 3)} | {_num(r['chance'], 3)} | {r['n']} |")
+    lines += ["", "### Paired differences", "",
+              "First minus second on the same questions (accuracy) and second minus first on the same val samples "
+              "(answer loss per token): positive = the first is better. Verdict from the analytic interval: yes (the "
+              "first is better), no (the second is), not distinguishable.", "",
+              "| comparison | first | second | accuracy diff | 95% (analytic) | 95% (bootstrap) | verdict | "
+              "answer-loss diff | 95% (analytic) | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in evidence["comparisons"]:
+        acc, loss = p.get("accuracy") or {}, p.get("answer_loss") or {}
+        note = f" ({p['note']})" if p.get("note") else ""
+        lines.append(f"| {p['label']}{note} | {_side(p['first'])} | {_side(p['second'])} | "
+                     f"{_num(acc.get('diff'), 3, True)} | {_ci(acc.get('ci95'), 3, True)} | "
+                     f"{_ci(acc.get('ci95_bootstrap'), 3, True)} | {acc.get('verdict', 'n/a')} | "
+                     f"{_num(loss.get('diff'), 4, True)} | {_ci(loss.get('ci95'), 4, True)} | "
+                     f"{loss.get('verdict', 'n/a')} |")
+    for rid, a in evidence["attention"].items():
+        lines += ["", f"### Attention on the moving object: {rid}", "",
+                  f"Share of the query's patch attention on the mover's patches, per frame, mean over {a['videos']} "
+                  "probe videos; uniform = the mover's share of the patches (what attention spread evenly would give). "
+                  "Fine = the LLM-chosen query (autoregressive mode), static = the coarse query.", "",
+                  "| frame | videos | fine query | static query | uniform |", "|---|---|---|---|---|"]
+        for f in a["frames"]:
+            lines.append(f"| {f['t']} | {f['videos']} | {_num(f['fine'], 3)} | {_num(f['static'], 3)} | "
+                         f"{_num(f['uniform'], 3)} |")
+        o = a["overall"]
+        lines.append(f"| all | | {_num(o['fine'], 3)} | {_num(o['static'], 3)} | {_num(o['uniform'], 3)} |")
+    left = [f"{rid} ({e.get('reason') or e.get('error') or e['status']})" for rid, e in runs.items()
+            if e.get("status") != "ok"]
+    if left:
+        lines += ["", f"Not measured: {'; '.join(left)}."]
+    return "\n".join(lines) + "\n"
+
+
+def decisions_summary(evidence: dict[str, Any]) -> dict[str, Any]:
+    """The decisions.json entry: the conclusion and every table's numbers, without the per-sample and
+    per-question lists (those stay in evidence.json)."""
+    runs = evidence["runs"]
+    pixel = [{"run": rid, "mode": mode, **{k: r[k] for k in ("loss", "loss_blank_frames", "pixel_gain", "se", "ci95",
+                                                            "above_noise", "n", "tokens")}}
+             for rid, e in runs.items() for mode, r in (e.get("pixel") or {}).items()]
+    bench = [{"run": rid, "mode": mode, **{k: r[k] for k in ("accuracy", "ci95", "chance", "n")},
+              "grey_accuracy": r["grey_frames"]["accuracy"], "grey_ci95": r["grey_frames"]["ci95"]}
+             for rid, e in runs.items() for mode, r in ((e.get("bench") or {}).get("modes") or {}).items()]
+    return {
+        "answer": evidence["conclusion"]["answer"],
+        "basis": evidence["conclusion"]["basis"],
+        "sentence": evidence["conclusion"]["sentence"],
+        "details": evidence["conclusion"]["details"],
+        "pixel_check": pixel,
+        "benchmark": bench,
+        "comparisons": evidence["comparisons"],
+        "attention": evidence["attention"],
+        "runs": {rid: e.get("status") if e.get("status") == "ok" else
+                 f"{e.get('status')}: {e.get('reason') or e.get('error') or ''}".rstrip(": ")
+                 for rid, e in runs.items()},
+        "settings": evidence["settings"],
+        "file": EVIDENCE_FILE,
+    }

@@ -1,0 +1,241 @@
+"""Foveation evidence (fvlm.experiments.evidence): the paired-difference statistics, and the whole
+measurement on tiny trained runs laid out as phase1 lays them out (pixel check, benchmark with the
+grey-frame control, paired comparisons, attention on the mover, evidence.json, the report section)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from fvlm.cli import main
+from fvlm.data.synth import generate_synthetic
+from fvlm.experiments.evidence import (EVIDENCE_FILE, EvidenceSettings, collect_evidence, compare,
+                                       evidence_markdown, paired_difference, verdict)
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_paired_difference_of_anything_with_itself_is_exactly_zero():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 2, 150)
+    r = paired_difference(x, x, n_boot=300)
+    assert r["diff"] == 0 and r["se"] == 0 and r["ci95"] == [0, 0] and r["ci95_bootstrap"] == [0, 0]
+    w = rng.integers(1, 9, 150)
+    r = paired_difference(rng.normal(size=150), np.zeros(150) + 0.0, w)
+    assert r["n"] == 150 and r["ci95"][0] < r["diff"] < r["ci95"][1]
+
+
+def test_paired_difference_analytic_interval_agrees_with_the_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    n = 600
+    # Correlated 0/1 outcomes on the same questions: b right mostly where a is right.
+    a = (rng.random(n) < 0.55).astype(int)
+    b = np.where(rng.random(n) < 0.8, a, (rng.random(n) < 0.45).astype(int))
+    r = paired_difference(a, b, n_boot=4000, seed=3)
+    d = a - b
+    assert r["diff"] == pytest.approx(d.mean()) and r["a"] == pytest.approx(a.mean())
+    assert r["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(n))
+    assert np.allclose(r["ci95"], r["ci95_bootstrap"], atol=0.1 * (r["ci95"][1] - r["ci95"][0])), r
+    # Per-sample losses weighted by answer tokens: the token-weighted difference and its interval.
+    tokens = rng.integers(1, 12, n)
+    la = rng.normal(2.0, 0.5, n)
+    lb = la + rng.normal(0.03, 0.2, n)
+    r = paired_difference(lb, la, tokens, n_boot=4000, seed=4)
+    assert r["diff"] == pytest.approx(((lb - la) * tokens).sum() / tokens.sum())
+    assert np.allclose(r["ci95"], r["ci95_bootstrap"], atol=0.1 * (r["ci95"][1] - r["ci95"][0])), r
+    # Seeded: the same call gives the same bootstrap interval.
+    again = [paired_difference(lb, la, tokens, n_boot=500, seed=4) for _ in range(2)]
+    assert again[0] == again[1]
+
+
+def test_verdict_reads_the_interval():
+    assert verdict([0.01, 0.2]) == "yes"
+    assert verdict([-0.2, -0.01]) == "no"
+    assert verdict([-0.1, 0.1]) == verdict([0.0, 0.1]) == "not distinguishable"
+    assert verdict([float("nan"), float("nan")]) == "not distinguishable"
+
+
+# ----------------------------------------------------------------------------- end to end
+
+SMALL = ["data.max_frames=4", "data.max_text_tokens=96", "model.image_size=32", "train.batch_size=4",
+         "train.eval_batch_size=8", "train.eval_samples=8", "train.probe_videos=2", "train.max_steps=3",
+         "train.eval_every=3", "train.save_every=3"]
+SETTINGS = EvidenceSettings(max_samples=16, max_questions=40, probe_videos=4, batch_size=8, n_boot=300)
+
+
+@pytest.fixture(scope="module")
+def phase1(tmp_path_factory):
+    """ablations/ {F3, A6, B1, A1 (its model file broken)} and scaling/ {S-C2-F, S-C4-F, S-C4-B}, a few
+    steps each on one small synthetic set (with its bench split of 40 questions)."""
+    root = tmp_path_factory.mktemp("phase1")
+    data = root / "data"
+    generate_synthetic(data, videos=24, images=8, texts=8, frames=4, size=32, seed=0, val=16, probe=4, bench=40)
+    paths = [f"data.{s}={data / s}" for s in ("train", "val", "probe")]
+    runs = {"ablations": {"F3": [], "A6": ["model.coarse_only=true"], "A1": ["model.deep_query=false"],
+                          "B1": ["model.arch=multi_token", "model.tokens_per_frame=4"]},
+            "scaling": {"S-C2-F": [], "S-C4-F": [], "S-C4-B": ["model.arch=multi_token", "model.tokens_per_frame=4"]}}
+    for sweep, ids in runs.items():
+        for rid, extra in ids.items():
+            assert main(["train", "tiny", f"out_dir={root / sweep}", f"run_id={rid}", *paths, *SMALL, *extra]) == 0
+    broken = sorted((root / "ablations" / "A1" / "checkpoints").glob("step_*"))[-1] / "model.safetensors"
+    broken.write_bytes(b"not a model")
+    lines: list[str] = []
+    evidence = collect_evidence(root, root / "ablations", root / "scaling", SETTINGS, log=lines.append)
+    return {"root": root, "data": data, "evidence": evidence, "log": lines}
+
+
+def test_every_target_run_is_measured_or_says_why(phase1):
+    ev = phase1["evidence"]
+    runs = ev["runs"]
+    assert ev["grid_cells"] == ["S-C4-F", "S-C4-B"]  # the largest budget only, F before B
+    assert {r for r, e in runs.items() if e["status"] == "ok"} == {"F3", "A6", "B1", "S-C4-F", "S-C4-B"}
+    assert runs["A1"]["status"] == "failed" and runs["A1"]["error"]  # recorded, not fatal
+    assert runs["F1"]["status"] == "not evaluated" and runs["F1"]["reason"] == "run missing"
+    assert runs["F3"]["modes"] == ["coarse_only", "coarse_fine", "autoregressive"]
+    assert runs["A6"]["modes"] == runs["B1"]["modes"] == ["coarse_only"]
+    for rid in ("F3", "A6", "B1", "S-C4-F", "S-C4-B"):
+        for mode, r in runs[rid]["pixel"].items():
+            assert r["n"] == 16 and r["tokens"] > 0
+            assert r["pixel_gain"] == pytest.approx(r["loss_blank_frames"] - r["loss"])
+            assert r["se"] > 0 and r["ci95"][0] < r["pixel_gain"] < r["ci95"][1]
+            assert r["above_noise"] == (r["ci95"][0] > 0)
+    assert (phase1["root"] / EVIDENCE_FILE).is_file()
+    assert json.loads((phase1["root"] / EVIDENCE_FILE).read_text())["conclusion"] == ev["conclusion"]
+
+
+def test_pixel_check_uses_the_answer_tokens_only(phase1):
+    """The same numbers as mode_losses over a stage-2 loader: the answer-only loss masks."""
+    from fvlm.data.loader import build_loader
+    from fvlm.eval.evaluate import find_checkpoints, mode_losses, run_config
+    from fvlm.model.build import load_model
+
+    ckpt = find_checkpoints(phase1["root"] / "ablations" / "F3")[-1]
+    model, tok = load_model(ckpt.folder)
+    cfg = run_config(ckpt, model.cfg, [])
+    cfg.train.stage = 2
+    batches = list(build_loader(cfg, "val", tok, train=False, batch_size=8, max_samples=16))
+    every = sum(int(b["attention_mask"].sum()) for b in batches)
+    answer = sum(int(b["loss_mask"].sum()) for b in batches)
+    assert 0 < answer < every / 2  # the answers, not the prompts and template around them
+    expected = mode_losses(model.eval(), batches, ("coarse_fine",))["coarse_fine"]
+    got = phase1["evidence"]["runs"]["F3"]["pixel"]["coarse_fine"]
+    assert got["tokens"] == expected["tokens"] <= answer
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert got["loss_blank_frames"] == pytest.approx(expected["loss_blank_frames"], rel=1e-6)
+
+
+def test_benchmark_has_per_question_outcomes_and_the_grey_control(phase1):
+    runs = phase1["evidence"]["runs"]
+    assert set(runs["F3"]["bench"]["modes"]) == {"coarse_only", "coarse_fine"}
+    assert set(runs["B1"]["bench"]["modes"]) == {"coarse_only"}
+    assert set(runs["S-C4-F"]["bench"]["modes"]) == {"coarse_fine"}
+    assert runs["D1"].get("bench") is None
+    for rid in ("F3", "A6", "B1", "S-C4-F", "S-C4-B"):
+        for r in runs[rid]["bench"]["modes"].values():
+            assert r["n"] == 40 and len(r["correct"]) == 40 and set(r["correct"]) <= {0, 1}
+            assert r["accuracy"] == pytest.approx(np.mean(r["correct"]))
+            grey = r["grey_frames"]
+            assert grey["n"] == 40 and 0 <= grey["accuracy"] <= 1 and len(grey["correct"]) == 40
+            assert grey["ci95"][0] <= grey["accuracy"] <= grey["ci95"][1]
+
+
+def test_paired_comparisons(phase1):
+    ev = phase1["evidence"]
+    runs = ev["runs"]
+    itself = compare(runs, ("F3", None), ("F3", None), SETTINGS)
+    for kind in ("accuracy", "answer_loss"):
+        assert itself[kind]["diff"] == 0 and itself[kind]["ci95"] == [0, 0] and itself[kind]["ci95_bootstrap"] == [0, 0]
+        assert itself[kind]["verdict"] == "not distinguishable"
+    by_label = {p["label"].split(" (")[0]: p for p in ev["comparisons"]}
+    fine = by_label["F3 fine query vs F3 static query"]
+    assert fine["first"] == {"run": "F3", "mode": "coarse_fine"}
+    assert fine["second"] == {"run": "F3", "mode": "coarse_only"}
+    f3 = runs["F3"]["bench"]["modes"]
+    assert fine["accuracy"]["diff"] == pytest.approx(f3["coarse_fine"]["accuracy"] - f3["coarse_only"]["accuracy"])
+    pixel = runs["F3"]["pixel"]
+    assert fine["answer_loss"]["diff"] == pytest.approx(pixel["coarse_only"]["loss"] - pixel["coarse_fine"]["loss"],
+                                                        abs=1e-5)
+    assert by_label["F3 vs A6"]["second"] == {"run": "A6", "mode": "coarse_only"}
+    assert by_label["F3 vs A1"]["accuracy"] is None and "A1" in by_label["F3 vs A1"]["note"]
+    assert "S-C4-F vs S-C4-B" in by_label
+    assert ev["conclusion"]["answer"] in ("yes", "no", "not distinguishable")
+    assert ev["conclusion"]["answer"] == fine["accuracy"]["verdict"]
+
+
+def test_attention_on_the_mover_against_uniform(phase1):
+    """The uniform share per frame is the mover's share of the patches, recomputed here."""
+    from fvlm.data.loader import build_loader
+    from fvlm.eval.evaluate import find_checkpoints, run_config
+    from fvlm.eval.looks import mover_patches, to_uint8
+    from fvlm.model.build import load_model
+
+    attention = phase1["evidence"]["attention"]
+    assert set(attention) == {"F3", "A6"}  # A1's model is broken, B1 has no query
+    f3 = attention["F3"]
+    assert f3["videos"] == 4 and f3["has_fine"] and not attention["A6"]["has_fine"] and f3["frames"]
+    ckpt = find_checkpoints(phase1["root"] / "ablations" / "F3")[-1]
+    model, tok = load_model(ckpt.folder)
+    cfg = run_config(ckpt, model.cfg, [])
+    batch = next(iter(build_loader(cfg, "probe", tok, train=False, batch_size=4, max_samples=4)))
+    frames, mask = to_uint8(batch["frames"]), batch["frame_mask"].numpy()
+    grid = (32 // model.encoder.patch_size,) * 2
+    areas: dict[int, list[float]] = {}
+    for v in range(len(frames)):
+        ids = np.flatnonzero(mask[v])
+        for t, mover in zip(ids, mover_patches(frames[v, ids], grid)):
+            if mover.any():
+                areas.setdefault(int(t), []).append(float(mover.mean()))
+    assert [f["t"] for f in f3["frames"]] == sorted(areas)
+    for f in f3["frames"]:
+        assert f["uniform"] == pytest.approx(np.mean(areas[f["t"]]))
+        assert f["videos"] == len(areas[f["t"]])
+        assert 0 <= f["fine"] <= 1 and 0 <= f["static"] <= 1
+    assert attention["A6"]["frames"][0]["fine"] is None
+
+
+def test_report_section_and_decisions(phase1):
+    from fvlm.experiments.cli import write_report
+    from fvlm.experiments.presets import TINY
+
+    root = phase1["root"]
+    write_report(TINY, root, root / "ablations", root / "scaling", root / "report", {"overrides": {}, "choices": []},
+                 phase1["evidence"])
+    report = (root / "report" / "report.md").read_text()
+    section = report[report.index("## Foveation evidence"):]
+    conclusion = phase1["evidence"]["conclusion"]
+    assert f"**{conclusion['sentence']}**" in section and conclusion["details"] in section
+    assert conclusion["sentence"].startswith(("Yes, ", "No, ", "Not distinguishable: "))
+    assert conclusion["sentence"].count(". ") == 0  # one sentence; the details follow it
+    for heading in ("### Pixel check", "### Multiple choice", "### Paired differences", "### Attention on the moving"):
+        assert heading in section
+    assert "| F3 | autoregressive |" in section and "| S-C4-B | coarse_only |" in section
+    assert "A1 (" in section.split("Not measured:")[1]
+    assert evidence_markdown(phase1["evidence"]).strip() in report
+    decisions = json.loads((root / "decisions.json").read_text())["foveation_evidence"]
+    assert decisions["answer"] == phase1["evidence"]["conclusion"]["answer"]
+    assert decisions["runs"]["F3"] == "ok" and decisions["runs"]["A1"].startswith("failed")
+    assert "correct" not in json.dumps(decisions["benchmark"])
+
+
+def test_unchanged_runs_are_not_measured_again(phase1):
+    root = phase1["root"]
+    path = root / EVIDENCE_FILE
+    stamp = path.stat().st_mtime_ns
+    lines: list[str] = []
+    began = time.perf_counter()
+    again = collect_evidence(root, root / "ablations", root / "scaling", SETTINGS, log=lines.append)
+    assert time.perf_counter() - began < 2 and path.stat().st_mtime_ns == stamp
+    assert again == json.loads(path.read_text()) and any("unchanged" in line for line in lines)
+    # One run's checkpoint changes: only that run is measured again (the failed A1 is tried again too).
+    model = sorted((root / "scaling" / "S-C4-B" / "checkpoints").glob("step_*"))[-1] / "model.safetensors"
+    os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))
+    lines.clear()
+    updated = collect_evidence(root, root / "ablations", root / "scaling", SETTINGS, log=lines.append)
+    measured = {line.split(":")[0].removeprefix("[evidence] ") for line in lines if "pixel gain" in line}
+    assert measured == {"S-C4-B"}
+    assert updated["runs"]["S-C4-B"]["fingerprint"] != phase1["evidence"]["runs"]["S-C4-B"]["fingerprint"]
+    assert updated["runs"]["F3"] == phase1["evidence"]["runs"]["F3"]
