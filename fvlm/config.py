@@ -40,6 +40,11 @@ class ModelConfig:
     freeze_llm: bool = False
     # Width of q_static / q_init / llm_to_query outputs; null means the DINO width.
     query_dim: int | None = None
+    # How the queries start. "cls": as DINO's own CLS token, so that before any training the coarse
+    # token is DINO's CLS output and every fine query too (llm_to_query starts at zero weight); a
+    # pretrained DINO's CLS already attends to the objects. "random": Gaussian vectors. "cls" needs
+    # query_dim equal to DINO's width.
+    query_init: Literal["cls", "random"] = "cls"
     visual_scale: float = 0.14
     image_size: int = 224
     gradient_checkpointing: bool = False
@@ -71,6 +76,14 @@ class DataConfig:
     synth_frames: int = 8
     synth_size: int = 64
     synth_val: int = 200
+    # Share of the synthetic train/val videos and images asked as multiple choice (the rest are captions).
+    synth_mc_fraction: float = 0.0
+    # The synthetic scenes: objects per video (images keep at most 4), object side as a share of the
+    # frame side, and the background ("texture" or "flat"); see fvlm.data.synth.
+    synth_min_objects: int = 3
+    synth_max_objects: int = 5
+    synth_object_scale: list[float] = field(default_factory=lambda: [0.125, 0.19])
+    synth_background: Literal["texture", "flat"] = "texture"
 
 
 @dataclass
@@ -334,6 +347,9 @@ def validate(cfg: RunConfig) -> None:
     _positive(m.image_size, "model.image_size")
     if m.query_dim is not None:
         _positive(m.query_dim, "model.query_dim")
+    if m.query_init == "cls" and m.query_dim is not None:
+        raise UsageError("model.query_init=cls starts the queries as DINO's CLS token, so model.query_dim must "
+                         "be null (DINO's width); use model.query_init=random with a custom query_dim")
     if not 0 <= d.text_ratio <= 1:
         raise UsageError(f"data.text_ratio must be in [0, 1], got {d.text_ratio}")
     for source, weight in d.mix.items():
@@ -347,6 +363,14 @@ def validate(cfg: RunConfig) -> None:
     _positive(d.max_text_tokens, "data.max_text_tokens")
     _positive(d.num_workers, "data.num_workers", allow_zero=True)
     _positive(d.max_batch_frames, "data.max_batch_frames", allow_zero=True)
+    if not 0 <= d.synth_mc_fraction <= 1:
+        raise UsageError(f"data.synth_mc_fraction must be in [0, 1], got {d.synth_mc_fraction}")
+    if not 1 <= d.synth_min_objects <= d.synth_max_objects:
+        raise UsageError(f"data.synth_min_objects ({d.synth_min_objects}) must be >= 1 and <= "
+                         f"data.synth_max_objects ({d.synth_max_objects})")
+    scale = d.synth_object_scale
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] < 1:
+        raise UsageError(f"data.synth_object_scale must be [min, max] with 0 < min <= max < 1, got {scale}")
     if t.stage not in (1, 2, 3):
         raise UsageError(f"train.stage must be 1, 2 or 3, got {t.stage}")
     for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_last",

@@ -119,10 +119,25 @@ def test_coarse_loss_paths_agree():
 
 
 def test_loss_combines_fine_and_weighted_coarse():
-    model = tiny("model.lambda_coarse=0.5")
+    # Random queries: with the CLS start the fine and coarse passes are the same pass at init.
+    model = tiny("model.lambda_coarse=0.5", "model.query_init=random")
     out = model(make_batch(), mode="coarse_fine")
     assert torch.allclose(out.loss, out.loss_fine + 0.5 * out.loss_coarse, atol=1e-6)
     assert out.loss_coarse.item() > 0 and out.loss_coarse.item() != out.loss_fine.item()
+
+
+def test_cls_start_makes_every_query_dinos_own_cls_token():
+    """query_init=cls: before training, the coarse and the fine tokens are DINO's final CLS feature of
+    each frame (projected), in every mode."""
+    model = tiny()
+    batch = make_batch()
+    valid = batch["frames"][batch["frame_mask"]]
+    with torch.no_grad():
+        cls = model.encoder.dino(pixel_values=valid).last_hidden_state[:, 0]
+        expected = model.project(cls)
+        blocks = model.visual_blocks(batch, ("coarse_only", "coarse_fine", "autoregressive"))
+    for mode, (tokens, mask, _) in blocks.items():
+        assert torch.allclose(tokens[mask], expected, atol=1e-5), mode
 
 
 def test_autoregressive_cache_equals_recompute_and_starts_from_q_init():
@@ -170,7 +185,9 @@ def _grad_names(model):
 
 
 def test_gradients_reach_every_connector_module():
-    model = tiny()
+    # Random queries: the CLS start zeroes llm_to_query's weight, which cuts the fine pass off from the
+    # coarse one until its first update.
+    model = tiny("model.query_init=random")
     model.train()
     model(make_batch(), mode="coarse_fine").loss.backward()
     names = _grad_names(model)

@@ -116,11 +116,13 @@ class VLMBase(nn.Module):
         )
         return out.last_hidden_state
 
-    def text_loss(self, hidden, mask, input_ids, loss_mask) -> tuple[torch.Tensor, int]:
-        """CE of the text targets given hidden states over [visual block + text].
+    def text_loss(self, hidden, mask, input_ids, loss_mask, per_sample: bool = False):
+        """CE of the text targets given hidden states over [visual block + text]: (mean CE, targets).
 
         A target's predictor is the nearest real position before it (padded frames are skipped).
-        Logits are computed for target positions only.
+        Logits are computed for target positions only. With `per_sample` it returns, per sample of
+        the batch, (summed CE [B], target count [B]) instead: what paired comparisons of two models
+        or two inputs on the same samples need.
         """
         batch, seq = mask.shape
         text_start = seq - input_ids.shape[1]
@@ -133,17 +135,23 @@ class VLMBase(nn.Module):
         rows, cols = targets_at.nonzero(as_tuple=True)
         n = rows.numel()
         if n == 0:
+            if per_sample:
+                return hidden.new_zeros(batch, dtype=torch.float32), rows.new_zeros(batch)
             return hidden.sum() * 0.0, 0
         predictors = hidden[rows, prev_real[rows, cols]]
         logits = self.llm.lm_head(predictors).float()
         labels = input_ids[rows, cols - text_start]
+        if per_sample:
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            return losses.new_zeros(batch).index_add_(0, rows, losses), torch.bincount(rows, minlength=batch)
         return F.cross_entropy(logits, labels), n
 
-    def loss_over(self, visual, visual_mask, batch) -> tuple[torch.Tensor, int]:
+    def loss_over(self, visual, visual_mask, batch, per_sample: bool = False):
+        """text_loss of the batch's text after a visual block (per sample with `per_sample`)."""
         embeds = torch.cat([visual, self.embed_text(batch["input_ids"])], dim=1)
         mask = torch.cat([visual_mask.long(), batch["attention_mask"].long()], dim=1)
         hidden = self.run_llm(embeds, mask)
-        return self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"])
+        return self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"], per_sample=per_sample)
 
     @torch.no_grad()
     def generate(self, batch, mode: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -232,6 +240,21 @@ class FoveatedVLM(VLMBase):
         if not cfg.coarse_only:
             self.q_init = nn.Parameter(torch.randn(query_dim))
             self.llm_to_query = nn.Linear(self.llm_dim, query_dim)
+        if cfg.query_init == "cls":
+            self._start_as_cls(dino)
+
+    @torch.no_grad()
+    def _start_as_cls(self, dino: nn.Module) -> None:
+        """Every query starts as the CLS token's input embedding, with an identity projection: the deep
+        query then repeats DINO's own CLS computation, so the first visual tokens are DINO's CLS output.
+        llm_to_query starts with zero weights and that embedding as its bias, and learns from there."""
+        cls = (dino.embeddings.cls_token[0, 0] + dino.embeddings.position_embeddings[0, 0]).detach()
+        self.q_static.copy_(cls)
+        self.query_proj.weight.copy_(torch.eye(self.dino_dim))
+        if not self.cfg.coarse_only:
+            self.q_init.copy_(cls)
+            self.llm_to_query.weight.zero_()
+            self.llm_to_query.bias.copy_(cls)
 
     @property
     def default_mode(self) -> str:
