@@ -11,12 +11,16 @@ import yaml
 
 from fvlm.experiments.cli import run_phase1
 from fvlm.experiments.presets import TINY
+from fvlm.model.pretrain_tiny import LLM_SHAPES, Recipe
 
-MICRO = dataclasses.replace(TINY, ablation_samples=24, ablation_evals=6,
-                            budgets={k: v * 0.03 for k, v in TINY.budgets.items()})
+# Backbones from a few steps of pretraining: the plumbing of the tiny preset, not its quality.
+QUICK_BACKBONES = Recipe(dino_steps=3, dino_batch=4, dino_bank=16, probe_frames=16, dialogues=64, llm_batch=4,
+                         llm_steps=tuple((shape, 2) for shape in LLM_SHAPES), image_size=32)
+MICRO = dataclasses.replace(TINY, ablation_samples=24, ablation_evals=6, tiny_backbones=QUICK_BACKBONES,
+                            budgets={k: v * 0.02 for k, v in TINY.budgets.items()})
 DATA = {
     "data.synth_videos": 48, "data.synth_images": 16, "data.synth_texts": 16, "data.synth_val": 16,
-    "data.synth_frames": 4, "data.synth_size": 32, "data.max_frames": 4, "data.max_text_tokens": 64,
+    "data.synth_frames": 4, "data.synth_size": 32, "data.max_frames": 4, "data.max_text_tokens": 200,
     "model.image_size": 32, "train.batch_size": 4, "train.eval_batch_size": 8, "train.eval_samples": 8,
     "train.probe_videos": 2,
 }
@@ -45,7 +49,14 @@ def test_phase1_end_to_end_and_rerun_resumes(tmp_path):
         section, name = key.split(".")
         assert config[section][name] == value
 
+    # Every run trained on the backbones pretrained under <root>/backbones, each size on its own LLM.
+    backbones = next((root / "backbones").glob("tiny-backbones-*"))
+    for run, llm in (("ablations/F3", "tiny-llm"), ("scaling/M-C2-F", "tiny-llm-m"), ("scaling/L-C4-B", "tiny-llm-l")):
+        model = yaml.safe_load((root / run / "config.yaml").read_text())["model"]
+        assert (model["llm"], model["dino"]) == (str(backbones / llm), str(backbones / "tiny-dino")), run
+
     decisions = json.loads((root / "decisions.json").read_text())
+    assert "foveation_evidence" in decisions and "## Foveation evidence" in (root / "report" / "report.md").read_text()
     assert {q["id"] for q in decisions["questions"]} >= {"freeze", "two_pass", "efficiency"}
     assert decisions["locked_config"] == locked
     assert len(decisions["go_no_go"]) == 6

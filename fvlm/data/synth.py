@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-GENERATOR_VERSION = 2
+# 3: samples carry their scene (objects, mover) in the JSON; multiple-choice answers are the option text
+GENERATOR_VERSION = 3
 SAMPLES_PER_SHARD = 256
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40),
@@ -122,6 +123,23 @@ class _Painter:
         return buf.getvalue()
 
 
+def labelled_scene(p: _Painter) -> tuple[bytes, np.ndarray]:
+    """One frame as a video's frame looks (the painter's object count, sizes and background) and its
+    per-pixel object map: `COLOURS` index * len(SHAPES) + `SHAPES` index, -1 for background. For
+    pretraining the tiny vision encoder, which learns to tell colour and shape patch by patch."""
+    objects = p.layout(int(p.rng.integers(max(1, p.min_objects), max(1, p.max_objects) + 1)), distinct_shapes=False)
+    canvas = p.background()
+    labels = np.full((p.size, p.size), -1, dtype=np.int16)
+    taken: list = []
+    colour_ids = {c: i for i, c in enumerate(COLOURS)}
+    for colour, shape, d in objects:
+        x, y = p.place(d, taken)
+        p.paint(canvas, colour, shape, d, x, y)
+        region = labels[y : y + d, x : x + d]
+        region[p.masks[(shape, d)]] = colour_ids[colour] * len(SHAPES) + SHAPES.index(shape)
+    return p.finish(canvas), labels
+
+
 def _choices(rng: np.random.Generator, right: str, wrong: list[str]) -> tuple[list[str], int]:
     options = [right] + [str(w) for w in rng.permutation(sorted(set(wrong) - {right}))[:3]]
     order = rng.permutation(len(options))
@@ -130,8 +148,12 @@ def _choices(rng: np.random.Generator, right: str, wrong: list[str]) -> tuple[li
 
 
 def _mc(question: str, options: list[str], answer: int) -> tuple[str, str]:
+    """The options listed with letters; the answer is the chosen option's text ("red square up"), not
+    its letter. A letter answer asks a second step of the model (find the option that matches what it
+    saw, then name its letter) that a tiny language model does not learn in minutes; the option text
+    asks only what the pixels show. Scoring compares the options' answer texts either way."""
     listed = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-    return f"{question}\n{listed}", f"{LETTERS[answer]}. {options[answer]}"
+    return f"{question}\n{listed}", options[answer]
 
 
 def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
@@ -155,7 +177,9 @@ def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
         p.paint(canvas, mover_colour, mover_shape, mover_d, mx + round(span[0] * f), my + round(span[1] * f))
         jpegs.append(p.finish(canvas))
     answer = f"{mover_colour} {mover_shape} {direction}"
-    meta = {"source": "video", "frame_count": frames}
+    meta = {"source": "video", "frame_count": frames,
+            "scene": [{"colour": c, "shape": s, "moves": direction if i == 0 else None}
+                      for i, (c, s, _) in enumerate(objects)]}
     if mc:
         # A 2x2 of {the mover, a static object of the same scene} x {its direction, another one}: every
         # object and every direction is in exactly two options, so the text alone favours none of them.
@@ -193,7 +217,10 @@ def make_image(p: _Painter, mc: bool) -> tuple[bytes, dict]:
     else:
         user, short, answer = f"Where is the {colour} {shape}?", where, f"At the {where}."
         wrong = [f"{v} {h}" for v in ("top", "bottom") for h in ("left", "right")]
-    meta = {"source": "image", "frame_count": 1}
+    meta = {"source": "image", "frame_count": 1,
+            "scene": [{"colour": c, "shape": s,
+                       "at": f"{'top' if y + d / 2 < size / 2 else 'bottom'} {'left' if x + d / 2 < size / 2 else 'right'}"}
+                      for c, s, d, x, y in placed]}
     if mc:
         options, right = _choices(rng, short, wrong)
         meta["user"], meta["assistant"] = _mc(user, options, right)
@@ -325,8 +352,16 @@ def synth_params(cfg) -> dict:
     from fvlm.data.loader import data_seed
 
     d = cfg.data
-    return {"videos": d.synth_videos, "images": d.synth_images, "texts": d.synth_texts, "frames": d.synth_frames,
-            "size": d.synth_size, "seed": data_seed(cfg), "val": d.synth_val, "probe": 10, "bench": 200}
+    params = {"videos": d.synth_videos, "images": d.synth_images, "texts": d.synth_texts, "frames": d.synth_frames,
+              "size": d.synth_size, "seed": data_seed(cfg), "val": d.synth_val, "probe": 10, "bench": 200}
+    scene = {"mc_fraction": d.synth_mc_fraction, "min_objects": d.synth_min_objects,
+             "max_objects": d.synth_max_objects, "object_scale": tuple(d.synth_object_scale),
+             "background": d.synth_background}
+    defaults = {"mc_fraction": 0.0, "min_objects": 3, "max_objects": 5, "object_scale": (0.125, 0.19),
+                "background": "texture"}
+    # Knobs at their defaults stay out, so that sets generated before the knobs existed keep their folder.
+    params.update({k: v for k, v in scene.items() if v != defaults[k]})
+    return params
 
 
 def ensure_synthetic(cfg) -> dict[str, str]:

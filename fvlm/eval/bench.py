@@ -75,10 +75,15 @@ def parse_mc_sample(user: str, assistant: str, where: str) -> tuple[list[str], i
     letters = [letter for letter, _ in found]
     if len(found) < 2 or letters != list(LETTERS[: len(found)]):
         raise UsageError(f"{where}: 'user' does not list options 'A. ...', 'B. ...' on their own lines")
+    reply = assistant.strip()
+    texts = [text for _, text in found]
+    if reply in texts and len(set(texts)) == len(texts):
+        # The answer is an option's text (no letter): each option is scored as that text.
+        return texts, texts.index(reply)
     match = _ANSWER_LETTER.match(assistant)
     if not match or match.group(1) not in letters:
-        raise UsageError(f"{where}: 'assistant' does not start with one of the option letters {''.join(letters)}")
-    reply = assistant.strip()
+        raise UsageError(f"{where}: 'assistant' is neither one of the option letters {''.join(letters)} "
+                         f"nor one of the options' texts")
     if reply.rstrip(".") == match.group(1):
         # Answers that are bare letters ("B", "B.") are scored in that same form.
         options = [letter + reply[1:] for letter in letters]

@@ -6,6 +6,7 @@ Folder layout (`--out`, default runs/phase1-<preset>):
     <out>/scaling/         Phase 1b: the same for the grid
     <out>/report/          fvlm analyze of both: report.md, figures, decisions.json, the export files
     <out>/decisions.json   the analysis's decisions plus the locked config and how it was chosen
+    <out>/evidence.json    foveation evidence (fvlm.experiments.evidence), summarised in the report
 `fvlm sweep ablations` and `fvlm sweep scaling` take the sweep folder itself as --out (default:
 the matching sub-folder of runs/phase1-<preset>), so running the sweeps by hand and running
 `fvlm phase1` share their runs.
@@ -96,9 +97,31 @@ def _log(text: str) -> None:
     print(text, flush=True)
 
 
+def _with_backbones(preset, common: dict[str, Any], by_size: dict[str, dict[str, Any]], data_root: Path | None):
+    """The tiny preset's pretrained backbones (made once under <data_root>/backbones) as model.llm /
+    model.dino overrides for every run and model.llm per size, where the user gave none. A dry run
+    (no data_root) keeps the shape names: same architecture, same FLOPs, nothing made."""
+    if preset.tiny_backbones is None or data_root is None:
+        return common, by_size
+    from fvlm.model.backbones import shape_folder_name
+    from fvlm.model.pretrain_tiny import ensure_tiny_backbones
+
+    wanted = "model.llm" not in common or "model.dino" not in common or any(
+        "model.llm" not in by_size.get(s.label, {}) for s in preset.sizes)
+    if not wanted:
+        return common, by_size
+    folder = ensure_tiny_backbones(data_root / "backbones", preset.tiny_backbones, log=_log)
+    common = {"model.llm": str(folder / "tiny-llm"), "model.dino": str(folder / "tiny-dino"), **common}
+    by_size = {label: dict(v) for label, v in by_size.items()}
+    for size in preset.sizes:  # a size's own LLM wins over model.llm, as with shape names
+        by_size.setdefault(size.label, {}).setdefault("model.llm", str(folder / shape_folder_name(size.llm, "llm")))
+    return common, by_size
+
+
 def _ablation_base(preset, common, data_root: Path | None):
     from fvlm.experiments import matrix, runner
 
+    common, _ = _with_backbones(preset, common, {}, data_root)
     base = matrix.ablation_base(preset, common)
     return runner.resolve_synthetic(preset.config, base, data_root) if data_root else base
 
@@ -198,6 +221,7 @@ def _scaling_sweep(preset, folder, common, by_size, locked, formula, data_root, 
     from fvlm.experiments import matrix
     from fvlm.experiments.runner import Sweep
 
+    common, by_size = _with_backbones(preset, common, by_size, data_root)
     base = _scaling_base(preset, common, locked, data_root)
     specs = matrix.scaling_specs(preset, base, by_size, formula)
     return Sweep(folder, "scaling", preset.config, base, specs, preset.sample_shape, jobs, _log)
@@ -264,7 +288,8 @@ def cmd_phase1(args) -> int:
 
 def run_phase1(preset, root: Path, common: dict[str, Any], by_size: dict[str, dict[str, Any]], jobs: int,
                formula: str = "exact", retry_failed: bool = False) -> dict[str, Any]:
-    """Ablations -> locked config -> F3 in three modes -> scaling grid -> report, under `root`."""
+    """Ablations -> locked config -> F3 in three modes -> scaling grid -> foveation evidence -> report,
+    under `root`."""
     began = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     ablation_dir, scaling_dir, report_dir = root / "ablations", root / "scaling", root / "report"
@@ -274,7 +299,8 @@ def run_phase1(preset, root: Path, common: dict[str, Any], by_size: dict[str, di
     evaluate_modes(preset, ablation_dir / "F3", base)
     sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs)
     sweep.run(retry_failed)
-    summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked)
+    evidence = foveation_evidence(preset, root, ablation_dir, scaling_dir)
+    summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked, evidence)
     _log(f"fvlm phase1: done in {(time.perf_counter() - began) / 60:.1f} min; report {report_dir / 'report.md'} "
          f"({summary['figures']} figures), decisions {root / 'decisions.json'}")
     return summary
@@ -300,10 +326,30 @@ def evaluate_modes(preset, run_dir: Path, base: dict[str, Any]) -> None:
         _log(f"[phase1] evaluation of {run_dir.name} failed (exit {code}); the report goes on without Fig 7")
 
 
+def foveation_evidence(preset, root: Path, ablation_dir: Path, scaling_dir: Path) -> dict[str, Any] | None:
+    """<root>/evidence.json (fvlm.experiments.evidence): pixel check, benchmark, paired differences
+    and attention on the mover, for the ablations and the grid's largest-budget cells. Kept as it is
+    when no run changed; a failure leaves the report without the section, logged, not fatal."""
+    import torch
+
+    from fvlm.experiments.evidence import EvidenceSettings, collect_evidence
+
+    settings = EvidenceSettings(device="cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return collect_evidence(root, ablation_dir, scaling_dir, settings, log=_log,
+                                budget=max(preset.budgets, key=preset.budgets.get),
+                                sizes=tuple(s.label for s in preset.sizes))
+    except Exception as exc:
+        _log(f"[phase1] foveation evidence failed ({type(exc).__name__}: {exc}); the report goes on without it")
+        return None
+
+
 def write_report(preset, root: Path, ablation_dir: Path, scaling_dir: Path, report_dir: Path,
-                 locked: dict[str, Any]) -> dict[str, Any]:
-    """Analysis of both sweeps, then the locked config added to decisions.json and report.md."""
+                 locked: dict[str, Any], evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Analysis of both sweeps, then the locked config (and the foveation evidence, when given)
+    added to decisions.json and report.md."""
     from fvlm.analysis.cli import analyze
+    from fvlm.experiments.evidence import decisions_summary, evidence_markdown
 
     tmp = report_dir.with_name(report_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -311,6 +357,8 @@ def write_report(preset, root: Path, ablation_dir: Path, scaling_dir: Path, repo
                       n_boot=ANALYSIS_BOOTSTRAP.get(preset.name, 200))
     decisions = json.loads((tmp / "decisions.json").read_text())
     decisions["locked_config"] = locked
+    if evidence is not None:
+        decisions["foveation_evidence"] = decisions_summary(evidence)
     (tmp / "decisions.json").write_text(json.dumps(decisions, indent=2) + "\n")
     with (tmp / "report.md").open("a") as report:
         report.write("\n## Locked configuration (fvlm phase1)\n\n")
@@ -320,6 +368,8 @@ def write_report(preset, root: Path, ablation_dir: Path, scaling_dir: Path, repo
         for c in locked["choices"]:
             adopted = ", ".join(f"`{k}={v}`" for k, v in c["adopted"].items()) or "nothing"
             report.write(f"| {c['question']} | {c.get('choice') or '-'} | {adopted} | {c.get('reason', '')} |\n")
+        if evidence is not None:
+            report.write(evidence_markdown(evidence))
     if report_dir.exists():
         shutil.rmtree(report_dir)
     tmp.rename(report_dir)

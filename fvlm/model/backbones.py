@@ -30,6 +30,11 @@ def _shape_file(spec: str, kind: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def shape_folder_name(spec: str, kind: str) -> str:
+    """The shape file's name for a spec (`tiny` is `tiny-llm` or `tiny-dino`)."""
+    return _ALIASES.get((kind, spec), spec.lower())
+
+
 def is_shape_name(spec: str, kind: str) -> bool:
     return _shape_file(spec, kind) is not None
 

@@ -1,0 +1,402 @@
+"""Tiny *pretrained* backbones for the tiny preset, made from the synthetic world in a few minutes.
+
+In the plan both backbones arrive pretrained: DINOv2's patch features already separate objects,
+colours and positions, and SmolLM2 already speaks, so the connector and the query only have to
+learn to ground. Random tiny backbones asked a few thousand samples to learn vision, language and
+grounding at once, and the tiny models never read the pixels. These two stand in for the real ones:
+
+- **vision**: a real `Dinov2Model` of the `tiny-dino` shape, trained to name the colour and the shape
+  of the object under each patch (per-patch supervised prediction). Of the candidate objectives this
+  is the one that puts exactly what DINOv2's patch features carry for real images (which object is
+  where, its colour, its shape) into a 2-layer encoder within a minute on a CPU: masked-patch
+  prediction spends its capacity on the background texture, and self-distillation needs far longer
+  runs to leave the collapse regime. The deep query reads every layer's keys and values, so the
+  supervision is applied to the output of every layer (deep supervision), not only the last.
+- **language**: a real `LlamaForCausalLM` of each tiny LLM shape, trained as a chat model on the
+  world's text: captions, answers, multiple-choice dialogues and small talk, rendered through the
+  ChatML template of the byte-level tokenizer, which is saved beside it.
+
+Both are written with `save_pretrained` and load through the same local-folder path as real SmolLM2
+and DINOv2 folders (`model.llm=FOLDER`, `model.dino=FOLDER`). Frames and dialogues come from the
+synthetic generator with a seed stream of their own, disjoint from train, val, probe and bench.
+Everything is a function of the seed (single-threaded, fixed order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Seed-stream tags: the generator's splits use [seed, sum(ord(split name))] (< 1,000), so these
+# streams never meet train, val, probe or bench.
+_DINO_STREAM, _PROBE_STREAM, _TEXT_STREAM = 1_000_003, 1_000_033, 1_000_037
+RECIPE_VERSION = 1
+LLM_SHAPES = ("tiny-llm", "tiny-llm-m", "tiny-llm-l")
+# A patch is labelled with the object covering most of it when that object covers at least this share.
+MIN_COVER = 0.4
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    image_size: int = 64
+    dino_steps: int = 2400
+    dino_batch: int = 32
+    dino_lr: float = 6e-3
+    dino_bank: int = 12_000
+    # Steps per LLM shape: the wider ones learn more per step and cost more per step (the 192-wide
+    # one about 10x the 64-wide one); the answer loss of all three ends near the data's floor
+    # (~0.2 nats/token: colours, shapes and directions are random).
+    llm_steps: tuple[tuple[str, int], ...] = (("tiny-llm", 300), ("tiny-llm-m", 150), ("tiny-llm-l", 100))
+    llm_batch: int = 32
+    llm_lr: float = 3e-3
+    dialogues: int = 16_000
+    probe_frames: int = 512
+    # The synthetic videos' scenes (the defaults of fvlm.data.synth): 3-5 objects of 12.5-19% of the side.
+    min_objects: int = 1
+    max_objects: int = 5
+    object_scale: tuple[float, float] = (0.125, 0.19)
+
+    def digest(self) -> str:
+        from fvlm.data.synth import GENERATOR_VERSION
+
+        blob = json.dumps([RECIPE_VERSION, GENERATOR_VERSION, asdict(self)], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------- vision
+
+
+def _patch_labels(labels: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel object maps [N, S, S] -> (colour, shape) per patch [N, P]; -100 where no object covers
+    MIN_COVER of the patch (ignored by the loss and the probe), and class 0 of each head = background
+    for patches that no object touches."""
+    from fvlm.data.synth import SHAPES
+
+    n, size, _ = labels.shape
+    g = size // patch
+    blocks = labels.reshape(n, g, patch, g, patch).transpose(0, 1, 3, 2, 4).reshape(n, g * g, patch * patch)
+    classes = 1 + int(blocks.max())
+    counts = np.stack([(blocks == c).sum(-1) for c in range(max(classes, 1))], axis=-1)  # [N, P, C]
+    best = counts.argmax(-1)
+    cover = counts.max(-1) / (patch * patch)
+    empty = (blocks < 0).all(-1)
+    colour = np.where(empty, 0, np.where(cover >= MIN_COVER, 1 + best // len(SHAPES), -100))
+    shape = np.where(empty, 0, np.where(cover >= MIN_COVER, 1 + best % len(SHAPES), -100))
+    return colour.astype(np.int64), shape.astype(np.int64)
+
+
+def _frames(rng: np.random.Generator, recipe: Recipe, n: int):
+    """n labelled frames: normalised pixels [n, 3, S, S] and per-patch (colour, shape) labels."""
+    import torch
+    from PIL import Image
+
+    from fvlm.data.decode import normalise
+    from fvlm.data.synth import _Painter, labelled_scene
+
+    painter = _Painter(recipe.image_size, rng, object_scale=tuple(recipe.object_scale),
+                       max_objects=recipe.max_objects, min_objects=recipe.min_objects)
+    pixels, maps = [], []
+    for _ in range(n):
+        jpeg, labels = labelled_scene(painter)
+        pixels.append(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
+        maps.append(labels)
+    frames = normalise(np.stack(pixels))
+    return frames, np.stack(maps)
+
+
+def _ce(logits, labels):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits, labels) if bool((labels != -100).any()) else logits.sum() * 0.0
+
+
+def _dino_outputs(dino, frames):
+    """(the normalised patch tokens after every layer, CLS dropped: what the deep query and a linear
+    probe read, [layers][N, P, D]; the final CLS token [N, D])."""
+    out = dino(pixel_values=frames, output_hidden_states=True)
+    normed = [dino.layernorm(h) for h in out.hidden_states[1:]]
+    return [h[:, 1:] for h in normed], normed[-1][:, 0]
+
+
+def _present(maps: np.ndarray, classes: int) -> np.ndarray:
+    """Multi-hot [N, classes]: which (colour, shape) objects a frame shows."""
+    out = np.zeros((len(maps), classes), dtype=np.float32)
+    for i, m in enumerate(maps):
+        ids = np.unique(m)
+        out[i, ids[ids >= 0]] = 1.0
+    return out
+
+
+def pretrain_dino(recipe: Recipe, log=print):
+    """A tiny Dinov2Model trained on per-patch colour and shape; returns (model, probe report)."""
+    import torch
+    from torch import nn
+
+    from fvlm.data.synth import COLOURS, SHAPES
+    from fvlm.model.backbones import backbone_config
+    from transformers import Dinov2Model
+
+    torch.manual_seed(recipe.seed)
+    config = backbone_config("tiny-dino", "dino")
+    config.image_size = recipe.image_size
+    dino = Dinov2Model(config)
+    layers, dim, patch = config.num_hidden_layers, config.hidden_size, config.patch_size
+    heads = nn.ModuleList([nn.Linear(dim, 1 + len(COLOURS) + 1 + len(SHAPES)) for _ in range(layers)])
+    # The CLS token names the objects in the frame (multi-label): like DINOv2's CLS, whose attention
+    # falls on the foreground objects, it learns to look at the objects and not at the background.
+    objects = len(COLOURS) * len(SHAPES)
+    cls_head = nn.Linear(dim, objects)
+    params = [p for n, p in dino.named_parameters() if "mask_token" not in n] + list(heads.parameters())
+    params += list(cls_head.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.dino_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.dino_lr, total_steps=recipe.dino_steps,
+                                                pct_start=0.1)
+    rng = np.random.default_rng([recipe.seed, _DINO_STREAM])
+    # A bank of frames rendered once and drawn from with replacement: rendering (JPEG round trip
+    # included) would otherwise cost a third of each step.
+    bank, maps = _frames(rng, recipe, recipe.dino_bank)
+    bank_colour, bank_shape = (torch.from_numpy(a) for a in _patch_labels(maps, patch))
+    bank_present = torch.from_numpy(_present(maps, objects))
+    n_colour = 1 + len(COLOURS)
+    dino.train()
+    for step in range(1, recipe.dino_steps + 1):
+        rows = torch.from_numpy(rng.integers(0, len(bank), size=recipe.dino_batch))
+        frames, colour, shape, present = bank[rows], bank_colour[rows], bank_shape[rows], bank_present[rows]
+        # Objects cover ~5% of the patches: the object patches and the background patches are
+        # averaged separately, so that the background does not drown the shape signal.
+        on_object = colour.flatten() > 0
+        patches, cls = _dino_outputs(dino, frames)
+        loss = nn.functional.binary_cross_entropy_with_logits(cls_head(cls), present) * objects / 4
+        for head, feats in zip(heads, patches):
+            logits = head(feats).flatten(0, 1)
+            for part in (on_object, ~on_object):
+                loss = loss + _ce(logits[part, :n_colour], colour.flatten()[part])
+                loss = loss + _ce(logits[part, n_colour:], shape.flatten()[part])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == recipe.dino_steps:
+            log(f"  dino step {step}/{recipe.dino_steps}: loss {loss.item() / (4 * layers):.3f}")
+    dino.eval()
+    return dino, probe_dino(dino, recipe)
+
+
+def probe_dino(dino, recipe: Recipe, steps: int = 300) -> dict:
+    """The acceptance check: a linear probe on the *frozen* final patch tokens, fitted on one set of
+    held-out frames and scored on another, reads the colour and the shape of the object under each
+    object patch (background patches left out, so chance is 1/8 and 1/4)."""
+    import torch
+    from torch import nn
+
+    from fvlm.data.synth import COLOURS, SHAPES
+
+    rng = np.random.default_rng([recipe.seed, _PROBE_STREAM])
+    patch = dino.config.patch_size
+    sets = []
+    for _ in range(2):
+        frames, maps = _frames(rng, recipe, recipe.probe_frames)
+        with torch.no_grad():
+            feats = _dino_outputs(dino, frames)[0][-1]
+        colour, shape = (torch.from_numpy(a) for a in _patch_labels(maps, patch))
+        keep = (colour > 0) & (shape > 0)
+        sets.append((feats[keep], colour[keep] - 1, shape[keep] - 1))
+    (x_fit, c_fit, s_fit), (x_test, c_test, s_test) = sets
+    torch.manual_seed(recipe.seed)
+    report = {"patches_fit": int(len(x_fit)), "patches_test": int(len(x_test))}
+    for name, classes, y_fit, y_test in (("colour", len(COLOURS), c_fit, c_test), ("shape", len(SHAPES), s_fit, s_test)):
+        probe = nn.Linear(x_fit.shape[1], classes)
+        opt = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(probe(x_fit), y_fit) + 1e-4 * probe.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            report[f"{name}_accuracy"] = round(float((probe(x_test).argmax(-1) == y_test).float().mean()), 4)
+        report[f"{name}_chance"] = round(1 / classes, 4)
+    return report
+
+
+# ----------------------------------------------------------------------------- language
+
+
+def world_dialogues(seed: int, n: int, image_size: int = 32) -> list[tuple[str, str]]:
+    """(user, assistant) turns of the synthetic world's text, in the proportions of the synthetic
+    set (video : image : text = 4 : 1 : 1), half of the videos and images as multiple choice. The
+    model learns the language and the answer formats; which colour, shape or direction is right is
+    random in text alone, and is what the visual tokens will have to tell it."""
+    from fvlm.data.synth import _Painter, make_image, make_text, make_video
+
+    rng = np.random.default_rng([seed, _TEXT_STREAM])
+    painter = _Painter(image_size, rng, min_objects=2, max_objects=5)
+    out = []
+    for _ in range(n):
+        kind = rng.random()
+        mc = bool(rng.random() < 0.5)
+        if kind < 4 / 6:
+            meta = make_video(painter, 2, mc)[1]
+        elif kind < 5 / 6:
+            meta = make_image(painter, mc)[1]
+        else:
+            meta = make_text(rng)
+        out.append((meta["user"], meta["assistant"]))
+    return out
+
+
+def _encode(tok, user: str, assistant: str | None = None) -> list[int]:
+    turns = [{"role": "user", "content": user}] + ([{"role": "assistant", "content": assistant}] if assistant else [])
+    return list(tok.apply_chat_template(turns, tokenize=True, add_generation_prompt=assistant is None)["input_ids"])
+
+
+def pretrain_llm(shape: str, dialogues: list[tuple[str, str]], recipe: Recipe, log=print):
+    """A LlamaForCausalLM of a tiny shape trained on every token of the world's chat dialogues."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    from fvlm.model.backbones import backbone_config
+    from fvlm.model.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch.manual_seed(recipe.seed)
+    model = AutoModelForCausalLM.from_config(backbone_config(shape, "llm"), attn_implementation="sdpa")
+    ids = [_encode(tok, u, a) for u, a in dialogues]
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.llm_lr, weight_decay=0.01, betas=(0.9, 0.95))
+    steps = dict(recipe.llm_steps)[shape]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.llm_lr, total_steps=steps, pct_start=0.05)
+    order = np.random.default_rng([recipe.seed, _TEXT_STREAM, 1]).permutation(len(ids))
+    pad = tok.pad_token_id
+    model.train()
+    cursor = 0
+    for step in range(1, steps + 1):
+        rows = []
+        for _ in range(recipe.llm_batch):
+            if cursor == len(order):
+                cursor = 0
+            rows.append(ids[order[cursor]])
+            cursor += 1
+        width = max(map(len, rows))
+        batch = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            batch[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        labels = batch.masked_fill(mask == 0, -100)
+        loss = model(input_ids=batch, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps:
+            log(f"  {shape} step {step}/{steps}: loss {loss.item():.3f}")
+    model.eval()
+    return model, tok
+
+
+def held_out_loss(model, tok, dialogues: list[tuple[str, str]]) -> float:
+    """Mean per-token loss of the assistant turns (answers only) on dialogues the model never saw."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for u, a in dialogues:
+            prompt = _encode(tok, u)
+            full = _encode(tok, u, a)
+            x = torch.tensor([full])
+            labels = x.clone()
+            labels[:, : len(prompt)] = -100
+            n = len(full) - len(prompt) - 1
+            total += float(model(input_ids=x, labels=labels).loss) * n
+            count += n
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _make_one(job: str, out: str, recipe: Recipe) -> dict:
+    """One backbone into out/<job>: the vision encoder or one LLM shape (run in a worker process)."""
+    import torch
+
+    torch.set_num_threads(1)  # tiny ops gain nothing from threads, and one thread keeps it deterministic
+    began = time.perf_counter()
+    log = lambda text: print(text, flush=True)  # noqa: E731 - a worker's progress goes to the shared stdout
+    if job == "tiny-dino":
+        dino, probe = pretrain_dino(recipe, log)
+        dino.save_pretrained(str(Path(out) / job))
+        return {"probe": probe, "parameters": sum(p.numel() for p in dino.parameters()),
+                "seconds": round(time.perf_counter() - began, 1)}
+    dialogues = world_dialogues(recipe.seed, recipe.dialogues + 200)
+    model, tok = pretrain_llm(job, dialogues[:-200], recipe, log)
+    model.save_pretrained(str(Path(out) / job))
+    tok.save_pretrained(str(Path(out) / job))
+    return {"answer_loss_held_out": round(held_out_loss(model, tok, dialogues[-200:]), 4),
+            "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(time.perf_counter() - began, 1)}
+
+
+def make_tiny_backbones(out_dir, recipe: Recipe | None = None, log=print, workers: int = 2) -> dict:
+    """Writes tiny-dino/ and tiny-llm*/ (each a Hugging Face folder) plus backbones.json under out_dir.
+    The four models train in `workers` single-threaded processes; each is a function of the seed
+    alone, so the result does not depend on how they are scheduled."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    recipe = recipe or Recipe()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    # Longest first, so two workers finish together: the encoder, then the LLMs from widest to narrowest.
+    jobs = ["tiny-dino"] + [shape for shape, _ in reversed(recipe.llm_steps)]
+    log(f"pretraining the tiny backbones into {out} ({', '.join(jobs)}; {workers} processes)")
+    if workers <= 1:
+        results = {job: _make_one(job, str(out), recipe) for job in jobs}
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = {job: pool.submit(_make_one, job, str(out), recipe) for job in jobs}
+            results = {job: f.result() for job, f in futures.items()}
+    probe = results["tiny-dino"]["probe"]
+    log(f"  vision encoder: linear probe on frozen patch tokens (held-out frames): colour "
+        f"{probe['colour_accuracy']:.3f} (chance {probe['colour_chance']}), shape {probe['shape_accuracy']:.3f} "
+        f"(chance {probe['shape_chance']})")
+    llms = {job: r for job, r in results.items() if job != "tiny-dino"}
+    for shape, r in llms.items():
+        log(f"  {shape}: answer loss on 200 held-out dialogues {r['answer_loss_held_out']:.3f} nats/token")
+    report = {"recipe": asdict(recipe), "digest": recipe.digest(), "dino_probe": probe,
+              "dino": results["tiny-dino"], "llms": llms, "seconds": round(time.perf_counter() - began, 1)}
+    (out / "backbones.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"  backbones made in {report['seconds']:.0f} s")
+    return report
+
+
+def ensure_tiny_backbones(root, recipe: Recipe | None = None, log=print) -> Path:
+    """The folder holding the tiny pretrained backbones under `root`, made once and cached by recipe
+    digest (like the synthetic data); two processes racing both make them, the first rename wins."""
+    recipe = recipe or Recipe()
+    folder = Path(root) / f"tiny-backbones-{recipe.digest()}"
+    if (folder / "backbones.json").is_file():
+        return folder
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    make_tiny_backbones(tmp, recipe, log)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not (folder / "backbones.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

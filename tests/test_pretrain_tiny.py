@@ -1,0 +1,74 @@
+"""The tiny pretrained backbones: made deterministically, loaded through the same local-folder path
+as real SmolLM2 / DINOv2 folders, and the vision encoder passes its linear-probe check."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fvlm.cli import main
+from fvlm.config import load_config
+from fvlm.model.pretrain_tiny import LLM_SHAPES, Recipe, _patch_labels, make_tiny_backbones, pretrain_dino
+
+# A few steps of everything: enough to check the plumbing and the determinism, not the quality.
+QUICK = Recipe(dino_steps=3, dino_batch=4, dino_bank=16, probe_frames=16, dialogues=64, llm_batch=4,
+               llm_steps=tuple((shape, 2) for shape in LLM_SHAPES), image_size=32)
+
+
+def _digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def test_patch_labels_take_the_covering_object_and_ignore_slivers():
+    labels = np.full((1, 16, 16), -1, dtype=np.int16)
+    labels[0, 0:8, 0:8] = 3 * 4 + 2  # patch 0: fully one object (colour 3, shape 2)
+    labels[0, 0:8, 8:10] = 5  # patch 1: a 2-px sliver, 25% < MIN_COVER
+    colour, shape = _patch_labels(labels, 8)
+    assert colour[0].tolist() == [4, -100, 0, 0] and shape[0].tolist() == [3, -100, 0, 0]
+
+
+def test_made_twice_the_same_and_loaded_like_real_folders(tmp_path):
+    a = make_tiny_backbones(tmp_path / "a", QUICK, log=lambda *_: None, workers=1)
+    make_tiny_backbones(tmp_path / "b", QUICK, log=lambda *_: None, workers=2)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") and len(_digest(tmp_path / "a")) == 4
+    assert set(a["llms"]) == set(LLM_SHAPES) and json.loads((tmp_path / "a" / "backbones.json").read_text())
+
+    from fvlm.model.backbones import load_tokenizer
+    from fvlm.model.build import build_model
+    from fvlm.model.tokenizer import byte_tokenizer
+
+    folder = tmp_path / "a"
+    cfg = load_config("tiny", {"model.llm": str(folder / "tiny-llm"), "model.dino": str(folder / "tiny-dino"),
+                               "model.image_size": 32})
+    model = build_model(cfg.model)
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(str(folder / "tiny-llm"))
+    assert torch.equal(model.llm.get_input_embeddings().weight, saved.get_input_embeddings().weight)
+    tok = load_tokenizer(str(folder / "tiny-llm"))
+    dialogue = [{"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": "Red."}]
+    ours = byte_tokenizer().apply_chat_template(dialogue, tokenize=True)["input_ids"]
+    assert list(tok.apply_chat_template(dialogue, tokenize=True)["input_ids"]) == list(ours)
+
+
+def test_cli_refuses_a_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    assert main(["backbones", "pretrain-tiny", str(tmp_path / "x")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_vision_encoder_linear_probe_reads_colour_and_shape():
+    """The acceptance check of the shipped recipe: on held-out frames, a linear probe on the frozen
+    patch tokens names the colour and the shape of the object under a patch at >= 90%."""
+    torch.set_num_threads(1)
+    _, probe = pretrain_dino(Recipe(), log=lambda *_: None)
+    assert probe["patches_test"] > 1000
+    assert probe["colour_accuracy"] >= 0.9 and probe["shape_accuracy"] >= 0.9, probe
