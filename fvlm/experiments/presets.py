@@ -14,6 +14,7 @@ from typing import Any
 
 from fvlm.errors import UsageError
 from fvlm.model.flops import PLAN_BUDGETS, PLAN_FRAMES, PLAN_TEXT_TOKENS
+from fvlm.model.pretrain_tiny import Recipe
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,6 @@ PAPER = Preset(
 # multiple choice whose options are balanced, so that text alone is at chance. Learning rates are the
 # plan's x 100; budgets are the plan's x BUDGET_SCALE, which puts C3 near the ablation budget for the
 # smallest size, as in the plan (C3 = 1M samples at 135M).
-from fvlm.model.pretrain_tiny import Recipe  # noqa: E402 - after the dataclasses it is used beside
-
 BUDGET_SCALE = 2.5e-6
 TINY_DATA = {
     "data.synth_videos": 4000, "data.synth_images": 1000, "data.synth_texts": 1000,

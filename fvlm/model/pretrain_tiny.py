@@ -334,7 +334,10 @@ def _make_one(job: str, out: str, recipe: Recipe) -> dict:
     """One backbone into out/<job>: the vision encoder or one LLM shape (run in a worker process)."""
     import torch
 
+    from transformers.utils import logging as hf_logging
+
     torch.set_num_threads(1)  # tiny ops gain nothing from threads, and one thread keeps it deterministic
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per save is noise in the main job's log
     began = time.perf_counter()
     log = lambda text: print(text, flush=True)  # noqa: E731 - a worker's progress goes to the shared stdout
     if job == "tiny-dino":
