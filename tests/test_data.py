@@ -107,8 +107,9 @@ def test_synthetic_is_deterministic_and_counts_match(tmp_path, synth):
     index = load_index(str(synth / "bench"))
     _, parts = read_sample(index.shards[0], int(index.start[0]), int(index.end[0]))
     m = json.loads(parts["json"])
-    assert "\nA. " in m["user"] and m["assistant"].startswith("ABCD"[m["answer_index"]] + ". ")
-    assert m["assistant"][3:] == m["choices"][m["answer_index"]]
+    # Options listed with letters; the answer is the chosen option's text.
+    assert "\nA. " in m["user"] and m["assistant"] == m["choices"][m["answer_index"]]
+    assert f"\n{'ABCD'[m['answer_index']]}. {m['assistant']}" in "\n" + m["user"]
 
 
 def _ensure(cfg, queue):

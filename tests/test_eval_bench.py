@@ -90,7 +90,7 @@ def test_shard_reader_matches_the_generator(tmp_path):
     assert {q.category for q in questions} == {"video", "image"}
     for q in questions:
         meta = json.loads(q.where and _meta_of(tmp_path / "bench", q.where.rsplit("sample ", 1)[1]))
-        assert q.options == [f"{'ABCD'[i]}. {c}" for i, c in enumerate(meta["choices"])]
+        assert q.options == meta["choices"]  # option-text answers are scored as the texts
         assert q.answer == meta["answer_index"]
         assert q.options[q.answer] == meta["assistant"]
         frames = q.frames()
@@ -126,3 +126,12 @@ def test_bare_letter_answers_are_scored_as_letters():
     assert answer == 1 and options == ["A", "B"]
     with pytest.raises(UsageError, match="here: 'assistant'"):
         parse_mc_sample("Pick\nA. cat\nB. dog", "D. bird", "here")
+
+
+def test_shard_answers_by_letter_or_by_option_text():
+    user = "Which moves?\nA. red square up\nB. blue circle up"
+    assert parse_mc_sample(user, "B. blue circle up", "x") == (["A. red square up", "B. blue circle up"], 1)
+    assert parse_mc_sample(user, "B", "x") == (["A", "B"], 1)
+    assert parse_mc_sample(user, "blue circle up", "x") == (["red square up", "blue circle up"], 1)
+    with pytest.raises(UsageError, match="nor one of the options' texts"):
+        parse_mc_sample(user, "green diamond", "x")
