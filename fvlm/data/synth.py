@@ -25,15 +25,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
 import tarfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from fvlm.cache import build_once
 
 # 3: samples carry their scene (objects, mover) in the JSON; multiple-choice answers are the option text
 GENERATOR_VERSION = 3
@@ -369,16 +368,8 @@ def ensure_synthetic(cfg) -> dict[str, str]:
     <out_dir>/data/synth-<hash>/; two processes racing both generate, and the first rename wins."""
     params = synth_params(cfg)
     digest = hashlib.sha256(json.dumps([GENERATOR_VERSION, params], sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(cfg.out_dir) / "data" / f"synth-{digest}"
-    if not (root / "manifest.json").is_file():
-        tmp = root.parent / f".tmp-{root.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        generate_synthetic(tmp, **params)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / "manifest.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+    root = build_once(Path(cfg.out_dir) / "data" / f"synth-{digest}", "manifest.json",
+                      lambda tmp: generate_synthetic(tmp, **params))
     paths = {split: str(root / split) for split in ("train", "val", "probe", "bench")}
     for split in ("train", "val", "probe"):
         configured = getattr(cfg.data, split)

@@ -27,10 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -390,16 +387,8 @@ def make_tiny_backbones(out_dir, recipe: Recipe | None = None, log=print, worker
 def ensure_tiny_backbones(root, recipe: Recipe | None = None, log=print) -> Path:
     """The folder holding the tiny pretrained backbones under `root`, made once and cached by recipe
     digest (like the synthetic data); two processes racing both make them, the first rename wins."""
+    from fvlm.cache import build_once
+
     recipe = recipe or Recipe()
-    folder = Path(root) / f"tiny-backbones-{recipe.digest()}"
-    if (folder / "backbones.json").is_file():
-        return folder
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    make_tiny_backbones(tmp, recipe, log)
-    try:
-        os.rename(tmp, folder)
-    except OSError:
-        if not (folder / "backbones.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return build_once(Path(root) / f"tiny-backbones-{recipe.digest()}", "backbones.json",
+                      lambda tmp: make_tiny_backbones(tmp, recipe, log))
