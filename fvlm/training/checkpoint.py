@@ -62,7 +62,12 @@ def resolve_weights(path: str) -> Path:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain Python values only, so that it loads with
+    `torch.load(weights_only=True)`: numpy's key array becomes a tensor."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                    int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -70,7 +75,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy()
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -109,6 +117,31 @@ def save_checkpoint(run_dir: Path, step: int, dist: Dist, *, model, tokenizer, o
     return final
 
 
+def _numpy_array_globals() -> list:
+    """What numpy arrays pickle into: checkpoints written before the RNG state went to tensors hold
+    numpy's key array. Allowing these rebuilds arrays and dtypes, and nothing that can run code."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_data(path: Path):
+    """A checkpoint file's tensors and plain containers, and nothing else: a file that asks to build
+    any other object (which is how a pickle runs code) is refused with a one-line error. Run folders
+    travel between people and clusters; loading one must never execute what it holds."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
+        raise UsageError(f"{path}: refused to load: it holds more than tensors and plain data ({detail[:160]})") from None
+
+
 def load_checkpoint(folder: Path, dist: Dist, *, model, optimizer) -> tuple[dict, dict, dict]:
     """Restores weights and optimizer in place; returns (trainer state, this rank's state, meta)."""
     from safetensors.torch import load_model as load_safetensors
@@ -118,9 +151,9 @@ def load_checkpoint(folder: Path, dist: Dist, *, model, optimizer) -> tuple[dict
         raise UsageError(f"{folder}: written by a run with a different number of processes "
                          f"(no {rank_file.name}); resume with the same number")
     load_safetensors(model, str(folder / MODEL_FILE), device=str(next(model.parameters()).device))
-    optimizer.load_state_dict(torch.load(folder / OPTIMIZER, map_location="cpu", weights_only=False))
-    trainer_state = torch.load(folder / TRAINER, map_location="cpu", weights_only=False)
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(load_data(folder / OPTIMIZER))
+    trainer_state = load_data(folder / TRAINER)
+    rank_state = load_data(rank_file)
     meta = json.loads((folder / META).read_text())
     return trainer_state, rank_state, meta
 

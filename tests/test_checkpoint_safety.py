@@ -1,0 +1,54 @@
+"""Resuming a run folder someone else wrote loads data only: a checkpoint file that asks to build an
+object (how a pickle runs code) is refused with a one-line error, and nothing it asks for runs."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from test_train import SMALL
+
+from fvlm.cli import main
+from fvlm.training.checkpoint import complete_checkpoints, load_data
+
+
+class Payload:
+    """Unpickling this calls open(marker, "w"): the file appearing is the proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("safety")
+    assert main(["train", "tiny", f"out_dir={out}", "run_id=base", *SMALL, "train.max_steps=4",
+                 "train.save_every=2", "train.eval_every=4", "train.keep_last=2"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("target", ["rank_0.pt", "optimizer.pt", "trainer.pt"])
+def test_a_planted_pickle_payload_is_refused_and_never_runs(finished, tmp_path, capsys, target):
+    run = tmp_path / "base"  # the same run id: a copy of someone's run folder, resumed here
+    shutil.copytree(finished / "base", run)
+    _, latest = complete_checkpoints(run)[-1]
+    marker = tmp_path / "pwned"
+    torch.save({"state": Payload(marker)}, latest / target)
+    code = main(["train", "tiny", f"out_dir={tmp_path}", "run_id=base", *SMALL, "train.max_steps=6",
+                 "train.save_every=2", "train.eval_every=4", "train.keep_last=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and not marker.exists()
+    assert f"{target}: refused to load" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plain_data_and_older_numpy_rng_states_still_load(tmp_path):
+    state = np.random.get_state()  # what checkpoints held before the RNG state went to tensors
+    torch.save({"numpy": state, "step": 3, "loss": 0.5, "t": torch.arange(3)}, tmp_path / "old.pt")
+    loaded = load_data(tmp_path / "old.pt")
+    assert loaded["step"] == 3 and torch.equal(loaded["t"], torch.arange(3))
+    assert np.array_equal(loaded["numpy"][1], state[1])
