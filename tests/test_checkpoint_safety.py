@@ -52,3 +52,35 @@ def test_plain_data_and_older_numpy_rng_states_still_load(tmp_path):
     loaded = load_data(tmp_path / "old.pt")
     assert loaded["step"] == 3 and torch.equal(loaded["t"], torch.arange(3))
     assert np.array_equal(loaded["numpy"][1], state[1])
+
+
+def test_the_log_rewrite_on_resume_replaces_the_file_whole(tmp_path, monkeypatch):
+    """Resume keeps the rows up to the checkpoint's step by writing a new file and renaming it over
+    the old one: if that fails half-way (here: the rename), the old log is intact and no temporary
+    file is left. Before, the log was reopened with "w" and emptied first."""
+    import os
+
+    from fvlm.training.logs import CsvLog
+
+    columns = ("wall_time", "step", "loss")
+    path = tmp_path / "steps.csv"
+    log = CsvLog(path, columns, keep_until_step=None)
+    for step in range(1, 6):
+        log.write({"wall_time": 0.0, "step": step, "loss": 1.0 / step})
+    log.close()
+    before = path.read_text()
+
+    def broken_replace(src, dst):
+        raise OSError("simulated failure at the rename")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        CsvLog(path, columns, keep_until_step=3)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["steps.csv"]
+
+    monkeypatch.undo()
+    resumed = CsvLog(path, columns, keep_until_step=3)
+    resumed.write({"wall_time": 0.0, "step": 4, "loss": 0.2})
+    resumed.close()
+    steps = [line.split(",")[1] for line in path.read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4"] and [r["step"] for r in resumed.kept_rows] == ["1", "2", "3"]

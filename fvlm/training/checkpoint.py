@@ -87,8 +87,15 @@ def set_rng_state(state: dict) -> None:
 def write_json(path: Path, obj) -> None:
     """Replace-by-rename, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            f.write(json.dumps(obj, indent=1, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, kill) leaves no temporary file behind
+        raise
 
 
 def save_checkpoint(run_dir: Path, step: int, dist: Dist, *, model, tokenizer, optimizer,

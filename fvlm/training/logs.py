@@ -50,11 +50,22 @@ class CsvLog:
                 if header == list(columns):
                     kept = [row for row in reader if row and int(row[1]) <= keep_until_step]
         self.kept_rows = [dict(zip(columns, row)) for row in kept]
-        self._file = self.path.open("w", newline="")
+        # The kept rows go to a temporary file that replaces the log in one rename: a kill at any
+        # moment leaves either the old log or the new one, never an emptied one.
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with tmp.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(columns)
+                writer.writerows(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self._file = self.path.open("a", newline="")
         self._writer = csv.writer(self._file)
-        self._writer.writerow(columns)
-        self._writer.writerows(kept)
-        self._file.flush()
 
     def write(self, row: dict) -> None:
         self._writer.writerow([_cell(row.get(c)) for c in self.columns])
