@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -320,13 +321,48 @@ def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dic
     return chain + [(path, data)]
 
 
+def _lookup(cfg: RunConfig, where: str) -> Any:
+    value: Any = cfg
+    for part in where.replace("[", ".[").split("."):
+        if part.startswith("["):
+            value = value[int(part[1:-1])]
+        elif isinstance(value, dict):
+            value = value[part]
+        else:
+            value = getattr(value, part)
+    return value
+
+
 def _positive(value: float, where: str, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise UsageError(f"{where} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def _non_finite(value: Any, where: str) -> str | None:
+    """The first field holding NaN or an infinity, searched through dataclasses, dicts and lists."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if dataclasses.is_dataclass(value):
+        items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+    elif isinstance(value, dict):
+        items = ((str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for name, item in items:
+        found = _non_finite(item, f"{where}.{name}" if where and not name.startswith("[") else f"{where}{name}")
+        if found:
+            return found
+    return None
+
+
 def validate(cfg: RunConfig) -> None:
     """Impossible values and combinations, each named by field."""
+    bad = _non_finite(cfg, "")
+    if bad:
+        # NaN passes every comparison check below (NaN < 0 is False), so it is caught first.
+        raise UsageError(f"{bad} must be a finite number, got {_lookup(cfg, bad)}")
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     if not cfg.run_id or "/" in cfg.run_id:
         raise UsageError(f"run_id must be a non-empty name without '/', got {cfg.run_id!r}")

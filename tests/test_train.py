@@ -53,6 +53,11 @@ def read_csv(path):
     (["train.max_steps=0"], "train.max_steps or train.max_samples"),
     (["train.init_from=/nonexistent/run"], "train.init_from"),
     (["train.precision=bf16"], "train.precision"),
+    # NaN slips past every range check (NaN < 0 is False): each is named as not finite.
+    (["optim.lr_llm=.nan"], "optim.lr_llm must be a finite number"),
+    (["train.grad_clip=.nan"], "train.grad_clip must be a finite number"),
+    (["model.visual_scale=.inf"], "model.visual_scale must be a finite number"),
+    (["data.mix={video: .nan, image: 1}"], "data.mix.video must be a finite number"),
 ])
 def test_config_errors_exit_2_naming_the_field(tmp_path, capsys, args, message):
     if "precision" in args[0] and torch.cuda.is_available():
