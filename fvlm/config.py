@@ -364,8 +364,9 @@ def validate(cfg: RunConfig) -> None:
         # NaN passes every comparison check below (NaN < 0 is False), so it is caught first.
         raise UsageError(f"{bad} must be a finite number, got {_lookup(cfg, bad)}")
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
-    if not cfg.run_id or "/" in cfg.run_id:
-        raise UsageError(f"run_id must be a non-empty name without '/', got {cfg.run_id!r}")
+    if not cfg.run_id or any(c in cfg.run_id for c in "/\\\0") or cfg.run_id in (".", ".."):
+        # A run id is one folder inside out_dir: ".." would write beside it, "." into it.
+        raise UsageError(f"run_id must be a plain folder name (not '.', '..', no '/' or '\\'), got {cfg.run_id!r}")
     if m.tokens_per_frame is None:
         m.tokens_per_frame = 1 if m.arch == "foveated" else 16
     if m.arch == "foveated" and m.tokens_per_frame != 1:

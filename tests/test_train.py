@@ -58,6 +58,9 @@ def read_csv(path):
     (["train.grad_clip=.nan"], "train.grad_clip must be a finite number"),
     (["model.visual_scale=.inf"], "model.visual_scale must be a finite number"),
     (["data.mix={video: .nan, image: 1}"], "data.mix.video must be a finite number"),
+    # A run id is one folder inside out_dir: ".." would write beside it.
+    (["run_id=.."], "run_id must be a plain folder name"),
+    (["run_id=."], "run_id must be a plain folder name"),
 ])
 def test_config_errors_exit_2_naming_the_field(tmp_path, capsys, args, message):
     if "precision" in args[0] and torch.cuda.is_available():
