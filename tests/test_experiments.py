@@ -132,6 +132,16 @@ def test_size_prefixed_overrides_reach_one_size_only(capsys):
     assert "did you mean optim.lr_connector" in capsys.readouterr().err
 
 
+def test_a_max_samples_override_sets_the_ablation_budget_and_is_refused_by_the_grid(capsys):
+    record = _dry(capsys, "sweep", "ablations", "train.max_samples=160")
+    assert {r["samples"] for r in record["runs"]} == {160}  # shown in the dry run and applied to every run
+    assert "train.max_samples" not in record["base"]
+    for argv in (["sweep", "scaling"], ["phase1", "S:train.max_samples=160"]):
+        extra = ["train.max_samples=160"] if argv[0] == "sweep" else []
+        assert main([*argv, *extra, "--dry-run", "--no-measure"]) == 2
+        assert "sizes every cell from its FLOP budget" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- decisions
 
 

@@ -15,6 +15,7 @@ the matching sub-folder of runs/phase1-<preset>), so running the sweeps by hand 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -90,6 +91,19 @@ def _setup(args, sub_folder: str | None):
     sizes = tuple(s.label for s in preset.sizes)
     common, by_size = matrix.split_overrides(args.overrides, sizes)
     common.update(runner.data_overrides(args.data))
+    # Every run's sample count is set by the plan (the ablation budget, or a grid cell's FLOP budget),
+    # so a train.max_samples override would be shown in the dry run and then silently replaced. It
+    # sets the ablation budget; the grid's cells take theirs from the FLOP budgets only.
+    for where in [common, *by_size.values()]:
+        if "train.max_samples" in where and (sub_folder == "scaling" or where is not common):
+            raise UsageError("train.max_samples: the scaling grid sizes every cell from its FLOP budget, so it "
+                             "cannot be overridden there (it sets the ablation budget of fvlm sweep ablations "
+                             "and fvlm phase1)")
+    if "train.max_samples" in common:
+        samples = int(common.pop("train.max_samples"))
+        if samples < 1:
+            raise UsageError(f"train.max_samples must be >= 1 for a sweep, got {samples}")
+        preset = dataclasses.replace(preset, ablation_samples=samples)
     return preset, folder, common, by_size
 
 
