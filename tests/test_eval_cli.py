@@ -109,6 +109,9 @@ def test_eval_rejects_bad_modes_and_folders(run, tmp_path, capsys):
     assert main(["eval", str(run["run"] / "checkpoints" / "step_0000015")]) == 2
     assert "incomplete checkpoint" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
+    # The model is the checkpoint's: a model override would be accepted and do nothing.
+    assert main(["eval", str(run["run"]), "--data", "none", "--set", "model.arch=multi_token"]) == 2
+    assert "--set model.arch: the model is the checkpoint's" in capsys.readouterr().err
 
 
 def test_generate_on_an_image_and_a_frame_folder(run, tmp_path, capsys):

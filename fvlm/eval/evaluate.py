@@ -72,6 +72,12 @@ def run_config(ckpt: Checkpoint, model_cfg, overrides: list[str]):
 
     from fvlm.config import config_from_dict, load_config, parse_overrides
 
+    changed_model = [key for key, _ in parse_overrides(overrides) if key.split(".")[0] == "model"]
+    if changed_model:
+        # The model is the checkpoint's (architecture, backbones, queries): an override of it would be
+        # accepted and silently do nothing.
+        raise UsageError(f"--set {changed_model[0]}: the model is the checkpoint's and cannot be changed at "
+                         f"evaluation; only data and eval settings can")
     config_file = ckpt.run_dir / "config.yaml" if ckpt.run_dir is not None else None
     if config_file is not None and config_file.is_file():
         settings, source = yaml.safe_load(config_file.read_text()), str(config_file)
