@@ -353,6 +353,7 @@ def damaged_dataset(folder: Path) -> tuple[Path, dict[str, str]]:
         ("badjson", {"json": b"{not json", "jpg": jpeg()}),
         gap,
         ("count", {"json": meta(frame_count=5), **{f"{t:03d}.jpg": jpeg() for t in range(3)}}),
+        ("noframes", {"json": meta(frame_count=3)}),  # a video whose frame files are all gone
         ("empty", {"json": meta("  ")}),
         ("nojson", {"jpg": jpeg()}),
         bad_frame,
@@ -367,6 +368,7 @@ def damaged_dataset(folder: Path) -> tuple[Path, dict[str, str]]:
     at = b.index(b"hdr.json")
     (folder / "b.tar").write_bytes(b[:at] + b"\x00garbage" + b[at + 8 :])
     expected = {"badjson": "invalid_json", "gap": "missing_frames", "count": "frame_count_mismatch",
+                "noframes": "frames_missing",
                 "empty": "empty_answer", "nojson": "missing_json", "badframe": "undecodable_frame",
                 "tail": "truncated", "@": "corrupt_header"}
     return folder, expected

@@ -240,6 +240,9 @@ def _validate(read_at, path, key, members, problems, skips):
     if problem:
         return skip(problem)
     declared = meta.get("frame_count")
+    if kind == "text" and isinstance(declared, int) and declared > 0:
+        # It says it has frames and none came with it: trained on, it would teach the answer from text alone.
+        return skip("frames_missing")
     if kind == "video" and "mp4" not in exts and declared is not None and declared != count:
         return skip("frame_count_mismatch")
     return str(meta.get("source") or kind), kind, count
