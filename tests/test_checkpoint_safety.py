@@ -3,6 +3,7 @@ object (how a pickle runs code) is refused with a one-line error, and nothing it
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -32,18 +33,56 @@ def finished(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("target", ["rank_0.pt", "optimizer.pt", "trainer.pt"])
-def test_a_planted_pickle_payload_is_refused_and_never_runs(finished, tmp_path, capsys, target):
+def _resume(tmp_path, *extra):
+    return main(["train", "tiny", f"out_dir={tmp_path}", "run_id=base", *SMALL, "train.max_steps=6",
+                 "train.save_every=2", "train.eval_every=4", "train.keep_last=2", *extra])
+
+
+def _copy(finished, tmp_path):
     run = tmp_path / "base"  # the same run id: a copy of someone's run folder, resumed here
     shutil.copytree(finished / "base", run)
-    _, latest = complete_checkpoints(run)[-1]
+    return run, [folder for _, folder in complete_checkpoints(run)]
+
+
+@pytest.mark.parametrize("target", ["rank_0.pt", "optimizer.pt", "trainer.pt"])
+def test_a_planted_pickle_payload_is_refused_and_never_runs(finished, tmp_path, capsys, target):
+    run, checkpoints = _copy(finished, tmp_path)
     marker = tmp_path / "pwned"
-    torch.save({"state": Payload(marker)}, latest / target)
-    code = main(["train", "tiny", f"out_dir={tmp_path}", "run_id=base", *SMALL, "train.max_steps=6",
-                 "train.save_every=2", "train.eval_every=4", "train.keep_last=2"])
+    for folder in checkpoints:  # every checkpoint carries it: nothing is left to fall back to
+        torch.save({"state": Payload(marker)}, folder / target)
+    code = _resume(tmp_path)
     err = capsys.readouterr().err
     assert code == 2 and not marker.exists()
     assert f"{target}: refused to load" in err and len(err.strip().splitlines()) == 1
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+DAMAGE = {
+    "truncated weights": lambda f: _truncate(f / "model.safetensors"),
+    "empty weights": lambda f: (f / "model.safetensors").write_bytes(b""),
+    "garbage rank file": lambda f: (f / "rank_0.pt").write_bytes(b"not a checkpoint at all"),
+    "truncated optimizer": lambda f: _truncate(f / "optimizer.pt"),
+    "truncated trainer state": lambda f: _truncate(f / "trainer.pt"),
+    "garbage meta.json": lambda f: (f / "meta.json").write_text("{not json"),
+    "planted pickle": lambda f: torch.save({"state": Payload(f.parent.parent.parent / "pwned")}, f / "rank_0.pt"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(finished, tmp_path, capsys, damage):
+    run, checkpoints = _copy(finished, tmp_path)
+    assert checkpoints[-1].name == "step_0000004" and len(checkpoints) > 1  # milestones are kept too
+    DAMAGE[damage](checkpoints[-1])
+    assert _resume(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {checkpoints[-1]} is unreadable" in out and not (tmp_path / "pwned").exists()
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["total_steps"] == 6
+    steps = [int(line.split(",")[1]) for line in (run / "steps.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # resumed from the one before: no step twice
 
 
 def test_plain_data_and_older_numpy_rng_states_still_load(tmp_path):

@@ -124,6 +124,10 @@ def save_checkpoint(run_dir: Path, step: int, dist: Dist, *, model, tokenizer, o
     return final
 
 
+class ProcessCountMismatch(UsageError):
+    """A readable checkpoint written by another number of processes: every older one is too."""
+
+
 def _numpy_array_globals() -> list:
     """What numpy arrays pickle into: checkpoints written before the RNG state went to tensors hold
     numpy's key array. Allowing these rebuilds arrays and dtypes, and nothing that can run code."""
@@ -155,7 +159,7 @@ def load_checkpoint(folder: Path, dist: Dist, *, model, optimizer) -> tuple[dict
 
     rank_file = folder / f"rank_{dist.rank}.pt"
     if not rank_file.is_file():
-        raise UsageError(f"{folder}: written by a run with a different number of processes "
+        raise ProcessCountMismatch(f"{folder}: written by a run with a different number of processes "
                          f"(no {rank_file.name}); resume with the same number")
     load_safetensors(model, str(folder / MODEL_FILE), device=str(next(model.parameters()).device))
     optimizer.load_state_dict(load_data(folder / OPTIMIZER))

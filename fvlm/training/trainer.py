@@ -197,7 +197,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self._build_loader = build_loader
         if self.resume_from is not None:
-            self._restore(self.resume_from)
+            self._restore_newest_readable()
         if cfg.train.compile:
             if dist.device.type == "cuda":
                 self.model.compile()
@@ -215,11 +215,40 @@ class Trainer:
             raise UsageError(f"train.init_from: {folder} does not fit this model "
                              f"({str(exc).splitlines()[0]})") from None
 
+    def _restore_newest_readable(self) -> None:
+        """Resumes from the newest complete checkpoint that reads back whole, saying which newer ones
+        were passed over and why: a damaged latest checkpoint (truncated weights, a garbage state
+        file, a refused pickle) costs the steps since the one before it, not the run."""
+        import json
+        import pickle
+
+        from safetensors import SafetensorError
+
+        readable_errors = (UsageError, OSError, RuntimeError, ValueError, KeyError, EOFError, TypeError,
+                           pickle.UnpicklingError, json.JSONDecodeError, SafetensorError)
+        skipped = []
+        for _, folder in reversed(ckpt.complete_checkpoints(self.run_dir)):
+            try:
+                self._restore(folder)
+            except ckpt.ProcessCountMismatch:
+                raise
+            except readable_errors as exc:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                skipped.append(f"{folder.name} ({reason})")
+                if self.dist.is_main:
+                    print(f"fvlm: checkpoint {folder} is unreadable, trying the one before it: {reason}", flush=True)
+                continue
+            self.resume_from = folder
+            return
+        raise UsageError(f"{self.run_dir}: no readable checkpoint to resume from ({'; '.join(skipped)}); "
+                         "move the run folder aside to start over")
+
     def _restore(self, folder: Path) -> None:
         trainer_state, rank_state, meta = ckpt.load_checkpoint(folder, self.dist, model=self.model,
                                                                optimizer=self.optimizer)
         if meta.get("world_size", 1) != self.dist.world_size:
-            raise UsageError(f"{folder} was written by {meta.get('world_size')} processes; resume with as many")
+            raise ckpt.ProcessCountMismatch(f"{folder} was written by {meta.get('world_size')} processes; "
+                                            "resume with as many")
         self.step = trainer_state["step"]
         self.samples_seen = trainer_state["samples_seen"]
         self.seen = trainer_state["seen"]
