@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_train import SMALL
 
 from fvlm.cli import main
@@ -123,3 +124,19 @@ def test_the_log_rewrite_on_resume_replaces_the_file_whole(tmp_path, monkeypatch
     resumed.close()
     steps = [line.split(",")[1] for line in path.read_text().splitlines()[1:]]
     assert steps == ["1", "2", "3", "4"] and [r["step"] for r in resumed.kept_rows] == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_eval_and_generate_on_a_damaged_checkpoint_give_one_line(finished, tmp_path, capsys, command):
+    run, checkpoints = _copy(finished, tmp_path)
+    _truncate(checkpoints[-1] / "model.safetensors")
+    argv = [command, str(checkpoints[-1])]
+    if command == "eval":
+        argv += ["--data", "none", "--bench", str(next((finished / "data").glob("synth-*")) / "bench")]
+    else:
+        frame = tmp_path / "frame.png"
+        Image.new("RGB", (32, 32), (10, 20, 30)).save(frame)
+        argv += [str(frame)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors: unreadable" in err and len(err.strip().splitlines()) == 1

@@ -69,8 +69,11 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     for name in (MODEL_FILE, CONFIG_FILE):
         if not (folder / name).is_file():
             raise UsageError(f"{folder}: not a saved fvlm model (missing {name})")
-    meta = json.loads((folder / CONFIG_FILE).read_text())
-    cfg = ModelConfig(**meta["model"])
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        cfg = ModelConfig(**meta["model"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{folder / CONFIG_FILE}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     llm_cfg = dict(meta["llm_config"])
     dino_cfg = dict(meta["dino_config"])
     llm = AutoModelForCausalLM.from_config(
@@ -80,7 +83,14 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
         AutoConfig.for_model(dino_cfg.pop("model_type"), **dino_cfg), attn_implementation=cfg.attn_implementation
     )
     model = assemble(cfg, llm, dino)
-    load_safetensors(model, str(folder / MODEL_FILE), device=str(device))
+    from safetensors import SafetensorError
+
+    try:
+        load_safetensors(model, str(folder / MODEL_FILE), device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        # A truncated or foreign weights file: one line naming it, not a traceback.
+        raise UsageError(f"{folder / MODEL_FILE}: unreadable or not this model's weights "
+                         f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]})") from None
     tokenizer = None
     if (folder / TOKENIZER_DIR).is_dir():
         tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))

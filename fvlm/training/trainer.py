@@ -209,9 +209,11 @@ class Trainer:
     def _load_init_weights(self, folder: Path) -> None:
         from safetensors.torch import load_model as load_safetensors
 
+        from safetensors import SafetensorError
+
         try:
             load_safetensors(self.model, str(folder / "model.safetensors"))
-        except RuntimeError as exc:
+        except (RuntimeError, OSError, SafetensorError) as exc:
             raise UsageError(f"train.init_from: {folder} does not fit this model "
                              f"({str(exc).splitlines()[0]})") from None
 
