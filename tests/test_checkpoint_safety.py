@@ -140,3 +140,18 @@ def test_eval_and_generate_on_a_damaged_checkpoint_give_one_line(finished, tmp_p
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "model.safetensors: unreadable" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_second_train_on_the_same_run_folder_is_refused(tmp_path, capsys):
+    """While one process trains a run, another `fvlm train` on the same folder stops at once (its
+    logs and checkpoints would interleave with the first's); the lock goes with the process."""
+    import fcntl
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    with open(run / ".train.lock", "w") as held:  # stands in for the first training process
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["train", "tiny", f"out_dir={tmp_path}", "run_id=busy", *SMALL, "train.max_steps=2"]) == 2
+        assert "another fvlm train is running on this run folder" in capsys.readouterr().err
+    assert main(["train", "tiny", f"out_dir={tmp_path}", "run_id=busy", *SMALL, "train.max_steps=2",
+                 "train.eval_every=2", "train.save_every=2"]) == 0

@@ -20,7 +20,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +52,32 @@ def train(cfg: RunConfig) -> dict:
     """Runs (or resumes, or reports the already finished) run of `cfg`; returns its run summary."""
     dist = init_distributed()
     try:
-        return Trainer(cfg, dist).run()
+        with _run_lock(cfg.run_dir, dist.is_main):
+            return Trainer(cfg, dist).run()
     finally:
         shutdown(dist)
+
+
+@contextmanager
+def _run_lock(run_dir: Path, take: bool):
+    """One training process per run folder: a second `fvlm train` on it (which would interleave its
+    logs and checkpoints with the first's) is refused at once. The lock is an flock on
+    <run>/.train.lock, released when the process ends, however it ends."""
+    if not take:
+        yield
+        return
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".train.lock", "w")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f"{run_dir}: another fvlm train is running on this run folder") from None
+        yield
+    finally:
+        handle.close()
 
 
 def planned_steps(cfg: RunConfig, world_size: int) -> int:
