@@ -8,7 +8,7 @@ grounding at once, and the tiny models never read the pixels. These two stand in
 - **vision**: a real `Dinov2Model` of the `tiny-dino` shape, trained to name the colour and the shape
   of the object under each patch (per-patch supervised prediction). Of the candidate objectives this
   is the one that puts exactly what DINOv2's patch features carry for real images (which object is
-  where, its colour, its shape) into a 2-layer encoder within a minute on a CPU: masked-patch
+  where, its colour, its shape) into a 2-layer encoder in about two minutes on one CPU core: masked-patch
   prediction spends its capacity on the background texture, and self-distillation needs far longer
   runs to leave the collapse regime. The deep query reads every layer's keys and values, so the
   supervision is applied to the output of every layer (deep supervision), not only the last.
@@ -50,15 +50,15 @@ class Recipe:
     dino_batch: int = 32
     dino_lr: float = 6e-3
     dino_bank: int = 12_000
-    # Steps per LLM shape: the wider ones learn more per step and cost more per step (the 192-wide
-    # one about 10x the 64-wide one); the answer loss of all three ends near the data's floor
-    # (~0.2 nats/token: colours, shapes and directions are random).
+    # Steps per LLM shape: the wider ones cost more per step (the 192-wide one about 10x the 64-wide
+    # one). The 64- and 128-wide ones end near the data's floor (~0.2 nats per answer token: colours,
+    # shapes and directions are random); the 192-wide one, at 100 steps, does not (~0.6).
     llm_steps: tuple[tuple[str, int], ...] = (("tiny-llm", 300), ("tiny-llm-m", 150), ("tiny-llm-l", 100))
     llm_batch: int = 32
     llm_lr: float = 3e-3
     dialogues: int = 16_000
     probe_frames: int = 512
-    # The synthetic videos' scenes (the defaults of fvlm.data.synth): 3-5 objects of 12.5-19% of the side.
+    # Scenes of 1-5 objects at the synthetic set's object sizes (12.5-19% of the frame side).
     min_objects: int = 1
     max_objects: int = 5
     object_scale: tuple[float, float] = (0.125, 0.19)
