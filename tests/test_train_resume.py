@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from test_train import SMALL, read_csv
 
@@ -86,6 +87,49 @@ def test_sigkill_then_rerun_gives_the_same_losses(out_dir, reference):
                      ("val_loss", "val_loss_coarse", "attention_entropy"), 1e-6)
     summary = json.loads((out_dir / "killed" / "run_summary.json").read_text())
     assert summary["status"] == "completed" and summary["total_samples"] == 20 * 4
+
+
+# Runs `fvlm train` with metrics.csv's first row cut in half by a SIGKILL: the process dies inside the
+# write of an evaluation, after that step's checkpoint (the window the resume must notice).
+KILL_IN_EVAL_WRITE = """
+import os, signal, sys
+from fvlm.training import logs
+write = logs.CsvLog.write
+def dying_write(self, row):
+    if self.path.name == "metrics.csv":
+        self._file.write(",".join(str(row[c]) for c in self.columns[:5]))
+        self._file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    write(self, row)
+logs.CsvLog.write = dying_write
+from fvlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_inside_an_evaluation_write_is_evaluated_again_on_resume(out_dir, reference):
+    cmd = command(out_dir, "killed-in-eval", *RESUME)
+    dying = subprocess.run([sys.executable, "-c", KILL_IN_EVAL_WRITE, *cmd[3:]], env=environment(),
+                           capture_output=True, text=True, timeout=300)
+    assert dying.returncode == -signal.SIGKILL, dying.stderr[-2000:]
+    killed = out_dir / "killed-in-eval"
+    assert (killed / "checkpoints" / "step_0000008" / "meta.json").is_file()
+    assert len((killed / "metrics.csv").read_text().splitlines()) == 2  # the header and half a row
+    run(cmd)
+    theirs, ours = by_step(reference / "metrics.csv"), by_step(killed / "metrics.csv")
+    assert sorted(ours) == [8, 16, 20]
+    assert_same_rows(theirs, ours, ("val_loss", "val_loss_fine", "val_loss_coarse", "attention_entropy",
+                                    "train_loss", "grad_norm"), 1e-6)
+    reference_maps = sorted(p.name for p in (reference / "attention").iterdir())
+    assert sorted(p.name for p in (killed / "attention").iterdir()) == reference_maps
+    for name in reference_maps:
+        with np.load(reference / "attention" / name) as a, np.load(killed / "attention" / name) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for key in a.files:
+                if a[key].dtype.kind in "fiub":
+                    assert np.allclose(a[key], b[key], atol=1e-6), (name, key)
+                else:
+                    assert (a[key] == b[key]).all(), (name, key)
 
 
 def test_sigterm_checkpoints_marks_interrupted_and_resumes(out_dir, reference):

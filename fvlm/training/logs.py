@@ -38,6 +38,13 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _step(row: list[str]) -> float:
+    try:
+        return int(row[1])
+    except ValueError:
+        return math.inf
+
+
 class CsvLog:
     def __init__(self, path: Path, columns: tuple[str, ...], keep_until_step: int | None):
         self.path = Path(path)
@@ -48,7 +55,8 @@ class CsvLog:
                 reader = csv.reader(f)
                 header = next(reader, None)
                 if header == list(columns):
-                    kept = [row for row in reader if row and int(row[1]) <= keep_until_step]
+                    # Whole rows only: a row cut short by a kill mid-write is dropped.
+                    kept = [row for row in reader if len(row) == len(columns) and _step(row) <= keep_until_step]
         self.kept_rows = [dict(zip(columns, row)) for row in kept]
         # The kept rows go to a temporary file that replaces the log in one rename: a kill at any
         # moment leaves either the old log or the new one, never an emptied one.

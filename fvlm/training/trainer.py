@@ -302,7 +302,10 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         keep = self.step if self.resume_from is not None else None
         self.steps_log = CsvLog(self.run_dir / "steps.csv", STEP_COLUMNS, keep)
-        self.metrics_log = CsvLog(self.run_dir / "metrics.csv", METRIC_COLUMNS, keep)
+        # A checkpoint whose evaluation never finished is evaluated again before training goes on; a
+        # row of that step already in metrics.csv (whole or cut off by the kill) is dropped first.
+        self.metrics_log = CsvLog(self.run_dir / "metrics.csv", METRIC_COLUMNS,
+                                  keep - 1 if keep is not None and self._eval_pending() else keep)
         self.history = [_parse_row(row) for row in self.metrics_log.kept_rows]
         if self.steps_log.kept_rows:
             self.last_row = _parse_row(self.steps_log.kept_rows[-1])
@@ -372,8 +375,20 @@ class Trainer:
     def wall_time(self) -> float:
         return self.wall_time_before + time.perf_counter() - self.session_began
 
+    def _finished(self) -> bool:
+        t = self.cfg.train
+        return self.step >= self.total_steps or bool(t.max_samples and self.samples_seen >= t.max_samples)
+
+    def _eval_pending(self) -> bool:
+        """Resumed from a checkpoint of an evaluation step whose evaluation did not finish (killed
+        between the checkpoint and its metrics row): that evaluation is owed before training goes on."""
+        return (self.resume_from is not None and self.step > 0 and self.last_eval_step != self.step
+                and (self.step % self.cfg.train.eval_every == 0 or self._finished()))
+
     def _loop(self) -> str:
         t = self.cfg.train
+        if self._eval_pending():
+            self._evaluate()
         batches = iter(self.train_loader)
         interval_samples, interval_time = 0, 0.0
         while self.step < self.total_steps and not (t.max_samples and self.samples_seen >= t.max_samples):
@@ -433,7 +448,7 @@ class Trainer:
                     self.wandb.log(row, "train")
                 self.timing["log"] += time.perf_counter() - log_began
             self.progress.update(self.step, row)
-            finished = self.step >= self.total_steps or bool(t.max_samples and self.samples_seen >= t.max_samples)
+            finished = self._finished()
             evaluate = self.step % t.eval_every == 0 or finished
             if evaluate or self.step % t.save_every == 0 or self.step in self.milestones or stop:
                 self._save()
@@ -441,9 +456,6 @@ class Trainer:
                 self._evaluate()
             if stop:
                 return "interrupted"
-        if self.last_eval_step != self.step and self.step > 0:
-            # Resumed from a final checkpoint whose evaluation never finished.
-            self._evaluate()
         return "completed"
 
     def _forward_backward(self, micro: list[dict], compute_coarse: bool) -> list[float]:
@@ -552,12 +564,14 @@ class Trainer:
         self.timing["eval"] += time.perf_counter() - began
         if not self.dist.is_main:
             return
-        train_row = self.last_row
+        # The training row of this step (on a resume that redoes the evaluation, read back from steps.csv).
+        train_row = self.last_row if self.last_row and self.last_row.get("step") == self.step else {}
         row = {
-            **{k: train_row[k] for k in ("run_id", "step", "samples_seen", "wall_time_sec", "train_loss",
+            **{k: train_row.get(k) for k in ("run_id", "step", "samples_seen", "wall_time_sec", "train_loss",
                                           "loss_fine", "loss_coarse", "loss_ratio", "grad_norm",
                                           "lr_connector", "lr_dino", "lr_llm")},
-            "throughput": train_row["throughput_samples_sec"],
+            "run_id": self.cfg.run_id, "step": self.step, "samples_seen": self.samples_seen,
+            "throughput": train_row.get("throughput_samples_sec"),
             "gpu_mem_gb": torch.cuda.max_memory_allocated() / GIB if self.dist.device.type == "cuda" else 0.0,
             **metrics,
         }
