@@ -227,3 +227,40 @@ def test_mini_sweep_end_to_end_with_two_workers(tmp_path):
     decisions = json.loads((tmp_path / "report" / "decisions.json").read_text())
     two_pass = next(q for q in decisions["questions"] if q["id"] == "two_pass")
     assert set(two_pass["runs"]) == {"F3", "A6"} and two_pass["winner"] in ("F3", "A6")
+
+
+def test_a_dead_worker_fails_its_own_run_and_the_sweep_goes_on(tmp_path):
+    """SIGKILL to one run's worker process (what the out-of-memory killer does): that run is recorded
+    as failed with the signal, the run beside it and the one queued after it complete."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    from fvlm.experiments.runner import resolve_synthetic
+
+    folder = tmp_path / "dying"
+    base = resolve_synthetic("tiny", {**SMALL, "train.eval_every": 4, "train.save_every": 4}, tmp_path)
+    specs = _specs(("victim", {}, 400), ("beside", {"model.coarse_only": True}, 32), ("after", {}, 32))
+    killed = []
+
+    def kill_the_victim():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if (folder / "victim" / "checkpoints").is_dir():
+                for child in multiprocessing.active_children():
+                    if child.name == "fvlm-victim":
+                        os.kill(child.pid, signal.SIGKILL)
+                        killed.append(child.pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_victim, daemon=True)
+    killer.start()
+    statuses = Sweep(folder, "ablations", "tiny", base, specs, (4, 40), jobs=2).run()
+    killer.join()
+    assert killed, "the victim's worker was never found"
+    assert statuses == {"victim": "failed", "beside": "completed", "after": "completed"}
+    state = json.loads((folder / "sweep_state.json").read_text())
+    assert "SIGKILL" in state["runs"]["victim"]["error"]
+    # Re-running the sweep resumes the failed run from its checkpoint and leaves the others alone.
+    assert Sweep(folder, "ablations", "tiny", base, specs, (4, 40), jobs=2).run()["victim"] == "completed"

@@ -265,8 +265,11 @@ class Sweep:
         return False
 
     def _run_workers(self, todo: list[Planned], started, finished) -> bool:
+        """Up to `jobs` runs side by side, each in a process of its own (spawned, so no state leaks
+        between runs). A process that dies (killed, out of memory) fails its own run only: it is
+        recorded as failed with its exit signal, and the sweep and the other runs in flight go on."""
         import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from multiprocessing.connection import wait
 
         stop = {"requested": False}
 
@@ -279,32 +282,34 @@ class Sweep:
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         queue = list(todo)
-        running: dict[Any, tuple[str, float]] = {}
+        running: dict[str, tuple[Any, Any, float]] = {}  # run id -> (process, result pipe, start time)
         context = multiprocessing.get_context("spawn")
         try:
-            with ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_worker_init) as pool:
-                while queue or running:
-                    while queue and len(running) < self.jobs and not stop["requested"]:
-                        p = queue.pop(0)
-                        started(p.spec.run_id)
-                        log_path = self.folder / p.spec.run_id / "train.log"
-                        running[pool.submit(_train_in_worker, p.cfg.to_dict(), str(log_path))] = (
-                            p.spec.run_id, time.perf_counter())
-                    if not running:
-                        break
-                    if stop["requested"] and not stop.get("forwarded"):
-                        stop["forwarded"] = True
-                        for proc in list(getattr(pool, "_processes", {}).values()):
-                            with contextlib.suppress(ProcessLookupError):
-                                os.kill(proc.pid, signal.SIGTERM)
-                    done, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        run_id, began = running.pop(future)
-                        try:
-                            status, error = future.result()
-                        except Exception as exc:  # a worker that died (killed, out of memory)
-                            status, error = "failed", f"worker died: {type(exc).__name__}: {exc}"
-                        finished(run_id, status, error, time.perf_counter() - began)
+            while queue or running:
+                while queue and len(running) < self.jobs and not stop["requested"]:
+                    p = queue.pop(0)
+                    started(p.spec.run_id)
+                    log_path = self.folder / p.spec.run_id / "train.log"
+                    receive, send = context.Pipe(duplex=False)
+                    proc = context.Process(target=_worker_main, args=(p.cfg.to_dict(), str(log_path), send),
+                                           name=f"fvlm-{p.spec.run_id}")
+                    proc.start()
+                    send.close()  # the child holds its end; the parent's copy would keep the pipe open
+                    running[p.spec.run_id] = (proc, receive, time.perf_counter())
+                if not running:
+                    break
+                if stop["requested"] and not stop.get("forwarded"):
+                    stop["forwarded"] = True
+                    for proc, _, _ in running.values():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(proc.pid, signal.SIGTERM)
+                wait([proc.sentinel for proc, _, _ in running.values()], timeout=1.0)
+                for run_id, (proc, receive, began) in list(running.items()):
+                    if proc.exitcode is None:
+                        continue
+                    del running[run_id]
+                    status, error = _worker_result(proc, receive)
+                    finished(run_id, status, error, time.perf_counter() - began)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -418,12 +423,30 @@ def _terminate_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _train_in_worker(cfg_dict: dict[str, Any], log_path: str) -> tuple[str, str | None]:
+def _worker_main(cfg_dict: dict[str, Any], log_path: str, send) -> None:
+    """One run in its own process; (status, error) goes back through `send`."""
+    _worker_init()
+    result = _train_logged(cfg_dict, log_path)
+    if os.getppid() != _PARENT_PID:
+        os._exit(0)  # the sweep process is gone: nobody to report to
+    send.send(result)
+    send.close()
+
+
+def _worker_result(proc, receive) -> tuple[str, str | None]:
+    """What a finished worker process reported, or, when it died without a word, why."""
     try:
-        return _train_logged(cfg_dict, log_path)
+        if receive.poll():
+            return receive.recv()
+    except (EOFError, OSError):
+        pass
     finally:
-        if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
-            os._exit(0)  # the sweep process is gone: nobody to report to, nothing more to run
+        receive.close()
+        proc.join()
+    code = proc.exitcode
+    cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    hint = " (SIGKILL is what the kernel's out-of-memory killer sends)" if code == -signal.SIGKILL else ""
+    return "failed", f"worker process died: {cause}{hint}"
 
 
 def _train_logged(cfg_dict: dict[str, Any], log_path: str) -> tuple[str, str | None]:
