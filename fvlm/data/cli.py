@@ -55,6 +55,8 @@ def cmd_synth(args) -> int:
     for name in ("videos", "images", "texts", "val", "probe", "bench"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.frames < 1 or args.size < 16:
         raise UsageError("--frames must be >= 1 and --size >= 16")
     if not 0.0 <= args.mc_fraction <= 1.0:

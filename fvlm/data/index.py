@@ -204,6 +204,10 @@ def _scan_shard(path: str, source: str, sources: list[str], rows: list, skips: l
                 groups[-1][2].extend(problems)
             else:
                 groups.append((key, [member], problems))
+        if not groups and not any(s.shard == path for s in skips):
+            # A 0-byte file or an archive with no members: nothing to skip sample by sample, but the
+            # shard is listed, so say why it gave nothing.
+            skips.append(Skip(path, "@0", "empty_shard"))
         for key, members, problems in groups:
             row = _validate(read_at, path, key, members, problems, skips)
             if row is None:

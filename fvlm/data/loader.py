@@ -219,11 +219,19 @@ class Loader:
         self.schedule = schedule
         self.pad_id = pad_id
         self.position = 0  # train: next stream position; eval: samples of this rank yielded in this pass
-        self.stats: Counter = Counter(s.reason for s in reader.index.skips)
+        # Skips found while indexing, plus the distinct samples that decoding turned out to be bad (a
+        # bad sample met again in a later epoch or pass is not counted again).
+        self._index_skips: Counter = Counter(s.reason for s in reader.index.skips)
+        self.bad: set[tuple[str, str, str]] = set()
         for skip in reader.index.skips:
             self._log(skip.shard, skip.key, skip.reason)
         n = min(len(reader.index), max_samples) if max_samples else len(reader.index)
         self._eval_rows = np.arange(rank, n, world_size)  # the first max_samples, split over ranks
+
+    @property
+    def stats(self) -> Counter:
+        """Skipped samples by reason: each bad sample once, however often the stream meets it."""
+        return self._index_skips + Counter(reason for _, _, reason in self.bad)
 
     def _log(self, shard: str, key: str, reason: str) -> None:
         if (shard, key, reason) not in _logged:
@@ -284,7 +292,7 @@ class Loader:
         for batch, events in loader:
             self.position = positions.pop(0)
             for shard, key, reason in events:
-                self.stats[reason] += 1
+                self.bad.add((shard, key, reason))
                 self._log(shard, key, reason)
             if batch["input_ids"].shape[0]:
                 yield batch
@@ -298,7 +306,7 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "stats": dict(self.stats)}
+                "stats": dict(self.stats), "bad": sorted(self.bad)}
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
@@ -306,7 +314,7 @@ class Loader:
         if self.train and state["world_size"] != self.world_size:
             raise ValueError(f"data cursor was saved with world_size {state['world_size']}, now {self.world_size}")
         self.position = int(state["position"])
-        self.stats = Counter(state.get("stats", {}))
+        self.bad = {tuple(item) for item in state.get("bad", [])}
 
 
 def data_seed(cfg) -> int:
