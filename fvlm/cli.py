@@ -8,7 +8,9 @@ sets `func` on them. Heavy imports (torch, transformers) happen inside the comma
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from fvlm.errors import UsageError
@@ -53,6 +55,49 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fvlm: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # Faults of the machine rather than of the input: a full disk, a read-only folder, no permission.
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fvlm: error: {where}{exc.strerror or os.strerror(exc.errno)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        hint = MEMORY_HINTS.get(args.command, "lower the batch size, the frame count or the image size")
+        print(f"fvlm: error: out of memory ({_first_line(exc)}); {hint}", file=sys.stderr)
+        return 1
+
+
+# errno values that mean the environment, not the input, is at fault.
+# EFBIG: a file over the size limit of the process or the file system (ulimit -f).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EMFILE, errno.EFBIG,
+                      errno.EIO}
+# Which settings bound the memory of each command.
+MEMORY_HINTS = {
+    "train": "lower train.batch_size (raise train.grad_accum to keep the batch), data.max_frames or model.image_size",
+    "sweep": "lower train.batch_size (raise train.grad_accum to keep the batch), data.max_frames or model.image_size",
+    "phase1": "lower train.batch_size (raise train.grad_accum to keep the batch), data.max_frames or model.image_size",
+    "eval": "lower --batch-size or data.max_frames (--set data.max_frames=N)",
+    "generate": "lower --frames",
+    "flops": "lower --frames or --text-tokens",
+}
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: Python's MemoryError, PyTorch's CPU allocator, or CUDA's OutOfMemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "CUDA out of memory" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    # PyTorch's allocator message starts with "[enforce fail at alloc_cpu.cpp:127] err == 0. "
+    return line.split("DefaultCPUAllocator: ", 1)[-1][:160]
 
 
 if __name__ == "__main__":

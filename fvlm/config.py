@@ -306,9 +306,13 @@ def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dic
     if path.resolve() in seen:
         raise UsageError(f"{path}: 'base:' chain loops back on itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); config files are UTF-8 YAML") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a mapping at the top level")
     chain: list[tuple[Path, dict[str, Any]]] = []
@@ -364,6 +368,10 @@ def validate(cfg: RunConfig) -> None:
         # NaN passes every comparison check below (NaN < 0 is False), so it is caught first.
         raise UsageError(f"{bad} must be a finite number, got {_lookup(cfg, bad)}")
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    for name, seed in (("seed", cfg.seed), ("data.seed", d.seed)):
+        # NumPy's and PyTorch's generators take seeds in [0, 2**32).
+        if seed is not None and not 0 <= seed < 2**32:
+            raise UsageError(f"{name} must be in [0, 2**32), got {seed}")
     if not cfg.run_id or any(c in cfg.run_id for c in "/\\\0") or cfg.run_id in (".", ".."):
         # A run id is one folder inside out_dir: ".." would write beside it, "." into it.
         raise UsageError(f"run_id must be a plain folder name (not '.', '..', no '/' or '\\'), got {cfg.run_id!r}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import json
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_json, read_text, read_yaml
 
 # Columns of DESIGN.md §3 that a run's metrics.csv must carry.
 METRICS_COLUMNS = (
@@ -148,13 +147,12 @@ def _number(text: str, path: Path, column: str, row: int) -> float:
 def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     if not path.is_file():
         raise UsageError(f"{path}: file not found")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise UsageError(f"{path}: missing column '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        return list(reader)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise UsageError(f"{path}: missing column '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return list(reader)
 
 
 def _columns(rows: list[dict[str, str]], names: tuple[str, ...] | list[str], path: Path) -> dict[str, np.ndarray]:
@@ -269,10 +267,7 @@ def write_export_csvs(table: Table, folder: Path) -> None:
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc.msg})") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a JSON object")
     for name in SUMMARY_FIELDS:
@@ -287,10 +282,7 @@ def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> Non
     config_path = folder / "config.yaml"
     if not config_path.is_file():
         raise UsageError(f"{config_path}: file not found")
-    try:
-        config = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{config_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    config = read_yaml(config_path) or {}
     metrics_path = folder / "metrics.csv"
     rows = read_csv(metrics_path, METRICS_COLUMNS)
     numeric = [c for c in METRICS_COLUMNS if c != "run_id"]
@@ -331,11 +323,8 @@ def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> Non
     eval_result = None
     eval_path = folder / "eval" / "eval.json"
     if eval_path.is_file():
-        try:
-            eval_result = json.loads(eval_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{eval_path}: not valid JSON ({exc.msg})") from None
-        if "modes" not in eval_result:
+        eval_result = read_json(eval_path)
+        if not isinstance(eval_result, dict) or "modes" not in eval_result:
             raise UsageError(f"{eval_path}: missing field 'modes'")
 
     arch, tokens = _arch_from_config(config)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_json, read_yaml
 from fvlm.eval.bench import VisualSettings, bench_name, read_bench
 from fvlm.eval.scoring import Question, encode_question, frames_batch, score_batch, summarise
 
@@ -35,7 +35,9 @@ class Checkpoint:
 
 def _checkpoint(folder: Path, run_dir: Path | None) -> Checkpoint:
     meta_path = folder / META_FILE
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    if not isinstance(meta, dict):
+        raise UsageError(f"{meta_path}: expected a JSON object")
     step = meta.get("step")
     if step is None and folder.name.startswith("step_") and folder.name[5:].isdigit():
         step = int(folder.name[5:])
@@ -68,8 +70,6 @@ def run_config(ckpt: Checkpoint, model_cfg, overrides: list[str]):
     """The run's resolved config (its data settings decide how frames and text are prepared), from
     the run's config.yaml or the checkpoint's meta.json, with `key=value` overrides and the saved
     model's own model config. Synthetic data resolves beside the run, where training generated it."""
-    import yaml
-
     from fvlm.config import config_from_dict, load_config, parse_overrides
 
     changed_model = [key for key, _ in parse_overrides(overrides) if key.split(".")[0] == "model"]
@@ -80,7 +80,9 @@ def run_config(ckpt: Checkpoint, model_cfg, overrides: list[str]):
                          f"evaluation; only data and eval settings can")
     config_file = ckpt.run_dir / "config.yaml" if ckpt.run_dir is not None else None
     if config_file is not None and config_file.is_file():
-        settings, source = yaml.safe_load(config_file.read_text()), str(config_file)
+        settings, source = read_yaml(config_file), str(config_file)
+        if not isinstance(settings, dict):
+            raise UsageError(f"{config_file}: expected a mapping of settings")
     elif isinstance(ckpt.meta.get("config"), dict):
         settings, source = ckpt.meta["config"], str(ckpt.folder / META_FILE)
     else:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import yaml
 
 from fvlm.config import RunConfig, config_from_dict, load_config
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_json
 from fvlm.experiments.matrix import RunSpec
 
 STATE_FILE = "sweep_state.json"
@@ -135,9 +135,9 @@ class Sweep:
         if not self.state_path.is_file():
             return {"kind": self.kind, "runs": {}}
         try:
-            state = json.loads(self.state_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{self.state_path}: not valid JSON ({exc.msg}); move it away to start the sweep afresh") from None
+            state = read_json(self.state_path)
+        except UsageError as exc:
+            raise UsageError(f"{exc}; move it away to start the sweep afresh") from None
         if state.get("kind") != self.kind:
             raise UsageError(f"{self.folder} holds a '{state.get('kind')}' sweep, not '{self.kind}'; choose another --out")
         return state
@@ -155,7 +155,7 @@ class Sweep:
             saved = self.folder / p.spec.run_id / "config.yaml"
             if not saved.is_file():
                 continue
-            old = config_from_dict(yaml.safe_load(saved.read_text()), str(saved))
+            old = load_config(str(saved))
             changed = changed_settings(old, p.cfg)
             if changed:
                 raise UsageError(f"{saved.parent} holds run {p.spec.run_id} with other settings "
@@ -165,8 +165,8 @@ class Sweep:
         summary = self.folder / run_id / "run_summary.json"
         if summary.is_file():
             try:
-                return json.loads(summary.read_text()).get("status", "unknown")
-            except json.JSONDecodeError:
+                return read_json(summary).get("status", "unknown")
+            except (UsageError, AttributeError):
                 return "interrupted"
         return "interrupted" if (self.folder / run_id / "config.yaml").is_file() else "pending"
 
@@ -383,9 +383,10 @@ def _read_summary(run_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        summary = read_json(path)
+    except UsageError:
         return None
+    return summary if isinstance(summary, dict) else None
 
 
 def _cuda_count() -> int:

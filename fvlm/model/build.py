@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -44,11 +46,21 @@ def build_tokenizer(cfg: ModelConfig):
 def save_model(model: VLMBase, folder: str | Path, tokenizer=None) -> Path:
     """Weights (safetensors), the fvlm model config and both backbone configs, and the tokenizer:
     everything needed to rebuild the model without the original backbone folders."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model as save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model, str(folder / MODEL_FILE))
+    try:
+        save_safetensors(model, str(folder / MODEL_FILE))
+    except SafetensorError as exc:
+        # safetensors reports a failed write (disk full, file too large) as its own error type with
+        # "(os error N)" in the text; as an OSError it reaches the user as the environment fault it is.
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(folder / MODEL_FILE)) from exc
     meta = {
         "model": dataclasses.asdict(model.cfg),
         "llm_config": model.llm.config.to_dict(),

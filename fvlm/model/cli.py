@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+
+from fvlm.errors import UsageError
 
 PAPER_SIZES = {"135M": "smollm2-135m", "360M": "smollm2-360m", "1.7B": "smollm2-1.7b"}
 
@@ -70,6 +73,9 @@ def run(args) -> int:
 
     config, overrides = _split_config_arg(args)
     cfg = load_config(config, overrides)
+    for budget in args.budget or []:
+        if not (math.isfinite(budget) and budget > 0):
+            raise UsageError(f"--budget must be a positive number of FLOPs (like 1e18), got {budget}")
     budgets = {f"{b:.3g}": b for b in args.budget} if args.budget else dict(PLAN_BUDGETS)
     frames = args.frames or cfg.data.max_frames
     text = args.text_tokens or cfg.data.max_text_tokens
@@ -110,12 +116,13 @@ def run(args) -> int:
 def cmd_pretrain_tiny(args) -> int:
     from pathlib import Path
 
-    from fvlm.errors import UsageError
     from fvlm.model.pretrain_tiny import Recipe, make_tiny_backbones
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out}: exists and is not empty (choose a new folder)")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.image_size <= 0 or args.image_size % 8:
         raise UsageError(f"--image-size must be a positive multiple of 8 (the patch size), got {args.image_size}")
     report = make_tiny_backbones(out, Recipe(seed=args.seed, image_size=args.image_size))

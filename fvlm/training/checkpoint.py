@@ -10,6 +10,7 @@ inside it, and a folder without it is never read.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -98,6 +99,17 @@ def write_json(path: Path, obj) -> None:
         raise
 
 
+def _torch_save(obj, path: Path) -> None:
+    """torch.save, with a failed write (disk full, file size limit) raised as the OSError it is:
+    PyTorch's zip writer reports one as a RuntimeError about stream positions."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        if "unexpected pos" not in str(exc) and "file write failed" not in str(exc):
+            raise
+        raise OSError(errno.EIO, "write failed (is the disk full, or a file size limit reached?)", str(path)) from exc
+
+
 def save_checkpoint(run_dir: Path, step: int, dist: Dist, *, model, tokenizer, optimizer,
                     trainer_state: dict, rank_state: dict, meta: dict) -> Path:
     """Collective: every rank calls it (each writes its own rank file); rank 0 writes the rest."""
@@ -109,11 +121,11 @@ def save_checkpoint(run_dir: Path, step: int, dist: Dist, *, model, tokenizer, o
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    torch.save(rank_state, tmp / f"rank_{dist.rank}.pt")
+    _torch_save(rank_state, tmp / f"rank_{dist.rank}.pt")
     if dist.is_main:
         save_model(model, tmp, tokenizer)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        torch.save(trainer_state, tmp / TRAINER)
+        _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
+        _torch_save(trainer_state, tmp / TRAINER)
     dist.barrier()
     if dist.is_main:
         write_json(tmp / META, meta)

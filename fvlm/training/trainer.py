@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from fvlm.config import RunConfig, config_from_dict
-from fvlm.errors import UsageError
+from fvlm.config import RunConfig, load_config
+from fvlm.errors import UsageError, read_json
 from fvlm.training import checkpoint as ckpt
 from fvlm.training.dist import Dist, init_distributed, shutdown
 from fvlm.training.evaluate import save_probe_attention, to_device, validate
@@ -171,7 +170,7 @@ class Trainer:
         saved_config = self.run_dir / "config.yaml"
         if not saved_config.is_file():
             return None, None
-        saved = config_from_dict(yaml.safe_load(saved_config.read_text()), str(saved_config))
+        saved = load_config(str(saved_config))
         changed = changed_settings(saved, self.cfg)
         if changed:
             raise UsageError(f"{self.run_dir} holds a run with different settings ({', '.join(changed)}); "
@@ -179,9 +178,13 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.run_dir)
         summary_path = self.run_dir / "run_summary.json"
         if latest is not None and summary_path.is_file():
-            import json
-
-            summary = json.loads(summary_path.read_text())
+            try:
+                summary = read_json(summary_path)
+            except UsageError as exc:
+                # Rewritten at the end of this session: an unreadable one only means "not finished".
+                if self.dist.is_main:
+                    print(f"fvlm: {exc}; resuming as an unfinished run", flush=True)
+                return latest, None
             done = summary.get("status") == "diverged" or (
                 summary.get("status") == "completed" and summary.get("total_steps", 0) >= self.total_steps)
             if done:
