@@ -72,3 +72,6 @@ def test_vision_encoder_linear_probe_reads_colour_and_shape():
     _, probe = pretrain_dino(Recipe(), log=lambda *_: None)
     assert probe["patches_test"] > 1000
     assert probe["colour_accuracy"] >= 0.9 and probe["shape_accuracy"] >= 0.9, probe
+    # Where the patch is, as DINOv2's patch features say it too: without it no token can tell which
+    # way an object moved.
+    assert probe["row_accuracy"] >= 0.9 and probe["column_accuracy"] >= 0.9, probe

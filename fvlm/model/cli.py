@@ -14,7 +14,7 @@ def register(sub) -> None:
     bb = sub.add_parser("backbones", help="make backbone folders (the tiny pretrained ones)")
     bb_sub = bb.add_subparsers(dest="backbones_command", metavar="COMMAND", required=True)
     tiny = bb_sub.add_parser("pretrain-tiny", help="pretrain the tiny DINO and the tiny LLMs on the synthetic world",
-                             description="Writes tiny-dino/ (a Dinov2Model trained on per-patch colour and shape) "
+                             description="Writes tiny-dino/ (a Dinov2Model trained on per-patch colour, shape and grid position) "
                                          "and tiny-llm/, tiny-llm-m/, tiny-llm-l/ (LlamaForCausalLM chat models of "
                                          "the synthetic world's text, byte-level tokenizer beside each) under OUT, "
                                          "plus backbones.json with the linear-probe check. Deterministic for a seed.")
@@ -127,7 +127,8 @@ def cmd_pretrain_tiny(args) -> int:
         raise UsageError(f"--image-size must be a positive multiple of 8 (the patch size), got {args.image_size}")
     report = make_tiny_backbones(out, Recipe(seed=args.seed, image_size=args.image_size))
     probe = report["dino_probe"]
-    print(f"wrote {out}: tiny-dino (probe: colour {probe['colour_accuracy']:.3f}, shape {probe['shape_accuracy']:.3f}), "
+    print(f"wrote {out}: tiny-dino (probe: colour {probe['colour_accuracy']:.3f}, shape {probe['shape_accuracy']:.3f}, "
+          f"row {probe['row_accuracy']:.3f}, column {probe['column_accuracy']:.3f}), "
           + ", ".join(f"{k} ({v['parameters']:,} params)" for k, v in report["llms"].items())
           + f" in {report['seconds']:.0f} s")
     return 0

@@ -6,7 +6,7 @@ learn to ground. Random tiny backbones asked a few thousand samples to learn vis
 grounding at once, and the tiny models never read the pixels. These two stand in for the real ones:
 
 - **vision**: a real `Dinov2Model` of the `tiny-dino` shape, trained to name the colour and the shape
-  of the object under each patch (per-patch supervised prediction). Of the candidate objectives this
+  of the object under each patch and the patch's place in the grid (per-patch supervised prediction). Of the candidate objectives this
   is the one that puts exactly what DINOv2's patch features carry for real images (which object is
   where, its colour, its shape) into a 2-layer encoder in about two minutes on one CPU core: masked-patch
   prediction spends its capacity on the background texture, and self-distillation needs far longer
@@ -36,7 +36,7 @@ import numpy as np
 # Seed-stream tags: the generator's splits use [seed, sum(ord(split name))] (< 1,000), so these
 # streams never meet train, val, probe or bench.
 _DINO_STREAM, _PROBE_STREAM, _TEXT_STREAM = 1_000_003, 1_000_033, 1_000_037
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the encoder also learns each patch's grid row and column
 LLM_SHAPES = ("tiny-llm", "tiny-llm-m", "tiny-llm-l")
 # A patch is labelled with the object covering most of it when that object covers at least this share.
 MIN_COVER = 0.4
@@ -148,7 +148,14 @@ def pretrain_dino(recipe: Recipe, log=print):
     config.image_size = recipe.image_size
     dino = Dinov2Model(config)
     layers, dim, patch = config.num_hidden_layers, config.hidden_size, config.patch_size
-    heads = nn.ModuleList([nn.Linear(dim, 1 + len(COLOURS) + 1 + len(SHAPES)) for _ in range(layers)])
+    grid = recipe.image_size // patch
+    n_colour, n_shape = 1 + len(COLOURS), 1 + len(SHAPES)
+    # Per layer: the colour, the shape and the grid row and column of each patch. Without the position
+    # targets the colour/shape objective washes the position embedding out of the features (a linear
+    # probe then reads a patch's row at 0.16-0.21, chance 0.125), a token pooled from object patches
+    # cannot say where the object is, and no model can tell which way the mover goes.
+    heads = nn.ModuleList([nn.Linear(dim, n_colour + n_shape + 2 * grid) for _ in range(layers)])
+    row_of, column_of = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
     # The CLS token names the objects in the frame (multi-label): like DINOv2's CLS, whose attention
     # falls on the foreground objects, it learns to look at the objects and not at the background.
     objects = len(COLOURS) * len(SHAPES)
@@ -164,7 +171,6 @@ def pretrain_dino(recipe: Recipe, log=print):
     bank, maps = _frames(rng, recipe, recipe.dino_bank)
     bank_colour, bank_shape = (torch.from_numpy(a) for a in _patch_labels(maps, patch))
     bank_present = torch.from_numpy(_present(maps, objects))
-    n_colour = 1 + len(COLOURS)
     dino.train()
     for step in range(1, recipe.dino_steps + 1):
         rows = torch.from_numpy(rng.integers(0, len(bank), size=recipe.dino_batch))
@@ -178,14 +184,17 @@ def pretrain_dino(recipe: Recipe, log=print):
             logits = head(feats).flatten(0, 1)
             for part in (on_object, ~on_object):
                 loss = loss + _ce(logits[part, :n_colour], colour.flatten()[part])
-                loss = loss + _ce(logits[part, n_colour:], shape.flatten()[part])
+                loss = loss + _ce(logits[part, n_colour:n_colour + n_shape], shape.flatten()[part])
+            where = logits[:, n_colour + n_shape:]
+            loss = loss + _ce(where[:, :grid], row_of.repeat(len(rows)))
+            loss = loss + _ce(where[:, grid:], column_of.repeat(len(rows)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 100 == 0 or step == recipe.dino_steps:
-            log(f"  dino step {step}/{recipe.dino_steps}: loss {loss.item() / (4 * layers):.3f}")
+            log(f"  dino step {step}/{recipe.dino_steps}: loss {loss.item() / (6 * layers):.3f}")
     dino.eval()
     return dino, probe_dino(dino, recipe)
 
@@ -208,11 +217,14 @@ def probe_dino(dino, recipe: Recipe, steps: int = 300) -> dict:
             feats = _dino_outputs(dino, frames)[0][-1]
         colour, shape = (torch.from_numpy(a) for a in _patch_labels(maps, patch))
         keep = (colour > 0) & (shape > 0)
-        sets.append((feats[keep], colour[keep] - 1, shape[keep] - 1))
-    (x_fit, c_fit, s_fit), (x_test, c_test, s_test) = sets
+        index = torch.arange(colour.shape[1]).expand_as(colour)[keep]
+        grid = recipe.image_size // patch
+        sets.append((feats[keep], colour[keep] - 1, shape[keep] - 1, index // grid, index % grid))
+    (x_fit, *fit), (x_test, *test) = sets
     torch.manual_seed(recipe.seed)
     report = {"patches_fit": int(len(x_fit)), "patches_test": int(len(x_test))}
-    for name, classes, y_fit, y_test in (("colour", len(COLOURS), c_fit, c_test), ("shape", len(SHAPES), s_fit, s_test)):
+    targets = (("colour", len(COLOURS)), ("shape", len(SHAPES)), ("row", grid), ("column", grid))
+    for (name, classes), y_fit, y_test in zip(targets, fit, test):
         probe = nn.Linear(x_fit.shape[1], classes)
         opt = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
 
@@ -373,7 +385,8 @@ def make_tiny_backbones(out_dir, recipe: Recipe | None = None, log=print, worker
     probe = results["tiny-dino"]["probe"]
     log(f"  vision encoder: linear probe on frozen patch tokens (held-out frames): colour "
         f"{probe['colour_accuracy']:.3f} (chance {probe['colour_chance']}), shape {probe['shape_accuracy']:.3f} "
-        f"(chance {probe['shape_chance']})")
+        f"(chance {probe['shape_chance']}), grid row {probe['row_accuracy']:.3f} / column "
+        f"{probe['column_accuracy']:.3f} (chance {probe['row_chance']})")
     llms = {job: r for job, r in results.items() if job != "tiny-dino"}
     for shape, r in llms.items():
         log(f"  {shape}: answer loss on 200 held-out dialogues {r['answer_loss_held_out']:.3f} nats/token")
