@@ -109,6 +109,9 @@ class TrainConfig:
     compile: bool = False
     # Intra-op threads on CPU (0 = torch's default); small models on busy cores run faster with 1.
     cpu_threads: int = 0
+    # Peak FLOP/s of one device, for MFU; default: the bf16 peak of a known GPU (A100, H100, H200)
+    # when training in bf16, else MFU stays blank.
+    peak_flops: float | None = None
     init_from: str = ""
     # Stop as diverged when the loss exceeds this multiple of its running mean.
     divergence_factor: float = 5.0
@@ -425,6 +428,8 @@ def validate(cfg: RunConfig) -> None:
     _positive(t.probe_videos, "train.probe_videos", allow_zero=True)
     _positive(t.keep_milestones, "train.keep_milestones", allow_zero=True)
     _positive(t.cpu_threads, "train.cpu_threads", allow_zero=True)
+    if t.peak_flops is not None:
+        _positive(t.peak_flops, "train.peak_flops")
     _positive(t.max_samples, "train.max_samples", allow_zero=True)
     _positive(t.grad_clip, "train.grad_clip", allow_zero=True)
     _positive(t.divergence_factor, "train.divergence_factor")

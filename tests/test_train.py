@@ -130,6 +130,63 @@ def test_every_file_of_a_run_has_its_exact_columns(small_run):
     assert on_disk["final"]["step"] == 24 and set(on_disk["final"]) == set(METRIC_COLUMNS)
 
 
+def test_steps_log_throughput_tokens_flops_and_data_wait(small_run):
+    """Every logged row: tokens/s split into visual and text, FLOP/s from the exact counter at the
+    interval's sample shape, data-loader wait per step; MFU blank on a CPU without train.peak_flops."""
+    from fvlm.model.flops import estimate_flops
+
+    cfg, summary = small_run
+    _, steps = read_csv(cfg.run_dir / "steps.csv")
+    for row in steps:
+        samples_sec = float(row["throughput_samples_sec"])
+        visual, text = float(row["visual_tokens_per_sec"]), float(row["text_tokens_per_sec"])
+        assert float(row["tokens_per_sec"]) == pytest.approx(visual + text)
+        # 1 token per frame, at most 4 frames and 64 text tokens per sample (SMALL)
+        assert 0 < visual <= 4 * samples_sec + 1e-6 and 0 < text <= 64 * samples_sec + 1e-6
+        lower = estimate_flops(cfg.model, frames=1, text_tokens=8, loss_tokens=1).per_sample * samples_sec
+        upper = estimate_flops(cfg.model, frames=4, text_tokens=64, loss_tokens=64).per_sample * samples_sec
+        assert lower < float(row["flops_per_sec"]) < upper
+        assert row["mfu"] == "" and 0 <= float(row["data_wait_sec"]) < 60
+    rate = summary["throughput"]
+    assert rate["mfu"] is None and "train.peak_flops" in rate["peak_source"]
+    assert rate["flops_per_sec"] == pytest.approx(summary["flops_per_sample"] * rate["samples_per_sec"])
+    assert 0 <= rate["data_wait_fraction"] < 1
+
+
+def test_mfu_against_a_given_peak(out_dir):
+    summary = train(small_config(out_dir, "mfu", "train.max_steps=4", "train.log_every=2", "train.peak_flops=1e9"))
+    _, steps = read_csv(out_dir / "mfu" / "steps.csv")
+    for row in steps:
+        assert float(row["mfu"]) == pytest.approx(float(row["flops_per_sec"]) / 1e9)
+    assert summary["throughput"]["mfu"] == pytest.approx(summary["throughput"]["flops_per_sec"] / 1e9)
+    assert summary["throughput"]["peak_source"] == "train.peak_flops"
+
+
+def test_peak_table_picks_the_device_and_never_guesses():
+    from fvlm.training.throughput import peak_flops
+
+    assert peak_flops(None, "NVIDIA H100 80GB HBM3", True)[0] == 989e12
+    assert peak_flops(None, "NVIDIA H100 PCIe", True)[0] == 756e12
+    assert peak_flops(None, "NVIDIA A100-SXM4-80GB", True)[0] == 312e12
+    assert peak_flops(None, "NVIDIA A100-SXM4-80GB", False)[0] is None  # fp32: not the bf16 peak
+    assert peak_flops(None, "Tesla T4", True)[0] is None
+    assert peak_flops(None, None, False)[0] is None
+    assert peak_flops(2e14, None, False) == (2e14, "train.peak_flops")
+
+
+def test_resuming_a_log_with_older_columns_keeps_its_values(tmp_path):
+    from fvlm.training.logs import CsvLog
+
+    path = tmp_path / "steps.csv"
+    path.write_text("run_id,step,train_loss\nr,1,2.5\nr,2,2.0\nr,3,1.5\n")
+    log = CsvLog(path, ("run_id", "step", "train_loss", "mfu"), keep_until_step=2)
+    log.close()
+    header, rows = read_csv(path)
+    assert header == ["run_id", "step", "train_loss", "mfu"]
+    assert rows == [{"run_id": "r", "step": "1", "train_loss": "2.5", "mfu": ""},
+                    {"run_id": "r", "step": "2", "train_loss": "2.0", "mfu": ""}]
+
+
 def test_checkpoints_are_complete_loadable_and_pruned(small_run):
     from fvlm.model.build import load_model
 

@@ -19,7 +19,8 @@ from fvlm.errors import UsageError
 STEP_COLUMNS = (
     "run_id", "step", "samples_seen", "wall_time_sec", "train_loss", "loss_fine", "loss_coarse", "loss_ratio",
     "grad_norm", "lr_connector", "lr_dino", "lr_llm", "throughput_samples_sec", "gpu_mem_allocated_gb",
-    "gpu_mem_reserved_gb",
+    "gpu_mem_reserved_gb", "tokens_per_sec", "visual_tokens_per_sec", "text_tokens_per_sec", "flops_per_sec",
+    "mfu", "data_wait_sec",
 )
 METRIC_COLUMNS = (
     "run_id", "step", "samples_seen", "wall_time_sec", "train_loss", "val_loss", "loss_fine", "loss_coarse",
@@ -38,9 +39,9 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _step(row: list[str]) -> float:
+def _step(row: list[str], at: int) -> float:
     try:
-        return int(row[1])
+        return int(row[at])
     except ValueError:
         return math.inf
 
@@ -53,10 +54,13 @@ class CsvLog:
         if keep_until_step is not None and self.path.is_file():
             with self.path.open(newline="") as f:
                 reader = csv.reader(f)
-                header = next(reader, None)
-                if header == list(columns):
-                    # Whole rows only: a row cut short by a kill mid-write is dropped.
-                    kept = [row for row in reader if len(row) == len(columns) and _step(row) <= keep_until_step]
+                header = next(reader, None) or []
+                if "step" in header:
+                    # Whole rows only (a row cut short by a kill mid-write is dropped); a log written
+                    # with other columns (an older fvlm) keeps its values under the current ones.
+                    at = header.index("step")
+                    kept = [[dict(zip(header, row)).get(c, "") for c in columns] for row in reader
+                            if len(row) == len(header) and _step(row, at) <= keep_until_step]
         self.kept_rows = [dict(zip(columns, row)) for row in kept]
         # The kept rows go to a temporary file that replaces the log in one rename: a kill at any
         # moment leaves either the old log or the new one, never an emptied one.

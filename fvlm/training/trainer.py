@@ -33,12 +33,14 @@ from fvlm.training.dist import Dist, init_distributed, shutdown
 from fvlm.training.evaluate import save_probe_attention, to_device, validate
 from fvlm.training.logs import METRIC_COLUMNS, STEP_COLUMNS, CsvLog, Progress, Wandb, git_commit
 from fvlm.training.optim import GROUPS, apply_lrs, build_optimizer, group_lrs
+from fvlm.training.throughput import Interval, peak_flops
 
 # Settings that may change between a run and its resumption: they change how long it runs or what
 # it records, not what a step computes.
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.max_samples", "train.eval_every", "train.save_every", "train.log_every",
     "train.keep_last", "train.keep_milestones", "train.wandb", "train.wandb_project", "data.num_workers",
+    "train.peak_flops",
 }
 # Divergence: the loss climbs above train.divergence_factor x the lowest running level it reached.
 LOSS_EMA_DECAY = 0.9
@@ -133,6 +135,7 @@ class Trainer:
         self.samples_seen = 0
         # Totals over the run for the FLOP estimate: frames, text tokens and target tokens seen.
         self.seen = {"frames": 0, "text_tokens": 0, "loss_tokens": 0}
+        self.seen_at_start, self.samples_at_start = dict(self.seen), 0  # where this session began
         self.wall_time_before = 0.0
         self.loss_ema: float | None = None
         self.loss_floor: float | None = None
@@ -144,7 +147,11 @@ class Trainer:
         self.last_saved_step = -1
         self.last_eval_step = -1
         self.stop_requested = False
-        self.timing = {"train": 0.0, "eval": 0.0, "checkpoint": 0.0, "log": 0.0}
+        # "train" includes "data_wait", the time steps spent waiting for their batches.
+        self.timing = {"train": 0.0, "data_wait": 0.0, "eval": 0.0, "checkpoint": 0.0, "log": 0.0}
+        cuda = self.dist.device.type == "cuda"
+        self.peak_flops, self.peak_source = peak_flops(
+            cfg.train.peak_flops, torch.cuda.get_device_name(self.dist.device) if cuda else None, self.bf16)
         if self.finished is not None:
             return
         self._setup()
@@ -390,10 +397,11 @@ class Trainer:
 
     def _loop(self) -> str:
         t = self.cfg.train
+        self.seen_at_start, self.samples_at_start = dict(self.seen), self.samples_seen
         if self._eval_pending():
             self._evaluate()
         batches = iter(self.train_loader)
-        interval_samples, interval_time = 0, 0.0
+        interval = Interval()
         while self.step < self.total_steps and not (t.max_samples and self.samples_seen >= t.max_samples):
             began = time.perf_counter()
             next_step = self.step + 1
@@ -403,6 +411,7 @@ class Trainer:
             apply_lrs(self.optimizer, lrs)
             with torch.random.fork_rng(devices=[]):
                 micro = [next(batches) for _ in range(t.grad_accum)]
+            data_wait = time.perf_counter() - began  # what the step waited for its batches
             local = self._forward_backward(micro, compute_coarse=logged or self.cfg.model.lambda_coarse > 0)
             (tokens, loss_sum, fine_sum, fine_n, coarse_sum, coarse_n, samples, frames, text_tokens, oom,
              stop) = self.dist.all_sum(local + [float(self.stop_requested)])
@@ -427,8 +436,9 @@ class Trainer:
                 self.seen[key] += int(value)
             elapsed = time.perf_counter() - began
             self.timing["train"] += elapsed
-            interval_samples += int(samples)
-            interval_time += elapsed
+            self.timing["data_wait"] += data_wait
+            interval.add(samples=int(samples), frames=int(frames), text_tokens=int(text_tokens),
+                         loss_tokens=int(tokens), seconds=elapsed, data_wait=data_wait)
             row = None
             if logged:
                 log_began = time.perf_counter()
@@ -440,10 +450,10 @@ class Trainer:
                     "loss_fine": loss_fine, "loss_coarse": loss_coarse,
                     "loss_ratio": loss_fine / loss_coarse if loss_fine is not None and loss_coarse else None,
                     "grad_norm": grad_norm, **{f"lr_{g}": lrs[g] for g in GROUPS},
-                    "throughput_samples_sec": interval_samples / max(interval_time, 1e-9),
+                    **interval.row(self.cfg.model, self.peak_flops, self.dist.world_size),
                     **self._gpu_memory(),
                 }
-                interval_samples, interval_time = 0, 0.0
+                interval = Interval()
                 self.last_row = row
                 if self.steps_log is not None:
                     self.steps_log.write(row)
@@ -618,6 +628,26 @@ class Trainer:
         return estimate_flops(self.cfg.model, frames=mean["frames"], text_tokens=mean["text_tokens"],
                               loss_tokens=mean["loss_tokens"]).per_sample
 
+    def _throughput(self, flops_per_sample: float | None) -> dict:
+        """Over this session's training time (a resumed run counts its own steps only)."""
+        seconds = self.timing["train"]
+        session = {k: self.seen[k] - self.seen_at_start[k] for k in self.seen}
+        samples = self.samples_seen - self.samples_at_start
+        if seconds <= 0 or not samples:
+            return {"peak_flops": self.peak_flops, "peak_source": self.peak_source}
+        visual = session["frames"] * (self.cfg.model.tokens_per_frame or 1)
+        flops = flops_per_sample * samples / seconds if flops_per_sample else None
+        return {
+            "samples_per_sec": samples / seconds,
+            "tokens_per_sec": (visual + session["text_tokens"]) / seconds,
+            "visual_tokens_per_sec": visual / seconds,
+            "text_tokens_per_sec": session["text_tokens"] / seconds,
+            "flops_per_sec": flops,
+            "mfu": flops / (self.peak_flops * self.dist.world_size) if flops and self.peak_flops else None,
+            "peak_flops": self.peak_flops, "peak_source": self.peak_source,
+            "data_wait_fraction": self.timing["data_wait"] / seconds,
+        }
+
     def _summary(self, status: str, error: str | None) -> dict:
         best_val = self.best.get("val_loss")
         convergence_step = None
@@ -638,6 +668,7 @@ class Trainer:
             "final": self.history[-1] if self.history else {}, "best": self.best,
             "skipped_steps": self.skipped_steps, "data_skips": dict(self.train_loader.stats),
             "time_sec": {k: round(v, 3) for k, v in self.timing.items()},
+            "throughput": self._throughput(flops_per_sample),
         }
         if error:
             summary["error"] = error
