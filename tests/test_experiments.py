@@ -113,6 +113,42 @@ def test_paper_budgets_with_the_plans_formula_give_the_plans_sample_counts(capsy
     assert PAPER.budgets == PLAN_BUDGETS
 
 
+def test_paper_cost_estimate_uses_measured_mfu_where_one_exists_and_says_so(tmp_path):
+    """The dry run prices a run at the MFU measured for its model shape on the preset's GPU kind (a
+    benchmark file, or a finished run of the sweep), the rest at the assumed one, and says which."""
+    import yaml
+
+    from fvlm.experiments.estimate import estimate
+    from fvlm.experiments.presets import get_preset
+    from fvlm.experiments.runner import Sweep
+
+    preset = get_preset("paper")
+    specs = _specs(("a", {"model.llm": "smollm2-135m"}, 1000), ("b", {"model.llm": "smollm2-360m"}, 1000),
+                   ("c", {"model.llm": "smollm2-1.7b"}, 1000))
+    sweep = Sweep(tmp_path / "sweep", "test", preset.config, {}, specs, (4, 40))
+    bench = tmp_path / "mfu_measured.json"
+    bench.write_text(json.dumps([{"device": "NVIDIA A100-SXM4-80GB", "llm": "smollm2-135m", "arch": "foveated",
+                                  "mfu": 0.15},
+                                 {"device": "NVIDIA H100 80GB HBM3", "llm": "smollm2-360m", "arch": "foveated",
+                                  "mfu": 0.9}]))  # another GPU kind: not used for the A100 preset
+    finished = tmp_path / "sweep" / "c"
+    finished.mkdir(parents=True)
+    (finished / "config.yaml").write_text(yaml.safe_dump({"model": {"llm": "smollm2-1.7b", "arch": "foveated"}}))
+    (finished / "run_summary.json").write_text(json.dumps({"throughput": {"device": "NVIDIA A100 80GB PCIe",
+                                                                          "mfu": 0.45}}))
+    assumed = estimate(sweep.planned, preset, 1, measure=False, bench_file=tmp_path / "none.json")
+    est = estimate(sweep.planned, preset, 1, measure=False, folders=[tmp_path / "sweep"], bench_file=bench)
+    by = {r["run_id"]: r for r in est["rows"]}
+    assert by["a"]["mfu"] == 0.15 and "mfu_measured.json" in by["a"]["mfu_source"]
+    assert by["b"]["mfu"] == preset.assumed_mfu and by["b"]["mfu_source"] == "assumed"
+    assert by["c"]["mfu"] == 0.45 and "run c" in by["c"]["mfu_source"]
+    old = {r["run_id"]: r for r in assumed["rows"]}
+    assert by["a"]["seconds"] == pytest.approx(old["a"]["seconds"] * preset.assumed_mfu / 0.15)
+    assert by["c"]["seconds"] == pytest.approx(old["c"]["seconds"] * preset.assumed_mfu / 0.45)
+    assert "2 run(s) at MFU measured" in est["basis"] and "1 run(s) at an assumed 30% MFU" in est["basis"]
+    assert "12 run(s)" not in assumed["basis"] and "3 run(s) at an assumed" in assumed["basis"]
+
+
 def test_phase1_dry_run_lists_both_sweeps(capsys):
     assert main(["phase1", "--dry-run", "--no-measure"]) == 0
     out = capsys.readouterr().out

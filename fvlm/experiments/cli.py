@@ -152,7 +152,7 @@ def _print_matrix(title: str, sweep, preset, jobs: int, measure: bool, as_json: 
     from fvlm.experiments.estimate import estimate, fmt_seconds
     from fvlm.experiments.runner import diff_text
 
-    est = estimate(sweep.planned, preset, jobs, measure=measure)
+    est = estimate(sweep.planned, preset, jobs, measure=measure, folders=[sweep.folder])
     rows = []
     for p, e in zip(sweep.planned, est["rows"]):
         rows.append({"run_id": p.spec.run_id, "description": p.spec.description, "diff": p.spec.diff,

@@ -1,6 +1,12 @@
 """How long a sweep will take: training throughput measured on this machine for every distinct
 model of the matrix (a few steps on a random batch of the preset's average sample), or, where the
-models are too large for this machine's CPU, the planned FLOPs at an assumed GPU utilisation.
+models are too large for this machine's CPU, the planned FLOPs on the preset's GPUs at a model FLOP
+utilisation (MFU) that is measured where a measurement exists and assumed where none does.
+
+Measured MFU comes from two places, for the same model shape (LLM and architecture) on the same GPU
+kind as the preset's: `benchmarks/mfu_measured.json` in the repository (written by
+`benchmarks/gpu_check.py`), and finished runs of the sweep itself (`run_summary.json` records the
+device and the run's MFU).
 """
 
 from __future__ import annotations
@@ -8,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from fvlm.config import RunConfig
@@ -18,6 +25,56 @@ RUN_OVERHEAD_SEC = 3.0
 # An evaluation runs fine + coarse forward passes (no backward) over eval_samples, plus the probe videos.
 EVAL_COST_PER_SAMPLE = 0.7
 MEASURE_MAX_PARAMS = 50e6  # larger models are not timed on a CPU
+MEASURED_MFU_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "mfu_measured.json"
+
+
+def gpu_kind(name: str) -> str | None:
+    """The peak-table family of a GPU name ("NVIDIA H100 80GB HBM3" -> "H100")."""
+    from fvlm.training.throughput import BF16_PEAKS
+
+    return next((piece for piece, _ in BF16_PEAKS if piece in name), None)
+
+
+def _shape_key(model_cfg) -> tuple[str, str]:
+    return Path(str(model_cfg.llm)).name, model_cfg.arch
+
+
+def measured_mfu(gpu_name: str, folders: list[Path], bench_file: Path = MEASURED_MFU_FILE) -> dict[tuple[str, str], tuple[float, str]]:
+    """{(llm shape, arch): (MFU, where it was measured)} for the GPU kind of `gpu_name`: finished runs
+    under `folders` first (they are this sweep's own), then the benchmark file."""
+    kind = gpu_kind(gpu_name)
+    found: dict[tuple[str, str], tuple[float, str]] = {}
+    if kind is None:
+        return found
+    if bench_file.is_file():
+        try:
+            records = json.loads(bench_file.read_text())
+        except json.JSONDecodeError:
+            records = []
+        for r in records if isinstance(records, list) else []:
+            if isinstance(r, dict) and r.get("mfu") and gpu_kind(str(r.get("device", ""))) == kind:
+                found[(str(r.get("llm")), str(r.get("arch")))] = (float(r["mfu"]), f"{bench_file.name} ({r['device']})")
+    for folder in folders:
+        for summary_path in sorted(Path(folder).glob("*/run_summary.json")):
+            try:
+                summary = json.loads(summary_path.read_text())
+                rate = summary.get("throughput") or {}
+                model = _saved_model(summary_path.parent)
+            except (json.JSONDecodeError, OSError, AttributeError):
+                continue
+            if model and rate.get("mfu") and gpu_kind(str(rate.get("device", ""))) == kind:
+                found[model] = (float(rate["mfu"]), f"run {summary_path.parent.name} ({rate['device']})")
+    return found
+
+
+def _saved_model(run_dir: Path) -> tuple[str, str] | None:
+    import yaml
+
+    try:
+        model = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return (Path(str(model.get("llm", ""))).name, str(model.get("arch", "foveated"))) if model else None
 
 
 def measure_samples_per_sec(cfg: RunConfig, frames: int, text: int, steps: int = 3) -> float:
@@ -70,8 +127,10 @@ def _model_key(cfg: RunConfig) -> str:
     return json.dumps([cfg.model.__dict__, cfg.train.batch_size, cfg.train.cpu_threads], sort_keys=True, default=str)
 
 
-def estimate(planned: list, preset: Preset, jobs: int, measure: bool = True) -> dict[str, Any]:
-    """Per-run and total time estimates for a list of runner.Planned."""
+def estimate(planned: list, preset: Preset, jobs: int, measure: bool = True, folders: list[Path] | None = None,
+             bench_file: Path = MEASURED_MFU_FILE) -> dict[str, Any]:
+    """Per-run and total time estimates for a list of runner.Planned; `folders` are sweep folders
+    whose finished runs may have measured MFU."""
     import torch
 
     from fvlm.model.flops import count_params
@@ -81,6 +140,7 @@ def estimate(planned: list, preset: Preset, jobs: int, measure: bool = True) -> 
     can_measure = measure and (gpus > 0 or largest <= MEASURE_MAX_PARAMS)
     frames, text = preset.sample_shape
     speed: dict[str, float] = {}
+    mfu = {} if can_measure else measured_mfu(preset.gpu_name, folders or [], bench_file)
     rows = []
     for p in planned:
         t = p.cfg.train
@@ -97,10 +157,12 @@ def estimate(planned: list, preset: Preset, jobs: int, measure: bool = True) -> 
             row["seconds"] = RUN_OVERHEAD_SEC + (p.spec.samples + eval_samples) / sps
             row["samples_per_sec"] = sps
         else:
-            # The plan's machine at an assumed model FLOP utilisation; evaluation adds its share.
-            rate = preset.gpus * preset.gpu_peak_flops * preset.assumed_mfu
+            # The plan's machine at the measured (else assumed) MFU; evaluation adds its share.
+            utilisation, source = mfu.get(_shape_key(p.cfg.model), (preset.assumed_mfu, "assumed"))
+            rate = preset.gpus * preset.gpu_peak_flops * utilisation
             eval_flops = evals * (t.eval_samples + t.probe_videos) * p.flops_per_sample * EVAL_COST_PER_SAMPLE / 3
             row["seconds"] = (row["flops"] + eval_flops) / rate
+            row["mfu"], row["mfu_source"] = utilisation, source
         rows.append(row)
     total = sum(r["seconds"] for r in rows)
     if can_measure:
@@ -109,8 +171,17 @@ def estimate(planned: list, preset: Preset, jobs: int, measure: bool = True) -> 
         wall = total / (1 if gpus else max(1, jobs))
         gpu_hours = total * gpus / 3600 if gpus else None
     else:
-        basis = (f"planned FLOPs on {preset.gpus} x {preset.gpu_name} at {preset.assumed_mfu:.0%} of "
-                 f"{preset.gpu_peak_flops / 1e12:.0f} TFLOP/s bf16 peak (assumed: too large to time on this CPU)")
+        measured = sorted({r["mfu_source"] for r in rows if r["mfu_source"] != "assumed"})
+        assumed = sum(r["mfu_source"] == "assumed" for r in rows)
+        parts = []
+        if measured:
+            parts.append(f"{len(rows) - assumed} run(s) at MFU measured on {preset.gpu_name}-class GPUs "
+                         f"({'; '.join(measured)})")
+        if assumed:
+            parts.append(f"{assumed} run(s) at an assumed {preset.assumed_mfu:.0%} MFU (no measurement for their "
+                         f"model shape on a {gpu_kind(preset.gpu_name) or preset.gpu_name}; run benchmarks/gpu_check.py)")
+        basis = (f"planned FLOPs on {preset.gpus} x {preset.gpu_name} ({preset.gpu_peak_flops / 1e12:.0f} TFLOP/s "
+                 f"bf16 peak; too large to time on this CPU): " + ", ".join(parts))
         wall = total
         gpu_hours = total * preset.gpus / 3600
     out = {"rows": rows, "basis": basis, "total_run_seconds": total, "wall_seconds": wall,

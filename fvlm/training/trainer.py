@@ -150,8 +150,9 @@ class Trainer:
         # "train" includes "data_wait", the time steps spent waiting for their batches.
         self.timing = {"train": 0.0, "data_wait": 0.0, "eval": 0.0, "checkpoint": 0.0, "log": 0.0}
         cuda = self.dist.device.type == "cuda"
-        self.peak_flops, self.peak_source = peak_flops(
-            cfg.train.peak_flops, torch.cuda.get_device_name(self.dist.device) if cuda else None, self.bf16)
+        self.device_name = torch.cuda.get_device_name(self.dist.device) if cuda else "cpu"
+        self.peak_flops, self.peak_source = peak_flops(cfg.train.peak_flops, self.device_name if cuda else None,
+                                                       self.bf16)
         if self.finished is not None:
             return
         self._setup()
@@ -634,7 +635,7 @@ class Trainer:
         session = {k: self.seen[k] - self.seen_at_start[k] for k in self.seen}
         samples = self.samples_seen - self.samples_at_start
         if seconds <= 0 or not samples:
-            return {"peak_flops": self.peak_flops, "peak_source": self.peak_source}
+            return {"device": self.device_name, "peak_flops": self.peak_flops, "peak_source": self.peak_source}
         visual = session["frames"] * (self.cfg.model.tokens_per_frame or 1)
         flops = flops_per_sample * samples / seconds if flops_per_sample else None
         return {
@@ -644,6 +645,7 @@ class Trainer:
             "text_tokens_per_sec": session["text_tokens"] / seconds,
             "flops_per_sec": flops,
             "mfu": flops / (self.peak_flops * self.dist.world_size) if flops and self.peak_flops else None,
+            "device": self.device_name, "world_size": self.dist.world_size, "precision": "bf16" if self.bf16 else "fp32",
             "peak_flops": self.peak_flops, "peak_source": self.peak_source,
             "data_wait_fraction": self.timing["data_wait"] / seconds,
         }

@@ -1,0 +1,347 @@
+"""The GPU check: everything the plan's runs need to know about a GPU, measured in a few minutes.
+
+    python benchmarks/gpu_check.py [--out DIR] [--sizes 135m,360m,1.7b] [--steps N] [--no-record]
+    python benchmarks/gpu_check.py --reduced [--out DIR]      # the CPU-sized version CI runs
+
+On one H100/H200 it takes about 5-8 minutes. With random weights of the paper shapes (SmolLM2
+135M / 360M / 1.7B + DINOv2-small at 224 px, 16 frames and 484 text tokens per sample, the plan's
+sample; each size's shipped config, so its per-GPU batch and gradient checkpointing) it measures:
+
+1. step time, MFU and peak memory of a training step (forward, backward, AdamW) for the foveated
+   model (coarse_fine), coarse-only and the 16-token multi-token baseline, in bf16;
+2. `torch.compile` on vs off (135M foveated);
+3. bf16 vs fp32 loss parity over a few steps from the same weights and batches;
+4. data-loader throughput at 224 px with 0, 2 and 4 workers (synthetic shards written to a temp folder);
+5. the manual gradient all-reduce the trainer uses (sum after backward, one bucketed collective)
+   against DDP's overlapped one, in 2 processes: NCCL on 2 GPUs if visible, else gloo as a proxy.
+
+It writes DIR/gpu_check.json and DIR/gpu_check.md (default DIR: benchmarks/gpu_check/<device>), and on
+a GPU records the measured MFU of each shape in benchmarks/mfu_measured.json, which
+`fvlm phase1 --preset paper --dry-run` reads in place of its assumed 30%. MFU is the exact FLOP
+counter's training FLOPs (fvlm.model.flops) over step time, against the bf16 dense peak of the
+device (fvlm.training.throughput.BF16_PEAKS); goal: >= 40% at 135M on an H100-class GPU.
+
+`--reduced` runs the same code on tiny shapes at 32 px on the CPU in under a minute, so that the
+script cannot rot between GPU sessions; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from fvlm.config import load_config  # noqa: E402
+from fvlm.model.build import build_model  # noqa: E402
+from fvlm.model.flops import estimate_flops  # noqa: E402
+from fvlm.training.optim import build_optimizer  # noqa: E402
+from fvlm.training.throughput import peak_flops  # noqa: E402
+
+FULL = {"configs": {"135m": "paper_135m", "360m": "paper_360m", "1.7b": "paper_1.7b"}, "frames": 16, "text": 484,
+        "image": 224, "steps": 5, "parity_steps": 5, "loader_samples": 96, "loader_workers": (0, 2, 4),
+        "compile_backend": "inductor"}
+# On the CPU, inductor spends minutes compiling C++; the "eager" backend still runs torch.compile's
+# graph capture over the model, which is what can rot.
+REDUCED = {"configs": {"tiny": "tiny"}, "frames": 2, "text": 32, "image": 32, "steps": 2, "parity_steps": 3,
+           "loader_samples": 16, "loader_workers": (0, 1), "batch": 2, "compile_backend": "eager"}
+VARIANTS = {
+    "coarse_fine": {},
+    "coarse_only": {"model.coarse_only": True},
+    "multi_token": {"model.arch": "multi_token", "model.tokens_per_frame": 16},
+}
+
+
+def run_config(name: str, plan: dict, overrides: dict):
+    base = {"model.image_size": plan["image"], "data.max_frames": plan["frames"]}
+    if "batch" in plan:
+        base["train.batch_size"] = plan["batch"]
+    return load_config(name, {**base, **overrides})
+
+
+def make_batch(b: int, plan: dict, device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    size, t, n = plan["image"], plan["frames"], plan["text"]
+    return {
+        "frames": torch.randn(b, t, 3, size, size, generator=g).to(device),
+        "frame_mask": torch.ones(b, t, dtype=torch.bool, device=device),
+        "input_ids": torch.randint(4, 250, (b, n), generator=g).to(device),
+        "attention_mask": torch.ones(b, n, dtype=torch.long, device=device),
+        "loss_mask": torch.ones(b, n, dtype=torch.bool, device=device),
+    }
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_steps(cfg, batch, device, bf16: bool, steps: int, compile_backend: str | None = None, seed: int = 0):
+    """(median seconds per step, losses, peak GiB): forward + backward + AdamW on one fixed batch."""
+    torch.manual_seed(seed)
+    model = build_model(cfg.model).to(device)
+    model.train()
+    if compile_backend:
+        model.compile(backend=compile_backend)
+    optimizer = build_optimizer(model, cfg.optim)
+    losses, times = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(steps + 1):  # the first is a warm-up (and, compiled, the compilation)
+        sync(device)
+        began = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(batch, compute_coarse=cfg.model.lambda_coarse > 0).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - began)
+        losses.append(float(loss))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(times), losses, peak
+
+
+def check_steps(plan, device, bf16, peak, log) -> list[dict]:
+    rows = []
+    for size, name in plan["configs"].items():
+        for variant, overrides in VARIANTS.items():
+            cfg = run_config(name, plan, overrides)
+            b = cfg.train.batch_size
+            flops = estimate_flops(cfg.model, frames=plan["frames"], text_tokens=plan["text"]).per_sample * b
+            try:
+                seconds, _, memory = train_steps(cfg, make_batch(b, plan, device), device, bf16, plan["steps"])
+            except torch.cuda.OutOfMemoryError:
+                rows.append({"size": size, "variant": variant, "batch": b, "error": "out of memory"})
+                torch.cuda.empty_cache()
+                continue
+            row = {"size": size, "variant": variant, "llm": cfg.model.llm, "arch": cfg.model.arch, "batch": b,
+                   "checkpointing": cfg.model.gradient_checkpointing, "step_sec": seconds,
+                   "samples_per_sec": b / seconds, "flops_per_sec": flops / seconds,
+                   "mfu": flops / seconds / peak if peak else None, "peak_mem_gib": memory}
+            rows.append(row)
+            log(f"  step {size:>5} {variant:<12} batch {b:>3}: {seconds * 1e3:8.1f} ms, "
+                f"{row['samples_per_sec']:7.1f} samples/s, MFU {_pct(row['mfu'])}, peak {_gib(memory)}")
+    return rows
+
+
+def check_compile(plan, device, bf16, log) -> dict:
+    name = next(iter(plan["configs"].values()))
+    cfg = run_config(name, plan, {})
+    batch = make_batch(cfg.train.batch_size, plan, device)
+    eager, _, _ = train_steps(cfg, batch, device, bf16, plan["steps"])
+    try:
+        compiled, _, _ = train_steps(cfg, batch, device, bf16, plan["steps"], compile_backend=plan["compile_backend"])
+    except Exception as exc:  # a compiler failure is a result to report, not a reason to stop the check
+        log(f"  torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return {"eager_step_sec": eager, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    log(f"  compile: eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms ({eager / compiled:.2f}x)")
+    return {"backend": plan["compile_backend"], "eager_step_sec": eager, "compiled_step_sec": compiled,
+            "speedup": eager / compiled}
+
+
+def check_parity(plan, device, log) -> dict:
+    """The same weights and batch trained in fp32 and in bf16 autocast: per-step relative loss gap."""
+    name = next(iter(plan["configs"].values()))
+    cfg = run_config(name, plan, {})
+    batch = make_batch(cfg.train.batch_size, plan, device, seed=1)
+    _, fp32, _ = train_steps(cfg, batch, device, False, plan["parity_steps"], seed=1)
+    _, bf16, _ = train_steps(cfg, batch, device, True, plan["parity_steps"], seed=1)  # CPU autocast has bf16 too
+    gaps = [abs(a - b) / abs(a) for a, b in zip(fp32, bf16)]
+    log(f"  bf16 vs fp32 loss: max relative gap {max(gaps):.4f} over {len(gaps)} steps")
+    return {"fp32_losses": fp32, "bf16_losses": bf16, "max_relative_gap": max(gaps)}
+
+
+def check_loader(plan, log) -> list[dict]:
+    from fvlm.data.loader import build_loader
+    from fvlm.data.synth import generate_synthetic
+    from fvlm.model.build import build_tokenizer
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        n = plan["loader_samples"]
+        generate_synthetic(Path(tmp) / "set", videos=n, images=n // 4, texts=n // 4, frames=plan["frames"],
+                           size=plan["image"], seed=0, val=8, probe=2, bench=4)
+        for workers in plan["loader_workers"]:
+            cfg = load_config("tiny", {"data.train": str(Path(tmp) / "set" / "train"), "data.num_workers": workers,
+                                       "model.image_size": plan["image"], "data.max_frames": plan["frames"],
+                                       "train.batch_size": 8})
+            loader = build_loader(cfg, "train", build_tokenizer(cfg.model))
+            batches = iter(loader)
+            next(batches)  # workers start
+            began, samples = time.perf_counter(), 0
+            for _ in range(max(2, n // 8)):
+                samples += next(batches)["input_ids"].shape[0]
+            rate = samples / (time.perf_counter() - began)
+            rows.append({"workers": workers, "samples_per_sec": rate, "frames_per_sec": rate * plan["frames"]})
+            log(f"  loader {plan['image']} px, {workers} workers: {rate:7.1f} samples/s")
+    return rows
+
+
+def _allreduce_worker(rank: int, world: int, port: int, plan: dict, mode: str, steps: int, queue) -> None:
+    import torch.distributed as dist
+
+    from fvlm.training.dist import Dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.device_count() >= world
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    name = next(iter(plan["configs"].values()))
+    cfg = run_config(name, plan, {})
+    torch.manual_seed(0)
+    model = build_model(cfg.model).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None,
+                                                    find_unused_parameters=True) if mode == "ddp" else None
+    batch = make_batch(cfg.train.batch_size, plan, device, seed=rank)
+    times = []
+    for i in range(steps + 1):
+        sync(device)
+        began = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = (ddp or model)(batch, compute_coarse=False).loss
+        loss.backward()
+        if mode == "manual":
+            Dist(rank=rank, world_size=world, device=device).sum_gradients(params)
+        for p in params:
+            p.grad = None
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - began)
+    if rank == 0:
+        queue.put(statistics.median(times))
+    dist.destroy_process_group()
+
+
+def check_allreduce(plan, log) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    world = 2
+    backend = "nccl" if torch.cuda.device_count() >= world else "gloo (CPU proxy)"
+    context = mp.get_context("spawn")
+    result = {"backend": backend}
+    for mode in ("manual", "ddp"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        queue = context.Queue()
+        mp.start_processes(_allreduce_worker, args=(world, port, plan, mode, plan["steps"], queue), nprocs=world,
+                           start_method="spawn", join=True)
+        result[f"{mode}_step_sec"] = queue.get()
+    result["manual_over_ddp"] = result["manual_step_sec"] / result["ddp_step_sec"]
+    log(f"  all-reduce on {backend}: manual {result['manual_step_sec'] * 1e3:.1f} ms, DDP "
+        f"{result['ddp_step_sec'] * 1e3:.1f} ms per step ({result['manual_over_ddp']:.2f}x)")
+    return result
+
+
+def _pct(v):
+    return "  n/a" if v is None else f"{v:5.1%}"
+
+
+def _gib(v):
+    return "n/a" if v is None else f"{v:.1f} GiB"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# GPU check: {report['device']} ({'reduced, CPU' if report['reduced'] else 'full'})", "",
+             f"torch {report['torch']}, {report['precision']}, peak {report['peak_source']}; {report['seconds']:.0f} s", "",
+             "| size | variant | batch | step (ms) | samples/s | MFU | peak memory |", "|---|---|---|---|---|---|---|"]
+    for r in report["steps"]:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['variant']} | {r['batch']} | {r['error']} | | | |")
+        else:
+            lines.append(f"| {r['size']} | {r['variant']} | {r['batch']} | {r['step_sec'] * 1e3:.1f} | "
+                         f"{r['samples_per_sec']:.1f} | {_pct(r['mfu']).strip()} | {_gib(r['peak_mem_gib'])} |")
+    c = report["compile"]
+    lines += ["", "| check | result |", "|---|---|"]
+    lines.append(f"| torch.compile, {c.get('backend', '?')} backend (step, eager / compiled) | " + (
+        f"{c['eager_step_sec'] * 1e3:.1f} / {c['compiled_step_sec'] * 1e3:.1f} ms ({c['speedup']:.2f}x) |"
+        if "speedup" in c else f"failed: {c['error']} |"))
+    p = report["parity"]
+    lines.append(f"| bf16 vs fp32 loss, max relative gap over {len(p['fp32_losses'])} steps | {p['max_relative_gap']:.4f} |")
+    for r in report["loader"]:
+        lines.append(f"| loader, {r['workers']} workers | {r['samples_per_sec']:.1f} samples/s |")
+    a = report["allreduce"]
+    lines.append(f"| gradient all-reduce on {a['backend']}: manual / DDP step | {a['manual_step_sec'] * 1e3:.1f} / "
+                 f"{a['ddp_step_sec'] * 1e3:.1f} ms ({a['manual_over_ddp']:.2f}x) |")
+    return "\n".join(lines) + "\n"
+
+
+def record_mfu(report: dict, path: Path) -> None:
+    """Adds this device's measured MFU per model shape to the file the cost estimate reads."""
+    records = json.loads(path.read_text()) if path.is_file() else []
+    fresh = [{"device": report["device"], "llm": r["llm"], "arch": r["arch"], "mfu": r["mfu"], "batch": r["batch"],
+              "measured": report["date"]}
+             for r in report["steps"] if r.get("mfu") and r["variant"] != "coarse_only"]
+    keys = {(r["device"], r["llm"], r["arch"]) for r in fresh}
+    records = [r for r in records if (r.get("device"), r.get("llm"), r.get("arch")) not in keys] + fresh
+    path.write_text(json.dumps(records, indent=1) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reduced", action="store_true", help="tiny shapes on the CPU (what CI runs)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--sizes", help="comma-separated subset of 135m,360m,1.7b")
+    parser.add_argument("--steps", type=int, help="timed steps per measurement")
+    parser.add_argument("--no-record", action="store_true", help="do not update benchmarks/mfu_measured.json")
+    args = parser.parse_args(argv)
+    plan = dict(REDUCED if args.reduced else FULL)
+    if args.sizes:
+        unknown = set(args.sizes.split(",")) - set(plan["configs"])
+        if unknown:
+            parser.error(f"--sizes: unknown {sorted(unknown)}; choose from {sorted(plan['configs'])}")
+        plan["configs"] = {k: v for k, v in plan["configs"].items() if k in args.sizes.split(",")}
+    if args.steps:
+        plan["steps"] = args.steps
+    cuda = torch.cuda.is_available() and not args.reduced
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(1)
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    peak, source = peak_flops(None, name if cuda else None, bf16)
+    out = args.out or HERE / "gpu_check" / name.replace(" ", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    log(f"GPU check on {name} ({'reduced' if args.reduced else 'full'}), peak {source}")
+    report = {"device": name, "reduced": args.reduced, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "precision": "bf16 autocast" if bf16 else "fp32", "peak_flops": peak, "peak_source": source,
+              "plan": {k: v for k, v in plan.items() if k != "configs"} | {"configs": plan["configs"]}}
+    report["steps"] = check_steps(plan, device, bf16, peak, log)
+    report["compile"] = check_compile(plan, device, bf16, log)
+    report["parity"] = check_parity(plan, device, log)
+    report["loader"] = check_loader(plan, log)
+    report["allreduce"] = check_allreduce(plan, log)
+    report["seconds"] = time.perf_counter() - began
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / "gpu_check.md").write_text(markdown(report))
+    if cuda and not args.no_record:
+        record_mfu(report, HERE / "mfu_measured.json")
+    log(f"wrote {out / 'gpu_check.json'} and gpu_check.md in {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
