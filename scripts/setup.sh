@@ -13,4 +13,4 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" torch==2.13.0
   fi
 fi
-"${PIP[@]}" -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+"${PIP[@]}" -e '.[dev,slurm]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }

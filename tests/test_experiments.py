@@ -300,3 +300,59 @@ def test_a_dead_worker_fails_its_own_run_and_the_sweep_goes_on(tmp_path):
     assert "SIGKILL" in state["runs"]["victim"]["error"]
     # Re-running the sweep resumes the failed run from its checkpoint and leaves the others alone.
     assert Sweep(folder, "ablations", "tiny", base, specs, (4, 40), jobs=2).run()["victim"] == "completed"
+
+
+def test_slurm_launcher_through_submitits_local_executor_matches_the_local_launcher(tmp_path):
+    """A 3-run micro sweep as SLURM jobs (submitit's local executor runs the same code path on this
+    machine). One job is interrupted as SLURM interrupts a preempted or timed-out job (SIGUSR2): it
+    checkpoints, is requeued and resumes. Every run ends as it does under the local launcher."""
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    from fvlm.experiments.runner import resolve_synthetic
+    from fvlm.experiments.slurm import SlurmSettings
+
+    base = resolve_synthetic("tiny", {**SMALL, "train.eval_every": 4, "train.save_every": 2}, tmp_path)
+    specs = _specs(("F3", {}, 48), ("A6", {"model.coarse_only": True}, 24), ("B1", {"model.arch": "multi_token",
+                                                                                  "model.tokens_per_frame": 4}, 24))
+    local = Sweep(tmp_path / "local", "ablations", "tiny", base, specs, (4, 40)).run()
+    sweep = Sweep(tmp_path / "slurm", "ablations", "tiny", base, specs, (4, 40),
+                  slurm=SlurmSettings(cluster="local", poll_sec=0.5, time_min=30))
+    interrupted = []
+
+    def preempt_f3():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            job = sweep.slurm_jobs.get("F3")
+            if job is not None and (tmp_path / "slurm" / "F3" / "checkpoints" / "step_0000002" / "meta.json").is_file():
+                # SIGUSR2 to the job's task, as SLURM sends it ahead of preemption or the time limit
+                # (the local executor's own controller does not pass it on).
+                controller = job._process.pid
+                for task in Path(f"/proc/{controller}/task/{controller}/children").read_text().split():
+                    os.kill(int(task), signal.SIGUSR2)
+                    interrupted.append(task)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=preempt_f3, daemon=True)
+    thread.start()
+    statuses = sweep.run()
+    thread.join()
+    assert interrupted, "F3's job was never interrupted"
+    assert statuses == local == {"F3": "completed", "A6": "completed", "B1": "completed"}
+    log = (tmp_path / "slurm" / "F3" / "train.log").read_text()
+    assert "resuming at step" in log  # the requeued job resumed from the checkpoint
+    for rid in statuses:
+        ours = json.loads((tmp_path / "slurm" / rid / "run_summary.json").read_text())
+        theirs = json.loads((tmp_path / "local" / rid / "run_summary.json").read_text())
+        assert ours["total_samples"] == theirs["total_samples"]
+        assert ours["best_val_loss"] == pytest.approx(theirs["best_val_loss"], abs=1e-6)
+        assert ours["final"]["val_loss"] == pytest.approx(theirs["final"]["val_loss"], abs=1e-6)
+    state = json.loads((tmp_path / "slurm" / "sweep_state.json").read_text())
+    assert all(state["runs"][rid]["job_id"] for rid in statuses)
+    # Re-running submits nothing: every run is finished.
+    again = Sweep(tmp_path / "slurm", "ablations", "tiny", base, specs, (4, 40),
+                  slurm=SlurmSettings(cluster="local", poll_sec=0.5))
+    assert again.run() == statuses and again.slurm_jobs == {}

@@ -39,6 +39,18 @@ def _add_common(parser: argparse.ArgumentParser, default_hint: str) -> None:
                         help="runs side by side on a CPU machine (default: the preset's, at most the CPU count)")
     parser.add_argument("--retry-failed", action="store_true", help="run failed runs again instead of skipping them")
     parser.add_argument("--no-measure", action="store_true", help="with --dry-run: do not time the models here")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="local: run here (default); slurm: submit each run as a SLURM job through submitit "
+                             "and wait for them (re-running re-attaches and never submits a run twice)")
+    slurm = parser.add_argument_group("SLURM (with --launcher slurm)")
+    slurm.add_argument("--slurm-partition")
+    slurm.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per node for each run (torchrun inside)")
+    slurm.add_argument("--slurm-nodes", type=int, default=1, help="nodes per run")
+    slurm.add_argument("--slurm-time", type=int, default=24 * 60, help="time limit per job, minutes")
+    slurm.add_argument("--slurm-account")
+    slurm.add_argument("--slurm-qos")
+    slurm.add_argument("--slurm-cpus-per-gpu", type=int, default=8)
+    slurm.add_argument("--slurm-mem-gb", type=int)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides for every run; SIZE:key=value (e.g. M:optim.lr_llm=5e-6, "
                              "L:model.llm=/models/SmolLM2-1.7B) for one size of the scaling grid")
@@ -69,6 +81,24 @@ def register(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- shared set-up
+
+
+def _slurm(args):
+    """The SLURM settings of `--launcher slurm`, or None for the local launcher."""
+    if args.launcher != "slurm":
+        return None
+    from fvlm.experiments.slurm import SlurmSettings
+
+    settings = SlurmSettings(partition=args.slurm_partition, gpus_per_node=args.slurm_gpus, nodes=args.slurm_nodes,
+                             time_min=args.slurm_time, account=args.slurm_account, qos=args.slurm_qos,
+                             cpus_per_gpu=args.slurm_cpus_per_gpu, mem_gb=args.slurm_mem_gb)
+    settings.validate()
+    if not args.dry_run:
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            raise UsageError("--launcher slurm needs submitit (pip install 'fvlm[slurm]')") from None
+    return settings
 
 
 def _jobs(args, preset) -> int:
@@ -182,7 +212,8 @@ def _print_matrix(title: str, sweep, preset, jobs: int, measure: bool, as_json: 
 # ----------------------------------------------------------------------------- ablations
 
 
-def run_ablations(preset, folder: Path, base: dict[str, Any], jobs: int, retry_failed: bool = False) -> dict[str, Any]:
+def run_ablations(preset, folder: Path, base: dict[str, Any], jobs: int, retry_failed: bool = False,
+                  slurm=None) -> dict[str, Any]:
     """Phase 1a with the plan's conditional: F1-F3 (and the runs that do not depend on them) first;
     when F1 wins the freeze question, LR2-LR4 are skipped. Returns the locked config record."""
     from fvlm.experiments import decide, matrix
@@ -190,7 +221,7 @@ def run_ablations(preset, folder: Path, base: dict[str, Any], jobs: int, retry_f
 
     every = matrix.ablation_specs(preset)
     first = [s for s in every if s.run_id in ("F1", "F2", "F3", "A1", "A6", "B1")]
-    Sweep(folder, "ablations", preset.config, base, first, preset.sample_shape, jobs, _log).run(retry_failed)
+    Sweep(folder, "ablations", preset.config, base, first, preset.sample_shape, jobs, _log, slurm).run(retry_failed)
     freeze = decide.freeze_choice(folder, every)
     _log(f"[ablations] freeze question: {freeze.get('choice')} ({freeze.get('reason')})")
     skipped = {}
@@ -199,7 +230,7 @@ def run_ablations(preset, folder: Path, base: dict[str, Any], jobs: int, retry_f
         skipped = {rid: reason for rid in matrix.LR_IDS}
         _log(f"[ablations] LR2, LR3, LR4 {reason}")
     specs = matrix.ablation_specs(preset, freeze_winner=freeze.get("choice"))
-    Sweep(folder, "ablations", preset.config, base, specs, preset.sample_shape, jobs, _log).run(retry_failed)
+    Sweep(folder, "ablations", preset.config, base, specs, preset.sample_shape, jobs, _log, slurm).run(retry_failed)
     locked = decide.lock(folder, every, skipped)
     _log(f"[ablations] locked config: {json.dumps(locked['overrides']) if locked['overrides'] else '(the F3 baseline)'}"
          f" -> {folder / 'locked_config.json'}")
@@ -224,21 +255,21 @@ def cmd_sweep_ablations(args) -> int:
             print(json.dumps(record, indent=1, default=str))
         return 0
     base = _ablation_base(preset, common, folder)
-    run_ablations(preset, folder, base, jobs, args.retry_failed)
+    run_ablations(preset, folder, base, jobs, args.retry_failed, _slurm(args))
     return 0
 
 
 # ----------------------------------------------------------------------------- scaling
 
 
-def _scaling_sweep(preset, folder, common, by_size, locked, formula, data_root, jobs):
+def _scaling_sweep(preset, folder, common, by_size, locked, formula, data_root, jobs, slurm=None):
     from fvlm.experiments import matrix
     from fvlm.experiments.runner import Sweep
 
     common, by_size = _with_backbones(preset, common, by_size, data_root)
     base = _scaling_base(preset, common, locked, data_root)
     specs = matrix.scaling_specs(preset, base, by_size, formula)
-    return Sweep(folder, "scaling", preset.config, base, specs, preset.sample_shape, jobs, _log)
+    return Sweep(folder, "scaling", preset.config, base, specs, preset.sample_shape, jobs, _log, slurm)
 
 
 def cmd_sweep_scaling(args) -> int:
@@ -248,7 +279,7 @@ def cmd_sweep_scaling(args) -> int:
     locked = read_locked(Path(args.winner))["overrides"] if args.winner else {}
     jobs = _jobs(args, preset)
     sweep = _scaling_sweep(preset, folder, common, by_size, locked, args.flops_formula,
-                           None if args.dry_run else folder, jobs)
+                           None if args.dry_run else folder, jobs, _slurm(args))
     if args.dry_run:
         notes = [f"budgets: " + ", ".join(f"{k}={v:.3g}" for k, v in preset.budgets.items())
                  + f" FLOPs; samples = budget / FLOPs per sample ({args.flops_formula} formula, "
@@ -296,22 +327,24 @@ def cmd_phase1(args) -> int:
             print(f"\nphase 1 total: about {fmt_seconds(wall)} wall, then the analysis")
         return 0
 
-    run_phase1(preset, root, common, by_size, jobs, args.flops_formula, args.retry_failed)
+    run_phase1(preset, root, common, by_size, jobs, args.flops_formula, args.retry_failed, _slurm(args))
     return 0
 
 
 def run_phase1(preset, root: Path, common: dict[str, Any], by_size: dict[str, dict[str, Any]], jobs: int,
-               formula: str = "exact", retry_failed: bool = False) -> dict[str, Any]:
+               formula: str = "exact", retry_failed: bool = False, slurm=None) -> dict[str, Any]:
     """Ablations -> locked config -> F3 in three modes -> scaling grid -> foveation evidence -> report,
     under `root`."""
     began = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     ablation_dir, scaling_dir, report_dir = root / "ablations", root / "scaling", root / "report"
-    _log(f"fvlm phase1 --preset {preset.name} -> {root} ({jobs} run(s) side by side)")
+    _log(f"fvlm phase1 --preset {preset.name} -> {root} "
+         + (f"(each run a SLURM job: {slurm.nodes} node(s) x {slurm.gpus_per_node} GPU(s))" if slurm
+            else f"({jobs} run(s) side by side)"))
     base = _ablation_base(preset, common, root)
-    locked = run_ablations(preset, ablation_dir, base, jobs, retry_failed)
+    locked = run_ablations(preset, ablation_dir, base, jobs, retry_failed, slurm)
     evaluate_modes(preset, ablation_dir / "F3", base)
-    sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs)
+    sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs, slurm)
     sweep.run(retry_failed)
     evidence = foveation_evidence(preset, root, ablation_dir, scaling_dir)
     summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked, evidence)

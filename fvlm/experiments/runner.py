@@ -31,6 +31,7 @@ import yaml
 from fvlm.config import RunConfig, config_from_dict, load_config
 from fvlm.errors import UsageError, read_json
 from fvlm.experiments.matrix import RunSpec
+from fvlm.experiments.slurm import SlurmSettings
 
 STATE_FILE = "sweep_state.json"
 SWEEP_CSV = "sweep.csv"
@@ -94,8 +95,11 @@ class Planned:
 
 class Sweep:
     def __init__(self, folder: Path, kind: str, preset_config: str, base: dict[str, Any], specs: list[RunSpec],
-                 sample_shape: tuple[int, int], jobs: int = 1, log: Callable[[str], None] | None = None):
+                 sample_shape: tuple[int, int], jobs: int = 1, log: Callable[[str], None] | None = None,
+                 slurm: SlurmSettings | None = None):
         self.folder, self.kind, self.preset_config = Path(folder), kind, preset_config
+        self.slurm = slurm  # None: run here (the local launcher)
+        self.slurm_jobs: dict[str, Any] = {}  # run id -> the submitit job in flight
         self.sample_shape = sample_shape
         self.base, self.specs, self.jobs = base, specs, max(1, jobs)
         self.log = log or (lambda text: print(text, flush=True))
@@ -219,8 +223,10 @@ class Sweep:
             state["runs"][run_id]["status"] = "running"
             self._save_state(state)
 
-        gpus = _cuda_count()
-        if gpus > 1:
+        gpus = 0 if self.slurm else _cuda_count()
+        if self.slurm:
+            interrupted = self._run_slurm(todo, state, finished)
+        elif gpus > 1:
             interrupted = self._run_torchrun(todo, gpus, started, finished)
         elif self.jobs > 1 and gpus == 0:
             interrupted = self._run_workers(todo, started, finished)
@@ -314,6 +320,48 @@ class Sweep:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return stop["requested"]
+
+    def _run_slurm(self, todo: list[Planned], state: dict, finished) -> bool:
+        """Submits each run as a SLURM job (re-attaching to one an earlier sweep process left queued or
+        running) and waits for all of them. Ctrl-C stops the waiting, not the jobs."""
+        from fvlm.experiments import slurm
+
+        settings = self.slurm
+        ex = slurm.executor(self.folder, settings)
+        configs = self.folder / "configs"
+        configs.mkdir(parents=True, exist_ok=True)
+        began = {}
+        for p in todo:
+            rid, record = p.spec.run_id, state["runs"][p.spec.run_id]
+            job = slurm.attach(self.folder, record.get("job_id"), settings)
+            if job is not None:
+                self.log(f"[{self.kind}] {rid}: job {job.job_id} is still {job.state.split()[0].lower()}; waiting for it")
+            else:
+                path = configs / f"{rid}.yaml"
+                path.write_text(yaml.safe_dump(p.cfg.to_dict(), sort_keys=False))
+                job = ex.submit(slurm.TrainJob(str(path), str(self.folder / rid / "train.log"),
+                                               settings.gpus_per_node, settings.nodes))
+                record.update(job_id=str(job.job_id), status="queued",
+                              submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                self._save_state(state)
+                self.log(f"[{self.kind}] {rid}: submitted as job {job.job_id}")
+            self.slurm_jobs[rid] = job
+            began[rid] = time.perf_counter()
+
+        def running(run_id: str) -> None:
+            state["runs"][run_id].update(status="running", started_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self._save_state(state)
+
+        def done(run_id: str, status: str, error: str | None) -> None:
+            finished(run_id, status, error, time.perf_counter() - began[run_id])
+
+        try:
+            slurm.wait_for(self.slurm_jobs, running, done, settings.poll_sec)
+        except KeyboardInterrupt:
+            self.log(f"[{self.kind}] stopped waiting; the jobs go on. Re-run the same command to wait for them "
+                     "again (nothing is submitted twice)")
+            return True
+        return False
 
     def _run_torchrun(self, todo: list[Planned], gpus: int, started, finished) -> bool:
         configs = self.folder / "configs"
