@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from fvlm.analysis import ablations
-from fvlm.analysis.figures import _matched_flops_points
 from fvlm.analysis.fits import predict_data_scaling
 from fvlm.analysis.table import Table
 
@@ -132,7 +131,37 @@ def go_no_go(table: Table, answers: list[dict[str, Any]], fits: dict[str, Any]) 
 # ----------------------------------------------------------------------------- Decision 2
 
 
-def decision2(table: Table, fits: dict[str, Any]) -> list[dict[str, str]]:
+def _pair_text(pair: dict[str, Any]) -> str:
+    ci = pair["ci95"]
+    interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
+    return f"{pair['advantage']:+.4f}{interval} ({pair['verdict']})"
+
+
+def _scaling_answer(comparison: dict[str, Any]) -> str:
+    scaling = comparison["scaling"]
+    if scaling["verdict"] == "unknown":
+        return f"unknown: {scaling['evidence']}"
+    return f"**{scaling['verdict']}**: {scaling['evidence']}"
+
+
+def _efficiency_answer(comparison: dict[str, Any]) -> str:
+    parts = []
+    for cell in comparison["cells"]:
+        name = f"{cell['size']} {cell['budget']}"
+        if cell.get("same_flops"):
+            parts.append(f"{name}: {_pair_text(cell['same_flops'])} vs {cell['same_flops']['baseline']}")
+        elif cell.get("same_flops_bound"):
+            parts.append(f"{name}: {cell['same_flops_bound']}")
+        else:
+            parts.append(f"{name}: unknown ({cell.get('same_flops_note', 'no baseline')})")
+    if not any(c.get("same_data") or c.get("same_flops") for c in comparison["cells"]):
+        return ("unknown: needs the scaling grid's multi-token cells (<size>-<budget>-B, -B-isoflop) beside its "
+                f"foveated cells (found {len(comparison['cells'])} foveated cells and no baseline partner)")
+    return ("baseline - foveated val loss at equal FLOPs (positive: foveated ahead), 95% interval: "
+            + "; ".join(parts))
+
+
+def decision2(table: Table, fits: dict[str, Any], comparison: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
     per_size = fits.get("per_size_fits", {})
     budgets = fits.get("iso_flop", {}).get("budgets", {})
@@ -149,16 +178,8 @@ def decision2(table: Table, fits: dict[str, Any]) -> list[dict[str, str]]:
         answer = "unknown: fits for fewer than 2 sizes"
     rows.append({"question": "Compute-optimal size", "answer": answer})
 
-    matched = _matched_flops_points(table)
-    if matched:
-        gaps = {s: v.get(1, math.nan) - v.get(max(v), math.nan) for s, v in matched.items()}
-        answer = "foveated minus multi-token val loss at matched FLOPs: " + ", ".join(
-            f"{s}: {g:+.4f}" for s, g in gaps.items())
-    else:
-        answer = "unknown: no multi-token baseline runs alongside foveated runs of the same size"
-    rows.append({"question": "Does foveation scale?", "answer": answer})
-    rows.append({"question": "Token efficiency", "answer": answer if matched else
-                 "unknown: needs 1-token and 16-token runs at matched FLOPs"})
+    rows.append({"question": "Does foveation scale?", "answer": _scaling_answer(comparison)})
+    rows.append({"question": "Token efficiency", "answer": _efficiency_answer(comparison)})
 
     plateau = {s: f.get("D_plateau") for s, f in per_size.items()}
     if any(plateau.values()):
@@ -197,9 +218,34 @@ def _pixel_check(table: Table) -> list[str]:
             "| run | mode | val loss | blank frames | pixel gain |", "|---|---|---|---|---|", *rows]
 
 
+def _cell_table(comparison: dict[str, Any]) -> list[str]:
+    if not comparison["cells"] and not comparison["notes"]:
+        return []
+    lines = ["", "## Foveated vs multi-token baseline, cell by cell", "",
+             f"Each scaling-grid cell against its own baselines: same size, budget, data and stage. "
+             f"{comparison['sign'][0].upper()}{comparison['sign'][1:]}. Method: {comparison['method']}.", ""]
+    if comparison["cells"]:
+        lines += ["| cell | foveated | samples | same samples: baseline (its FLOPs / foveated) | advantage [95%] | "
+                  "equal FLOPs: baseline | advantage [95%] |", "|---|---|---|---|---|---|---|"]
+    for cell in comparison["cells"]:
+        same = cell.get("same_data")
+        same_text = (f"{same['baseline']} ({same['baseline_flops'] / cell['flops']:.2f}x) | {_pair_text(same)}"
+                     if same else f"— | {cell.get('same_data_note', '—')}")
+        flops = cell.get("same_flops")
+        flops_text = (f"{flops['baseline']} ({flops['flops_ratio']:.2f}x) | {_pair_text(flops)}" if flops else
+                      f"— | {cell.get('same_flops_bound') or cell.get('same_flops_note', '—')}")
+        lines.append(f"| {cell['size']} {cell['budget']} | {cell['foveated']} | {_fmt(cell['samples'], 3)} | "
+                     f"{same_text} | {flops_text} |")
+    lines += ["", f"Across sizes: {_scaling_answer(comparison)}."]
+    if comparison["notes"]:
+        lines += ["", "Left out:", ""] + [f"- {n}" for n in comparison["notes"]]
+    return lines
+
+
 def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: dict[str, Any],
                  checklist: list[dict[str, str]], decision2_rows: list[dict[str, str]],
-                 figures: list[tuple[str, Path | None, str]], inputs: list[str]) -> None:
+                 figures: list[tuple[str, Path | None, str]], inputs: list[str],
+                 comparison: dict[str, Any]) -> None:
     n_points = sum(r.n_points for r in table.runs.values())
     lines = ["# fvlm analysis report", "",
              f"Inputs: {', '.join(inputs)} — {len(table.runs)} runs, {n_points} eval points.", ""]
@@ -225,6 +271,7 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
 
     lines += ["", "## Decision 2: model size (scaling grid)", "", "| question | answer |", "|---|---|"]
     lines += [f"| {row['question']} | {row['answer']} |" for row in decision2_rows]
+    lines += _cell_table(comparison)
 
     lines += ["", "## Go / no-go", "", "| criterion | status | evidence |", "|---|---|---|"]
     lines += [f"| {c['criterion']} | **{c['status']}** | {c['evidence']} |" for c in checklist]
