@@ -376,3 +376,75 @@ def test_cells_on_another_data_mix_are_not_compared(tmp_path):
     cells = {c["budget"]: c for c in compare.compare_cells(table.load([str(grid)]))["cells"]}
     assert cells["C4"]["same_data"] is None and "data differs" in cells["C4"]["same_data_note"]
     assert cells["C1"]["same_data"] is not None
+
+
+# ----------------------------------------------------------------------------- fits that cannot be trusted
+
+
+def test_per_size_fit_that_runs_to_its_bound_is_not_identified():
+    d = np.geomspace(100, 1e4, 20)
+    good = fits.fit_data_scaling(d, 1.2 + 40 / d**0.45)
+    assert good["identified"] and good["not_identified_because"] == []
+    # Straight in log D: the law can only follow it with b -> 0 and E -> minus infinity.
+    straight = fits.fit_data_scaling(d, 2.0 - 0.1 * np.log(d))
+    assert not straight["identified"]
+    reasons = " ".join(straight["not_identified_because"])
+    assert "b = 0.001 at its bound" in reasons and "plateau E" in reasons and straight["E"] < 0
+
+
+def test_identification_names_each_reason():
+    verdict = fits.identification({"E": -0.5, "alpha": 3.0, "beta": 0.4, "E_by_size": {"S": 1.0, "M": -2.0}},
+                                  {"alpha": (0.0, 3.0), "beta": (0.0, 3.0)}, converged=False)
+    assert verdict["identified"] is False
+    assert verdict["not_identified_because"] == ["the optimiser did not converge", "alpha = 3 at its bound 3",
+                                                 "plateau E = -0.5 below zero", "plateau E[M] = -2 below zero"]
+    assert fits.identification({"E": 0.5, "beta": 0.4}, {"beta": (0.0, 3.0)}, converged=True)["identified"]
+
+
+def _iso_entries(losses_by_budget):
+    entries = []
+    for c, losses in losses_by_budget.items():
+        for n, loss in zip((1e6, 4e6, 16e6), losses):
+            entries.append({"run_id": f"{n:g}-C{c}", "N": n, "C": 10.0 ** (10 + c), "D": 10.0 ** (10 + c) / (6 * n),
+                            "loss": loss})
+    return entries
+
+
+def test_compute_optimal_passes_only_on_interior_minima():
+    from fvlm.analysis.report import _compute_optimal
+
+    u_shaped = {"iso_flop": fits.iso_flop(_iso_entries({1: (1.3, 1.2, 1.35), 2: (1.2, 1.1, 1.15)})),
+                "per_size_fits": {}}
+    assert all(b["interior"] for b in u_shaped["iso_flop"]["budgets"].values())
+    assert _compute_optimal(u_shaped)[0] == "pass" and "N_star_of_C" in u_shaped["iso_flop"]
+    # Lowest loss at the smallest size: the parabola's vertex lands inside the grid, the optimum does not.
+    edge = {"iso_flop": fits.iso_flop(_iso_entries({1: (1.1, 1.105, 1.3), 2: (1.2, 1.1, 1.15)})), "per_size_fits": {}}
+    budgets = edge["iso_flop"]["budgets"]
+    assert 1e6 < budgets["C1"]["N_star"] < 16e6 and not budgets["C1"]["interior"] and budgets["C2"]["interior"]
+    status, evidence = _compute_optimal(edge)
+    assert status == "fail" and "C1: N* =" in evidence and "not interior" in evidence
+    assert "N_star_of_C" not in edge["iso_flop"]  # one interior minimum is not a law
+
+
+def test_degenerate_fit_is_marked_in_fits_json_report_and_go_no_go(tmp_path):
+    sweep = tmp_path / "grid"
+    sweep.mkdir()
+    ids = []
+    for n, curve in ((1e6, lambda d: 1.2 + 40 / d**0.45), (4e6, lambda d: 2.0 - 0.1 * np.log(d))):
+        for c, (lo, hi) in (("C1", (100, 1e3)), ("C2", (300, 3e3))):
+            d = np.geomspace(lo, hi, 8)
+            write_run(sweep, f"{n / 1e6:g}M-{c}-F", d, curve(d), n, 6 * n)
+            ids.append(f"{n / 1e6:g}M-{c}-F")
+    (sweep / "sweep.csv").write_text("run_id,status\n" + "".join(f"{r},completed\n" for r in ids))
+    out = tmp_path / "out"
+    analyze([str(sweep)], out, None, n_boot=5)
+    per_size = json.loads((out / "scaling_fits.json").read_text())["per_size_fits"]
+    assert per_size["1M"]["identified"] and per_size["1M"]["D_plateau"]
+    assert not per_size["4M"]["identified"] and per_size["4M"]["D_plateau"] is None
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| 4M |"))
+    assert "not identified (b = 0.001 at its bound 0.001" in row and f"{per_size['4M']['E']:.4f}" not in row
+    assert "4M: not identified" in next(line for line in report.splitlines() if line.startswith("| How much data?"))
+    checklist = json.loads((out / "decisions.json").read_text())["go_no_go"]
+    optimal = next(c for c in checklist if "compute-optimal" in c["criterion"])
+    assert optimal["status"] == "unknown" and "per-size fit 4M: not identified" in optimal["evidence"]

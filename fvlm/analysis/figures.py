@@ -321,8 +321,10 @@ def scaling_data_curves(ctx: Context) -> Path | str:
         fit = per_size.get(size)
         if fit:
             d = np.geomspace(*fit["D_range"], 200)
-            ax.plot(d, predict_data_scaling(fit, d), color=colors[size], lw=2.2,
-                    label=f"{size}: {fit['E']:.3f} + {fit['a']:.3g}/D^{fit['b']:.3f}")
+            label = (f"{size}: {fit['E']:.3f} + {fit['a']:.3g}/D^{fit['b']:.3f}" if fit["identified"]
+                     else f"{size}: fit not identified")
+            ax.plot(d, predict_data_scaling(fit, d), "-" if fit["identified"] else ":", color=colors[size], lw=2.2,
+                    label=label)
     ax.set_xscale("log")
     ax.set_xlabel("samples seen D")
     ax.set_ylabel("val loss")
@@ -335,12 +337,17 @@ def scaling_compute_optimal(ctx: Context) -> Path | str:
     iso = ctx.fits.get("iso_flop", {})
     law = iso.get("N_star_of_C")
     if not law:
-        return "needs iso-FLOP minima at 2 or more budgets (3+ sizes each)"
+        return "needs interior iso-FLOP minima at 2 or more budgets (3+ sizes each)"
     plt = _plt()
     fig, ax = plt.subplots()
     budgets = [b for b in iso["budgets"].values() if "N_star" in b]
     c = np.array([b["C"] for b in budgets])
-    ax.plot(c, [b["N_star"] for b in budgets], "o", label="iso-FLOP minima")
+    interior = np.array([b["interior"] for b in budgets])
+    n_star = np.array([b["N_star"] for b in budgets])
+    ax.plot(c[interior], n_star[interior], "o", label="interior iso-FLOP minima (fitted)")
+    if not interior.all():
+        ax.plot(c[~interior], n_star[~interior], "o", mfc="none", color="grey",
+                label="extrapolated or edge minima (not fitted)")
     grid = np.geomspace(c.min() / 2, c.max() * 2, 50)
     ax.plot(grid, law["k"] * grid ** law["a"], label=f"N* = {law['k']:.3g} C^{law['a']:.3f}")
     ax.set_xscale("log")
@@ -366,8 +373,10 @@ def scaling_law_plot(ctx: Context) -> Path | str:
         loss = np.concatenate([r.col("val_loss") for r in runs])
         ax.plot(d, loss, ".", color=colors[size], alpha=0.5, ms=4)
         grid = np.geomspace(*fit["D_range"], 200)
-        ax.plot(grid, predict_data_scaling(fit, grid), color=colors[size],
-                label=f"{size} per-size LS: E={fit['E']:.3f}, b={fit['b']:.3f}, RMSE={fit['rmse']:.4f}")
+        label = (f"{size} per-size LS: E={fit['E']:.3f}, b={fit['b']:.3f}, RMSE={fit['rmse']:.4f}" if fit["identified"]
+                 else f"{size} per-size LS: not identified, RMSE={fit['rmse']:.4f}")
+        ax.plot(grid, predict_data_scaling(fit, grid), "-" if fit["identified"] else ":", color=colors[size],
+                label=label)
         joint_curve = predict_joint(joint, fit["N"], grid, size) if joint else None
         if joint_curve is not None:
             ax.plot(grid, joint_curve, "--", color=colors[size], lw=1.2, label=f"{size} joint fit (Huber on log L)")
