@@ -11,7 +11,7 @@ import pytest
 import yaml
 from scipy import optimize
 
-from fvlm.analysis import fits, scaling, table
+from fvlm.analysis import compare, fits, scaling, table
 from fvlm.analysis.cli import analyze
 from fvlm.cli import main
 from fvlm.config import RunConfig
@@ -278,3 +278,173 @@ def test_bad_input_names_file_and_column(tmp_path, capsys):
         table.load([str(run)])
     assert main(["analyze", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- foveated vs baseline, cell by cell
+
+
+def baseline_wins_at_c4(root: Path, sizes=(2e6,), c4_gap=(-0.05,), seed=5) -> Path:
+    """Per size: C1 and C4 cells of both arms (the baseline on the foveated cell's samples, so 4x its
+    FLOPs), plus a foveated D1 ablation on another data mix whose loss is far lower. The baseline
+    is behind by 0.01 at C1 and ahead by -c4_gap at C4."""
+    sweep = root / "grid"
+    sweep.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    multi = {"model.arch": "multi_token", "model.tokens_per_frame": 16}
+    ids = []
+    for n, gap in zip(sizes, c4_gap):
+        label = f"{n / 1e6:g}M"
+        for budget, (lo, hi), baseline_gap in (("C1", (1e3, 1e4), 0.01), ("C4", (1e4, 1e5), gap)):
+            samples = np.geomspace(lo, hi, 8)
+            loss = 1.0 + 5 / samples**0.3
+            write_run(sweep, f"{label}-{budget}-F", samples, loss + rng.normal(0, 0.002, 8), n, 1e6)
+            write_run(sweep, f"{label}-{budget}-B", samples, loss + baseline_gap + rng.normal(0, 0.002, 8), n, 4e6,
+                      multi)
+            ids += [f"{label}-{budget}-F", f"{label}-{budget}-B"]
+    samples = np.geomspace(2e4, 2e5, 8)
+    write_run(sweep, "D1", samples, 0.3 + 5 / samples**0.3, sizes[0], 1e6, {"data.text_ratio": 0.15})
+    with (sweep / "sweep.csv").open("w") as handle:
+        handle.write("run_id,status\n" + "".join(f"{r},completed\n" for r in ids + ["D1"]))
+    return sweep
+
+
+def test_baseline_ahead_at_c4_is_reported_cell_by_cell(tmp_path):
+    """The baseline wins at C4 and loses at C1; an ablation on another data mix with a far lower loss
+    sits beside them and must not stand in for either arm."""
+    grid = baseline_wins_at_c4(tmp_path)
+    result = compare.compare_cells(table.load([str(grid)]))
+    cells = {c["budget"]: c for c in result["cells"]}
+    assert set(cells) == {"C1", "C4"} and all(c["foveated"] != "D1" for c in cells.values())
+    c1, c4 = cells["C1"]["same_data"], cells["C4"]["same_data"]
+    assert c4["verdict"] == "baseline ahead" and c4["ci95"][1] < 0
+    assert c4["advantage"] == pytest.approx(-0.05, abs=0.01)
+    assert c1["verdict"] == "foveated ahead" and c1["advantage"] == pytest.approx(0.01, abs=0.005)
+    # No iso-FLOP cell: equal FLOPs are decided only where the costlier baseline still lost.
+    assert cells["C1"]["same_flops"] is None and cells["C1"]["same_flops_bound"].startswith("foveated ahead")
+    assert cells["C4"]["same_flops_bound"].startswith("not decided")
+    assert result["scaling"]["verdict"] == "unknown"  # one size
+
+    analyze([str(grid)], tmp_path / "out", None, n_boot=5)
+    rows = {r["question"]: r["answer"] for r in json.loads((tmp_path / "out" / "decisions.json").read_text())["decision2"]}
+    assert "C4: not decided" in rows["Token efficiency"] and "C1: foveated ahead" in rows["Token efficiency"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| 2M C4 | 2M-C4-F |" in report and "baseline ahead" in report
+
+
+def _two_sized_grid(root: Path, gaps: dict[float, float]) -> list[dict]:
+    grid = baseline_wins_at_c4(root, sizes=tuple(gaps), c4_gap=tuple(gaps.values()))
+    return compare.compare_cells(table.load([str(grid)]))
+
+
+@pytest.mark.parametrize("gaps,verdict", [({2e6: 0.0, 8e6: 0.04, 32e6: 0.08}, "grows"),
+                                          ({2e6: 0.08, 8e6: 0.04, 32e6: 0.0}, "shrinks"),
+                                          ({2e6: 0.03, 8e6: 0.03, 32e6: 0.03}, "flat")])
+def test_grows_flat_shrinks_verdict_follows_the_cells(tmp_path, gaps, verdict):
+    result = _two_sized_grid(tmp_path, gaps)
+    scaling_result = result["scaling"]
+    assert scaling_result["verdict"] == verdict, scaling_result["evidence"]
+    assert scaling_result["budgets"] == ["C1", "C4"] and len(scaling_result["by_size"]) == 3
+    # The same slope from the cells' own point values: within C1 the advantage is 0.01 at every size,
+    # within C4 it is the gap given per size, so the shared slope is half the C4 slope.
+    x = np.log10(list(gaps))
+    expected = np.polyfit(x, list(gaps.values()), 1)[0] / 2
+    assert scaling_result["slope_per_decade"] == pytest.approx(expected, abs=0.01)
+
+
+def test_iso_flop_cell_is_the_equal_flops_partner_only_when_its_flops_match(tmp_path):
+    grid = baseline_wins_at_c4(tmp_path)
+    samples = np.geomspace(250, 2500, 8)
+    multi = {"model.arch": "multi_token", "model.tokens_per_frame": 16}
+    write_run(grid, "2M-C1-B-isoflop", samples, 1.0 + 5 / samples**0.3, 2e6, 4e6, multi)
+    write_run(grid, "2M-C4-B-isoflop", samples, 1.0 + 5 / samples**0.3, 2e6, 4e6, multi)  # C1's FLOPs, not C4's
+    with (grid / "sweep.csv").open("a") as handle:
+        handle.write("2M-C1-B-isoflop,completed\n2M-C4-B-isoflop,completed\n")
+    cells = {c["budget"]: c for c in compare.compare_cells(table.load([str(grid)]))["cells"]}
+    matched = cells["C1"]["same_flops"]
+    assert matched["baseline"] == "2M-C1-B-isoflop" and matched["flops_ratio"] == pytest.approx(1.0)
+    # A quarter of the samples: the baseline is behind by the law's difference between 2500 and 10000.
+    assert matched["advantage"] == pytest.approx(5 / 2500**0.3 - 5 / 1e4**0.3, abs=0.01)
+    assert cells["C4"]["same_flops"] is None and "0.10x" in cells["C4"]["same_flops_note"]
+
+
+def test_cells_on_another_data_mix_are_not_compared(tmp_path):
+    grid = baseline_wins_at_c4(tmp_path)
+    config = grid / "2M-C4-B" / "config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["text_ratio"] = 0.3
+    config.write_text(yaml.safe_dump(cfg))
+    cells = {c["budget"]: c for c in compare.compare_cells(table.load([str(grid)]))["cells"]}
+    assert cells["C4"]["same_data"] is None and "data differs" in cells["C4"]["same_data_note"]
+    assert cells["C1"]["same_data"] is not None
+
+
+# ----------------------------------------------------------------------------- fits that cannot be trusted
+
+
+def test_per_size_fit_that_runs_to_its_bound_is_not_identified():
+    d = np.geomspace(100, 1e4, 20)
+    good = fits.fit_data_scaling(d, 1.2 + 40 / d**0.45)
+    assert good["identified"] and good["not_identified_because"] == []
+    # Straight in log D: the law can only follow it with b -> 0 and E -> minus infinity.
+    straight = fits.fit_data_scaling(d, 2.0 - 0.1 * np.log(d))
+    assert not straight["identified"]
+    reasons = " ".join(straight["not_identified_because"])
+    assert "b = 0.001 at its bound" in reasons and "plateau E" in reasons and straight["E"] < 0
+
+
+def test_identification_names_each_reason():
+    verdict = fits.identification({"E": -0.5, "alpha": 3.0, "beta": 0.4, "E_by_size": {"S": 1.0, "M": -2.0}},
+                                  {"alpha": (0.0, 3.0), "beta": (0.0, 3.0)}, converged=False)
+    assert verdict["identified"] is False
+    assert verdict["not_identified_because"] == ["the optimiser did not converge", "alpha = 3 at its bound 3",
+                                                 "plateau E = -0.5 below zero", "plateau E[M] = -2 below zero"]
+    assert fits.identification({"E": 0.5, "beta": 0.4}, {"beta": (0.0, 3.0)}, converged=True)["identified"]
+
+
+def _iso_entries(losses_by_budget):
+    entries = []
+    for c, losses in losses_by_budget.items():
+        for n, loss in zip((1e6, 4e6, 16e6), losses):
+            entries.append({"run_id": f"{n:g}-C{c}", "N": n, "C": 10.0 ** (10 + c), "D": 10.0 ** (10 + c) / (6 * n),
+                            "loss": loss})
+    return entries
+
+
+def test_compute_optimal_passes_only_on_interior_minima():
+    from fvlm.analysis.report import _compute_optimal
+
+    u_shaped = {"iso_flop": fits.iso_flop(_iso_entries({1: (1.3, 1.2, 1.35), 2: (1.2, 1.1, 1.15)})),
+                "per_size_fits": {}}
+    assert all(b["interior"] for b in u_shaped["iso_flop"]["budgets"].values())
+    assert _compute_optimal(u_shaped)[0] == "pass" and "N_star_of_C" in u_shaped["iso_flop"]
+    # Lowest loss at the smallest size: the parabola's vertex lands inside the grid, the optimum does not.
+    edge = {"iso_flop": fits.iso_flop(_iso_entries({1: (1.1, 1.105, 1.3), 2: (1.2, 1.1, 1.15)})), "per_size_fits": {}}
+    budgets = edge["iso_flop"]["budgets"]
+    assert 1e6 < budgets["C1"]["N_star"] < 16e6 and not budgets["C1"]["interior"] and budgets["C2"]["interior"]
+    status, evidence = _compute_optimal(edge)
+    assert status == "fail" and "C1: N* =" in evidence and "not interior" in evidence
+    assert "N_star_of_C" not in edge["iso_flop"]  # one interior minimum is not a law
+
+
+def test_degenerate_fit_is_marked_in_fits_json_report_and_go_no_go(tmp_path):
+    sweep = tmp_path / "grid"
+    sweep.mkdir()
+    ids = []
+    for n, curve in ((1e6, lambda d: 1.2 + 40 / d**0.45), (4e6, lambda d: 2.0 - 0.1 * np.log(d))):
+        for c, (lo, hi) in (("C1", (100, 1e3)), ("C2", (300, 3e3))):
+            d = np.geomspace(lo, hi, 8)
+            write_run(sweep, f"{n / 1e6:g}M-{c}-F", d, curve(d), n, 6 * n)
+            ids.append(f"{n / 1e6:g}M-{c}-F")
+    (sweep / "sweep.csv").write_text("run_id,status\n" + "".join(f"{r},completed\n" for r in ids))
+    out = tmp_path / "out"
+    analyze([str(sweep)], out, None, n_boot=5)
+    per_size = json.loads((out / "scaling_fits.json").read_text())["per_size_fits"]
+    assert per_size["1M"]["identified"] and per_size["1M"]["D_plateau"]
+    assert not per_size["4M"]["identified"] and per_size["4M"]["D_plateau"] is None
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| 4M |"))
+    assert "not identified (b = 0.001 at its bound 0.001" in row and f"{per_size['4M']['E']:.4f}" not in row
+    assert "4M: not identified" in next(line for line in report.splitlines() if line.startswith("| How much data?"))
+    checklist = json.loads((out / "decisions.json").read_text())["go_no_go"]
+    optimal = next(c for c in checklist if "compute-optimal" in c["criterion"])
+    assert optimal["status"] == "unknown" and "per-size fit 4M: not identified" in optimal["evidence"]

@@ -22,11 +22,31 @@ ARCHS = {
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
 @pytest.mark.parametrize("frames,text", [(3, 17), (8, 40)])
-def test_estimate_matches_measured(name, frames, text):
-    cfg = load_config(None, ARCHS[name]).model
-    estimated = estimate_flops(cfg, frames, text).per_sample
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimate_matches_measured(name, frames, text, checkpointing):
+    cfg = load_config(None, ARCHS[name] + [f"model.gradient_checkpointing={checkpointing}"]).model
+    estimated = estimate_flops(cfg, frames, text).executed
     measured = measure_flops(cfg, frames, text)
-    assert abs(estimated / measured - 1) < 0.05, (estimated, measured)
+    assert abs(estimated / measured - 1) < 1e-3, (estimated, measured)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_estimate_matches_measured_on_a_logged_step(name, checkpointing):
+    """A logged step also measures the coarse loss (without gradient when it is not trained)."""
+    cfg = load_config(None, ARCHS[name] + [f"model.gradient_checkpointing={checkpointing}"]).model
+    estimated = estimate_flops(cfg, 5, 23, coarse_text_loss=True).executed
+    measured = measure_flops(cfg, 5, 23, compute_coarse=True)
+    assert abs(estimated / measured - 1) < 1e-3, (estimated, measured)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_checkpointing_adds_recompute_but_not_budget_flops(name):
+    plain = estimate_flops(load_config(None, ARCHS[name]).model, 8, 40)
+    checkpointed = estimate_flops(load_config(None, ARCHS[name] + ["model.gradient_checkpointing=true"]).model, 8, 40)
+    assert plain.recompute == 0 and plain.executed == plain.per_sample
+    assert checkpointed.per_sample == plain.per_sample
+    assert 0 < checkpointed.recompute < plain.per_sample
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -66,6 +86,14 @@ def test_flops_cli_json(capsys):
     assert abs(out["config"]["exact_over_measured"] - 1) < 0.05
     for size in ("135M", "360M", "1.7B"):
         assert out["paper_sizes"][f"{size}-foveated"]["flops_per_sample"] > 0
+
+
+def test_flops_cli_with_checkpointing_agrees_with_measured(capsys):
+    assert main(["flops", "--json", "--measure", "model.gradient_checkpointing=true"]) == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert abs(config["exact_over_measured"] - 1) < 0.01
+    assert config["flops_per_sample_executed"] == config["flops_per_sample"] + config["recompute_per_sample"]
+    assert config["recompute_per_sample"] > 0
 
 
 def test_flops_cli_bad_override_exits_2(capsys):

@@ -104,18 +104,58 @@ def test_single_sample_loss_equals_batched():
     assert torch.allclose(both.loss, combined, atol=1e-5)
 
 
-def test_coarse_loss_paths_agree():
-    """lambda=0 uses a visual-only pass plus a cached no-grad text continuation; the full
-    coarse sequence pass must give the same coarse loss and the same fine loss."""
+def _full_sequence_step(model, batch):
+    """The coarse pass as one LLM pass over [coarse tokens + text] with gradient: what training ran
+    under gradient checkpointing before it learnt to take gradient through the visual tokens only."""
+    frame_mask = batch["frame_mask"]
+    prepared = model._prepare(batch["frames"], frame_mask)
+    coarse, _ = model._coarse(prepared, frame_mask)
+    embeds = torch.cat([coarse, model.embed_text(batch["input_ids"])], dim=1)
+    mask = torch.cat([frame_mask.long(), batch["attention_mask"].long()], dim=1)
+    hidden = model.run_llm(embeds, mask)
+    loss_coarse, _ = model.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"])
+    fine_tokens, _ = model._read(*prepared, model._next_queries(hidden[:, : frame_mask.shape[1]], frame_mask))
+    loss_fine, _ = model.loss_over(model._scatter(fine_tokens, frame_mask), frame_mask, batch)
+    return loss_fine, loss_coarse
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_checkpointed_training_step_equals_plain_and_full_sequence(lam):
+    """Training with gradient checkpointing gives the losses and gradients of training without it,
+    and of the full-sequence coarse pass, whether or not the coarse loss is trained."""
+    model = tiny(f"model.lambda_coarse={lam}", "model.query_init=random")
+    model.train()
+    batch = make_batch()
+    plain = model(batch, mode="coarse_fine", compute_coarse=True)
+    plain_grads = _grads(model, plain.loss)
+    loss_fine, loss_coarse = _full_sequence_step(model, batch)
+    full_grads = _grads(model, loss_fine + lam * loss_coarse)
+    same_weights = tiny(f"model.lambda_coarse={lam}", "model.query_init=random", "model.gradient_checkpointing=true")
+    same_weights.train()
+    checkpointed = same_weights(batch, mode="coarse_fine", compute_coarse=True)
+    checkpointed_grads = _grads(same_weights, checkpointed.loss)
+    for out in (checkpointed, plain):
+        assert torch.allclose(out.loss_fine, loss_fine, atol=1e-5)
+        assert torch.allclose(out.loss_coarse, loss_coarse, atol=1e-5)
+    assert plain_grads.keys() == full_grads.keys() == checkpointed_grads.keys()
+    for name, grad in full_grads.items():
+        assert torch.allclose(plain_grads[name], grad, atol=1e-5), name
+        assert torch.allclose(checkpointed_grads[name], grad, atol=1e-5), name
+    # The query-reading parameters do get gradient through the coarse states.
+    assert checkpointed_grads["llm_to_query.weight"].abs().sum() > 0
+
+
+def test_coarse_loss_without_gradient_equals_coarse_only_mode():
     model = tiny()
     batch = make_batch()
-    fast = model(batch, mode="coarse_fine")
-    model.cfg.gradient_checkpointing = True  # forces the single full-sequence coarse pass
-    full = model(batch, mode="coarse_fine")
-    model.cfg.gradient_checkpointing = False
-    assert torch.allclose(fast.loss_coarse, full.loss_coarse, atol=1e-5)
-    assert torch.allclose(fast.loss_fine, full.loss_fine, atol=1e-5)
-    assert torch.allclose(fast.loss_coarse, model(batch, mode="coarse_only").loss, atol=1e-5)
+    out = model(batch, mode="coarse_fine")
+    assert torch.allclose(out.loss_coarse, model(batch, mode="coarse_only").loss, atol=1e-5)
 
 
 def test_loss_combines_fine_and_weighted_coarse():

@@ -35,7 +35,7 @@ def analyze(paths: list[str], out: Path, globs: list[str] | None, n_boot: int = 
     import json
     import math
 
-    from fvlm.analysis import ablations, figures, report, scaling, table
+    from fvlm.analysis import ablations, compare, figures, report, scaling, table
     from fvlm.errors import UsageError
 
     data = table.load(paths)
@@ -47,7 +47,8 @@ def analyze(paths: list[str], out: Path, globs: list[str] | None, n_boot: int = 
     fits = scaling.scaling_fits(fit_runs, globs, n_boot=n_boot, seed=seed)
     answers = ablations.answer_all(data)
     checklist = report.go_no_go(data, answers, fits)
-    ctx = figures.Context(table=data, answers=answers, fits=fits, fit_runs=fit_runs, out=out)
+    comparison = compare.compare_cells(data, seed=seed)
+    ctx = figures.Context(table=data, answers=answers, fits=fits, fit_runs=fit_runs, out=out, comparison=comparison)
     drawn = figures.draw_all(ctx)
 
     table.write_export_csvs(data, out)
@@ -65,10 +66,12 @@ def analyze(paths: list[str], out: Path, globs: list[str] | None, n_boot: int = 
     decisions = {
         "questions": [{k: a[k] for k in decision_keys if k in a} for a in answers],
         "go_no_go": checklist,
-        "decision2": report.decision2(data, fits),
+        "decision2": report.decision2(data, fits, comparison),
+        "foveated_vs_baseline": compare.without_draws(comparison),
     }
     (out / "decisions.json").write_text(json.dumps(_jsonable(decisions), indent=2) + "\n")
-    report.write_report(out / "report.md", data, answers, fits, checklist, decisions["decision2"], drawn, paths)
+    report.write_report(out / "report.md", data, answers, fits, checklist, decisions["decision2"], drawn, paths,
+                        comparison)
     return {"runs": len(data.runs), "figures": sum(1 for _, p, _ in drawn if p),
             "absent": sum(1 for _, p, _ in drawn if p is None)}
 

@@ -33,6 +33,7 @@ class Context:
     fits: dict[str, Any]
     fit_runs: list[Run]
     out: Path
+    comparison: dict[str, Any] | None = None  # fvlm.analysis.compare.compare_cells
 
 
 def _plt():
@@ -119,38 +120,52 @@ def fig2_loss_ratio(ctx: Context) -> Path | str:
     return _save(fig, ctx.out / "fig2_loss_ratio.png")
 
 
-def _matched_flops_points(table: Table) -> dict[str, dict[int, float]]:
-    """Val loss per size and tokens/frame at the largest FLOPs every run of that size reached."""
-    out: dict[str, dict[int, float]] = {}
-    by_size: dict[str, list[Run]] = {}
-    for run in table.runs.values():
-        if run.arch in ("foveated", "multi_token") and run.flops_per_sample and run.n_points:
-            by_size.setdefault(run.model_size, []).append(run)
-    for size, runs in by_size.items():
-        tokens = {r.tokens_per_frame for r in runs}
-        if len(tokens) < 2:
-            continue
-        common = min(np.nanmax(r.flops()) for r in runs)
-        out[size] = {}
-        for tok in sorted(tokens):
-            values = [ablations.smoothed_at(r, common, "flops") for r in runs if r.tokens_per_frame == tok]
-            out[size][tok] = float(np.min(values))
-    return out
-
-
 def fig3_token_efficiency(ctx: Context) -> Path | str:
-    points = _matched_flops_points(ctx.table)
-    if not points:
-        return "needs foveated (1 token/frame) and multi-token runs of the same size with FLOPs"
+    """Left: val loss against visual tokens per frame at equal FLOPs (the grid's iso-FLOP cells).
+    Right: the foveated advantage of every grid cell with its interval, against model size."""
+    cells = (ctx.comparison or {}).get("cells", [])
+    matched = [c for c in cells if c.get("same_flops")]
+    same_data = [c for c in cells if c.get("same_data")]
+    if not same_data and not matched:
+        return "needs the scaling grid's foveated and multi-token cells (<size>-<budget>-F and -B)"
     plt = _plt()
-    fig, ax = plt.subplots()
-    for color, (size, values) in zip(_colors(len(points)), points.items()):
-        ax.plot(list(values), list(values.values()), "o-", color=color, label=size)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("visual tokens per frame")
-    ax.set_ylabel("val loss at matched FLOPs")
-    ax.set_title("Fig 3: token-efficiency frontier")
-    ax.legend(title="model size")
+    fig, axes = plt.subplots(1, 2 if matched else 1, figsize=(12 if matched else 6.4, 4.5), squeeze=False)
+    right = axes[0, -1]
+    if matched:
+        left = axes[0, 0]
+        for color, cell in zip(_colors(len(matched)), matched):
+            pair = cell["same_flops"]
+            left.plot([1, 16], [pair["foveated_loss"], pair["baseline_loss"]], "o-", color=color,
+                      label=f"{cell['size']} {cell['budget']}")
+        left.set_xscale("log", base=2)
+        left.set_xticks([1, 16], ["1 (foveated)", "16 (multi-token)"])
+        left.set_xlabel("visual tokens per frame")
+        left.set_ylabel("val loss at equal FLOPs")
+        left.set_title("iso-FLOP cells")
+        left.legend(title="cell")
+    budgets = sorted({c["budget"] for c in cells})
+    markers = dict(zip(budgets, "osD^v<>p"))
+    for kind, chosen, fill in (("same samples", same_data, True), ("equal FLOPs", matched, False)):
+        key = "same_data" if kind == "same samples" else "same_flops"
+        for cell in chosen:
+            pair = cell[key]
+            ci = pair["ci95"] or [pair["advantage"]] * 2
+            right.errorbar(cell["N"], pair["advantage"], yerr=[[pair["advantage"] - ci[0]], [ci[1] - pair["advantage"]]],
+                           fmt=markers.get(cell["budget"], "o"), mfc=None if fill else "none", capsize=3,
+                           color="C0" if fill else "C1")
+    for budget in budgets:
+        right.plot([], [], markers[budget], color="grey", label=budget)
+    right.plot([], [], "o", color="C0", label="same samples")
+    right.plot([], [], "o", mfc="none", color="C1", label="equal FLOPs")
+    right.axhline(0, color="k", lw=0.8)
+    right.set_xscale("log")
+    right.xaxis.set_minor_formatter(plt.NullFormatter())
+    right.set_xlabel("parameters N")
+    right.set_ylabel("baseline - foveated val loss (95% interval)")
+    verdict = (ctx.comparison or {}).get("scaling", {}).get("verdict", "unknown")
+    right.set_title(f"foveated advantage per grid cell (trend with size: {verdict})")
+    right.legend()
+    fig.suptitle("Fig 3: token efficiency, cell by cell")
     return _save(fig, ctx.out / "fig3_token_efficiency.png")
 
 
@@ -306,8 +321,10 @@ def scaling_data_curves(ctx: Context) -> Path | str:
         fit = per_size.get(size)
         if fit:
             d = np.geomspace(*fit["D_range"], 200)
-            ax.plot(d, predict_data_scaling(fit, d), color=colors[size], lw=2.2,
-                    label=f"{size}: {fit['E']:.3f} + {fit['a']:.3g}/D^{fit['b']:.3f}")
+            label = (f"{size}: {fit['E']:.3f} + {fit['a']:.3g}/D^{fit['b']:.3f}" if fit["identified"]
+                     else f"{size}: fit not identified")
+            ax.plot(d, predict_data_scaling(fit, d), "-" if fit["identified"] else ":", color=colors[size], lw=2.2,
+                    label=label)
     ax.set_xscale("log")
     ax.set_xlabel("samples seen D")
     ax.set_ylabel("val loss")
@@ -320,12 +337,17 @@ def scaling_compute_optimal(ctx: Context) -> Path | str:
     iso = ctx.fits.get("iso_flop", {})
     law = iso.get("N_star_of_C")
     if not law:
-        return "needs iso-FLOP minima at 2 or more budgets (3+ sizes each)"
+        return "needs interior iso-FLOP minima at 2 or more budgets (3+ sizes each)"
     plt = _plt()
     fig, ax = plt.subplots()
     budgets = [b for b in iso["budgets"].values() if "N_star" in b]
     c = np.array([b["C"] for b in budgets])
-    ax.plot(c, [b["N_star"] for b in budgets], "o", label="iso-FLOP minima")
+    interior = np.array([b["interior"] for b in budgets])
+    n_star = np.array([b["N_star"] for b in budgets])
+    ax.plot(c[interior], n_star[interior], "o", label="interior iso-FLOP minima (fitted)")
+    if not interior.all():
+        ax.plot(c[~interior], n_star[~interior], "o", mfc="none", color="grey",
+                label="extrapolated or edge minima (not fitted)")
     grid = np.geomspace(c.min() / 2, c.max() * 2, 50)
     ax.plot(grid, law["k"] * grid ** law["a"], label=f"N* = {law['k']:.3g} C^{law['a']:.3f}")
     ax.set_xscale("log")
@@ -351,8 +373,10 @@ def scaling_law_plot(ctx: Context) -> Path | str:
         loss = np.concatenate([r.col("val_loss") for r in runs])
         ax.plot(d, loss, ".", color=colors[size], alpha=0.5, ms=4)
         grid = np.geomspace(*fit["D_range"], 200)
-        ax.plot(grid, predict_data_scaling(fit, grid), color=colors[size],
-                label=f"{size} per-size LS: E={fit['E']:.3f}, b={fit['b']:.3f}, RMSE={fit['rmse']:.4f}")
+        label = (f"{size} per-size LS: E={fit['E']:.3f}, b={fit['b']:.3f}, RMSE={fit['rmse']:.4f}" if fit["identified"]
+                 else f"{size} per-size LS: not identified, RMSE={fit['rmse']:.4f}")
+        ax.plot(grid, predict_data_scaling(fit, grid), "-" if fit["identified"] else ":", color=colors[size],
+                label=label)
         joint_curve = predict_joint(joint, fit["N"], grid, size) if joint else None
         if joint_curve is not None:
             ax.plot(grid, joint_curve, "--", color=colors[size], lw=1.2, label=f"{size} joint fit (Huber on log L)")

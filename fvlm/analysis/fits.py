@@ -32,6 +32,31 @@ CHINCHILLA_REFERENCE = {
 }
 
 
+# ----------------------------------------------------------------------------- identification
+
+
+def identification(fit: dict[str, Any], bounds: dict[str, tuple[float, float]], converged: bool) -> dict[str, Any]:
+    """Whether a fit's numbers can be read as a result: not when the optimiser did not converge, when an
+    exponent sits at the bound of its search range (the data would have it go further: the law's
+    shape is not pinned down), or when a plateau E (or a per-size E + A/N^alpha) is below zero, which
+    no loss can reach. Returns {"identified": bool, "not_identified_because": [reasons]}."""
+    reasons = [] if converged else ["the optimiser did not converge"]
+    for key, (lo, hi) in bounds.items():
+        value = fit.get(key)
+        if value is None:
+            continue
+        tol = 1e-4 * (hi - lo)
+        if value <= lo + tol or value >= hi - tol:
+            reasons.append(f"{key} = {value:.4g} at its bound {lo if value <= lo + tol else hi:g}")
+    plateaus = {"E": fit.get("E")} | {f"E[{k}]": v for k, v in (fit.get("E_by_size") or {}).items()}
+    reasons += [f"plateau {k} = {v:.4g} below zero" for k, v in plateaus.items() if v is not None and v < 0]
+    return {"identified": not reasons, "not_identified_because": reasons}
+
+
+def not_identified_text(fit: dict[str, Any]) -> str:
+    return "not identified (" + "; ".join(fit["not_identified_because"]) + ")"
+
+
 # ----------------------------------------------------------------------------- per size: L(D) = E + a / D^b
 
 
@@ -63,9 +88,11 @@ def fit_data_scaling(samples: np.ndarray, loss: np.ndarray) -> dict[str, float]:
                                    bounds=(lo, hi), method="bounded", options={"xatol": 1e-8})
     b = float(res.x) if res.fun <= sse[k] else float(grid[k])
     e, a_scaled, sse_best = (float(v[0]) for v in _profile_sse(x, loss, np.array([b])))
-    return {"E": e, "a": a_scaled * d0**b, "b": b, "sse": sse_best,
-            "rmse": math.sqrt(sse_best / len(loss)), "n_points": int(len(loss)),
-            "b_at_bound": bool(b >= EXPONENT_MAX - 1e-6 or b <= 1e-3 + 1e-9)}
+    fit = {"E": e, "a": a_scaled * d0**b, "b": b, "sse": sse_best,
+           "rmse": math.sqrt(sse_best / len(loss)), "n_points": int(len(loss)),
+           "b_at_bound": bool(b >= EXPONENT_MAX - 1e-6 or b <= 1e-3 + 1e-9)}
+    fit.update(identification(fit, {"b": (1e-3, EXPONENT_MAX)}, bool(res.success)))
+    return fit
 
 
 def predict_data_scaling(fit: dict[str, float], samples: np.ndarray | float) -> np.ndarray:
@@ -134,6 +161,7 @@ def fit_joint_least_squares(data: JointData) -> dict[str, Any]:
     coef, sse = _lstsq_sse(_design(data, alpha, beta, n0, d0), data.loss)
     out = _joint_record(data, coef, alpha, beta, n0, d0)
     out.update(method="least_squares", sse=sse, rmse=math.sqrt(sse / len(data.loss)))
+    out.update(identification(out, {"alpha": (1e-3, EXPONENT_MAX), "beta": (1e-3, EXPONENT_MAX)}, bool(res.success)))
     return out
 
 
@@ -222,6 +250,7 @@ def fit_joint_huber(data: JointData, delta: float = HUBER_DELTA, n_starts: int =
     record.update(method="huber_log", huber_delta=delta, objective=float(best.fun) * delta,
                   rmse=math.sqrt(float(resid @ resid) / len(resid)), theta=[float(v) for v in theta],
                   n_starts=len(starts))
+    record.update(identification(record, {"alpha": (0.0, EXPONENT_MAX), "beta": (0.0, EXPONENT_MAX)}, bool(best.success)))
     return record
 
 
@@ -342,14 +371,19 @@ def iso_flop(entries: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             x_star = -c1 / (2 * c2)
             record["N_star"] = float(10**x_star)
-            record["interior"] = bool(x.min() <= x_star <= x.max())
+            # A minimum is interior only when the parabola's vertex lies strictly between the smallest and
+            # the largest size and a size other than those two has the lowest loss: otherwise the data
+            # only say the optimum is at or beyond an edge of the grid.
+            lowest = x[int(np.argmin(y))]
+            record["interior"] = bool(x.min() < x_star < x.max() and x.min() < lowest < x.max())
             record["loss_at_N_star"] = float(c0 - c1**2 / (4 * c2))
             fps = np.array([e["C"] / e["D"] for e in group])
             slope, icpt = np.polyfit(x, np.log10(fps), 1)
             record["D_star"] = float(record["C"] / 10 ** (icpt + slope * x_star))
         budgets[label] = record
     out: dict[str, Any] = {"budgets": budgets}
-    optimal = [b for b in budgets.values() if "N_star" in b]
+    # N*(C) only from interior minima: an extrapolated N* is not a measurement of the optimum.
+    optimal = [b for b in budgets.values() if b.get("interior")]
     if len(optimal) >= 2:
         log_c = np.log10([b["C"] for b in optimal])
         for key in ("N_star", "D_star"):
@@ -357,5 +391,5 @@ def iso_flop(entries: list[dict[str, Any]]) -> dict[str, Any]:
             out[f"{key}_of_C"] = {"form": f"{key} = k * C^a", "a": float(exponent), "k": float(10**icpt),
                                   "n_budgets": len(optimal)}
     else:
-        out["note"] = f"{len(optimal)} budget(s) with a minimum; power laws N*(C), D*(C) need 2 or more"
+        out["note"] = f"{len(optimal)} budget(s) with an interior minimum; power laws N*(C), D*(C) need 2 or more"
     return out

@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 
 from fvlm.analysis import ablations
-from fvlm.analysis.figures import _matched_flops_points
-from fvlm.analysis.fits import predict_data_scaling
+from fvlm.analysis.fits import not_identified_text, predict_data_scaling
 from fvlm.analysis.table import Table
 
 
@@ -67,17 +66,34 @@ def _stable_winners(table: Table, answers: list[dict[str, Any]]) -> tuple[str, s
     return "pass", f"winners {', '.join(winners)}: none diverged, no non-finite loss, none ends > 5x noise above its best"
 
 
+def _unidentified_fits(fits: dict[str, Any]) -> list[str]:
+    out = [f"per-size fit {size}: {not_identified_text(f)}" for size, f in fits.get("per_size_fits", {}).items()
+           if not f["identified"]]
+    joint = fits.get("joint_chinchilla_fit")
+    if joint and not joint["identified"]:
+        out.append(f"joint fit: {not_identified_text(joint)}")
+    return out
+
+
 def _compute_optimal(fits: dict[str, Any]) -> tuple[str, str]:
+    """Pass only when every budget with 3 or more sizes has an interior minimum (fits.iso_flop)."""
     budgets = fits.get("iso_flop", {}).get("budgets", {})
-    with_min = {k: b for k, b in budgets.items() if "N_star" in b}
-    if not any("parabola" in b for b in budgets.values()):
+    fitted = {k: b for k, b in budgets.items() if "parabola" in b}
+    unidentified = _unidentified_fits(fits)
+    caveat = (" Not identified, so not used: " + "; ".join(unidentified) + ".") if unidentified else ""
+    if not fitted:
         sizes = {b["n_sizes"] for b in budgets.values()} or {0}
         return "unknown", (f"no FLOP budget has 3 or more model sizes (at most {max(sizes)}); "
-                           "iso-FLOP minima cannot be located")
-    interior = {k: b for k, b in with_min.items() if b["interior"]}
-    evidence = "; ".join(f"{k}: N* = {b['N_star']:.3g}{' (inside the grid)' if b['interior'] else ' (extrapolated)'}"
-                         for k, b in with_min.items()) or "no budget's loss is convex in log N"
-    return ("pass" if interior else "fail"), evidence
+                           "iso-FLOP minima cannot be located." + caveat)
+    parts = []
+    for k, b in fitted.items():
+        if "N_star" not in b:
+            parts.append(f"{k}: no minimum (loss not convex in log N)")
+        else:
+            where = "interior minimum" if b["interior"] else "not interior: extrapolated or at the grid's edge"
+            parts.append(f"{k}: N* = {b['N_star']:.3g} ({where})")
+    interior = all(b.get("interior") for b in fitted.values())
+    return ("pass" if interior else "fail"), "; ".join(parts) + "." + caveat
 
 
 def _efficiency(table: Table, answers: list[dict[str, Any]]) -> tuple[str, str]:
@@ -132,38 +148,72 @@ def go_no_go(table: Table, answers: list[dict[str, Any]], fits: dict[str, Any]) 
 # ----------------------------------------------------------------------------- Decision 2
 
 
-def decision2(table: Table, fits: dict[str, Any]) -> list[dict[str, str]]:
+def _pair_text(pair: dict[str, Any]) -> str:
+    ci = pair["ci95"]
+    interval = f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
+    return f"{pair['advantage']:+.4f}{interval} ({pair['verdict']})"
+
+
+def _scaling_answer(comparison: dict[str, Any]) -> str:
+    scaling = comparison["scaling"]
+    if scaling["verdict"] == "unknown":
+        return f"unknown: {scaling['evidence']}"
+    return f"**{scaling['verdict']}**: {scaling['evidence']}"
+
+
+def _efficiency_answer(comparison: dict[str, Any]) -> str:
+    parts = []
+    for cell in comparison["cells"]:
+        name = f"{cell['size']} {cell['budget']}"
+        if cell.get("same_flops"):
+            parts.append(f"{name}: {_pair_text(cell['same_flops'])} vs {cell['same_flops']['baseline']}")
+        elif cell.get("same_flops_bound"):
+            parts.append(f"{name}: {cell['same_flops_bound']}")
+        else:
+            parts.append(f"{name}: unknown ({cell.get('same_flops_note', 'no baseline')})")
+    if not any(c.get("same_data") or c.get("same_flops") for c in comparison["cells"]):
+        return ("unknown: needs the scaling grid's multi-token cells (<size>-<budget>-B, -B-isoflop) beside its "
+                f"foveated cells (found {len(comparison['cells'])} foveated cells and no baseline partner)")
+    return ("baseline - foveated val loss at equal FLOPs (positive: foveated ahead), 95% interval: "
+            + "; ".join(parts))
+
+
+def decision2(table: Table, fits: dict[str, Any], comparison: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
     per_size = fits.get("per_size_fits", {})
     budgets = fits.get("iso_flop", {}).get("budgets", {})
     minima = {k: b for k, b in budgets.items() if "N_star" in b}
+    identified = {s: f for s, f in per_size.items() if f["identified"]}
     if minima:
-        answer = "; ".join(f"{k}: N* = {b['N_star']:.3g}, D* = {b['D_star']:.3g}" for k, b in minima.items())
-    elif len(per_size) >= 2:
-        d_common = min(f["D_range"][1] for f in per_size.values())
-        preds = {s: float(predict_data_scaling(f, d_common)) for s, f in per_size.items()}
+        answer = "; ".join(f"{k}: N* = {b['N_star']:.3g}, D* = {b['D_star']:.3g}"
+                           + ("" if b["interior"] else " (not interior: extrapolated or at the grid's edge)")
+                           for k, b in minima.items())
+    elif len(identified) >= 2:
+        d_common = min(f["D_range"][1] for f in identified.values())
+        preds = {s: float(predict_data_scaling(f, d_common)) for s, f in identified.items()}
         best = min(preds, key=preds.get)
         answer = (f"no iso-FLOP minimum (fewer than 3 sizes per budget). At matched data D = {d_common:.3g} the "
                   f"per-size fits give " + ", ".join(f"{s}: {v:.4f}" for s, v in preds.items()) + f" -> {best} lowest")
     else:
-        answer = "unknown: fits for fewer than 2 sizes"
+        answer = f"unknown: identified per-size fits for fewer than 2 sizes ({len(identified)} of {len(per_size)})"
+    left_out = [f"{s}: {not_identified_text(f)}" for s, f in per_size.items() if not f["identified"]]
+    if left_out and not minima:
+        answer += "; left out: " + "; ".join(left_out)
     rows.append({"question": "Compute-optimal size", "answer": answer})
 
-    matched = _matched_flops_points(table)
-    if matched:
-        gaps = {s: v.get(1, math.nan) - v.get(max(v), math.nan) for s, v in matched.items()}
-        answer = "foveated minus multi-token val loss at matched FLOPs: " + ", ".join(
-            f"{s}: {g:+.4f}" for s, g in gaps.items())
-    else:
-        answer = "unknown: no multi-token baseline runs alongside foveated runs of the same size"
-    rows.append({"question": "Does foveation scale?", "answer": answer})
-    rows.append({"question": "Token efficiency", "answer": answer if matched else
-                 "unknown: needs 1-token and 16-token runs at matched FLOPs"})
+    rows.append({"question": "Does foveation scale?", "answer": _scaling_answer(comparison)})
+    rows.append({"question": "Token efficiency", "answer": _efficiency_answer(comparison)})
 
-    plateau = {s: f.get("D_plateau") for s, f in per_size.items()}
-    if any(plateau.values()):
+    def plateau_text(size: str, fit: dict[str, Any]) -> str:
+        if not fit["identified"]:
+            return f"{size}: {not_identified_text(fit)}"
+        return f"{size}: {_fmt(fit['D_plateau'], 3) if fit['D_plateau'] else 'n/a'} (noise {fit['eval_noise']:.4f})"
+
+    if any(f["D_plateau"] for f in per_size.values()):
         answer = "samples beyond which doubling D gains less than the eval noise (per-size fit): " + ", ".join(
-            f"{s}: {_fmt(v, 3) if v else 'n/a'} (noise {per_size[s]['eval_noise']:.4f})" for s, v in plateau.items())
+            plateau_text(s, f) for s, f in per_size.items())
+    elif per_size:
+        answer = "unknown: " + ", ".join(plateau_text(s, f) for s, f in per_size.items())
     else:
         answer = "unknown: no per-size fit"
     rows.append({"question": "How much data?", "answer": answer})
@@ -197,9 +247,34 @@ def _pixel_check(table: Table) -> list[str]:
             "| run | mode | val loss | blank frames | pixel gain |", "|---|---|---|---|---|", *rows]
 
 
+def _cell_table(comparison: dict[str, Any]) -> list[str]:
+    if not comparison["cells"] and not comparison["notes"]:
+        return []
+    lines = ["", "## Foveated vs multi-token baseline, cell by cell", "",
+             f"Each scaling-grid cell against its own baselines: same size, budget, data and stage. "
+             f"{comparison['sign'][0].upper()}{comparison['sign'][1:]}. Method: {comparison['method']}.", ""]
+    if comparison["cells"]:
+        lines += ["| cell | foveated | samples | same samples: baseline (its FLOPs / foveated) | advantage [95%] | "
+                  "equal FLOPs: baseline | advantage [95%] |", "|---|---|---|---|---|---|---|"]
+    for cell in comparison["cells"]:
+        same = cell.get("same_data")
+        same_text = (f"{same['baseline']} ({same['baseline_flops'] / cell['flops']:.2f}x) | {_pair_text(same)}"
+                     if same else f"— | {cell.get('same_data_note', '—')}")
+        flops = cell.get("same_flops")
+        flops_text = (f"{flops['baseline']} ({flops['flops_ratio']:.2f}x) | {_pair_text(flops)}" if flops else
+                      f"— | {cell.get('same_flops_bound') or cell.get('same_flops_note', '—')}")
+        lines.append(f"| {cell['size']} {cell['budget']} | {cell['foveated']} | {cell['samples']:.0f} | "
+                     f"{same_text} | {flops_text} |")
+    lines += ["", f"Across sizes: {_scaling_answer(comparison)}."]
+    if comparison["notes"]:
+        lines += ["", "Left out:", ""] + [f"- {n}" for n in comparison["notes"]]
+    return lines
+
+
 def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: dict[str, Any],
                  checklist: list[dict[str, str]], decision2_rows: list[dict[str, str]],
-                 figures: list[tuple[str, Path | None, str]], inputs: list[str]) -> None:
+                 figures: list[tuple[str, Path | None, str]], inputs: list[str],
+                 comparison: dict[str, Any]) -> None:
     n_points = sum(r.n_points for r in table.runs.values())
     lines = ["# fvlm analysis report", "",
              f"Inputs: {', '.join(inputs)} — {len(table.runs)} runs, {n_points} eval points.", ""]
@@ -225,6 +300,7 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
 
     lines += ["", "## Decision 2: model size (scaling grid)", "", "| question | answer |", "|---|---|"]
     lines += [f"| {row['question']} | {row['answer']} |" for row in decision2_rows]
+    lines += _cell_table(comparison)
 
     lines += ["", "## Go / no-go", "", "| criterion | status | evidence |", "|---|---|---|"]
     lines += [f"| {c['criterion']} | **{c['status']}** | {c['evidence']} |" for c in checklist]
@@ -235,10 +311,16 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
               f"(globs: {', '.join(fits['fit_run_globs'])}).", ""]
     per_size = fits.get("per_size_fits", {})
     if per_size:
-        lines += ["Per size, L(D) = E + a / D^b (global least squares; D = samples seen):", "",
+        lines += ["Per size, L(D) = E + a / D^b (global least squares; D = samples seen). A fit is shown as not "
+                  "identified, without its numbers, when its optimiser did not converge, an exponent sits at the "
+                  "bound of its search range, or its plateau E is below zero:", "",
                   "| size | N | runs | points | E [95% CI] | a [95% CI] | b [95% CI] | RMSE | bootstrap |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for size, f in per_size.items():
+            if not f["identified"]:
+                lines.append(f"| {size} | {_fmt(f['N'], 4)} | {f['n_runs']} | {f['n_points']} | "
+                             f"{not_identified_text(f)} | | | {_fmt(f['rmse'])} | — |")
+                continue
             lines.append(f"| {size} | {_fmt(f['N'], 4)} | {f['n_runs']} | {f['n_points']} | {_fmt(f['E'])} {_ci(f, 'E')} | "
                          f"{_fmt(f['a'])} {_ci(f, 'a')} | {_fmt(f['b'])} {_ci(f, 'b')} | {_fmt(f['rmse'])} | "
                          f"{f['bootstrap']['note']} |")
@@ -248,6 +330,9 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
                   "| method | E | A | alpha | B [95% CI] | beta [95% CI] | E + A/N^alpha by size | RMSE |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, m in joint["methods"].items():
+            if not m["identified"]:
+                lines.append(f"| {name} | {not_identified_text(m)} | | | | | | {_fmt(m['rmse'])} |")
+                continue
             by_size = ", ".join(f"{s}: {v:.4f}" for s, v in (m.get("E_by_size") or {}).items()) or "—"
             lines.append(f"| {name} | {_fmt(m['E'])} {_ci(m, 'E') if m['E'] is not None else ''} | {_fmt(m['A'])} | "
                          f"{_fmt(m['alpha'])} | {_fmt(m['B'])} {_ci(m, 'B')} | {_fmt(m['beta'])} {_ci(m, 'beta')} | "

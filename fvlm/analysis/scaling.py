@@ -40,7 +40,7 @@ def per_size(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any]:
         fit.update(N=float(group[0].params) if group[0].params else None, runs=[r.run_id for r in group],
                    n_runs=len(group), D_range=[float(d.min()), float(d.max())], ci95=boot["ci95"],
                    bootstrap={"unit": boot["unit"], "n_resamples": boot["n_resamples"], "note": boot["note"]},
-                   eval_noise=noise, D_plateau=plateau_samples(fit, noise),
+                   eval_noise=noise, D_plateau=plateau_samples(fit, noise) if fit["identified"] else None,
                    form="L(D) = E + a / D^b, D = samples seen")
         out[size] = fit
     return out
@@ -77,7 +77,8 @@ def joint(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any] | None:
     least_squares.update(ci95=ls_boot["ci95"])
     huber.update(ci95=hub_boot["ci95"])
     identifiable = data.n_sizes >= 3
-    record = {key: huber[key] for key in ("E", "A", "B", "alpha", "beta", "E_by_size", "rmse")}
+    record = {key: huber[key] for key in ("E", "A", "B", "alpha", "beta", "E_by_size", "rmse", "identified",
+                                          "not_identified_because")}
     record.update(
         form="L(N, D) = E + A / N^alpha + B / D^beta, N = total parameters, D = samples seen",
         method="huber_log (Hoffmann et al. approach 3); least squares under methods",

@@ -7,6 +7,11 @@ Two formulas:
   positions only. Backward costs follow what autograd computes: weight gradients only for trainable
   weights, input gradients only where something upstream is trainable, nothing for work done under
   no_grad (DINO's patch pass when DINO is frozen). Attention is counted dense (as torch's counter does).
+  Under gradient checkpointing the backward pass runs every LLM layer's forward again; that
+  recomputation is reported apart (`recompute`), because it is a memory-for-time trade and not
+  compute the model's training needs: budgets and the scaling axis use `per_sample` without it, so
+  turning checkpointing on does not change a cell's sample count. `executed` is what the machine
+  runs, and what torch's counter measures.
 - `seed`: the plan's own approximation, 2 x total params x tokens per sample, which its C1-C4
   budget table was computed with.
 """
@@ -32,9 +37,14 @@ class FlopReport:
     tokens_per_sample: int
     formula: str
     shape: dict[str, int] = field(default_factory=dict)
+    recompute: float = 0.0  # forward work gradient checkpointing repeats in the backward pass
 
     def samples_for(self, budget: float) -> int:
         return int(budget // self.per_sample)
+
+    @property
+    def executed(self) -> float:
+        return self.per_sample + self.recompute
 
 
 class _Tally:
@@ -145,6 +155,8 @@ def estimate_flops(cfg: ModelConfig, frames: int, text_tokens: int, loss_tokens:
 
     patch_pass(t, dino_train)
 
+    recompute = _Tally()
+
     def llm_pass(part, n_q, n_k, weight_grad, input_grad):
         q_width, kv_width = llm.num_attention_heads * hd, llm.num_key_value_heads * hd
         for _ in range(llm.num_hidden_layers):
@@ -153,6 +165,18 @@ def estimate_flops(cfg: ModelConfig, frames: int, text_tokens: int, loss_tokens:
             t.linear(part, n_q, q_width, d_llm, weight_grad, input_grad)
             t.linear(part, n_q, d_llm, 2 * llm.intermediate_size, weight_grad, input_grad)
             t.linear(part, n_q, llm.intermediate_size, d_llm, weight_grad, input_grad)
+            if cfg.gradient_checkpointing and (weight_grad or input_grad):
+                # A checkpointed layer keeps only its input and runs its forward again in the backward
+                # pass, up to the last tensor the backward needs: torch's non-reentrant checkpoint
+                # stops once the MLP's down projection has saved its input, before that product runs.
+                recompute.linear(part, n_q, d_llm, q_width + 2 * kv_width, False, False)
+                recompute.attention(part, n_q, n_k, q_width, False, False)
+                recompute.linear(part, n_q, q_width, d_llm, False, False)
+                recompute.linear(part, n_q, d_llm, 2 * llm.intermediate_size, False, False)
+
+    def report():
+        return FlopReport(sum(t.parts.values()), t.parts, params, tokens, "exact", shape,
+                          recompute=sum(recompute.parts.values()))
 
     def lm_head(part, n, grad=True):
         t.linear(part, n, d_llm, llm.vocab_size, llm_train and grad, grad)
@@ -162,7 +186,7 @@ def estimate_flops(cfg: ModelConfig, frames: int, text_tokens: int, loss_tokens:
         t.linear("projection", n_visual, d_dino, d_llm, True, dino_train)
         llm_pass("llm", n_visual + text_tokens, n_visual + text_tokens, llm_train, True)
         lm_head("lm_head", loss_tokens)
-        return FlopReport(sum(t.parts.values()), t.parts, params, tokens, "exact", shape)
+        return report()
 
     def query_reads(part, n_frames):
         t.linear(part, n_frames, dq, d_dino, True, True)  # query_proj
@@ -186,7 +210,7 @@ def estimate_flops(cfg: ModelConfig, frames: int, text_tokens: int, loss_tokens:
     if cfg.coarse_only:
         llm_pass("llm_coarse", frames + text_tokens, frames + text_tokens, llm_train, True)
         lm_head("lm_head", loss_tokens)
-        return FlopReport(sum(t.parts.values()), t.parts, params, tokens, "exact", shape)
+        return report()
 
     if cfg.lambda_coarse > 0:
         n = frames + text_tokens
@@ -195,19 +219,24 @@ def estimate_flops(cfg: ModelConfig, frames: int, text_tokens: int, loss_tokens:
     else:
         llm_pass("llm_coarse", frames, frames, llm_train, True)
         if coarse_text_loss:
-            llm_pass("coarse_text_eval", text_tokens, frames + text_tokens, False, False)
+            # Without gradient: the text continues from the visual pass's KV cache, except under
+            # checkpointing (which keeps no cache in a pass with gradient): then it reads the frames again.
+            n_q = frames + text_tokens if cfg.gradient_checkpointing else text_tokens
+            llm_pass("coarse_text_eval", n_q, frames + text_tokens, False, False)
             lm_head("coarse_text_eval", loss_tokens, grad=False)
     t.linear("llm_to_query", max(frames - 1, 0), d_llm, dq, True, True)
     query_reads("query_fine", frames)
     n = frames + text_tokens
     llm_pass("llm_fine", n, n, llm_train, True)
     lm_head("lm_head", loss_tokens)
-    return FlopReport(sum(t.parts.values()), t.parts, params, tokens, "exact", shape)
+    return report()
 
 
-def measure_flops(cfg: ModelConfig, frames: int, text_tokens: int, device: str = "cpu") -> float:
+def measure_flops(cfg: ModelConfig, frames: int, text_tokens: int, device: str = "cpu",
+                  compute_coarse: bool = False) -> float:
     """FLOPs that torch.utils.flop_counter counts for one real training step (forward + backward)
-    on one sample of this shape, with random weights of the configured shapes."""
+    on one sample of this shape, with random weights of the configured shapes. `compute_coarse`
+    measures the coarse loss too, as a logged step does (estimate_flops' `coarse_text_loss`)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -229,6 +258,6 @@ def measure_flops(cfg: ModelConfig, frames: int, text_tokens: int, device: str =
     # The math backend decomposes attention into matmuls the counter sees; the fused CPU kernel
     # has no FLOP formula and would count as zero.
     with counter, sdpa_kernel(SDPBackend.MATH):
-        out = model(batch, compute_coarse=False)
+        out = model(batch, compute_coarse=compute_coarse)
         out.loss.backward()
     return float(counter.get_total_flops())

@@ -311,25 +311,33 @@ class FoveatedVLM(VLMBase):
         coarse, coarse_attn = self._coarse(prepared, frame_mask)
         lam = self.cfg.lambda_coarse
         loss_coarse = None
-        if lam > 0 or self.cfg.gradient_checkpointing:
-            # One pass over [coarse tokens + text] gives both the query states and the coarse loss.
+        if lam > 0:
+            # The coarse loss is trained: one pass over [coarse tokens + text] gives both the query
+            # states and the coarse loss, with gradient through both.
             embeds = torch.cat([coarse, self.embed_text(batch["input_ids"])], dim=1)
             mask = torch.cat([frame_mask.long(), batch["attention_mask"].long()], dim=1)
             hidden = self.run_llm(embeds, mask)
             coarse_hidden = hidden[:, : frame_mask.shape[1]]
-            if compute_coarse or lam > 0:
-                loss_coarse, _ = self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"])
+            loss_coarse, _ = self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"])
         else:
-            # Visual tokens only (with gradient), then the text continues from the KV cache without it.
-            cache = self._new_cache() if compute_coarse else None
+            # Only the states after the visual tokens feed the fine pass, so only they take gradient;
+            # the coarse loss is measured without it. The text continues from the visual pass's KV
+            # cache, except under gradient checkpointing, which drops the cache of a pass that takes
+            # gradient: then the no-grad pass reads the (few) visual tokens again itself.
+            checkpointed = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+            reuse_cache = compute_coarse and not checkpointed
+            cache = self._new_cache() if reuse_cache else None
             coarse_hidden = self.run_llm(coarse, frame_mask, cache=cache)
             if compute_coarse:
                 with torch.no_grad():
-                    text_embeds = self.embed_text(batch["input_ids"])
-                    mask = torch.cat([frame_mask.long(), batch["attention_mask"].long()], dim=1)
-                    text_hidden = self.run_llm(text_embeds, mask, cache=cache)
-                    hidden = torch.cat([coarse_hidden.detach(), text_hidden], dim=1)
-                    loss_coarse, _ = self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"])
+                    if reuse_cache:
+                        text_embeds = self.embed_text(batch["input_ids"])
+                        mask = torch.cat([frame_mask.long(), batch["attention_mask"].long()], dim=1)
+                        text_hidden = self.run_llm(text_embeds, mask, cache=cache)
+                        hidden = torch.cat([coarse_hidden.detach(), text_hidden], dim=1)
+                        loss_coarse, _ = self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"])
+                    else:
+                        loss_coarse, _ = self.loss_over(coarse.detach(), frame_mask, batch)
         cache, kv = prepared
         fine_tokens, fine_weights = self._read(cache, kv, self._next_queries(coarse_hidden, frame_mask))
         fine = self._scatter(fine_tokens, frame_mask)
