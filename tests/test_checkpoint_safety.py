@@ -86,6 +86,27 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(finished, tmp_
     assert steps == sorted(set(steps)) and steps[-1] == 6  # resumed from the one before: no step twice
 
 
+def test_milestones_keep_weights_only_and_resuming_passes_them_by(finished, tmp_path, capsys):
+    """Steps 1 and 3 are milestones only (4 steps, 5 milestones): written without training state.
+    Steps 2 and 4 are save points, the keep_last=2 newest, and keep theirs. A run whose save points
+    are all gone (killed after a milestone, before its first save point) starts over."""
+    from fvlm.model.build import load_model
+
+    run, checkpoints = _copy(finished, tmp_path)
+    files = {f.name: sorted(p.name for p in f.iterdir()) for f in checkpoints}
+    weights = ["fvlm_model.json", "meta.json", "model.safetensors", "tokenizer"]
+    assert files["step_0000001"] == files["step_0000003"] == weights
+    assert files["step_0000002"] == files["step_0000004"] == sorted(weights + ["optimizer.pt", "rank_0.pt",
+                                                                               "trainer.pt"])
+    load_model(checkpoints[0])  # a milestone is a whole model for evaluation
+    for folder in (checkpoints[1], checkpoints[3]):
+        shutil.rmtree(folder)
+    assert _resume(tmp_path) == 0
+    assert "new run" in capsys.readouterr().err
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["total_steps"] == 6
+
+
 def test_plain_data_and_older_numpy_rng_states_still_load(tmp_path):
     state = np.random.get_state()  # what checkpoints held before the RNG state went to tensors
     torch.save({"numpy": state, "step": 3, "loss": 0.5, "t": torch.arange(3)}, tmp_path / "old.pt")

@@ -126,6 +126,25 @@ def test_generate_on_an_image_and_a_frame_folder(run, tmp_path, capsys):
     assert main(["generate", str(run["run"]), str(image), "--max-new-tokens", "0"]) == 2
 
 
+def test_generate_answers_from_text_alone_as_the_llm_itself_would(run, capsys):
+    """Without a video or image the prompt is answered by the LLM alone: the same greedy tokens as
+    transformers' own generate on the chat-template prompt."""
+    prompt = "What is 2 plus 3?"
+    assert main(["generate", str(run["run"]), "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    tok = run["tok"]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True,
+                                  return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        new = run["model"].llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                        eos_token_id=end, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    new = new[: new.index(end)] if end in new else new
+    assert len(new) == 8 and printed == tok.decode(new, skip_special_tokens=True) + "\n"
+    assert main(["generate", str(run["run"])]) == 2  # neither a picture nor a question
+    assert "--prompt" in capsys.readouterr().err
+
+
 def test_heatmaps_have_frame_size_and_sum_to_attention_mass(run):
     model, cfg = run["model"], run["cfg"]
     batch = next(iter(build_loader(cfg, "probe", run["tok"], train=False, batch_size=2)))

@@ -194,6 +194,9 @@ def test_checkpoints_are_complete_loadable_and_pruned(small_run):
     names = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
     # Saved every 6 steps and at 5 milestones (24 x k/5, rounded); keep_last=1 prunes 6, 12 and 18.
     assert names == [f"step_{s:07d}" for s in (5, 10, 14, 19, 24)]
+    # Only the resume checkpoint (keep_last=1) keeps the optimizer state; milestones keep weights.
+    with_state = [name for name in names if (cfg.run_dir / "checkpoints" / name / "optimizer.pt").is_file()]
+    assert with_state == ["step_0000024"]
     folder = cfg.run_dir / "checkpoints" / "step_0000024"
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["step"] == 24 and meta["samples_seen"] == 96 and meta["config"]["run_id"] == "files"

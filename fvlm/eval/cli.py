@@ -45,7 +45,9 @@ def register(sub) -> None:
                     "number of frames the run trained images with (data.replicate_image_frames).",
     )
     gen.add_argument("target", metavar="RUN_DIR_OR_CKPT")
-    gen.add_argument("media", metavar="VIDEO_OR_IMAGE", help="a video file, a folder of frames, or an image")
+    gen.add_argument("media", metavar="VIDEO_OR_IMAGE", nargs="?",
+                     help="a video file, a folder of frames, or an image; without one, --prompt is answered from "
+                          "text alone")
     gen.add_argument("--prompt", help="the question (default: the data pipeline's prompt for the kind of input)")
     gen.add_argument("--mode", choices=("coarse_only", "coarse_fine", "autoregressive"),
                      help="inference mode (default: autoregressive where the model has it)")
@@ -65,6 +67,10 @@ def _cmd_generate(args) -> int:
 
     if args.max_new_tokens < 1 or args.temperature < 0 or (args.frames is not None and args.frames < 1):
         raise UsageError("--max-new-tokens and --frames must be >= 1, --temperature >= 0")
+    if args.media is None and args.prompt is None:
+        raise UsageError("give a VIDEO_OR_IMAGE, or a --prompt to answer from text alone")
+    if args.media is None and args.attention:
+        raise UsageError("--attention needs a VIDEO_OR_IMAGE to look at")
     return cmd_generate(args)
 
 

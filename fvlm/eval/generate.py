@@ -12,16 +12,22 @@ from fvlm.eval.media import check_visual_path, load_visual
 
 def generate_text(model, tokenizer, frames_uint8, prompt: str, *, mode: str, max_new_tokens: int,
                   temperature: float, seed: int, device) -> str:
-    """Greedy (temperature 0) or sampled continuation of the prompt after the visual block; the LLM
-    runs with a KV cache. Stops at the end-of-turn token."""
+    """Greedy (temperature 0) or sampled continuation of the prompt after the visual block (none when
+    `frames_uint8` is None: a text-only question); the LLM runs with a KV cache. Stops at the
+    end-of-turn token."""
     from fvlm.data.decode import normalise
     from fvlm.eval.scoring import end_of_turn_id
 
     messages = [{"role": "user", "content": prompt}]
     ids = list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+    if frames_uint8 is None:
+        size = model.cfg.image_size
+        frames = torch.zeros(1, 0, 3, size, size, device=device)
+    else:
+        frames = normalise(frames_uint8)[None].to(device)
     batch = {
-        "frames": normalise(frames_uint8)[None].to(device),
-        "frame_mask": torch.ones(1, frames_uint8.shape[0], dtype=torch.bool, device=device),
+        "frames": frames,
+        "frame_mask": torch.ones(1, frames.shape[1], dtype=torch.bool, device=device),
         "input_ids": torch.tensor([ids], device=device),
         "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
     }
@@ -53,6 +59,10 @@ def cmd_generate(args) -> int:
     mode = args.mode or ("autoregressive" if "autoregressive" in model.supported_modes else model.default_mode)
     if mode not in model.supported_modes:
         raise UsageError(f"--mode: this model has no '{mode}' mode (available: {', '.join(model.supported_modes)})")
+    if args.media is None:
+        print(generate_text(model, tokenizer, None, args.prompt, mode=mode, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, seed=args.seed, device=device))
+        return 0
     cfg = run_config(ckpt, model.cfg, [])
     media = Path(args.media).expanduser()
     frames = load_visual(media, size=cfg.model.image_size, max_frames=args.frames or cfg.data.max_frames,

@@ -11,7 +11,7 @@ PAPER_SIZES = {"135M": "smollm2-135m", "360M": "smollm2-360m", "1.7B": "smollm2-
 
 
 def register(sub) -> None:
-    bb = sub.add_parser("backbones", help="make backbone folders (the tiny pretrained ones)")
+    bb = sub.add_parser("backbones", help="make backbone folders (the tiny pretrained ones, imported real ones)")
     bb_sub = bb.add_subparsers(dest="backbones_command", metavar="COMMAND", required=True)
     tiny = bb_sub.add_parser("pretrain-tiny", help="pretrain the tiny DINO and the tiny LLMs on the synthetic world",
                              description="Writes tiny-dino/ (a Dinov2Model trained on per-patch colour, shape and grid position) "
@@ -22,6 +22,17 @@ def register(sub) -> None:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--image-size", type=int, default=64, help="frame side the encoder is trained at")
     tiny.set_defaults(func=cmd_pretrain_tiny)
+    imp = bb_sub.add_parser("import", help="turn a GGUF file or a loadable model folder into a plain HF folder",
+                            description="Writes OUT: safetensors weights, config, tokenizer and chat template of the "
+                                        "causal language model in SRC (a .gguf file, or any folder transformers "
+                                        "loads), ready for model.llm=OUT. The folder is loaded back and its logits "
+                                        "compared with the source's before it is moved into place. Reading GGUF "
+                                        "needs the 'real' extra (pip install -e '.[real]').")
+    imp.add_argument("src", metavar="SRC")
+    imp.add_argument("out", metavar="OUT")
+    imp.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16; auto keeps the source's "
+                                                     "(float32 for GGUF, whose tensors are dequantised)")
+    imp.set_defaults(func=cmd_import)
 
     p = sub.add_parser("flops", help="FLOPs per training sample and samples per FLOP budget")
     p.add_argument("config", nargs="?", help="config file or shipped config name (default: tiny)")
@@ -136,4 +147,14 @@ def cmd_pretrain_tiny(args) -> int:
           f"row {probe['row_accuracy']:.3f}, column {probe['column_accuracy']:.3f}), "
           + ", ".join(f"{k} ({v['parameters']:,} params)" for k, v in report["llms"].items())
           + f" in {report['seconds']:.0f} s")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from fvlm.model.importer import import_llm
+
+    report = import_llm(args.src, args.out, dtype=args.dtype)
+    print(f"wrote {args.out}: {report['architecture']}, {report['parameters']:,} parameters, {report['dtype']}, "
+          f"tokenizer {report['tokenizer_size']:,} tokens with its chat template; logits equal the source's "
+          f"(max difference {report['max_logit_difference']:.2g}); {report['seconds']:.0f} s")
     return 0

@@ -111,7 +111,7 @@ class VLMBase(nn.Module):
             inputs_embeds=embeds,
             attention_mask=mask.long(),
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=cache is not None,
         )
         return out.last_hidden_state

@@ -1,8 +1,12 @@
 """Checkpoints: `<run>/checkpoints/step_NNNNNNN/`, written atomically and pruned to the last k + best.
 
-A checkpoint holds the `save_model` files (so `fvlm.model.build.load_model` opens it directly), the
-optimizer state, the trainer state (step, samples seen, wall time, divergence tracker), one
-`rank_R.pt` per DDP rank (RNG states and data cursor: both differ by rank) and `meta.json`.
+A checkpoint holds the `save_model` files (so `fvlm.model.build.load_model` opens it directly) and
+`meta.json`. A resume checkpoint also holds the training state: the optimizer state, the trainer
+state (step, samples seen, wall time, divergence tracker) and one `rank_R.pt` per DDP rank (RNG
+states and data cursor: both differ by rank). The optimizer state is twice the size of the weights,
+so only the newest `keep_last` checkpoints keep it: milestones and the best checkpoint, kept for
+evaluation, keep their weights only, and a milestone that is not also a save point is written
+without it. Resuming only ever picks a checkpoint with its training state.
 Everything is written into a hidden temporary folder that is renamed into place last, so a crash
 mid-write leaves either the previous checkpoint or a complete new one; `meta.json` is written last
 inside it, and a folder without it is never read.
@@ -47,6 +51,16 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def has_training_state(folder: Path) -> bool:
+    """Whether a training run can resume from this checkpoint (rather than only evaluate it)."""
+    return (Path(folder) / OPTIMIZER).is_file() and (Path(folder) / TRAINER).is_file()
+
+
+def resume_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint that holds its training state, oldest first."""
+    return [(step, folder) for step, folder in complete_checkpoints(run_dir) if has_training_state(folder)]
 
 
 def resolve_weights(path: str) -> Path:
@@ -110,9 +124,10 @@ def _torch_save(obj, path: Path) -> None:
         raise OSError(errno.EIO, "write failed (is the disk full, or a file size limit reached?)", str(path)) from exc
 
 
-def save_checkpoint(run_dir: Path, step: int, dist: Dist, *, model, tokenizer, optimizer,
-                    trainer_state: dict, rank_state: dict, meta: dict) -> Path:
-    """Collective: every rank calls it (each writes its own rank file); rank 0 writes the rest."""
+def save_checkpoint(run_dir: Path, step: int, dist: Dist, *, model, tokenizer, meta: dict, optimizer=None,
+                    trainer_state: dict | None = None, rank_state: dict | None = None) -> Path:
+    """Collective: every rank calls it (each writes its own rank file); rank 0 writes the rest.
+    Without an optimizer it writes the weights only (a milestone, for evaluation)."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / step_name(step)
     tmp = root / f".tmp_{step_name(step)}"
@@ -121,11 +136,13 @@ def save_checkpoint(run_dir: Path, step: int, dist: Dist, *, model, tokenizer, o
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    _torch_save(rank_state, tmp / f"rank_{dist.rank}.pt")
+    if optimizer is not None:
+        _torch_save(rank_state, tmp / f"rank_{dist.rank}.pt")
     if dist.is_main:
         save_model(model, tmp, tokenizer)
-        _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
-        _torch_save(trainer_state, tmp / TRAINER)
+        if optimizer is not None:
+            _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
+            _torch_save(trainer_state, tmp / TRAINER)
     dist.barrier()
     if dist.is_main:
         write_json(tmp / META, meta)
@@ -181,13 +198,22 @@ def load_checkpoint(folder: Path, dist: Dist, *, model, optimizer) -> tuple[dict
     return trainer_state, rank_state, meta
 
 
+def drop_training_state(folder: Path) -> None:
+    """Leaves a checkpoint its weights only. The optimizer state goes first: from then on resuming
+    passes the checkpoint by, whether or not the small files after it are gone too."""
+    (folder / OPTIMIZER).unlink(missing_ok=True)
+    for path in [folder / TRAINER, *folder.glob("rank_*.pt")]:
+        path.unlink(missing_ok=True)
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int, also_keep: set[int]) -> None:
-    """Keeps the newest `keep_last` complete checkpoints and those of `also_keep` (the best, the
-    milestones); removes stale temporaries."""
-    found = complete_checkpoints(run_dir)
-    keep = {step for step, _ in found[-keep_last:]} | also_keep
-    for step, folder in found:
-        if step not in keep:
+    """Keeps the newest `keep_last` resume checkpoints whole, and the weights of those in `also_keep`
+    (the best, the milestones); removes the rest and stale temporaries."""
+    resume_points = {step for step, _ in resume_checkpoints(run_dir)[-keep_last:]}
+    for step, folder in complete_checkpoints(run_dir):
+        if step not in resume_points | also_keep:
             shutil.rmtree(folder)
+        elif step not in resume_points:
+            drop_training_state(folder)
     for stale in (Path(run_dir) / CHECKPOINTS).glob(".tmp_step_*"):
         shutil.rmtree(stale)

@@ -183,7 +183,9 @@ class Trainer:
         if changed:
             raise UsageError(f"{self.run_dir} holds a run with different settings ({', '.join(changed)}); "
                              "choose another run_id or out_dir")
-        latest = ckpt.latest_checkpoint(self.run_dir)
+        # A run killed before its first resume checkpoint (after a milestone) starts over.
+        resumable = ckpt.resume_checkpoints(self.run_dir)
+        latest = resumable[-1][1] if resumable else None
         summary_path = self.run_dir / "run_summary.json"
         if latest is not None and summary_path.is_file():
             try:
@@ -263,7 +265,7 @@ class Trainer:
         readable_errors = (UsageError, OSError, RuntimeError, ValueError, KeyError, EOFError, TypeError,
                            pickle.UnpicklingError, json.JSONDecodeError, SafetensorError)
         skipped = []
-        for _, folder in reversed(ckpt.complete_checkpoints(self.run_dir)):
+        for _, folder in reversed(ckpt.resume_checkpoints(self.run_dir)):
             try:
                 self._restore(folder)
             except ckpt.ProcessCountMismatch:
@@ -464,8 +466,10 @@ class Trainer:
             self.progress.update(self.step, row)
             finished = self._finished()
             evaluate = self.step % t.eval_every == 0 or finished
-            if evaluate or self.step % t.save_every == 0 or self.step in self.milestones or stop:
+            if evaluate or self.step % t.save_every == 0 or stop:
                 self._save()
+            elif self.step in self.milestones:
+                self._save(weights_only=True)
             if evaluate:
                 self._evaluate()
             if stop:
@@ -534,7 +538,8 @@ class Trainer:
                 "gpu_mem_reserved_gb": torch.cuda.memory_reserved() / GIB}
 
     # ------------------------------------------------------------------ checkpoints and evaluation
-    def _save(self) -> None:
+    def _save(self, weights_only: bool = False) -> None:
+        """A resume checkpoint, or with `weights_only` a milestone kept for evaluation."""
         if self.last_saved_step == self.step:
             return
         began = time.perf_counter()
@@ -549,9 +554,10 @@ class Trainer:
             "git_commit": git_commit(), "config_hash": self.cfg.config_hash(), "world_size": self.dist.world_size,
             "best": self.best, "config": self.cfg.to_dict(),
         }
+        training_state = {} if weights_only else {"optimizer": self.optimizer, "trainer_state": trainer_state,
+                                                  "rank_state": rank_state}
         ckpt.save_checkpoint(self.run_dir, self.step, self.dist, model=self.model, tokenizer=self.tokenizer,
-                             optimizer=self.optimizer, trainer_state=trainer_state, rank_state=rank_state,
-                             meta=self.saved_meta)
+                             meta=self.saved_meta, **training_state)
         self.last_saved_step = self.step
         if self.dist.is_main:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self._always_kept())
