@@ -24,20 +24,7 @@ from fvlm.config import load_config
 from fvlm.model.build import build_model
 from fvlm.model.flops import PLAN_FRAMES, PLAN_TEXT_TOKENS, estimate_flops
 
-SHAPES = {
-    "tiny": dict(overrides={}, batch=8, frames=8, text=96),
-    "135m": dict(overrides={"llm": "smollm2-135m", "dino": "dinov2-small", "image_size": 224}, batch=2, frames=4, text=64),
-}
-
-
-def make_batch(b, t, length, size, device):
-    return {
-        "frames": torch.randn(b, t, 3, size, size, device=device),
-        "frame_mask": torch.ones(b, t, dtype=torch.bool, device=device),
-        "input_ids": torch.randint(4, 250, (b, length), device=device),
-        "attention_mask": torch.ones(b, length, dtype=torch.long, device=device),
-        "loss_mask": torch.ones(b, length, dtype=torch.bool, device=device),
-    }
+from bench_model import SHAPES, make_batch  # this folder is on sys.path when run as a script
 
 
 def full_sequence_loss(model, batch, compute_coarse):
