@@ -28,7 +28,9 @@ def assemble(cfg: ModelConfig, llm, dino) -> VLMBase:
     model = cls(cfg, llm, dino)
     model.apply_freeze()
     if cfg.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable()
+        # transformers renamed gradient_checkpointing_enable (deprecated, removed in v6).
+        enable = getattr(model.llm, "activation_checkpointing_enable", None) or model.llm.gradient_checkpointing_enable
+        enable()
     return model
 
 
