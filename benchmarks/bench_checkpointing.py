@@ -14,7 +14,6 @@ are (they must agree).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -24,7 +23,7 @@ from fvlm.config import load_config
 from fvlm.model.build import build_model
 from fvlm.model.flops import PLAN_FRAMES, PLAN_TEXT_TOKENS, estimate_flops
 
-from bench_model import SHAPES, make_batch  # this folder is on sys.path when run as a script
+from bench_model import SHAPES, interleaved_times, make_batch  # this folder is on sys.path when run as a script
 
 
 def full_sequence_loss(model, batch, compute_coarse):
@@ -62,23 +61,6 @@ def counted_flops(step) -> float:
     with counter, sdpa_kernel(SDPBackend.MATH):
         step()
     return float(counter.get_total_flops())
-
-
-def interleaved_times(steps: dict, repeats: int, cuda: bool) -> dict:
-    """Median seconds per step, timed round-robin so that a load change hits every way alike."""
-    samples = {name: [] for name in steps}
-    for step in steps.values():
-        step()
-    for _ in range(repeats):
-        for name, step in steps.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - start)
-    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
 
 
 def paper_shape_ratios() -> None:
