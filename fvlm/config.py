@@ -85,6 +85,9 @@ class DataConfig:
     synth_max_objects: int = 5
     synth_object_scale: list[float] = field(default_factory=lambda: [0.125, 0.19])
     synth_background: Literal["texture", "flat"] = "texture"
+    # What the synthetic videos ask (fvlm.data.synth): "motion" (which object moves and which way) or
+    # "reveal" (the colour a white object turns into while three others appear around it).
+    synth_video_task: Literal["motion", "reveal"] = "motion"
 
 
 @dataclass

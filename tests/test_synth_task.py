@@ -69,3 +69,88 @@ def test_scene_knobs_flat_background_object_size_and_count():
     assert 0.35 * 16 * 16 <= painted <= 16 * 16  # one object (a triangle covers half its box)
     _, mc_meta = make_video(painter, 2, mc=True)
     assert len(set(mc_meta["choices"])) == 4
+
+
+# ----------------------------------------------------------------------------- the reveal task
+
+
+def _decoded(jpeg: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(jpeg)), dtype=float)
+
+
+def _near(pixels: np.ndarray, colour: str, tol: float = 100) -> np.ndarray:
+    """Pixels whose nearest palette colour is `colour`, within `tol` (JPEG blurs small shapes)."""
+    palette = np.array(list(COLOURS.values()), dtype=float)
+    dist = np.abs(pixels[..., None, :] - palette).sum(-1)
+    return (dist.argmin(-1) == list(COLOURS).index(colour)) & (dist.min(-1) < tol)
+
+
+def test_reveal_options_are_the_four_colours_on_screen_and_tell_nothing_without_pixels():
+    from fvlm.data.synth import make_reveal_video
+
+    painter = _Painter(32, np.random.default_rng(3))
+    metas = [make_reveal_video(painter, 3, mc=True)[1] for _ in range(400)]
+    right, wrong = Counter(), Counter()
+    for m in metas:
+        scene_colours = {o["colour"] for o in m["scene"]}
+        assert sorted(m["choices"]) == sorted(scene_colours) and len(scene_colours) == 4 and "white" not in scene_colours
+        assert m["assistant"] == m["choices"][m["answer_index"]] == m["scene"][0]["colour"]
+        for option in m["choices"]:
+            (right if option == m["assistant"] else wrong)[option] += 1
+    assert min(Counter(m["answer_index"] for m in metas).values()) > 70  # 100 expected per letter
+    for colour in set(right) | set(wrong):
+        share_right, share_wrong = right[colour] / sum(right.values()), wrong[colour] / sum(wrong.values())
+        assert abs(share_right - share_wrong) < 0.05, (colour, share_right, share_wrong)
+
+
+def test_reveal_frames_show_the_white_mover_alone_first_then_its_colour_inside_its_box():
+    from fvlm.data.synth import make_reveal_video
+
+    painter = _Painter(64, np.random.default_rng(4), background="flat")
+    for _ in range(20):
+        jpegs, meta = make_reveal_video(painter, 4, mc=False)
+        colour, shape = meta["scene"][0]["colour"], meta["scene"][0]["shape"]
+        assert meta["assistant"] == f"The white {shape} turns {colour}."
+        others = [o["colour"] for o in meta["scene"][1:]]
+        xs = []
+        for t, (jpeg, box) in enumerate(zip(jpegs, meta["mover_boxes"])):
+            pixels = _decoded(jpeg)
+            x0, y0, x1, y1 = (round(v * 64) for v in box)
+            inside = np.zeros(pixels.shape[:2], dtype=bool)
+            inside[y0:y1, x0:x1] = True
+            mover = _near(pixels, "white" if t == 0 else colour)
+            strict = _near(pixels, "white" if t == 0 else colour, tol=40)
+            # The mover's pixels are in its box (a triangle or diamond fills half of it), none outside.
+            assert mover[inside].sum() >= 0.25 * inside.sum() and strict[~inside].sum() < 5, t
+            # The three others are absent from frame 0 and present later.
+            present = [_near(pixels, c, tol=40).sum() > 5 for c in others]
+            assert not any(present) if t == 0 else all(present), (t, present)
+            xs.append((x0, y0))
+        assert xs[0] != xs[-1]  # the mover drifts
+
+
+def test_mover_patches_from_the_boxes_agree_with_the_pixel_rule_on_motion_videos():
+    """Two ways to find the mover: its boxes from the generator, and the patches where the frame
+    differs from the video's median frame (right for motion videos, where only the mover changes)."""
+    from fvlm.data.synth import make_reveal_video
+    from fvlm.eval.looks import mover_patches
+
+    painter = _Painter(64, np.random.default_rng(5), background="flat", object_scale=(0.19, 0.19))
+    agree = []
+    for _ in range(20):
+        jpegs, meta = make_video(painter, 4, mc=False)
+        frames = np.stack([_decoded(j) for j in jpegs])
+        by_box = mover_patches(frames, (8, 8), boxes=np.asarray(meta["mover_boxes"]))
+        by_pixels = mover_patches(frames, (8, 8))
+        assert by_box.any(axis=(1, 2)).all()
+        agree.append((by_box == by_pixels).mean())
+    assert np.mean(agree) > 0.97, np.mean(agree)
+    # In a reveal video objects appear after frame 0, so the pixel rule marks them; the boxes do not.
+    jpegs, meta = make_reveal_video(painter, 4, mc=False)
+    frames = np.stack([_decoded(j) for j in jpegs])
+    by_box = mover_patches(frames, (8, 8), boxes=np.asarray(meta["mover_boxes"]))
+    assert by_box.sum(axis=(1, 2)).max() <= 4 and mover_patches(frames, (8, 8))[0].sum() > by_box[0].sum()

@@ -35,6 +35,9 @@ class AttentionRecord:
     keys: list[str]
     step: int
     path: Path
+    # The mover's box per frame [videos, frames, 4] (x0, y0, x1, y1 as shares of the frame side; NaN
+    # where unknown), when the data says where the mover is; None for data without such boxes.
+    mover_boxes: np.ndarray | None = None
 
 
 def load_attention(path: Path | str) -> AttentionRecord:
@@ -50,7 +53,8 @@ def load_attention(path: Path | str) -> AttentionRecord:
         record = AttentionRecord(coarse=coarse, fine=fine, frames=data["frames"],
                                  frame_mask=data["frame_mask"].astype(bool),
                                  grid=(int(data["grid"][0]), int(data["grid"][1])),
-                                 keys=[str(k) for k in data["keys"]], step=int(data["step"]), path=path)
+                                 keys=[str(k) for k in data["keys"]], step=int(data["step"]), path=path,
+                                 mover_boxes=data["mover_boxes"].astype(np.float32) if "mover_boxes" in data else None)
     rows, cols = record.grid
     if coarse.ndim != 5 or coarse.shape[-1] != 1 + rows * cols:
         raise UsageError(f"{path}: 'coarse_attn' has shape {coarse.shape}; expected [videos, frames, layers, heads, 1 + {rows}*{cols}]")
@@ -58,7 +62,11 @@ def load_attention(path: Path | str) -> AttentionRecord:
         raise UsageError(f"{path}: 'fine_attn' shape {fine.shape} does not match 'coarse_attn' {coarse.shape}")
     if record.frames.shape[:2] != coarse.shape[:2] or record.frame_mask.shape != coarse.shape[:2]:
         raise UsageError(f"{path}: 'frames'/'frame_mask' do not cover the same videos and frames as 'coarse_attn'")
+    if record.mover_boxes is not None and record.mover_boxes.shape != (*coarse.shape[:2], 4):
+        raise UsageError(f"{path}: 'mover_boxes' has shape {record.mover_boxes.shape}; expected "
+                         f"[videos, frames, 4] = {(*coarse.shape[:2], 4)}")
     return record
+
 
 
 def patch_map(attn: np.ndarray, grid: tuple[int, int], layer: int | None = None,

@@ -35,6 +35,9 @@ def register(sub) -> None:
                        help="object side as a share of the frame side")
     synth.add_argument("--max-objects", type=int, default=5, help="most objects per video (images: at most 4)")
     synth.add_argument("--min-objects", type=int, default=3, help="fewest objects per video and image")
+    synth.add_argument("--video-task", choices=("motion", "reveal"), default="motion",
+                       help="motion: which object moves and which way; reveal: the colour a white object turns "
+                            "into while three others appear around it (always four objects)")
     synth.set_defaults(func=cmd_synth)
 
     inspect = data_sub.add_parser("inspect", help="counts, mix, lengths and skipped samples of a data path")
@@ -72,7 +75,7 @@ def cmd_synth(args) -> int:
                                   size=args.size, seed=args.seed, val=args.val, probe=args.probe, bench=args.bench,
                                   mc_fraction=args.mc_fraction, background=args.background,
                                   object_scale=tuple(args.object_scale), max_objects=args.max_objects,
-                                  min_objects=args.min_objects)
+                                  min_objects=args.min_objects, video_task=args.video_task)
     for split, counts in manifest["splits"].items():
         print(f"{split:<6} " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     print(f"wrote {manifest['samples']} samples to {out} in {manifest['seconds']:.1f}s "

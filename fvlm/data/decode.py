@@ -74,6 +74,13 @@ def decode_mp4(data: bytes, size: int, fps: float, max_frames: int) -> np.ndarra
     return np.stack(picked)
 
 
+def thinned(count: int, max_frames: int) -> list[int]:
+    """Which of `count` frames a video keeps under `max_frames` (uniformly spread, first and last kept)."""
+    if count <= max_frames:
+        return list(range(count))
+    return [int(i) for i in np.linspace(0, count - 1, max_frames).round().astype(int)]
+
+
 def decode_frames(parts: dict[str, bytes], kind: str, size: int, *, max_frames: int, fps: float,
                   replicate_image_frames: int) -> np.ndarray:
     """uint8 [T, size, size, 3]; T = 0 for text-only samples."""
@@ -86,8 +93,7 @@ def decode_frames(parts: dict[str, bytes], kind: str, size: int, *, max_frames: 
     if "mp4" in parts:
         return decode_mp4(parts["mp4"], size, fps, max_frames)
     names = sorted((e for e in parts if e.split(".")[0].isdigit()), key=lambda e: int(e.split(".")[0]))
-    if len(names) > max_frames:
-        names = [names[i] for i in np.linspace(0, len(names) - 1, max_frames).round().astype(int)]
+    names = [names[i] for i in thinned(len(names), max_frames)]
     return np.stack([decode_image(parts[n], size) for n in names])
 
 

@@ -30,6 +30,7 @@ from fvlm.data.decode import (
     encode_dialogue,
     normalise_into,
     read_meta,
+    thinned,
 )
 from fvlm.data.index import KINDS, DataIndex, build_index, read_sample
 from fvlm.data.schedule import TrainSchedule, source_probabilities
@@ -110,7 +111,30 @@ class SampleReader:
             exc.where = (shard, key)
             raise
         return {"frames": frames, "ids": ids, "mask": mask, "full_length": full_length, "key": key,
-                "source": source, "kind": kind}
+                "source": source, "kind": kind, "mover_boxes": _mover_boxes(meta, len(frames), self.max_frames)}
+
+
+def _mover_boxes(meta: dict, frames: int, max_frames: int) -> list[list[float]] | None:
+    """The sample's per-frame mover boxes (shares of the frame side), thinned like its frames; None
+    when it has none or they do not line up with the frames."""
+    boxes = meta.get("mover_boxes")
+    if not isinstance(boxes, list) or not boxes:
+        return None
+    boxes = [boxes[i] for i in thinned(len(boxes), max_frames)]
+    ok = len(boxes) == frames and all(isinstance(b, list) and len(b) == 4 for b in boxes)
+    return [[float(v) for v in b] for b in boxes] if ok else None
+
+
+def boxes_array(per_video: list, frames: int) -> np.ndarray | None:
+    """Per-video lists of per-frame boxes (or None) -> [videos, frames, 4] with NaN where unknown;
+    None when no video has boxes."""
+    if not any(per_video):
+        return None
+    out = np.full((len(per_video), frames, 4), np.nan, dtype=np.float32)
+    for v, boxes in enumerate(per_video):
+        if boxes:
+            out[v, : len(boxes)] = np.asarray(boxes, dtype=np.float32)
+    return out
 
 
 class _Items:
@@ -183,6 +207,7 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         "keys": [s["key"] for s in samples],
         "sources": [s["source"] for s in samples],
         "kinds": [s["kind"] for s in samples],
+        "mover_boxes": [s.get("mover_boxes") for s in samples],
     }
 
 

@@ -35,7 +35,8 @@ from PIL import Image
 from fvlm.cache import build_once
 
 # 3: samples carry their scene (objects, mover) in the JSON; multiple-choice answers are the option text
-GENERATOR_VERSION = 3
+# 4: videos carry the mover's box per frame; the "reveal" video task
+GENERATOR_VERSION = 4
 SAMPLES_PER_SHARD = 256
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40),
@@ -167,16 +168,20 @@ def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
     mx, my = p.place(mover_d, taken, span)
     static = [(c, s, d, *p.place(d, taken)) for c, s, d in objects[1:]]
     background = p.background()
-    jpegs = []
+    jpegs, boxes = [], []
     for t in range(frames):
         canvas = background.copy()
         for c, s, d, x, y in static:
             p.paint(canvas, c, s, d, x, y)
         f = t / max(1, frames - 1)
-        p.paint(canvas, mover_colour, mover_shape, mover_d, mx + round(span[0] * f), my + round(span[1] * f))
+        x, y = mx + round(span[0] * f), my + round(span[1] * f)
+        p.paint(canvas, mover_colour, mover_shape, mover_d, x, y)
+        boxes.append([round(v / size, 4) for v in (x, y, x + mover_d, y + mover_d)])
         jpegs.append(p.finish(canvas))
     answer = f"{mover_colour} {mover_shape} {direction}"
-    meta = {"source": "video", "frame_count": frames,
+    # mover_boxes: the mover's box per frame as shares of the frame side [x0, y0, x1, y1], so that
+    # "does the query look at the mover" is measured against where it is, not guessed from pixels.
+    meta = {"source": "video", "frame_count": frames, "task": "motion", "mover_boxes": boxes,
             "scene": [{"colour": c, "shape": s, "moves": direction if i == 0 else None}
                       for i, (c, s, _) in enumerate(objects)]}
     if mc:
@@ -193,6 +198,63 @@ def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
         meta["user"] = str(rng.choice(VIDEO_PROMPTS))
         meta["assistant"] = f"The {mover_colour} {mover_shape} moves {direction}."
     return jpegs, meta
+
+
+REVEAL_PROMPTS = ("What colour does the white object turn?", "What happens to the white shape?", "Describe the clip.", "")
+REVEAL_OBJECTS = 4  # the mover and three others: the four options are the four colours on screen
+REVEAL_TRAVEL = 0.16  # the mover's travel over the clip, as a share of the frame side (~1.3 patches at 64 px)
+
+
+def make_reveal_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
+    """A video where the first frame says where to look and the later frames say what is there.
+
+    Frame 0 shows the mover alone, painted white. From frame 1 on it has its real colour and three
+    other objects of other colours stand around it, while it drifts a little along one direction
+    (about one patch over the clip). The question asks the colour the white object turned into;
+    the four options are the four colours on screen in the later frames, so knowing which colours
+    are present is worth nothing: the answer needs the colour AT the mover's place. A static query
+    has to describe four objects and their places in one token per frame and lose the binding of
+    colour to place; a query chosen by the language model after frame 0 can read the mover alone.
+    The colour is asked, not the direction: a tiny language model given perfect per-frame codes of
+    the mover's place does not learn to compare places across frames within these budgets
+    (benchmarks/RESULTS.md), while reading a property at a place needs no comparison."""
+    rng, size = p.rng, p.size
+    palette = [c for c in COLOURS if c != "white"]
+    colours = [str(c) for c in rng.permutation(palette)[:REVEAL_OBJECTS]]
+    shapes = [str(s) for s in rng.choice(SHAPES, size=REVEAL_OBJECTS)]
+    sizes = [int(d) for d in rng.choice(p.sizes, size=REVEAL_OBJECTS)]
+    direction = str(rng.choice(list(DIRECTIONS)))
+    travel = round(size * REVEAL_TRAVEL)
+    span = (DIRECTIONS[direction][0] * travel, DIRECTIONS[direction][1] * travel)
+    taken: list = []
+    mx, my = p.place(sizes[0], taken, span)
+    others = [(colours[i], shapes[i], sizes[i], *p.place(sizes[i], taken)) for i in range(1, REVEAL_OBJECTS)]
+    background = p.background()
+    jpegs, boxes = [], []
+    for t in range(frames):
+        canvas = background.copy()
+        f = t / max(1, frames - 1)
+        x, y = mx + round(span[0] * f), my + round(span[1] * f)
+        if t > 0:
+            for c, s, d, ox, oy in others:
+                p.paint(canvas, c, s, d, ox, oy)
+        p.paint(canvas, "white" if t == 0 else colours[0], shapes[0], sizes[0], x, y)
+        boxes.append([round(v / size, 4) for v in (x, y, x + sizes[0], y + sizes[0])])
+        jpegs.append(p.finish(canvas))
+    meta = {"source": "video", "frame_count": frames, "task": "reveal", "mover_boxes": boxes,
+            "scene": [{"colour": c, "shape": s, "moves": direction if i == 0 else None}
+                      for i, (c, s) in enumerate(zip(colours, shapes))]}
+    if mc:
+        options = [colours[i] for i in rng.permutation(REVEAL_OBJECTS)]
+        meta["user"], meta["assistant"] = _mc("What colour does the white object turn?", options, options.index(colours[0]))
+        meta.update(choices=options, answer_index=options.index(colours[0]))
+    else:
+        meta["user"] = str(rng.choice(REVEAL_PROMPTS))
+        meta["assistant"] = f"The white {shapes[0]} turns {colours[0]}."
+    return jpegs, meta
+
+
+VIDEO_TASKS = {"motion": make_video, "reveal": make_reveal_video}
 
 
 def make_image(p: _Painter, mc: bool) -> tuple[bytes, dict]:
@@ -278,7 +340,7 @@ class _ShardWriter:
 
 
 def _write_split(folder: Path, split: str, seed: int, *, videos: int, images: int, texts: int, frames: int,
-                 size: int, mc_fraction: float, painter: dict | None = None) -> dict[str, int]:
+                 size: int, mc_fraction: float, painter: dict | None = None, video_task: str = "motion") -> dict[str, int]:
     rng = np.random.default_rng([seed, sum(map(ord, split))])
     order = [("video", i) for i in range(videos)] + [("image", i) for i in range(images)]
     order += [("text", i) for i in range(texts)]
@@ -290,7 +352,7 @@ def _write_split(folder: Path, split: str, seed: int, *, videos: int, images: in
         key = f"{split}-{kind}-{i:06d}"
         mc = kind != "text" and rng.random() < mc_fraction
         if kind == "video":
-            jpegs, meta = make_video(painter, frames, mc)
+            jpegs, meta = VIDEO_TASKS[video_task](painter, frames, mc)
             writer.write(key, meta, images=jpegs)
         elif kind == "image":
             jpeg, meta = make_image(painter, mc)
@@ -306,7 +368,7 @@ def _write_split(folder: Path, split: str, seed: int, *, videos: int, images: in
 def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames: int, size: int, seed: int,
                        val: int = 200, probe: int = 10, bench: int = 200, mc_fraction: float = 0.0,
                        background: str = "texture", object_scale: tuple[float, float] = (0.125, 0.19),
-                       max_objects: int = 5, min_objects: int = 3) -> dict:
+                       max_objects: int = 5, min_objects: int = 3, video_task: str = "motion") -> dict:
     """Writes train/, val/, probe/ and bench/ shard folders plus manifest.json under `out_dir`.
 
     val keeps the train mix of kinds; probe holds `probe` plain videos for attention heatmaps;
@@ -320,7 +382,9 @@ def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames:
     val_counts = [round(val * n / total) for n in (videos, images)]
     style = {"background": background, "object_scale": tuple(object_scale), "max_objects": max_objects,
              "min_objects": min_objects}
-    common = {"frames": frames, "size": size, "painter": style}
+    if video_task not in VIDEO_TASKS:
+        raise ValueError(f"video_task must be one of {sorted(VIDEO_TASKS)}, got {video_task!r}")
+    common = {"frames": frames, "size": size, "painter": style, "video_task": video_task}
     splits = {
         "train": _write_split(out / "train", "train", seed, videos=videos, images=images, texts=texts,
                               mc_fraction=mc_fraction, **common),
@@ -337,7 +401,7 @@ def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames:
         "params": {"videos": videos, "images": images, "texts": texts, "frames": frames, "size": size, "seed": seed,
                    "val": val, "probe": probe, "bench": bench, "mc_fraction": mc_fraction,
                    "background": background, "object_scale": list(object_scale), "max_objects": max_objects,
-                   "min_objects": min_objects},
+                   "min_objects": min_objects, "video_task": video_task},
         "splits": splits,
         "samples": samples,
         "seconds": round(seconds, 3),
@@ -355,9 +419,9 @@ def synth_params(cfg) -> dict:
               "size": d.synth_size, "seed": data_seed(cfg), "val": d.synth_val, "probe": 10, "bench": 200}
     scene = {"mc_fraction": d.synth_mc_fraction, "min_objects": d.synth_min_objects,
              "max_objects": d.synth_max_objects, "object_scale": tuple(d.synth_object_scale),
-             "background": d.synth_background}
+             "background": d.synth_background, "video_task": d.synth_video_task}
     defaults = {"mc_fraction": 0.0, "min_objects": 3, "max_objects": 5, "object_scale": (0.125, 0.19),
-                "background": "texture"}
+                "background": "texture", "video_task": "motion"}
     # Knobs at their defaults stay out, so that sets generated before the knobs existed keep their folder.
     params.update({k: v for k, v in scene.items() if v != defaults[k]})
     return params

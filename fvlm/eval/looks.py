@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fvlm.analysis.attention_maps import AttentionRecord, patch_map, render_video
+from fvlm.data.loader import boxes_array
 from fvlm.errors import UsageError
 
 
@@ -44,17 +45,32 @@ def attention_record(model, batch: dict, keys: list[str], step: int, path: Path)
         keys=list(keys),
         step=int(step or 0),
         path=path,
+        mover_boxes=boxes_array(batch.get("mover_boxes") or [], batch["frame_mask"].shape[1]),
     )
 
 
-def mover_patches(frames: np.ndarray, grid: tuple[int, int], threshold: float = 30.0) -> np.ndarray:
-    """bool [T, rows, cols]: patches whose pixels differ from the median frame (the moving object)."""
+def mover_patches(frames: np.ndarray, grid: tuple[int, int], threshold: float = 30.0,
+                  boxes: np.ndarray | None = None) -> np.ndarray:
+    """bool [T, rows, cols]: the mover's patches. With `boxes` ([T, 4], shares of the frame side, as
+    the data gives them), the patches at least a quarter covered by the mover's box. Without, the
+    patches whose pixels differ from the median frame: right when only the mover changes, as in the
+    motion videos; not when objects appear or change colour."""
+    t, h, w = frames.shape[:3]
+    rows, cols = grid
+    if boxes is not None and np.isfinite(boxes).all():
+        ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
+        inside = np.stack([((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
+                           for x0, y0, x1, y1 in boxes])
+        blocks = inside[:, : rows * (h // rows), : cols * (w // cols)].reshape(t, rows, h // rows, cols, w // cols)
+        return blocks.mean(axis=(2, 4)) >= 0.25
     median = np.median(frames.astype(np.float32), axis=0)
     changed = np.abs(frames.astype(np.float32) - median).max(axis=-1) > threshold
-    t, h, w = changed.shape
-    rows, cols = grid
     blocks = changed[:, : rows * (h // rows), : cols * (w // cols)].reshape(t, rows, h // rows, cols, w // cols)
     return blocks.mean(axis=(2, 4)) > 0.25
+
+
+def _boxes(record: AttentionRecord, video: int, frame_ids: np.ndarray) -> np.ndarray | None:
+    return None if record.mover_boxes is None else record.mover_boxes[video, frame_ids]
 
 
 def mover_shares(record: AttentionRecord, video: int, which: str = "fine") -> list[tuple[int, float, float]] | None:
@@ -68,7 +84,7 @@ def mover_shares(record: AttentionRecord, video: int, which: str = "fine") -> li
     frame_ids = np.flatnonzero(record.frame_mask[video])
     if len(frame_ids) < 2:
         return None
-    movers = mover_patches(record.frames[video, frame_ids], record.grid)
+    movers = mover_patches(record.frames[video, frame_ids], record.grid, boxes=_boxes(record, video, frame_ids))
     rows = []
     for mover, t in zip(movers, frame_ids):
         patches = patch_map(attn[video, t], record.grid)
@@ -92,7 +108,8 @@ def draw(record: AttentionRecord, out: Path, gif: bool = False, layer: int | Non
         png = render_video(record, video, out / f"{name}.png", layer=layer,
                            gif_path=out / f"{name}.gif" if gif else None)
         frame_ids = np.flatnonzero(record.frame_mask[video])
-        area = float(mover_patches(record.frames[video, frame_ids], record.grid).mean()) if len(frame_ids) > 1 else None
+        area = (float(mover_patches(record.frames[video, frame_ids], record.grid, boxes=_boxes(record, video, frame_ids)).mean())
+                if len(frame_ids) > 1 else None)
         summary[key] = {"png": str(png), "coarse_on_mover": mover_share(record, video, "coarse"),
                         "fine_on_mover": mover_share(record, video, "fine"), "mover_area": area}
     return summary
@@ -105,5 +122,7 @@ def save_npz(record: AttentionRecord, path: Path) -> Path:
               "step": np.array(record.step)}
     if record.fine is not None:
         arrays["fine_attn"] = record.fine.astype(np.float32)
+    if record.mover_boxes is not None:
+        arrays["mover_boxes"] = record.mover_boxes.astype(np.float32)
     np.savez_compressed(path, **arrays)
     return path

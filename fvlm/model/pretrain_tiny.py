@@ -62,6 +62,8 @@ class Recipe:
     min_objects: int = 1
     max_objects: int = 5
     object_scale: tuple[float, float] = (0.125, 0.19)
+    # The video questions of the LLMs' dialogues: those of the synthetic set the preset trains on.
+    video_task: str = "motion"
 
     def digest(self) -> str:
         from fvlm.data.synth import GENERATOR_VERSION
@@ -244,12 +246,12 @@ def probe_dino(dino, recipe: Recipe, steps: int = 300) -> dict:
 # ----------------------------------------------------------------------------- language
 
 
-def world_dialogues(seed: int, n: int, image_size: int = 32) -> list[tuple[str, str]]:
+def world_dialogues(seed: int, n: int, image_size: int = 32, video_task: str = "motion") -> list[tuple[str, str]]:
     """(user, assistant) turns of the synthetic world's text, in the proportions of the synthetic
     set (video : image : text = 4 : 1 : 1), half of the videos and images as multiple choice. The
     model learns the language and the answer formats; which colour, shape or direction is right is
     random in text alone, and is what the visual tokens will have to tell it."""
-    from fvlm.data.synth import _Painter, make_image, make_text, make_video
+    from fvlm.data.synth import VIDEO_TASKS, _Painter, make_image, make_text
 
     rng = np.random.default_rng([seed, _TEXT_STREAM])
     painter = _Painter(image_size, rng, min_objects=2, max_objects=5)
@@ -258,7 +260,7 @@ def world_dialogues(seed: int, n: int, image_size: int = 32) -> list[tuple[str, 
         kind = rng.random()
         mc = bool(rng.random() < 0.5)
         if kind < 4 / 6:
-            meta = make_video(painter, 2, mc)[1]
+            meta = VIDEO_TASKS[video_task](painter, 2, mc)[1]
         elif kind < 5 / 6:
             meta = make_image(painter, mc)[1]
         else:
@@ -354,7 +356,7 @@ def _make_one(job: str, out: str, recipe: Recipe) -> dict:
         dino.save_pretrained(str(Path(out) / job))
         return {"probe": probe, "parameters": sum(p.numel() for p in dino.parameters()),
                 "seconds": round(time.perf_counter() - began, 1)}
-    dialogues = world_dialogues(recipe.seed, recipe.dialogues + 200)
+    dialogues = world_dialogues(recipe.seed, recipe.dialogues + 200, video_task=recipe.video_task)
     model, tok = pretrain_llm(job, dialogues[:-200], recipe, log)
     model.save_pretrained(str(Path(out) / job))
     tok.save_pretrained(str(Path(out) / job))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fvlm.data.decode import MEAN, STD
+from fvlm.data.loader import boxes_array
 from fvlm.training.dist import Dist
 
 ATTENTION_DIR = "attention"
@@ -91,6 +92,7 @@ def save_probe_attention(model, loader, n_videos: int, step: int, run_dir: Path,
                 "key": key,
                 "mask": mask.numpy(),
                 "frames": sub["frames"][j].numpy(),
+                "boxes": (sub.get("mover_boxes") or [None] * len(sub["keys"]))[j],
                 **{name: out.attention[name][j].float().cpu().numpy() for name in out.attention},
             })
         if len(videos) >= n_videos:
@@ -120,6 +122,9 @@ def save_probe_attention(model, loader, n_videos: int, step: int, run_dir: Path,
     }
     if "fine" in videos[0]:
         arrays["fine_attn"] = stack("fine").astype(np.float32)
+    boxes = boxes_array([v["boxes"] for v in videos], n_frames)
+    if boxes is not None:
+        arrays["mover_boxes"] = boxes
     folder = Path(run_dir) / ATTENTION_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:07d}.npz"
