@@ -58,3 +58,28 @@ def test_accuracy_interval_is_wilson_unless_questions_share_a_video():
     assert (shared["ci95"][1] - shared["ci95"][0]) > 1.4 * (alone["ci95"][1] - alone["ci95"][0])
     # One video: nothing is known about how accuracy varies between videos.
     assert accuracy_summary([1, 1, 0], [3, 3, 3], ["v", "v", "v"])["ci95"] == [0.0, 1.0]
+
+
+def test_every_report_interval_defaults_to_at_least_2000_resamples():
+    import inspect
+
+    from fvlm.analysis import compare, scaling
+    from fvlm.analysis.cli import analyze
+    from fvlm.cli import build_parser
+    from fvlm.experiments.evidence import EvidenceSettings
+    from fvlm.experiments.presets import PAPER, TINY
+
+    args = build_parser().parse_args(["analyze", "somewhere", "--out", "o"])
+    assert args.bootstrap >= 2000
+    for function in (analyze, scaling.scaling_fits, compare.compare_cells):
+        assert inspect.signature(function).parameters["n_boot"].default >= 2000, function
+    assert PAPER.analysis_bootstrap >= 2000 and TINY.analysis_bootstrap >= 2000
+    assert EvidenceSettings().n_boot >= 2000
+
+
+def test_analyze_refuses_a_resample_count_below_one(tmp_path, capsys):
+    from fvlm.cli import main
+
+    assert main(["analyze", str(tmp_path), "--out", str(tmp_path / "o"), "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--bootstrap" in err[0]

@@ -9,6 +9,7 @@ import numpy as np
 
 from fvlm.analysis import ablations, fits
 from fvlm.analysis.table import Run
+from fvlm.eval.stats import N_BOOT
 
 USABLE_STATUS = ("completed", "unknown", "interrupted")
 
@@ -108,7 +109,7 @@ def iso_flop_entries(runs: list[Run]) -> list[dict[str, Any]]:
     return entries
 
 
-def scaling_fits(runs: list[Run], globs: list[str] | None, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+def scaling_fits(runs: list[Run], globs: list[str] | None, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
     archs = sorted({r.arch for r in runs}, key=lambda a: a != "foveated")
     main = [r for r in runs if r.arch == archs[0]] if archs else []
     entries = iso_flop_entries(main)

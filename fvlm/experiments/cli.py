@@ -25,9 +25,6 @@ from typing import Any
 
 from fvlm.errors import UsageError
 
-ANALYSIS_BOOTSTRAP = {"tiny": 50, "paper": 200}
-
-
 def _add_common(parser: argparse.ArgumentParser, default_hint: str) -> None:
     parser.add_argument("--preset", default="tiny", help="tiny (CPU, synthetic data, minutes) or paper (the plan)")
     parser.add_argument("--out", help=f"output folder (default: {default_hint})")
@@ -401,7 +398,7 @@ def write_report(preset, root: Path, ablation_dir: Path, scaling_dir: Path, repo
     tmp = report_dir.with_name(report_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     summary = analyze([str(ablation_dir), str(scaling_dir)], tmp, ["?-C*"],
-                      n_boot=ANALYSIS_BOOTSTRAP.get(preset.name, 200))
+                      n_boot=preset.analysis_bootstrap)
     decisions = json.loads((tmp / "decisions.json").read_text())
     decisions["locked_config"] = locked
     if evidence is not None:
