@@ -12,6 +12,8 @@ import yaml
 from scipy import optimize
 
 from fvlm.analysis import compare, fits, scaling, table
+from fvlm.analysis.ablations import QUESTIONS, answer
+from fvlm.analysis.table import load
 from fvlm.analysis.cli import analyze
 from fvlm.cli import main
 from fvlm.config import RunConfig
@@ -448,3 +450,47 @@ def test_degenerate_fit_is_marked_in_fits_json_report_and_go_no_go(tmp_path):
     checklist = json.loads((out / "decisions.json").read_text())["go_no_go"]
     optimal = next(c for c in checklist if "compute-optimal" in c["criterion"])
     assert optimal["status"] == "unknown" and "per-size fit 4M: not identified" in optimal["evidence"]
+
+
+def _with_grad_norms(run, norms):
+    run.steps = {"grad_norm": np.asarray(norms, float)}
+    return run
+
+
+def test_grad_norm_stability_is_concrete():
+    from fvlm.analysis.ablations import grad_norm_stability
+
+    def run_with(norms):
+        from fvlm.analysis.table import Run
+
+        return _with_grad_norms(Run("x", "S", 1.0, "", "completed", "foveated", 1, "", {"step": np.arange(3.0)}), norms)
+
+    steady = 1 + 0.1 * np.sin(np.arange(40))
+    assert grad_norm_stability(run_with(steady))["stable"] is True
+    spiky = steady.copy()
+    spiky[30] = 25.0
+    assert grad_norm_stability(run_with(spiky))["stable"] is False
+    assert "spike" in grad_norm_stability(run_with(spiky))["reason"]
+    rising = np.geomspace(1, 20, 40)
+    assert grad_norm_stability(run_with(rising))["stable"] is False
+    assert "rising" in grad_norm_stability(run_with(rising))["reason"]
+    assert grad_norm_stability(run_with([1.0, np.inf, 1.0, 1.0]))["stable"] is False
+    assert grad_norm_stability(run_with([np.nan] * 3))["stable"] is None
+
+
+def test_freeze_picks_the_lowest_val_loss_among_runs_with_stable_grad_norms(tmp_path):
+    """F3 has the lowest loss but its grad norms spike: F2, next lowest and stable, wins. Without
+    grad norms (the export has none) the freeze decision is unknown, not taken from val loss alone."""
+    data = load([str(ablation_sweep(tmp_path, OFFSETS))])
+    freeze = next(q for q in QUESTIONS if q.id == "freeze")
+    assert answer(freeze, data)["winner"] == "F3"
+    spiky = np.ones(60)
+    spiky[50] = 40.0
+    _with_grad_norms(data.runs["F3"], spiky)
+    result = answer(freeze, data)
+    assert result["winner"] == "F2" and result["grad_norms"]["F3"]["stable"] is False
+    for run in data.runs.values():
+        run.steps = None
+        run.points["grad_norm"] = np.full(run.n_points, np.nan)
+    result = answer(freeze, data)
+    assert result["winner"] is None and result["verdict"].startswith("unknown: grad-norm stability cannot be judged")

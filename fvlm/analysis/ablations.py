@@ -22,6 +22,13 @@ from fvlm.analysis.table import Run, Table
 MIN_TAIL_POINTS = 5
 TAIL_FRACTION = 0.5
 LOCAL_POINTS = 9
+# "Stable grad norms" (the freeze rule), made concrete on the logged gradient norms of the second
+# half of a run (steps.csv, else the eval points): every one finite, none above SPIKE_FACTOR x their
+# median (a spike), and the median of the last quarter at most RISE_FACTOR x that of the second
+# quarter (a norm that keeps growing). Below MIN_GRAD_POINTS logged values it cannot be judged.
+SPIKE_FACTOR = 10.0
+RISE_FACTOR = 2.0
+MIN_GRAD_POINTS = 4
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,35 @@ def instability(run: Run) -> str | None:
     return None
 
 
+def grad_norm_stability(run: Run) -> dict[str, Any]:
+    """{"stable": True | False | None, "reason": str, "source": where the norms came from}; None when
+    the run logged too few finite-or-not gradient norms to judge."""
+    source, norms = "steps.csv", (run.steps or {}).get("grad_norm")
+    if norms is None or len(norms) < MIN_GRAD_POINTS or np.isnan(norms).all():
+        source, norms = "metrics.csv", run.col("grad_norm")
+    logged = norms[~np.isnan(norms)] if norms is not None else np.array([])
+    if len(logged) < MIN_GRAD_POINTS:
+        return {"stable": None, "source": None,
+                "reason": f"{len(logged)} logged grad norms (needs {MIN_GRAD_POINTS}: grad_norm in steps.csv or "
+                          "metrics.csv)"}
+    if not np.isfinite(logged).all():
+        return {"stable": False, "source": source, "reason": "non-finite grad norm"}
+    half = logged[len(logged) // 2:]
+    median = float(np.median(half))
+    peak = float(half.max())
+    quarter = max(1, len(logged) // 4)
+    second_quarter = logged[quarter:2 * quarter] if 2 * quarter <= len(logged) else logged[:quarter]
+    rise = float(np.median(logged[-quarter:]) / max(np.median(second_quarter), 1e-12))
+    if peak > SPIKE_FACTOR * median:
+        return {"stable": False, "source": source,
+                "reason": f"spike: {peak:.3g} > {SPIKE_FACTOR:g}x the second half's median {median:.3g}"}
+    if rise > RISE_FACTOR:
+        return {"stable": False, "source": source,
+                "reason": f"rising: last quarter's median {rise:.2f}x the second quarter's (> {RISE_FACTOR:g}x)"}
+    return {"stable": True, "source": source,
+            "reason": f"max {peak / median:.2f}x median over the second half, last/second quarter {rise:.2f}x"}
+
+
 # ----------------------------------------------------------------------------- the questions
 
 
@@ -195,6 +231,17 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
     # Higher accuracy is better; negate so that "lowest wins" holds for both metrics.
     score = {s["run"].run_id: (-vqa[s["run"].run_id] if use_vqa else s["smoothed"]) for s in stats}
     eligible = [s for s in stats if not s["unstable"]] or stats
+    grad = {}
+    if question.id == "freeze":
+        # The plan's rule: the lowest val loss among runs with stable grad norms.
+        grad = {s["run"].run_id: grad_norm_stability(s["run"]) for s in stats}
+        unjudged = [rid for rid, g in grad.items() if g["stable"] is None]
+        if unjudged:
+            return _unknown(question, stats, "grad-norm stability cannot be judged for " + ", ".join(
+                f"{rid} ({grad[rid]['reason']})" for rid in unjudged), grad_norms=grad)
+        eligible = [s for s in eligible if grad[s["run"].run_id]["stable"]]
+        if not eligible:
+            return _unknown(question, stats, "no run has stable grad norms", grad_norms=grad)
     ranked = sorted(eligible, key=lambda s: score[s["run"].run_id])
     winner, runner_up = ranked[0], (ranked[1] if len(ranked) > 1 else None)
     margin = score[runner_up["run"].run_id] - score[winner["run"].run_id] if runner_up else math.nan
@@ -214,10 +261,20 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         "unstable": {s["run"].run_id: s["unstable"] for s in stats if s["unstable"]},
         "rows": stats,
     }
+    if grad:
+        result["grad_norms"] = grad
     if question.id == "deep_query":
         ratios = {s["run"].run_id: _last_finite(s["run"].col("val_loss_ratio")) for s in stats}
         result["val_loss_ratio"] = {k: v for k, v in ratios.items() if v is not None}
     return result
+
+
+def _unknown(question: Question, stats: list[dict[str, Any]], why: str, **extra: Any) -> dict[str, Any]:
+    """A question whose runs are there but whose decision needs an input they lack."""
+    return {"id": question.id, "title": question.title, "plan_rule": question.plan_rule,
+            "runs": [s["run"].run_id for s in stats], "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
+            "winner": None, "runner_up": None, "margin": None, "noise": None, "verdict": f"unknown: {why}",
+            "axis": question.axis, "metric": "", "common_x": None, "unstable": {}, "rows": [], **extra}
 
 
 def _last_finite(values: np.ndarray) -> float | None:

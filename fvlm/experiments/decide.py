@@ -50,6 +50,8 @@ def choose(qid: str, table: Table, specs: dict[str, RunSpec]) -> dict[str, Any]:
         found = [r.run_id for r in ablations.members(_question(qid), table)]
         return {"question": qid, "choice": None, "adopted": {}, "runs": found,
                 "reason": f"not enough finished runs to compare (found {', '.join(found) or 'none'})"}
+    if result["winner"] is None:  # the runs are there, an input the decision needs is not
+        return {"question": qid, "choice": None, "adopted": {}, "runs": result["runs"], "reason": result["verdict"]}
     winner, reason = result["winner"], f"lowest smoothed val_loss at {result['common_x']:.4g} samples"
     if result["metric"].startswith("image"):
         reason = "highest image VQA accuracy"
