@@ -494,3 +494,32 @@ def test_freeze_picks_the_lowest_val_loss_among_runs_with_stable_grad_norms(tmp_
         run.points["grad_norm"] = np.full(run.n_points, np.nan)
     result = answer(freeze, data)
     assert result["winner"] is None and result["verdict"].startswith("unknown: grad-norm stability cannot be judged")
+
+
+def _iso_entries(alpha, beta, prefix, budgets=(1e15, 1e16, 1e17, 1e18)):
+    """Runs on the iso-FLOP lines of L = 1 + 400/N^alpha + 400/D^beta with C = 6 N D, five sizes around
+    each budget's optimum, named without budget labels (grouped by FLOPs spent)."""
+    entries = []
+    for c in budgets:
+        n_opt = (alpha * 400 / (beta * 400)) ** (1 / (alpha + beta)) * (c / 6) ** (beta / (alpha + beta))
+        for k, n in enumerate(n_opt * np.geomspace(0.1, 10, 5)):
+            d = c / (6 * n)
+            entries.append({"run_id": f"{prefix}{c:.0e}-{k}", "N": n, "D": d, "C": c,
+                            "loss": 1 + 400 / n**alpha + 400 / d**beta})
+    return entries
+
+
+def test_each_arms_iso_flop_exponent_recovers_its_law_and_is_compared_with_chinchilla():
+    foveated = fits.iso_flop(_iso_entries(0.3, 0.4, "f"), by_label=False)
+    baseline = fits.iso_flop(_iso_entries(0.4, 0.3, "b"), by_label=False)
+    assert foveated["N_star_of_C"]["a"] == pytest.approx(0.4 / 0.7, abs=0.02)
+    assert baseline["N_star_of_C"]["a"] == pytest.approx(0.3 / 0.7, abs=0.02)
+    result = fits.compare_allocation_exponents({"foveated": foveated, "multi_token": baseline})
+    assert result["verdict"] == "measured"
+    assert result["difference"] == pytest.approx(0.4 / 0.7 - 0.3 / 0.7, abs=0.03)
+    ref = fits.CHINCHILLA_REFERENCE
+    assert result["chinchilla"] == pytest.approx(ref["beta"] / (ref["alpha"] + ref["beta"]))
+    assert "Besiroglu" in ref["source"] and ref["as_printed_by_hoffmann_2022"]["alpha"] == 0.34
+    one_budget = fits.iso_flop(_iso_entries(0.4, 0.3, "b", budgets=(1e15,)), by_label=False)
+    missing = fits.compare_allocation_exponents({"foveated": foveated, "multi_token": one_budget})
+    assert missing["verdict"] == "unknown" and "multi_token" in missing["evidence"]

@@ -325,6 +325,38 @@ def bootstrap(run_index: np.ndarray, fit: Callable[[np.ndarray], dict[str, Any]]
 
 # ----------------------------------------------------------------------------- iso-FLOP
 
+
+def chinchilla_allocation_exponent(reference: dict[str, Any] = CHINCHILLA_REFERENCE) -> float:
+    """N* ~ C^a of L = E + A/N^alpha + B/D^beta under C ~ N D: a = beta / (alpha + beta)."""
+    return reference["beta"] / (reference["alpha"] + reference["beta"])
+
+
+def compare_allocation_exponents(by_arch: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The N*(C) exponents of the foveated and the baseline arm's iso-FLOP fits side by side (plan:
+    "N ~ C^a exponents differ?"), with the Chinchilla reference's; unknown, with the reason, when
+    an arm has fewer than two budgets with an interior minimum."""
+    out: dict[str, Any] = {"chinchilla": chinchilla_allocation_exponent(), "arms": {}}
+    missing = []
+    for arch, iso in by_arch.items():
+        law = iso.get("N_star_of_C")
+        if law:
+            out["arms"][arch] = {"a": law["a"], "n_budgets": law["n_budgets"]}
+        else:
+            missing.append(f"{arch}: {iso.get('note', 'no iso-FLOP fit')}")
+    for arch in ("foveated", "multi_token"):
+        if arch not in by_arch:
+            missing.append(f"{arch}: no runs")
+    if missing:
+        out.update(verdict="unknown", evidence="N*(C) exponent missing for " + "; ".join(missing))
+        return out
+    a_f, a_b = out["arms"]["foveated"]["a"], out["arms"]["multi_token"]["a"]
+    out.update(difference=a_f - a_b, verdict="measured",
+               evidence=f"foveated N* ~ C^{a_f:.3f}, baseline N* ~ C^{a_b:.3f} (difference {a_f - a_b:+.3f}; "
+                        f"Chinchilla {out['chinchilla']:.3f}); from "
+                        f"{out['arms']['foveated']['n_budgets']} and {out['arms']['multi_token']['n_budgets']} "
+                        "budgets with interior minima, no interval (one point per budget)")
+    return out
+
 _BUDGET_RE = re.compile(r"(?:^|[-_])(C\d+)(?:[-_]|$)")
 
 
@@ -333,13 +365,13 @@ def budget_label(run_id: str) -> str | None:
     return match.group(1) if match else None
 
 
-def group_budgets(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Runs grouped by FLOP budget: the plan's C1..C4 label in the run id, else by total FLOPs
-    (runs within a factor 1.5 of each other share a budget)."""
+def group_budgets(entries: list[dict[str, Any]], by_label: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Runs grouped by FLOP budget: the plan's C1..C4 label in the run id, else (or with
+    by_label=False) by total FLOPs (runs within a factor 1.5 of each other share a budget)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     unlabeled = []
     for entry in entries:
-        label = budget_label(entry["run_id"])
+        label = budget_label(entry["run_id"]) if by_label else None
         if label:
             groups.setdefault(label, []).append(entry)
         elif entry.get("C"):
@@ -356,11 +388,12 @@ def group_budgets(entries: list[dict[str, Any]]) -> dict[str, list[dict[str, Any
     return groups
 
 
-def iso_flop(entries: list[dict[str, Any]]) -> dict[str, Any]:
+def iso_flop(entries: list[dict[str, Any]], by_label: bool = True) -> dict[str, Any]:
     """Parabola of final loss in log10 N per budget, its minimum N*, D* = C / FLOPs-per-sample(N*),
-    and power laws N*(C), D*(C) across budgets. entries: run_id, N, C, D, loss."""
+    and power laws N*(C), D*(C) across budgets. entries: run_id, N, C, D, loss. by_label=False groups
+    by the FLOPs actually spent (the baseline's iso-sample cells spend more than their label says)."""
     budgets = {}
-    for label, group in group_budgets(entries).items():
+    for label, group in group_budgets(entries, by_label).items():
         sizes = sorted({e["N"] for e in group})
         record: dict[str, Any] = {"runs": [e["run_id"] for e in group], "n_sizes": len(sizes),
                                   "C": float(np.exp(np.mean(np.log([e["C"] for e in group]))))}

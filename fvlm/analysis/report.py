@@ -202,6 +202,10 @@ def decision2(table: Table, fits: dict[str, Any], comparison: dict[str, Any]) ->
     rows.append({"question": "Compute-optimal size", "answer": answer})
 
     rows.append({"question": "Does foveation scale?", "answer": _scaling_answer(comparison)})
+    exponents = fits.get("allocation_exponents")
+    if exponents:
+        answer = exponents["evidence"] if exponents["verdict"] == "measured" else f"unknown: {exponents['evidence']}"
+        rows.append({"question": "Compute-optimal allocation: N* ~ C^a, foveated vs baseline", "answer": answer})
     rows.append({"question": "Token efficiency", "answer": _efficiency_answer(comparison)})
 
     def plateau_text(size: str, fit: dict[str, Any]) -> str:

@@ -123,6 +123,15 @@ def scaling_fits(runs: list[Run], globs: list[str] | None, n_boot: int = N_BOOT,
         "iso_flop": iso,
         "flops_estimated": any(r.flops_estimated for r in main),
     }
+    # Every arm's own iso-FLOP fit: the baseline's cells are grouped by the FLOPs they spent.
+    by_arch = {}
+    for arch in archs:
+        arm = iso if arch == archs[0] else fits.iso_flop(iso_flop_entries([r for r in runs if r.arch == arch]),
+                                                        by_label=False)
+        by_arch[arch] = {k: v for k, v in arm.items() if k != "entries"}
+    out["iso_flop_by_arch"] = by_arch
+    out["allocation_exponents"] = fits.compare_allocation_exponents(
+        {a: v for a, v in by_arch.items() if a in ("foveated", "multi_token")})
     if len(archs) > 1:
         out["per_size_fits_by_arch"] = {a: per_size([r for r in runs if r.arch == a], n_boot, seed) for a in archs[1:]}
     return out
