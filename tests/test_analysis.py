@@ -496,7 +496,7 @@ def test_freeze_picks_the_lowest_val_loss_among_runs_with_stable_grad_norms(tmp_
     assert result["winner"] is None and result["verdict"].startswith("unknown: grad-norm stability cannot be judged")
 
 
-def _iso_entries(alpha, beta, prefix, budgets=(1e15, 1e16, 1e17, 1e18)):
+def _law_iso_entries(alpha, beta, prefix, budgets=(1e15, 1e16, 1e17, 1e18)):
     """Runs on the iso-FLOP lines of L = 1 + 400/N^alpha + 400/D^beta with C = 6 N D, five sizes around
     each budget's optimum, named without budget labels (grouped by FLOPs spent)."""
     entries = []
@@ -510,8 +510,8 @@ def _iso_entries(alpha, beta, prefix, budgets=(1e15, 1e16, 1e17, 1e18)):
 
 
 def test_each_arms_iso_flop_exponent_recovers_its_law_and_is_compared_with_chinchilla():
-    foveated = fits.iso_flop(_iso_entries(0.3, 0.4, "f"), by_label=False)
-    baseline = fits.iso_flop(_iso_entries(0.4, 0.3, "b"), by_label=False)
+    foveated = fits.iso_flop(_law_iso_entries(0.3, 0.4, "f"), by_label=False)
+    baseline = fits.iso_flop(_law_iso_entries(0.4, 0.3, "b"), by_label=False)
     assert foveated["N_star_of_C"]["a"] == pytest.approx(0.4 / 0.7, abs=0.02)
     assert baseline["N_star_of_C"]["a"] == pytest.approx(0.3 / 0.7, abs=0.02)
     result = fits.compare_allocation_exponents({"foveated": foveated, "multi_token": baseline})
@@ -520,6 +520,21 @@ def test_each_arms_iso_flop_exponent_recovers_its_law_and_is_compared_with_chinc
     ref = fits.CHINCHILLA_REFERENCE
     assert result["chinchilla"] == pytest.approx(ref["beta"] / (ref["alpha"] + ref["beta"]))
     assert "Besiroglu" in ref["source"] and ref["as_printed_by_hoffmann_2022"]["alpha"] == 0.34
-    one_budget = fits.iso_flop(_iso_entries(0.4, 0.3, "b", budgets=(1e15,)), by_label=False)
+    one_budget = fits.iso_flop(_law_iso_entries(0.4, 0.3, "b", budgets=(1e15,)), by_label=False)
     missing = fits.compare_allocation_exponents({"foveated": foveated, "multi_token": one_budget})
     assert missing["verdict"] == "unknown" and "multi_token" in missing["evidence"]
+
+
+def test_efficiency_compares_finished_points_and_never_a_baseline_mid_schedule(tmp_path):
+    """B1 spends 4x F3's FLOPs per sample. Read at F3's FLOPs, B1 would be a quarter of the way
+    through its LR schedule. At finished points: F3 cheaper and better decides for F3; B1 better
+    but 4x dearer is no matched comparison, so the question is unknown."""
+    efficiency = next(q for q in QUESTIONS if q.id == "efficiency")
+    better = answer(efficiency, load([str(ablation_sweep(tmp_path / "a", OFFSETS))]))
+    assert better["winner"] == "F3" and better["flops_ratio"] == pytest.approx(4.0)
+    assert "4.00x fewer FLOPs and is not worse" in better["verdict"]
+    b1_row = next(s for s in better["rows"] if s["run"].run_id == "B1")
+    assert b1_row["smoothed"] == pytest.approx(b1_row["final"], abs=0.01)  # its own end, not mid-schedule
+    worse = answer(efficiency, load([str(ablation_sweep(tmp_path / "b", {**OFFSETS, "B1": -0.05}))]))
+    assert worse["winner"] is None and worse["verdict"].startswith("unknown: B1 ends")
+    assert "part-way through its LR schedule" in worse["verdict"]

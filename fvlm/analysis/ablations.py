@@ -223,8 +223,11 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
     common = min(s["x_end"] for s in stats)
     for s in stats:
         x, y = _curve(s["run"], question.axis)
-        s["at_common"] = float(np.interp(math.log(common), np.log(x), y))
-        s["smoothed"] = smoothed_at(s["run"], common, question.axis)
+        # At matched compute a run with more FLOPs per sample is read where its schedule ended
+        # (below): part-way through a cosine schedule its loss is not what that budget would reach.
+        at = s["x_end"] if question.axis == "flops" else common
+        s["at_common"] = float(np.interp(math.log(at), np.log(x), y))
+        s["smoothed"] = smoothed_at(s["run"], at, question.axis)
 
     vqa = {s["run"].run_id: _image_vqa(s["run"]) for s in stats}
     use_vqa = question.id == "image_handling" and all(v is not None for v in vqa.values())
@@ -244,6 +247,12 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
             return _unknown(question, stats, "no run has stable grad norms", grad_norms=grad)
     ranked = sorted(eligible, key=lambda s: score[s["run"].run_id])
     winner, runner_up = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+    finished = {}
+    if question.axis == "flops":
+        finished = _finished_points(stats, score)
+        if finished.get("unmatched"):
+            return _unknown(question, stats, finished["unmatched"], compared_at="finished points", **{
+                k: v for k, v in finished.items() if k != "unmatched"})
     margin = score[runner_up["run"].run_id] - score[winner["run"].run_id] if runner_up else math.nan
     # A margin compares two runs' values, each read with its own eval noise.
     noise = math.sqrt(winner["noise"] ** 2 + runner_up["noise"] ** 2) if runner_up else math.nan
@@ -261,6 +270,9 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         "unstable": {s["run"].run_id: s["unstable"] for s in stats if s["unstable"]},
         "rows": stats,
     }
+    if finished:
+        result.update(finished, compared_at="each run's finished point (end of its LR schedule)",
+                      verdict=result["verdict"] + finished["note"])
     if grad:
         result["grad_norms"] = grad
     if question.id == "deep_query":
@@ -275,6 +287,29 @@ def _unknown(question: Question, stats: list[dict[str, Any]], why: str, **extra:
             "runs": [s["run"].run_id for s in stats], "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
             "winner": None, "runner_up": None, "margin": None, "noise": None, "verdict": f"unknown: {why}",
             "axis": question.axis, "metric": "", "common_x": None, "unstable": {}, "rows": [], **extra}
+
+
+# Finished points within this factor of each other's FLOPs count as matched.
+MATCHED_FLOPS = 1.1
+
+
+def _finished_points(stats: list[dict[str, Any]], score: dict[str, float]) -> dict[str, Any]:
+    """The efficiency question at finished points: each run's smoothed loss where its schedule ended.
+    Decided when the FLOPs match, or when the cheaper run is also at least as good (it wins with
+    less compute); otherwise the lower loss was bought with more FLOPs and there is no matched
+    comparison ("unmatched")."""
+    cheap, dear = sorted(stats, key=lambda s: s["x_end"])[:2]
+    ratio = dear["x_end"] / cheap["x_end"]
+    ids = cheap["run"].run_id, dear["run"].run_id
+    record = {"flops_at_finish": {s["run"].run_id: s["x_end"] for s in stats}, "flops_ratio": ratio}
+    if ratio <= MATCHED_FLOPS:
+        return {**record, "note": f"; matched finished points ({ratio:.2f}x FLOPs)"}
+    if score[ids[0]] <= score[ids[1]]:
+        return {**record, "note": f"; {ids[0]} finished with {ratio:.2f}x fewer FLOPs and is not worse"}
+    return {**record, "unmatched": (
+        f"{ids[1]} ends {score[ids[0]] - score[ids[1]]:.4f} lower but spends {ratio:.2f}x the FLOPs of {ids[0]}; "
+        f"at {ids[0]}'s FLOPs {ids[1]} is part-way through its LR schedule, so no matched finished comparison "
+        "exists (the scaling grid's -B-isoflop cells give one)")}
 
 
 def _last_finite(values: np.ndarray) -> float | None:

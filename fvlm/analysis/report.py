@@ -100,8 +100,9 @@ def _efficiency(table: Table, answers: list[dict[str, Any]]) -> tuple[str, str]:
     a = _answer(answers, "efficiency")
     if a["winner"] is None:
         return "unknown", a["verdict"]
-    evidence = (f"{a['winner']} lower by {_fmt(a['margin'])} at {a['common_x']:.3g} FLOPs; noise {_fmt(a['noise'])}; "
-                f"{a['verdict']}")
+    evidence = (f"{a['winner']} lower by {_fmt(a['margin'])} at each run's finished point "
+                f"(FLOPs {', '.join(f'{k}: {v:.3g}' for k, v in a['flops_at_finish'].items())}); "
+                f"noise {_fmt(a['noise'])}; {a['verdict']}")
     return ("fail" if a.get("unstable") else "pass"), evidence
 
 
@@ -286,8 +287,9 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
         lines += ["Notes on the inputs:", ""] + [f"- {n}" for n in table.notes] + [""]
 
     lines += ["## Decision 1: architecture config (ablations)", "",
-              "Compared on the smoothed val loss at the last sample count all runs of a question reached (FLOPs "
-              "for the efficiency question). Noise = the scatter of each run's val loss around a quadratic (in log "
+              "Compared on the smoothed val loss at the last sample count all runs of a question reached; the "
+              "efficiency question at each run's finished point (end of its LR schedule), decided only when the "
+              "FLOPs match or the cheaper run is not worse. Noise = the scatter of each run's val loss around a quadratic (in log "
               "samples) over the last half of its curve, combined for the two runs compared. Verdict: clear if "
               "margin > 2x noise, weak if > 1x.", "",
               "| question | runs | winner | margin | noise | verdict | winner at best | unstable runs |",
