@@ -538,3 +538,109 @@ def test_efficiency_compares_finished_points_and_never_a_baseline_mid_schedule(t
     worse = answer(efficiency, load([str(ablation_sweep(tmp_path / "b", {**OFFSETS, "B1": -0.05}))]))
     assert worse["winner"] is None and worse["verdict"].startswith("unknown: B1 ends")
     assert "part-way through its LR schedule" in worse["verdict"]
+
+
+def _write_sources(run_dir, offsets, seed=0):
+    """eval/sources.json: 90 validation samples (video, image, text in turn), the same keys and base
+    losses for every run, shifted by the run's offset per kind."""
+    rng = np.random.default_rng(seed)
+    kinds = ["video", "image", "text"] * 30
+    base = rng.normal(2.0, 0.3, 90)
+    tokens = rng.integers(3, 12, 90)
+    noise = np.random.default_rng(sum(map(ord, run_dir.name))).normal(0, 0.01, 90)
+    loss = [(b + offsets.get(k, 0.0) + e) * t for b, k, e, t in zip(base, kinds, noise, tokens)]
+    (run_dir / "eval").mkdir(exist_ok=True)
+    (run_dir / "eval" / "sources.json").write_text(json.dumps(
+        {"step": 10, "mode": "coarse_fine", "keys": [f"s{i}" for i in range(90)], "kinds": kinds,
+         "loss_sum": loss, "tokens": tokens.tolist()}))
+
+
+def test_a8_on_image_samples_and_d1_on_video_and_image_samples_or_unknown(tmp_path):
+    sweep = ablation_sweep(tmp_path, OFFSETS)
+    questions = {q.id: q for q in QUESTIONS}
+    data = load([str(sweep)])
+    for qid in ("image_handling", "data_mix"):
+        result = answer(questions[qid], data)
+        assert result["winner"] is None and "eval/sources.json" in result["verdict"], result["verdict"]
+    # A8b (worse mixed val loss in OFFSETS) is better on the image samples: it wins the question.
+    _write_sources(sweep / "A8a", {"image": 0.10})
+    _write_sources(sweep / "A8b", {"image": 0.0, "video": 0.5})
+    # D1 helps the video samples but costs the image ones: F3's mix is kept.
+    _write_sources(sweep / "F3", {})
+    _write_sources(sweep / "D1", {"video": -0.2, "image": 0.1})
+    data = load([str(sweep)])
+    image = answer(questions["image_handling"], data)
+    assert image["winner"] == "A8b" and image["verdict"].startswith("clear")
+    assert image["margin"] == pytest.approx(0.10, abs=0.01)
+    mix = answer(questions["data_mix"], data)
+    assert mix["winner"] == "F3"
+    assert mix["by_kind"]["video"]["diff"] == pytest.approx(0.2, abs=0.01)
+    assert mix["by_kind"]["image"]["diff"] == pytest.approx(-0.1, abs=0.01)
+    _write_sources(sweep / "D1", {"video": -0.2, "image": -0.05})
+    assert answer(questions["data_mix"], load([str(sweep)]))["winner"] == "D1"
+
+
+def test_a_sources_file_without_its_fields_is_one_line(tmp_path):
+    sweep = ablation_sweep(tmp_path, {"F3": 0.0})
+    (sweep / "F3" / "eval").mkdir(exist_ok=True)
+    (sweep / "F3" / "eval" / "sources.json").write_text(json.dumps({"keys": []}))
+    with pytest.raises(UsageError, match="sources.json: missing field 'kinds'"):
+        load([str(sweep)])
+
+
+def test_decision3_schedule_from_the_plateau_with_named_inputs(tmp_path, capsys):
+    from fvlm.analysis.table import Run
+    from fvlm.experiments.schedule import ScheduleInputs, decision3, parse_inputs
+
+    runs = [Run("S-C1-F", "135M", 1.6e8, "", "completed", "foveated", 1, "", {"step": np.arange(3.0)},
+                flops_per_sample=2e12, flops_estimated=False)]
+    fits_record = {"per_size_fits": {"135M": {"identified": True, "D_plateau": 4e6, "N": 1.6e8}},
+                   "iso_flop": {"budgets": {"C1": {"interior": False, "N_star": 1e8, "C": 1e17}}}}
+    unknown = decision3(runs, fits_record, ScheduleInputs())
+    assert unknown["size"] is None and unknown["two_gpus"] == "unknown"
+    assert unknown["rows"][0]["answer"].startswith("unknown: no compute-optimal size")
+
+    inputs = parse_inputs(["size=135M", "stage2_ratio=0.5", "stage3_ratio=0.25", "mfu=0.4", "gpus=2",
+                           "gpu_hour_cost=1.5", "max_wall_days=30", "budget_usd=1000"])
+    d3 = decision3(runs, fits_record, inputs)
+    assert d3["stages"] == {"1": 4e6, "2": 2e6, "3": 1e6}
+    expected_hours = 7e6 * 2e12 / (inputs.gpu_peak_flops * 0.4) / 3600
+    assert d3["gpu_hours"] == pytest.approx(expected_hours) and d3["cost_usd"] == pytest.approx(1.5 * expected_hours)
+    assert d3["wall_days"] == pytest.approx(expected_hours / 2 / 24) and d3["two_gpus"] == "yes"
+    assert d3["mfu_source"].startswith("given")
+    tight = decision3(runs, fits_record, dataclasses_replace(inputs, max_wall_days=d3["wall_days"] / 3))
+    assert tight["two_gpus"] == "no" and "6 GPUs would fit" in tight["two_gpus_why"]
+    no_ratio = decision3(runs, fits_record, dataclasses_replace(inputs, stage3_ratio=None))
+    assert no_ratio["stages"]["3"] is None and no_ratio["two_gpus"] == "unknown"
+    assert "stage3_ratio" in no_ratio["rows"][3]["answer"]
+
+    with pytest.raises(UsageError, match="--schedule 'bogus=1': expected KEY=VALUE"):
+        parse_inputs(["bogus=1"])
+    assert main(["analyze", str(REAL_EXPORT), "--out", str(tmp_path / "o"), "--schedule", "mfu=-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--schedule mfu" in err[0]
+
+
+def dataclasses_replace(inputs, **changes):
+    import dataclasses
+
+    return dataclasses.replace(inputs, **changes)
+
+
+def test_report_lists_the_three_mode_eval_of_every_kept_milestone_or_names_it_missing(tmp_path):
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    samples = np.geomspace(1e3, 1e4, 8)
+    run = write_run(grid, "135M-C1-F", samples, 2 + 1 / samples**0.3, 1.35e8, 1e9)
+    analyze([str(grid)], tmp_path / "before", None, n_boot=5)
+    assert "unknown: no grid run holds the evaluation of its milestones" in (tmp_path / "before" / "report.md").read_text()
+    gap = {"diff": 0.05, "ci95_bootstrap": [0.01, 0.09]}
+    entries = [{"step": s, "best": s == 20, "modes": {m: {"loss": 2.0 + i / 10, "n": 4} for i, m in enumerate(
+        ("coarse_only", "coarse_fine", "autoregressive"))}, "gap_intervals": {"coarse_only_minus_coarse_fine": gap}}
+               for s in (10, 20)]
+    (run / "eval").mkdir()
+    (run / "eval" / "eval.json").write_text(json.dumps({**entries[-1], "steps": entries}))
+    analyze([str(grid)], tmp_path / "after", None, n_boot=5)
+    text = (tmp_path / "after" / "report.md").read_text()
+    assert "| 135M-C1-F | 10 |  | 2.0000 | 2.1000 | 2.2000 | coarse_only − coarse_fine +0.0500 [+0.0100, +0.0900] |" in text
+    assert "| 135M-C1-F | 20 | yes |" in text

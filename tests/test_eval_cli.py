@@ -220,3 +220,38 @@ def test_log_samples_paired_intervals_and_checkpoint_differences(run, tmp_path):
         grey_correct = np.mean([r["grey_chosen"] == r["answer"] for r in rows])
         assert grey_correct == pytest.approx(by_mode[mode]["grey_frames"]["accuracy"])
         assert [r["correct"] for r in rows] == [bool(c) for c in by_mode[mode]["correct"]]
+
+
+def test_phase1b_three_mode_eval_of_the_best_run_and_its_milestones_and_sources(run, tmp_path):
+    """evaluate_phase1b picks the foveated grid cell with the lowest best val loss and evaluates its
+    every kept checkpoint in all three modes; evaluate_sources writes per-sample losses by kind whose
+    token-weighted mean is the eval's own val loss for that mode."""
+    import shutil
+
+    from fvlm.experiments.milestones import evaluate_phase1b, evaluate_sources
+
+    scaling = tmp_path / "scaling"
+    for rid, loss in (("S-C1-F", 2.5), ("S-C2-F", 2.0), ("S-C2-B", 1.0)):
+        shutil.copytree(run["run"], scaling / rid)
+        (scaling / rid / "run_summary.json").write_text(json.dumps(
+            {"status": "completed", "best_val_loss": loss, "best_val_step": 5}))
+    path = evaluate_phase1b(scaling, run["data"] / "bench", max_samples=4, log=lambda _t: None)
+    assert path == scaling / "S-C2-F" / "eval" / "eval.json"
+    result = json.loads(path.read_text())
+    assert [e["step"] for e in result["steps"]] == [5, 10] and [e["best"] for e in result["steps"]] == [True, False]
+    for entry in result["steps"]:
+        assert set(entry["modes"]) == set(MODES) and set(entry["gap_intervals"]) == set(entry["gaps"])
+        assert set(entry["bench"]["bench"]) == set(MODES)
+    assert result["checkpoint_differences"][0]["bench"]["bench"]["coarse_fine"]["diff"] == 0  # same weights
+    assert not (scaling / "S-C1-F" / "eval").exists()
+
+    sources = json.loads(evaluate_sources(scaling / "S-C2-F", max_samples=4, log=lambda _t: None).read_text())
+    assert sources["step"] == 10 and sources["mode"] == "coarse_fine" and len(sources["keys"]) == 4
+    assert set(sources["kinds"]) <= {"video", "image", "text"}
+    mean = sum(sources["loss_sum"]) / sum(sources["tokens"])
+    assert mean == pytest.approx(result["modes"]["coarse_fine"]["loss"], rel=1e-6)
+    by_kind = result["modes"]["coarse_fine"]["by_kind"]
+    for kind, r in by_kind.items():
+        rows = [i for i, k in enumerate(sources["kinds"]) if k == kind]
+        assert r["loss"] == pytest.approx(sum(sources["loss_sum"][i] for i in rows)
+                                          / sum(sources["tokens"][i] for i in rows), rel=1e-6)

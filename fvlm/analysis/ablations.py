@@ -201,10 +201,76 @@ def _verdict(margin: float, noise: float) -> str:
     return "within noise"
 
 
-def _image_vqa(run: Run) -> float | None:
-    bench = (run.eval_result or {}).get("bench") or {}
-    scores = [modes[m]["accuracy"] for modes in bench.values() for m in modes if "accuracy" in modes[m]]
-    return float(np.mean(scores)) if scores else None
+# The questions the plan judges on one kind of validation sample rather than the mixed val loss:
+# A8 on image questions, D1 on the video and the image samples separately.
+SOURCE_KINDS = {"image_handling": ("image",), "data_mix": ("video", "image")}
+
+
+def _kind_losses(run: Run, kind: str) -> dict[str, tuple[float, float]]:
+    """{sample key: (loss per answer token, answer tokens)} of one kind, from eval/sources.json."""
+    s = run.sources or {}
+    return {key: (loss / tokens, tokens) for key, k, loss, tokens in zip(s["keys"], s["kinds"], s["loss_sum"], s["tokens"])
+            if k == kind and tokens > 0}
+
+
+def _paired_on_kind(first: Run, second: Run, kind: str) -> dict[str, Any] | None:
+    """second - first token-weighted val loss on the samples of `kind` both scored (positive: the
+    first is better), with fvlm.eval.stats.paired_difference's intervals."""
+    from fvlm.eval.stats import paired_difference
+
+    a, b = _kind_losses(first, kind), _kind_losses(second, kind)
+    shared = [k for k in a if k in b]
+    if not shared:
+        return None
+    return paired_difference([b[k][0] for k in shared], [a[k][0] for k in shared],
+                             [(a[k][1] + b[k][1]) / 2 for k in shared])
+
+
+def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any]:
+    kinds = SOURCE_KINDS[question.id]
+    lacking = [s["run"].run_id for s in stats if not s["run"].sources]
+    if lacking:
+        return _unknown(question, stats, f"needs the val loss on {' and '.join(kinds)} samples separately "
+                                         f"(eval/sources.json, fvlm.experiments.milestones.evaluate_sources) for "
+                                         f"{', '.join(lacking)}; the mixed val loss of the curves cannot tell them apart")
+    runs = {s["run"].run_id: s["run"] for s in stats}
+    if question.id == "image_handling":
+        totals = {}
+        for rid, run in runs.items():
+            losses = _kind_losses(run, "image")
+            tokens = sum(t for _, t in losses.values())
+            totals[rid] = sum(v * t for v, t in losses.values()) / tokens if tokens else math.nan
+        ranked = sorted((r for r in totals if math.isfinite(totals[r])), key=totals.get)
+        if len(ranked) < 2:
+            return _unknown(question, stats, "fewer than two A8 runs scored image samples")
+        winner, runner_up = ranked[0], ranked[1]
+        paired = _paired_on_kind(runs[winner], runs[runner_up], "image")
+        by_kind = {"image": paired}
+        verdict = ("clear (95% interval above 0)" if paired["ci95_bootstrap"][0] > 0 else
+                   "within noise (95% interval holds 0)")
+        margin = paired["diff"]
+    else:
+        d1 = next(r for r in runs if plan_id(runs[r]) == "D1")
+        f3 = next(r for r in runs if plan_id(runs[r]) == "F3")
+        by_kind = {kind: _paired_on_kind(runs[d1], runs[f3], kind) for kind in kinds}
+        absent = [k for k, v in by_kind.items() if v is None]
+        if absent:
+            return _unknown(question, stats, f"no {' or '.join(absent)} samples scored by both D1 and F3")
+        video, image = by_kind["video"], by_kind["image"]
+        # D1 (video-heavy) wins only when it helps the video samples without hurting the image ones.
+        d1_wins = video["ci95_bootstrap"][0] > 0 and image["ci95_bootstrap"][1] >= 0
+        winner, runner_up = (d1, f3) if d1_wins else (f3, d1)
+        margin = video["diff"] if d1_wins else -video["diff"]
+        verdict = (f"{'D1' if d1_wins else 'F3'}: F3 - D1 on video {video['diff']:+.4f} "
+                   f"[{video['ci95_bootstrap'][0]:+.4f}, {video['ci95_bootstrap'][1]:+.4f}], on image "
+                   f"{image['diff']:+.4f} [{image['ci95_bootstrap'][0]:+.4f}, {image['ci95_bootstrap'][1]:+.4f}] "
+                   "(D1 needs video above 0 and image not below 0)")
+    return {"id": question.id, "title": question.title, "plan_rule": question.plan_rule,
+            "runs": [s["run"].run_id for s in stats], "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
+            "metric": f"val loss on {' and '.join(kinds)} samples, paired on the same samples",
+            "axis": "samples", "common_x": None, "winner": winner, "runner_up": runner_up, "margin": margin,
+            "noise": by_kind[kinds[0]]["se"], "verdict": verdict, "by_kind": by_kind, "unstable": {},
+            "winner_at_best": None, "rows": stats}
 
 
 def answer(question: Question, table: Table) -> dict[str, Any] | None:
@@ -229,10 +295,9 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         s["at_common"] = float(np.interp(math.log(at), np.log(x), y))
         s["smoothed"] = smoothed_at(s["run"], at, question.axis)
 
-    vqa = {s["run"].run_id: _image_vqa(s["run"]) for s in stats}
-    use_vqa = question.id == "image_handling" and all(v is not None for v in vqa.values())
-    # Higher accuracy is better; negate so that "lowest wins" holds for both metrics.
-    score = {s["run"].run_id: (-vqa[s["run"].run_id] if use_vqa else s["smoothed"]) for s in stats}
+    if question.id in SOURCE_KINDS:
+        return _by_source(question, stats)
+    score = {s["run"].run_id: s["smoothed"] for s in stats}
     eligible = [s for s in stats if not s["unstable"]] or stats
     grad = {}
     if question.id == "freeze":
@@ -261,7 +326,7 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         "id": question.id, "title": question.title, "plan_rule": question.plan_rule,
         "runs": [s["run"].run_id for s in stats],
         "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
-        "metric": "image VQA accuracy (eval bench)" if use_vqa else "val_loss (smoothed)",
+        "metric": "val_loss (smoothed)",
         "axis": question.axis, "common_x": common,
         "winner": winner["run"].run_id, "runner_up": runner_up["run"].run_id if runner_up else None,
         "margin": margin, "noise": noise, "verdict": _verdict(margin, noise),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,32 @@ def _pixel_check(table: Table) -> list[str]:
             "| run | mode | val loss | blank frames | pixel gain |", "|---|---|---|---|---|", *rows]
 
 
+def _milestone_evals(table: Table) -> list[str]:
+    """The three-mode evaluation of the best Phase 1b run's checkpoints (fvlm.experiments.milestones):
+    one row per kept checkpoint, with the mode gaps and their paired 95% intervals."""
+    lines = ["", "## Three-mode evaluation: best Phase 1b checkpoint and kept milestones", ""]
+    evaluated = [r for r in table.runs.values() if len((r.eval_result or {}).get("steps") or []) > 1]
+    grid = [r for r in table.runs.values() if r.config is not None and re.match(r".+-C\d+-F$", r.run_id)]
+    if not evaluated:
+        if not grid:
+            return []
+        return lines + ["unknown: no grid run holds the evaluation of its milestones in all three modes "
+                        "(`fvlm phase1` writes it to the best run's eval/eval.json)."]
+    lines += ["| run | step | best | " + " | ".join(MODE_NAMES) + " | gaps [95% paired] |",
+              "|---|---|---|" + "---|" * len(MODE_NAMES) + "---|"]
+    for run in evaluated:
+        for entry in run.eval_result["steps"]:
+            losses = " | ".join(_fmt((entry["modes"].get(m) or {}).get("loss")) for m in MODE_NAMES)
+            gaps = "; ".join(f"{k.replace('_minus_', ' − ')} {v['diff']:+.4f} [{v['ci95_bootstrap'][0]:+.4f}, "
+                             f"{v['ci95_bootstrap'][1]:+.4f}]" for k, v in (entry.get("gap_intervals") or {}).items())
+            lines.append(f"| {run.run_id} | {entry.get('step')} | {'yes' if entry.get('best') else ''} | {losses} | "
+                         f"{gaps or '—'} |")
+    return lines
+
+
+MODE_NAMES = ("coarse_only", "coarse_fine", "autoregressive")
+
+
 def _cell_table(comparison: dict[str, Any]) -> list[str]:
     if not comparison["cells"] and not comparison["notes"]:
         return []
@@ -279,7 +306,7 @@ def _cell_table(comparison: dict[str, Any]) -> list[str]:
 def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: dict[str, Any],
                  checklist: list[dict[str, str]], decision2_rows: list[dict[str, str]],
                  figures: list[tuple[str, Path | None, str]], inputs: list[str],
-                 comparison: dict[str, Any]) -> None:
+                 comparison: dict[str, Any], decision3: dict[str, Any] | None = None) -> None:
     n_points = sum(r.n_points for r in table.runs.values())
     lines = ["# fvlm analysis report", "",
              f"Inputs: {', '.join(inputs)} — {len(table.runs)} runs, {n_points} eval points.", ""]
@@ -308,10 +335,18 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
     lines += [f"| {row['question']} | {row['answer']} |" for row in decision2_rows]
     lines += _cell_table(comparison)
 
+    if decision3 is not None:
+        assumptions = ", ".join(f"{k}={v}" for k, v in decision3["inputs"].items() if v is not None)
+        lines += ["", "## Decision 3: training schedule (derived)", "",
+                  f"Inputs (override with `fvlm analyze --schedule key=value`): {assumptions}.", "",
+                  "| question | answer |", "|---|---|"]
+        lines += [f"| {row['question']} | {row['answer']} |" for row in decision3["rows"]]
+
     lines += ["", "## Go / no-go", "", "| criterion | status | evidence |", "|---|---|---|"]
     lines += [f"| {c['criterion']} | **{c['status']}** | {c['evidence']} |" for c in checklist]
 
     lines += _pixel_check(table)
+    lines += _milestone_evals(table)
 
     lines += ["", "## Scaling fits", "", f"Fit runs: {', '.join(fits['fit_runs']) or '—'} "
               f"(globs: {', '.join(fits['fit_run_globs'])}).", ""]

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fvlm.errors import UsageError, read_json, read_yaml
@@ -131,6 +132,7 @@ def sample_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_co
     The blank-frame control scores the same samples with every frame replaced by the normalised
     mean (flat grey), frame count and masks unchanged."""
     keys: list = []
+    kinds: list = []
     names = ("loss_sum", "tokens", "loss_sum_blank") if blank_control else ("loss_sum", "tokens")
     parts = {m: {name: [] for name in names} for m in modes}
     for batch in batches:
@@ -147,9 +149,10 @@ def sample_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_co
                 parts[mode]["loss_sum_blank"].append(model.loss_over(visual, visual_mask, batch, per_sample=True)[0]
                                                      .double().cpu())
         keys.extend(batch.get("keys") or [None] * batch["input_ids"].shape[0])
+        kinds.extend(batch.get("kinds") or [None] * batch["input_ids"].shape[0])
     empty = {"loss_sum": torch.zeros(0, dtype=torch.float64), "tokens": torch.zeros(0, dtype=torch.long),
              "loss_sum_blank": torch.zeros(0, dtype=torch.float64)}
-    return {"keys": keys, "modes": {mode: {name: torch.cat(chunks or [empty[name]]).numpy()
+    return {"keys": keys, "kinds": kinds, "modes": {mode: {name: torch.cat(chunks or [empty[name]]).numpy()
                                            for name, chunks in arrays.items()} for mode, arrays in parts.items()}}
 
 
@@ -165,6 +168,15 @@ def summarise_losses(per_sample: dict) -> dict:
         if "loss_sum_blank" in arrays:
             out[mode]["loss_blank_frames"] = float(arrays["loss_sum_blank"].sum()) / tokens if tokens else float("nan")
             out[mode]["pixel_gain"] = out[mode]["loss_blank_frames"] - loss
+        kinds = np.asarray(per_sample.get("kinds") or [None] * n, dtype=object)
+        # The same loss over each kind of sample (video, image, text): what A8 and D1 are judged on.
+        out[mode]["by_kind"] = {}
+        for kind in sorted({k for k in kinds if k is not None}):
+            rows = kinds == kind
+            kind_tokens = int(arrays["tokens"][rows].sum())
+            out[mode]["by_kind"][kind] = {
+                "loss": float(arrays["loss_sum"][rows].sum()) / kind_tokens if kind_tokens else float("nan"),
+                "n": int(rows.sum()), "tokens": kind_tokens}
     return out
 
 

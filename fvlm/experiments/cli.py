@@ -343,6 +343,9 @@ def run_phase1(preset, root: Path, common: dict[str, Any], by_size: dict[str, di
     evaluate_modes(preset, ablation_dir / "F3", base)
     sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs, slurm)
     sweep.run(retry_failed)
+    from fvlm.experiments.milestones import phase1b_step
+
+    phase1b_step(preset, scaling_dir, base, _log)
     evidence = foveation_evidence(preset, root, ablation_dir, scaling_dir)
     summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked, evidence)
     _log(f"fvlm phase1: done in {(time.perf_counter() - began) / 60:.1f} min; report {report_dir / 'report.md'} "
