@@ -53,9 +53,11 @@ def choose(qid: str, table: Table, specs: dict[str, RunSpec]) -> dict[str, Any]:
                 "reason": f"not enough finished runs to compare (found {', '.join(found) or 'none'})"}
     if result["winner"] is None:  # the runs are there, an input the decision needs is not
         return {"question": qid, "choice": None, "adopted": {}, "runs": result["runs"], "reason": result["verdict"]}
-    winner, reason = result["winner"], f"lowest smoothed val_loss at {result['common_x']:.4g} samples"
+    winner = result["winner"]
     if "by_kind" in result:
         reason = f"{result['metric']}: {result['verdict']}"
+    else:
+        reason = f"lowest smoothed val_loss at {result['common_x']:.4g} samples"
     preferred = PREFER_WHEN_TIED.get(qid)
     if preferred and preferred != winner and preferred in result["runs"] and preferred not in result["unstable"]:
         best, best_noise = _score(result, winner)
