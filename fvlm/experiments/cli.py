@@ -25,6 +25,7 @@ from typing import Any
 
 from fvlm.errors import UsageError
 
+
 def _add_common(parser: argparse.ArgumentParser, default_hint: str) -> None:
     parser.add_argument("--preset", default="tiny", help="tiny (CPU, synthetic data, minutes) or paper (the plan)")
     parser.add_argument("--out", help=f"output folder (default: {default_hint})")
