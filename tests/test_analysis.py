@@ -12,6 +12,8 @@ import yaml
 from scipy import optimize
 
 from fvlm.analysis import compare, fits, scaling, table
+from fvlm.analysis.ablations import QUESTIONS, answer
+from fvlm.analysis.table import load
 from fvlm.analysis.cli import analyze
 from fvlm.cli import main
 from fvlm.config import RunConfig
@@ -448,3 +450,197 @@ def test_degenerate_fit_is_marked_in_fits_json_report_and_go_no_go(tmp_path):
     checklist = json.loads((out / "decisions.json").read_text())["go_no_go"]
     optimal = next(c for c in checklist if "compute-optimal" in c["criterion"])
     assert optimal["status"] == "unknown" and "per-size fit 4M: not identified" in optimal["evidence"]
+
+
+def _with_grad_norms(run, norms):
+    run.steps = {"grad_norm": np.asarray(norms, float)}
+    return run
+
+
+def test_grad_norm_stability_is_concrete():
+    from fvlm.analysis.ablations import grad_norm_stability
+
+    def run_with(norms):
+        from fvlm.analysis.table import Run
+
+        return _with_grad_norms(Run("x", "S", 1.0, "", "completed", "foveated", 1, "", {"step": np.arange(3.0)}), norms)
+
+    steady = 1 + 0.1 * np.sin(np.arange(40))
+    assert grad_norm_stability(run_with(steady))["stable"] is True
+    spiky = steady.copy()
+    spiky[30] = 25.0
+    assert grad_norm_stability(run_with(spiky))["stable"] is False
+    assert "spike" in grad_norm_stability(run_with(spiky))["reason"]
+    rising = np.geomspace(1, 20, 40)
+    assert grad_norm_stability(run_with(rising))["stable"] is False
+    assert "rising" in grad_norm_stability(run_with(rising))["reason"]
+    assert grad_norm_stability(run_with([1.0, np.inf, 1.0, 1.0]))["stable"] is False
+    assert grad_norm_stability(run_with([np.nan] * 3))["stable"] is None
+
+
+def test_freeze_picks_the_lowest_val_loss_among_runs_with_stable_grad_norms(tmp_path):
+    """F3 has the lowest loss but its grad norms spike: F2, next lowest and stable, wins. Without
+    grad norms (the export has none) the freeze decision is unknown, not taken from val loss alone."""
+    data = load([str(ablation_sweep(tmp_path, OFFSETS))])
+    freeze = next(q for q in QUESTIONS if q.id == "freeze")
+    assert answer(freeze, data)["winner"] == "F3"
+    spiky = np.ones(60)
+    spiky[50] = 40.0
+    _with_grad_norms(data.runs["F3"], spiky)
+    result = answer(freeze, data)
+    assert result["winner"] == "F2" and result["grad_norms"]["F3"]["stable"] is False
+    for run in data.runs.values():
+        run.steps = None
+        run.points["grad_norm"] = np.full(run.n_points, np.nan)
+    result = answer(freeze, data)
+    assert result["winner"] is None and result["verdict"].startswith("unknown: grad-norm stability cannot be judged")
+
+
+def _law_iso_entries(alpha, beta, prefix, budgets=(1e15, 1e16, 1e17, 1e18)):
+    """Runs on the iso-FLOP lines of L = 1 + 400/N^alpha + 400/D^beta with C = 6 N D, five sizes around
+    each budget's optimum, named without budget labels (grouped by FLOPs spent)."""
+    entries = []
+    for c in budgets:
+        n_opt = (alpha * 400 / (beta * 400)) ** (1 / (alpha + beta)) * (c / 6) ** (beta / (alpha + beta))
+        for k, n in enumerate(n_opt * np.geomspace(0.1, 10, 5)):
+            d = c / (6 * n)
+            entries.append({"run_id": f"{prefix}{c:.0e}-{k}", "N": n, "D": d, "C": c,
+                            "loss": 1 + 400 / n**alpha + 400 / d**beta})
+    return entries
+
+
+def test_each_arms_iso_flop_exponent_recovers_its_law_and_is_compared_with_chinchilla():
+    foveated = fits.iso_flop(_law_iso_entries(0.3, 0.4, "f"), by_label=False)
+    baseline = fits.iso_flop(_law_iso_entries(0.4, 0.3, "b"), by_label=False)
+    assert foveated["N_star_of_C"]["a"] == pytest.approx(0.4 / 0.7, abs=0.02)
+    assert baseline["N_star_of_C"]["a"] == pytest.approx(0.3 / 0.7, abs=0.02)
+    result = fits.compare_allocation_exponents({"foveated": foveated, "multi_token": baseline})
+    assert result["verdict"] == "measured"
+    assert result["difference"] == pytest.approx(0.4 / 0.7 - 0.3 / 0.7, abs=0.03)
+    ref = fits.CHINCHILLA_REFERENCE
+    assert result["chinchilla"] == pytest.approx(ref["beta"] / (ref["alpha"] + ref["beta"]))
+    assert "Besiroglu" in ref["source"] and ref["as_printed_by_hoffmann_2022"]["alpha"] == 0.34
+    one_budget = fits.iso_flop(_law_iso_entries(0.4, 0.3, "b", budgets=(1e15,)), by_label=False)
+    missing = fits.compare_allocation_exponents({"foveated": foveated, "multi_token": one_budget})
+    assert missing["verdict"] == "unknown" and "multi_token" in missing["evidence"]
+
+
+def test_efficiency_compares_finished_points_and_never_a_baseline_mid_schedule(tmp_path):
+    """B1 spends 4x F3's FLOPs per sample. Read at F3's FLOPs, B1 would be a quarter of the way
+    through its LR schedule. At finished points: F3 cheaper and better decides for F3; B1 better
+    but 4x dearer is no matched comparison, so the question is unknown."""
+    efficiency = next(q for q in QUESTIONS if q.id == "efficiency")
+    better = answer(efficiency, load([str(ablation_sweep(tmp_path / "a", OFFSETS))]))
+    assert better["winner"] == "F3" and better["flops_ratio"] == pytest.approx(4.0)
+    assert "4.00x fewer FLOPs and is not worse" in better["verdict"]
+    b1_row = next(s for s in better["rows"] if s["run"].run_id == "B1")
+    assert b1_row["smoothed"] == pytest.approx(b1_row["final"], abs=0.01)  # its own end, not mid-schedule
+    worse = answer(efficiency, load([str(ablation_sweep(tmp_path / "b", {**OFFSETS, "B1": -0.05}))]))
+    assert worse["winner"] is None and worse["verdict"].startswith("unknown: B1 ends")
+    assert "part-way through its LR schedule" in worse["verdict"]
+
+
+def _write_sources(run_dir, offsets, seed=0):
+    """eval/sources.json: 90 validation samples (video, image, text in turn), the same keys and base
+    losses for every run, shifted by the run's offset per kind."""
+    rng = np.random.default_rng(seed)
+    kinds = ["video", "image", "text"] * 30
+    base = rng.normal(2.0, 0.3, 90)
+    tokens = rng.integers(3, 12, 90)
+    noise = np.random.default_rng(sum(map(ord, run_dir.name))).normal(0, 0.01, 90)
+    loss = [(b + offsets.get(k, 0.0) + e) * t for b, k, e, t in zip(base, kinds, noise, tokens)]
+    (run_dir / "eval").mkdir(exist_ok=True)
+    (run_dir / "eval" / "sources.json").write_text(json.dumps(
+        {"step": 10, "mode": "coarse_fine", "keys": [f"s{i}" for i in range(90)], "kinds": kinds,
+         "loss_sum": loss, "tokens": tokens.tolist()}))
+
+
+def test_a8_on_image_samples_and_d1_on_video_and_image_samples_or_unknown(tmp_path):
+    sweep = ablation_sweep(tmp_path, OFFSETS)
+    questions = {q.id: q for q in QUESTIONS}
+    data = load([str(sweep)])
+    for qid in ("image_handling", "data_mix"):
+        result = answer(questions[qid], data)
+        assert result["winner"] is None and "eval/sources.json" in result["verdict"], result["verdict"]
+    # A8b (worse mixed val loss in OFFSETS) is better on the image samples: it wins the question.
+    _write_sources(sweep / "A8a", {"image": 0.10})
+    _write_sources(sweep / "A8b", {"image": 0.0, "video": 0.5})
+    # D1 helps the video samples but costs the image ones: F3's mix is kept.
+    _write_sources(sweep / "F3", {})
+    _write_sources(sweep / "D1", {"video": -0.2, "image": 0.1})
+    data = load([str(sweep)])
+    image = answer(questions["image_handling"], data)
+    assert image["winner"] == "A8b" and image["verdict"].startswith("clear")
+    assert image["margin"] == pytest.approx(0.10, abs=0.01)
+    mix = answer(questions["data_mix"], data)
+    assert mix["winner"] == "F3"
+    assert mix["by_kind"]["video"]["diff"] == pytest.approx(0.2, abs=0.01)
+    assert mix["by_kind"]["image"]["diff"] == pytest.approx(-0.1, abs=0.01)
+    _write_sources(sweep / "D1", {"video": -0.2, "image": -0.05})
+    assert answer(questions["data_mix"], load([str(sweep)]))["winner"] == "D1"
+
+
+def test_a_sources_file_without_its_fields_is_one_line(tmp_path):
+    sweep = ablation_sweep(tmp_path, {"F3": 0.0})
+    (sweep / "F3" / "eval").mkdir(exist_ok=True)
+    (sweep / "F3" / "eval" / "sources.json").write_text(json.dumps({"keys": []}))
+    with pytest.raises(UsageError, match="sources.json: missing field 'kinds'"):
+        load([str(sweep)])
+
+
+def test_decision3_schedule_from_the_plateau_with_named_inputs(tmp_path, capsys):
+    from fvlm.analysis.table import Run
+    from fvlm.experiments.schedule import ScheduleInputs, decision3, parse_inputs
+
+    runs = [Run("S-C1-F", "135M", 1.6e8, "", "completed", "foveated", 1, "", {"step": np.arange(3.0)},
+                flops_per_sample=2e12, flops_estimated=False)]
+    fits_record = {"per_size_fits": {"135M": {"identified": True, "D_plateau": 4e6, "N": 1.6e8}},
+                   "iso_flop": {"budgets": {"C1": {"interior": False, "N_star": 1e8, "C": 1e17}}}}
+    unknown = decision3(runs, fits_record, ScheduleInputs())
+    assert unknown["size"] is None and unknown["two_gpus"] == "unknown"
+    assert unknown["rows"][0]["answer"].startswith("unknown: no compute-optimal size")
+
+    inputs = parse_inputs(["size=135M", "stage2_ratio=0.5", "stage3_ratio=0.25", "mfu=0.4", "gpus=2",
+                           "gpu_hour_cost=1.5", "max_wall_days=30", "budget_usd=1000"])
+    d3 = decision3(runs, fits_record, inputs)
+    assert d3["stages"] == {"1": 4e6, "2": 2e6, "3": 1e6}
+    expected_hours = 7e6 * 2e12 / (inputs.gpu_peak_flops * 0.4) / 3600
+    assert d3["gpu_hours"] == pytest.approx(expected_hours) and d3["cost_usd"] == pytest.approx(1.5 * expected_hours)
+    assert d3["wall_days"] == pytest.approx(expected_hours / 2 / 24) and d3["two_gpus"] == "yes"
+    assert d3["mfu_source"].startswith("given")
+    tight = decision3(runs, fits_record, dataclasses_replace(inputs, max_wall_days=d3["wall_days"] / 3))
+    assert tight["two_gpus"] == "no" and "6 GPUs would fit" in tight["two_gpus_why"]
+    no_ratio = decision3(runs, fits_record, dataclasses_replace(inputs, stage3_ratio=None))
+    assert no_ratio["stages"]["3"] is None and no_ratio["two_gpus"] == "unknown"
+    assert "stage3_ratio" in no_ratio["rows"][3]["answer"]
+
+    with pytest.raises(UsageError, match="--schedule 'bogus=1': expected KEY=VALUE"):
+        parse_inputs(["bogus=1"])
+    assert main(["analyze", str(REAL_EXPORT), "--out", str(tmp_path / "o"), "--schedule", "mfu=-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--schedule mfu" in err[0]
+
+
+def dataclasses_replace(inputs, **changes):
+    import dataclasses
+
+    return dataclasses.replace(inputs, **changes)
+
+
+def test_report_lists_the_three_mode_eval_of_every_kept_milestone_or_names_it_missing(tmp_path):
+    grid = tmp_path / "grid"
+    grid.mkdir()
+    samples = np.geomspace(1e3, 1e4, 8)
+    run = write_run(grid, "135M-C1-F", samples, 2 + 1 / samples**0.3, 1.35e8, 1e9)
+    analyze([str(grid)], tmp_path / "before", None, n_boot=5)
+    assert "unknown: no grid run holds the evaluation of its milestones" in (tmp_path / "before" / "report.md").read_text()
+    gap = {"diff": 0.05, "ci95_bootstrap": [0.01, 0.09]}
+    entries = [{"step": s, "best": s == 20, "modes": {m: {"loss": 2.0 + i / 10, "n": 4} for i, m in enumerate(
+        ("coarse_only", "coarse_fine", "autoregressive"))}, "gap_intervals": {"coarse_only_minus_coarse_fine": gap}}
+               for s in (10, 20)]
+    (run / "eval").mkdir()
+    (run / "eval" / "eval.json").write_text(json.dumps({**entries[-1], "steps": entries}))
+    analyze([str(grid)], tmp_path / "after", None, n_boot=5)
+    text = (tmp_path / "after" / "report.md").read_text()
+    assert "| 135M-C1-F | 10 |  | 2.0000 | 2.1000 | 2.2000 | coarse_only − coarse_fine +0.0500 [+0.0100, +0.0900] |" in text
+    assert "| 135M-C1-F | 20 | yes |" in text

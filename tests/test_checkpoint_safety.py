@@ -86,25 +86,43 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(finished, tmp_
     assert steps == sorted(set(steps)) and steps[-1] == 6  # resumed from the one before: no step twice
 
 
-def test_milestones_keep_weights_only_and_resuming_passes_them_by(finished, tmp_path, capsys):
-    """Steps 1 and 3 are milestones only (4 steps, 5 milestones): written without training state.
-    Steps 2 and 4 are save points, the keep_last=2 newest, and keep theirs. A run whose save points
-    are all gone (killed after a milestone, before its first save point) starts over."""
+def test_milestones_keep_weights_only_and_resuming_passes_them_by(tmp_path, capsys):
+    """4 steps evaluated every 2, keep_last=1: step 2 is a milestone (an evaluation step), pruned to
+    its weights once step 4 is saved; step 4 is the resume checkpoint and keeps its training state.
+    A run whose resume checkpoints are all gone (only milestones left) starts over."""
     from fvlm.model.build import load_model
 
-    run, checkpoints = _copy(finished, tmp_path)
+    args = ["train", "tiny", f"out_dir={tmp_path}", "run_id=base", *SMALL, "train.save_every=2",
+            "train.eval_every=2", "train.keep_last=1"]
+    assert main([*args, "train.max_steps=4"]) == 0
+    checkpoints = [folder for _, folder in complete_checkpoints(tmp_path / "base")]
     files = {f.name: sorted(p.name for p in f.iterdir()) for f in checkpoints}
     weights = ["fvlm_model.json", "meta.json", "model.safetensors", "tokenizer"]
-    assert files["step_0000001"] == files["step_0000003"] == weights
-    assert files["step_0000002"] == files["step_0000004"] == sorted(weights + ["optimizer.pt", "rank_0.pt",
-                                                                               "trainer.pt"])
+    assert files == {"step_0000002": weights,
+                     "step_0000004": sorted(weights + ["optimizer.pt", "rank_0.pt", "trainer.pt"])}
+    assert json.loads((checkpoints[0] / "meta.json").read_text())["evaluated_step"] == 2
     load_model(checkpoints[0])  # a milestone is a whole model for evaluation
-    for folder in (checkpoints[1], checkpoints[3]):
-        shutil.rmtree(folder)
-    assert _resume(tmp_path) == 0
+    shutil.rmtree(checkpoints[1])
+    assert main([*args, "train.max_steps=6"]) == 0
     assert "new run" in capsys.readouterr().err
-    summary = json.loads((run / "run_summary.json").read_text())
+    summary = json.loads((tmp_path / "base" / "run_summary.json").read_text())
     assert summary["status"] == "completed" and summary["total_steps"] == 6
+
+
+def test_milestones_are_evaluation_steps():
+    """The 20-step run of the issue: evaluated every 10 steps, 5 milestones. The old rule kept steps
+    4, 8, 12, 16, 20 and deleted the evaluated step 10; milestones now are evaluation steps only."""
+    from fvlm.training.checkpoint import eval_steps, milestone_steps
+
+    assert eval_steps(20, 10) == [10, 20]
+    assert milestone_steps(20, 10, 5) == {10, 20}
+    assert milestone_steps(100, 10, 5) == {20, 40, 60, 80, 100}
+    assert milestone_steps(23, 5, 3) == {10, 15, 23}  # the last step is evaluated too
+    assert eval_steps(23, 5) == [5, 10, 15, 20, 23]
+    assert milestone_steps(20, 10, 0) == set()
+    for total, every, n in [(100, 7, 5), (57, 4, 6), (3, 10, 5)]:
+        assert milestone_steps(total, every, n) <= set(eval_steps(total, every))
+        assert len(milestone_steps(total, every, n)) == min(n, len(eval_steps(total, every)))
 
 
 def test_plain_data_and_older_numpy_rng_states_still_load(tmp_path):

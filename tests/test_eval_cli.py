@@ -168,3 +168,90 @@ def test_mover_patches_find_the_moving_square():
     movers = mover_patches(frames, (8, 8))
     for t in range(4):
         assert movers[t].sum() == 1 and movers[t][1, t]
+
+
+def test_log_samples_paired_intervals_and_checkpoint_differences(run, tmp_path):
+    """--log-samples: one JSON line per question and mode, whose chosen options give back the
+    accuracy of eval.json (real and grey frames); the mode gaps and accuracy differences carry paired
+    intervals that equal the plain differences; two checkpoints with the same weights differ by
+    exactly 0. Three questions share one video, one has its own: the interval resamples videos."""
+    from PIL import Image
+
+    frames = {}
+    for name, shade in (("shared", 40), ("own", 200)):
+        frames[name] = tmp_path / name
+        frames[name].mkdir()
+        for i in range(3):
+            Image.new("RGB", (64, 64), (shade, 20 * i, 10)).save(frames[name] / f"{i}.jpg")
+    bench = tmp_path / "mc.jsonl"
+    bench.write_text("\n".join(json.dumps({"video": str(frames["shared" if i < 3 else "own"]), "question": f"Q{i}",
+                                           "options": ["a", "bb", "ccc"], "answer": i % 3}) for i in range(4)))
+    out = tmp_path / "out"
+    assert main(["eval", str(run["run"]), "--all-checkpoints", "--bench", str(bench), "--out", str(out),
+                 "--max-samples", "3", "--log-samples"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    for key, gap in result["gaps"].items():
+        assert result["gap_intervals"][key]["diff"] == pytest.approx(gap, abs=1e-9)
+        lo, hi = result["gap_intervals"][key]["ci95_bootstrap"]
+        assert lo <= hi
+    by_mode = result["bench"]["mc"]
+    assert by_mode["coarse_fine"]["ci95_method"] == "bootstrap over 2 videos"
+    for key, d in result["bench_differences"]["mc"].items():
+        a, b = key.split("_minus_")
+        assert d["diff"] == pytest.approx(by_mode[a]["accuracy"] - by_mode[b]["accuracy"]) and d["n_clusters"] == 2
+    (differences,) = result["checkpoint_differences"]
+    assert differences["later_step"] == 10 and differences["earlier_step"] == 5
+    for mode in MODES:
+        d = differences["bench"]["mc"][mode]
+        assert d["n"] == 4 and d["diff"] == 0 and d["ci95_bootstrap"] == [0, 0]
+
+    assert sorted(p.name for p in out.glob("samples_*.jsonl")) == ["samples_step_0000005.jsonl",
+                                                                  "samples_step_0000010.jsonl"]
+    records = [json.loads(line) for line in (out / "samples_step_0000010.jsonl").read_text().splitlines()]
+    assert len(records) == 4 * len(MODES)
+    for mode in MODES:
+        rows = [r for r in records if r["mode"] == mode]
+        assert [r["question_id"] for r in rows] == by_mode[mode]["question_ids"]
+        for r in rows:
+            assert len(r["scores_mean"]) == len(r["scores_sum"]) == len(r["options"]) == 3
+            assert r["chosen"] == int(np.argmax(r["scores_mean"])) and r["correct"] == (r["chosen"] == r["answer"])
+            assert r["grey_chosen"] == int(np.argmax(r["grey_scores_mean"]))
+        assert np.mean([r["correct"] for r in rows]) == pytest.approx(by_mode[mode]["accuracy"])
+        grey_correct = np.mean([r["grey_chosen"] == r["answer"] for r in rows])
+        assert grey_correct == pytest.approx(by_mode[mode]["grey_frames"]["accuracy"])
+        assert [r["correct"] for r in rows] == [bool(c) for c in by_mode[mode]["correct"]]
+
+
+def test_phase1b_three_mode_eval_of_the_best_run_and_its_milestones_and_sources(run, tmp_path):
+    """evaluate_phase1b picks the foveated grid cell with the lowest best val loss and evaluates its
+    every kept checkpoint in all three modes; evaluate_sources writes per-sample losses by kind whose
+    token-weighted mean is the eval's own val loss for that mode."""
+    import shutil
+
+    from fvlm.experiments.milestones import evaluate_phase1b, evaluate_sources
+
+    scaling = tmp_path / "scaling"
+    for rid, loss in (("S-C1-F", 2.5), ("S-C2-F", 2.0), ("S-C2-B", 1.0)):
+        shutil.copytree(run["run"], scaling / rid)
+        (scaling / rid / "run_summary.json").write_text(json.dumps(
+            {"status": "completed", "best_val_loss": loss, "best_val_step": 5}))
+    path = evaluate_phase1b(scaling, run["data"] / "bench", max_samples=4, log=lambda _t: None)
+    assert path == scaling / "S-C2-F" / "eval" / "eval.json"
+    result = json.loads(path.read_text())
+    assert [e["step"] for e in result["steps"]] == [5, 10] and [e["best"] for e in result["steps"]] == [True, False]
+    for entry in result["steps"]:
+        assert set(entry["modes"]) == set(MODES) and set(entry["gap_intervals"]) == set(entry["gaps"])
+        assert set(entry["bench"]["bench"]) == set(MODES)
+    assert result["checkpoint_differences"][0]["bench"]["bench"]["coarse_fine"]["diff"] == 0  # same weights
+    assert not (scaling / "S-C1-F" / "eval").exists()
+
+    sources = json.loads(evaluate_sources(scaling / "S-C2-F", max_samples=4, log=lambda _t: None).read_text())
+    assert sources["step"] == 10 and sources["mode"] == "coarse_fine" and len(sources["keys"]) == 4
+    assert set(sources["kinds"]) <= {"video", "image", "text"}
+    mean = sum(sources["loss_sum"]) / sum(sources["tokens"])
+    assert mean == pytest.approx(result["modes"]["coarse_fine"]["loss"], rel=1e-6)
+    by_kind = result["modes"]["coarse_fine"]["by_kind"]
+    for kind, r in by_kind.items():
+        rows = [i for i, k in enumerate(sources["kinds"]) if k == kind]
+        assert r["loss"] == pytest.approx(sum(sources["loss_sum"][i] for i in rows)
+                                          / sum(sources["tokens"][i] for i in rows), rel=1e-6)

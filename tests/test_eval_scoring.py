@@ -100,3 +100,26 @@ def test_summary_accuracy_chance_and_categories():
     assert set(result["per_category"]) == {"video", "image"}
     assert result["per_category"]["image"]["n"] == 1 and result["per_category"]["image"]["accuracy"] == 1.0
     assert result["ci95"][0] < 0.5 < result["ci95"][1]
+
+
+def test_grey_frame_control_equals_each_option_scored_alone_on_grey_frames(tiny):
+    """run_benchmark's grey-frame control (every frame the normalised mean, frame count kept) picks
+    the options that scoring each option alone on all-zero normalised frames picks."""
+    from fvlm.eval.evaluate import run_benchmark
+
+    model, tok = tiny
+    questions = _questions()
+    raw = {}
+    result = run_benchmark(model, tok, questions, MODES, batch_size=3, raw=raw)
+    for mode in MODES:
+        picked = []
+        for q in questions:
+            enc = encode_question(tok, q)
+            frames, frame_mask = frames_batch([q.frames()])
+            grey = torch.zeros_like(frames)
+            scores = [score_option_alone(model, enc, o, grey, frame_mask, mode)[1] for o in range(len(q.options))]
+            picked.append(int(np.argmax(scores)))
+        expected = np.mean([p == q.answer for p, q in zip(picked, questions)])
+        assert result[mode]["grey_frames"]["accuracy"] == pytest.approx(expected)
+        assert [int(np.argmax(s[:, 1])) for s in raw["grey"][mode]] == picked
+        assert result[mode]["grey_frames"]["n"] == len(questions)

@@ -159,9 +159,9 @@ def test_a_full_disk_is_one_line_and_the_checkpoints_survive(finished, tmp_path)
     resumes and completes."""
     run = _copy_run(finished, tmp_path)
     before = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
-    # Without milestones the first write after the resume is a resume checkpoint, with its optimizer
-    # state (a milestone between would be written, weights only, and fit).
-    full = [*_resume(tmp_path), "train.keep_milestones=0"]
+    # Every checkpoint is written with its optimizer state (milestones are evaluation steps, saved
+    # whole and only later pruned to their weights), so the first write after the resume fails.
+    full = _resume(tmp_path)
     for _ in range(2):
         done = _limited(full, resource.RLIMIT_FSIZE, 1_000_000)
         assert done.returncode == 1

@@ -192,8 +192,11 @@ def test_checkpoints_are_complete_loadable_and_pruned(small_run):
 
     cfg, _ = small_run
     names = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
-    # Saved every 6 steps and at 5 milestones (24 x k/5, rounded); keep_last=1 prunes 6, 12 and 18.
-    assert names == [f"step_{s:07d}" for s in (5, 10, 14, 19, 24)]
+    # Saved every 6 steps; the milestones are the evaluation steps nearest 24 x k/5, so 12 and 24;
+    # keep_last=1 prunes 6 and 18. Every kept checkpoint has its evaluation row.
+    assert names == [f"step_{s:07d}" for s in (12, 24)]
+    _, metrics = read_csv(cfg.run_dir / "metrics.csv")
+    assert {int(r["step"]) for r in metrics} >= {12, 24}
     # Only the resume checkpoint (keep_last=1) keeps the optimizer state; milestones keep weights.
     with_state = [name for name in names if (cfg.run_dir / "checkpoints" / name / "optimizer.pt").is_file()]
     assert with_state == ["step_0000024"]

@@ -22,6 +22,13 @@ from fvlm.analysis.table import Run, Table
 MIN_TAIL_POINTS = 5
 TAIL_FRACTION = 0.5
 LOCAL_POINTS = 9
+# "Stable grad norms" (the freeze rule), made concrete on the logged gradient norms of the second
+# half of a run (steps.csv, else the eval points): every one finite, none above SPIKE_FACTOR x their
+# median (a spike), and the median of the last quarter at most RISE_FACTOR x that of the second
+# quarter (a norm that keeps growing). Below MIN_GRAD_POINTS logged values it cannot be judged.
+SPIKE_FACTOR = 10.0
+RISE_FACTOR = 2.0
+MIN_GRAD_POINTS = 4
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,35 @@ def instability(run: Run) -> str | None:
     return None
 
 
+def grad_norm_stability(run: Run) -> dict[str, Any]:
+    """{"stable": True | False | None, "reason": str, "source": where the norms came from}; None when
+    the run logged too few finite-or-not gradient norms to judge."""
+    source, norms = "steps.csv", (run.steps or {}).get("grad_norm")
+    if norms is None or len(norms) < MIN_GRAD_POINTS or np.isnan(norms).all():
+        source, norms = "metrics.csv", run.col("grad_norm")
+    logged = norms[~np.isnan(norms)] if norms is not None else np.array([])
+    if len(logged) < MIN_GRAD_POINTS:
+        return {"stable": None, "source": None,
+                "reason": f"{len(logged)} logged grad norms (needs {MIN_GRAD_POINTS}: grad_norm in steps.csv or "
+                          "metrics.csv)"}
+    if not np.isfinite(logged).all():
+        return {"stable": False, "source": source, "reason": "non-finite grad norm"}
+    half = logged[len(logged) // 2:]
+    median = float(np.median(half))
+    peak = float(half.max())
+    quarter = max(1, len(logged) // 4)
+    second_quarter = logged[quarter:2 * quarter] if 2 * quarter <= len(logged) else logged[:quarter]
+    rise = float(np.median(logged[-quarter:]) / max(np.median(second_quarter), 1e-12))
+    if peak > SPIKE_FACTOR * median:
+        return {"stable": False, "source": source,
+                "reason": f"spike: {peak:.3g} > {SPIKE_FACTOR:g}x the second half's median {median:.3g}"}
+    if rise > RISE_FACTOR:
+        return {"stable": False, "source": source,
+                "reason": f"rising: last quarter's median {rise:.2f}x the second quarter's (> {RISE_FACTOR:g}x)"}
+    return {"stable": True, "source": source,
+            "reason": f"max {peak / median:.2f}x median over the second half, last/second quarter {rise:.2f}x"}
+
+
 # ----------------------------------------------------------------------------- the questions
 
 
@@ -165,10 +201,76 @@ def _verdict(margin: float, noise: float) -> str:
     return "within noise"
 
 
-def _image_vqa(run: Run) -> float | None:
-    bench = (run.eval_result or {}).get("bench") or {}
-    scores = [modes[m]["accuracy"] for modes in bench.values() for m in modes if "accuracy" in modes[m]]
-    return float(np.mean(scores)) if scores else None
+# The questions the plan judges on one kind of validation sample rather than the mixed val loss:
+# A8 on image questions, D1 on the video and the image samples separately.
+SOURCE_KINDS = {"image_handling": ("image",), "data_mix": ("video", "image")}
+
+
+def _kind_losses(run: Run, kind: str) -> dict[str, tuple[float, float]]:
+    """{sample key: (loss per answer token, answer tokens)} of one kind, from eval/sources.json."""
+    s = run.sources or {}
+    return {key: (loss / tokens, tokens) for key, k, loss, tokens in zip(s["keys"], s["kinds"], s["loss_sum"], s["tokens"])
+            if k == kind and tokens > 0}
+
+
+def _paired_on_kind(first: Run, second: Run, kind: str) -> dict[str, Any] | None:
+    """second - first token-weighted val loss on the samples of `kind` both scored (positive: the
+    first is better), with fvlm.eval.stats.paired_difference's intervals."""
+    from fvlm.eval.stats import paired_difference
+
+    a, b = _kind_losses(first, kind), _kind_losses(second, kind)
+    shared = [k for k in a if k in b]
+    if not shared:
+        return None
+    return paired_difference([b[k][0] for k in shared], [a[k][0] for k in shared],
+                             [(a[k][1] + b[k][1]) / 2 for k in shared])
+
+
+def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any]:
+    kinds = SOURCE_KINDS[question.id]
+    lacking = [s["run"].run_id for s in stats if not s["run"].sources]
+    if lacking:
+        return _unknown(question, stats, f"needs the val loss on {' and '.join(kinds)} samples separately "
+                                         f"(eval/sources.json, fvlm.experiments.milestones.evaluate_sources) for "
+                                         f"{', '.join(lacking)}; the mixed val loss of the curves cannot tell them apart")
+    runs = {s["run"].run_id: s["run"] for s in stats}
+    if question.id == "image_handling":
+        totals = {}
+        for rid, run in runs.items():
+            losses = _kind_losses(run, "image")
+            tokens = sum(t for _, t in losses.values())
+            totals[rid] = sum(v * t for v, t in losses.values()) / tokens if tokens else math.nan
+        ranked = sorted((r for r in totals if math.isfinite(totals[r])), key=totals.get)
+        if len(ranked) < 2:
+            return _unknown(question, stats, "fewer than two A8 runs scored image samples")
+        winner, runner_up = ranked[0], ranked[1]
+        paired = _paired_on_kind(runs[winner], runs[runner_up], "image")
+        by_kind = {"image": paired}
+        verdict = ("clear (95% interval above 0)" if paired["ci95_bootstrap"][0] > 0 else
+                   "within noise (95% interval holds 0)")
+        margin = paired["diff"]
+    else:
+        d1 = next(r for r in runs if plan_id(runs[r]) == "D1")
+        f3 = next(r for r in runs if plan_id(runs[r]) == "F3")
+        by_kind = {kind: _paired_on_kind(runs[d1], runs[f3], kind) for kind in kinds}
+        absent = [k for k, v in by_kind.items() if v is None]
+        if absent:
+            return _unknown(question, stats, f"no {' or '.join(absent)} samples scored by both D1 and F3")
+        video, image = by_kind["video"], by_kind["image"]
+        # D1 (video-heavy) wins only when it helps the video samples without hurting the image ones.
+        d1_wins = video["ci95_bootstrap"][0] > 0 and image["ci95_bootstrap"][1] >= 0
+        winner, runner_up = (d1, f3) if d1_wins else (f3, d1)
+        margin = video["diff"] if d1_wins else -video["diff"]
+        verdict = (f"{'D1' if d1_wins else 'F3'}: F3 - D1 on video {video['diff']:+.4f} "
+                   f"[{video['ci95_bootstrap'][0]:+.4f}, {video['ci95_bootstrap'][1]:+.4f}], on image "
+                   f"{image['diff']:+.4f} [{image['ci95_bootstrap'][0]:+.4f}, {image['ci95_bootstrap'][1]:+.4f}] "
+                   "(D1 needs video above 0 and image not below 0)")
+    return {"id": question.id, "title": question.title, "plan_rule": question.plan_rule,
+            "runs": [s["run"].run_id for s in stats], "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
+            "metric": f"val loss on {' and '.join(kinds)} samples, paired on the same samples",
+            "axis": "samples", "common_x": None, "winner": winner, "runner_up": runner_up, "margin": margin,
+            "noise": by_kind[kinds[0]]["se"], "verdict": verdict, "by_kind": by_kind, "unstable": {},
+            "winner_at_best": None, "rows": stats}
 
 
 def answer(question: Question, table: Table) -> dict[str, Any] | None:
@@ -187,16 +289,35 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
     common = min(s["x_end"] for s in stats)
     for s in stats:
         x, y = _curve(s["run"], question.axis)
-        s["at_common"] = float(np.interp(math.log(common), np.log(x), y))
-        s["smoothed"] = smoothed_at(s["run"], common, question.axis)
+        # At matched compute a run with more FLOPs per sample is read where its schedule ended
+        # (below): part-way through a cosine schedule its loss is not what that budget would reach.
+        at = s["x_end"] if question.axis == "flops" else common
+        s["at_common"] = float(np.interp(math.log(at), np.log(x), y))
+        s["smoothed"] = smoothed_at(s["run"], at, question.axis)
 
-    vqa = {s["run"].run_id: _image_vqa(s["run"]) for s in stats}
-    use_vqa = question.id == "image_handling" and all(v is not None for v in vqa.values())
-    # Higher accuracy is better; negate so that "lowest wins" holds for both metrics.
-    score = {s["run"].run_id: (-vqa[s["run"].run_id] if use_vqa else s["smoothed"]) for s in stats}
+    if question.id in SOURCE_KINDS:
+        return _by_source(question, stats)
+    score = {s["run"].run_id: s["smoothed"] for s in stats}
     eligible = [s for s in stats if not s["unstable"]] or stats
+    grad = {}
+    if question.id == "freeze":
+        # The plan's rule: the lowest val loss among runs with stable grad norms.
+        grad = {s["run"].run_id: grad_norm_stability(s["run"]) for s in stats}
+        unjudged = [rid for rid, g in grad.items() if g["stable"] is None]
+        if unjudged:
+            return _unknown(question, stats, "grad-norm stability cannot be judged for " + ", ".join(
+                f"{rid} ({grad[rid]['reason']})" for rid in unjudged), grad_norms=grad)
+        eligible = [s for s in eligible if grad[s["run"].run_id]["stable"]]
+        if not eligible:
+            return _unknown(question, stats, "no run has stable grad norms", grad_norms=grad)
     ranked = sorted(eligible, key=lambda s: score[s["run"].run_id])
     winner, runner_up = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+    finished = {}
+    if question.axis == "flops":
+        finished = _finished_points(stats, score)
+        if finished.get("unmatched"):
+            return _unknown(question, stats, finished["unmatched"], compared_at="finished points", **{
+                k: v for k, v in finished.items() if k != "unmatched"})
     margin = score[runner_up["run"].run_id] - score[winner["run"].run_id] if runner_up else math.nan
     # A margin compares two runs' values, each read with its own eval noise.
     noise = math.sqrt(winner["noise"] ** 2 + runner_up["noise"] ** 2) if runner_up else math.nan
@@ -205,7 +326,7 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         "id": question.id, "title": question.title, "plan_rule": question.plan_rule,
         "runs": [s["run"].run_id for s in stats],
         "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
-        "metric": "image VQA accuracy (eval bench)" if use_vqa else "val_loss (smoothed)",
+        "metric": "val_loss (smoothed)",
         "axis": question.axis, "common_x": common,
         "winner": winner["run"].run_id, "runner_up": runner_up["run"].run_id if runner_up else None,
         "margin": margin, "noise": noise, "verdict": _verdict(margin, noise),
@@ -214,10 +335,46 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         "unstable": {s["run"].run_id: s["unstable"] for s in stats if s["unstable"]},
         "rows": stats,
     }
+    if finished:
+        result.update(finished, compared_at="each run's finished point (end of its LR schedule)",
+                      verdict=result["verdict"] + finished["note"])
+    if grad:
+        result["grad_norms"] = grad
     if question.id == "deep_query":
         ratios = {s["run"].run_id: _last_finite(s["run"].col("val_loss_ratio")) for s in stats}
         result["val_loss_ratio"] = {k: v for k, v in ratios.items() if v is not None}
     return result
+
+
+def _unknown(question: Question, stats: list[dict[str, Any]], why: str, **extra: Any) -> dict[str, Any]:
+    """A question whose runs are there but whose decision needs an input they lack."""
+    return {"id": question.id, "title": question.title, "plan_rule": question.plan_rule,
+            "runs": [s["run"].run_id for s in stats], "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
+            "winner": None, "runner_up": None, "margin": None, "noise": None, "verdict": f"unknown: {why}",
+            "axis": question.axis, "metric": "", "common_x": None, "unstable": {}, "rows": [], **extra}
+
+
+# Finished points within this factor of each other's FLOPs count as matched.
+MATCHED_FLOPS = 1.1
+
+
+def _finished_points(stats: list[dict[str, Any]], score: dict[str, float]) -> dict[str, Any]:
+    """The efficiency question at finished points: each run's smoothed loss where its schedule ended.
+    Decided when the FLOPs match, or when the cheaper run is also at least as good (it wins with
+    less compute); otherwise the lower loss was bought with more FLOPs and there is no matched
+    comparison ("unmatched")."""
+    cheap, dear = sorted(stats, key=lambda s: s["x_end"])[:2]
+    ratio = dear["x_end"] / cheap["x_end"]
+    ids = cheap["run"].run_id, dear["run"].run_id
+    record = {"flops_at_finish": {s["run"].run_id: s["x_end"] for s in stats}, "flops_ratio": ratio}
+    if ratio <= MATCHED_FLOPS:
+        return {**record, "note": f"; matched finished points ({ratio:.2f}x FLOPs)"}
+    if score[ids[0]] <= score[ids[1]]:
+        return {**record, "note": f"; {ids[0]} finished with {ratio:.2f}x fewer FLOPs and is not worse"}
+    return {**record, "unmatched": (
+        f"{ids[1]} ends {score[ids[0]] - score[ids[1]]:.4f} lower but spends {ratio:.2f}x the FLOPs of {ids[0]}; "
+        f"at {ids[0]}'s FLOPs {ids[1]} is part-way through its LR schedule, so no matched finished comparison "
+        "exists (the scaling grid's -B-isoflop cells give one)")}
 
 
 def _last_finite(values: np.ndarray) -> float | None:

@@ -24,8 +24,8 @@ import numpy as np
 
 from fvlm.analysis.ablations import MIN_TAIL_POINTS, TAIL_FRACTION
 from fvlm.analysis.table import Run, Table
+from fvlm.eval.stats import N_BOOT
 
-N_BOOT = 2000
 _CELL_RE = re.compile(r"^(?P<size>.+)-(?P<budget>C\d+)-(?P<arm>F|B|B-isoflop)$")
 _ARM_ARCH = {"F": "foveated", "B": "multi_token", "B-isoflop": "multi_token"}
 # Runs that stopped before their budget do not stand for it.

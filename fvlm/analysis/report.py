@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,9 @@ def _efficiency(table: Table, answers: list[dict[str, Any]]) -> tuple[str, str]:
     a = _answer(answers, "efficiency")
     if a["winner"] is None:
         return "unknown", a["verdict"]
-    evidence = (f"{a['winner']} lower by {_fmt(a['margin'])} at {a['common_x']:.3g} FLOPs; noise {_fmt(a['noise'])}; "
-                f"{a['verdict']}")
+    evidence = (f"{a['winner']} lower by {_fmt(a['margin'])} at each run's finished point "
+                f"(FLOPs {', '.join(f'{k}: {v:.3g}' for k, v in a['flops_at_finish'].items())}); "
+                f"noise {_fmt(a['noise'])}; {a['verdict']}")
     return ("fail" if a.get("unstable") else "pass"), evidence
 
 
@@ -202,6 +204,10 @@ def decision2(table: Table, fits: dict[str, Any], comparison: dict[str, Any]) ->
     rows.append({"question": "Compute-optimal size", "answer": answer})
 
     rows.append({"question": "Does foveation scale?", "answer": _scaling_answer(comparison)})
+    exponents = fits.get("allocation_exponents")
+    if exponents:
+        answer = exponents["evidence"] if exponents["verdict"] == "measured" else f"unknown: {exponents['evidence']}"
+        rows.append({"question": "Compute-optimal allocation: N* ~ C^a, foveated vs baseline", "answer": answer})
     rows.append({"question": "Token efficiency", "answer": _efficiency_answer(comparison)})
 
     def plateau_text(size: str, fit: dict[str, Any]) -> str:
@@ -247,6 +253,32 @@ def _pixel_check(table: Table) -> list[str]:
             "| run | mode | val loss | blank frames | pixel gain |", "|---|---|---|---|---|", *rows]
 
 
+def _milestone_evals(table: Table) -> list[str]:
+    """The three-mode evaluation of the best Phase 1b run's checkpoints (fvlm.experiments.milestones):
+    one row per kept checkpoint, with the mode gaps and their paired 95% intervals."""
+    lines = ["", "## Three-mode evaluation: best Phase 1b checkpoint and kept milestones", ""]
+    evaluated = [r for r in table.runs.values() if len((r.eval_result or {}).get("steps") or []) > 1]
+    grid = [r for r in table.runs.values() if r.config is not None and re.match(r".+-C\d+-F$", r.run_id)]
+    if not evaluated:
+        if not grid:
+            return []
+        return lines + ["unknown: no grid run holds the evaluation of its milestones in all three modes "
+                        "(`fvlm phase1` writes it to the best run's eval/eval.json)."]
+    lines += ["| run | step | best | " + " | ".join(MODE_NAMES) + " | gaps [95% paired] |",
+              "|---|---|---|" + "---|" * len(MODE_NAMES) + "---|"]
+    for run in evaluated:
+        for entry in run.eval_result["steps"]:
+            losses = " | ".join(_fmt((entry["modes"].get(m) or {}).get("loss")) for m in MODE_NAMES)
+            gaps = "; ".join(f"{k.replace('_minus_', ' − ')} {v['diff']:+.4f} [{v['ci95_bootstrap'][0]:+.4f}, "
+                             f"{v['ci95_bootstrap'][1]:+.4f}]" for k, v in (entry.get("gap_intervals") or {}).items())
+            lines.append(f"| {run.run_id} | {entry.get('step')} | {'yes' if entry.get('best') else ''} | {losses} | "
+                         f"{gaps or '—'} |")
+    return lines
+
+
+MODE_NAMES = ("coarse_only", "coarse_fine", "autoregressive")
+
+
 def _cell_table(comparison: dict[str, Any]) -> list[str]:
     if not comparison["cells"] and not comparison["notes"]:
         return []
@@ -274,7 +306,7 @@ def _cell_table(comparison: dict[str, Any]) -> list[str]:
 def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: dict[str, Any],
                  checklist: list[dict[str, str]], decision2_rows: list[dict[str, str]],
                  figures: list[tuple[str, Path | None, str]], inputs: list[str],
-                 comparison: dict[str, Any]) -> None:
+                 comparison: dict[str, Any], decision3: dict[str, Any] | None = None) -> None:
     n_points = sum(r.n_points for r in table.runs.values())
     lines = ["# fvlm analysis report", "",
              f"Inputs: {', '.join(inputs)} — {len(table.runs)} runs, {n_points} eval points.", ""]
@@ -282,8 +314,9 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
         lines += ["Notes on the inputs:", ""] + [f"- {n}" for n in table.notes] + [""]
 
     lines += ["## Decision 1: architecture config (ablations)", "",
-              "Compared on the smoothed val loss at the last sample count all runs of a question reached (FLOPs "
-              "for the efficiency question). Noise = the scatter of each run's val loss around a quadratic (in log "
+              "Compared on the smoothed val loss at the last sample count all runs of a question reached; the "
+              "efficiency question at each run's finished point (end of its LR schedule), decided only when the "
+              "FLOPs match or the cheaper run is not worse. Noise = the scatter of each run's val loss around a quadratic (in log "
               "samples) over the last half of its curve, combined for the two runs compared. Verdict: clear if "
               "margin > 2x noise, weak if > 1x.", "",
               "| question | runs | winner | margin | noise | verdict | winner at best | unstable runs |",
@@ -302,10 +335,18 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
     lines += [f"| {row['question']} | {row['answer']} |" for row in decision2_rows]
     lines += _cell_table(comparison)
 
+    if decision3 is not None:
+        assumptions = ", ".join(f"{k}={v}" for k, v in decision3["inputs"].items() if v is not None)
+        lines += ["", "## Decision 3: training schedule (derived)", "",
+                  f"Inputs (override with `fvlm analyze --schedule key=value`): {assumptions}.", "",
+                  "| question | answer |", "|---|---|"]
+        lines += [f"| {row['question']} | {row['answer']} |" for row in decision3["rows"]]
+
     lines += ["", "## Go / no-go", "", "| criterion | status | evidence |", "|---|---|---|"]
     lines += [f"| {c['criterion']} | **{c['status']}** | {c['evidence']} |" for c in checklist]
 
     lines += _pixel_check(table)
+    lines += _milestone_evals(table)
 
     lines += ["", "## Scaling fits", "", f"Fit runs: {', '.join(fits['fit_runs']) or '—'} "
               f"(globs: {', '.join(fits['fit_run_globs'])}).", ""]

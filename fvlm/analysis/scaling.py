@@ -9,6 +9,7 @@ import numpy as np
 
 from fvlm.analysis import ablations, fits
 from fvlm.analysis.table import Run
+from fvlm.eval.stats import N_BOOT
 
 USABLE_STATUS = ("completed", "unknown", "interrupted")
 
@@ -108,7 +109,7 @@ def iso_flop_entries(runs: list[Run]) -> list[dict[str, Any]]:
     return entries
 
 
-def scaling_fits(runs: list[Run], globs: list[str] | None, n_boot: int = 200, seed: int = 0) -> dict[str, Any]:
+def scaling_fits(runs: list[Run], globs: list[str] | None, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
     archs = sorted({r.arch for r in runs}, key=lambda a: a != "foveated")
     main = [r for r in runs if r.arch == archs[0]] if archs else []
     entries = iso_flop_entries(main)
@@ -122,6 +123,15 @@ def scaling_fits(runs: list[Run], globs: list[str] | None, n_boot: int = 200, se
         "iso_flop": iso,
         "flops_estimated": any(r.flops_estimated for r in main),
     }
+    # Every arm's own iso-FLOP fit: the baseline's cells are grouped by the FLOPs they spent.
+    by_arch = {}
+    for arch in archs:
+        arm = iso if arch == archs[0] else fits.iso_flop(iso_flop_entries([r for r in runs if r.arch == arch]),
+                                                        by_label=False)
+        by_arch[arch] = {k: v for k, v in arm.items() if k != "entries"}
+    out["iso_flop_by_arch"] = by_arch
+    out["allocation_exponents"] = fits.compare_allocation_exponents(
+        {a: v for a, v in by_arch.items() if a in ("foveated", "multi_token")})
     if len(archs) > 1:
         out["per_size_fits_by_arch"] = {a: per_size([r for r in runs if r.arch == a], n_boot, seed) for a in archs[1:]}
     return out

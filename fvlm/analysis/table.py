@@ -68,6 +68,8 @@ class Run:
     flops_estimated: bool = True
     steps: dict[str, np.ndarray] | None = None
     eval_result: dict[str, Any] | None = None
+    # Per-sample val loss of the last checkpoint with each sample's kind (fvlm.experiments.milestones).
+    sources: dict[str, Any] | None = None
     attention_files: list[Path] = field(default_factory=list)
     has_checkpoint_meta: bool | None = None
 
@@ -327,6 +329,14 @@ def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> Non
         if not isinstance(eval_result, dict) or "modes" not in eval_result:
             raise UsageError(f"{eval_path}: missing field 'modes'")
 
+    sources = None
+    sources_path = folder / "eval" / "sources.json"
+    if sources_path.is_file():
+        sources = read_json(sources_path)
+        missing = [k for k in ("keys", "kinds", "loss_sum", "tokens") if not isinstance(sources, dict) or k not in sources]
+        if missing:
+            raise UsageError(f"{sources_path}: missing field '{missing[0]}'")
+
     arch, tokens = _arch_from_config(config)
     fps = (raw or {}).get("flops_per_sample")
     ckpt_root = folder / "checkpoints"
@@ -335,7 +345,7 @@ def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> Non
         lr_schedule=str(config.get("optim", {}).get("schedule", "")), status=status, arch=arch,
         tokens_per_frame=tokens, source=str(folder), points=points, summary=summary, config=config,
         flops_per_sample=float(fps) if fps else None, flops_estimated=False, steps=steps,
-        eval_result=eval_result, attention_files=sorted((folder / "attention").glob("step_*.npz")),
+        eval_result=eval_result, sources=sources, attention_files=sorted((folder / "attention").glob("step_*.npz")),
         has_checkpoint_meta=any(ckpt_root.glob("step_*/meta.json")) if ckpt_root.is_dir() else False,
     ))
 

@@ -197,6 +197,7 @@ def read_jsonl_bench(path: str | Path, settings: VisualSettings) -> list[Questio
             options=[f"{LETTERS[i]}. {o}" for i, o in enumerate(options)], answer=answer, category=category,
             frames=partial(load_visual, video, size=settings.size, max_frames=settings.max_frames,
                            fps=settings.fps, image_frames=settings.image_frames),
+            video=str(video),
         ))
     if not questions:
         raise UsageError(f"{path}: no questions")

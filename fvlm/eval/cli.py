@@ -13,8 +13,10 @@ def register(sub) -> None:
         help="validation loss in each inference mode, multiple-choice accuracy, attention pictures",
         description="Evaluate a run's latest checkpoint (or every one with --all-checkpoints, or one checkpoint "
                     "folder): validation loss of the answer tokens in each mode on the same samples, the gaps "
-                    "between modes, and multiple-choice accuracy (95%% Wilson interval, chance level, per "
-                    "category). DINO runs once per sample for all modes and once per question for all options. "
+                    "between modes with paired 95%% intervals, and multiple-choice accuracy (95%% interval: Wilson, "
+                    "or a bootstrap over whole videos when questions share one; chance level, grey-frame control, "
+                    "per category; paired differences between modes and, with several checkpoints, between "
+                    "checkpoints). DINO runs once per sample for all modes and once per question for all options. "
                     "Writes <run>/eval/eval.json and eval.md (or --out).",
     )
     ev.add_argument("target", metavar="RUN_DIR_OR_CKPT")
@@ -29,6 +31,10 @@ def register(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--score", choices=("mean", "sum"), default="mean",
                     help="option score: mean (default) or sum of the answer tokens' log-likelihood; both are reported")
+    ev.add_argument("--log-samples", action="store_true",
+                    help="also write every benchmark question's per-option scores (mean and summed answer "
+                         "log-likelihood, real and grey frames) and the chosen option, one JSON line per question "
+                         "and mode, to <out>/samples_step_NNNNNNN.jsonl")
     ev.add_argument("--attention", type=int, default=0, metavar="N",
                     help="draw where the model looks on the first N probe videos (PNG per video)")
     ev.add_argument("--gif", action="store_true", help="also write a GIF per attention video")
@@ -92,7 +98,7 @@ def cmd_eval(args) -> int:
     for ckpt in checkpoints:
         entries.append(evaluate_checkpoint(ckpt, modes=modes, data=args.data, benches=args.bench, overrides=args.set,
                                            max_samples=args.max_samples, batch_size=args.batch_size, device=device,
-                                           score=args.score))
+                                           score=args.score, log_samples=out if args.log_samples else None))
     if args.attention:
         entries[-1]["attention"] = draw_probe_attention(checkpoints[-1], args, out / "attention", device)
     path = write_results(entries, out)

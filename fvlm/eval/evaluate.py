@@ -13,16 +13,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fvlm.errors import UsageError, read_json, read_yaml
+from fvlm.eval import paired
 from fvlm.eval.bench import VisualSettings, bench_name, read_bench
+from fvlm.eval.paired import MODES_ORDER
 from fvlm.eval.scoring import Question, encode_question, frames_batch, score_batch, summarise
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
-# The order tables and gaps use: from the cheapest mode to the streaming one.
-MODES_ORDER = ("coarse_only", "coarse_fine", "autoregressive")
 
 
 @dataclass
@@ -131,6 +132,7 @@ def sample_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_co
     The blank-frame control scores the same samples with every frame replaced by the normalised
     mean (flat grey), frame count and masks unchanged."""
     keys: list = []
+    kinds: list = []
     names = ("loss_sum", "tokens", "loss_sum_blank") if blank_control else ("loss_sum", "tokens")
     parts = {m: {name: [] for name in names} for m in modes}
     for batch in batches:
@@ -147,9 +149,10 @@ def sample_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_co
                 parts[mode]["loss_sum_blank"].append(model.loss_over(visual, visual_mask, batch, per_sample=True)[0]
                                                      .double().cpu())
         keys.extend(batch.get("keys") or [None] * batch["input_ids"].shape[0])
+        kinds.extend(batch.get("kinds") or [None] * batch["input_ids"].shape[0])
     empty = {"loss_sum": torch.zeros(0, dtype=torch.float64), "tokens": torch.zeros(0, dtype=torch.long),
              "loss_sum_blank": torch.zeros(0, dtype=torch.float64)}
-    return {"keys": keys, "modes": {mode: {name: torch.cat(chunks or [empty[name]]).numpy()
+    return {"keys": keys, "kinds": kinds, "modes": {mode: {name: torch.cat(chunks or [empty[name]]).numpy()
                                            for name, chunks in arrays.items()} for mode, arrays in parts.items()}}
 
 
@@ -165,6 +168,15 @@ def summarise_losses(per_sample: dict) -> dict:
         if "loss_sum_blank" in arrays:
             out[mode]["loss_blank_frames"] = float(arrays["loss_sum_blank"].sum()) / tokens if tokens else float("nan")
             out[mode]["pixel_gain"] = out[mode]["loss_blank_frames"] - loss
+        kinds = np.asarray(per_sample.get("kinds") or [None] * n, dtype=object)
+        # The same loss over each kind of sample (video, image, text): what A8 and D1 are judged on.
+        out[mode]["by_kind"] = {}
+        for kind in sorted({k for k in kinds if k is not None}):
+            rows = kinds == kind
+            kind_tokens = int(arrays["tokens"][rows].sum())
+            out[mode]["by_kind"][kind] = {
+                "loss": float(arrays["loss_sum"][rows].sum()) / kind_tokens if kind_tokens else float("nan"),
+                "n": int(rows.sum()), "tokens": kind_tokens}
     return out
 
 
@@ -188,10 +200,11 @@ def mode_gaps(losses: dict) -> dict:
 
 @torch.no_grad()
 def run_benchmark(model, tokenizer, questions: list[Question], modes: tuple[str, ...], *, batch_size: int = 8,
-                  device="cpu", score: str = "mean", grey_control: bool = True) -> dict:
+                  device="cpu", score: str = "mean", grey_control: bool = True, raw: dict | None = None) -> dict:
     """{mode: accuracy summary} for one benchmark. With `grey_control` the same questions are also
     scored with every frame flat grey (the normalised mean; frame count unchanged), under
-    `grey_frames`: with balanced options that is chance, and the gap to it is what the pixels bring."""
+    `grey_frames`: with balanced options that is chance, and the gap to it is what the pixels bring.
+    `raw`, when given, receives every question's option scores: {"scores": {mode: [...]}, "grey": ...}."""
     encoded = [encode_question(tokenizer, q) for q in questions]
     scores = {m: [] for m in modes}
     grey = {m: [] for m in modes}
@@ -208,6 +221,8 @@ def run_benchmark(model, tokenizer, questions: list[Question], modes: tuple[str,
             for mode in modes:
                 grey[mode].extend(grey_scores[mode])
     out = {mode: summarise(questions, scores[mode], score) for mode in modes}
+    if raw is not None:
+        raw.update(scores=scores, grey=grey if grey_control else None)
     if grey_control:
         for mode in modes:
             control = summarise(questions, grey[mode], score)
@@ -217,7 +232,12 @@ def run_benchmark(model, tokenizer, questions: list[Question], modes: tuple[str,
 
 def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str | None, benches: list[str],
                         overrides: list[str], max_samples: int, batch_size: int, device: str, score: str,
-                        log=print) -> dict:
+                        log=print, log_samples: Path | None = None) -> dict:
+    """One checkpoint: validation loss per mode with the blank-frame control and the mode gaps with
+    their paired intervals (`gap_intervals`), each benchmark's accuracy per mode with the grey-frame
+    control and the paired accuracy differences between modes (`bench_differences`). With
+    `log_samples` (a folder), every question's option scores and chosen option go to
+    samples_step_NNNNNNN.jsonl there."""
     from fvlm.model.build import load_model
 
     began = time.perf_counter()
@@ -243,8 +263,10 @@ def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str 
             cfg.data.val = data
         loader = build_loader(cfg, "val", tokenizer, train=False, batch_size=batch_size,
                               max_samples=max_samples or None)
-        entry["modes"] = mode_losses(model, loader, chosen, device)
+        per_sample = sample_losses(model, loader, chosen, device)
+        entry["modes"] = summarise_losses(per_sample)
         entry["gaps"] = mode_gaps(entry["modes"])
+        entry["gap_intervals"] = paired.loss_gap_intervals(per_sample)
     settings = VisualSettings.from_config(cfg)
     if not benches and cfg.data.train == "synthetic":
         from fvlm.data.loader import split_path
@@ -253,11 +275,17 @@ def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str 
         names = ["synthetic_mc"]
     else:
         names = [bench_name(b) for b in benches]
-    entry["bench"] = {}
+    entry["bench"], entry["bench_differences"], records = {}, {}, []
     for name, spec in zip(names, benches):
         questions = read_bench(spec, settings)
+        raw: dict = {}
         entry["bench"][name] = run_benchmark(model, tokenizer, questions, chosen, batch_size=batch_size,
-                                             device=device, score=score)
+                                             device=device, score=score, raw=raw)
+        entry["bench_differences"][name] = paired.accuracy_mode_differences(entry["bench"][name])
+        records += paired.sample_records(name, ckpt.step, questions, raw["scores"], raw["grey"], score)
+    if log_samples is not None:
+        name = f"samples_step_{ckpt.step:07d}.jsonl" if ckpt.step is not None else "samples.jsonl"
+        entry["samples_log"] = str(paired.write_samples(Path(log_samples) / name, records))
     entry["seconds"] = round(time.perf_counter() - began, 2)
     log(format_entry(entry))
     return entry
@@ -274,7 +302,9 @@ def format_entry(entry: dict) -> str:
         lines += ["| mode | val loss | blank frames | pixel gain | samples | tokens |", "|---|---|---|---|---|---|"]
         lines += [f"| {m} | {_num(r['loss'])} | {_num(r.get('loss_blank_frames'))} | {_num(r.get('pixel_gain'))} "
                   f"| {r['n']} | {r['tokens']} |" for m, r in entry["modes"].items()]
-        lines += [""] + [f"- {k.replace('_minus_', ' − ')}: {_num(v)}" for k, v in entry["gaps"].items()] + [""]
+        intervals = entry.get("gap_intervals") or {}
+        lines += [""] + [f"- {k.replace('_minus_', ' − ')}: {_num(v)}{_interval(intervals.get(k))}"
+                         for k, v in entry["gaps"].items()] + [""]
     for name, by_mode in entry.get("bench", {}).items():
         lines += [f"**{name}** (score: {entry['score']} log-likelihood of the answer tokens)", "",
                   "| mode | accuracy | 95% CI | chance | n | accuracy (other score) | grey frames | grey 95% CI |",
@@ -285,6 +315,10 @@ def format_entry(entry: dict) -> str:
             lines.append(f"| {mode} | {_num(r['accuracy'], 3)} | [{_num(r['ci95'][0], 3)}, {_num(r['ci95'][1], 3)}] "
                          f"| {_num(r['chance'], 3)} | {r['n']} | {_num(other, 3)} | {_num(g['accuracy'], 3)} "
                          f"| [{_num(g['ci95'][0], 3)}, {_num(g['ci95'][1], 3)}] |")
+        differences = (entry.get("bench_differences") or {}).get(name) or {}
+        if differences:
+            lines += [""] + [f"- accuracy {k.replace('_minus_', ' − ')}: {_num(d['diff'], 3)}{_interval(d, 3)}"
+                             for k, d in differences.items()]
         categories = sorted({c for r in by_mode.values() for c in r["per_category"]})
         if len(categories) > 1:
             lines += ["", "| category | " + " | ".join(by_mode) + " |", "|---" * (len(by_mode) + 1) + "|"]
@@ -296,12 +330,24 @@ def format_entry(entry: dict) -> str:
     return "\n".join(lines)
 
 
+def _interval(paired_result: dict | None, digits: int = 4) -> str:
+    """' [lo, hi]' from a paired difference's bootstrap interval (clustered by video where questions
+    share one), or nothing."""
+    if not paired_result:
+        return ""
+    lo, hi = paired_result["ci95_bootstrap"]
+    return f" [{_num(lo, digits)}, {_num(hi, digits)}]"
+
+
 def write_results(entries: list[dict], out: Path) -> Path:
-    """eval.json (latest entry at the top level, every entry under `steps` when there are several) and eval.md."""
+    """eval.json (latest entry at the top level, every entry under `steps` when there are several,
+    and the latest checkpoint's paired accuracy differences from each earlier one under
+    `checkpoint_differences`) and eval.md."""
     out.mkdir(parents=True, exist_ok=True)
     result = dict(entries[-1])
     if len(entries) > 1:
         result["steps"] = entries
+        result["checkpoint_differences"] = [paired.checkpoint_differences(entries[-1], e) for e in entries[:-1]]
     (out / "eval.json").write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
     (out / "eval.md").write_text("# Evaluation\n\n" + "\n".join(format_entry(e) for e in entries))
     return out / "eval.json"

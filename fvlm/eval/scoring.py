@@ -26,7 +26,9 @@ SCORE_KINDS = ("mean", "sum")
 @dataclass
 class Question:
     """One multiple-choice item. `options` are the full answers as the assistant would write them
-    (e.g. "B. blue square"); `frames()` decodes its visual input, uint8 [T, S, S, 3], on demand."""
+    (e.g. "B. blue square"); `frames()` decodes its visual input, uint8 [T, S, S, 3], on demand.
+    `video` names the visual input: questions with the same one are resampled together in the
+    accuracy's interval (None: a video of its own)."""
 
     where: str
     prompt: str
@@ -34,6 +36,11 @@ class Question:
     answer: int
     category: str
     frames: Callable[[], np.ndarray]
+    video: str | None = None
+
+    @property
+    def cluster(self) -> str:
+        return self.video if self.video is not None else self.where
 
 
 @dataclass
@@ -161,32 +168,52 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
     return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
-def accuracy_summary(correct: list[bool], n_options: list[int]) -> dict:
+def accuracy_summary(correct: list[bool], n_options: list[int], clusters: list[str] | None = None) -> dict:
+    """Accuracy, chance and a 95% interval: Wilson when every question has a video of its own; when
+    questions share videos (`clusters`, one per question), the percentile interval of a bootstrap
+    over whole videos, since a Wilson interval would count correlated questions as independent.
+    The Wilson interval is reported beside it either way."""
+    from fvlm.eval.stats import clustered_accuracy_interval, shares_clusters
+
     n = len(correct)
     hits = int(sum(correct))
+    wilson = list(wilson_interval(hits, n))
+    clustered = bool(n and clusters is not None and shares_clusters(clusters))
     return {
         "accuracy": hits / n if n else float("nan"),
-        "ci95": list(wilson_interval(hits, n)),
+        "ci95": clustered_accuracy_interval(correct, clusters) if clustered else wilson,
+        "ci95_method": f"bootstrap over {len(set(clusters))} videos" if clustered else "wilson",
+        "ci95_wilson": wilson,
         "chance": float(np.mean([1.0 / k for k in n_options])) if n else float("nan"),
         "n": n,
     }
 
 
+def chosen_options(scores: list[np.ndarray], score: str = "mean") -> list[int]:
+    """The option each question's score picks (the highest log-likelihood; the first on a tie)."""
+    column = {"sum": 0, "mean": 1}[score]
+    return [int(np.argmax(s[:, column])) for s in scores]
+
+
 def summarise(questions: list[Question], scores: list[np.ndarray], score: str = "mean") -> dict:
     """Overall and per-category accuracy for one mode; the other score kind is reported beside it."""
-    column = {"sum": 0, "mean": 1}
-    picked = {kind: [int(np.argmax(s[:, column[kind]])) for s in scores] for kind in SCORE_KINDS}
+    picked = {kind: chosen_options(scores, kind) for kind in SCORE_KINDS}
     correct = [p == q.answer for p, q in zip(picked[score], questions)]
     options = [len(q.options) for q in questions]
-    result = accuracy_summary(correct, options)
+    clusters = [q.cluster for q in questions]
+    result = accuracy_summary(correct, options, clusters)
     result["score"] = score
-    # Per question, in order: what paired comparisons (two modes, two runs) are computed from.
+    # Per question, in order: what paired comparisons (two modes, two runs) are computed from, and
+    # the video each question belongs to (questions of one video are resampled together).
     result["correct"] = [int(c) for c in correct]
+    result["question_ids"] = [q.where for q in questions]
+    result["videos"] = clusters
     other = "sum" if score == "mean" else "mean"
     result[f"accuracy_{other}"] = float(np.mean([p == q.answer for p, q in zip(picked[other], questions)]))
     per_category = {}
     for category in sorted({q.category for q in questions}):
         rows = [i for i, q in enumerate(questions) if q.category == category]
-        per_category[category] = accuracy_summary([correct[i] for i in rows], [options[i] for i in rows])
+        per_category[category] = accuracy_summary([correct[i] for i in rows], [options[i] for i in rows],
+                                                  [clusters[i] for i in rows])
     result["per_category"] = per_category
     return result

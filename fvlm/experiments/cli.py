@@ -25,8 +25,6 @@ from typing import Any
 
 from fvlm.errors import UsageError
 
-ANALYSIS_BOOTSTRAP = {"tiny": 50, "paper": 200}
-
 
 def _add_common(parser: argparse.ArgumentParser, default_hint: str) -> None:
     parser.add_argument("--preset", default="tiny", help="tiny (CPU, synthetic data, minutes) or paper (the plan)")
@@ -346,6 +344,9 @@ def run_phase1(preset, root: Path, common: dict[str, Any], by_size: dict[str, di
     evaluate_modes(preset, ablation_dir / "F3", base)
     sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs, slurm)
     sweep.run(retry_failed)
+    from fvlm.experiments.milestones import phase1b_step
+
+    phase1b_step(preset, scaling_dir, base, _log)
     evidence = foveation_evidence(preset, root, ablation_dir, scaling_dir)
     summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked, evidence)
     _log(f"fvlm phase1: done in {(time.perf_counter() - began) / 60:.1f} min; report {report_dir / 'report.md'} "
@@ -401,7 +402,7 @@ def write_report(preset, root: Path, ablation_dir: Path, scaling_dir: Path, repo
     tmp = report_dir.with_name(report_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     summary = analyze([str(ablation_dir), str(scaling_dir)], tmp, ["?-C*"],
-                      n_boot=ANALYSIS_BOOTSTRAP.get(preset.name, 200))
+                      n_boot=preset.analysis_bootstrap)
     decisions = json.loads((tmp / "decisions.json").read_text())
     decisions["locked_config"] = locked
     if evidence is not None:

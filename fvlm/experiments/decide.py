@@ -6,8 +6,8 @@ Which questions change the config, and the plan's rule when two runs are within 
   ("F1 ~ F3 -> freeze backbones: simpler, cheaper");
 - learning_rate: the best run's connector LR; LR4 (uniform) when within noise ("simplify");
   not asked when F1 won (the plan skips LR2-LR4 then);
-- image_handling: the better replication of A8a/A8b (by image VQA when measured, else val loss);
-- data_mix: D1's mix only when it beats F3 by more than the noise.
+- image_handling: the better replication of A8a/A8b on the image samples' val loss;
+- data_mix: D1's mix only when it beats F3 on the video samples without losing on the image samples.
 Deep query (A1), two-pass (A6) and the baseline (B1) are measurements of the design, not options:
 the grid trains the foveated model as designed and B1's architecture as its baseline arm.
 """
@@ -23,6 +23,7 @@ from fvlm.analysis import ablations
 from fvlm.analysis.table import Table, load
 from fvlm.experiments.matrix import RunSpec
 
+SOURCE_RUNS = ("F3", "A8a", "A8b", "D1")
 ADOPTED = ("freeze", "learning_rate", "image_handling", "data_mix")
 PREFER_WHEN_TIED = {"freeze": "F1", "learning_rate": "LR4"}
 KNOBS = {
@@ -50,9 +51,13 @@ def choose(qid: str, table: Table, specs: dict[str, RunSpec]) -> dict[str, Any]:
         found = [r.run_id for r in ablations.members(_question(qid), table)]
         return {"question": qid, "choice": None, "adopted": {}, "runs": found,
                 "reason": f"not enough finished runs to compare (found {', '.join(found) or 'none'})"}
-    winner, reason = result["winner"], f"lowest smoothed val_loss at {result['common_x']:.4g} samples"
-    if result["metric"].startswith("image"):
-        reason = "highest image VQA accuracy"
+    if result["winner"] is None:  # the runs are there, an input the decision needs is not
+        return {"question": qid, "choice": None, "adopted": {}, "runs": result["runs"], "reason": result["verdict"]}
+    winner = result["winner"]
+    if "by_kind" in result:
+        reason = f"{result['metric']}: {result['verdict']}"
+    else:
+        reason = f"lowest smoothed val_loss at {result['common_x']:.4g} samples"
     preferred = PREFER_WHEN_TIED.get(qid)
     if preferred and preferred != winner and preferred in result["runs"] and preferred not in result["unstable"]:
         best, best_noise = _score(result, winner)
@@ -62,7 +67,7 @@ def choose(qid: str, table: Table, specs: dict[str, RunSpec]) -> dict[str, Any]:
             reason = (f"{preferred} is within noise of {winner} ({alt - best:.4g} <= {noise:.4g}); "
                       f"the plan prefers {preferred} then")
             winner = preferred
-    if qid == "data_mix" and winner != "F3":
+    if qid == "data_mix" and winner != "F3" and "by_kind" not in result:
         if not (math.isfinite(result["noise"]) and result["margin"] > result["noise"]):
             reason = f"D1 beats F3 by {result['margin']:.4g}, not more than the noise {result['noise']:.4g}: keep the mix"
             winner = "F3"
@@ -82,6 +87,10 @@ def freeze_choice(folder: Path, specs: list[RunSpec]) -> dict[str, Any]:
 def lock(folder: Path, specs: list[RunSpec], skipped: dict[str, str] | None = None) -> dict[str, Any]:
     """The locked config of a finished ablation sweep, with the evidence for each choice; also
     written to <folder>/locked_config.json."""
+    from fvlm.experiments.milestones import evaluate_sources_of
+
+    # A8 is judged on image samples and D1 on video and image samples: per-sample losses by kind.
+    evaluate_sources_of(folder, SOURCE_RUNS)
     table = load([str(folder)])
     by_id = {s.run_id: s for s in specs}
     choices = []

@@ -34,10 +34,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fvlm.eval.stats import N_BOOT, paired_difference
+
 EVIDENCE_FILE = "evidence.json"
 # Bumped whenever what is measured changes, so that an older evidence.json is not reused.
 VERSION = 1
-Z95 = 1.959964
 
 # Runs read on the multiple-choice benchmark (besides the grid cells), and the runs whose attention
 # is measured. F3 is read in both its fine and its static mode, the others in their default mode.
@@ -66,60 +67,13 @@ class EvidenceSettings:
     max_questions: int = 200  # benchmark questions (the synthetic bench split has 200)
     probe_videos: int = 10  # probe videos for the attention measurement
     batch_size: int = 16
-    n_boot: int = 2000  # paired-bootstrap resamples
+    n_boot: int = N_BOOT  # paired-bootstrap resamples
     seed: int = 0
     score: str = "mean"  # option score of the benchmark (mean log-likelihood of the answer tokens)
     device: str = "cpu"
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def paired_difference(a, b, weights=None, *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Difference of two measurements on the same items (questions, samples): mean(a) - mean(b),
-    weighted by `weights` when given (e.g. answer tokens per sample, so that the difference is the
-    token-weighted one), with two 95% intervals computed from the per-item differences:
-
-    - `ci95`: analytic, d +- 1.96 * se, where se is the standard error of the (weighted) mean of
-      the per-item differences (the ratio-estimator form; with equal weights sd(d) / sqrt(n));
-    - `ci95_bootstrap`: percentiles of the same statistic over `n_boot` resamples of the items
-      (seeded; the pairs are resampled together, so what the two have in common cancels).
-
-    Items with a non-finite value or zero weight are left out. Returns {n, a, b, diff, se, ci95,
-    ci95_bootstrap}; the difference of anything with itself is exactly 0 with a zero-width interval."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"paired_difference: {a.shape} and {b.shape} items are not paired")
-    w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=np.float64)
-    keep = np.isfinite(a) & np.isfinite(b) & np.isfinite(w) & (w > 0)
-    a, b, w = a[keep], b[keep], w[keep]
-    n = len(a)
-    nan = float("nan")
-    if n == 0:
-        return {"n": 0, "a": nan, "b": nan, "diff": nan, "se": nan, "ci95": [nan, nan], "ci95_bootstrap": [nan, nan]}
-    d = a - b
-    total = w.sum()
-    diff = float((w * d).sum() / total)
-    if n > 1:
-        residual = w * (d - diff)
-        se = float(math.sqrt(n / (n - 1) * float((residual ** 2).sum())) / total)
-    else:
-        se = nan
-    rng = np.random.default_rng(seed)
-    boot = []
-    for start in range(0, n_boot, 500):  # in chunks: [chunk, n] index arrays stay small
-        idx = rng.integers(0, n, size=(min(500, n_boot - start), n))
-        boot.append((w[idx] * d[idx]).sum(1) / w[idx].sum(1))
-    boot = np.concatenate(boot) if boot else np.array([diff])
-    return {
-        "n": n,
-        "a": float((w * a).sum() / total),
-        "b": float((w * b).sum() / total),
-        "diff": diff,
-        "se": se,
-        "ci95": [diff - Z95 * se, diff + Z95 * se],
-        "ci95_bootstrap": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-    }
 
 
 def verdict(interval) -> str:

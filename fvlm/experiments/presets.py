@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fvlm.errors import UsageError
+from fvlm.eval.stats import N_BOOT
 from fvlm.model.flops import PLAN_BUDGETS, PLAN_FRAMES, PLAN_TEXT_TOKENS
 from fvlm.model.pretrain_tiny import Recipe
 
@@ -53,6 +54,7 @@ class Preset:
     gpu_peak_flops: float = 312e12  # bf16 dense
     assumed_mfu: float = 0.30
     gpu_hour_cost: float = 0.70  # the plan's ~$65-85 for ~48-60 h of a 2-GPU machine
+    analysis_bootstrap: int = N_BOOT  # resamples behind every interval of the report
     jobs: int = 1  # runs side by side on a CPU machine (each single-threaded)
     # The tiny preset's pretrained backbones (fvlm.model.pretrain_tiny): made on first use under the
     # output folder and used by every run, unless model.llm / model.dino are given. None: the config's.

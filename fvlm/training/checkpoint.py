@@ -5,8 +5,9 @@ A checkpoint holds the `save_model` files (so `fvlm.model.build.load_model` open
 state (step, samples seen, wall time, divergence tracker) and one `rank_R.pt` per DDP rank (RNG
 states and data cursor: both differ by rank). The optimizer state is twice the size of the weights,
 so only the newest `keep_last` checkpoints keep it: milestones and the best checkpoint, kept for
-evaluation, keep their weights only, and a milestone that is not also a save point is written
-without it. Resuming only ever picks a checkpoint with its training state.
+evaluation, keep their weights only. Milestones fall on evaluation steps (`milestone_steps`), so
+every checkpoint kept for the data-scaling curves has its row in metrics.csv. Resuming only ever
+picks a checkpoint with its training state.
 Everything is written into a hidden temporary folder that is renamed into place last, so a crash
 mid-write leaves either the previous checkpoint or a complete new one; `meta.json` is written last
 inside it, and a folder without it is never read.
@@ -36,6 +37,22 @@ TRAINER = "trainer.pt"
 
 def step_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def eval_steps(total_steps: int, eval_every: int) -> list[int]:
+    """The steps a run evaluates at: every multiple of eval_every, and the last step."""
+    return sorted(set(range(eval_every, total_steps + 1, eval_every)) | {total_steps}) if total_steps > 0 else []
+
+
+def milestone_steps(total_steps: int, eval_every: int, n: int) -> set[int]:
+    """The `n` checkpoints kept for the plan's intermediate evaluation (data-scaling curves): for
+    each k = 1..n, the evaluation step nearest to total_steps * k / n (the later one on a tie).
+    Only evaluation steps qualify, so a kept milestone always has its evaluation; when the run
+    evaluates fewer than n times, every evaluation step is a milestone."""
+    candidates = eval_steps(total_steps, eval_every)
+    if not n or not candidates:
+        return set()
+    return {min(candidates, key=lambda s: (abs(s - total_steps * k / n), -s)) for k in range(1, n + 1)}
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

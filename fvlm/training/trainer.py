@@ -126,9 +126,8 @@ class Trainer:
         self.dist = dist
         self.run_dir = cfg.run_dir
         self.total_steps = planned_steps(cfg, dist.world_size)
-        # The plan's intermediate checkpoints (data-scaling curves): saved and never pruned.
-        n = cfg.train.keep_milestones
-        self.milestones = {round(self.total_steps * k / n) for k in range(1, n + 1)} - {0} if n else set()
+        # The plan's intermediate checkpoints (data-scaling curves): evaluation steps, never pruned.
+        self.milestones = ckpt.milestone_steps(self.total_steps, cfg.train.eval_every, cfg.train.keep_milestones)
         self.bf16 = self._precision()
         self.resume_from, self.finished = self._inspect_run_dir()
         self.step = 0
@@ -468,8 +467,6 @@ class Trainer:
             evaluate = self.step % t.eval_every == 0 or finished
             if evaluate or self.step % t.save_every == 0 or stop:
                 self._save()
-            elif self.step in self.milestones:
-                self._save(weights_only=True)
             if evaluate:
                 self._evaluate()
             if stop:
@@ -538,8 +535,8 @@ class Trainer:
                 "gpu_mem_reserved_gb": torch.cuda.memory_reserved() / GIB}
 
     # ------------------------------------------------------------------ checkpoints and evaluation
-    def _save(self, weights_only: bool = False) -> None:
-        """A resume checkpoint, or with `weights_only` a milestone kept for evaluation."""
+    def _save(self) -> None:
+        """A resume checkpoint (pruning later leaves the milestones and the best their weights only)."""
         if self.last_saved_step == self.step:
             return
         began = time.perf_counter()
@@ -554,10 +551,9 @@ class Trainer:
             "git_commit": git_commit(), "config_hash": self.cfg.config_hash(), "world_size": self.dist.world_size,
             "best": self.best, "config": self.cfg.to_dict(),
         }
-        training_state = {} if weights_only else {"optimizer": self.optimizer, "trainer_state": trainer_state,
-                                                  "rank_state": rank_state}
         ckpt.save_checkpoint(self.run_dir, self.step, self.dist, model=self.model, tokenizer=self.tokenizer,
-                             meta=self.saved_meta, **training_state)
+                             meta=self.saved_meta, optimizer=self.optimizer, trainer_state=trainer_state,
+                             rank_state=rank_state)
         self.last_saved_step = self.step
         if self.dist.is_main:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self._always_kept())
