@@ -93,7 +93,7 @@ def test_reveal_options_are_the_four_colours_on_screen_and_tell_nothing_without_
     from fvlm.data.synth import make_reveal_video
 
     painter = _Painter(32, np.random.default_rng(3))
-    metas = [make_reveal_video(painter, 3, mc=True)[1] for _ in range(400)]
+    metas = [make_reveal_video(painter, 3, mc=True, crowd=4)[1] for _ in range(400)]
     right, wrong = Counter(), Counter()
     for m in metas:
         scene_colours = {o["colour"] for o in m["scene"]}
@@ -112,7 +112,7 @@ def test_reveal_frames_show_the_white_mover_alone_first_then_its_colour_inside_i
 
     painter = _Painter(64, np.random.default_rng(4), background="flat")
     for _ in range(20):
-        jpegs, meta = make_reveal_video(painter, 4, mc=False)
+        jpegs, meta = make_reveal_video(painter, 4, mc=False, crowd=4)
         colour, shape = meta["scene"][0]["colour"], meta["scene"][0]["shape"]
         assert meta["assistant"] == f"The white {shape} turns {colour}."
         others = [o["colour"] for o in meta["scene"][1:]]

@@ -205,30 +205,35 @@ REVEAL_OBJECTS = 4  # the mover and three others: the four options are the four 
 REVEAL_TRAVEL = 0.16  # the mover's travel over the clip, as a share of the frame side (~1.3 patches at 64 px)
 
 
-def make_reveal_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
+def make_reveal_video(p: _Painter, frames: int, mc: bool, crowd: int | None = None) -> tuple[list[bytes], dict]:
     """A video where the first frame says where to look and the later frames say what is there.
 
-    Frame 0 shows the mover alone, painted white. From frame 1 on it has its real colour and three
-    other objects of other colours stand around it, while it drifts a little along one direction
-    (about one patch over the clip). The question asks the colour the white object turned into;
-    the four options are the four colours on screen in the later frames, so knowing which colours
-    are present is worth nothing: the answer needs the colour AT the mover's place. A static query
+    Frame 0 shows the mover alone, painted white. From frame 1 on it has its real colour and `crowd`
+    - 1 other objects of other colours stand around it, while it drifts a little along one direction
+    (about one patch over the clip). The question asks the colour the white object turned into.
+    With the full crowd of four (the bench's), the four options are the four colours on screen, so
+    knowing which colours are present is worth nothing: the answer needs the colour AT the mover's
+    place. Smaller crowds (drawn from the painter's object counts when `crowd` is None) are the easy
+    end of the training data: with the mover alone, any token of the frame describes it, and the
+    language model learns to read a colour before the query has learned where to look. A static query
     has to describe four objects and their places in one token per frame and lose the binding of
     colour to place; a query chosen by the language model after frame 0 can read the mover alone.
     The colour is asked, not the direction: a tiny language model given perfect per-frame codes of
     the mover's place does not learn to compare places across frames within these budgets
     (benchmarks/RESULTS.md), while reading a property at a place needs no comparison."""
     rng, size = p.rng, p.size
-    palette = [c for c in COLOURS if c != "white"]
-    colours = [str(c) for c in rng.permutation(palette)[:REVEAL_OBJECTS]]
-    shapes = [str(s) for s in rng.choice(SHAPES, size=REVEAL_OBJECTS)]
-    sizes = [int(d) for d in rng.choice(p.sizes, size=REVEAL_OBJECTS)]
+    if crowd is None:
+        crowd = int(rng.integers(min(p.min_objects, REVEAL_OBJECTS), min(p.max_objects, REVEAL_OBJECTS) + 1))
+    palette = [str(c) for c in rng.permutation([c for c in COLOURS if c != "white"])]
+    colours = palette[:crowd]
+    shapes = [str(s) for s in rng.choice(SHAPES, size=crowd)]
+    sizes = [int(d) for d in rng.choice(p.sizes, size=crowd)]
     direction = str(rng.choice(list(DIRECTIONS)))
     travel = round(size * REVEAL_TRAVEL)
     span = (DIRECTIONS[direction][0] * travel, DIRECTIONS[direction][1] * travel)
     taken: list = []
     mx, my = p.place(sizes[0], taken, span)
-    others = [(colours[i], shapes[i], sizes[i], *p.place(sizes[i], taken)) for i in range(1, REVEAL_OBJECTS)]
+    others = [(colours[i], shapes[i], sizes[i], *p.place(sizes[i], taken)) for i in range(1, crowd)]
     background = p.background()
     jpegs, boxes = [], []
     for t in range(frames):
@@ -245,7 +250,8 @@ def make_reveal_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], 
             "scene": [{"colour": c, "shape": s, "moves": direction if i == 0 else None}
                       for i, (c, s) in enumerate(zip(colours, shapes))]}
     if mc:
-        options = [colours[i] for i in rng.permutation(REVEAL_OBJECTS)]
+        # The colours on screen, and colours that are not when fewer than four are.
+        options = [palette[i] for i in rng.permutation(REVEAL_OBJECTS)]
         meta["user"], meta["assistant"] = _mc("What colour does the white object turn?", options, options.index(colours[0]))
         meta.update(choices=options, answer_index=options.index(colours[0]))
     else:
@@ -352,7 +358,9 @@ def _write_split(folder: Path, split: str, seed: int, *, videos: int, images: in
         key = f"{split}-{kind}-{i:06d}"
         mc = kind != "text" and rng.random() < mc_fraction
         if kind == "video":
-            jpegs, meta = VIDEO_TASKS[video_task](painter, frames, mc)
+            # The bench asks every reveal question with the full crowd (see make_reveal_video).
+            full = {"crowd": REVEAL_OBJECTS} if video_task == "reveal" and split == "bench" else {}
+            jpegs, meta = VIDEO_TASKS[video_task](painter, frames, mc, **full)
             writer.write(key, meta, images=jpegs)
         elif kind == "image":
             jpeg, meta = make_image(painter, mc)
