@@ -198,7 +198,7 @@ def test_attention_on_the_mover_against_uniform(phase1):
 
 
 def test_report_section_and_decisions(phase1):
-    from fvlm.experiments.cli import write_report
+    from fvlm.experiments.phase1 import write_report
     from fvlm.experiments.presets import TINY
 
     root = phase1["root"]

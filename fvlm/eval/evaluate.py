@@ -15,9 +15,13 @@ from pathlib import Path
 
 import torch
 
+from fvlm.config import config_from_dict, load_config, parse_overrides
+from fvlm.data.loader import build_loader, split_path
 from fvlm.errors import UsageError, read_json, read_yaml
 from fvlm.eval.bench import VisualSettings, bench_name, read_bench
+from fvlm.eval.looks import attention_record, draw, save_npz
 from fvlm.eval.scoring import Question, encode_question, frames_batch, score_batch, summarise
+from fvlm.model.build import load_model
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
@@ -70,8 +74,6 @@ def run_config(ckpt: Checkpoint, model_cfg, overrides: list[str]):
     """The run's resolved config (its data settings decide how frames and text are prepared), from
     the run's config.yaml or the checkpoint's meta.json, with `key=value` overrides and the saved
     model's own model config. Synthetic data resolves beside the run, where training generated it."""
-    from fvlm.config import config_from_dict, load_config, parse_overrides
-
     changed_model = [key for key, _ in parse_overrides(overrides) if key.split(".")[0] == "model"]
     if changed_model:
         # The model is the checkpoint's (architecture, backbones, queries): an override of it would be
@@ -218,8 +220,6 @@ def run_benchmark(model, tokenizer, questions: list[Question], modes: tuple[str,
 def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str | None, benches: list[str],
                         overrides: list[str], max_samples: int, batch_size: int, device: str, score: str,
                         log=print) -> dict:
-    from fvlm.model.build import load_model
-
     began = time.perf_counter()
     model, tokenizer = load_model(ckpt.folder, device=device)
     model.eval()
@@ -237,8 +237,6 @@ def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str 
         "gaps": {},
     }
     if data != "none":
-        from fvlm.data.loader import build_loader
-
         if data:
             cfg.data.val = data
         loader = build_loader(cfg, "val", tokenizer, train=False, batch_size=batch_size,
@@ -247,8 +245,6 @@ def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str 
         entry["gaps"] = mode_gaps(entry["modes"])
     settings = VisualSettings.from_config(cfg)
     if not benches and cfg.data.train == "synthetic":
-        from fvlm.data.loader import split_path
-
         benches = [split_path(cfg, "bench")]
         names = ["synthetic_mc"]
     else:
@@ -305,3 +301,49 @@ def write_results(entries: list[dict], out: Path) -> Path:
     (out / "eval.json").write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
     (out / "eval.md").write_text("# Evaluation\n\n" + "\n".join(format_entry(e) for e in entries))
     return out / "eval.json"
+
+
+def evaluate_run(target: str | Path, *, out: Path | None = None, all_checkpoints: bool = False,
+                 modes: list[str] | None = None, data: str | None = None, benches: list[str] | None = None,
+                 overrides: list[str] | None = None, max_samples: int = 0, batch_size: int = 8,
+                 device: str | None = None, score: str = "mean", attention: int = 0, gif: bool = False,
+                 layer: int | None = None) -> Path:
+    """`fvlm eval` as a function: every chosen checkpoint of `target` evaluated, attention pictures of
+    the first `attention` probe videos, the results written to `out` (default <run>/eval); returns
+    the eval.json written."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    overrides = list(overrides or [])
+    checkpoints = find_checkpoints(target, all_checkpoints)
+    first = checkpoints[0]
+    out = Path(out) if out else (first.run_dir or first.folder) / "eval"
+    entries = [evaluate_checkpoint(ckpt, modes=modes, data=data, benches=list(benches or []), overrides=overrides,
+                                   max_samples=max_samples, batch_size=batch_size, device=device, score=score)
+               for ckpt in checkpoints]
+    if attention:
+        entries[-1]["attention"] = draw_probe_attention(checkpoints[-1], overrides, attention, out / "attention",
+                                                        device, gif=gif, layer=layer)
+    return write_results(entries, out)
+
+
+def draw_probe_attention(ckpt: Checkpoint, overrides: list[str], videos: int, out: Path, device: str,
+                         gif: bool = False, layer: int | None = None) -> dict:
+    """Pictures of the first `videos` probe videos of the run's data, plus the arrays behind them."""
+    model, tokenizer = load_model(ckpt.folder, device=device)
+    model.eval()
+    cfg = run_config(ckpt, model.cfg, overrides)
+    batch = next(iter(build_loader(cfg, "probe", tokenizer, train=False, batch_size=videos, max_samples=videos)))
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    record = attention_record(model, batch, batch["keys"], ckpt.step, out / "attention.npz")
+    save_npz(record, record.path)
+    looked = draw(record, out, gif=gif, layer=layer)
+    tracked = [v for v in looked.values() if v["fine_on_mover"] is not None]
+    summary = {"videos": looked, "npz": str(record.path)}
+    if tracked:
+        for name in ("coarse_on_mover", "fine_on_mover", "mover_area"):
+            summary[f"mean_{name}"] = sum(v[name] for v in tracked) / len(tracked)
+        print(f"attention on the moving object (share of patch mass, {len(tracked)} videos): static query "
+              f"{summary['mean_coarse_on_mover']:.3f}, fine query {summary['mean_fine_on_mover']:.3f} "
+              f"(uniform attention: {summary['mean_mover_area']:.3f})")
+    print(f"attention pictures: {out}")
+    return summary

@@ -1,4 +1,5 @@
-"""`fvlm sweep ablations|scaling` and `fvlm phase1`: the plan as commands.
+"""Phase 1 of the plan as a pipeline: the ablation sweep, the locked config, the scaling grid, the
+evaluation of F3 in every mode, the foveation evidence and the report (`fvlm phase1`, `fvlm sweep`).
 
 Folder layout (`--out`, default runs/phase1-<preset>):
     <out>/data/            the synthetic set, generated once (tiny preset, no --data)
@@ -14,113 +15,49 @@ the matching sub-folder of runs/phase1-<preset>), so running the sweeps by hand 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fvlm.analysis.cli import analyze
 from fvlm.errors import UsageError
+from fvlm.experiments import decide, matrix, runner
+from fvlm.experiments.estimate import estimate, fmt_seconds
+from fvlm.experiments.evidence import EvidenceSettings, collect_evidence, decisions_summary, evidence_markdown
+from fvlm.experiments.presets import Preset, get_preset
+from fvlm.experiments.runner import Sweep, diff_text
+from fvlm.experiments.slurm import SlurmSettings
+from fvlm.model.backbones import shape_folder_name
+from fvlm.model.pretrain_tiny import ensure_tiny_backbones
 
 ANALYSIS_BOOTSTRAP = {"tiny": 50, "paper": 200}
+F1_NOTE = "if F1 (frozen backbones) wins the freeze question, LR2, LR3 and LR4 are skipped"
 
 
-def _add_common(parser: argparse.ArgumentParser, default_hint: str) -> None:
-    parser.add_argument("--preset", default="tiny", help="tiny (CPU, synthetic data, minutes) or paper (the plan)")
-    parser.add_argument("--out", help=f"output folder (default: {default_hint})")
-    parser.add_argument("--data", help="data: a folder with train/ val/ probe/ (as `fvlm data synth` writes) or a "
-                                       "shard folder / mix file for data.train (default: the preset's)")
-    parser.add_argument("--dry-run", action="store_true", help="print the run matrix and time estimate; run nothing")
-    parser.add_argument("--json", action="store_true", help="with --dry-run: the matrix as JSON")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="runs side by side on a CPU machine (default: the preset's, at most the CPU count)")
-    parser.add_argument("--retry-failed", action="store_true", help="run failed runs again instead of skipping them")
-    parser.add_argument("--no-measure", action="store_true", help="with --dry-run: do not time the models here")
-    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
-                        help="local: run here (default); slurm: submit each run as a SLURM job through submitit "
-                             "and wait for them (re-running re-attaches and never submits a run twice)")
-    slurm = parser.add_argument_group("SLURM (with --launcher slurm)")
-    slurm.add_argument("--slurm-partition")
-    slurm.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per node for each run (torchrun inside)")
-    slurm.add_argument("--slurm-nodes", type=int, default=1, help="nodes per run")
-    slurm.add_argument("--slurm-time", type=int, default=24 * 60, help="time limit per job, minutes")
-    slurm.add_argument("--slurm-account")
-    slurm.add_argument("--slurm-qos")
-    slurm.add_argument("--slurm-cpus-per-gpu", type=int, default=8)
-    slurm.add_argument("--slurm-mem-gb", type=int)
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides for every run; SIZE:key=value (e.g. M:optim.lr_llm=5e-6, "
-                             "L:model.llm=/models/SmolLM2-1.7B) for one size of the scaling grid")
+@dataclass
+class Plan:
+    """What a sweep command runs: the preset, its output folder, the overrides for every run and the
+    overrides per size of the scaling grid."""
+
+    preset: Preset
+    folder: Path
+    common: dict[str, Any]
+    by_size: dict[str, dict[str, Any]]
 
 
-def register(sub) -> None:
-    sweep = sub.add_parser("sweep", help="run one of the plan's sweeps (ablations or the scaling grid)",
-                           description="Run the plan's ablation sweep or scaling grid. Re-running the same "
-                                       "command skips finished runs and resumes an interrupted one.")
-    kinds = sweep.add_subparsers(dest="sweep_kind", metavar="KIND", required=True)
-    abl = kinds.add_parser("ablations", help="Phase 1a: F1-F3, LR2-LR4, A1, A6, B1, A8a/b, D1")
-    _add_common(abl, "runs/phase1-<preset>/ablations")
-    abl.set_defaults(func=cmd_sweep_ablations)
-    sca = kinds.add_parser("scaling", help="Phase 1b: sizes x FLOP budgets x {foveated, multi-token}")
-    _add_common(sca, "runs/phase1-<preset>/scaling")
-    sca.add_argument("--flops-formula", choices=("exact", "seed"), default="exact",
-                     help="samples per cell from the exact FLOP counter, or the plan's 2*N*tokens (seed)")
-    sca.add_argument("--winner", help="locked_config.json of an ablation sweep (or its folder) to apply to every cell")
-    sca.set_defaults(func=cmd_sweep_scaling)
-
-    phase1 = sub.add_parser("phase1", help="the main job: ablations -> locked config -> scaling grid -> report",
-                            description="Phase 1 end to end: the ablation sweep, the locked config chosen from "
-                                        "it, the scaling grid with that config, and the analysis report. "
-                                        "Re-running resumes.")
-    _add_common(phase1, "runs/phase1-<preset>")
-    phase1.add_argument("--flops-formula", choices=("exact", "seed"), default="exact")
-    phase1.set_defaults(func=cmd_phase1)
-
-
-# ----------------------------------------------------------------------------- shared set-up
-
-
-def _slurm(args):
-    """The SLURM settings of `--launcher slurm`, or None for the local launcher."""
-    if args.launcher != "slurm":
-        return None
-    from fvlm.experiments.slurm import SlurmSettings
-
-    settings = SlurmSettings(partition=args.slurm_partition, gpus_per_node=args.slurm_gpus, nodes=args.slurm_nodes,
-                             time_min=args.slurm_time, account=args.slurm_account, qos=args.slurm_qos,
-                             cpus_per_gpu=args.slurm_cpus_per_gpu, mem_gb=args.slurm_mem_gb)
-    settings.validate()
-    if not args.dry_run:
-        try:
-            import submitit  # noqa: F401
-        except ImportError:
-            raise UsageError("--launcher slurm needs submitit (pip install 'fvlm[slurm]')") from None
-    return settings
-
-
-def _jobs(args, preset) -> int:
-    if args.jobs is not None:
-        if args.jobs < 1:
-            raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
-        return args.jobs
-    return max(1, min(preset.jobs, os.cpu_count() or 1))
-
-
-def _setup(args, sub_folder: str | None):
-    """(preset, output folder, overrides for every run, overrides per size). A sweep's folder is its
-    --out, else runs/phase1-<preset>/<sub_folder>; phase1's is its --out, else runs/phase1-<preset>."""
-    from fvlm.experiments import matrix, runner
-    from fvlm.experiments.presets import get_preset
-
-    preset = get_preset(args.preset)
+def plan(preset_name: str, out: str | None, overrides: list[str], data: str | None, sub_folder: str | None) -> Plan:
+    """A sweep's folder is `out`, else runs/phase1-<preset>/<sub_folder>; phase1's (no sub_folder) is
+    `out`, else runs/phase1-<preset>."""
+    preset = get_preset(preset_name)
     default = Path("runs") / f"phase1-{preset.name}"
-    folder = Path(args.out) if args.out else (default / sub_folder if sub_folder else default)
+    folder = Path(out) if out else (default / sub_folder if sub_folder else default)
     sizes = tuple(s.label for s in preset.sizes)
-    common, by_size = matrix.split_overrides(args.overrides, sizes)
-    common.update(runner.data_overrides(args.data))
+    common, by_size = matrix.split_overrides(overrides, sizes)
+    common.update(runner.data_overrides(data))
     # Every run's sample count is set by the plan (the ablation budget, or a grid cell's FLOP budget),
     # so a train.max_samples override would be shown in the dry run and then silently replaced. It
     # sets the ablation budget; the grid's cells take theirs from the FLOP budgets only.
@@ -134,7 +71,7 @@ def _setup(args, sub_folder: str | None):
         if samples < 1:
             raise UsageError(f"train.max_samples must be >= 1 for a sweep, got {samples}")
         preset = dataclasses.replace(preset, ablation_samples=samples)
-    return preset, folder, common, by_size
+    return Plan(preset, folder, common, by_size)
 
 
 def _log(text: str) -> None:
@@ -147,9 +84,6 @@ def _with_backbones(preset, common: dict[str, Any], by_size: dict[str, dict[str,
     (no data_root) keeps the shape names: same architecture, same FLOPs, nothing made."""
     if preset.tiny_backbones is None or data_root is None:
         return common, by_size
-    from fvlm.model.backbones import shape_folder_name
-    from fvlm.model.pretrain_tiny import ensure_tiny_backbones
-
     wanted = "model.llm" not in common or "model.dino" not in common or any(
         "model.llm" not in by_size.get(s.label, {}) for s in preset.sizes)
     if not wanted:
@@ -163,25 +97,18 @@ def _with_backbones(preset, common: dict[str, Any], by_size: dict[str, dict[str,
 
 
 def _ablation_base(preset, common, data_root: Path | None):
-    from fvlm.experiments import matrix, runner
-
     common, _ = _with_backbones(preset, common, {}, data_root)
     base = matrix.ablation_base(preset, common)
     return runner.resolve_synthetic(preset.config, base, data_root) if data_root else base
 
 
 def _scaling_base(preset, common, locked: dict[str, Any], data_root: Path | None):
-    from fvlm.experiments import runner
-
     base = {**preset.overrides, "optim.lr_connector": preset.connector_lr, "optim.lr_dino": preset.backbone_lr,
             "optim.lr_llm": preset.backbone_lr, **common, **locked}
     return runner.resolve_synthetic(preset.config, base, data_root) if data_root else base
 
 
 def _print_matrix(title: str, sweep, preset, jobs: int, measure: bool, as_json: bool, notes: list[str]) -> dict:
-    from fvlm.experiments.estimate import estimate, fmt_seconds
-    from fvlm.experiments.runner import diff_text
-
     est = estimate(sweep.planned, preset, jobs, measure=measure, folders=[sweep.folder])
     rows = []
     for p, e in zip(sweep.planned, est["rows"]):
@@ -216,9 +143,6 @@ def run_ablations(preset, folder: Path, base: dict[str, Any], jobs: int, retry_f
                   slurm=None) -> dict[str, Any]:
     """Phase 1a with the plan's conditional: F1-F3 (and the runs that do not depend on them) first;
     when F1 wins the freeze question, LR2-LR4 are skipped. Returns the locked config record."""
-    from fvlm.experiments import decide, matrix
-    from fvlm.experiments.runner import Sweep
-
     every = matrix.ablation_specs(preset)
     first = [s for s in every if s.run_id in ("F1", "F2", "F3", "A1", "A6", "B1")]
     Sweep(folder, "ablations", preset.config, base, first, preset.sample_shape, jobs, _log, slurm).run(retry_failed)
@@ -237,98 +161,71 @@ def run_ablations(preset, folder: Path, base: dict[str, Any], jobs: int, retry_f
     return locked
 
 
-def cmd_sweep_ablations(args) -> int:
-    from fvlm.experiments import matrix
-    from fvlm.experiments.runner import Sweep
+def dry_run_ablations(plan: Plan, jobs: int, measure: bool, as_json: bool) -> None:
+    base = _ablation_base(plan.preset, plan.common, None)
+    sweep = Sweep(plan.folder, "ablations", plan.preset.config, base, matrix.ablation_specs(plan.preset),
+                  plan.preset.sample_shape, jobs)
+    record = _print_matrix("fvlm sweep ablations", sweep, plan.preset, jobs, measure, as_json, [F1_NOTE])
+    if as_json:
+        print(json.dumps(record, indent=1, default=str))
 
-    preset, folder, common, by_size = _setup(args, "ablations")
-    if by_size:
-        raise UsageError("SIZE:key=value overrides apply to the scaling grid only")
-    jobs = _jobs(args, preset)
-    if args.dry_run:
-        base = _ablation_base(preset, common, None)
-        sweep = Sweep(folder, "ablations", preset.config, base, matrix.ablation_specs(preset), preset.sample_shape,
-                      jobs)
-        record = _print_matrix("fvlm sweep ablations", sweep, preset, jobs, not args.no_measure, args.json,
-                               ["if F1 (frozen backbones) wins the freeze question, LR2, LR3 and LR4 are skipped"])
-        if args.json:
-            print(json.dumps(record, indent=1, default=str))
-        return 0
-    base = _ablation_base(preset, common, folder)
-    run_ablations(preset, folder, base, jobs, args.retry_failed, _slurm(args))
-    return 0
+
+def sweep_ablations(plan: Plan, jobs: int, retry_failed: bool, slurm: SlurmSettings | None) -> dict[str, Any]:
+    base = _ablation_base(plan.preset, plan.common, plan.folder)
+    return run_ablations(plan.preset, plan.folder, base, jobs, retry_failed, slurm)
 
 
 # ----------------------------------------------------------------------------- scaling
 
 
 def _scaling_sweep(preset, folder, common, by_size, locked, formula, data_root, jobs, slurm=None):
-    from fvlm.experiments import matrix
-    from fvlm.experiments.runner import Sweep
-
     common, by_size = _with_backbones(preset, common, by_size, data_root)
     base = _scaling_base(preset, common, locked, data_root)
     specs = matrix.scaling_specs(preset, base, by_size, formula)
     return Sweep(folder, "scaling", preset.config, base, specs, preset.sample_shape, jobs, _log, slurm)
 
 
-def cmd_sweep_scaling(args) -> int:
-    from fvlm.experiments.decide import read_locked
+def dry_run_scaling(plan: Plan, locked: dict[str, Any], formula: str, jobs: int, measure: bool,
+                    as_json: bool) -> None:
+    preset = plan.preset
+    sweep = _scaling_sweep(preset, plan.folder, plan.common, plan.by_size, locked, formula, None, jobs)
+    notes = ["budgets: " + ", ".join(f"{k}={v:.3g}" for k, v in preset.budgets.items())
+             + f" FLOPs; samples = budget / FLOPs per sample ({formula} formula, "
+               f"{preset.sample_shape[0]} frames + {preset.sample_shape[1]} text tokens)",
+             "B cells are iso-sample (the F cell's samples); B-isoflop cells match the F cell's FLOPs"]
+    if not locked:
+        notes.append("no --winner: every cell uses the F3 baseline config")
+    record = _print_matrix("fvlm sweep scaling", sweep, preset, jobs, measure, as_json, notes)
+    if as_json:
+        print(json.dumps(record, indent=1, default=str))
 
-    preset, folder, common, by_size = _setup(args, "scaling")
-    locked = read_locked(Path(args.winner))["overrides"] if args.winner else {}
-    jobs = _jobs(args, preset)
-    sweep = _scaling_sweep(preset, folder, common, by_size, locked, args.flops_formula,
-                           None if args.dry_run else folder, jobs, _slurm(args))
-    if args.dry_run:
-        notes = [f"budgets: " + ", ".join(f"{k}={v:.3g}" for k, v in preset.budgets.items())
-                 + f" FLOPs; samples = budget / FLOPs per sample ({args.flops_formula} formula, "
-                   f"{preset.sample_shape[0]} frames + {preset.sample_shape[1]} text tokens)",
-                 "B cells are iso-sample (the F cell's samples); B-isoflop cells match the F cell's FLOPs"]
-        if not locked:
-            notes.append("no --winner: every cell uses the F3 baseline config")
-        record = _print_matrix("fvlm sweep scaling", sweep, preset, jobs, not args.no_measure, args.json, notes)
-        if args.json:
-            print(json.dumps(record, indent=1, default=str))
-        return 0
-    sweep.run(args.retry_failed)
-    return 0
+
+def sweep_scaling(plan: Plan, locked: dict[str, Any], formula: str, jobs: int, retry_failed: bool,
+                  slurm: SlurmSettings | None) -> dict[str, str]:
+    sweep = _scaling_sweep(plan.preset, plan.folder, plan.common, plan.by_size, locked, formula, plan.folder, jobs,
+                           slurm)
+    return sweep.run(retry_failed)
 
 
 # ----------------------------------------------------------------------------- phase1
 
 
-def cmd_phase1(args) -> int:
-    from fvlm.experiments import matrix
-    from fvlm.experiments.runner import Sweep
-
-    preset, root, common, by_size = _setup(args, None)
-    jobs = _jobs(args, preset)
-    ablation_dir, scaling_dir = root / "ablations", root / "scaling"
-    if args.dry_run:
-        base = _ablation_base(preset, common, None)
-        abl = Sweep(ablation_dir, "ablations", preset.config, base, matrix.ablation_specs(preset), preset.sample_shape,
-                    jobs)
-        sca = _scaling_sweep(preset, scaling_dir, common, by_size, {}, args.flops_formula, None, jobs)
-        notes_a = ["if F1 (frozen backbones) wins the freeze question, LR2, LR3 and LR4 are skipped"]
-        notes_s = ["every cell gets the config locked from the ablations (shown here: the F3 baseline)"]
-        records = [_print_matrix("phase 1a: fvlm sweep ablations", abl, preset, jobs, not args.no_measure, args.json,
-                                 notes_a)]
-        if not args.json:
-            print()
-        records.append(_print_matrix("phase 1b: fvlm sweep scaling", sca, preset, jobs, not args.no_measure,
-                                     args.json, notes_s))
-        if args.json:
-            print(json.dumps({"preset": preset.name, "out": str(root), "sweeps": records}, indent=1, default=str))
-        else:
-            wall = sum(r["estimate"]["wall_seconds"] for r in records)
-            from fvlm.experiments.estimate import fmt_seconds
-
-            print(f"\nphase 1 total: about {fmt_seconds(wall)} wall, then the analysis")
-        return 0
-
-    run_phase1(preset, root, common, by_size, jobs, args.flops_formula, args.retry_failed, _slurm(args))
-    return 0
+def dry_run_phase1(plan: Plan, formula: str, jobs: int, measure: bool, as_json: bool) -> None:
+    preset, root = plan.preset, plan.folder
+    base = _ablation_base(preset, plan.common, None)
+    abl = Sweep(root / "ablations", "ablations", preset.config, base, matrix.ablation_specs(preset),
+                preset.sample_shape, jobs)
+    sca = _scaling_sweep(preset, root / "scaling", plan.common, plan.by_size, {}, formula, None, jobs)
+    notes_s = ["every cell gets the config locked from the ablations (shown here: the F3 baseline)"]
+    records = [_print_matrix("phase 1a: fvlm sweep ablations", abl, preset, jobs, measure, as_json, [F1_NOTE])]
+    if not as_json:
+        print()
+    records.append(_print_matrix("phase 1b: fvlm sweep scaling", sca, preset, jobs, measure, as_json, notes_s))
+    if as_json:
+        print(json.dumps({"preset": preset.name, "out": str(root), "sweeps": records}, indent=1, default=str))
+    else:
+        wall = sum(r["estimate"]["wall_seconds"] for r in records)
+        print(f"\nphase 1 total: about {fmt_seconds(wall)} wall, then the analysis")
 
 
 def run_phase1(preset, root: Path, common: dict[str, Any], by_size: dict[str, dict[str, Any]], jobs: int,
@@ -357,29 +254,31 @@ def evaluate_modes(preset, run_dir: Path, base: dict[str, Any]) -> None:
     """F3 (the baseline every question is asked against) in all three inference modes, on the
     synthetic multiple-choice benchmark when there is one, with attention pictures: the report's
     eval-mode figure (Fig 7). Skipped when already done; a failure is reported, not fatal."""
-    from fvlm.cli import main
+    # fvlm.eval imports torch: loaded here, so that `fvlm --help` (which imports this module) stays fast.
+    from fvlm.eval.evaluate import evaluate_run
 
     if (run_dir / "eval" / "eval.json").is_file() or not (run_dir / "run_summary.json").is_file():
         return
-    argv = ["eval", str(run_dir), "--attention", "4"]
+    settings: dict[str, Any] = {"attention": 4}
     if preset.name == "tiny":
-        argv += ["--max-samples", str(preset.overrides.get("train.eval_samples", 64))]
+        settings["max_samples"] = int(preset.overrides.get("train.eval_samples", 64))
     bench = Path(str(base.get("data.val", ""))).parent / "bench"
     if base.get("data.val") and bench.is_dir():
-        argv += ["--bench", str(bench)]
-    _log(f"[phase1] fvlm {' '.join(argv)}")
-    code = main(argv)
-    if code != 0:
-        _log(f"[phase1] evaluation of {run_dir.name} failed (exit {code}); the report goes on without Fig 7")
+        settings["benches"] = [str(bench)]
+    _log(f"[phase1] evaluating {run_dir} in every mode ({', '.join(f'{k}={v}' for k, v in settings.items())})")
+    try:
+        path = evaluate_run(run_dir, **settings)
+    except UsageError as exc:
+        _log(f"[phase1] evaluation of {run_dir.name} failed ({exc}); the report goes on without Fig 7")
+        return
+    _log(f"[phase1] wrote {path}")
 
 
 def foveation_evidence(preset, root: Path, ablation_dir: Path, scaling_dir: Path) -> dict[str, Any] | None:
     """<root>/evidence.json (fvlm.experiments.evidence): pixel check, benchmark, paired differences
     and attention on the mover, for the ablations and the grid's largest-budget cells. Kept as it is
     when no run changed; a failure leaves the report without the section, logged, not fatal."""
-    import torch
-
-    from fvlm.experiments.evidence import EvidenceSettings, collect_evidence
+    import torch  # here, not at the top, for the same reason as fvlm.eval in evaluate_modes
 
     settings = EvidenceSettings(device="cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -395,9 +294,6 @@ def write_report(preset, root: Path, ablation_dir: Path, scaling_dir: Path, repo
                  locked: dict[str, Any], evidence: dict[str, Any] | None = None) -> dict[str, Any]:
     """Analysis of both sweeps, then the locked config (and the foveation evidence, when given)
     added to decisions.json and report.md."""
-    from fvlm.analysis.cli import analyze
-    from fvlm.experiments.evidence import decisions_summary, evidence_markdown
-
     tmp = report_dir.with_name(report_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     summary = analyze([str(ablation_dir), str(scaling_dir)], tmp, ["?-C*"],
