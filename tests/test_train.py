@@ -15,7 +15,7 @@ import yaml
 
 from fvlm.cli import main
 from fvlm.config import OptimConfig, load_config
-from fvlm.training.logs import METRIC_COLUMNS, STEP_COLUMNS
+from fvlm.run_folder import METRIC_COLUMNS, STEP_COLUMNS
 from fvlm.training.optim import group_lrs
 from fvlm.training.trainer import train
 

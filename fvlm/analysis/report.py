@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from fvlm import run_folder as rf
 from fvlm.analysis import ablations
 from fvlm.analysis.fits import not_identified_text, predict_data_scaling
 from fvlm.analysis.table import Table
@@ -114,14 +115,14 @@ def _logging(table: Table) -> tuple[str, str]:
     for run in project:
         missing = []
         if run.summary is None:
-            missing.append("run_summary.json")
+            missing.append(rf.SUMMARY)
         if run.steps is None:
-            missing.append("steps.csv")
+            missing.append(rf.STEPS)
         queries = run.arch != "multi_token"  # the baseline has no query, so no query attention to log
         if queries and not run.attention_files:
             missing.append("attention maps")
         if not run.has_checkpoint_meta:
-            missing.append("checkpoint meta.json")
+            missing.append(f"checkpoint {rf.META}")
         for column in ("val_loss", "grad_norm") + (("loss_coarse", "attention_entropy") if queries else ()):
             if not np.isfinite(run.col(column)).any():
                 missing.append(f"metrics {column}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fvlm import run_folder as rf
 from fvlm.config import config_from_dict, load_config, parse_overrides
 from fvlm.data.loader import build_loader, split_path
 from fvlm.errors import UsageError, read_json, read_yaml
@@ -23,8 +24,6 @@ from fvlm.eval.looks import attention_record, draw, save_npz
 from fvlm.eval.scoring import Question, encode_question, frames_batch, score_batch, summarise
 from fvlm.model.build import load_model
 
-MODEL_FILE = "model.safetensors"
-META_FILE = "meta.json"
 # The order tables and gaps use: from the cheapest mode to the streaming one.
 MODES_ORDER = ("coarse_only", "coarse_fine", "autoregressive")
 
@@ -38,13 +37,13 @@ class Checkpoint:
 
 
 def _checkpoint(folder: Path, run_dir: Path | None) -> Checkpoint:
-    meta_path = folder / META_FILE
+    meta_path = folder / rf.META
     meta = read_json(meta_path) if meta_path.is_file() else {}
     if not isinstance(meta, dict):
         raise UsageError(f"{meta_path}: expected a JSON object")
     step = meta.get("step")
-    if step is None and folder.name.startswith("step_") and folder.name[5:].isdigit():
-        step = int(folder.name[5:])
+    if step is None:
+        step = rf.step_of(folder)
     return Checkpoint(folder, run_dir, step, meta)
 
 
@@ -52,18 +51,15 @@ def find_checkpoints(target: str | Path, all_checkpoints: bool = False) -> list[
     """A run folder (its latest complete checkpoint, or all of them), a checkpoint folder, or a
     model folder written by `save_model`. A checkpoint without meta.json is incomplete: never read."""
     path = Path(target).expanduser()
-    if (path / MODEL_FILE).is_file():
-        in_run = path.parent.name == "checkpoints"
-        if in_run and not (path / META_FILE).is_file():
-            raise UsageError(f"{path}: incomplete checkpoint (no {META_FILE})")
-        return [_checkpoint(path, path.parent.parent if in_run else None)]
+    if (path / rf.MODEL_FILE).is_file():
+        run_dir = rf.in_run_folder(path)
+        if run_dir is not None and not (path / rf.META).is_file():
+            raise UsageError(f"{path}: incomplete checkpoint (no {rf.META})")
+        return [_checkpoint(path, run_dir)]
     if not path.is_dir():
         raise UsageError(f"{path}: no such run or checkpoint folder")
-    found = []
-    root = path / "checkpoints"
-    for folder in root.glob("step_*") if root.is_dir() else []:
-        if folder.name[5:].isdigit() and (folder / META_FILE).is_file() and (folder / MODEL_FILE).is_file():
-            found.append(_checkpoint(folder, path))
+    found = [_checkpoint(folder, path) for _, folder in rf.complete_checkpoints(path)
+             if (folder / rf.MODEL_FILE).is_file()]
     if not found:
         raise UsageError(f"{path}: neither a run folder with complete checkpoints nor a saved model")
     found.sort(key=lambda c: c.step)
@@ -80,13 +76,13 @@ def run_config(ckpt: Checkpoint, model_cfg, overrides: list[str]):
         # accepted and silently do nothing.
         raise UsageError(f"--set {changed_model[0]}: the model is the checkpoint's and cannot be changed at "
                          f"evaluation; only data and eval settings can")
-    config_file = ckpt.run_dir / "config.yaml" if ckpt.run_dir is not None else None
+    config_file = ckpt.run_dir / rf.CONFIG if ckpt.run_dir is not None else None
     if config_file is not None and config_file.is_file():
         settings, source = read_yaml(config_file), str(config_file)
         if not isinstance(settings, dict):
             raise UsageError(f"{config_file}: expected a mapping of settings")
     elif isinstance(ckpt.meta.get("config"), dict):
-        settings, source = ckpt.meta["config"], str(ckpt.folder / META_FILE)
+        settings, source = ckpt.meta["config"], str(ckpt.folder / rf.META)
     else:
         cfg = load_config(None, overrides)
         cfg.model = model_cfg
@@ -298,9 +294,9 @@ def write_results(entries: list[dict], out: Path) -> Path:
     result = dict(entries[-1])
     if len(entries) > 1:
         result["steps"] = entries
-    (out / "eval.json").write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
-    (out / "eval.md").write_text("# Evaluation\n\n" + "\n".join(format_entry(e) for e in entries))
-    return out / "eval.json"
+    (out / rf.EVAL_JSON).write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    (out / rf.EVAL_MD).write_text("# Evaluation\n\n" + "\n".join(format_entry(e) for e in entries))
+    return out / rf.EVAL_JSON
 
 
 def evaluate_run(target: str | Path, *, out: Path | None = None, all_checkpoints: bool = False,
@@ -315,12 +311,12 @@ def evaluate_run(target: str | Path, *, out: Path | None = None, all_checkpoints
     overrides = list(overrides or [])
     checkpoints = find_checkpoints(target, all_checkpoints)
     first = checkpoints[0]
-    out = Path(out) if out else (first.run_dir or first.folder) / "eval"
+    out = Path(out) if out else rf.eval_dir(first.run_dir or first.folder)
     entries = [evaluate_checkpoint(ckpt, modes=modes, data=data, benches=list(benches or []), overrides=overrides,
                                    max_samples=max_samples, batch_size=batch_size, device=device, score=score)
                for ckpt in checkpoints]
     if attention:
-        entries[-1]["attention"] = draw_probe_attention(checkpoints[-1], overrides, attention, out / "attention",
+        entries[-1]["attention"] = draw_probe_attention(checkpoints[-1], overrides, attention, out / rf.ATTENTION,
                                                         device, gif=gif, layer=layer)
     return write_results(entries, out)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fvlm import run_folder as rf
 from fvlm.analysis.cli import analyze
 from fvlm.errors import UsageError
 from fvlm.experiments import decide, matrix, runner
@@ -257,7 +258,7 @@ def evaluate_modes(preset, run_dir: Path, base: dict[str, Any]) -> None:
     # fvlm.eval imports torch: loaded here, so that `fvlm --help` (which imports this module) stays fast.
     from fvlm.eval.evaluate import evaluate_run
 
-    if (run_dir / "eval" / "eval.json").is_file() or not (run_dir / "run_summary.json").is_file():
+    if (rf.eval_dir(run_dir) / rf.EVAL_JSON).is_file() or not (run_dir / rf.SUMMARY).is_file():
         return
     settings: dict[str, Any] = {"attention": 4}
     if preset.name == "tiny":

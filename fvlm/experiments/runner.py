@@ -14,9 +14,7 @@ flight stop at the end of their step with a checkpoint, records them as interrup
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
-import math
 import os
 import signal
 import subprocess
@@ -28,20 +26,13 @@ from typing import Any, Callable
 
 import yaml
 
+from fvlm import run_folder as rf
 from fvlm.config import RunConfig, config_from_dict, load_config
 from fvlm.errors import UsageError, read_json
 from fvlm.experiments.matrix import RunSpec
 from fvlm.experiments.slurm import SlurmSettings
 
-STATE_FILE = "sweep_state.json"
-SWEEP_CSV = "sweep.csv"
 FINISHED = ("completed", "diverged", "failed")
-SWEEP_COLUMNS = (
-    "run_id", "sweep", "status", "description", "diff", "planned_samples", "planned_flops", "flops_per_sample",
-    "total_samples", "total_steps", "total_flops", "best_val_loss", "best_val_step", "final_val_loss",
-    "final_val_loss_fine", "final_val_loss_coarse", "final_val_loss_ratio", "final_attention_entropy",
-    "final_train_loss", "wall_time_sec", "config_hash", "error",
-)
 
 
 def diff_text(diff: dict[str, Any]) -> str:
@@ -103,8 +94,8 @@ class Sweep:
         self.sample_shape = sample_shape
         self.base, self.specs, self.jobs = base, specs, max(1, jobs)
         self.log = log or (lambda text: print(text, flush=True))
-        self.state_path = self.folder / STATE_FILE
-        self._lock_file = None  # the open .sweep.lock while run() holds it
+        self.state_path = self.folder / rf.SWEEP_STATE
+        self._lock_file = None  # the open rf.SWEEP_LOCK while run() holds it
         self.planned = [self._plan(spec) for spec in specs]  # every config validated before anything runs
 
     # ------------------------------------------------------------------ planning
@@ -127,7 +118,7 @@ class Sweep:
 
         if self._lock_file is not None:
             return
-        handle = open(self.folder / ".sweep.lock", "w")
+        handle = open(self.folder / rf.SWEEP_LOCK, "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -153,26 +144,14 @@ class Sweep:
 
     def check_existing(self) -> None:
         """A run folder that holds different settings is refused before anything runs."""
-        from fvlm.training.trainer import changed_settings
-
         for p in self.planned:
-            saved = self.folder / p.spec.run_id / "config.yaml"
-            if not saved.is_file():
-                continue
-            old = load_config(str(saved))
-            changed = changed_settings(old, p.cfg)
+            changed = rf.settings_changed(self.folder / p.spec.run_id, p.cfg)
             if changed:
-                raise UsageError(f"{saved.parent} holds run {p.spec.run_id} with other settings "
+                raise UsageError(f"{self.folder / p.spec.run_id} holds run {p.spec.run_id} with other settings "
                                  f"({', '.join(changed)}); use another --out, or move that run away")
 
     def run_status(self, run_id: str) -> str:
-        summary = self.folder / run_id / "run_summary.json"
-        if summary.is_file():
-            try:
-                return read_json(summary).get("status", "unknown")
-            except (UsageError, AttributeError):
-                return "interrupted"
-        return "interrupted" if (self.folder / run_id / "config.yaml").is_file() else "pending"
+        return rf.run_status(self.folder / run_id)
 
     # ------------------------------------------------------------------ running
     def run(self, retry_failed: bool = False) -> dict[str, str]:
@@ -240,7 +219,7 @@ class Sweep:
     def _result_text(self, run_id: str, error: str | None) -> str:
         if error:
             return error.splitlines()[0][:160]
-        summary = _read_summary(self.folder / run_id)
+        summary = rf.read_summary(self.folder / run_id)
         final = (summary or {}).get("final") or {}
         if not final.get("val_loss"):
             return ""
@@ -295,7 +274,7 @@ class Sweep:
                 while queue and len(running) < self.jobs and not stop["requested"]:
                     p = queue.pop(0)
                     started(p.spec.run_id)
-                    log_path = self.folder / p.spec.run_id / "train.log"
+                    log_path = self.folder / p.spec.run_id / rf.TRAIN_LOG
                     receive, send = context.Pipe(duplex=False)
                     proc = context.Process(target=_worker_main, args=(p.cfg.to_dict(), str(log_path), send),
                                            name=f"fvlm-{p.spec.run_id}")
@@ -339,7 +318,7 @@ class Sweep:
             else:
                 path = configs / f"{rid}.yaml"
                 path.write_text(yaml.safe_dump(p.cfg.to_dict(), sort_keys=False))
-                job = ex.submit(slurm.TrainJob(str(path), str(self.folder / rid / "train.log"),
+                job = ex.submit(slurm.TrainJob(str(path), str(self.folder / rid / rf.TRAIN_LOG),
                                                settings.gpus_per_node, settings.nodes))
                 record.update(job_id=str(job.job_id), status="queued",
                               submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -392,49 +371,12 @@ class Sweep:
         rows = []
         for p in self.planned:
             record = state["runs"].get(p.spec.run_id, {})
-            summary = _read_summary(self.folder / p.spec.run_id) or {}
-            final = summary.get("final") or {}
-            row = {
-                "run_id": p.spec.run_id, "sweep": self.kind, "status": record.get("status", "pending"),
-                "description": p.spec.description, "diff": diff_text(p.spec.diff),
-                "planned_samples": p.spec.samples, "planned_flops": p.spec.samples * p.flops_per_sample,
-                "flops_per_sample": summary.get("flops_per_sample") or p.flops_per_sample,
-                "total_samples": summary.get("total_samples"), "total_steps": summary.get("total_steps"),
-                "total_flops": summary.get("total_flops"), "best_val_loss": summary.get("best_val_loss"),
-                "best_val_step": summary.get("best_val_step"), "final_val_loss": final.get("val_loss"),
-                "final_val_loss_fine": final.get("val_loss_fine"), "final_val_loss_coarse": final.get("val_loss_coarse"),
-                "final_val_loss_ratio": final.get("val_loss_ratio"),
-                "final_attention_entropy": final.get("attention_entropy"),
-                "final_train_loss": summary.get("final_train_loss"), "wall_time_sec": summary.get("wall_time_sec"),
-                "config_hash": p.cfg.config_hash(), "error": record.get("error") or summary.get("error") or "",
-            }
-            rows.append(row)
-        tmp = self.folder / (SWEEP_CSV + ".tmp")
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=SWEEP_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _cell(v) for k, v in row.items()})
-        os.replace(tmp, self.folder / SWEEP_CSV)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}" if math.isfinite(value) else ""
-    return str(value)
-
-
-def _read_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "run_summary.json"
-    if not path.is_file():
-        return None
-    try:
-        summary = read_json(path)
-    except UsageError:
-        return None
-    return summary if isinstance(summary, dict) else None
+            rows.append(rf.sweep_row(self.folder / p.spec.run_id, sweep=self.kind,
+                                     status=record.get("status", "pending"), description=p.spec.description,
+                                     diff=diff_text(p.spec.diff), planned_samples=p.spec.samples,
+                                     flops_per_sample=p.flops_per_sample, config_hash=p.cfg.config_hash(),
+                                     error=record.get("error")))
+        rf.write_sweep_csv(self.folder, rows)
 
 
 def _cuda_count() -> int:

@@ -14,9 +14,8 @@ from fvlm.config import ModelConfig
 from fvlm.errors import UsageError
 from fvlm.model.backbones import load_dino, load_llm, load_tokenizer
 from fvlm.model.vlm import FoveatedVLM, MultiTokenVLM, VLMBase
+from fvlm.run_folder import MODEL_CONFIG, MODEL_FILE
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "fvlm_model.json"
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -68,7 +67,7 @@ def save_model(model: VLMBase, folder: str | Path, tokenizer=None) -> Path:
         "llm_config": model.llm.config.to_dict(),
         "dino_config": model.encoder.dino.config.to_dict(),
     }
-    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    (folder / MODEL_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
     return folder
@@ -80,14 +79,14 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dinov2Model
 
     folder = Path(folder)
-    for name in (MODEL_FILE, CONFIG_FILE):
+    for name in (MODEL_FILE, MODEL_CONFIG):
         if not (folder / name).is_file():
             raise UsageError(f"{folder}: not a saved fvlm model (missing {name})")
     try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+        meta = json.loads((folder / MODEL_CONFIG).read_text())
         cfg = ModelConfig(**meta["model"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{folder / CONFIG_FILE}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise UsageError(f"{folder / MODEL_CONFIG}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     llm_cfg = dict(meta["llm_config"])
     dino_cfg = dict(meta["dino_config"])
     llm = AutoModelForCausalLM.from_config(

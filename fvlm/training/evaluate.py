@@ -15,10 +15,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fvlm import run_folder as rf
 from fvlm.data.decode import MEAN, STD
 from fvlm.training.dist import Dist
 
-ATTENTION_DIR = "attention"
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -120,10 +120,9 @@ def save_probe_attention(model, loader, n_videos: int, step: int, run_dir: Path,
     }
     if "fine" in videos[0]:
         arrays["fine_attn"] = stack("fine").astype(np.float32)
-    folder = Path(run_dir) / ATTENTION_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:07d}.npz"
-    tmp = folder / f".{path.name}.tmp"
+    path = rf.attention_file(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as f:
         np.savez_compressed(f, **arrays)
     os.replace(tmp, path)

@@ -26,22 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fvlm.config import RunConfig, load_config
-from fvlm.errors import UsageError, read_json
+from fvlm import run_folder as rf
+from fvlm.config import RunConfig
+from fvlm.errors import UsageError
 from fvlm.training import checkpoint as ckpt
 from fvlm.training.dist import Dist, init_distributed, shutdown
 from fvlm.training.evaluate import save_probe_attention, to_device, validate
-from fvlm.training.logs import METRIC_COLUMNS, STEP_COLUMNS, CsvLog, Progress, Wandb, git_commit
+from fvlm.training.logs import CsvLog, Progress, Wandb, git_commit
 from fvlm.training.optim import GROUPS, apply_lrs, build_optimizer, group_lrs
 from fvlm.training.throughput import Interval, peak_flops
 
-# Settings that may change between a run and its resumption: they change how long it runs or what
-# it records, not what a step computes.
-RESUMABLE_CHANGES = {
-    "train.max_steps", "train.max_samples", "train.eval_every", "train.save_every", "train.log_every",
-    "train.keep_last", "train.keep_milestones", "train.wandb", "train.wandb_project", "data.num_workers",
-    "train.peak_flops",
-}
 # Divergence: the loss climbs above train.divergence_factor x the lowest running level it reached.
 LOSS_EMA_DECAY = 0.9
 # convergence_step: the first eval point within this relative distance of the best val loss.
@@ -63,14 +57,14 @@ def train(cfg: RunConfig) -> dict:
 def _run_lock(run_dir: Path, take: bool):
     """One training process per run folder: a second `fvlm train` on it (which would interleave its
     logs and checkpoints with the first's) is refused at once. The lock is an flock on
-    <run>/.train.lock, released when the process ends, however it ends."""
+    <run>/.train.lock (rf.TRAIN_LOCK), released when the process ends, however it ends."""
     if not take:
         yield
         return
     import fcntl
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".train.lock", "w")
+    handle = open(run_dir / rf.TRAIN_LOCK, "w")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -88,23 +82,6 @@ def planned_steps(cfg: RunConfig, world_size: int) -> int:
     per_step = t.batch_size * t.grad_accum * world_size
     from_samples = -(-t.max_samples // per_step) if t.max_samples else None
     return min(s for s in (t.max_steps or None, from_samples) if s)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "mix":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def changed_settings(old: RunConfig, new: RunConfig) -> list[str]:
-    """Fields that differ between a run folder's saved config and a new one, other than those a run
-    may change on resume (RESUMABLE_CHANGES) and where it is written."""
-    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
-    return sorted(k for k in b if a.get(k) != b[k] and k not in RESUMABLE_CHANGES | {"out_dir"})
 
 
 def _group_of(name: str) -> str:
@@ -175,25 +152,24 @@ class Trainer:
 
     def _inspect_run_dir(self) -> tuple[Path | None, dict | None]:
         """(checkpoint to resume from, summary of a run that already finished)."""
-        saved_config = self.run_dir / "config.yaml"
-        if not saved_config.is_file():
+        changed = rf.settings_changed(self.run_dir, self.cfg)
+        if changed is None:
             return None, None
-        saved = load_config(str(saved_config))
-        changed = changed_settings(saved, self.cfg)
         if changed:
             raise UsageError(f"{self.run_dir} holds a run with different settings ({', '.join(changed)}); "
                              "choose another run_id or out_dir")
         # A run killed before its first resume checkpoint (after a milestone) starts over.
-        resumable = ckpt.resume_checkpoints(self.run_dir)
+        resumable = rf.resume_checkpoints(self.run_dir)
         latest = resumable[-1][1] if resumable else None
-        summary_path = self.run_dir / "run_summary.json"
-        if latest is not None and summary_path.is_file():
+        if latest is not None:
             try:
-                summary = read_json(summary_path)
+                summary = rf.read_summary(self.run_dir, strict=True)
             except UsageError as exc:
                 # Rewritten at the end of this session: an unreadable one only means "not finished".
                 if self.dist.is_main:
                     print(f"fvlm: {exc}; resuming as an unfinished run", flush=True)
+                return latest, None
+            if summary is None:
                 return latest, None
             done = summary.get("status") == "diverged" or (
                 summary.get("status") == "completed" and summary.get("total_steps", 0) >= self.total_steps)
@@ -248,7 +224,7 @@ class Trainer:
         from safetensors import SafetensorError
 
         try:
-            load_safetensors(self.model, str(folder / "model.safetensors"))
+            load_safetensors(self.model, str(folder / rf.MODEL_FILE))
         except (RuntimeError, OSError, SafetensorError) as exc:
             raise UsageError(f"train.init_from: {folder} does not fit this model "
                              f"({str(exc).splitlines()[0]})") from None
@@ -265,7 +241,7 @@ class Trainer:
         readable_errors = (UsageError, OSError, RuntimeError, ValueError, KeyError, EOFError, TypeError,
                            pickle.UnpicklingError, json.JSONDecodeError, SafetensorError)
         skipped = []
-        for _, folder in reversed(ckpt.resume_checkpoints(self.run_dir)):
+        for _, folder in reversed(rf.resume_checkpoints(self.run_dir)):
             try:
                 self._restore(folder)
             except ckpt.ProcessCountMismatch:
@@ -312,12 +288,12 @@ class Trainer:
         if cfg.train.wandb != "off":
             self.wandb = Wandb(cfg.train.wandb, cfg.train.wandb_project, self.run_dir, cfg.run_id,
                                cfg.config_hash(), cfg.to_dict(), resume=self.resume_from is not None)
-        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        rf.write_config(self.run_dir, cfg)
         keep = self.step if self.resume_from is not None else None
-        self.steps_log = CsvLog(self.run_dir / "steps.csv", STEP_COLUMNS, keep)
+        self.steps_log = CsvLog(self.run_dir / rf.STEPS, rf.STEP_COLUMNS, keep)
         # A checkpoint whose evaluation never finished is evaluated again before training goes on; a
         # row of that step already in metrics.csv (whole or cut off by the kill) is dropped first.
-        self.metrics_log = CsvLog(self.run_dir / "metrics.csv", METRIC_COLUMNS,
+        self.metrics_log = CsvLog(self.run_dir / rf.METRICS, rf.METRIC_COLUMNS,
                                   keep - 1 if keep is not None and self._eval_pending() else keep)
         self.history = [_parse_row(row) for row in self.metrics_log.kept_rows]
         if self.steps_log.kept_rows:
@@ -586,15 +562,11 @@ class Trainer:
             return
         # The training row of this step (on a resume that redoes the evaluation, read back from steps.csv).
         train_row = self.last_row if self.last_row and self.last_row.get("step") == self.step else {}
-        row = {
-            **{k: train_row.get(k) for k in ("run_id", "step", "samples_seen", "wall_time_sec", "train_loss",
-                                          "loss_fine", "loss_coarse", "loss_ratio", "grad_norm",
-                                          "lr_connector", "lr_dino", "lr_llm")},
-            "run_id": self.cfg.run_id, "step": self.step, "samples_seen": self.samples_seen,
-            "throughput": train_row.get("throughput_samples_sec"),
-            "gpu_mem_gb": torch.cuda.max_memory_allocated() / GIB if self.dist.device.type == "cuda" else 0.0,
+        row = rf.metric_row(
+            train_row, run_id=self.cfg.run_id, step=self.step, samples_seen=self.samples_seen,
+            gpu_mem_gb=torch.cuda.max_memory_allocated() / GIB if self.dist.device.type == "cuda" else 0.0,
             **metrics,
-        }
+        )
         self.history.append(row)
         if metrics["val_loss"] is not None and (not self.best or metrics["val_loss"] < self.best["val_loss"]):
             self.best = dict(row)
@@ -604,7 +576,7 @@ class Trainer:
         # The checkpoint of this step was written before its evaluation; its meta now learns the result.
         self.saved_meta["best"] = self.best
         self.saved_meta["evaluated_step"] = self.step
-        ckpt.write_json(self.run_dir / ckpt.CHECKPOINTS / ckpt.step_name(self.step) / ckpt.META, self.saved_meta)
+        rf.write_json(rf.checkpoint_folder(self.run_dir, self.step) / rf.META, self.saved_meta)
         ckpt.prune_checkpoints(self.run_dir, t.keep_last, self._always_kept())
         self.progress.message(
             f"eval step {self.step}: val_loss {_fmt(metrics['val_loss'])} (fine {_fmt(metrics['val_loss_fine'])},"
@@ -614,7 +586,7 @@ class Trainer:
     def _finish(self, status: str, error: str | None) -> dict:
         summary = self._summary(status, error)
         if self.dist.is_main:
-            ckpt.write_json(self.run_dir / "run_summary.json", summary)
+            rf.write_summary(self.run_dir, summary)
             for sink in (self.steps_log, self.metrics_log, self.wandb):
                 if sink is not None:
                     sink.close()
