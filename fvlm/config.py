@@ -132,6 +132,10 @@ class OptimConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1
 
+    def peak_lrs(self) -> dict[str, float]:
+        """Each parameter group's peak learning rate, by group name."""
+        return {"connector": self.lr_connector, "dino": self.lr_dino, "llm": self.lr_llm}
+
 
 @dataclass
 class RunConfig:

@@ -12,7 +12,7 @@ import torch
 
 from fvlm.config import ModelConfig
 from fvlm.errors import UsageError
-from fvlm.model.backbones import load_dino, load_llm, load_tokenizer
+from fvlm.model.backbones import load_backbone, load_tokenizer
 from fvlm.model.vlm import FoveatedVLM, MultiTokenVLM, VLMBase
 from fvlm.run_folder import MODEL_CONFIG, MODEL_FILE
 
@@ -35,8 +35,8 @@ def assemble(cfg: ModelConfig, llm, dino) -> VLMBase:
 
 def build_model(cfg: ModelConfig) -> VLMBase:
     """Backbones from their specs (pretrained folders or random shapes) plus a fresh connector."""
-    llm, _ = load_llm(cfg.llm, cfg.attn_implementation)
-    dino, _ = load_dino(cfg.dino, cfg.attn_implementation)
+    llm, _ = load_backbone(cfg.llm, "llm", cfg.attn_implementation)
+    dino, _ = load_backbone(cfg.dino, "dino", cfg.attn_implementation)
     return assemble(cfg, llm, dino)
 
 

@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +85,23 @@ def planned_steps(cfg: RunConfig, world_size: int) -> int:
     return min(s for s in (t.max_steps or None, from_samples) if s)
 
 
-def _group_of(name: str) -> str:
-    if name.startswith("encoder.dino."):
-        return "dino"
-    return "llm" if name.startswith("llm.") else "connector"
+@dataclass
+class StepTally:
+    """One step's totals on one rank, summed over ranks (`Dist.sum_tally`) before they are used.
+    Losses are token sums (mean x tokens): divided by the summed token count they give the mean over
+    every target token of the step."""
+
+    tokens: float = 0.0
+    loss_sum: float = 0.0
+    fine_sum: float = 0.0  # loss_fine x tokens, over the micro-batches that measured it
+    fine_tokens: float = 0.0
+    coarse_sum: float = 0.0
+    coarse_tokens: float = 0.0
+    samples: float = 0.0
+    frames: float = 0.0
+    text_tokens: float = 0.0
+    out_of_memory: float = 0.0  # 1 on a rank where a micro-batch ran out of memory
+    stop: float = 0.0  # 1 on a rank asked to stop (SIGTERM, Ctrl-C)
 
 
 def _parse_row(row: dict) -> dict:
@@ -316,9 +330,8 @@ class Trainer:
         self.progress.message("\n".join(lines))
 
     def _param_counts(self) -> dict:
-        by_group = dict.fromkeys(GROUPS, 0)
-        for name, param in self.model.named_parameters():
-            by_group[_group_of(name)] += param.numel()
+        by_group = {group: sum(p.numel() for p in params)
+                    for group, params in self.model.param_groups(trainable_only=False).items()}
         return {
             "total": sum(by_group.values()),
             "trainable": sum(p.numel() for p in self.trainable),
@@ -392,15 +405,16 @@ class Trainer:
                 micro = [next(batches) for _ in range(t.grad_accum)]
             data_wait = time.perf_counter() - began  # what the step waited for its batches
             local = self._forward_backward(micro, compute_coarse=logged or self.cfg.model.lambda_coarse > 0)
-            (tokens, loss_sum, fine_sum, fine_n, coarse_sum, coarse_n, samples, frames, text_tokens, oom,
-             stop) = self.dist.all_sum(local + [float(self.stop_requested)])
+            local.stop = float(self.stop_requested)
+            tally = self.dist.sum_tally(local)
+            tokens, oom = tally.tokens, tally.out_of_memory
             if oom or tokens == 0:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.skipped_steps += 1
                 self.progress.message(f"fvlm train: skipped a step ({'out of memory' if oom else 'no target tokens'})"
                                       f" on {'some rank' if self.dist.enabled else 'this process'}")
                 continue
-            train_loss = loss_sum / tokens
+            train_loss = tally.loss_sum / tokens
             if self._is_divergent(train_loss):
                 self.progress.message(f"fvlm train: diverged at step {next_step} (loss {train_loss:.4g}, "
                                       f"lowest running level {_fmt(self.loss_floor)})")
@@ -410,19 +424,19 @@ class Trainer:
                 self.progress.message(f"fvlm train: diverged at step {next_step} (gradient norm {grad_norm})")
                 return "diverged"
             self.step = next_step
-            self.samples_seen += int(samples)
-            for key, value in (("frames", frames), ("text_tokens", text_tokens), ("loss_tokens", tokens)):
+            self.samples_seen += int(tally.samples)
+            for key, value in (("frames", tally.frames), ("text_tokens", tally.text_tokens), ("loss_tokens", tokens)):
                 self.seen[key] += int(value)
             elapsed = time.perf_counter() - began
             self.timing["train"] += elapsed
             self.timing["data_wait"] += data_wait
-            interval.add(samples=int(samples), frames=int(frames), text_tokens=int(text_tokens),
+            interval.add(samples=int(tally.samples), frames=int(tally.frames), text_tokens=int(tally.text_tokens),
                          loss_tokens=int(tokens), seconds=elapsed, data_wait=data_wait)
             row = None
             if logged:
                 log_began = time.perf_counter()
-                loss_fine = fine_sum / fine_n if fine_n else None
-                loss_coarse = coarse_sum / coarse_n if coarse_n else None
+                loss_fine = tally.fine_sum / tally.fine_tokens if tally.fine_tokens else None
+                loss_coarse = tally.coarse_sum / tally.coarse_tokens if tally.coarse_tokens else None
                 row = {
                     "run_id": self.cfg.run_id, "step": self.step, "samples_seen": self.samples_seen,
                     "wall_time_sec": round(self.wall_time(), 3), "train_loss": train_loss,
@@ -442,26 +456,24 @@ class Trainer:
             self.progress.update(self.step, row)
             finished = self._finished()
             evaluate = self.step % t.eval_every == 0 or finished
-            if evaluate or self.step % t.save_every == 0 or stop:
+            if evaluate or self.step % t.save_every == 0 or tally.stop:
                 self._save()
             elif self.step in self.milestones:
                 self._save(weights_only=True)
             if evaluate:
                 self._evaluate()
-            if stop:
+            if tally.stop:
                 return "interrupted"
         return "completed"
 
-    def _forward_backward(self, micro: list[dict], compute_coarse: bool) -> list[float]:
-        """Backpropagates each micro-batch's token-sum loss; returns this rank's sums for the step:
-        [tokens, loss*tokens, loss_fine*tokens, fine tokens, loss_coarse*tokens, coarse tokens,
-        samples, frames, text tokens, out of memory]."""
-        sums = [0.0] * 10
+    def _forward_backward(self, micro: list[dict], compute_coarse: bool) -> StepTally:
+        """Backpropagates each micro-batch's token-sum loss; returns this rank's tally of the step."""
+        tally = StepTally()
         for batch in micro:
-            sums[6] += batch["input_ids"].shape[0]
-            sums[7] += int(batch["frame_mask"].sum())
-            sums[8] += int(batch["attention_mask"].sum())
-            if sums[9]:
+            tally.samples += batch["input_ids"].shape[0]
+            tally.frames += int(batch["frame_mask"].sum())
+            tally.text_tokens += int(batch["attention_mask"].sum())
+            if tally.out_of_memory:
                 continue  # keep pulling this step's batches so every rank's data stream stays in step
             try:
                 batch = to_device(batch, self.dist.device)
@@ -472,17 +484,17 @@ class Trainer:
             except torch.cuda.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-                sums[9] = 1.0
+                tally.out_of_memory = 1.0
                 continue
-            sums[0] += n
-            sums[1] += float(out.loss.detach()) * n
+            tally.tokens += n
+            tally.loss_sum += float(out.loss.detach()) * n
             if out.loss_fine is not None:
-                sums[2] += float(out.loss_fine) * n
-                sums[3] += n
+                tally.fine_sum += float(out.loss_fine) * n
+                tally.fine_tokens += n
             if out.loss_coarse is not None:
-                sums[4] += float(out.loss_coarse) * n
-                sums[5] += n
-        return sums
+                tally.coarse_sum += float(out.loss_coarse) * n
+                tally.coarse_tokens += n
+        return tally
 
     def _is_divergent(self, loss: float) -> bool:
         """NaN/inf, or a climb far above the lowest level the smoothed loss reached. Against the
