@@ -79,7 +79,7 @@ MEMORY_HINTS = {
     "train": "lower train.batch_size (raise train.grad_accum to keep the batch), data.max_frames or model.image_size",
     "sweep": "lower train.batch_size (raise train.grad_accum to keep the batch), data.max_frames or model.image_size",
     "phase1": "lower train.batch_size (raise train.grad_accum to keep the batch), data.max_frames or model.image_size",
-    "eval": "lower --batch-size or data.max_frames (--set data.max_frames=N)",
+    "eval": "lower --batch-size or data.max_frames (data.max_frames=N after the run folder)",
     "generate": "lower --frames",
     "flops": "lower --frames or --text-tokens",
 }

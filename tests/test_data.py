@@ -420,7 +420,7 @@ def test_cli_synth_then_inspect_json(tmp_path, capsys):
     assert "samples/s" in capsys.readouterr().out
     assert fvlm_main(args) == 2  # never writes into a folder that holds data
     capsys.readouterr()
-    assert fvlm_main(["data", "inspect", str(out), "--json", "--set", "model.image_size=32"]) == 0
+    assert fvlm_main(["data", "inspect", str(out), "--json", "model.image_size=32"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["splits"]["train"]["by_kind"] == {"video": 6, "image": 3, "text": 3}
     assert report["requested"]["train"]["video"] == 6 and report["splits"]["probe"]["by_kind"]["video"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fvlm import overrides
 from fvlm.errors import UsageError
 
 MODES_HELP = "comma-separated: coarse_only,coarse_fine,autoregressive (default: every mode the model has)"
@@ -33,8 +34,8 @@ def register(sub) -> None:
                     help="draw where the model looks on the first N probe videos (PNG per video)")
     ev.add_argument("--gif", action="store_true", help="also write a GIF per attention video")
     ev.add_argument("--layer", type=int, help="attention of one DINO layer (default: mean over layers)")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a run config field (e.g. data.max_frames=16)")
+    overrides.add_arguments(ev, config=False, help_text="run config fields to override (e.g. data.max_frames=16); "
+                                                        "the model is the checkpoint's")
     ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     ev.set_defaults(func=cmd_eval)
 
@@ -79,9 +80,10 @@ def cmd_eval(args) -> int:
 
     if args.batch_size < 1 or args.max_samples < 0 or args.attention < 0:
         raise UsageError("--batch-size must be >= 1; --max-samples and --attention >= 0")
+    _, items = overrides.from_args(args, "eval", config=False)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
     path = evaluate_run(args.target, out=args.out, all_checkpoints=args.all_checkpoints, modes=modes, data=args.data,
-                        benches=args.bench, overrides=args.set, max_samples=args.max_samples,
+                        benches=args.bench, overrides=items, max_samples=args.max_samples,
                         batch_size=args.batch_size, device=args.device, score=args.score, attention=args.attention,
                         gif=args.gif, layer=args.layer)
     print(f"wrote {path} and {path.with_name('eval.md')}")

@@ -74,7 +74,7 @@ def run_config(ckpt: Checkpoint, model_cfg, overrides: list[str]):
     if changed_model:
         # The model is the checkpoint's (architecture, backbones, queries): an override of it would be
         # accepted and silently do nothing.
-        raise UsageError(f"--set {changed_model[0]}: the model is the checkpoint's and cannot be changed at "
+        raise UsageError(f"{changed_model[0]}: the model is the checkpoint's and cannot be changed at "
                          f"evaluation; only data and eval settings can")
     config_file = ckpt.run_dir / rf.CONFIG if ckpt.run_dir is not None else None
     if config_file is not None and config_file.is_file():
