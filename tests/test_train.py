@@ -1,4 +1,4 @@
-"""`fvlm train`: config errors, parameter groups and schedules, every file of DESIGN.md §3, divergence,
+"""`fvlm train`: config errors, parameter groups and schedules, every file of the run folder (fvlm/run_folder.py), divergence,
 wandb offline. (Resume and DDP, which need subprocesses, are in test_train_resume.py.)"""
 
 from __future__ import annotations

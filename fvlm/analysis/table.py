@@ -1,7 +1,7 @@
 """One tidy table of runs and their eval points, read from run folders, sweep folders and exports.
 
 Every analysis (fits, ablation table, figures, report) reads this table and nothing else, so a
-project sweep and the historical export (spec/scaling_data_export.md) go through the same code.
+project sweep and the historical export (docs/scaling_data_export.md) go through the same code.
 The export writer lives here too, next to its reader, so that the two stay each other's inverse.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 from fvlm import run_folder as rf
 from fvlm.errors import UsageError, read_json, read_text, read_yaml
 
-# The export format (spec/scaling_data_export.md).
+# The export format (docs/scaling_data_export.md).
 EVAL_POINT_COLUMNS = ("model_size", "run_id", "lr_schedule", "step", "samples_seen", "val_loss",
                       "train_loss", "lr", "throughput_sps", "attention_entropy")
 RUN_SUMMARY_COLUMNS = ("run_id", "model_size", "total_params", "lr_schedule", "total_samples",
