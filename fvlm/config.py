@@ -162,6 +162,11 @@ class RunConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
     @property
+    def data_seed(self) -> int:
+        """The seed of the data stream and the synthetic set: data.seed, else the run's seed."""
+        return self.data.seed if self.data.seed is not None else self.seed
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.run_id
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from fvlm.data.decode import SampleError
 from fvlm.data.index import KINDS
-from fvlm.data.loader import SampleReader, data_seed, load_index
+from fvlm.data.loader import SampleReader, load_index
 from fvlm.data.schedule import TrainSchedule, source_probabilities
 from fvlm.errors import UsageError
 
@@ -75,7 +75,7 @@ def inspect_split(spec: str, cfg, *, decode: bool = True, draws: int = 20000) ->
         }
     if len(index):
         requested = source_probabilities(index, d.mix, d.text_ratio)
-        rows = TrainSchedule(index, requested, data_seed(cfg)).rows_at(0, draws)
+        rows = TrainSchedule(index, requested, cfg.data_seed).rows_at(0, draws)
         realised_sources = Counter(index.source_of(int(r)) for r in rows)
         realised_kinds = Counter(index.kind_of(int(r)) for r in rows)
         requested_kinds = Counter()

@@ -28,6 +28,7 @@ import yaml
 
 from fvlm import run_folder as rf
 from fvlm.config import RunConfig, config_from_dict, load_config
+from fvlm.data.synth import ensure_synthetic
 from fvlm.errors import UsageError, read_json
 from fvlm.experiments.matrix import RunSpec
 from fvlm.experiments.slurm import SlurmSettings
@@ -71,9 +72,7 @@ def resolve_synthetic(preset_config: str, base: dict[str, Any], root: Path) -> d
     cfg = load_config(preset_config, {**base, "run_id": "data", "out_dir": str(root)})
     if "synthetic" not in (cfg.data.train, cfg.data.val, cfg.data.probe):
         return base
-    from fvlm.data.synth import ensure_synthetic
-
-    paths = ensure_synthetic(cfg)
+    paths = ensure_synthetic(cfg.data, cfg.data_seed, cfg.out_dir)
     return {**base, **{f"data.{split}": paths[split] for split in ("train", "val", "probe")}}
 
 
