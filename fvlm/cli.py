@@ -43,7 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse fills a command's positional key=value list before the options that follow it
+        # (`fvlm eval RUN --data none key=value`); overrides after those options belong to it too.
+        if isinstance(getattr(args, "items", None), list) and not any(e.startswith("-") for e in extra):
+            args.items += extra
+        else:
+            parser.parse_args(argv)  # reports the unrecognised arguments and exits 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

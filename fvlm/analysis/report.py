@@ -345,7 +345,7 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
         lines += ["", "FLOPs of exported runs are estimated with the plan's 2 x N x 500 tokens per sample."]
 
     lines += ["", "## Figures", ""]
-    for title, fig_path, reason in figures:
+    for title, fig_path, _ in figures:
         if fig_path:
             lines += [f"### {title}", "", f"![{title}]({fig_path.name})", ""]
     absent = [(t, r) for t, p, r in figures if p is None]

@@ -42,7 +42,7 @@ def inspect_split(spec: str, cfg, *, decode: bool = True, draws: int = 20000) ->
     frames_hist: Counter = Counter()
     tokens_hist: Counter = Counter()
     token_lengths = []
-    usable = Counter()
+    usable: Counter[str] = Counter()
     for row in range(len(index)):
         if decode:
             try:
@@ -78,7 +78,7 @@ def inspect_split(spec: str, cfg, *, decode: bool = True, draws: int = 20000) ->
         rows = TrainSchedule(index, requested, cfg.data_seed).rows_at(0, draws)
         realised_sources = Counter(index.source_of(int(r)) for r in rows)
         realised_kinds = Counter(index.kind_of(int(r)) for r in rows)
-        requested_kinds = Counter()
+        requested_kinds: dict[str, float] = dict.fromkeys(KINDS, 0.0)
         for source, p in requested.items():
             rows_of = index.rows_of_source(source)
             for k in KINDS:

@@ -131,7 +131,7 @@ class _Items:
         return int(rows[(np.searchsorted(rows, row) + 1) % len(rows)])
 
     def __getitem__(self, row: int):
-        events = []
+        events: list[tuple[str, str, str]] = []
         for _ in range(_MAX_SUBSTITUTES if self.substitute else 1):
             try:
                 return self.reader.load(row), events

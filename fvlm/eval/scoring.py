@@ -12,8 +12,8 @@ choice because options differ in length and a sum penalises the longer ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -14,7 +14,6 @@ and resubmits runs whose job failed, was cancelled or vanished.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -147,7 +146,7 @@ def attach(folder: Path, job_id: str | None, settings: SlurmSettings):
         return None
     import submitit
 
-    job = submitit.SlurmJob(folder=str(folder / "slurm" / "%j"), job_id=str(job_id))
+    job: Any = submitit.SlurmJob(folder=str(folder / "slurm" / "%j"), job_id=str(job_id))
     try:
         state = job.state
     except Exception:  # sacct unavailable or the job unknown: treat it as gone and resubmit

@@ -76,7 +76,12 @@ def save_model(model: VLMBase, folder: str | Path, tokenizer=None) -> Path:
 def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer) from a folder written by `save_model`."""
     from safetensors.torch import load_model as load_safetensors
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dinov2Model
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Dinov2Model,
+    )
 
     folder = Path(folder)
     for name in (MODEL_FILE, MODEL_CONFIG):

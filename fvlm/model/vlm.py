@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +53,10 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 class VLMBase(nn.Module):
     """The parts every architecture shares: the LLM, DINO, visual projection and the text loss."""
 
-    def __init__(self, cfg: ModelConfig, llm: nn.Module, dino: nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: Any, dino: Any):
         super().__init__()
         self.cfg = cfg
-        self.llm = llm
+        self.llm: Any = llm  # a transformers causal LM: its attributes are not typed through nn.Module
         self.encoder = DinoEncoder(dino)
         self.llm_dim = llm.config.hidden_size
         self.dino_dim = dino.config.hidden_size
@@ -197,7 +198,7 @@ class MultiTokenVLM(VLMBase):
 
     default_mode = "coarse_only"
 
-    def __init__(self, cfg: ModelConfig, llm: nn.Module, dino: nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: Any, dino: Any):
         super().__init__(cfg, llm, dino)
         self.k = round(cfg.tokens_per_frame**0.5)
 
@@ -232,7 +233,7 @@ class MultiTokenVLM(VLMBase):
 class FoveatedVLM(VLMBase):
     """One token per frame from a query that reads every DINO layer; the LLM chooses the next query."""
 
-    def __init__(self, cfg: ModelConfig, llm: nn.Module, dino: nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: Any, dino: Any):
         super().__init__(cfg, llm, dino)
         query_dim = cfg.query_dim or self.dino_dim
         self.q_static = nn.Parameter(torch.randn(query_dim))
@@ -349,7 +350,8 @@ class FoveatedVLM(VLMBase):
     def _fine(self, prepared, coarse_hidden: torch.Tensor, frame_mask: torch.Tensor):
         """The fine read of every frame at once, each with the query from the LLM's state after the
         previous coarse token: (fine tokens [B, T, D_llm], attention [B, T, layers, heads, 1 + P])."""
-        tokens, weights = self._read(*prepared, self._next_queries(coarse_hidden, frame_mask))
+        cache, kv = prepared
+        tokens, weights = self._read(cache, kv, self._next_queries(coarse_hidden, frame_mask))
         return self._scatter(tokens, frame_mask), self._scatter(weights, frame_mask)
 
     def _autoregressive(self, batch, prepared, return_attention, use_cache: bool = True):

@@ -27,8 +27,19 @@ import torch
 from fvlm.errors import UsageError
 from fvlm.model.build import save_model
 from fvlm.run_folder import (
-    META, MODEL_FILE, OPTIMIZER, TRAINER, checkpoint_folder, complete_checkpoints, is_model_folder,
-    latest_checkpoint, rank_file, rank_files, resume_checkpoints, unfinished_checkpoints, write_json,
+    META,
+    MODEL_FILE,
+    OPTIMIZER,
+    TRAINER,
+    checkpoint_folder,
+    complete_checkpoints,
+    is_model_folder,
+    latest_checkpoint,
+    rank_file,
+    rank_files,
+    resume_checkpoints,
+    unfinished_checkpoints,
+    write_json,
 )
 from fvlm.training.dist import Dist
 

@@ -8,10 +8,10 @@ out the lambda-weighted coarse term, so runs with different lambda_coarse stay c
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +19,6 @@ import torch
 from fvlm import run_folder as rf
 from fvlm.data.decode import MEAN, STD
 from fvlm.training.dist import Dist
-
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 from fvlm.errors import UsageError
 from fvlm.run_folder import csv_cell
 
+
 def _step(row: list[str], at: int) -> float:
     try:
         return int(row[at])

@@ -233,9 +233,8 @@ class Trainer:
         self._open_outputs()
 
     def _load_init_weights(self, folder: Path) -> None:
-        from safetensors.torch import load_model as load_safetensors
-
         from safetensors import SafetensorError
+        from safetensors.torch import load_model as load_safetensors
 
         try:
             load_safetensors(self.model, str(folder / rf.MODEL_FILE))
