@@ -14,14 +14,19 @@ flight stop at the end of their step with a checkpoint, records them as interrup
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +36,10 @@ from fvlm import run_folder as rf
 from fvlm.config import RunConfig, config_from_dict, load_config
 from fvlm.data.synth import ensure_synthetic
 from fvlm.errors import UsageError, read_json
+from fvlm.experiments import slurm
 from fvlm.experiments.matrix import RunSpec
 from fvlm.experiments.slurm import SlurmSettings
+from fvlm.model.flops import estimate_flops
 
 FINISHED = ("completed", "diverged", "failed")
 
@@ -100,8 +107,6 @@ class Sweep:
 
     # ------------------------------------------------------------------ planning
     def _plan(self, spec: RunSpec) -> Planned:
-        from fvlm.model.flops import estimate_flops
-
         overrides = {**spec.overrides(self.base), "out_dir": str(self.folder)}
         try:
             cfg = load_config(self.preset_config, overrides)
@@ -114,8 +119,6 @@ class Sweep:
 
     def _lock(self) -> None:
         """One sweep process per folder: a second `fvlm sweep`/`phase1` on it is refused."""
-        import fcntl
-
         if self._lock_file is not None:
             return
         handle = open(self.folder / rf.SWEEP_LOCK, "w")
@@ -229,7 +232,7 @@ class Sweep:
         return text
 
     def _run_inline(self, todo: list[Planned], started, finished) -> bool:
-        from fvlm.training.trainer import train
+        from fvlm.training.trainer import train  # imports torch, which `fvlm --help` should not wait for
 
         for p in todo:
             started(p.spec.run_id)
@@ -253,9 +256,6 @@ class Sweep:
         """Up to `jobs` runs side by side, each in a process of its own (spawned, so no state leaks
         between runs). A process that dies (killed, out of memory) fails its own run only: it is
         recorded as failed with its exit signal, and the sweep and the other runs in flight go on."""
-        import multiprocessing
-        from multiprocessing.connection import wait
-
         stop = {"requested": False}
 
         def request_stop(signum, frame):
@@ -303,8 +303,6 @@ class Sweep:
     def _run_slurm(self, todo: list[Planned], state: dict, finished) -> bool:
         """Submits each run as a SLURM job (re-attaching to one an earlier sweep process left queued or
         running) and waits for all of them. Ctrl-C stops the waiting, not the jobs."""
-        from fvlm.experiments import slurm
-
         settings = self.slurm
         ex = slurm.executor(self.folder, settings)
         configs = self.folder / "configs"
@@ -406,8 +404,6 @@ def _terminate_with_parent() -> None:
     keeps writing into a run folder that a re-run is about to resume."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
@@ -441,7 +437,7 @@ def _worker_result(proc, receive) -> tuple[str, str | None]:
 
 
 def _train_logged(cfg_dict: dict[str, Any], log_path: str) -> tuple[str, str | None]:
-    from fvlm.training.trainer import train
+    from fvlm.training.trainer import train  # imports torch: only in the worker process that trains
 
     cfg = config_from_dict(cfg_dict, "sweep")
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -454,7 +450,5 @@ def _train_logged(cfg_dict: dict[str, Any], log_path: str) -> tuple[str, str | N
         except UsageError as exc:
             return "failed", str(exc)
         except Exception as exc:
-            import traceback
-
             traceback.print_exc(file=log)
             return "failed", f"{type(exc).__name__}: {exc}"

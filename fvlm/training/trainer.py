@@ -15,7 +15,10 @@ a loader iterator was (re)created or whether an evaluation happened in this proc
 
 from __future__ import annotations
 
+import fcntl
+import json
 import math
+import pickle
 import random
 import signal
 import threading
@@ -26,10 +29,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as load_safetensors
 
 from fvlm import run_folder as rf
 from fvlm.config import RunConfig
+from fvlm.data.loader import build_loader, split_path
 from fvlm.errors import UsageError
+from fvlm.model.build import build_model, build_tokenizer
+from fvlm.model.flops import estimate_flops
 from fvlm.training import checkpoint as ckpt
 from fvlm.training.dist import Dist, init_distributed, shutdown
 from fvlm.training.evaluate import save_probe_attention, to_device, validate
@@ -62,8 +70,6 @@ def _run_lock(run_dir: Path, take: bool):
     if not take:
         yield
         return
-    import fcntl
-
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / rf.TRAIN_LOCK, "w")
     try:
@@ -193,9 +199,6 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, dist = self.cfg, self.dist
-        from fvlm.data.loader import build_loader, split_path
-        from fvlm.model.build import build_model, build_tokenizer
-
         init_weights = None
         if cfg.train.init_from and self.resume_from is None:
             init_weights = ckpt.resolve_weights(cfg.train.init_from)  # before any slow work: a typo fails fast
@@ -233,9 +236,6 @@ class Trainer:
         self._open_outputs()
 
     def _load_init_weights(self, folder: Path) -> None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_model as load_safetensors
-
         try:
             load_safetensors(self.model, str(folder / rf.MODEL_FILE))
         except (RuntimeError, OSError, SafetensorError) as exc:
@@ -246,11 +246,6 @@ class Trainer:
         """Resumes from the newest complete checkpoint that reads back whole, saying which newer ones
         were passed over and why: a damaged latest checkpoint (truncated weights, a garbage state
         file, a refused pickle) costs the steps since the one before it, not the run."""
-        import json
-        import pickle
-
-        from safetensors import SafetensorError
-
         readable_errors = (UsageError, OSError, RuntimeError, ValueError, KeyError, EOFError, TypeError,
                            pickle.UnpicklingError, json.JSONDecodeError, SafetensorError)
         skipped = []
@@ -610,8 +605,6 @@ class Trainer:
     def _flops_per_sample(self) -> float | None:
         """The exact training FLOPs (fvlm.model.flops) of this run's average sample: mean frames,
         text tokens and target tokens over everything it trained on."""
-        from fvlm.model.flops import estimate_flops
-
         if not self.samples_seen:
             return None
         mean = {k: v / self.samples_seen for k, v in self.seen.items()}
