@@ -15,7 +15,7 @@ import numpy as np
 
 from fvlm.data.decode import SampleError
 from fvlm.data.index import KINDS
-from fvlm.data.loader import SampleReader, load_index
+from fvlm.data.loader import load_index, sample_reader
 from fvlm.data.schedule import TrainSchedule, source_probabilities
 from fvlm.errors import UsageError
 
@@ -35,9 +35,7 @@ def inspect_split(spec: str, cfg, *, decode: bool = True, draws: int = 20000) ->
 
     d = cfg.data
     index = load_index(spec, "data inspect")
-    reader = SampleReader(index, load_tokenizer(cfg.model.llm), image_size=cfg.model.image_size,
-                          stage=cfg.train.stage, max_text_tokens=d.max_text_tokens, max_frames=d.max_frames,
-                          fps=d.fps, replicate_image_frames=d.replicate_image_frames)
+    reader = sample_reader(cfg, index, load_tokenizer(cfg.model.llm))
     skipped = [{"shard": s.shard, "key": s.key, "reason": s.reason} for s in index.skips]
     frames_hist: Counter = Counter()
     tokens_hist: Counter = Counter()

@@ -329,6 +329,15 @@ def split_path(cfg, split: str) -> str:
     return spec
 
 
+def sample_reader(cfg, index: DataIndex, tokenizer) -> SampleReader:
+    """Reads samples of `index` the way a run of `cfg` trains on them (also what `fvlm data inspect`
+    measures)."""
+    d = cfg.data
+    return SampleReader(index, tokenizer, image_size=cfg.model.image_size, stage=cfg.train.stage,
+                        max_text_tokens=d.max_text_tokens, max_frames=d.max_frames, fps=d.fps,
+                        replicate_image_frames=d.replicate_image_frames)
+
+
 def build_loader(cfg, split: str, tokenizer, *, rank: int = 0, world_size: int = 1, train: bool | None = None,
                  batch_size: int | None = None, max_samples: int | None = None) -> Loader:
     """A Loader for `split` (train|val|probe|bench). `train` (default: split == "train") makes it an
@@ -344,9 +353,7 @@ def build_loader(cfg, split: str, tokenizer, *, rank: int = 0, world_size: int =
         schedule = TrainSchedule(index, source_probabilities(index, d.mix, d.text_ratio), seed)
     elif not len(index):
         raise UsageError(f"data.{split}: no usable samples (run `fvlm data inspect` on it)")
-    reader = SampleReader(index, tokenizer, image_size=cfg.model.image_size, stage=cfg.train.stage,
-                          max_text_tokens=d.max_text_tokens, max_frames=d.max_frames, fps=d.fps,
-                          replicate_image_frames=d.replicate_image_frames)
+    reader = sample_reader(cfg, index, tokenizer)
     if batch_size is None:
         batch_size = cfg.train.batch_size if train else cfg.train.eval_batch_size
     return Loader(reader, train=train, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
