@@ -9,7 +9,7 @@ side by side in one process: a resume checkpoint (weights, optimizer, trainer an
 milestone (weights only). Seconds are the trainer's (files written to the page cache) and, beside
 them, with `os.sync()` included (on the disk).
 
-Then the run of issue 15: 20 steps with the default 5 milestones and evaluation every 100 steps,
+Then a short real run: 20 steps with the default 5 milestones and evaluation every 100 steps,
 so saves at steps 4, 8, 12, 16 and 20. Before, each was a resume checkpoint and every one was kept;
 now steps 4-16 are milestones and step 20 (the end, evaluated) a resume checkpoint. Both sequences
 are written and pruned as the trainer does.

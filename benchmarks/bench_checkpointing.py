@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_model import SHAPES, interleaved_times, make_batch  # this folder is on sys.path when run as a script
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fvlm.config import load_config
 from fvlm.model.build import build_model
 from fvlm.model.flops import PLAN_FRAMES, PLAN_TEXT_TOKENS, estimate_flops
-
-from bench_model import SHAPES, interleaved_times, make_batch  # this folder is on sys.path when run as a script
 
 
 def full_sequence_loss(model, batch, compute_coarse):

@@ -1,8 +1,9 @@
 """Data pipeline throughput: decode + resize + normalise + tokenise + collate, in frames/s.
 
 Writes 224 px JPEG video shards with the synthetic generator, then times the training loader with
-0 and N workers side by side in one process (the issue's goal: >= 1,000 frames/s with 2 workers),
-and the per-core cost in CPU seconds, which stays meaningful when other jobs share the machine.
+0 and N workers side by side in one process (goal: >= 1,000 frames/s with 2 workers, so that
+loading never holds a step back), and the per-core cost in CPU seconds, which stays meaningful when
+other jobs share the machine.
 
     .venv/bin/python benchmarks/bench_data.py [--workers 2] [--videos 160] [--batches 60]
 """

@@ -77,7 +77,7 @@ def main() -> None:
     }
     results = {name: [] for name in ways}
     with torch.no_grad():
-        for name, fn in ways.items():
+        for fn in ways.values():
             fn()  # warm-up
         for _ in range(args.repeats):
             for name, fn in ways.items():
@@ -87,7 +87,7 @@ def main() -> None:
           f"{args.threads} threads; {platform.processor() or platform.machine()}, torch {torch.__version__}")
     best = {name: (min(w for w, _ in r), min(c for _, c in r)) for name, r in results.items()}
     base = best["one by one"]
-    print("| way | questions/s (wall, best of %d) | questions per CPU-second | speed-up (wall / CPU) |" % args.repeats)
+    print(f"| way | questions/s (wall, best of {args.repeats}) | questions per CPU-second | speed-up (wall / CPU) |")
     print("|---|---|---|---|")
     for name, (wall, cpu) in best.items():
         print(f"| {name} | {n / wall:.1f} | {n / cpu:.1f} | {base[0] / wall:.1f}x / {base[1] / cpu:.1f}x |")

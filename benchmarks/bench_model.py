@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/bench_model.py [--shape tiny|135m|both] [--repeats N] [--device cpu|cuda]
 
-Goal (issue 2): coarse_fine <= 1.35x coarse_only. On CUDA it also runs in bf16 autocast and prints
-MFU from the exact FLOP counter against the device's peak bf16 FLOPs (--peak-tflops).
+Goal: coarse_fine <= 1.35x coarse_only (the second pass reuses DINO's K/V, so it should cost little).
+On CUDA it also runs in bf16 autocast and prints MFU from the exact FLOP counter against the device's
+peak bf16 FLOPs (--peak-tflops).
 """
 
 from __future__ import annotations

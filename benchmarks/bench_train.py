@@ -5,7 +5,8 @@
 Runs one training run of the config (default: the tiny preset at its own eval/save/log intervals) in
 a temporary folder, with the synthetic data generated beforehand so it is not timed, and reads the
 trainer's own time breakdown from run_summary.json (`time_sec`: train steps incl. data loading,
-eval, checkpoint, log). Goal (issue 4): overhead < 10% of run time at default intervals.
+eval, checkpoint, log). Goal: overhead < 10% of run time at the default intervals, so that they need
+no tuning per run.
 Also prints samples per CPU-second of this process and its loader workers: unlike wall-clock
 samples/s, that figure does not move when other processes share the cores.
 """

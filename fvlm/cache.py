@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def build_once(folder: Path, marker: str, build: Callable[[Path], object]) -> Path:

@@ -43,7 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse fills a command's positional key=value list before the options that follow it
+        # (`fvlm eval RUN --data none key=value`); overrides after those options belong to it too.
+        if isinstance(getattr(args, "items", None), list) and not any(e.startswith("-") for e in extra):
+            args.items += extra
+        else:
+            parser.parse_args(argv)  # reports the unrecognised arguments and exits 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -79,7 +86,7 @@ MEMORY_HINTS = {
     "train": "lower train.batch_size (raise train.grad_accum to keep the batch), data.max_frames or model.image_size",
     "sweep": "lower train.batch_size (raise train.grad_accum to keep the batch), data.max_frames or model.image_size",
     "phase1": "lower train.batch_size (raise train.grad_accum to keep the batch), data.max_frames or model.image_size",
-    "eval": "lower --batch-size or data.max_frames (--set data.max_frames=N)",
+    "eval": "lower --batch-size or data.max_frames (data.max_frames=N after the run folder)",
     "generate": "lower --frames",
     "flops": "lower --frames or --text-tokens",
 }

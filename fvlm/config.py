@@ -135,6 +135,10 @@ class OptimConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.1
 
+    def peak_lrs(self) -> dict[str, float]:
+        """Each parameter group's peak learning rate, by group name."""
+        return {"connector": self.lr_connector, "dino": self.lr_dino, "llm": self.lr_llm}
+
 
 @dataclass
 class RunConfig:
@@ -159,6 +163,11 @@ class RunConfig:
         settings.pop("out_dir")
         blob = json.dumps(settings, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data stream and the synthetic set: data.seed, else the run's seed."""
+        return self.data.seed if self.data.seed is not None else self.seed
 
     @property
     def run_dir(self) -> Path:

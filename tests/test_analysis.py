@@ -11,10 +11,11 @@ import pytest
 import yaml
 from scipy import optimize
 
+from fvlm import run_folder
 from fvlm.analysis import compare, fits, scaling, table
 from fvlm.analysis.ablations import QUESTIONS, answer
-from fvlm.analysis.table import load
 from fvlm.analysis.cli import analyze
+from fvlm.analysis.table import load
 from fvlm.cli import main
 from fvlm.config import RunConfig
 from fvlm.errors import UsageError
@@ -41,7 +42,7 @@ def write_run(root: Path, run_id: str, samples: np.ndarray, loss: np.ndarray, pa
     steps = np.arange(1, len(samples) + 1) * 10
     ratio = 0.9 + 0.1 * np.exp(-steps / steps[-1])
     with (run_dir / "metrics.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=table.METRICS_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=run_folder.METRIC_COLUMNS)
         writer.writeheader()
         for i, (s, v) in enumerate(zip(samples, loss)):
             writer.writerow({"run_id": run_id, "step": steps[i], "samples_seen": int(s), "wall_time_sec": i,
@@ -61,7 +62,7 @@ def write_run(root: Path, run_id: str, samples: np.ndarray, loss: np.ndarray, pa
     (run_dir / "run_summary.json").write_text(json.dumps(summary))
     if extras:
         with (run_dir / "steps.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=table.STEPS_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=run_folder.STEP_COLUMNS_REQUIRED)
             writer.writeheader()
             for i, s in enumerate(np.linspace(1, samples[-1], 60)):
                 r = 0.9 + 0.1 * np.exp(-i / 20) + 0.01 * np.sin(i)

@@ -13,7 +13,8 @@ from PIL import Image
 from test_train import SMALL
 
 from fvlm.cli import main
-from fvlm.training.checkpoint import complete_checkpoints, load_data
+from fvlm.run_folder import complete_checkpoints
+from fvlm.training.checkpoint import load_data
 
 
 class Payload:

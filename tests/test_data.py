@@ -113,7 +113,7 @@ def test_synthetic_is_deterministic_and_counts_match(tmp_path, synth):
 
 
 def _ensure(cfg, queue):
-    queue.put(ensure_synthetic(cfg))
+    queue.put(ensure_synthetic(cfg.data, cfg.data_seed, cfg.out_dir))
 
 
 def test_ensure_synthetic_is_safe_when_two_processes_race(tmp_path):
@@ -129,7 +129,7 @@ def test_ensure_synthetic_is_safe_when_two_processes_race(tmp_path):
     results = [queue.get(timeout=120) for _ in racers]
     for p in racers:
         p.join()
-    assert results[0] == results[1] == ensure_synthetic(cfg)
+    assert results[0] == results[1] == ensure_synthetic(cfg.data, cfg.data_seed, cfg.out_dir)
     assert [p.name for p in (tmp_path / "data").iterdir()] == [Path(results[0]["train"]).parent.name]
     assert len(load_index(results[0]["train"])) == 10
 
@@ -138,9 +138,9 @@ def test_ensure_synthetic_generates_once(tmp_path):
     cfg = load_config(None, {"out_dir": str(tmp_path), "data.synth_videos": 4, "data.synth_images": 2,
                              "data.synth_texts": 2, "data.synth_val": 4, "data.synth_size": 32,
                              "data.val": str(tmp_path)})
-    first = ensure_synthetic(cfg)
+    first = ensure_synthetic(cfg.data, cfg.data_seed, cfg.out_dir)
     stamp = os.stat(Path(first["train"]).parent / "manifest.json").st_mtime_ns
-    second = ensure_synthetic(cfg)
+    second = ensure_synthetic(cfg.data, cfg.data_seed, cfg.out_dir)
     assert first == second and first["val"] == str(tmp_path)
     assert os.stat(Path(first["train"]).parent / "manifest.json").st_mtime_ns == stamp
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [Path(first["train"]).parent.name]
@@ -420,7 +420,7 @@ def test_cli_synth_then_inspect_json(tmp_path, capsys):
     assert "samples/s" in capsys.readouterr().out
     assert fvlm_main(args) == 2  # never writes into a folder that holds data
     capsys.readouterr()
-    assert fvlm_main(["data", "inspect", str(out), "--json", "--set", "model.image_size=32"]) == 0
+    assert fvlm_main(["data", "inspect", str(out), "--json", "model.image_size=32"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["splits"]["train"]["by_kind"] == {"video": 6, "image": 3, "text": 3}
     assert report["requested"]["train"]["video"] == 6 and report["splits"]["probe"]["by_kind"]["video"] == 2

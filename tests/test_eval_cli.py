@@ -110,8 +110,11 @@ def test_eval_rejects_bad_modes_and_folders(run, tmp_path, capsys):
     assert "incomplete checkpoint" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
     # The model is the checkpoint's: a model override would be accepted and do nothing.
-    assert main(["eval", str(run["run"]), "--data", "none", "--set", "model.arch=multi_token"]) == 2
-    assert "--set model.arch: the model is the checkpoint's" in capsys.readouterr().err
+    assert main(["eval", str(run["run"]), "--data", "none", "model.arch=multi_token"]) == 2
+    assert "model.arch: the model is the checkpoint's" in capsys.readouterr().err
+    # The old spelling says how to write it now.
+    assert main(["eval", str(run["run"]), "--set", "data.max_frames=4"]) == 2
+    assert "--set is gone" in capsys.readouterr().err
 
 
 def test_generate_on_an_image_and_a_frame_folder(run, tmp_path, capsys):

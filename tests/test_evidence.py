@@ -13,8 +13,15 @@ import pytest
 
 from fvlm.cli import main
 from fvlm.data.synth import generate_synthetic
-from fvlm.experiments.evidence import (EVIDENCE_FILE, EvidenceSettings, collect_evidence, compare,
-                                       evidence_markdown, paired_difference, verdict)
+from fvlm.experiments.evidence import (
+    EVIDENCE_FILE,
+    EvidenceSettings,
+    collect_evidence,
+    compare,
+    evidence_markdown,
+    paired_difference,
+    verdict,
+)
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -98,7 +105,7 @@ def test_every_target_run_is_measured_or_says_why(phase1):
     assert runs["F3"]["modes"] == ["coarse_only", "coarse_fine", "autoregressive"]
     assert runs["A6"]["modes"] == runs["B1"]["modes"] == ["coarse_only"]
     for rid in ("F3", "A6", "B1", "S-C4-F", "S-C4-B"):
-        for mode, r in runs[rid]["pixel"].items():
+        for r in runs[rid]["pixel"].values():
             assert r["n"] == 16 and r["tokens"] > 0
             assert r["pixel_gain"] == pytest.approx(r["loss_blank_frames"] - r["loss"])
             assert r["se"] > 0 and r["ci95"][0] < r["pixel_gain"] < r["ci95"][1]
@@ -198,7 +205,7 @@ def test_attention_on_the_mover_against_uniform(phase1):
 
 
 def test_report_section_and_decisions(phase1):
-    from fvlm.experiments.cli import write_report
+    from fvlm.experiments.phase1 import write_report
     from fvlm.experiments.presets import TINY
 
     root = phase1["root"]

@@ -18,7 +18,7 @@ from fvlm.experiments.presets import PAPER, TINY
 from fvlm.experiments.runner import Sweep
 from fvlm.model.flops import PLAN_BUDGETS
 
-# The plan's sample counts per budget (spec: "FLOP Budget Calibration").
+# The plan's sample counts per budget (docs/phase1_plan.md, "FLOP Budget Calibration").
 PLAN_SAMPLES = {
     "S": {"C1": 100e3, "C2": 360e3, "C3": 1e6, "C4": 2e6},
     "M": {"C1": 40e3, "C2": 140e3, "C3": 400e3, "C4": 800e3},

@@ -9,7 +9,7 @@ import json
 
 import yaml
 
-from fvlm.experiments.cli import run_phase1
+from fvlm.experiments.phase1 import run_phase1
 from fvlm.experiments.presets import TINY
 from fvlm.model.pretrain_tiny import LLM_SHAPES, Recipe
 

@@ -1,4 +1,4 @@
-"""`fvlm train`: config errors, parameter groups and schedules, every file of DESIGN.md §3, divergence,
+"""`fvlm train`: config errors, parameter groups and schedules, every file of the run folder (fvlm/run_folder.py), divergence,
 wandb offline. (Resume and DDP, which need subprocesses, are in test_train_resume.py.)"""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import yaml
 
 from fvlm.cli import main
 from fvlm.config import OptimConfig, load_config
-from fvlm.training.logs import METRIC_COLUMNS, STEP_COLUMNS
+from fvlm.run_folder import METRIC_COLUMNS, STEP_COLUMNS
 from fvlm.training.optim import group_lrs
 from fvlm.training.trainer import train
 

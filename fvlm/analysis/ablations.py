@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fvlm import run_folder as rf
 from fvlm.analysis.table import Run, Table
 
 # A run's noise is measured on the tail of its curve, where the curve is smooth enough for a
@@ -162,9 +163,9 @@ def instability(run: Run) -> str | None:
 def grad_norm_stability(run: Run) -> dict[str, Any]:
     """{"stable": True | False | None, "reason": str, "source": where the norms came from}; None when
     the run logged too few finite-or-not gradient norms to judge."""
-    source, norms = "steps.csv", (run.steps or {}).get("grad_norm")
+    source, norms = rf.STEPS, (run.steps or {}).get("grad_norm")
     if norms is None or len(norms) < MIN_GRAD_POINTS or np.isnan(norms).all():
-        source, norms = "metrics.csv", run.col("grad_norm")
+        source, norms = rf.METRICS, run.col("grad_norm")
     logged = norms[~np.isnan(norms)] if norms is not None else np.array([])
     if len(logged) < MIN_GRAD_POINTS:
         return {"stable": None, "source": None,
@@ -245,7 +246,9 @@ def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any
             return _unknown(question, stats, "fewer than two A8 runs scored image samples")
         winner, runner_up = ranked[0], ranked[1]
         paired = _paired_on_kind(runs[winner], runs[runner_up], "image")
-        by_kind = {"image": paired}
+        if paired is None:
+            return _unknown(question, stats, f"{winner} and {runner_up} scored no image samples in common")
+        by_kind: dict[str, dict[str, Any] | None] = {"image": paired}
         verdict = ("clear (95% interval above 0)" if paired["ci95_bootstrap"][0] > 0 else
                    "within noise (95% interval holds 0)")
         margin = paired["diff"]
@@ -253,10 +256,10 @@ def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any
         d1 = next(r for r in runs if plan_id(runs[r]) == "D1")
         f3 = next(r for r in runs if plan_id(runs[r]) == "F3")
         by_kind = {kind: _paired_on_kind(runs[d1], runs[f3], kind) for kind in kinds}
-        absent = [k for k, v in by_kind.items() if v is None]
-        if absent:
-            return _unknown(question, stats, f"no {' or '.join(absent)} samples scored by both D1 and F3")
         video, image = by_kind["video"], by_kind["image"]
+        if video is None or image is None:
+            absent = [k for k, v in by_kind.items() if v is None]
+            return _unknown(question, stats, f"no {' or '.join(absent)} samples scored by both D1 and F3")
         # D1 (video-heavy) wins only when it helps the video samples without hurting the image ones.
         d1_wins = video["ci95_bootstrap"][0] > 0 and image["ci95_bootstrap"][1] >= 0
         winner, runner_up = (d1, f3) if d1_wins else (f3, d1)
@@ -269,7 +272,7 @@ def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any
             "runs": [s["run"].run_id for s in stats], "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
             "metric": f"val loss on {' and '.join(kinds)} samples, paired on the same samples",
             "axis": "samples", "common_x": None, "winner": winner, "runner_up": runner_up, "margin": margin,
-            "noise": by_kind[kinds[0]]["se"], "verdict": verdict, "by_kind": by_kind, "unstable": {},
+            "noise": (by_kind[kinds[0]] or {}).get("se"), "verdict": verdict, "by_kind": by_kind, "unstable": {},
             "winner_at_best": None, "rows": stats}
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from scipy import optimize
@@ -121,7 +122,7 @@ class JointData:
     def n_sizes(self) -> int:
         return len(self.size_labels)
 
-    def take(self, idx: np.ndarray) -> "JointData":
+    def take(self, idx: np.ndarray) -> JointData:
         return JointData(self.n[idx], self.d[idx], self.loss[idx], self.size[idx], self.run[idx], self.size_labels)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from fvlm import run_folder as rf
 from fvlm.analysis import ablations
 from fvlm.analysis.fits import not_identified_text, predict_data_scaling
 from fvlm.analysis.table import Table
@@ -116,14 +117,14 @@ def _logging(table: Table) -> tuple[str, str]:
     for run in project:
         missing = []
         if run.summary is None:
-            missing.append("run_summary.json")
+            missing.append(rf.SUMMARY)
         if run.steps is None:
-            missing.append("steps.csv")
+            missing.append(rf.STEPS)
         queries = run.arch != "multi_token"  # the baseline has no query, so no query attention to log
         if queries and not run.attention_files:
             missing.append("attention maps")
         if not run.has_checkpoint_meta:
-            missing.append("checkpoint meta.json")
+            missing.append(f"checkpoint {rf.META}")
         for column in ("val_loss", "grad_norm") + (("loss_coarse", "attention_entropy") if queries else ()):
             if not np.isfinite(run.col(column)).any():
                 missing.append(f"metrics {column}")
@@ -385,7 +386,7 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
         lines += ["", "FLOPs of exported runs are estimated with the plan's 2 x N x 500 tokens per sample."]
 
     lines += ["", "## Figures", ""]
-    for title, fig_path, reason in figures:
+    for title, fig_path, _ in figures:
         if fig_path:
             lines += [f"### {title}", "", f"![{title}]({fig_path.name})", ""]
     absent = [(t, r) for t, p, r in figures if p is None]

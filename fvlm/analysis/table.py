@@ -1,7 +1,7 @@
 """One tidy table of runs and their eval points, read from run folders, sweep folders and exports.
 
 Every analysis (fits, ablation table, figures, report) reads this table and nothing else, so a
-project sweep and the historical export (spec/scaling_data_export.md) go through the same code.
+project sweep and the historical export (docs/scaling_data_export.md) go through the same code.
 The export writer lives here too, next to its reader, so that the two stay each other's inverse.
 """
 
@@ -18,23 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from fvlm import run_folder as rf
 from fvlm.errors import UsageError, read_json, read_text, read_yaml
 
-# Columns of DESIGN.md §3 that a run's metrics.csv must carry.
-METRICS_COLUMNS = (
-    "run_id", "step", "samples_seen", "wall_time_sec", "train_loss", "val_loss", "loss_fine",
-    "loss_coarse", "loss_ratio", "grad_norm", "attention_entropy", "lr_connector", "lr_dino",
-    "lr_llm", "throughput", "gpu_mem_gb", "val_loss_fine", "val_loss_coarse", "val_loss_ratio",
-)
-STEPS_COLUMNS = (
-    "run_id", "step", "samples_seen", "wall_time_sec", "train_loss", "loss_fine", "loss_coarse",
-    "loss_ratio", "grad_norm", "lr_connector", "lr_dino", "lr_llm", "throughput_samples_sec",
-    "gpu_mem_allocated_gb", "gpu_mem_reserved_gb",
-)
-SUMMARY_FIELDS = ("run_id", "status", "params", "total_samples", "total_steps", "best_val_loss",
-                  "best_val_step", "final_train_loss", "wall_time_hours")
-
-# The export format (spec/scaling_data_export.md).
+# The export format (docs/scaling_data_export.md).
 EVAL_POINT_COLUMNS = ("model_size", "run_id", "lr_schedule", "step", "samples_seen", "val_loss",
                       "train_loss", "lr", "throughput_sps", "attention_entropy")
 RUN_SUMMARY_COLUMNS = ("run_id", "model_size", "total_params", "lr_schedule", "total_samples",
@@ -268,32 +255,20 @@ def write_export_csvs(table: Table, folder: Path) -> None:
 # ----------------------------------------------------------------------------- run folders
 
 
-def _read_summary(path: Path) -> dict[str, Any]:
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    for name in SUMMARY_FIELDS:
-        if name not in data:
-            raise UsageError(f"{path}: missing field '{name}'")
-    if not isinstance(data["params"], dict) or "total" not in data["params"]:
-        raise UsageError(f"{path}: missing field 'params.total'")
-    return data
-
-
 def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> None:
-    config_path = folder / "config.yaml"
+    config_path = folder / rf.CONFIG
     if not config_path.is_file():
         raise UsageError(f"{config_path}: file not found")
     config = read_yaml(config_path) or {}
-    metrics_path = folder / "metrics.csv"
-    rows = read_csv(metrics_path, METRICS_COLUMNS)
-    numeric = [c for c in METRICS_COLUMNS if c != "run_id"]
+    metrics_path = folder / rf.METRICS
+    rows = read_csv(metrics_path, rf.METRIC_COLUMNS)
+    numeric = [c for c in rf.METRIC_COLUMNS if c != "run_id"]
     points = _columns(rows, numeric, metrics_path)
     order = np.argsort(points["step"], kind="stable")
     points = {_METRICS_RENAME.get(k, k): v[order] for k, v in points.items()}
 
-    summary_path = folder / "run_summary.json"
-    raw = _read_summary(summary_path) if summary_path.is_file() else None
+    summary_path = folder / rf.SUMMARY
+    raw = rf.read_summary(folder, complete=True)
     run_id = (raw or {}).get("run_id") or config.get("run_id") or folder.name
     llm = str(config.get("model", {}).get("llm", ""))
     params = float(raw["params"]["total"]) if raw else None
@@ -317,20 +292,20 @@ def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> Non
         summary["lr_schedule"] = str(config.get("optim", {}).get("schedule", ""))
 
     steps = None
-    steps_path = folder / "steps.csv"
+    steps_path = folder / rf.STEPS
     if steps_path.is_file():
-        step_rows = read_csv(steps_path, STEPS_COLUMNS)
-        steps = _columns(step_rows, [c for c in STEPS_COLUMNS if c != "run_id"], steps_path)
+        step_rows = read_csv(steps_path, rf.STEP_COLUMNS_REQUIRED)
+        steps = _columns(step_rows, [c for c in rf.STEP_COLUMNS_REQUIRED if c != "run_id"], steps_path)
 
     eval_result = None
-    eval_path = folder / "eval" / "eval.json"
+    eval_path = rf.eval_dir(folder) / rf.EVAL_JSON
     if eval_path.is_file():
         eval_result = read_json(eval_path)
         if not isinstance(eval_result, dict) or "modes" not in eval_result:
             raise UsageError(f"{eval_path}: missing field 'modes'")
 
     sources = None
-    sources_path = folder / "eval" / "sources.json"
+    sources_path = rf.sources_file(folder)
     if sources_path.is_file():
         sources = read_json(sources_path)
         missing = [k for k in ("keys", "kinds", "loss_sum", "tokens") if not isinstance(sources, dict) or k not in sources]
@@ -339,23 +314,22 @@ def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> Non
 
     arch, tokens = _arch_from_config(config)
     fps = (raw or {}).get("flops_per_sample")
-    ckpt_root = folder / "checkpoints"
     table.add(Run(
         run_id=run_id, model_size=size, params=params,
         lr_schedule=str(config.get("optim", {}).get("schedule", "")), status=status, arch=arch,
         tokens_per_frame=tokens, source=str(folder), points=points, summary=summary, config=config,
         flops_per_sample=float(fps) if fps else None, flops_estimated=False, steps=steps,
-        eval_result=eval_result, sources=sources, attention_files=sorted((folder / "attention").glob("step_*.npz")),
-        has_checkpoint_meta=any(ckpt_root.glob("step_*/meta.json")) if ckpt_root.is_dir() else False,
+        eval_result=eval_result, sources=sources, attention_files=rf.attention_files(folder),
+        has_checkpoint_meta=bool(rf.complete_checkpoints(folder)),
     ))
 
 
 def read_sweep(folder: Path, table: Table) -> None:
-    sweep_path = folder / "sweep.csv"
+    sweep_path = folder / rf.SWEEP_CSV
     for row in read_csv(sweep_path, ("run_id", "status")):
         run_dir = folder / row["run_id"]
-        if not (run_dir / "metrics.csv").is_file():
-            table.notes.append(f"{sweep_path}: run '{row['run_id']}' ({row['status']}) has no metrics.csv; left out")
+        if not (run_dir / rf.METRICS).is_file():
+            table.notes.append(f"{sweep_path}: run '{row['run_id']}' ({row['status']}) has no {rf.METRICS}; left out")
             continue
         read_run(run_dir, table, sweep_status=row["status"])
 
@@ -363,9 +337,9 @@ def read_sweep(folder: Path, table: Table) -> None:
 def _kind(folder: Path) -> str | None:
     if (folder / "all_eval_points.csv").is_file():
         return "export"
-    if (folder / "sweep.csv").is_file():
+    if (folder / rf.SWEEP_CSV).is_file():
         return "sweep"
-    if (folder / "metrics.csv").is_file() or (folder / "config.yaml").is_file():
+    if (folder / rf.METRICS).is_file() or (folder / rf.CONFIG).is_file():
         return "run"
     return None
 
@@ -385,7 +359,7 @@ def load(paths: list[str]) -> Table:
         children = [(c, _kind(c)) for c in sorted(folder.iterdir()) if c.is_dir()]
         children = [(c, k) for c, k in children if k]
         if not children:
-            raise UsageError(f"{folder}: not a run, sweep or export folder (no metrics.csv, sweep.csv or all_eval_points.csv in it or its sub-folders)")
+            raise UsageError(f"{folder}: not a run, sweep or export folder (no {rf.METRICS}, {rf.SWEEP_CSV} or all_eval_points.csv in it or its sub-folders)")
         for child, child_kind in children:
             readers[child_kind](child, table)
     if not table.runs:

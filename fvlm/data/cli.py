@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fvlm import overrides
 from fvlm.config import DataConfig
 from fvlm.errors import UsageError
 
@@ -42,10 +43,9 @@ def register(sub) -> None:
 
     inspect = data_sub.add_parser("inspect", help="counts, mix, lengths and skipped samples of a data path")
     inspect.add_argument("path", metavar="PATH", help="folder, glob, comma list, mix .yaml, or a `data synth` folder")
-    inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="a config field that shapes the reading (train.stage=2, data.max_text_tokens=96, "
-                              "data.mix={video: 0.6, image: 0.4}); repeatable")
-    inspect.add_argument("--config", default=None, help="config file or shipped name (default: tiny)")
+    overrides.add_arguments(inspect, help_text="a config file or shipped config name (default: tiny), then the "
+                                               "fields that shape the reading (train.stage=2, "
+                                               "data.max_text_tokens=96, 'data.mix={video: 0.6, image: 0.4}')")
     inspect.add_argument("--no-decode", action="store_true", help="headers and JSON only: fast, but misses bad frames")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(func=cmd_inspect)
@@ -87,7 +87,8 @@ def cmd_inspect(args) -> int:
     from fvlm.config import load_config
     from fvlm.data.inspect import format_report, inspect_path
 
-    cfg = load_config(args.config, args.set)
+    config, items = overrides.from_args(args, "data inspect")
+    cfg = load_config(config, items)
     report = inspect_path(args.path, cfg, decode=not args.no_decode)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import io
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from fvlm.data.index import IMAGE_EXTS
+
+if TYPE_CHECKING:  # torch is imported where frames are normalised, so that indexing data stays light
+    import torch
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -22,6 +26,8 @@ DEFAULT_PROMPTS = {
 
 class SampleError(Exception):
     """A sample that cannot be used; `reason` is the skip-count key."""
+
+    where: tuple[str, str]  # (shard, key), set by the reader that met the sample
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -58,7 +64,8 @@ def decode_mp4(data: bytes, size: int, fps: float, max_frames: int) -> np.ndarra
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
-            picked, next_t = [], 0.0
+            picked: list[np.ndarray] = []
+            next_t = 0.0
             for frame in container.decode(stream):
                 t = float(frame.time) if frame.time is not None else len(picked) / fps
                 if t + 1e-6 >= next_t:
@@ -106,7 +113,7 @@ def normalise_into(out, frames_uint8: np.ndarray) -> None:
     out.mul_(torch.from_numpy(1.0 / (255.0 * STD)).view(3, 1, 1)).sub_(torch.from_numpy(MEAN / STD).view(3, 1, 1))
 
 
-def normalise(frames_uint8: np.ndarray) -> "torch.Tensor":  # noqa: F821
+def normalise(frames_uint8: np.ndarray) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> a new float32 tensor [T, 3, H, W], normalised as DINOv2 expects."""
     import torch
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from fvlm.data.decode import SampleError
 from fvlm.data.index import KINDS
-from fvlm.data.loader import SampleReader, data_seed, load_index
+from fvlm.data.loader import load_index, sample_reader
 from fvlm.data.schedule import TrainSchedule, source_probabilities
 from fvlm.errors import UsageError
 
@@ -35,14 +35,12 @@ def inspect_split(spec: str, cfg, *, decode: bool = True, draws: int = 20000) ->
 
     d = cfg.data
     index = load_index(spec, "data inspect")
-    reader = SampleReader(index, load_tokenizer(cfg.model.llm), image_size=cfg.model.image_size,
-                          stage=cfg.train.stage, max_text_tokens=d.max_text_tokens, max_frames=d.max_frames,
-                          fps=d.fps, replicate_image_frames=d.replicate_image_frames)
+    reader = sample_reader(cfg, index, load_tokenizer(cfg.model.llm))
     skipped = [{"shard": s.shard, "key": s.key, "reason": s.reason} for s in index.skips]
     frames_hist: Counter = Counter()
     tokens_hist: Counter = Counter()
     token_lengths = []
-    usable = Counter()
+    usable: Counter[str] = Counter()
     for row in range(len(index)):
         if decode:
             try:
@@ -75,10 +73,10 @@ def inspect_split(spec: str, cfg, *, decode: bool = True, draws: int = 20000) ->
         }
     if len(index):
         requested = source_probabilities(index, d.mix, d.text_ratio)
-        rows = TrainSchedule(index, requested, data_seed(cfg)).rows_at(0, draws)
+        rows = TrainSchedule(index, requested, cfg.data_seed).rows_at(0, draws)
         realised_sources = Counter(index.source_of(int(r)) for r in rows)
         realised_kinds = Counter(index.kind_of(int(r)) for r in rows)
-        requested_kinds = Counter()
+        requested_kinds: dict[str, float] = dict.fromkeys(KINDS, 0.0)
         for source, p in requested.items():
             rows_of = index.rows_of_source(source)
             for k in KINDS:

@@ -35,6 +35,8 @@ from fvlm.data.decode import (
 from fvlm.data.index import KINDS, DataIndex, build_index, read_sample
 from fvlm.data.schedule import TrainSchedule, source_probabilities
 from fvlm.data.sources import resolve_sources
+from fvlm.data.synth import ensure_synthetic
+from fvlm.errors import UsageError
 
 log = logging.getLogger("fvlm.data")
 SPLITS = ("train", "val", "probe", "bench")
@@ -153,7 +155,7 @@ class _Items:
         return int(rows[(np.searchsorted(rows, row) + 1) % len(rows)])
 
     def __getitem__(self, row: int):
-        events = []
+        events: list[tuple[str, str, str]] = []
         for _ in range(_MAX_SUBSTITUTES if self.substitute else 1):
             try:
                 return self.reader.load(row), events
@@ -342,20 +344,23 @@ class Loader:
         self.bad = {tuple(item) for item in state.get("bad", [])}
 
 
-def data_seed(cfg) -> int:
-    return cfg.data.seed if cfg.data.seed is not None else cfg.seed
-
-
 def split_path(cfg, split: str) -> str:
     """The shard spec for a split, generating the synthetic set when the config asks for it."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     spec = getattr(cfg.data, split, "synthetic")
     if spec == "synthetic":
-        from fvlm.data.synth import ensure_synthetic
-
-        return ensure_synthetic(cfg)[split]
+        return ensure_synthetic(cfg.data, cfg.data_seed, cfg.out_dir)[split]
     return spec
+
+
+def sample_reader(cfg, index: DataIndex, tokenizer) -> SampleReader:
+    """Reads samples of `index` the way a run of `cfg` trains on them (also what `fvlm data inspect`
+    measures)."""
+    d = cfg.data
+    return SampleReader(index, tokenizer, image_size=cfg.model.image_size, stage=cfg.train.stage,
+                        max_text_tokens=d.max_text_tokens, max_frames=d.max_frames, fps=d.fps,
+                        replicate_image_frames=d.replicate_image_frames)
 
 
 def build_loader(cfg, split: str, tokenizer, *, rank: int = 0, world_size: int = 1, train: bool | None = None,
@@ -367,17 +372,13 @@ def build_loader(cfg, split: str, tokenizer, *, rank: int = 0, world_size: int =
     train = split == "train" if train is None else train
     d = cfg.data
     index = load_index(split_path(cfg, split), f"data.{split}")
-    seed = data_seed(cfg)
+    seed = cfg.data_seed
     schedule = None
     if train:
         schedule = TrainSchedule(index, source_probabilities(index, d.mix, d.text_ratio), seed)
     elif not len(index):
-        from fvlm.errors import UsageError
-
         raise UsageError(f"data.{split}: no usable samples (run `fvlm data inspect` on it)")
-    reader = SampleReader(index, tokenizer, image_size=cfg.model.image_size, stage=cfg.train.stage,
-                          max_text_tokens=d.max_text_tokens, max_frames=d.max_frames, fps=d.fps,
-                          replicate_image_frames=d.replicate_image_frames)
+    reader = sample_reader(cfg, index, tokenizer)
     if batch_size is None:
         batch_size = cfg.train.batch_size if train else cfg.train.eval_batch_size
     return Loader(reader, train=train, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,

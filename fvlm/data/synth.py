@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from fvlm.cache import build_once
+from fvlm.config import DataConfig
 
 # 3: samples carry their scene (objects, mover) in the JSON; multiple-choice answers are the option text
 # 4: videos carry the mover's box per frame; the "reveal" video task
@@ -419,12 +420,9 @@ def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames:
     return manifest
 
 
-def synth_params(cfg) -> dict:
-    from fvlm.data.loader import data_seed
-
-    d = cfg.data
+def synth_params(d: DataConfig, seed: int) -> dict:
     params = {"videos": d.synth_videos, "images": d.synth_images, "texts": d.synth_texts, "frames": d.synth_frames,
-              "size": d.synth_size, "seed": data_seed(cfg), "val": d.synth_val, "probe": 10, "bench": 200}
+              "size": d.synth_size, "seed": seed, "val": d.synth_val, "probe": 10, "bench": 200}
     scene = {"mc_fraction": d.synth_mc_fraction, "min_objects": d.synth_min_objects,
              "max_objects": d.synth_max_objects, "object_scale": tuple(d.synth_object_scale),
              "background": d.synth_background, "video_task": d.synth_video_task}
@@ -435,16 +433,16 @@ def synth_params(cfg) -> dict:
     return params
 
 
-def ensure_synthetic(cfg) -> dict[str, str]:
+def ensure_synthetic(data: DataConfig, seed: int, out_dir: str | Path) -> dict[str, str]:
     """Split -> shard folder. Splits whose path is "synthetic" point into a set generated once under
     <out_dir>/data/synth-<hash>/; two processes racing both generate, and the first rename wins."""
-    params = synth_params(cfg)
+    params = synth_params(data, seed)
     digest = hashlib.sha256(json.dumps([GENERATOR_VERSION, params], sort_keys=True).encode()).hexdigest()[:10]
-    root = build_once(Path(cfg.out_dir) / "data" / f"synth-{digest}", "manifest.json",
+    root = build_once(Path(out_dir) / "data" / f"synth-{digest}", "manifest.json",
                       lambda tmp: generate_synthetic(tmp, **params))
     paths = {split: str(root / split) for split in ("train", "val", "probe", "bench")}
     for split in ("train", "val", "probe"):
-        configured = getattr(cfg.data, split)
+        configured = getattr(data, split)
         if configured != "synthetic":
             paths[split] = configured
     return paths

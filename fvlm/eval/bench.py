@@ -43,7 +43,7 @@ class VisualSettings:
     image_frames: int
 
     @classmethod
-    def from_config(cls, cfg) -> "VisualSettings":
+    def from_config(cls, cfg) -> VisualSettings:
         d = cfg.data
         return cls(cfg.model.image_size, d.max_frames, d.fps, d.replicate_image_frames)
 

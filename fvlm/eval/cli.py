@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fvlm import overrides
 from fvlm.errors import UsageError
 
 MODES_HELP = "comma-separated: coarse_only,coarse_fine,autoregressive (default: every mode the model has)"
@@ -39,8 +40,8 @@ def register(sub) -> None:
                     help="draw where the model looks on the first N probe videos (PNG per video)")
     ev.add_argument("--gif", action="store_true", help="also write a GIF per attention video")
     ev.add_argument("--layer", type=int, help="attention of one DINO layer (default: mean over layers)")
-    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a run config field (e.g. data.max_frames=16)")
+    overrides.add_arguments(ev, config=False, help_text="run config fields to override (e.g. data.max_frames=16); "
+                                                        "the model is the checkpoint's")
     ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     ev.set_defaults(func=cmd_eval)
 
@@ -81,55 +82,15 @@ def _cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from fvlm.eval.evaluate import evaluate_checkpoint, find_checkpoints, write_results
+    from fvlm.eval.evaluate import evaluate_run
 
     if args.batch_size < 1 or args.max_samples < 0 or args.attention < 0:
         raise UsageError("--batch-size must be >= 1; --max-samples and --attention >= 0")
+    _, items = overrides.from_args(args, "eval", config=False)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoints = find_checkpoints(args.target, args.all_checkpoints)
-    first = checkpoints[0]
-    out = Path(args.out) if args.out else (first.run_dir or first.folder) / "eval"
-    entries = []
-    for ckpt in checkpoints:
-        entries.append(evaluate_checkpoint(ckpt, modes=modes, data=args.data, benches=args.bench, overrides=args.set,
-                                           max_samples=args.max_samples, batch_size=args.batch_size, device=device,
-                                           score=args.score, log_samples=out if args.log_samples else None))
-    if args.attention:
-        entries[-1]["attention"] = draw_probe_attention(checkpoints[-1], args, out / "attention", device)
-    path = write_results(entries, out)
+    path = evaluate_run(args.target, out=args.out, all_checkpoints=args.all_checkpoints, modes=modes, data=args.data,
+                        benches=args.bench, overrides=items, max_samples=args.max_samples,
+                        batch_size=args.batch_size, device=args.device, score=args.score, attention=args.attention,
+                        gif=args.gif, layer=args.layer, log_samples=args.log_samples)
     print(f"wrote {path} and {path.with_name('eval.md')}")
     return 0
-
-
-def draw_probe_attention(ckpt, args, out, device) -> dict:
-    """Pictures of the first N probe videos of the run's data, plus the arrays behind them."""
-    from fvlm.data.loader import build_loader
-    from fvlm.eval.evaluate import run_config
-    from fvlm.eval.looks import attention_record, draw, save_npz
-    from fvlm.model.build import load_model
-
-    model, tokenizer = load_model(ckpt.folder, device=device)
-    model.eval()
-    cfg = run_config(ckpt, model.cfg, args.set)
-    batch = next(iter(build_loader(cfg, "probe", tokenizer, train=False, batch_size=args.attention,
-                                   max_samples=args.attention)))
-    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    record = attention_record(model, batch, batch["keys"], ckpt.step, out / "attention.npz")
-    save_npz(record, record.path)
-    looked = draw(record, out, gif=args.gif, layer=args.layer)
-    tracked = [v for v in looked.values() if v["fine_on_mover"] is not None]
-    summary = {"videos": looked, "npz": str(record.path)}
-    if tracked:
-        for name in ("coarse_on_mover", "fine_on_mover", "mover_area"):
-            summary[f"mean_{name}"] = sum(v[name] for v in tracked) / len(tracked)
-        print(f"attention on the moving object (share of patch mass, {len(tracked)} videos): static query "
-              f"{summary['mean_coarse_on_mover']:.3f}, fine query {summary['mean_fine_on_mover']:.3f} "
-              f"(uniform attention: {summary['mean_mover_area']:.3f})")
-    print(f"attention pictures: {out}")
-    return summary

@@ -12,18 +12,21 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from fvlm import run_folder as rf
+from fvlm.config import config_from_dict, load_config, parse_overrides
+from fvlm.data.loader import build_loader, split_path
 from fvlm.errors import UsageError, read_json, read_yaml
 from fvlm.eval import paired
 from fvlm.eval.bench import VisualSettings, bench_name, read_bench
+from fvlm.eval.looks import attention_record, draw, save_npz
 from fvlm.eval.paired import MODES_ORDER
 from fvlm.eval.scoring import Question, encode_question, frames_batch, score_batch, summarise
-
-MODEL_FILE = "model.safetensors"
-META_FILE = "meta.json"
+from fvlm.model.build import load_model
 
 
 @dataclass
@@ -35,13 +38,13 @@ class Checkpoint:
 
 
 def _checkpoint(folder: Path, run_dir: Path | None) -> Checkpoint:
-    meta_path = folder / META_FILE
+    meta_path = folder / rf.META
     meta = read_json(meta_path) if meta_path.is_file() else {}
     if not isinstance(meta, dict):
         raise UsageError(f"{meta_path}: expected a JSON object")
     step = meta.get("step")
-    if step is None and folder.name.startswith("step_") and folder.name[5:].isdigit():
-        step = int(folder.name[5:])
+    if step is None:
+        step = rf.step_of(folder)
     return Checkpoint(folder, run_dir, step, meta)
 
 
@@ -49,18 +52,15 @@ def find_checkpoints(target: str | Path, all_checkpoints: bool = False) -> list[
     """A run folder (its latest complete checkpoint, or all of them), a checkpoint folder, or a
     model folder written by `save_model`. A checkpoint without meta.json is incomplete: never read."""
     path = Path(target).expanduser()
-    if (path / MODEL_FILE).is_file():
-        in_run = path.parent.name == "checkpoints"
-        if in_run and not (path / META_FILE).is_file():
-            raise UsageError(f"{path}: incomplete checkpoint (no {META_FILE})")
-        return [_checkpoint(path, path.parent.parent if in_run else None)]
+    if (path / rf.MODEL_FILE).is_file():
+        run_dir = rf.in_run_folder(path)
+        if run_dir is not None and not (path / rf.META).is_file():
+            raise UsageError(f"{path}: incomplete checkpoint (no {rf.META})")
+        return [_checkpoint(path, run_dir)]
     if not path.is_dir():
         raise UsageError(f"{path}: no such run or checkpoint folder")
-    found = []
-    root = path / "checkpoints"
-    for folder in root.glob("step_*") if root.is_dir() else []:
-        if folder.name[5:].isdigit() and (folder / META_FILE).is_file() and (folder / MODEL_FILE).is_file():
-            found.append(_checkpoint(folder, path))
+    found = [_checkpoint(folder, path) for _, folder in rf.complete_checkpoints(path)
+             if (folder / rf.MODEL_FILE).is_file()]
     if not found:
         raise UsageError(f"{path}: neither a run folder with complete checkpoints nor a saved model")
     found.sort(key=lambda c: c.step)
@@ -71,21 +71,19 @@ def run_config(ckpt: Checkpoint, model_cfg, overrides: list[str]):
     """The run's resolved config (its data settings decide how frames and text are prepared), from
     the run's config.yaml or the checkpoint's meta.json, with `key=value` overrides and the saved
     model's own model config. Synthetic data resolves beside the run, where training generated it."""
-    from fvlm.config import config_from_dict, load_config, parse_overrides
-
     changed_model = [key for key, _ in parse_overrides(overrides) if key.split(".")[0] == "model"]
     if changed_model:
         # The model is the checkpoint's (architecture, backbones, queries): an override of it would be
         # accepted and silently do nothing.
-        raise UsageError(f"--set {changed_model[0]}: the model is the checkpoint's and cannot be changed at "
+        raise UsageError(f"{changed_model[0]}: the model is the checkpoint's and cannot be changed at "
                          f"evaluation; only data and eval settings can")
-    config_file = ckpt.run_dir / "config.yaml" if ckpt.run_dir is not None else None
+    config_file = ckpt.run_dir / rf.CONFIG if ckpt.run_dir is not None else None
     if config_file is not None and config_file.is_file():
         settings, source = read_yaml(config_file), str(config_file)
         if not isinstance(settings, dict):
             raise UsageError(f"{config_file}: expected a mapping of settings")
     elif isinstance(ckpt.meta.get("config"), dict):
-        settings, source = ckpt.meta["config"], str(ckpt.folder / META_FILE)
+        settings, source = ckpt.meta["config"], str(ckpt.folder / rf.META)
     else:
         cfg = load_config(None, overrides)
         cfg.model = model_cfg
@@ -159,7 +157,7 @@ def sample_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_co
 def summarise_losses(per_sample: dict) -> dict:
     """`sample_losses` -> {mode: {loss, n, tokens[, loss_blank_frames, pixel_gain]}}: token-weighted
     validation loss per mode (every answer token counts once, whatever sample it is in)."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     n = len(per_sample["keys"])
     for mode, arrays in per_sample["modes"].items():
         tokens = int(arrays["tokens"].sum())
@@ -238,8 +236,6 @@ def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str 
     control and the paired accuracy differences between modes (`bench_differences`). With
     `log_samples` (a folder), every question's option scores and chosen option go to
     samples_step_NNNNNNN.jsonl there."""
-    from fvlm.model.build import load_model
-
     began = time.perf_counter()
     model, tokenizer = load_model(ckpt.folder, device=device)
     model.eval()
@@ -257,8 +253,6 @@ def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str 
         "gaps": {},
     }
     if data != "none":
-        from fvlm.data.loader import build_loader
-
         if data:
             cfg.data.val = data
         loader = build_loader(cfg, "val", tokenizer, train=False, batch_size=batch_size,
@@ -269,8 +263,6 @@ def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str 
         entry["gap_intervals"] = paired.loss_gap_intervals(per_sample)
     settings = VisualSettings.from_config(cfg)
     if not benches and cfg.data.train == "synthetic":
-        from fvlm.data.loader import split_path
-
         benches = [split_path(cfg, "bench")]
         names = ["synthetic_mc"]
     else:
@@ -348,6 +340,54 @@ def write_results(entries: list[dict], out: Path) -> Path:
     if len(entries) > 1:
         result["steps"] = entries
         result["checkpoint_differences"] = [paired.checkpoint_differences(entries[-1], e) for e in entries[:-1]]
-    (out / "eval.json").write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
-    (out / "eval.md").write_text("# Evaluation\n\n" + "\n".join(format_entry(e) for e in entries))
-    return out / "eval.json"
+    (out / rf.EVAL_JSON).write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    (out / rf.EVAL_MD).write_text("# Evaluation\n\n" + "\n".join(format_entry(e) for e in entries))
+    return out / rf.EVAL_JSON
+
+
+def evaluate_run(target: str | Path, *, out: Path | None = None, all_checkpoints: bool = False,
+                 modes: list[str] | None = None, data: str | None = None, benches: list[str] | None = None,
+                 overrides: list[str] | None = None, max_samples: int = 0, batch_size: int = 8,
+                 device: str | None = None, score: str = "mean", attention: int = 0, gif: bool = False,
+                 layer: int | None = None, log_samples: bool = False) -> Path:
+    """`fvlm eval` as a function: every chosen checkpoint of `target` evaluated, attention pictures of
+    the first `attention` probe videos, the results written to `out` (default <run>/eval); returns
+    the eval.json written. `log_samples` also writes every question's option scores and chosen option
+    (samples_step_NNNNNNN.jsonl in `out`)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    overrides = list(overrides or [])
+    checkpoints = find_checkpoints(target, all_checkpoints)
+    first = checkpoints[0]
+    out = Path(out) if out else rf.eval_dir(first.run_dir or first.folder)
+    entries = [evaluate_checkpoint(ckpt, modes=modes, data=data, benches=list(benches or []), overrides=overrides,
+                                   max_samples=max_samples, batch_size=batch_size, device=device, score=score,
+                                   log_samples=out if log_samples else None)
+               for ckpt in checkpoints]
+    if attention:
+        entries[-1]["attention"] = draw_probe_attention(checkpoints[-1], overrides, attention, out / rf.ATTENTION,
+                                                        device, gif=gif, layer=layer)
+    return write_results(entries, out)
+
+
+def draw_probe_attention(ckpt: Checkpoint, overrides: list[str], videos: int, out: Path, device: str,
+                         gif: bool = False, layer: int | None = None) -> dict:
+    """Pictures of the first `videos` probe videos of the run's data, plus the arrays behind them."""
+    model, tokenizer = load_model(ckpt.folder, device=device)
+    model.eval()
+    cfg = run_config(ckpt, model.cfg, overrides)
+    batch = next(iter(build_loader(cfg, "probe", tokenizer, train=False, batch_size=videos, max_samples=videos)))
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    record = attention_record(model, batch, batch["keys"], ckpt.step, out / "attention.npz")
+    save_npz(record, record.path)
+    looked = draw(record, out, gif=gif, layer=layer)
+    tracked = [v for v in looked.values() if v["fine_on_mover"] is not None]
+    summary = {"videos": looked, "npz": str(record.path)}
+    if tracked:
+        for name in ("coarse_on_mover", "fine_on_mover", "mover_area"):
+            summary[f"mean_{name}"] = sum(v[name] for v in tracked) / len(tracked)
+        print(f"attention on the moving object (share of patch mass, {len(tracked)} videos): static query "
+              f"{summary['mean_coarse_on_mover']:.3f}, fine query {summary['mean_fine_on_mover']:.3f} "
+              f"(uniform attention: {summary['mean_mover_area']:.3f})")
+    print(f"attention pictures: {out}")
+    return summary

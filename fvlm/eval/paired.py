@@ -84,7 +84,7 @@ def sample_records(name: str, step: int | None, questions, scores: dict[str, lis
                       "category": q.category, "options": list(q.options), "answer": q.answer,
                       "scores_mean": [float(v) for v in s[:, 1]], "scores_sum": [float(v) for v in s[:, 0]],
                       "score": score, "chosen": chosen[i], "correct": chosen[i] == q.answer}
-            if grey:
+            if grey is not None and grey_chosen is not None:
                 record.update(grey_scores_mean=[float(v) for v in grey[mode][i][:, 1]],
                               grey_scores_sum=[float(v) for v in grey[mode][i][:, 0]],
                               grey_chosen=grey_chosen[i])

@@ -12,8 +12,8 @@ choice because options differ in length and a sum penalises the longer ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -182,7 +182,7 @@ def accuracy_summary(correct: list[bool], n_options: list[int], clusters: list[s
     return {
         "accuracy": hits / n if n else float("nan"),
         "ci95": clustered_accuracy_interval(correct, clusters) if clustered else wilson,
-        "ci95_method": f"bootstrap over {len(set(clusters))} videos" if clustered else "wilson",
+        "ci95_method": f"bootstrap over {len(set(clusters or []))} videos" if clustered else "wilson",
         "ci95_wilson": wilson,
         "chance": float(np.mean([1.0 / k for k in n_options])) if n else float("nan"),
         "n": n,

@@ -72,11 +72,11 @@ def paired_difference(a, b, weights=None, *, clusters=None, n_boot: int = N_BOOT
     else:
         se = nan
     rng = np.random.default_rng(seed)
-    boot = []
+    chunks = []
     for start in range(0, n_boot, 500):  # in chunks: [chunk, clusters] index arrays stay small
         idx = rng.integers(0, n_clusters, size=(min(500, n_boot - start), n_clusters))
-        boot.append(wd_c[idx].sum(1) / w_c[idx].sum(1))
-    boot = np.concatenate(boot) if boot else np.array([diff])
+        chunks.append(wd_c[idx].sum(1) / w_c[idx].sum(1))
+    boot = np.concatenate(chunks) if chunks else np.array([diff])
     return {
         "n": n,
         "n_clusters": n_clusters,

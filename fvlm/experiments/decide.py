@@ -93,7 +93,7 @@ def lock(folder: Path, specs: list[RunSpec], skipped: dict[str, str] | None = No
     evaluate_sources_of(folder, SOURCE_RUNS)
     table = load([str(folder)])
     by_id = {s.run_id: s for s in specs}
-    choices = []
+    choices: list[dict[str, Any]] = []
     for qid in ADOPTED:
         if qid == "learning_rate" and skipped and "LR2" in skipped:
             choices.append({"question": qid, "choice": None, "adopted": {}, "reason": skipped["LR2"]})

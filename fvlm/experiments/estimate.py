@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fvlm import run_folder as rf
 from fvlm.config import RunConfig
 from fvlm.experiments.presets import Preset
 
@@ -71,7 +72,7 @@ def _saved_model(run_dir: Path) -> tuple[str, str] | None:
     import yaml
 
     try:
-        model = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("model") or {}
+        model = (yaml.safe_load((run_dir / rf.CONFIG).read_text()) or {}).get("model") or {}
     except (OSError, yaml.YAMLError, AttributeError):
         return None
     return (Path(str(model.get("llm", ""))).name, str(model.get("arch", "foveated"))) if model else None

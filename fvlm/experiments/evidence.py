@@ -28,12 +28,15 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from fvlm import run_folder as rf
+from fvlm.errors import UsageError
 from fvlm.eval.stats import N_BOOT, paired_difference
 
 EVIDENCE_FILE = "evidence.json"
@@ -93,23 +96,19 @@ def verdict(interval) -> str:
 
 
 def _run_status(run_dir: Path) -> str:
-    summary = run_dir / "run_summary.json"
     if not run_dir.is_dir():
         return "missing"
-    if not summary.is_file():
+    if not (run_dir / rf.SUMMARY).is_file():
         return "not finished"
-    try:
-        return str(json.loads(summary.read_text()).get("status", "unknown"))
-    except (OSError, ValueError):
-        return "unreadable run_summary.json"
+    summary = rf.read_summary(run_dir)
+    return f"unreadable {rf.SUMMARY}" if summary is None else str(summary.get("status", "unknown"))
 
 
 def fingerprint(run_dir: Path) -> dict[str, Any]:
     """What identifies the state of a run: its status and, when completed, its latest complete
     checkpoint (folder, step, the model file's size and modification time). Equal fingerprints:
     the evidence measured before still holds."""
-    from fvlm.errors import UsageError
-    from fvlm.eval.evaluate import MODEL_FILE, find_checkpoints
+    from fvlm.eval.evaluate import find_checkpoints  # imports torch: only when a run is fingerprinted
 
     status = _run_status(run_dir)
     if status != "completed":
@@ -118,7 +117,7 @@ def fingerprint(run_dir: Path) -> dict[str, Any]:
         ckpt = find_checkpoints(run_dir)[-1]
     except UsageError as exc:
         return {"status": "no checkpoint", "error": str(exc)}
-    stat = (ckpt.folder / MODEL_FILE).stat()
+    stat = (ckpt.folder / rf.MODEL_FILE).stat()
     return {"status": status, "checkpoint": ckpt.folder.name, "step": ckpt.step, "model_bytes": stat.st_size,
             "model_mtime_ns": stat.st_mtime_ns}
 

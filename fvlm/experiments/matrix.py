@@ -84,7 +84,7 @@ def samples_per_step(cfg: RunConfig) -> int:
 def ablation_specs(preset: Preset, freeze_winner: str | None = None) -> list[RunSpec]:
     """The plan's twelve runs with its knobs. With `freeze_winner="F1"` the LR runs are left out
     (the plan: only the connector LR matters when the backbones are frozen)."""
-    c, b = preset.connector_lr, preset.backbone_lr
+    b = preset.backbone_lr
     n = preset.ablation_samples
     image = {"data.mix": dict(preset.image_heavy_mix), "data.text_ratio": preset.image_heavy_mix["text"],
              "train.stage": 2}

@@ -16,11 +16,11 @@ the evaluation as missing.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-SOURCES_FILE = "sources.json"
-EVAL_FILE = "eval.json"
+from fvlm import run_folder as rf
 
 
 def _device() -> str:
@@ -40,7 +40,7 @@ def evaluate_sources(run_dir: Path, *, max_samples: int = 0, batch_size: int = 8
     from fvlm.eval.evaluate import find_checkpoints, run_config, sample_losses
     from fvlm.model.build import load_model
 
-    out = Path(run_dir) / "eval" / SOURCES_FILE
+    out = rf.sources_file(run_dir)
     try:
         ckpt = find_checkpoints(run_dir)[-1]
     except UsageError:
@@ -108,13 +108,13 @@ def evaluate_phase1b(scaling_dir: Path, bench: Path | None = None, *, max_sample
         log("[phase1b eval] no completed foveated grid cell: the three-mode evaluation is skipped")
         return None
     run_dir, best_step = found
-    out = run_dir / "eval"
+    out = rf.eval_dir(run_dir)
     checkpoints = find_checkpoints(run_dir, all_checkpoints=True)
     steps = [c.step for c in checkpoints]
-    if (out / EVAL_FILE).is_file():
-        done = json.loads((out / EVAL_FILE).read_text())
+    if (out / rf.EVAL_JSON).is_file():
+        done = json.loads((out / rf.EVAL_JSON).read_text())
         if [e.get("step") for e in done.get("steps", [done])] == steps:
-            return out / EVAL_FILE
+            return out / rf.EVAL_JSON
     device = device or _device()
     entries = []
     for ckpt in checkpoints:

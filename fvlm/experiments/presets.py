@@ -1,4 +1,4 @@
-"""The two Phase 1 presets: `paper` (the plan's settings, spec/phase1_ablations_and_scaling_plan.md)
+"""The two Phase 1 presets: `paper` (the plan's settings, docs/phase1_plan.md)
 and `tiny` (the same plan shrunk to finish on a 2-core CPU in minutes).
 
 A preset says what every run shares (a shipped config plus overrides), how long an ablation runs,

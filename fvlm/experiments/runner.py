@@ -14,34 +14,34 @@ flight stop at the end of their step with a checkpoint, records them as interrup
 from __future__ import annotations
 
 import contextlib
-import csv
+import ctypes
+import fcntl
 import json
-import math
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
+from fvlm import run_folder as rf
 from fvlm.config import RunConfig, config_from_dict, load_config
+from fvlm.data.synth import ensure_synthetic
 from fvlm.errors import UsageError, read_json
+from fvlm.experiments import slurm
 from fvlm.experiments.matrix import RunSpec
 from fvlm.experiments.slurm import SlurmSettings
+from fvlm.model.flops import estimate_flops
 
-STATE_FILE = "sweep_state.json"
-SWEEP_CSV = "sweep.csv"
 FINISHED = ("completed", "diverged", "failed")
-SWEEP_COLUMNS = (
-    "run_id", "sweep", "status", "description", "diff", "planned_samples", "planned_flops", "flops_per_sample",
-    "total_samples", "total_steps", "total_flops", "best_val_loss", "best_val_step", "final_val_loss",
-    "final_val_loss_fine", "final_val_loss_coarse", "final_val_loss_ratio", "final_attention_entropy",
-    "final_train_loss", "wall_time_sec", "config_hash", "error",
-)
 
 
 def diff_text(diff: dict[str, Any]) -> str:
@@ -80,9 +80,7 @@ def resolve_synthetic(preset_config: str, base: dict[str, Any], root: Path) -> d
     cfg = load_config(preset_config, {**base, "run_id": "data", "out_dir": str(root)})
     if "synthetic" not in (cfg.data.train, cfg.data.val, cfg.data.probe):
         return base
-    from fvlm.data.synth import ensure_synthetic
-
-    paths = ensure_synthetic(cfg)
+    paths = ensure_synthetic(cfg.data, cfg.data_seed, cfg.out_dir)
     return {**base, **{f"data.{split}": paths[split] for split in ("train", "val", "probe")}}
 
 
@@ -103,14 +101,12 @@ class Sweep:
         self.sample_shape = sample_shape
         self.base, self.specs, self.jobs = base, specs, max(1, jobs)
         self.log = log or (lambda text: print(text, flush=True))
-        self.state_path = self.folder / STATE_FILE
-        self._lock_file = None  # the open .sweep.lock while run() holds it
+        self.state_path = self.folder / rf.SWEEP_STATE
+        self._lock_file = None  # the open rf.SWEEP_LOCK while run() holds it
         self.planned = [self._plan(spec) for spec in specs]  # every config validated before anything runs
 
     # ------------------------------------------------------------------ planning
     def _plan(self, spec: RunSpec) -> Planned:
-        from fvlm.model.flops import estimate_flops
-
         overrides = {**spec.overrides(self.base), "out_dir": str(self.folder)}
         try:
             cfg = load_config(self.preset_config, overrides)
@@ -123,11 +119,9 @@ class Sweep:
 
     def _lock(self) -> None:
         """One sweep process per folder: a second `fvlm sweep`/`phase1` on it is refused."""
-        import fcntl
-
         if self._lock_file is not None:
             return
-        handle = open(self.folder / ".sweep.lock", "w")
+        handle = open(self.folder / rf.SWEEP_LOCK, "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -153,26 +147,14 @@ class Sweep:
 
     def check_existing(self) -> None:
         """A run folder that holds different settings is refused before anything runs."""
-        from fvlm.training.trainer import changed_settings
-
         for p in self.planned:
-            saved = self.folder / p.spec.run_id / "config.yaml"
-            if not saved.is_file():
-                continue
-            old = load_config(str(saved))
-            changed = changed_settings(old, p.cfg)
+            changed = rf.settings_changed(self.folder / p.spec.run_id, p.cfg)
             if changed:
-                raise UsageError(f"{saved.parent} holds run {p.spec.run_id} with other settings "
+                raise UsageError(f"{self.folder / p.spec.run_id} holds run {p.spec.run_id} with other settings "
                                  f"({', '.join(changed)}); use another --out, or move that run away")
 
     def run_status(self, run_id: str) -> str:
-        summary = self.folder / run_id / "run_summary.json"
-        if summary.is_file():
-            try:
-                return read_json(summary).get("status", "unknown")
-            except (UsageError, AttributeError):
-                return "interrupted"
-        return "interrupted" if (self.folder / run_id / "config.yaml").is_file() else "pending"
+        return rf.run_status(self.folder / run_id)
 
     # ------------------------------------------------------------------ running
     def run(self, retry_failed: bool = False) -> dict[str, str]:
@@ -240,7 +222,7 @@ class Sweep:
     def _result_text(self, run_id: str, error: str | None) -> str:
         if error:
             return error.splitlines()[0][:160]
-        summary = _read_summary(self.folder / run_id)
+        summary = rf.read_summary(self.folder / run_id)
         final = (summary or {}).get("final") or {}
         if not final.get("val_loss"):
             return ""
@@ -250,7 +232,7 @@ class Sweep:
         return text
 
     def _run_inline(self, todo: list[Planned], started, finished) -> bool:
-        from fvlm.training.trainer import train
+        from fvlm.training.trainer import train  # imports torch, which `fvlm --help` should not wait for
 
         for p in todo:
             started(p.spec.run_id)
@@ -274,9 +256,6 @@ class Sweep:
         """Up to `jobs` runs side by side, each in a process of its own (spawned, so no state leaks
         between runs). A process that dies (killed, out of memory) fails its own run only: it is
         recorded as failed with its exit signal, and the sweep and the other runs in flight go on."""
-        import multiprocessing
-        from multiprocessing.connection import wait
-
         stop = {"requested": False}
 
         def request_stop(signum, frame):
@@ -295,7 +274,7 @@ class Sweep:
                 while queue and len(running) < self.jobs and not stop["requested"]:
                     p = queue.pop(0)
                     started(p.spec.run_id)
-                    log_path = self.folder / p.spec.run_id / "train.log"
+                    log_path = self.folder / p.spec.run_id / rf.TRAIN_LOG
                     receive, send = context.Pipe(duplex=False)
                     proc = context.Process(target=_worker_main, args=(p.cfg.to_dict(), str(log_path), send),
                                            name=f"fvlm-{p.spec.run_id}")
@@ -324,8 +303,6 @@ class Sweep:
     def _run_slurm(self, todo: list[Planned], state: dict, finished) -> bool:
         """Submits each run as a SLURM job (re-attaching to one an earlier sweep process left queued or
         running) and waits for all of them. Ctrl-C stops the waiting, not the jobs."""
-        from fvlm.experiments import slurm
-
         settings = self.slurm
         ex = slurm.executor(self.folder, settings)
         configs = self.folder / "configs"
@@ -339,7 +316,7 @@ class Sweep:
             else:
                 path = configs / f"{rid}.yaml"
                 path.write_text(yaml.safe_dump(p.cfg.to_dict(), sort_keys=False))
-                job = ex.submit(slurm.TrainJob(str(path), str(self.folder / rid / "train.log"),
+                job = ex.submit(slurm.TrainJob(str(path), str(self.folder / rid / rf.TRAIN_LOG),
                                                settings.gpus_per_node, settings.nodes))
                 record.update(job_id=str(job.job_id), status="queued",
                               submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -392,49 +369,12 @@ class Sweep:
         rows = []
         for p in self.planned:
             record = state["runs"].get(p.spec.run_id, {})
-            summary = _read_summary(self.folder / p.spec.run_id) or {}
-            final = summary.get("final") or {}
-            row = {
-                "run_id": p.spec.run_id, "sweep": self.kind, "status": record.get("status", "pending"),
-                "description": p.spec.description, "diff": diff_text(p.spec.diff),
-                "planned_samples": p.spec.samples, "planned_flops": p.spec.samples * p.flops_per_sample,
-                "flops_per_sample": summary.get("flops_per_sample") or p.flops_per_sample,
-                "total_samples": summary.get("total_samples"), "total_steps": summary.get("total_steps"),
-                "total_flops": summary.get("total_flops"), "best_val_loss": summary.get("best_val_loss"),
-                "best_val_step": summary.get("best_val_step"), "final_val_loss": final.get("val_loss"),
-                "final_val_loss_fine": final.get("val_loss_fine"), "final_val_loss_coarse": final.get("val_loss_coarse"),
-                "final_val_loss_ratio": final.get("val_loss_ratio"),
-                "final_attention_entropy": final.get("attention_entropy"),
-                "final_train_loss": summary.get("final_train_loss"), "wall_time_sec": summary.get("wall_time_sec"),
-                "config_hash": p.cfg.config_hash(), "error": record.get("error") or summary.get("error") or "",
-            }
-            rows.append(row)
-        tmp = self.folder / (SWEEP_CSV + ".tmp")
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=SWEEP_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _cell(v) for k, v in row.items()})
-        os.replace(tmp, self.folder / SWEEP_CSV)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}" if math.isfinite(value) else ""
-    return str(value)
-
-
-def _read_summary(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "run_summary.json"
-    if not path.is_file():
-        return None
-    try:
-        summary = read_json(path)
-    except UsageError:
-        return None
-    return summary if isinstance(summary, dict) else None
+            rows.append(rf.sweep_row(self.folder / p.spec.run_id, sweep=self.kind,
+                                     status=record.get("status", "pending"), description=p.spec.description,
+                                     diff=diff_text(p.spec.diff), planned_samples=p.spec.samples,
+                                     flops_per_sample=p.flops_per_sample, config_hash=p.cfg.config_hash(),
+                                     error=record.get("error")))
+        rf.write_sweep_csv(self.folder, rows)
 
 
 def _cuda_count() -> int:
@@ -464,8 +404,6 @@ def _terminate_with_parent() -> None:
     keeps writing into a run folder that a re-run is about to resume."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
@@ -499,7 +437,7 @@ def _worker_result(proc, receive) -> tuple[str, str | None]:
 
 
 def _train_logged(cfg_dict: dict[str, Any], log_path: str) -> tuple[str, str | None]:
-    from fvlm.training.trainer import train
+    from fvlm.training.trainer import train  # imports torch: only in the worker process that trains
 
     cfg = config_from_dict(cfg_dict, "sweep")
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -512,7 +450,5 @@ def _train_logged(cfg_dict: dict[str, Any], log_path: str) -> tuple[str, str | N
         except UsageError as exc:
             return "failed", str(exc)
         except Exception as exc:
-            import traceback
-
             traceback.print_exc(file=log)
             return "failed", f"{type(exc).__name__}: {exc}"

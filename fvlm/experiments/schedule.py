@@ -146,7 +146,7 @@ def decision3(runs, fits: dict[str, Any], inputs: ScheduleInputs, folders: list[
     out["gpu_hours_by_stage"] = hours
     complete = all(h is not None for h in hours.values())
     if complete:
-        total = sum(hours.values())
+        total = sum(h for h in hours.values() if h is not None)
         wall_days = total / inputs.gpus / 24
         cost = total * inputs.gpu_hour_cost
         fits_time, fits_money = wall_days <= inputs.max_wall_days, cost <= inputs.budget_usd

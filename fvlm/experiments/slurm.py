@@ -14,7 +14,6 @@ and resubmits runs whose job failed, was cancelled or vanished.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fvlm import run_folder as rf
 from fvlm.errors import UsageError
 
 # SLURM job states in which the job will still run (or runs): such a job is waited for, not resubmitted.
@@ -94,11 +94,7 @@ class TrainJob:
             # wait() in progress would hold the lock its own wait for the process needs.
             while (code := self._proc.poll()) is None:
                 time.sleep(0.2)
-        summary_path = Path(self.log_path).parent / "run_summary.json"
-        try:
-            summary = json.loads(summary_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            summary = {}
+        summary = rf.read_summary(Path(self.log_path).parent) or {}
         status = summary.get("status") or ("completed" if code == 0 else "failed")
         if code != 0 and status == "completed":
             status = "failed"
@@ -150,7 +146,7 @@ def attach(folder: Path, job_id: str | None, settings: SlurmSettings):
         return None
     import submitit
 
-    job = submitit.SlurmJob(folder=str(folder / "slurm" / "%j"), job_id=str(job_id))
+    job: Any = submitit.SlurmJob(folder=str(folder / "slurm" / "%j"), job_id=str(job_id))
     try:
         state = job.state
     except Exception:  # sacct unavailable or the job unknown: treat it as gone and resubmit

@@ -74,43 +74,37 @@ def backbone_config(spec: str, kind: str):
     return config
 
 
-def load_llm(spec: str, attn_implementation: str = "sdpa"):
-    """(causal LM, pretrained?) for a spec; shape names give random weights."""
-    from transformers import AutoModelForCausalLM
+# What a backbone of each kind is built as: the LLM with its language-model head, DINO without a head
+# (AutoModel maps a dinov2 config to Dinov2Model).
+_AUTO_CLASS = {"llm": "AutoModelForCausalLM", "dino": "AutoModel"}
 
-    config = backbone_config(spec, "llm")
-    if is_shape_name(spec, "llm"):
+
+def _local_or_hub(spec: str) -> str:
+    """A folder spec as an absolute path (so transformers does not read it as a hub id), else as given."""
+    path = Path(spec).expanduser()
+    return str(path) if path.is_dir() else spec
+
+
+def load_backbone(spec: str, kind: str, attn_implementation: str = "sdpa"):
+    """(model, pretrained?) for a `model.llm` or `model.dino` spec; shape names give random weights."""
+    import transformers
+
+    auto_class = getattr(transformers, _AUTO_CLASS[kind])
+    config = backbone_config(spec, kind)
+    if is_shape_name(spec, kind):
         config._attn_implementation = attn_implementation
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation), False
+        return auto_class.from_config(config, attn_implementation=attn_implementation), False
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(Path(spec).expanduser()) if Path(spec).expanduser().is_dir() else spec,
-            local_files_only=True,
-            attn_implementation=attn_implementation,
-            dtype="float32",
-        )
+        model = auto_class.from_pretrained(_local_or_hub(spec), local_files_only=True,
+                                           attn_implementation=attn_implementation, dtype="float32")
     except (OSError, ValueError) as exc:
-        raise UsageError(f"model.llm: cannot load weights from '{spec}' ({str(exc).splitlines()[0]})") from None
+        raise UsageError(f"model.{kind}: cannot load weights from '{spec}' ({str(exc).splitlines()[0]})") from None
     return model, True
 
 
-def load_dino(spec: str, attn_implementation: str = "sdpa"):
-    """(Dinov2Model, pretrained?) for a spec; shape names give random weights."""
-    from transformers import Dinov2Model
-
-    config = backbone_config(spec, "dino")
-    if is_shape_name(spec, "dino"):
-        return Dinov2Model._from_config(config, attn_implementation=attn_implementation), False
-    try:
-        model = Dinov2Model.from_pretrained(
-            str(Path(spec).expanduser()) if Path(spec).expanduser().is_dir() else spec,
-            local_files_only=True,
-            attn_implementation=attn_implementation,
-            dtype="float32",
-        )
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"model.dino: cannot load weights from '{spec}' ({str(exc).splitlines()[0]})") from None
-    return model, True
+def load_llm(spec: str, attn_implementation: str = "sdpa"):
+    """(causal LM, pretrained?) for a `model.llm` spec."""
+    return load_backbone(spec, "llm", attn_implementation)
 
 
 def load_tokenizer(spec: str):
@@ -122,8 +116,7 @@ def load_tokenizer(spec: str):
     if is_shape_name(spec, "llm"):
         return byte_tokenizer()
     try:
-        tok = AutoTokenizer.from_pretrained(str(Path(spec).expanduser()) if Path(spec).expanduser().is_dir() else spec,
-                                            local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(_local_or_hub(spec), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise UsageError(f"model.llm: cannot load a tokenizer from '{spec}' ({str(exc).splitlines()[0]})") from None
     if tok.pad_token is None:

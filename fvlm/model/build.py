@@ -12,11 +12,10 @@ import torch
 
 from fvlm.config import ModelConfig
 from fvlm.errors import UsageError
-from fvlm.model.backbones import load_dino, load_llm, load_tokenizer
+from fvlm.model.backbones import load_backbone, load_tokenizer
 from fvlm.model.vlm import FoveatedVLM, MultiTokenVLM, VLMBase
+from fvlm.run_folder import MODEL_CONFIG, MODEL_FILE
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "fvlm_model.json"
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -36,8 +35,8 @@ def assemble(cfg: ModelConfig, llm, dino) -> VLMBase:
 
 def build_model(cfg: ModelConfig) -> VLMBase:
     """Backbones from their specs (pretrained folders or random shapes) plus a fresh connector."""
-    llm, _ = load_llm(cfg.llm, cfg.attn_implementation)
-    dino, _ = load_dino(cfg.dino, cfg.attn_implementation)
+    llm, _ = load_backbone(cfg.llm, "llm", cfg.attn_implementation)
+    dino, _ = load_backbone(cfg.dino, "dino", cfg.attn_implementation)
     return assemble(cfg, llm, dino)
 
 
@@ -68,7 +67,7 @@ def save_model(model: VLMBase, folder: str | Path, tokenizer=None) -> Path:
         "llm_config": model.llm.config.to_dict(),
         "dino_config": model.encoder.dino.config.to_dict(),
     }
-    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    (folder / MODEL_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
     return folder
@@ -77,17 +76,22 @@ def save_model(model: VLMBase, folder: str | Path, tokenizer=None) -> Path:
 def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer) from a folder written by `save_model`."""
     from safetensors.torch import load_model as load_safetensors
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Dinov2Model
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Dinov2Model,
+    )
 
     folder = Path(folder)
-    for name in (MODEL_FILE, CONFIG_FILE):
+    for name in (MODEL_FILE, MODEL_CONFIG):
         if not (folder / name).is_file():
             raise UsageError(f"{folder}: not a saved fvlm model (missing {name})")
     try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+        meta = json.loads((folder / MODEL_CONFIG).read_text())
         cfg = ModelConfig(**meta["model"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{folder / CONFIG_FILE}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise UsageError(f"{folder / MODEL_CONFIG}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
     llm_cfg = dict(meta["llm_config"])
     dino_cfg = dict(meta["dino_config"])
     llm = AutoModelForCausalLM.from_config(

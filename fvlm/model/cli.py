@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+from fvlm import overrides
 from fvlm.errors import UsageError
 
 PAPER_SIZES = {"135M": "smollm2-135m", "360M": "smollm2-360m", "1.7B": "smollm2-1.7b"}
@@ -35,8 +36,7 @@ def register(sub) -> None:
     imp.set_defaults(func=cmd_import)
 
     p = sub.add_parser("flops", help="FLOPs per training sample and samples per FLOP budget")
-    p.add_argument("config", nargs="?", help="config file or shipped config name (default: tiny)")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    overrides.add_arguments(p)
     p.add_argument("--budget", type=float, action="append", help="FLOP budget(s); default: the plan's C1-C4")
     p.add_argument("--flops-formula", choices=("exact", "seed"), default="exact")
     p.add_argument("--frames", type=int, help="frames per sample (default: data.max_frames)")
@@ -45,15 +45,6 @@ def register(sub) -> None:
                    help="also count FLOPs of a real training step with torch.utils.flop_counter (CPU)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
-
-
-def _split_config_arg(args):
-    """`fvlm flops key=value` (no config) puts the first override in `config`."""
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:
-        overrides.insert(0, config)
-        config = None
-    return config, overrides
 
 
 def _report(model_cfg, frames, text, formula, budgets, measure=False):
@@ -84,8 +75,8 @@ def run(args) -> int:
     from fvlm.config import load_config
     from fvlm.model.flops import PLAN_BUDGETS, PLAN_FRAMES, PLAN_TEXT_TOKENS
 
-    config, overrides = _split_config_arg(args)
-    cfg = load_config(config, overrides)
+    config, items = overrides.from_args(args, "flops")
+    cfg = load_config(config, items)
     for budget in args.budget or []:
         if not (math.isfinite(budget) and budget > 0):
             raise UsageError(f"--budget must be a positive number of FLOPs (like 1e18), got {budget}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ class PatchCache:
     def num_frames(self) -> int:
         return (self.features if self.features is not None else self.keys[0]).shape[0]
 
-    def select(self, index: torch.Tensor) -> "PatchCache":
+    def select(self, index: torch.Tensor) -> PatchCache:
         return PatchCache(
             None if self.features is None else self.features[index],
             [k[index] for k in self.keys],
@@ -67,9 +68,9 @@ class DinoEncoder(nn.Module):
     """Wraps a transformers `Dinov2Model` (5.x layout: norm1, attention.{q,k,v,o}_proj, layer_scale1,
     norm2, mlp, layer_scale2) without changing its weights or parameter names."""
 
-    def __init__(self, dino: nn.Module):
+    def __init__(self, dino: Any):
         super().__init__()
-        self.dino = dino
+        self.dino: Any = dino  # a transformers Dinov2Model: its attributes are not typed through nn.Module
         self.config = dino.config
         self.hidden_size = dino.config.hidden_size
         self.num_heads = dino.config.num_attention_heads

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from fvlm.config import ModelConfig
 from fvlm.model.backbones import backbone_config
 
-# The plan's budget levels (spec: "FLOP Budget Calibration").
+# The plan's budget levels (docs/phase1_plan.md, "FLOP Budget Calibration").
 PLAN_BUDGETS = {"C1": 1.6e16, "C2": 5.6e16, "C3": 1.6e17, "C4": 3.1e17}
 # The plan's sample shape: ~500 tokens per sample (visual + text).
 PLAN_FRAMES, PLAN_TEXT_TOKENS = 16, 484

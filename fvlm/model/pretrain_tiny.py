@@ -96,7 +96,6 @@ def _patch_labels(labels: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarra
 
 def _frames(rng: np.random.Generator, recipe: Recipe, n: int):
     """n labelled frames: normalised pixels [n, 3, S, S] and per-patch (colour, shape) labels."""
-    import torch
     from PIL import Image
 
     from fvlm.data.decode import normalise
@@ -140,10 +139,10 @@ def pretrain_dino(recipe: Recipe, log=print):
     """A tiny Dinov2Model trained on per-patch colour and shape; returns (model, probe report)."""
     import torch
     from torch import nn
+    from transformers import Dinov2Model
 
     from fvlm.data.synth import COLOURS, SHAPES
     from fvlm.model.backbones import backbone_config
-    from transformers import Dinov2Model
 
     torch.manual_seed(recipe.seed)
     config = backbone_config("tiny-dino", "dino")
@@ -344,7 +343,6 @@ def held_out_loss(model, tok, dialogues: list[tuple[str, str]]) -> float:
 def _make_one(job: str, out: str, recipe: Recipe) -> dict:
     """One backbone into out/<job>: the vision encoder or one LLM shape (run in a worker process)."""
     import torch
-
     from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(1)  # tiny ops gain nothing from threads, and one thread keeps it deterministic

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,13 @@ class VLMOutput:
     attention: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def param_group(name: str) -> str:
+    """The optimizer group (connector, dino or llm) of a parameter, by its name in the model."""
+    if name.startswith("encoder.dino."):
+        return "dino"
+    return "llm" if name.startswith("llm.") else "connector"
+
+
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count real tokens only."""
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -45,10 +53,10 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 class VLMBase(nn.Module):
     """The parts every architecture shares: the LLM, DINO, visual projection and the text loss."""
 
-    def __init__(self, cfg: ModelConfig, llm: nn.Module, dino: nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: Any, dino: Any):
         super().__init__()
         self.cfg = cfg
-        self.llm = llm
+        self.llm: Any = llm  # a transformers causal LM: its attributes are not typed through nn.Module
         self.encoder = DinoEncoder(dino)
         self.llm_dim = llm.config.hidden_size
         self.dino_dim = dino.config.hidden_size
@@ -56,19 +64,14 @@ class VLMBase(nn.Module):
         self.visual_scale = cfg.visual_scale
 
     # ------------------------------------------------------------------ groups and freezing
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by group. Everything not inside a backbone was initialised by us,
-        so it is `connector` (the reference filed a random projection under DINO's frozen LR)."""
+    def param_groups(self, trainable_only: bool = True) -> dict[str, list[nn.Parameter]]:
+        """Parameters by group (by default the trainable ones only). Everything not inside a backbone
+        was initialised by us, so it is `connector`, trained at the connector's learning rate rather
+        than at a backbone's (which may be 0 when the backbone is frozen)."""
         groups: dict[str, list[nn.Parameter]] = {"connector": [], "dino": [], "llm": []}
         for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            if name.startswith("encoder.dino."):
-                groups["dino"].append(param)
-            elif name.startswith("llm."):
-                groups["llm"].append(param)
-            else:
-                groups["connector"].append(param)
+            if param.requires_grad or not trainable_only:
+                groups[param_group(name)].append(param)
         return groups
 
     def apply_freeze(self) -> None:
@@ -195,7 +198,7 @@ class MultiTokenVLM(VLMBase):
 
     default_mode = "coarse_only"
 
-    def __init__(self, cfg: ModelConfig, llm: nn.Module, dino: nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: Any, dino: Any):
         super().__init__(cfg, llm, dino)
         self.k = round(cfg.tokens_per_frame**0.5)
 
@@ -230,7 +233,7 @@ class MultiTokenVLM(VLMBase):
 class FoveatedVLM(VLMBase):
     """One token per frame from a query that reads every DINO layer; the LLM chooses the next query."""
 
-    def __init__(self, cfg: ModelConfig, llm: nn.Module, dino: nn.Module):
+    def __init__(self, cfg: ModelConfig, llm: Any, dino: Any):
         super().__init__(cfg, llm, dino)
         query_dim = cfg.query_dim or self.dino_dim
         self.q_static = nn.Parameter(torch.randn(query_dim))
@@ -338,13 +341,18 @@ class FoveatedVLM(VLMBase):
                         loss_coarse, _ = self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"])
                     else:
                         loss_coarse, _ = self.loss_over(coarse.detach(), frame_mask, batch)
-        cache, kv = prepared
-        fine_tokens, fine_weights = self._read(cache, kv, self._next_queries(coarse_hidden, frame_mask))
-        fine = self._scatter(fine_tokens, frame_mask)
+        fine, fine_attn = self._fine(prepared, coarse_hidden, frame_mask)
         loss_fine, n = self.loss_over(fine, frame_mask, batch)
         loss = loss_fine + lam * loss_coarse if lam > 0 else loss_fine
-        attn = {"coarse": coarse_attn, "fine": self._scatter(fine_weights, frame_mask)}
+        attn = {"coarse": coarse_attn, "fine": fine_attn}
         return self._output(loss, n, loss_fine, loss_coarse, attn, return_attention)
+
+    def _fine(self, prepared, coarse_hidden: torch.Tensor, frame_mask: torch.Tensor):
+        """The fine read of every frame at once, each with the query from the LLM's state after the
+        previous coarse token: (fine tokens [B, T, D_llm], attention [B, T, layers, heads, 1 + P])."""
+        cache, kv = prepared
+        tokens, weights = self._read(cache, kv, self._next_queries(coarse_hidden, frame_mask))
+        return self._scatter(tokens, frame_mask), self._scatter(weights, frame_mask)
 
     def _autoregressive(self, batch, prepared, return_attention, use_cache: bool = True):
         fine, weights = self._sequential_fine(batch["frame_mask"], prepared, use_cache)
@@ -403,10 +411,8 @@ class FoveatedVLM(VLMBase):
             if mode == "coarse_only":
                 blocks[mode] = (coarse, frame_mask, {"coarse": coarse_attn})
             elif mode == "coarse_fine":
-                coarse_hidden = self.run_llm(coarse, frame_mask)
-                tokens, weights = self._read(*prepared, self._next_queries(coarse_hidden, frame_mask))
-                attn = {"coarse": coarse_attn, "fine": self._scatter(weights, frame_mask)}
-                blocks[mode] = (self._scatter(tokens, frame_mask), frame_mask, attn)
+                fine, fine_attn = self._fine(prepared, self.run_llm(coarse, frame_mask), frame_mask)
+                blocks[mode] = (fine, frame_mask, {"coarse": coarse_attn, "fine": fine_attn})
             else:
                 tokens, weights = self._sequential_fine(frame_mask, prepared)
                 blocks[mode] = (tokens, frame_mask, {"fine": weights})

@@ -26,17 +26,23 @@ import numpy as np
 import torch
 
 from fvlm.errors import UsageError
-from fvlm.model.build import CONFIG_FILE, MODEL_FILE, save_model
+from fvlm.model.build import save_model
+from fvlm.run_folder import (
+    META,
+    MODEL_FILE,
+    OPTIMIZER,
+    TRAINER,
+    checkpoint_folder,
+    complete_checkpoints,
+    is_model_folder,
+    latest_checkpoint,
+    rank_file,
+    rank_files,
+    resume_checkpoints,
+    unfinished_checkpoints,
+    write_json,
+)
 from fvlm.training.dist import Dist
-
-CHECKPOINTS = "checkpoints"
-META = "meta.json"
-OPTIMIZER = "optimizer.pt"
-TRAINER = "trainer.pt"
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:07d}"
 
 
 def eval_steps(total_steps: int, eval_every: int) -> list[int]:
@@ -55,35 +61,10 @@ def milestone_steps(total_steps: int, eval_every: int, n: int) -> set[int]:
     return {min(candidates, key=lambda s: (abs(s - total_steps * k / n), -s)) for k in range(1, n + 1)}
 
 
-def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    found = []
-    for folder in root.glob("step_*") if root.is_dir() else []:
-        if (folder / META).is_file() and folder.name[5:].isdigit():
-            found.append((int(folder.name[5:]), folder))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
-def has_training_state(folder: Path) -> bool:
-    """Whether a training run can resume from this checkpoint (rather than only evaluate it)."""
-    return (Path(folder) / OPTIMIZER).is_file() and (Path(folder) / TRAINER).is_file()
-
-
-def resume_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint that holds its training state, oldest first."""
-    return [(step, folder) for step, folder in complete_checkpoints(run_dir) if has_training_state(folder)]
-
-
 def resolve_weights(path: str) -> Path:
     """`train.init_from`: a checkpoint folder, or a run folder (its latest complete checkpoint)."""
     folder = Path(path).expanduser()
-    if (folder / MODEL_FILE).is_file() and (folder / CONFIG_FILE).is_file():
+    if is_model_folder(folder):
         return folder
     if folder.is_dir():
         latest = latest_checkpoint(folder)
@@ -116,20 +97,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_json(path: Path, obj) -> None:
-    """Replace-by-rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("w") as f:
-            f.write(json.dumps(obj, indent=1, default=str))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full, kill) leaves no temporary file behind
-        raise
-
-
 def _torch_save(obj, path: Path) -> None:
     """torch.save, with a failed write (disk full, file size limit) raised as the OSError it is:
     PyTorch's zip writer reports one as a RuntimeError about stream positions."""
@@ -145,16 +112,15 @@ def save_checkpoint(run_dir: Path, step: int, dist: Dist, *, model, tokenizer, m
                     trainer_state: dict | None = None, rank_state: dict | None = None) -> Path:
     """Collective: every rank calls it (each writes its own rank file); rank 0 writes the rest.
     Without an optimizer it writes the weights only (a milestone, for evaluation)."""
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / step_name(step)
-    tmp = root / f".tmp_{step_name(step)}"
+    final = checkpoint_folder(run_dir, step)
+    tmp = final.with_name(f".tmp_{final.name}")
     if dist.is_main:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
     if optimizer is not None:
-        _torch_save(rank_state, tmp / f"rank_{dist.rank}.pt")
+        _torch_save(rank_state, rank_file(tmp, dist.rank))
     if dist.is_main:
         save_model(model, tmp, tokenizer)
         if optimizer is not None:
@@ -203,14 +169,14 @@ def load_checkpoint(folder: Path, dist: Dist, *, model, optimizer) -> tuple[dict
     """Restores weights and optimizer in place; returns (trainer state, this rank's state, meta)."""
     from safetensors.torch import load_model as load_safetensors
 
-    rank_file = folder / f"rank_{dist.rank}.pt"
-    if not rank_file.is_file():
+    own_rank = rank_file(folder, dist.rank)
+    if not own_rank.is_file():
         raise ProcessCountMismatch(f"{folder}: written by a run with a different number of processes "
-                         f"(no {rank_file.name}); resume with the same number")
+                         f"(no {own_rank.name}); resume with the same number")
     load_safetensors(model, str(folder / MODEL_FILE), device=str(next(model.parameters()).device))
     optimizer.load_state_dict(load_data(folder / OPTIMIZER))
     trainer_state = load_data(folder / TRAINER)
-    rank_state = load_data(rank_file)
+    rank_state = load_data(own_rank)
     meta = json.loads((folder / META).read_text())
     return trainer_state, rank_state, meta
 
@@ -219,7 +185,7 @@ def drop_training_state(folder: Path) -> None:
     """Leaves a checkpoint its weights only. The optimizer state goes first: from then on resuming
     passes the checkpoint by, whether or not the small files after it are gone too."""
     (folder / OPTIMIZER).unlink(missing_ok=True)
-    for path in [folder / TRAINER, *folder.glob("rank_*.pt")]:
+    for path in [folder / TRAINER, *rank_files(folder)]:
         path.unlink(missing_ok=True)
 
 
@@ -232,5 +198,5 @@ def prune_checkpoints(run_dir: Path, keep_last: int, also_keep: set[int]) -> Non
             shutil.rmtree(folder)
         elif step not in resume_points:
             drop_training_state(folder)
-    for stale in (Path(run_dir) / CHECKPOINTS).glob(".tmp_step_*"):
+    for stale in unfinished_checkpoints(run_dir):
         shutil.rmtree(stale)

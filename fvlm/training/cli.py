@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from fvlm import overrides
 from fvlm.errors import UsageError
 
 
@@ -18,27 +19,16 @@ def register(sub) -> None:
                     "or --nproc N. Exit code 0 when the run completes, 1 when it diverged, was interrupted "
                     "or failed (run_summary.json says which), 2 for a bad config.",
     )
-    train.add_argument("items", nargs="*", metavar="CONFIG | key=value",
-                       help="a config file or shipped config name (default: tiny), then field overrides")
+    overrides.add_arguments(train)
     train.add_argument("--nproc", type=int, default=1, help="processes on this machine (re-launches under torchrun)")
     train.set_defaults(func=cmd_train)
-
-
-def split_items(items: list[str]) -> tuple[str | None, list[str]]:
-    """The optional leading config name/path, then the key=value overrides."""
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
 
 
 def cmd_train(args) -> int:
     from fvlm.config import load_config
 
-    config, overrides = split_items(args.items)
-    for item in overrides:
-        if "=" not in item:
-            raise UsageError(f"'{item}' is not a key=value override (the config name goes first)")
-    cfg = load_config(config, overrides)
+    config, items = overrides.from_args(args, "train")
+    cfg = load_config(config, items)
     if args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1:

@@ -10,11 +10,18 @@ communication with backward, paid once per `grad_accum` micro-batches.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as torch_dist
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 BUCKET_ELEMENTS = 1 << 24
 
@@ -45,6 +52,12 @@ class Dist:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch_dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def sum_tally(self, tally: T) -> T:
+        """A dataclass of numbers summed over ranks field by field (in one all-reduce)."""
+        names = [f.name for f in dataclasses.fields(tally)]
+        summed = self.all_sum([float(getattr(tally, name)) for name in names])
+        return dataclasses.replace(tally, **dict(zip(names, summed)))
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Sums `.grad` over ranks in flat buckets. A parameter without a gradient on this rank

@@ -8,22 +8,36 @@ out the lambda-weighted coarse term, so runs with different lambda_coarse stay c
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from fvlm import run_folder as rf
 from fvlm.data.decode import MEAN, STD
 from fvlm.data.loader import boxes_array
 from fvlm.training.dist import Dist
 
-ATTENTION_DIR = "attention"
-
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@dataclass
+class ValTally:
+    """A validation pass's totals on one rank, summed over ranks before use: token-weighted loss
+    sums (mean x tokens) and frame-weighted attention entropy."""
+
+    tokens: float = 0.0
+    fine_sum: float = 0.0
+    fine_tokens: float = 0.0
+    coarse_sum: float = 0.0
+    coarse_tokens: float = 0.0
+    entropy_sum: float = 0.0
+    entropy_frames: float = 0.0
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -35,34 +49,33 @@ def validate(model, loader, dist: Dist, autocast: Callable[[], AbstractContextMa
     """Token-weighted means over this rank's share of the val split, summed over ranks."""
     was_training = model.training
     model.eval()
-    # tokens, loss_fine*tokens, fine tokens, loss_coarse*tokens, coarse tokens, entropy*frames, frames
-    sums = [0.0] * 7
+    local = ValTally()
     for batch in loader:
         batch = to_device(batch, dist.device)
         with autocast():
             out = model(batch, compute_coarse=True)
         n = out.n_tokens
-        sums[0] += n
+        local.tokens += n
         if out.loss_fine is not None:
-            sums[1] += float(out.loss_fine) * n
-            sums[2] += n
+            local.fine_sum += float(out.loss_fine) * n
+            local.fine_tokens += n
         if out.loss_coarse is not None:
-            sums[3] += float(out.loss_coarse) * n
-            sums[4] += n
+            local.coarse_sum += float(out.loss_coarse) * n
+            local.coarse_tokens += n
         if out.attention_entropy is not None:
             frames = int(batch["frame_mask"].sum())
-            sums[5] += out.attention_entropy * frames
-            sums[6] += frames
+            local.entropy_sum += out.attention_entropy * frames
+            local.entropy_frames += frames
     model.train(was_training)
-    tokens, fine, fine_n, coarse, coarse_n, entropy, frames = dist.all_sum(sums)
-    loss_fine = fine / fine_n if fine_n else None
-    loss_coarse = coarse / coarse_n if coarse_n else None
+    total = dist.sum_tally(local)
+    loss_fine = total.fine_sum / total.fine_tokens if total.fine_tokens else None
+    loss_coarse = total.coarse_sum / total.coarse_tokens if total.coarse_tokens else None
     return {
         "val_loss": loss_fine if loss_fine is not None else loss_coarse,
         "val_loss_fine": loss_fine,
         "val_loss_coarse": loss_coarse,
         "val_loss_ratio": _ratio(loss_fine, loss_coarse),
-        "attention_entropy": entropy / frames if frames else None,
+        "attention_entropy": total.entropy_sum / total.entropy_frames if total.entropy_frames else None,
     }
 
 
@@ -125,10 +138,9 @@ def save_probe_attention(model, loader, n_videos: int, step: int, run_dir: Path,
     boxes = boxes_array([v["boxes"] for v in videos], n_frames)
     if boxes is not None:
         arrays["mover_boxes"] = boxes
-    folder = Path(run_dir) / ATTENTION_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:07d}.npz"
-    tmp = folder / f".{path.name}.tmp"
+    path = rf.attention_file(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("wb") as f:
         np.savez_compressed(f, **arrays)
     os.replace(tmp, path)

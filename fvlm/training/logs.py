@@ -1,4 +1,4 @@
-"""What a run writes besides checkpoints: the CSVs of DESIGN.md §3, wandb, and the console.
+"""What a run writes besides checkpoints: the CSVs (columns: fvlm.run_folder), wandb, and the console.
 
 CSV is the record (always written, flushed per row); wandb is a mirror when enabled. On resume each
 CSV keeps the rows up to the checkpoint's step and drops the rest, which the resumed run rewrites.
@@ -15,28 +15,7 @@ import time
 from pathlib import Path
 
 from fvlm.errors import UsageError
-
-STEP_COLUMNS = (
-    "run_id", "step", "samples_seen", "wall_time_sec", "train_loss", "loss_fine", "loss_coarse", "loss_ratio",
-    "grad_norm", "lr_connector", "lr_dino", "lr_llm", "throughput_samples_sec", "gpu_mem_allocated_gb",
-    "gpu_mem_reserved_gb", "tokens_per_sec", "visual_tokens_per_sec", "text_tokens_per_sec", "flops_per_sec",
-    "mfu", "data_wait_sec",
-)
-METRIC_COLUMNS = (
-    "run_id", "step", "samples_seen", "wall_time_sec", "train_loss", "val_loss", "loss_fine", "loss_coarse",
-    "loss_ratio", "grad_norm", "attention_entropy", "lr_connector", "lr_dino", "lr_llm", "throughput",
-    "gpu_mem_gb", "val_loss_fine", "val_loss_coarse", "val_loss_ratio",
-)
-
-
-def _cell(value) -> str:
-    """Empty for a value that was not measured (e.g. loss_fine of a coarse-only model); full
-    precision for floats, because resumed and uninterrupted runs are compared from these files."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else str(value)
-    return str(value)
+from fvlm.run_folder import csv_cell
 
 
 def _step(row: list[str], at: int) -> float:
@@ -80,7 +59,7 @@ class CsvLog:
         self._writer = csv.writer(self._file)
 
     def write(self, row: dict) -> None:
-        self._writer.writerow([_cell(row.get(c)) for c in self.columns])
+        self._writer.writerow([csv_cell(row.get(c)) for c in self.columns])
         self._file.flush()
 
     def close(self) -> None:

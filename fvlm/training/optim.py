@@ -23,7 +23,7 @@ GROUPS = ("connector", "dino", "llm")
 def build_optimizer(model, cfg: OptimConfig) -> torch.optim.AdamW:
     """One AdamW param group per (model group, decay or not). Weight decay applies to matrices only:
     decaying norms, biases and the learned query vectors would just pull them towards zero."""
-    peaks = {name: getattr(cfg, f"lr_{name}") for name in GROUPS}
+    peaks = cfg.peak_lrs()
     param_groups = []
     for name, params in model.param_groups().items():
         for decay in (True, False):
@@ -51,7 +51,7 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 def group_lrs(step: int, total_steps: int, cfg: OptimConfig, trainable: set[str]) -> dict[str, float]:
     """The learning rate of each group at `step` (0 for a group with nothing to train)."""
-    peaks = {name: getattr(cfg, f"lr_{name}") for name in GROUPS}
+    peaks = cfg.peak_lrs()
     warmup = int(cfg.warmup_ratio * total_steps)
     shape = lr_factor(step, total_steps, cfg)
     if cfg.schedule == "converging":

@@ -15,33 +15,36 @@ a loader iterator was (re)created or whether an evaluation happened in this proc
 
 from __future__ import annotations
 
+import fcntl
+import json
 import math
+import pickle
 import random
 import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as load_safetensors
 
-from fvlm.config import RunConfig, load_config
-from fvlm.errors import UsageError, read_json
+from fvlm import run_folder as rf
+from fvlm.config import RunConfig
+from fvlm.data.loader import build_loader, split_path
+from fvlm.errors import UsageError
+from fvlm.model.build import build_model, build_tokenizer
+from fvlm.model.flops import estimate_flops
 from fvlm.training import checkpoint as ckpt
 from fvlm.training.dist import Dist, init_distributed, shutdown
 from fvlm.training.evaluate import save_probe_attention, to_device, validate
-from fvlm.training.logs import METRIC_COLUMNS, STEP_COLUMNS, CsvLog, Progress, Wandb, git_commit
+from fvlm.training.logs import CsvLog, Progress, Wandb, git_commit
 from fvlm.training.optim import GROUPS, apply_lrs, build_optimizer, group_lrs
 from fvlm.training.throughput import Interval, peak_flops
 
-# Settings that may change between a run and its resumption: they change how long it runs or what
-# it records, not what a step computes.
-RESUMABLE_CHANGES = {
-    "train.max_steps", "train.max_samples", "train.eval_every", "train.save_every", "train.log_every",
-    "train.keep_last", "train.keep_milestones", "train.wandb", "train.wandb_project", "data.num_workers",
-    "train.peak_flops",
-}
 # Divergence: the loss climbs above train.divergence_factor x the lowest running level it reached.
 LOSS_EMA_DECAY = 0.9
 # convergence_step: the first eval point within this relative distance of the best val loss.
@@ -63,14 +66,12 @@ def train(cfg: RunConfig) -> dict:
 def _run_lock(run_dir: Path, take: bool):
     """One training process per run folder: a second `fvlm train` on it (which would interleave its
     logs and checkpoints with the first's) is refused at once. The lock is an flock on
-    <run>/.train.lock, released when the process ends, however it ends."""
+    <run>/.train.lock (rf.TRAIN_LOCK), released when the process ends, however it ends."""
     if not take:
         yield
         return
-    import fcntl
-
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / ".train.lock", "w")
+    handle = open(run_dir / rf.TRAIN_LOCK, "w")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -90,27 +91,23 @@ def planned_steps(cfg: RunConfig, world_size: int) -> int:
     return min(s for s in (t.max_steps or None, from_samples) if s)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "mix":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+@dataclass
+class StepTally:
+    """One step's totals on one rank, summed over ranks (`Dist.sum_tally`) before they are used.
+    Losses are token sums (mean x tokens): divided by the summed token count they give the mean over
+    every target token of the step."""
 
-
-def changed_settings(old: RunConfig, new: RunConfig) -> list[str]:
-    """Fields that differ between a run folder's saved config and a new one, other than those a run
-    may change on resume (RESUMABLE_CHANGES) and where it is written."""
-    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
-    return sorted(k for k in b if a.get(k) != b[k] and k not in RESUMABLE_CHANGES | {"out_dir"})
-
-
-def _group_of(name: str) -> str:
-    if name.startswith("encoder.dino."):
-        return "dino"
-    return "llm" if name.startswith("llm.") else "connector"
+    tokens: float = 0.0
+    loss_sum: float = 0.0
+    fine_sum: float = 0.0  # loss_fine x tokens, over the micro-batches that measured it
+    fine_tokens: float = 0.0
+    coarse_sum: float = 0.0
+    coarse_tokens: float = 0.0
+    samples: float = 0.0
+    frames: float = 0.0
+    text_tokens: float = 0.0
+    out_of_memory: float = 0.0  # 1 on a rank where a micro-batch ran out of memory
+    stop: float = 0.0  # 1 on a rank asked to stop (SIGTERM, Ctrl-C)
 
 
 def _parse_row(row: dict) -> dict:
@@ -174,25 +171,24 @@ class Trainer:
 
     def _inspect_run_dir(self) -> tuple[Path | None, dict | None]:
         """(checkpoint to resume from, summary of a run that already finished)."""
-        saved_config = self.run_dir / "config.yaml"
-        if not saved_config.is_file():
+        changed = rf.settings_changed(self.run_dir, self.cfg)
+        if changed is None:
             return None, None
-        saved = load_config(str(saved_config))
-        changed = changed_settings(saved, self.cfg)
         if changed:
             raise UsageError(f"{self.run_dir} holds a run with different settings ({', '.join(changed)}); "
                              "choose another run_id or out_dir")
         # A run killed before its first resume checkpoint (after a milestone) starts over.
-        resumable = ckpt.resume_checkpoints(self.run_dir)
+        resumable = rf.resume_checkpoints(self.run_dir)
         latest = resumable[-1][1] if resumable else None
-        summary_path = self.run_dir / "run_summary.json"
-        if latest is not None and summary_path.is_file():
+        if latest is not None:
             try:
-                summary = read_json(summary_path)
+                summary = rf.read_summary(self.run_dir, strict=True)
             except UsageError as exc:
                 # Rewritten at the end of this session: an unreadable one only means "not finished".
                 if self.dist.is_main:
                     print(f"fvlm: {exc}; resuming as an unfinished run", flush=True)
+                return latest, None
+            if summary is None:
                 return latest, None
             done = summary.get("status") == "diverged" or (
                 summary.get("status") == "completed" and summary.get("total_steps", 0) >= self.total_steps)
@@ -202,9 +198,6 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, dist = self.cfg, self.dist
-        from fvlm.data.loader import build_loader, split_path
-        from fvlm.model.build import build_model, build_tokenizer
-
         init_weights = None
         if cfg.train.init_from and self.resume_from is None:
             init_weights = ckpt.resolve_weights(cfg.train.init_from)  # before any slow work: a typo fails fast
@@ -242,12 +235,8 @@ class Trainer:
         self._open_outputs()
 
     def _load_init_weights(self, folder: Path) -> None:
-        from safetensors.torch import load_model as load_safetensors
-
-        from safetensors import SafetensorError
-
         try:
-            load_safetensors(self.model, str(folder / "model.safetensors"))
+            load_safetensors(self.model, str(folder / rf.MODEL_FILE))
         except (RuntimeError, OSError, SafetensorError) as exc:
             raise UsageError(f"train.init_from: {folder} does not fit this model "
                              f"({str(exc).splitlines()[0]})") from None
@@ -256,15 +245,10 @@ class Trainer:
         """Resumes from the newest complete checkpoint that reads back whole, saying which newer ones
         were passed over and why: a damaged latest checkpoint (truncated weights, a garbage state
         file, a refused pickle) costs the steps since the one before it, not the run."""
-        import json
-        import pickle
-
-        from safetensors import SafetensorError
-
         readable_errors = (UsageError, OSError, RuntimeError, ValueError, KeyError, EOFError, TypeError,
                            pickle.UnpicklingError, json.JSONDecodeError, SafetensorError)
         skipped = []
-        for _, folder in reversed(ckpt.resume_checkpoints(self.run_dir)):
+        for _, folder in reversed(rf.resume_checkpoints(self.run_dir)):
             try:
                 self._restore(folder)
             except ckpt.ProcessCountMismatch:
@@ -311,12 +295,12 @@ class Trainer:
         if cfg.train.wandb != "off":
             self.wandb = Wandb(cfg.train.wandb, cfg.train.wandb_project, self.run_dir, cfg.run_id,
                                cfg.config_hash(), cfg.to_dict(), resume=self.resume_from is not None)
-        (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        rf.write_config(self.run_dir, cfg)
         keep = self.step if self.resume_from is not None else None
-        self.steps_log = CsvLog(self.run_dir / "steps.csv", STEP_COLUMNS, keep)
+        self.steps_log = CsvLog(self.run_dir / rf.STEPS, rf.STEP_COLUMNS, keep)
         # A checkpoint whose evaluation never finished is evaluated again before training goes on; a
         # row of that step already in metrics.csv (whole or cut off by the kill) is dropped first.
-        self.metrics_log = CsvLog(self.run_dir / "metrics.csv", METRIC_COLUMNS,
+        self.metrics_log = CsvLog(self.run_dir / rf.METRICS, rf.METRIC_COLUMNS,
                                   keep - 1 if keep is not None and self._eval_pending() else keep)
         self.history = [_parse_row(row) for row in self.metrics_log.kept_rows]
         if self.steps_log.kept_rows:
@@ -339,9 +323,8 @@ class Trainer:
         self.progress.message("\n".join(lines))
 
     def _param_counts(self) -> dict:
-        by_group = dict.fromkeys(GROUPS, 0)
-        for name, param in self.model.named_parameters():
-            by_group[_group_of(name)] += param.numel()
+        by_group = {group: sum(p.numel() for p in params)
+                    for group, params in self.model.param_groups(trainable_only=False).items()}
         return {
             "total": sum(by_group.values()),
             "trainable": sum(p.numel() for p in self.trainable),
@@ -415,15 +398,16 @@ class Trainer:
                 micro = [next(batches) for _ in range(t.grad_accum)]
             data_wait = time.perf_counter() - began  # what the step waited for its batches
             local = self._forward_backward(micro, compute_coarse=logged or self.cfg.model.lambda_coarse > 0)
-            (tokens, loss_sum, fine_sum, fine_n, coarse_sum, coarse_n, samples, frames, text_tokens, oom,
-             stop) = self.dist.all_sum(local + [float(self.stop_requested)])
+            local.stop = float(self.stop_requested)
+            tally = self.dist.sum_tally(local)
+            tokens, oom = tally.tokens, tally.out_of_memory
             if oom or tokens == 0:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.skipped_steps += 1
                 self.progress.message(f"fvlm train: skipped a step ({'out of memory' if oom else 'no target tokens'})"
                                       f" on {'some rank' if self.dist.enabled else 'this process'}")
                 continue
-            train_loss = loss_sum / tokens
+            train_loss = tally.loss_sum / tokens
             if self._is_divergent(train_loss):
                 self.progress.message(f"fvlm train: diverged at step {next_step} (loss {train_loss:.4g}, "
                                       f"lowest running level {_fmt(self.loss_floor)})")
@@ -433,19 +417,19 @@ class Trainer:
                 self.progress.message(f"fvlm train: diverged at step {next_step} (gradient norm {grad_norm})")
                 return "diverged"
             self.step = next_step
-            self.samples_seen += int(samples)
-            for key, value in (("frames", frames), ("text_tokens", text_tokens), ("loss_tokens", tokens)):
+            self.samples_seen += int(tally.samples)
+            for key, value in (("frames", tally.frames), ("text_tokens", tally.text_tokens), ("loss_tokens", tokens)):
                 self.seen[key] += int(value)
             elapsed = time.perf_counter() - began
             self.timing["train"] += elapsed
             self.timing["data_wait"] += data_wait
-            interval.add(samples=int(samples), frames=int(frames), text_tokens=int(text_tokens),
+            interval.add(samples=int(tally.samples), frames=int(tally.frames), text_tokens=int(tally.text_tokens),
                          loss_tokens=int(tokens), seconds=elapsed, data_wait=data_wait)
             row = None
             if logged:
                 log_began = time.perf_counter()
-                loss_fine = fine_sum / fine_n if fine_n else None
-                loss_coarse = coarse_sum / coarse_n if coarse_n else None
+                loss_fine = tally.fine_sum / tally.fine_tokens if tally.fine_tokens else None
+                loss_coarse = tally.coarse_sum / tally.coarse_tokens if tally.coarse_tokens else None
                 row = {
                     "run_id": self.cfg.run_id, "step": self.step, "samples_seen": self.samples_seen,
                     "wall_time_sec": round(self.wall_time(), 3), "train_loss": train_loss,
@@ -465,24 +449,22 @@ class Trainer:
             self.progress.update(self.step, row)
             finished = self._finished()
             evaluate = self.step % t.eval_every == 0 or finished
-            if evaluate or self.step % t.save_every == 0 or stop:
+            if evaluate or self.step % t.save_every == 0 or tally.stop:
                 self._save()
             if evaluate:
                 self._evaluate()
-            if stop:
+            if tally.stop:
                 return "interrupted"
         return "completed"
 
-    def _forward_backward(self, micro: list[dict], compute_coarse: bool) -> list[float]:
-        """Backpropagates each micro-batch's token-sum loss; returns this rank's sums for the step:
-        [tokens, loss*tokens, loss_fine*tokens, fine tokens, loss_coarse*tokens, coarse tokens,
-        samples, frames, text tokens, out of memory]."""
-        sums = [0.0] * 10
+    def _forward_backward(self, micro: list[dict], compute_coarse: bool) -> StepTally:
+        """Backpropagates each micro-batch's token-sum loss; returns this rank's tally of the step."""
+        tally = StepTally()
         for batch in micro:
-            sums[6] += batch["input_ids"].shape[0]
-            sums[7] += int(batch["frame_mask"].sum())
-            sums[8] += int(batch["attention_mask"].sum())
-            if sums[9]:
+            tally.samples += batch["input_ids"].shape[0]
+            tally.frames += int(batch["frame_mask"].sum())
+            tally.text_tokens += int(batch["attention_mask"].sum())
+            if tally.out_of_memory:
                 continue  # keep pulling this step's batches so every rank's data stream stays in step
             try:
                 batch = to_device(batch, self.dist.device)
@@ -493,17 +475,17 @@ class Trainer:
             except torch.cuda.OutOfMemoryError:
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-                sums[9] = 1.0
+                tally.out_of_memory = 1.0
                 continue
-            sums[0] += n
-            sums[1] += float(out.loss.detach()) * n
+            tally.tokens += n
+            tally.loss_sum += float(out.loss.detach()) * n
             if out.loss_fine is not None:
-                sums[2] += float(out.loss_fine) * n
-                sums[3] += n
+                tally.fine_sum += float(out.loss_fine) * n
+                tally.fine_tokens += n
             if out.loss_coarse is not None:
-                sums[4] += float(out.loss_coarse) * n
-                sums[5] += n
-        return sums
+                tally.coarse_sum += float(out.loss_coarse) * n
+                tally.coarse_tokens += n
+        return tally
 
     def _is_divergent(self, loss: float) -> bool:
         """NaN/inf, or a climb far above the lowest level the smoothed loss reached. Against the
@@ -582,15 +564,11 @@ class Trainer:
             return
         # The training row of this step (on a resume that redoes the evaluation, read back from steps.csv).
         train_row = self.last_row if self.last_row and self.last_row.get("step") == self.step else {}
-        row = {
-            **{k: train_row.get(k) for k in ("run_id", "step", "samples_seen", "wall_time_sec", "train_loss",
-                                          "loss_fine", "loss_coarse", "loss_ratio", "grad_norm",
-                                          "lr_connector", "lr_dino", "lr_llm")},
-            "run_id": self.cfg.run_id, "step": self.step, "samples_seen": self.samples_seen,
-            "throughput": train_row.get("throughput_samples_sec"),
-            "gpu_mem_gb": torch.cuda.max_memory_allocated() / GIB if self.dist.device.type == "cuda" else 0.0,
+        row = rf.metric_row(
+            train_row, run_id=self.cfg.run_id, step=self.step, samples_seen=self.samples_seen,
+            gpu_mem_gb=torch.cuda.max_memory_allocated() / GIB if self.dist.device.type == "cuda" else 0.0,
             **metrics,
-        }
+        )
         self.history.append(row)
         if metrics["val_loss"] is not None and (not self.best or metrics["val_loss"] < self.best["val_loss"]):
             self.best = dict(row)
@@ -600,7 +578,7 @@ class Trainer:
         # The checkpoint of this step was written before its evaluation; its meta now learns the result.
         self.saved_meta["best"] = self.best
         self.saved_meta["evaluated_step"] = self.step
-        ckpt.write_json(self.run_dir / ckpt.CHECKPOINTS / ckpt.step_name(self.step) / ckpt.META, self.saved_meta)
+        rf.write_json(rf.checkpoint_folder(self.run_dir, self.step) / rf.META, self.saved_meta)
         ckpt.prune_checkpoints(self.run_dir, t.keep_last, self._always_kept())
         self.progress.message(
             f"eval step {self.step}: val_loss {_fmt(metrics['val_loss'])} (fine {_fmt(metrics['val_loss_fine'])},"
@@ -610,7 +588,7 @@ class Trainer:
     def _finish(self, status: str, error: str | None) -> dict:
         summary = self._summary(status, error)
         if self.dist.is_main:
-            ckpt.write_json(self.run_dir / "run_summary.json", summary)
+            rf.write_summary(self.run_dir, summary)
             for sink in (self.steps_log, self.metrics_log, self.wandb):
                 if sink is not None:
                     sink.close()
@@ -623,8 +601,6 @@ class Trainer:
     def _flops_per_sample(self) -> float | None:
         """The exact training FLOPs (fvlm.model.flops) of this run's average sample: mean frames,
         text tokens and target tokens over everything it trained on."""
-        from fvlm.model.flops import estimate_flops
-
         if not self.samples_seen:
             return None
         mean = {k: v / self.samples_seen for k, v in self.seen.items()}

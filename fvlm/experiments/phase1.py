@@ -1,0 +1,322 @@
+"""Phase 1 of the plan as a pipeline: the ablation sweep, the locked config, the scaling grid, the
+evaluation of F3 in every mode, the foveation evidence and the report (`fvlm phase1`, `fvlm sweep`).
+
+Folder layout (`--out`, default runs/phase1-<preset>):
+    <out>/data/            the synthetic set, generated once (tiny preset, no --data)
+    <out>/ablations/       Phase 1a: one run folder per run, sweep.csv, sweep_state.json, locked_config.json
+    <out>/scaling/         Phase 1b: the same for the grid
+    <out>/report/          fvlm analyze of both: report.md, figures, decisions.json, the export files
+    <out>/decisions.json   the analysis's decisions plus the locked config and how it was chosen
+    <out>/evidence.json    foveation evidence (fvlm.experiments.evidence), summarised in the report
+`fvlm sweep ablations` and `fvlm sweep scaling` take the sweep folder itself as --out (default:
+the matching sub-folder of runs/phase1-<preset>), so running the sweeps by hand and running
+`fvlm phase1` share their runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fvlm import run_folder as rf
+from fvlm.analysis.cli import analyze
+from fvlm.errors import UsageError
+from fvlm.experiments import decide, matrix, runner
+from fvlm.experiments.estimate import estimate, fmt_seconds
+from fvlm.experiments.evidence import EvidenceSettings, collect_evidence, decisions_summary, evidence_markdown
+from fvlm.experiments.milestones import phase1b_step
+from fvlm.experiments.presets import Preset, get_preset
+from fvlm.experiments.runner import Sweep, diff_text
+from fvlm.experiments.slurm import SlurmSettings
+from fvlm.model.backbones import shape_folder_name
+from fvlm.model.pretrain_tiny import ensure_tiny_backbones
+
+F1_NOTE = "if F1 (frozen backbones) wins the freeze question, LR2, LR3 and LR4 are skipped"
+
+
+@dataclass
+class Plan:
+    """What a sweep command runs: the preset, its output folder, the overrides for every run and the
+    overrides per size of the scaling grid."""
+
+    preset: Preset
+    folder: Path
+    common: dict[str, Any]
+    by_size: dict[str, dict[str, Any]]
+
+
+def plan(preset_name: str, out: str | None, overrides: list[str], data: str | None, sub_folder: str | None) -> Plan:
+    """A sweep's folder is `out`, else runs/phase1-<preset>/<sub_folder>; phase1's (no sub_folder) is
+    `out`, else runs/phase1-<preset>."""
+    preset = get_preset(preset_name)
+    default = Path("runs") / f"phase1-{preset.name}"
+    folder = Path(out) if out else (default / sub_folder if sub_folder else default)
+    sizes = tuple(s.label for s in preset.sizes)
+    common, by_size = matrix.split_overrides(overrides, sizes)
+    common.update(runner.data_overrides(data))
+    # Every run's sample count is set by the plan (the ablation budget, or a grid cell's FLOP budget),
+    # so a train.max_samples override would be shown in the dry run and then silently replaced. It
+    # sets the ablation budget; the grid's cells take theirs from the FLOP budgets only.
+    for where in [common, *by_size.values()]:
+        if "train.max_samples" in where and (sub_folder == "scaling" or where is not common):
+            raise UsageError("train.max_samples: the scaling grid sizes every cell from its FLOP budget, so it "
+                             "cannot be overridden there (it sets the ablation budget of fvlm sweep ablations "
+                             "and fvlm phase1)")
+    if "train.max_samples" in common:
+        samples = int(common.pop("train.max_samples"))
+        if samples < 1:
+            raise UsageError(f"train.max_samples must be >= 1 for a sweep, got {samples}")
+        preset = dataclasses.replace(preset, ablation_samples=samples)
+    return Plan(preset, folder, common, by_size)
+
+
+def _log(text: str) -> None:
+    print(text, flush=True)
+
+
+def _with_backbones(preset, common: dict[str, Any], by_size: dict[str, dict[str, Any]], data_root: Path | None):
+    """The tiny preset's pretrained backbones (made once under <data_root>/backbones) as model.llm /
+    model.dino overrides for every run and model.llm per size, where the user gave none. A dry run
+    (no data_root) keeps the shape names: same architecture, same FLOPs, nothing made."""
+    if preset.tiny_backbones is None or data_root is None:
+        return common, by_size
+    wanted = "model.llm" not in common or "model.dino" not in common or any(
+        "model.llm" not in by_size.get(s.label, {}) for s in preset.sizes)
+    if not wanted:
+        return common, by_size
+    folder = ensure_tiny_backbones(data_root / "backbones", preset.tiny_backbones, log=_log)
+    common = {"model.llm": str(folder / "tiny-llm"), "model.dino": str(folder / "tiny-dino"), **common}
+    by_size = {label: dict(v) for label, v in by_size.items()}
+    for size in preset.sizes:  # a size's own LLM wins over model.llm, as with shape names
+        by_size.setdefault(size.label, {}).setdefault("model.llm", str(folder / shape_folder_name(size.llm, "llm")))
+    return common, by_size
+
+
+def _ablation_base(preset, common, data_root: Path | None):
+    common, _ = _with_backbones(preset, common, {}, data_root)
+    base = matrix.ablation_base(preset, common)
+    return runner.resolve_synthetic(preset.config, base, data_root) if data_root else base
+
+
+def _scaling_base(preset, common, locked: dict[str, Any], data_root: Path | None):
+    base = {**preset.overrides, "optim.lr_connector": preset.connector_lr, "optim.lr_dino": preset.backbone_lr,
+            "optim.lr_llm": preset.backbone_lr, **common, **locked}
+    return runner.resolve_synthetic(preset.config, base, data_root) if data_root else base
+
+
+def _print_matrix(title: str, sweep, preset, jobs: int, measure: bool, as_json: bool, notes: list[str]) -> dict:
+    est = estimate(sweep.planned, preset, jobs, measure=measure, folders=[sweep.folder])
+    rows = []
+    for p, e in zip(sweep.planned, est["rows"]):
+        rows.append({"run_id": p.spec.run_id, "description": p.spec.description, "diff": p.spec.diff,
+                     "samples": p.spec.samples, "flops_per_sample": p.flops_per_sample, "flops": e["flops"],
+                     "est_seconds": e["seconds"], **({"budget": p.spec.meta["budget"]} if "budget" in p.spec.meta else {})})
+    record = {"sweep": sweep.kind, "preset": preset.name, "out": str(sweep.folder), "base": sweep.base, "runs": rows,
+              "estimate": {k: v for k, v in est.items() if k != "rows"}, "notes": notes}
+    if as_json:
+        return record
+    print(f"{title}: {len(rows)} runs -> {sweep.folder}")
+    print(f"  base: {preset.config} + {diff_text(sweep.base)}")
+    print(f"  {'run':<14}{'samples':>10}{'FLOPs':>11}{'est.':>9}   difference from the base")
+    for r in rows:
+        print(f"  {r['run_id']:<14}{r['samples']:>10,}{r['flops']:>11.3g}{fmt_seconds(r['est_seconds']):>9}   "
+              f"{diff_text({k: v for k, v in r['diff'].items() if not k.startswith('train.') or k == 'train.stage'})}")
+    total = f"  total: {sum(r['samples'] for r in rows):,} samples, {est['total_flops']:.3g} FLOPs, " \
+            f"about {fmt_seconds(est['wall_seconds'])} wall"
+    if "gpu_hours" in est:
+        total += f", {est['gpu_hours']:.1f} GPU-hours, ${est['cost_usd']:,.0f} ({est['cost_basis']})"
+    print(total)
+    print(f"  estimate from {est['basis']}")
+    for note in notes:
+        print(f"  note: {note}")
+    return record
+
+
+# ----------------------------------------------------------------------------- ablations
+
+
+def run_ablations(preset, folder: Path, base: dict[str, Any], jobs: int, retry_failed: bool = False,
+                  slurm=None) -> dict[str, Any]:
+    """Phase 1a with the plan's conditional: F1-F3 (and the runs that do not depend on them) first;
+    when F1 wins the freeze question, LR2-LR4 are skipped. Returns the locked config record."""
+    every = matrix.ablation_specs(preset)
+    first = [s for s in every if s.run_id in ("F1", "F2", "F3", "A1", "A6", "B1")]
+    Sweep(folder, "ablations", preset.config, base, first, preset.sample_shape, jobs, _log, slurm).run(retry_failed)
+    freeze = decide.freeze_choice(folder, every)
+    _log(f"[ablations] freeze question: {freeze.get('choice')} ({freeze.get('reason')})")
+    skipped = {}
+    if freeze.get("choice") == "F1":
+        reason = "skipped: F1 (frozen backbones) won the freeze question, so only the connector LR matters (plan)"
+        skipped = {rid: reason for rid in matrix.LR_IDS}
+        _log(f"[ablations] LR2, LR3, LR4 {reason}")
+    specs = matrix.ablation_specs(preset, freeze_winner=freeze.get("choice"))
+    Sweep(folder, "ablations", preset.config, base, specs, preset.sample_shape, jobs, _log, slurm).run(retry_failed)
+    locked = decide.lock(folder, every, skipped)
+    _log(f"[ablations] locked config: {json.dumps(locked['overrides']) if locked['overrides'] else '(the F3 baseline)'}"
+         f" -> {folder / 'locked_config.json'}")
+    return locked
+
+
+def dry_run_ablations(plan: Plan, jobs: int, measure: bool, as_json: bool) -> None:
+    base = _ablation_base(plan.preset, plan.common, None)
+    sweep = Sweep(plan.folder, "ablations", plan.preset.config, base, matrix.ablation_specs(plan.preset),
+                  plan.preset.sample_shape, jobs)
+    record = _print_matrix("fvlm sweep ablations", sweep, plan.preset, jobs, measure, as_json, [F1_NOTE])
+    if as_json:
+        print(json.dumps(record, indent=1, default=str))
+
+
+def sweep_ablations(plan: Plan, jobs: int, retry_failed: bool, slurm: SlurmSettings | None) -> dict[str, Any]:
+    base = _ablation_base(plan.preset, plan.common, plan.folder)
+    return run_ablations(plan.preset, plan.folder, base, jobs, retry_failed, slurm)
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def _scaling_sweep(preset, folder, common, by_size, locked, formula, data_root, jobs, slurm=None):
+    common, by_size = _with_backbones(preset, common, by_size, data_root)
+    base = _scaling_base(preset, common, locked, data_root)
+    specs = matrix.scaling_specs(preset, base, by_size, formula)
+    return Sweep(folder, "scaling", preset.config, base, specs, preset.sample_shape, jobs, _log, slurm)
+
+
+def dry_run_scaling(plan: Plan, locked: dict[str, Any], formula: str, jobs: int, measure: bool,
+                    as_json: bool) -> None:
+    preset = plan.preset
+    sweep = _scaling_sweep(preset, plan.folder, plan.common, plan.by_size, locked, formula, None, jobs)
+    notes = ["budgets: " + ", ".join(f"{k}={v:.3g}" for k, v in preset.budgets.items())
+             + f" FLOPs; samples = budget / FLOPs per sample ({formula} formula, "
+               f"{preset.sample_shape[0]} frames + {preset.sample_shape[1]} text tokens)",
+             "B cells are iso-sample (the F cell's samples); B-isoflop cells match the F cell's FLOPs"]
+    if not locked:
+        notes.append("no --winner: every cell uses the F3 baseline config")
+    record = _print_matrix("fvlm sweep scaling", sweep, preset, jobs, measure, as_json, notes)
+    if as_json:
+        print(json.dumps(record, indent=1, default=str))
+
+
+def sweep_scaling(plan: Plan, locked: dict[str, Any], formula: str, jobs: int, retry_failed: bool,
+                  slurm: SlurmSettings | None) -> dict[str, str]:
+    sweep = _scaling_sweep(plan.preset, plan.folder, plan.common, plan.by_size, locked, formula, plan.folder, jobs,
+                           slurm)
+    return sweep.run(retry_failed)
+
+
+# ----------------------------------------------------------------------------- phase1
+
+
+def dry_run_phase1(plan: Plan, formula: str, jobs: int, measure: bool, as_json: bool) -> None:
+    preset, root = plan.preset, plan.folder
+    base = _ablation_base(preset, plan.common, None)
+    abl = Sweep(root / "ablations", "ablations", preset.config, base, matrix.ablation_specs(preset),
+                preset.sample_shape, jobs)
+    sca = _scaling_sweep(preset, root / "scaling", plan.common, plan.by_size, {}, formula, None, jobs)
+    notes_s = ["every cell gets the config locked from the ablations (shown here: the F3 baseline)"]
+    records = [_print_matrix("phase 1a: fvlm sweep ablations", abl, preset, jobs, measure, as_json, [F1_NOTE])]
+    if not as_json:
+        print()
+    records.append(_print_matrix("phase 1b: fvlm sweep scaling", sca, preset, jobs, measure, as_json, notes_s))
+    if as_json:
+        print(json.dumps({"preset": preset.name, "out": str(root), "sweeps": records}, indent=1, default=str))
+    else:
+        wall = sum(r["estimate"]["wall_seconds"] for r in records)
+        print(f"\nphase 1 total: about {fmt_seconds(wall)} wall, then the analysis")
+
+
+def run_phase1(preset, root: Path, common: dict[str, Any], by_size: dict[str, dict[str, Any]], jobs: int,
+               formula: str = "exact", retry_failed: bool = False, slurm=None) -> dict[str, Any]:
+    """Ablations -> locked config -> F3 in three modes -> scaling grid -> foveation evidence -> report,
+    under `root`."""
+    began = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    ablation_dir, scaling_dir, report_dir = root / "ablations", root / "scaling", root / "report"
+    _log(f"fvlm phase1 --preset {preset.name} -> {root} "
+         + (f"(each run a SLURM job: {slurm.nodes} node(s) x {slurm.gpus_per_node} GPU(s))" if slurm
+            else f"({jobs} run(s) side by side)"))
+    base = _ablation_base(preset, common, root)
+    locked = run_ablations(preset, ablation_dir, base, jobs, retry_failed, slurm)
+    evaluate_modes(preset, ablation_dir / "F3", base)
+    sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs, slurm)
+    sweep.run(retry_failed)
+    phase1b_step(preset, scaling_dir, base, _log)
+    evidence = foveation_evidence(preset, root, ablation_dir, scaling_dir)
+    summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked, evidence)
+    _log(f"fvlm phase1: done in {(time.perf_counter() - began) / 60:.1f} min; report {report_dir / 'report.md'} "
+         f"({summary['figures']} figures), decisions {root / 'decisions.json'}")
+    return summary
+
+
+def evaluate_modes(preset, run_dir: Path, base: dict[str, Any]) -> None:
+    """F3 (the baseline every question is asked against) in all three inference modes, on the
+    synthetic multiple-choice benchmark when there is one, with attention pictures: the report's
+    eval-mode figure (Fig 7). Skipped when already done; a failure is reported, not fatal."""
+    # fvlm.eval imports torch: loaded here, so that `fvlm --help` (which imports this module) stays fast.
+    from fvlm.eval.evaluate import evaluate_run
+
+    if (rf.eval_dir(run_dir) / rf.EVAL_JSON).is_file() or not (run_dir / rf.SUMMARY).is_file():
+        return
+    settings: dict[str, Any] = {"attention": 4}
+    if preset.name == "tiny":
+        settings["max_samples"] = int(preset.overrides.get("train.eval_samples", 64))
+    bench = Path(str(base.get("data.val", ""))).parent / "bench"
+    if base.get("data.val") and bench.is_dir():
+        settings["benches"] = [str(bench)]
+    _log(f"[phase1] evaluating {run_dir} in every mode ({', '.join(f'{k}={v}' for k, v in settings.items())})")
+    try:
+        path = evaluate_run(run_dir, **settings)
+    except UsageError as exc:
+        _log(f"[phase1] evaluation of {run_dir.name} failed ({exc}); the report goes on without Fig 7")
+        return
+    _log(f"[phase1] wrote {path}")
+
+
+def foveation_evidence(preset, root: Path, ablation_dir: Path, scaling_dir: Path) -> dict[str, Any] | None:
+    """<root>/evidence.json (fvlm.experiments.evidence): pixel check, benchmark, paired differences
+    and attention on the mover, for the ablations and the grid's largest-budget cells. Kept as it is
+    when no run changed; a failure leaves the report without the section, logged, not fatal."""
+    import torch  # here, not at the top, for the same reason as fvlm.eval in evaluate_modes
+
+    settings = EvidenceSettings(device="cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return collect_evidence(root, ablation_dir, scaling_dir, settings, log=_log,
+                                budget=max(preset.budgets, key=preset.budgets.get),
+                                sizes=tuple(s.label for s in preset.sizes))
+    except Exception as exc:
+        _log(f"[phase1] foveation evidence failed ({type(exc).__name__}: {exc}); the report goes on without it")
+        return None
+
+
+def write_report(preset, root: Path, ablation_dir: Path, scaling_dir: Path, report_dir: Path,
+                 locked: dict[str, Any], evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Analysis of both sweeps, then the locked config (and the foveation evidence, when given)
+    added to decisions.json and report.md."""
+    tmp = report_dir.with_name(report_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    summary = analyze([str(ablation_dir), str(scaling_dir)], tmp, ["?-C*"],
+                      n_boot=preset.analysis_bootstrap)
+    decisions = json.loads((tmp / "decisions.json").read_text())
+    decisions["locked_config"] = locked
+    if evidence is not None:
+        decisions["foveation_evidence"] = decisions_summary(evidence)
+    (tmp / "decisions.json").write_text(json.dumps(decisions, indent=2) + "\n")
+    with (tmp / "report.md").open("a") as report:
+        report.write("\n## Locked configuration (fvlm phase1)\n\n")
+        report.write("The scaling grid was trained with the F3 baseline plus these overrides, chosen from the "
+                     "ablation runs (`ablations/locked_config.json`):\n\n")
+        report.write("| question | choice | adopted | reason |\n|---|---|---|---|\n")
+        for c in locked["choices"]:
+            adopted = ", ".join(f"`{k}={v}`" for k, v in c["adopted"].items()) or "nothing"
+            report.write(f"| {c['question']} | {c.get('choice') or '-'} | {adopted} | {c.get('reason', '')} |\n")
+        if evidence is not None:
+            report.write(evidence_markdown(evidence))
+    if report_dir.exists():
+        shutil.rmtree(report_dir)
+    tmp.rename(report_dir)
+    shutil.copyfile(report_dir / "decisions.json", root / "decisions.json")
+    return summary
