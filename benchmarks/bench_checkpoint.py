@@ -57,15 +57,21 @@ def main() -> None:
 
     def save(run_dir: Path, step: int, full: bool) -> tuple[float, float]:
         began = time.perf_counter()
-        ckpt.save_checkpoint(run_dir, step, dist, model=model, tokenizer=tokenizer, meta={"step": step},
-                             **(state if full else {}))
+        ckpt.save_checkpoint(
+            run_dir, step, dist, model=model, tokenizer=tokenizer, meta={"step": step}, **(state if full else {})
+        )
         written = time.perf_counter() - began
         os.sync()
         return written, time.perf_counter() - began
 
-    result = {"llm": cfg.model.llm, "dino": cfg.model.dino, "freeze_llm": cfg.model.freeze_llm,
-              "parameters": sum(p.numel() for p in model.parameters()),
-              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "kinds": {}}
+    result = {
+        "llm": cfg.model.llm,
+        "dino": cfg.model.dino,
+        "freeze_llm": cfg.model.freeze_llm,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "kinds": {},
+    }
     with tempfile.TemporaryDirectory(dir=os.environ.get("FVLM_BENCH_DIR")) as tmp:
         for kind, full in (("resume", True), ("milestone", False)):
             times = []
@@ -74,12 +80,17 @@ def main() -> None:
                 times.append(save(run_dir, 1, full))
                 size = folder_bytes(run_dir / ckpt.CHECKPOINTS / ckpt.step_name(1))
                 shutil.rmtree(run_dir)
-            result["kinds"][kind] = {"bytes": size, "seconds": [round(t[0], 2) for t in times],
-                                     "seconds_with_sync": [round(t[1], 2) for t in times]}
+            result["kinds"][kind] = {
+                "bytes": size,
+                "seconds": [round(t[0], 2) for t in times],
+                "seconds_with_sync": [round(t[1], 2) for t in times],
+            }
 
         milestones = {4, 8, 12, 16, 20}
-        for policy, kinds in (("before", {s: True for s in milestones}),
-                              ("now", {**{s: False for s in milestones}, 20: True})):
+        for policy, kinds in (
+            ("before", {s: True for s in milestones}),
+            ("now", {**{s: False for s in milestones}, 20: True}),
+        ):
             run_dir = Path(tmp) / policy
             began, written = time.perf_counter(), 0
             for step in sorted(milestones):
@@ -88,8 +99,10 @@ def main() -> None:
                 if policy == "now":
                     ckpt.prune_checkpoints(run_dir, cfg.train.keep_last, milestones)
             result[f"run_of_issue_15_{policy}"] = {
-                "bytes_written": written, "bytes_kept": folder_bytes(run_dir / ckpt.CHECKPOINTS),
-                "seconds_with_sync": round(time.perf_counter() - began, 1)}
+                "bytes_written": written,
+                "bytes_kept": folder_bytes(run_dir / ckpt.CHECKPOINTS),
+                "seconds_with_sync": round(time.perf_counter() - began, 1),
+            }
             shutil.rmtree(run_dir)
     print(json.dumps(result, indent=1))
 

@@ -67,13 +67,21 @@ def paper_shape_ratios() -> None:
     exact counter: the former branch's coarse pass is the one a trained coarse loss (lambda > 0) runs,
     less that loss's logits."""
     for size in ("135m", "360m", "1.7b"):
-        overrides = {"llm": f"smollm2-{size}", "dino": "dinov2-small", "image_size": 224, "gradient_checkpointing": True}
+        overrides = {
+            "llm": f"smollm2-{size}",
+            "dino": "dinov2-small",
+            "image_size": 224,
+            "gradient_checkpointing": True,
+        }
         now = estimate_flops(load_config(None, {"model": overrides}).model, PLAN_FRAMES, PLAN_TEXT_TOKENS)
-        trained = estimate_flops(load_config(None, {"model": {**overrides, "lambda_coarse": 1.0}}).model,
-                                 PLAN_FRAMES, PLAN_TEXT_TOKENS)
+        trained = estimate_flops(
+            load_config(None, {"model": {**overrides, "lambda_coarse": 1.0}}).model, PLAN_FRAMES, PLAN_TEXT_TOKENS
+        )
         before = trained.executed - trained.breakdown["lm_head_coarse"]
-        print(f"[paper shape {size}, counted] full_sequence / visual_only FLOPs {before / now.executed:.2f}x "
-              f"({before:.4g} vs {now.executed:.4g} per sample, of which recompute {now.recompute:.3g})")
+        print(
+            f"[paper shape {size}, counted] full_sequence / visual_only FLOPs {before / now.executed:.2f}x "
+            f"({before:.4g} vs {now.executed:.4g} per sample, of which recompute {now.recompute:.3g})"
+        )
 
 
 def main():
@@ -99,11 +107,15 @@ def main():
             flops = {way: counted_flops(step) for way, step in steps.items()}
             times = interleaved_times(steps, args.repeats, args.device == "cuda")
             for way in steps:
-                print(f"[{shape_name} {args.device} checkpointing, {kind}] {way:<14} {times[way] * 1000:8.1f} ms/step  "
-                      f"{flops[way] / 1e9:9.3f} GFLOP/step")
-            print(f"[{shape_name} {kind}] full_sequence / visual_only: time {times['full_sequence'] / times['visual_only']:.2f}x, "
-                  f"FLOPs {flops['full_sequence'] / flops['visual_only']:.2f}x; loss gap {abs(float(loss_a - loss_b)):.1e}, "
-                  f"largest gradient gap {grad_gap:.1e}")
+                print(
+                    f"[{shape_name} {args.device} checkpointing, {kind}] {way:<14} {times[way] * 1000:8.1f} ms/step  "
+                    f"{flops[way] / 1e9:9.3f} GFLOP/step"
+                )
+            print(
+                f"[{shape_name} {kind}] full_sequence / visual_only: time {times['full_sequence'] / times['visual_only']:.2f}x, "
+                f"FLOPs {flops['full_sequence'] / flops['visual_only']:.2f}x; loss gap {abs(float(loss_a - loss_b)):.1e}, "
+                f"largest gradient gap {grad_gap:.1e}"
+            )
 
 
 if __name__ == "__main__":

@@ -63,22 +63,48 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=60)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = generate_synthetic(tmp, videos=args.videos, images=0, texts=0, frames=args.frames,
-                                      size=args.size, seed=0, val=0, probe=0, bench=0)
-        print(f"synthetic {args.size}px: {manifest['samples_per_sec']:.0f} samples/s "
-              f"({manifest['samples_per_sec'] * args.frames:.0f} frames/s written)")
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}")
+        manifest = generate_synthetic(
+            tmp,
+            videos=args.videos,
+            images=0,
+            texts=0,
+            frames=args.frames,
+            size=args.size,
+            seed=0,
+            val=0,
+            probe=0,
+            bench=0,
+        )
+        print(
+            f"synthetic {args.size}px: {manifest['samples_per_sec']:.0f} samples/s "
+            f"({manifest['samples_per_sec'] * args.frames:.0f} frames/s written)"
+        )
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
+        )
         print(f"load average before timing: {os.getloadavg()[0]:.1f}")
         for workers in (0, args.workers):
-            cfg = load_config(None, {"data.train": f"{tmp}/train", "data.num_workers": workers,
-                                     "data.max_frames": args.frames, "model.image_size": args.size,
-                                     "train.batch_size": args.batch_size, "train.stage": 2})
+            cfg = load_config(
+                None,
+                {
+                    "data.train": f"{tmp}/train",
+                    "data.num_workers": workers,
+                    "data.max_frames": args.frames,
+                    "model.image_size": args.size,
+                    "train.batch_size": args.batch_size,
+                    "train.stage": 2,
+                },
+            )
             fps = frames_per_second(cfg, args.batches)
-            print(f"workers={workers}: {fps:,.0f} frames/s at {args.size}px "
-                  f"(batch {args.batch_size} x {args.frames} frames, decode+resize+normalise+tokenise+collate)")
+            print(
+                f"workers={workers}: {fps:,.0f} frames/s at {args.size}px "
+                f"(batch {args.batch_size} x {args.frames} frames, decode+resize+normalise+tokenise+collate)"
+            )
         per_core = frames_per_cpu_second(cfg)
-        print(f"one worker: {per_core:,.0f} frames per CPU-second (x{args.workers} workers on idle cores: "
-              f"{per_core * args.workers:,.0f} frames/s)")
+        print(
+            f"one worker: {per_core:,.0f} frames per CPU-second (x{args.workers} workers on idle cores: "
+            f"{per_core * args.workers:,.0f} frames/s)"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ def timed(fn) -> tuple[float, float]:
 
 def batched(model, tok, encoded, frames, modes, batch):
     for start in range(0, len(encoded), batch):
-        f, m = frames_batch(frames[start:start + batch])
-        score_batch(model, encoded[start:start + batch], f, m, modes, tok.pad_token_id)
+        f, m = frames_batch(frames[start : start + batch])
+        score_batch(model, encoded[start : start + batch], f, m, modes, tok.pad_token_id)
 
 
 def one_by_one(model, encoded, frames, modes):
@@ -63,10 +63,12 @@ def main() -> None:
     model, tok = build_model(cfg.model).eval(), build_tokenizer(cfg.model)
     with tempfile.TemporaryDirectory() as tmp:
         # Half of the synthetic bench is images; ask for twice as many and keep the 8-frame videos.
-        generate_synthetic(tmp, videos=0, images=0, texts=0, frames=8, size=64, seed=0, val=0, probe=0,
-                           bench=2 * args.questions)
-        questions = [q for q in read_shard_bench(f"{tmp}/bench", VisualSettings(64, 8, 1.0, 1))
-                     if q.category == "video"][: args.questions]
+        generate_synthetic(
+            tmp, videos=0, images=0, texts=0, frames=8, size=64, seed=0, val=0, probe=0, bench=2 * args.questions
+        )
+        questions = [
+            q for q in read_shard_bench(f"{tmp}/bench", VisualSettings(64, 8, 1.0, 1)) if q.category == "video"
+        ][: args.questions]
         frames = [q.frames() for q in questions]
     assert all(f.shape[0] == 8 for f in frames) and all(len(q.options) == 4 for q in questions)
     encoded = [encode_question(tok, q) for q in questions]
@@ -83,8 +85,10 @@ def main() -> None:
             for name, fn in ways.items():
                 results[name].append(timed(fn))
     n = len(questions)
-    print(f"{n} questions x 4 options x 8 frames (64 px), modes {','.join(modes)}, batch {args.batch}, "
-          f"{args.threads} threads; {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(
+        f"{n} questions x 4 options x 8 frames (64 px), modes {','.join(modes)}, batch {args.batch}, "
+        f"{args.threads} threads; {platform.processor() or platform.machine()}, torch {torch.__version__}"
+    )
     best = {name: (min(w for w, _ in r), min(c for _, c in r)) for name, r in results.items()}
     base = best["one by one"]
     print(f"| way | questions/s (wall, best of {args.repeats}) | questions per CPU-second | speed-up (wall / CPU) |")

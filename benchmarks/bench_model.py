@@ -20,7 +20,9 @@ from fvlm.model.flops import estimate_flops
 
 SHAPES = {
     "tiny": dict(overrides={}, batch=8, frames=8, text=96),
-    "135m": dict(overrides={"llm": "smollm2-135m", "dino": "dinov2-small", "image_size": 224}, batch=2, frames=4, text=64),
+    "135m": dict(
+        overrides={"llm": "smollm2-135m", "dino": "dinov2-small", "image_size": 224}, batch=2, frames=4, text=64
+    ),
 }
 VARIANTS = {
     "coarse_fine": {},
@@ -92,12 +94,17 @@ def main():
             times = interleaved_times(steps, args.repeats, args.device == "cuda")
             for name, seconds in times.items():
                 mfu = f"  MFU {flops[name] / seconds / (args.peak_tflops * 1e12):.1%}" if args.device == "cuda" else ""
-                print(f"[{shape_name} {args.device} {'bf16' if bf16 else 'fp32'}] {name:<15} "
-                      f"{seconds * 1000:8.1f} ms/step  {flops[name] / seconds / 1e9:8.1f} GFLOP/s{mfu}")
+                print(
+                    f"[{shape_name} {args.device} {'bf16' if bf16 else 'fp32'}] {name:<15} "
+                    f"{seconds * 1000:8.1f} ms/step  {flops[name] / seconds / 1e9:8.1f} GFLOP/s{mfu}"
+                )
             base = times["coarse_only"]
-            print(f"[{shape_name}] ratios to coarse_only: "
-                  + ", ".join(f"{k} {v / base:.2f}x" for k, v in times.items())
-                  + "; FLOP ratios: " + ", ".join(f"{k} {flops[k] / flops['coarse_only']:.2f}x" for k in times))
+            print(
+                f"[{shape_name}] ratios to coarse_only: "
+                + ", ".join(f"{k} {v / base:.2f}x" for k, v in times.items())
+                + "; FLOP ratios: "
+                + ", ".join(f"{k} {flops[k] / flops['coarse_only']:.2f}x" for k in times)
+            )
 
 
 if __name__ == "__main__":

@@ -47,13 +47,31 @@ from fvlm.model.flops import estimate_flops  # noqa: E402
 from fvlm.training.optim import build_optimizer  # noqa: E402
 from fvlm.training.throughput import peak_flops  # noqa: E402
 
-FULL = {"configs": {"135m": "paper_135m", "360m": "paper_360m", "1.7b": "paper_1.7b"}, "frames": 16, "text": 484,
-        "image": 224, "steps": 5, "parity_steps": 5, "loader_samples": 96, "loader_workers": (0, 2, 4),
-        "compile_backend": "inductor"}
+FULL = {
+    "configs": {"135m": "paper_135m", "360m": "paper_360m", "1.7b": "paper_1.7b"},
+    "frames": 16,
+    "text": 484,
+    "image": 224,
+    "steps": 5,
+    "parity_steps": 5,
+    "loader_samples": 96,
+    "loader_workers": (0, 2, 4),
+    "compile_backend": "inductor",
+}
 # On the CPU, inductor spends minutes compiling C++; the "eager" backend still runs torch.compile's
 # graph capture over the model, which is what can rot.
-REDUCED = {"configs": {"tiny": "tiny"}, "frames": 2, "text": 32, "image": 32, "steps": 2, "parity_steps": 3,
-           "loader_samples": 16, "loader_workers": (0, 1), "batch": 2, "compile_backend": "eager"}
+REDUCED = {
+    "configs": {"tiny": "tiny"},
+    "frames": 2,
+    "text": 32,
+    "image": 32,
+    "steps": 2,
+    "parity_steps": 3,
+    "loader_samples": 16,
+    "loader_workers": (0, 1),
+    "batch": 2,
+    "compile_backend": "eager",
+}
 VARIANTS = {
     "coarse_fine": {},
     "coarse_only": {"model.coarse_only": True},
@@ -128,13 +146,24 @@ def check_steps(plan, device, bf16, peak, log) -> list[dict]:
                 rows.append({"size": size, "variant": variant, "batch": b, "error": "out of memory"})
                 torch.cuda.empty_cache()
                 continue
-            row = {"size": size, "variant": variant, "llm": cfg.model.llm, "arch": cfg.model.arch, "batch": b,
-                   "checkpointing": cfg.model.gradient_checkpointing, "step_sec": seconds,
-                   "samples_per_sec": b / seconds, "flops_per_sec": flops / seconds,
-                   "mfu": flops / seconds / peak if peak else None, "peak_mem_gib": memory}
+            row = {
+                "size": size,
+                "variant": variant,
+                "llm": cfg.model.llm,
+                "arch": cfg.model.arch,
+                "batch": b,
+                "checkpointing": cfg.model.gradient_checkpointing,
+                "step_sec": seconds,
+                "samples_per_sec": b / seconds,
+                "flops_per_sec": flops / seconds,
+                "mfu": flops / seconds / peak if peak else None,
+                "peak_mem_gib": memory,
+            }
             rows.append(row)
-            log(f"  step {size:>5} {variant:<12} batch {b:>3}: {seconds * 1e3:8.1f} ms, "
-                f"{row['samples_per_sec']:7.1f} samples/s, MFU {_pct(row['mfu'])}, peak {_gib(memory)}")
+            log(
+                f"  step {size:>5} {variant:<12} batch {b:>3}: {seconds * 1e3:8.1f} ms, "
+                f"{row['samples_per_sec']:7.1f} samples/s, MFU {_pct(row['mfu'])}, peak {_gib(memory)}"
+            )
     return rows
 
 
@@ -149,8 +178,12 @@ def check_compile(plan, device, bf16, log) -> dict:
         log(f"  torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         return {"eager_step_sec": eager, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     log(f"  compile: eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms ({eager / compiled:.2f}x)")
-    return {"backend": plan["compile_backend"], "eager_step_sec": eager, "compiled_step_sec": compiled,
-            "speedup": eager / compiled}
+    return {
+        "backend": plan["compile_backend"],
+        "eager_step_sec": eager,
+        "compiled_step_sec": compiled,
+        "speedup": eager / compiled,
+    }
 
 
 def check_parity(plan, device, log) -> dict:
@@ -173,12 +206,29 @@ def check_loader(plan, log) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         n = plan["loader_samples"]
-        generate_synthetic(Path(tmp) / "set", videos=n, images=n // 4, texts=n // 4, frames=plan["frames"],
-                           size=plan["image"], seed=0, val=8, probe=2, bench=4)
+        generate_synthetic(
+            Path(tmp) / "set",
+            videos=n,
+            images=n // 4,
+            texts=n // 4,
+            frames=plan["frames"],
+            size=plan["image"],
+            seed=0,
+            val=8,
+            probe=2,
+            bench=4,
+        )
         for workers in plan["loader_workers"]:
-            cfg = load_config("tiny", {"data.train": str(Path(tmp) / "set" / "train"), "data.num_workers": workers,
-                                       "model.image_size": plan["image"], "data.max_frames": plan["frames"],
-                                       "train.batch_size": 8})
+            cfg = load_config(
+                "tiny",
+                {
+                    "data.train": str(Path(tmp) / "set" / "train"),
+                    "data.num_workers": workers,
+                    "model.image_size": plan["image"],
+                    "data.max_frames": plan["frames"],
+                    "train.batch_size": 8,
+                },
+            )
             loader = build_loader(cfg, "train", build_tokenizer(cfg.model))
             batches = iter(loader)
             next(batches)  # workers start
@@ -209,8 +259,13 @@ def _allreduce_worker(rank: int, world: int, port: int, plan: dict, mode: str, s
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if cuda else None,
-                                                    find_unused_parameters=True) if mode == "ddp" else None
+    ddp = (
+        torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rank] if cuda else None, find_unused_parameters=True
+        )
+        if mode == "ddp"
+        else None
+    )
     batch = make_batch(cfg.train.batch_size, plan, device, seed=rank)
     times = []
     for i in range(steps + 1):
@@ -245,12 +300,19 @@ def check_allreduce(plan, log) -> dict:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         queue = context.Queue()
-        mp.start_processes(_allreduce_worker, args=(world, port, plan, mode, plan["steps"], queue), nprocs=world,
-                           start_method="spawn", join=True)
+        mp.start_processes(
+            _allreduce_worker,
+            args=(world, port, plan, mode, plan["steps"], queue),
+            nprocs=world,
+            start_method="spawn",
+            join=True,
+        )
         result[f"{mode}_step_sec"] = queue.get()
     result["manual_over_ddp"] = result["manual_step_sec"] / result["ddp_step_sec"]
-    log(f"  all-reduce on {backend}: manual {result['manual_step_sec'] * 1e3:.1f} ms, DDP "
-        f"{result['ddp_step_sec'] * 1e3:.1f} ms per step ({result['manual_over_ddp']:.2f}x)")
+    log(
+        f"  all-reduce on {backend}: manual {result['manual_step_sec'] * 1e3:.1f} ms, DDP "
+        f"{result['ddp_step_sec'] * 1e3:.1f} ms per step ({result['manual_over_ddp']:.2f}x)"
+    )
     return result
 
 
@@ -263,36 +325,61 @@ def _gib(v):
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# GPU check: {report['device']} ({'reduced, CPU' if report['reduced'] else 'full'})", "",
-             f"torch {report['torch']}, {report['precision']}, peak {report['peak_source']}; {report['seconds']:.0f} s", "",
-             "| size | variant | batch | step (ms) | samples/s | MFU | peak memory |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU check: {report['device']} ({'reduced, CPU' if report['reduced'] else 'full'})",
+        "",
+        f"torch {report['torch']}, {report['precision']}, peak {report['peak_source']}; {report['seconds']:.0f} s",
+        "",
+        "| size | variant | batch | step (ms) | samples/s | MFU | peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["steps"]:
         if "error" in r:
             lines.append(f"| {r['size']} | {r['variant']} | {r['batch']} | {r['error']} | | | |")
         else:
-            lines.append(f"| {r['size']} | {r['variant']} | {r['batch']} | {r['step_sec'] * 1e3:.1f} | "
-                         f"{r['samples_per_sec']:.1f} | {_pct(r['mfu']).strip()} | {_gib(r['peak_mem_gib'])} |")
+            lines.append(
+                f"| {r['size']} | {r['variant']} | {r['batch']} | {r['step_sec'] * 1e3:.1f} | "
+                f"{r['samples_per_sec']:.1f} | {_pct(r['mfu']).strip()} | {_gib(r['peak_mem_gib'])} |"
+            )
     c = report["compile"]
     lines += ["", "| check | result |", "|---|---|"]
-    lines.append(f"| torch.compile, {c.get('backend', '?')} backend (step, eager / compiled) | " + (
-        f"{c['eager_step_sec'] * 1e3:.1f} / {c['compiled_step_sec'] * 1e3:.1f} ms ({c['speedup']:.2f}x) |"
-        if "speedup" in c else f"failed: {c['error']} |"))
+    lines.append(
+        f"| torch.compile, {c.get('backend', '?')} backend (step, eager / compiled) | "
+        + (
+            f"{c['eager_step_sec'] * 1e3:.1f} / {c['compiled_step_sec'] * 1e3:.1f} ms ({c['speedup']:.2f}x) |"
+            if "speedup" in c
+            else f"failed: {c['error']} |"
+        )
+    )
     p = report["parity"]
-    lines.append(f"| bf16 vs fp32 loss, max relative gap over {len(p['fp32_losses'])} steps | {p['max_relative_gap']:.4f} |")
+    lines.append(
+        f"| bf16 vs fp32 loss, max relative gap over {len(p['fp32_losses'])} steps | {p['max_relative_gap']:.4f} |"
+    )
     for r in report["loader"]:
         lines.append(f"| loader, {r['workers']} workers | {r['samples_per_sec']:.1f} samples/s |")
     a = report["allreduce"]
-    lines.append(f"| gradient all-reduce on {a['backend']}: manual / DDP step | {a['manual_step_sec'] * 1e3:.1f} / "
-                 f"{a['ddp_step_sec'] * 1e3:.1f} ms ({a['manual_over_ddp']:.2f}x) |")
+    lines.append(
+        f"| gradient all-reduce on {a['backend']}: manual / DDP step | {a['manual_step_sec'] * 1e3:.1f} / "
+        f"{a['ddp_step_sec'] * 1e3:.1f} ms ({a['manual_over_ddp']:.2f}x) |"
+    )
     return "\n".join(lines) + "\n"
 
 
 def record_mfu(report: dict, path: Path) -> None:
     """Adds this device's measured MFU per model shape to the file the cost estimate reads."""
     records = json.loads(path.read_text()) if path.is_file() else []
-    fresh = [{"device": report["device"], "llm": r["llm"], "arch": r["arch"], "mfu": r["mfu"], "batch": r["batch"],
-              "measured": report["date"]}
-             for r in report["steps"] if r.get("mfu") and r["variant"] != "coarse_only"]
+    fresh = [
+        {
+            "device": report["device"],
+            "llm": r["llm"],
+            "arch": r["arch"],
+            "mfu": r["mfu"],
+            "batch": r["batch"],
+            "measured": report["date"],
+        }
+        for r in report["steps"]
+        if r.get("mfu") and r["variant"] != "coarse_only"
+    ]
     keys = {(r["device"], r["llm"], r["arch"]) for r in fresh}
     records = [r for r in records if (r.get("device"), r.get("llm"), r.get("arch")) not in keys] + fresh
     path.write_text(json.dumps(records, indent=1) + "\n")
@@ -326,9 +413,16 @@ def main(argv=None) -> int:
     began = time.perf_counter()
     log = lambda text: print(text, flush=True)  # noqa: E731
     log(f"GPU check on {name} ({'reduced' if args.reduced else 'full'}), peak {source}")
-    report = {"device": name, "reduced": args.reduced, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "precision": "bf16 autocast" if bf16 else "fp32", "peak_flops": peak, "peak_source": source,
-              "plan": {k: v for k, v in plan.items() if k != "configs"} | {"configs": plan["configs"]}}
+    report = {
+        "device": name,
+        "reduced": args.reduced,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "peak_flops": peak,
+        "peak_source": source,
+        "plan": {k: v for k, v in plan.items() if k != "configs"} | {"configs": plan["configs"]},
+    }
     report["steps"] = check_steps(plan, device, bf16, peak, log)
     report["compile"] = check_compile(plan, device, bf16, log)
     report["parity"] = check_parity(plan, device, log)

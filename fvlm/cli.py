@@ -79,8 +79,16 @@ def main(argv: list[str] | None = None) -> int:
 
 # errno values that mean the environment, not the input, is at fault.
 # EFBIG: a file over the size limit of the process or the file system (ulimit -f).
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EMFILE, errno.EFBIG,
-                      errno.EIO}
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EDQUOT,
+    errno.EMFILE,
+    errno.EFBIG,
+    errno.EIO,
+}
 # Which settings bound the memory of each command.
 MEMORY_HINTS = {
     "train": "lower train.batch_size (raise train.grad_accum to keep the batch), data.max_frames or model.image_size",

@@ -408,8 +408,10 @@ def validate(cfg: RunConfig) -> None:
     if m.query_dim is not None:
         _positive(m.query_dim, "model.query_dim")
     if m.query_init == "cls" and m.query_dim is not None:
-        raise UsageError("model.query_init=cls starts the queries as DINO's CLS token, so model.query_dim must "
-                         "be null (DINO's width); use model.query_init=random with a custom query_dim")
+        raise UsageError(
+            "model.query_init=cls starts the queries as DINO's CLS token, so model.query_dim must "
+            "be null (DINO's width); use model.query_init=random with a custom query_dim"
+        )
     if not 0 <= d.text_ratio <= 1:
         raise UsageError(f"data.text_ratio must be in [0, 1], got {d.text_ratio}")
     for source, weight in d.mix.items():
@@ -426,15 +428,25 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= d.synth_mc_fraction <= 1:
         raise UsageError(f"data.synth_mc_fraction must be in [0, 1], got {d.synth_mc_fraction}")
     if not 1 <= d.synth_min_objects <= d.synth_max_objects:
-        raise UsageError(f"data.synth_min_objects ({d.synth_min_objects}) must be >= 1 and <= "
-                         f"data.synth_max_objects ({d.synth_max_objects})")
+        raise UsageError(
+            f"data.synth_min_objects ({d.synth_min_objects}) must be >= 1 and <= "
+            f"data.synth_max_objects ({d.synth_max_objects})"
+        )
     scale = d.synth_object_scale
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] < 1:
         raise UsageError(f"data.synth_object_scale must be [min, max] with 0 < min <= max < 1, got {scale}")
     if t.stage not in (1, 2, 3):
         raise UsageError(f"train.stage must be 1, 2 or 3, got {t.stage}")
-    for name in ("batch_size", "grad_accum", "eval_every", "save_every", "log_every", "keep_last",
-                 "eval_batch_size", "eval_samples"):
+    for name in (
+        "batch_size",
+        "grad_accum",
+        "eval_every",
+        "save_every",
+        "log_every",
+        "keep_last",
+        "eval_batch_size",
+        "eval_samples",
+    ):
         _positive(getattr(t, name), f"train.{name}")
     _positive(t.max_steps, "train.max_steps", allow_zero=True)
     _positive(t.probe_videos, "train.probe_videos", allow_zero=True)

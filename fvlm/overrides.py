@@ -12,9 +12,17 @@ def add_arguments(parser: argparse.ArgumentParser, config: bool = True, help_tex
     """The positional `[CONFIG] key=value ...` of a command (without CONFIG where the config is not
     the user's to choose, as in `fvlm eval`, whose config is the checkpoint's). The `--set KEY=VALUE`
     spelling that some commands once had is still parsed, to say in one line how to write it now."""
-    parser.add_argument("items", nargs="*", metavar="CONFIG | key=value" if config else "key=value",
-                        help=help_text or ("a config file or shipped config name (default: tiny), then field "
-                                           "overrides" if config else "config field overrides"))
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG | key=value" if config else "key=value",
+        help=help_text
+        or (
+            "a config file or shipped config name (default: tiny), then field overrides"
+            if config
+            else "config field overrides"
+        ),
+    )
     parser.add_argument("--set", dest="old_set", action="append", default=[], help=argparse.SUPPRESS)
 
 
@@ -31,8 +39,9 @@ def from_args(args: argparse.Namespace, command: str, config: bool = True) -> tu
     """(config, overrides) of a command parsed with `add_arguments`."""
     if args.old_set:
         example = args.old_set[0]
-        raise UsageError(f"--set is gone: write overrides as key=value after the other arguments "
-                         f"(fvlm {command} ... {example})")
+        raise UsageError(
+            f"--set is gone: write overrides as key=value after the other arguments (fvlm {command} ... {example})"
+        )
     if config:
         return split_config_items(args.items)
     for item in args.items:

@@ -53,33 +53,101 @@ SWEEP_STATE = "sweep_state.json"
 SWEEP_LOCK = ".sweep.lock"
 
 STEP_COLUMNS = (
-    "run_id", "step", "samples_seen", "wall_time_sec", "train_loss", "loss_fine", "loss_coarse", "loss_ratio",
-    "grad_norm", "lr_connector", "lr_dino", "lr_llm", "throughput_samples_sec", "gpu_mem_allocated_gb",
-    "gpu_mem_reserved_gb", "tokens_per_sec", "visual_tokens_per_sec", "text_tokens_per_sec", "flops_per_sec",
-    "mfu", "data_wait_sec",
+    "run_id",
+    "step",
+    "samples_seen",
+    "wall_time_sec",
+    "train_loss",
+    "loss_fine",
+    "loss_coarse",
+    "loss_ratio",
+    "grad_norm",
+    "lr_connector",
+    "lr_dino",
+    "lr_llm",
+    "throughput_samples_sec",
+    "gpu_mem_allocated_gb",
+    "gpu_mem_reserved_gb",
+    "tokens_per_sec",
+    "visual_tokens_per_sec",
+    "text_tokens_per_sec",
+    "flops_per_sec",
+    "mfu",
+    "data_wait_sec",
 )
 # The throughput columns after gpu_mem_reserved_gb came later: runs written before them still read.
-STEP_COLUMNS_REQUIRED = STEP_COLUMNS[:STEP_COLUMNS.index("gpu_mem_reserved_gb") + 1]
+STEP_COLUMNS_REQUIRED = STEP_COLUMNS[: STEP_COLUMNS.index("gpu_mem_reserved_gb") + 1]
 METRIC_COLUMNS = (
-    "run_id", "step", "samples_seen", "wall_time_sec", "train_loss", "val_loss", "loss_fine", "loss_coarse",
-    "loss_ratio", "grad_norm", "attention_entropy", "lr_connector", "lr_dino", "lr_llm", "throughput",
-    "gpu_mem_gb", "val_loss_fine", "val_loss_coarse", "val_loss_ratio",
+    "run_id",
+    "step",
+    "samples_seen",
+    "wall_time_sec",
+    "train_loss",
+    "val_loss",
+    "loss_fine",
+    "loss_coarse",
+    "loss_ratio",
+    "grad_norm",
+    "attention_entropy",
+    "lr_connector",
+    "lr_dino",
+    "lr_llm",
+    "throughput",
+    "gpu_mem_gb",
+    "val_loss_fine",
+    "val_loss_coarse",
+    "val_loss_ratio",
 )
 # What every run_summary.json holds, whatever its status.
-SUMMARY_FIELDS = ("run_id", "status", "params", "total_samples", "total_steps", "best_val_loss",
-                  "best_val_step", "final_train_loss", "wall_time_hours")
+SUMMARY_FIELDS = (
+    "run_id",
+    "status",
+    "params",
+    "total_samples",
+    "total_steps",
+    "best_val_loss",
+    "best_val_step",
+    "final_train_loss",
+    "wall_time_hours",
+)
 SWEEP_COLUMNS = (
-    "run_id", "sweep", "status", "description", "diff", "planned_samples", "planned_flops", "flops_per_sample",
-    "total_samples", "total_steps", "total_flops", "best_val_loss", "best_val_step", "final_val_loss",
-    "final_val_loss_fine", "final_val_loss_coarse", "final_val_loss_ratio", "final_attention_entropy",
-    "final_train_loss", "wall_time_sec", "config_hash", "error",
+    "run_id",
+    "sweep",
+    "status",
+    "description",
+    "diff",
+    "planned_samples",
+    "planned_flops",
+    "flops_per_sample",
+    "total_samples",
+    "total_steps",
+    "total_flops",
+    "best_val_loss",
+    "best_val_step",
+    "final_val_loss",
+    "final_val_loss_fine",
+    "final_val_loss_coarse",
+    "final_val_loss_ratio",
+    "final_attention_entropy",
+    "final_train_loss",
+    "wall_time_sec",
+    "config_hash",
+    "error",
 )
 
 # Settings that may change between a run and its resumption: they change how long it runs or what
 # it records, not what a step computes.
 RESUMABLE_CHANGES = {
-    "train.max_steps", "train.max_samples", "train.eval_every", "train.save_every", "train.log_every",
-    "train.keep_last", "train.keep_milestones", "train.wandb", "train.wandb_project", "data.num_workers",
+    "train.max_steps",
+    "train.max_samples",
+    "train.eval_every",
+    "train.save_every",
+    "train.log_every",
+    "train.keep_last",
+    "train.keep_milestones",
+    "train.wandb",
+    "train.wandb_project",
+    "data.num_workers",
     "train.peak_flops",
 }
 
@@ -170,23 +238,44 @@ def run_status(run_dir: Path) -> str:
     return "interrupted" if summary is None else summary.get("status", "unknown")
 
 
-def sweep_row(run_dir: Path, *, sweep: str, status: str, description: str, diff: str, planned_samples: int,
-              flops_per_sample: float, config_hash: str, error: str | None) -> dict[str, Any]:
+def sweep_row(
+    run_dir: Path,
+    *,
+    sweep: str,
+    status: str,
+    description: str,
+    diff: str,
+    planned_samples: int,
+    flops_per_sample: float,
+    config_hash: str,
+    error: str | None,
+) -> dict[str, Any]:
     """One sweep.csv row: the plan's side of a run, and the results its summary holds, if any."""
     summary = read_summary(run_dir) or {}
     final = summary.get("final") or {}
     return {
-        "run_id": Path(run_dir).name, "sweep": sweep, "status": status, "description": description, "diff": diff,
-        "planned_samples": planned_samples, "planned_flops": planned_samples * flops_per_sample,
+        "run_id": Path(run_dir).name,
+        "sweep": sweep,
+        "status": status,
+        "description": description,
+        "diff": diff,
+        "planned_samples": planned_samples,
+        "planned_flops": planned_samples * flops_per_sample,
         "flops_per_sample": summary.get("flops_per_sample") or flops_per_sample,
-        "total_samples": summary.get("total_samples"), "total_steps": summary.get("total_steps"),
-        "total_flops": summary.get("total_flops"), "best_val_loss": summary.get("best_val_loss"),
-        "best_val_step": summary.get("best_val_step"), "final_val_loss": final.get("val_loss"),
-        "final_val_loss_fine": final.get("val_loss_fine"), "final_val_loss_coarse": final.get("val_loss_coarse"),
+        "total_samples": summary.get("total_samples"),
+        "total_steps": summary.get("total_steps"),
+        "total_flops": summary.get("total_flops"),
+        "best_val_loss": summary.get("best_val_loss"),
+        "best_val_step": summary.get("best_val_step"),
+        "final_val_loss": final.get("val_loss"),
+        "final_val_loss_fine": final.get("val_loss_fine"),
+        "final_val_loss_coarse": final.get("val_loss_coarse"),
         "final_val_loss_ratio": final.get("val_loss_ratio"),
         "final_attention_entropy": final.get("attention_entropy"),
-        "final_train_loss": summary.get("final_train_loss"), "wall_time_sec": summary.get("wall_time_sec"),
-        "config_hash": config_hash, "error": error or summary.get("error") or "",
+        "final_train_loss": summary.get("final_train_loss"),
+        "wall_time_sec": summary.get("wall_time_sec"),
+        "config_hash": config_hash,
+        "error": error or summary.get("error") or "",
     }
 
 

@@ -21,7 +21,7 @@ def fvlm_call_site(frame) -> str | None:
     """`path:line` of the innermost frame of the fvlm package on the stack, or None."""
     while frame is not None:
         if frame.f_code.co_filename.startswith(FVLM_CODE):
-            return f"fvlm/{frame.f_code.co_filename[len(FVLM_CODE):]}:{frame.f_lineno}"
+            return f"fvlm/{frame.f_code.co_filename[len(FVLM_CODE) :]}:{frame.f_lineno}"
         frame = frame.f_back
     return None
 

@@ -30,8 +30,16 @@ def law(n, d):
     return LAW["E"] + LAW["A"] / np.asarray(n, float) ** LAW["alpha"] + LAW["B"] / np.asarray(d, float) ** LAW["beta"]
 
 
-def write_run(root: Path, run_id: str, samples: np.ndarray, loss: np.ndarray, params: float,
-              flops_per_sample: float, overrides: dict | None = None, extras: bool = False) -> Path:
+def write_run(
+    root: Path,
+    run_id: str,
+    samples: np.ndarray,
+    loss: np.ndarray,
+    params: float,
+    flops_per_sample: float,
+    overrides: dict | None = None,
+    extras: bool = False,
+) -> Path:
     run_dir = root / run_id
     run_dir.mkdir(parents=True)
     cfg = RunConfig(run_id=run_id).to_dict()
@@ -45,20 +53,49 @@ def write_run(root: Path, run_id: str, samples: np.ndarray, loss: np.ndarray, pa
         writer = csv.DictWriter(handle, fieldnames=run_folder.METRIC_COLUMNS)
         writer.writeheader()
         for i, (s, v) in enumerate(zip(samples, loss)):
-            writer.writerow({"run_id": run_id, "step": steps[i], "samples_seen": int(s), "wall_time_sec": i,
-                             "train_loss": v + 0.01, "val_loss": v, "loss_fine": v, "loss_coarse": v / ratio[i],
-                             "loss_ratio": ratio[i], "grad_norm": 1.0, "attention_entropy": 4 - i * 0.05,
-                             "lr_connector": 1e-4, "lr_dino": 1e-5, "lr_llm": 1e-5, "throughput": 10,
-                             "gpu_mem_gb": "", "val_loss_fine": v, "val_loss_coarse": v / ratio[i],
-                             "val_loss_ratio": ratio[i]})
+            writer.writerow(
+                {
+                    "run_id": run_id,
+                    "step": steps[i],
+                    "samples_seen": int(s),
+                    "wall_time_sec": i,
+                    "train_loss": v + 0.01,
+                    "val_loss": v,
+                    "loss_fine": v,
+                    "loss_coarse": v / ratio[i],
+                    "loss_ratio": ratio[i],
+                    "grad_norm": 1.0,
+                    "attention_entropy": 4 - i * 0.05,
+                    "lr_connector": 1e-4,
+                    "lr_dino": 1e-5,
+                    "lr_llm": 1e-5,
+                    "throughput": 10,
+                    "gpu_mem_gb": "",
+                    "val_loss_fine": v,
+                    "val_loss_coarse": v / ratio[i],
+                    "val_loss_ratio": ratio[i],
+                }
+            )
     best = int(np.argmin(loss))
-    summary = {"run_id": run_id, "status": "completed", "git_commit": "x", "config_hash": "y",
-               "final_train_loss": float(loss[-1]), "best_val_loss": float(loss[best]),
-               "best_val_step": int(steps[best]), "convergence_step": int(steps[-1]), "total_steps": int(steps[-1]),
-               "total_samples": int(samples[-1]), "wall_time_sec": 60.0, "wall_time_hours": 60 / 3600,
-               "params": {"total": params, "trainable": params, "by_group": {}},
-               "flops_per_sample": flops_per_sample, "total_flops": flops_per_sample * samples[-1],
-               "final": {}, "best": {}}
+    summary = {
+        "run_id": run_id,
+        "status": "completed",
+        "git_commit": "x",
+        "config_hash": "y",
+        "final_train_loss": float(loss[-1]),
+        "best_val_loss": float(loss[best]),
+        "best_val_step": int(steps[best]),
+        "convergence_step": int(steps[-1]),
+        "total_steps": int(steps[-1]),
+        "total_samples": int(samples[-1]),
+        "wall_time_sec": 60.0,
+        "wall_time_hours": 60 / 3600,
+        "params": {"total": params, "trainable": params, "by_group": {}},
+        "flops_per_sample": flops_per_sample,
+        "total_flops": flops_per_sample * samples[-1],
+        "final": {},
+        "best": {},
+    }
     (run_dir / "run_summary.json").write_text(json.dumps(summary))
     if extras:
         with (run_dir / "steps.csv").open("w", newline="") as handle:
@@ -66,21 +103,45 @@ def write_run(root: Path, run_id: str, samples: np.ndarray, loss: np.ndarray, pa
             writer.writeheader()
             for i, s in enumerate(np.linspace(1, samples[-1], 60)):
                 r = 0.9 + 0.1 * np.exp(-i / 20) + 0.01 * np.sin(i)
-                writer.writerow({"run_id": run_id, "step": i, "samples_seen": int(s), "wall_time_sec": i,
-                                 "train_loss": 2, "loss_fine": 2 * r, "loss_coarse": 2, "loss_ratio": r,
-                                 "grad_norm": 1, "lr_connector": 1e-4, "lr_dino": 1e-5, "lr_llm": 1e-5,
-                                 "throughput_samples_sec": 10, "gpu_mem_allocated_gb": 0, "gpu_mem_reserved_gb": 0})
+                writer.writerow(
+                    {
+                        "run_id": run_id,
+                        "step": i,
+                        "samples_seen": int(s),
+                        "wall_time_sec": i,
+                        "train_loss": 2,
+                        "loss_fine": 2 * r,
+                        "loss_coarse": 2,
+                        "loss_ratio": r,
+                        "grad_norm": 1,
+                        "lr_connector": 1e-4,
+                        "lr_dino": 1e-5,
+                        "lr_llm": 1e-5,
+                        "throughput_samples_sec": 10,
+                        "gpu_mem_allocated_gb": 0,
+                        "gpu_mem_reserved_gb": 0,
+                    }
+                )
         rng = np.random.default_rng(0)
         attn = rng.random((2, 3, 2, 2, 1 + 16)).astype(np.float32)
         attn /= attn.sum(-1, keepdims=True)
         (run_dir / "attention").mkdir()
-        np.savez(run_dir / "attention" / "step_0000010.npz", coarse_attn=attn, fine_attn=attn[..., ::-1].copy(),
-                 frames=rng.integers(0, 255, (2, 3, 32, 32, 3), dtype=np.uint8),
-                 frame_mask=np.ones((2, 3), bool), grid=np.array([4, 4]), keys=np.array(["v0", "v1"]), step=10)
+        np.savez(
+            run_dir / "attention" / "step_0000010.npz",
+            coarse_attn=attn,
+            fine_attn=attn[..., ::-1].copy(),
+            frames=rng.integers(0, 255, (2, 3, 32, 32, 3), dtype=np.uint8),
+            frame_mask=np.ones((2, 3), bool),
+            grid=np.array([4, 4]),
+            keys=np.array(["v0", "v1"]),
+            step=10,
+        )
         (run_dir / "checkpoints" / "step_0000010").mkdir(parents=True)
         (run_dir / "checkpoints" / "step_0000010" / "meta.json").write_text("{}")
         (run_dir / "eval").mkdir()
-        modes = {m: {"loss": v, "n": 8} for m, v in (("coarse_only", 2.1), ("coarse_fine", 2.0), ("autoregressive", 2.05))}
+        modes = {
+            m: {"loss": v, "n": 8} for m, v in (("coarse_only", 2.1), ("coarse_fine", 2.0), ("autoregressive", 2.05))
+        }
         (run_dir / "eval" / "eval.json").write_text(json.dumps({"run_id": run_id, "step": 10, "modes": modes}))
     return run_dir
 
@@ -91,9 +152,13 @@ def ablation_sweep(root: Path, offsets: dict[str, float]) -> Path:
     sweep.mkdir(parents=True)
     rng = np.random.default_rng(1)
     samples = np.linspace(2e4, 2e5, 12)
-    overrides = {"A1": {"model.deep_query": False}, "A6": {"model.coarse_only": True},
-                 "B1": {"model.arch": "multi_token", "model.tokens_per_frame": 16},
-                 "A8a": {"data.replicate_image_frames": 1}, "A8b": {"data.replicate_image_frames": 16}}
+    overrides = {
+        "A1": {"model.deep_query": False},
+        "A6": {"model.coarse_only": True},
+        "B1": {"model.arch": "multi_token", "model.tokens_per_frame": 16},
+        "A8a": {"data.replicate_image_frames": 1},
+        "A8b": {"data.replicate_image_frames": 16},
+    }
     for run_id, offset in offsets.items():
         loss = 1.2 + offset + 0.5 / (samples / 1e4) ** 0.5 + rng.normal(0, 0.002, len(samples))
         fps = 12e6 * (4 if run_id == "B1" else 1)
@@ -118,16 +183,35 @@ def scaling_sweep(root: Path) -> Path:
             ids.append(run_id)
         run_id = f"{n / 1e6:g}M-C1-B"
         samples = np.geomspace(BUDGETS[0] / (60 * n), BUDGETS[0] / (6 * n), 8)
-        write_run(sweep, run_id, samples, law(n, samples) + 0.03, n, 6 * n,
-                  {"model.arch": "multi_token", "model.tokens_per_frame": 16})
+        write_run(
+            sweep,
+            run_id,
+            samples,
+            law(n, samples) + 0.03,
+            n,
+            6 * n,
+            {"model.arch": "multi_token", "model.tokens_per_frame": 16},
+        )
         ids.append(run_id)
     with (sweep / "sweep.csv").open("w") as handle:
         handle.write("run_id,status\n" + "".join(f"{r},completed\n" for r in ids))
     return sweep
 
 
-OFFSETS = {"F1": 0.3, "F2": 0.2, "F3": 0.0, "LR2": 0.05, "LR3": 0.02, "LR4": 0.04, "A1": 0.06, "A6": 0.08,
-           "B1": 0.01, "A8a": 0.0, "A8b": 0.05, "D1": 0.03}
+OFFSETS = {
+    "F1": 0.3,
+    "F2": 0.2,
+    "F3": 0.0,
+    "LR2": 0.05,
+    "LR3": 0.02,
+    "LR4": 0.04,
+    "A1": 0.06,
+    "A6": 0.08,
+    "B1": 0.01,
+    "A8a": 0.0,
+    "A8b": 0.05,
+    "D1": 0.03,
+}
 
 
 # ----------------------------------------------------------------------------- fits
@@ -214,8 +298,15 @@ def project(tmp_path_factory):
 
 def test_analyze_writes_every_file_and_figure(project):
     _, out = project
-    for name in ("report.md", "ablation_table.csv", "decisions.json", "all_eval_points.csv", "run_summaries.csv",
-                 "scaling_fits.json", "scaling_law_plot.png"):
+    for name in (
+        "report.md",
+        "ablation_table.csv",
+        "decisions.json",
+        "all_eval_points.csv",
+        "run_summaries.csv",
+        "scaling_fits.json",
+        "scaling_law_plot.png",
+    ):
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "Absent" not in report
@@ -301,8 +392,9 @@ def baseline_wins_at_c4(root: Path, sizes=(2e6,), c4_gap=(-0.05,), seed=5) -> Pa
             samples = np.geomspace(lo, hi, 8)
             loss = 1.0 + 5 / samples**0.3
             write_run(sweep, f"{label}-{budget}-F", samples, loss + rng.normal(0, 0.002, 8), n, 1e6)
-            write_run(sweep, f"{label}-{budget}-B", samples, loss + baseline_gap + rng.normal(0, 0.002, 8), n, 4e6,
-                      multi)
+            write_run(
+                sweep, f"{label}-{budget}-B", samples, loss + baseline_gap + rng.normal(0, 0.002, 8), n, 4e6, multi
+            )
             ids += [f"{label}-{budget}-F", f"{label}-{budget}-B"]
     samples = np.geomspace(2e4, 2e5, 8)
     write_run(sweep, "D1", samples, 0.3 + 5 / samples**0.3, sizes[0], 1e6, {"data.text_ratio": 0.15})
@@ -328,7 +420,9 @@ def test_baseline_ahead_at_c4_is_reported_cell_by_cell(tmp_path):
     assert result["scaling"]["verdict"] == "unknown"  # one size
 
     analyze([str(grid)], tmp_path / "out", None, n_boot=5)
-    rows = {r["question"]: r["answer"] for r in json.loads((tmp_path / "out" / "decisions.json").read_text())["decision2"]}
+    rows = {
+        r["question"]: r["answer"] for r in json.loads((tmp_path / "out" / "decisions.json").read_text())["decision2"]
+    }
     assert "C4: not decided" in rows["Token efficiency"] and "C1: foveated ahead" in rows["Token efficiency"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| 2M C4 | 2M-C4-F |" in report and "baseline ahead" in report
@@ -339,9 +433,14 @@ def _two_sized_grid(root: Path, gaps: dict[float, float]) -> list[dict]:
     return compare.compare_cells(table.load([str(grid)]))
 
 
-@pytest.mark.parametrize("gaps,verdict", [({2e6: 0.0, 8e6: 0.04, 32e6: 0.08}, "grows"),
-                                          ({2e6: 0.08, 8e6: 0.04, 32e6: 0.0}, "shrinks"),
-                                          ({2e6: 0.03, 8e6: 0.03, 32e6: 0.03}, "flat")])
+@pytest.mark.parametrize(
+    "gaps,verdict",
+    [
+        ({2e6: 0.0, 8e6: 0.04, 32e6: 0.08}, "grows"),
+        ({2e6: 0.08, 8e6: 0.04, 32e6: 0.0}, "shrinks"),
+        ({2e6: 0.03, 8e6: 0.03, 32e6: 0.03}, "flat"),
+    ],
+)
 def test_grows_flat_shrinks_verdict_follows_the_cells(tmp_path, gaps, verdict):
     result = _two_sized_grid(tmp_path, gaps)
     scaling_result = result["scaling"]
@@ -396,11 +495,18 @@ def test_per_size_fit_that_runs_to_its_bound_is_not_identified():
 
 
 def test_identification_names_each_reason():
-    verdict = fits.identification({"E": -0.5, "alpha": 3.0, "beta": 0.4, "E_by_size": {"S": 1.0, "M": -2.0}},
-                                  {"alpha": (0.0, 3.0), "beta": (0.0, 3.0)}, converged=False)
+    verdict = fits.identification(
+        {"E": -0.5, "alpha": 3.0, "beta": 0.4, "E_by_size": {"S": 1.0, "M": -2.0}},
+        {"alpha": (0.0, 3.0), "beta": (0.0, 3.0)},
+        converged=False,
+    )
     assert verdict["identified"] is False
-    assert verdict["not_identified_because"] == ["the optimiser did not converge", "alpha = 3 at its bound 3",
-                                                 "plateau E = -0.5 below zero", "plateau E[M] = -2 below zero"]
+    assert verdict["not_identified_because"] == [
+        "the optimiser did not converge",
+        "alpha = 3 at its bound 3",
+        "plateau E = -0.5 below zero",
+        "plateau E[M] = -2 below zero",
+    ]
     assert fits.identification({"E": 0.5, "beta": 0.4}, {"beta": (0.0, 3.0)}, converged=True)["identified"]
 
 
@@ -408,16 +514,19 @@ def _iso_entries(losses_by_budget):
     entries = []
     for c, losses in losses_by_budget.items():
         for n, loss in zip((1e6, 4e6, 16e6), losses):
-            entries.append({"run_id": f"{n:g}-C{c}", "N": n, "C": 10.0 ** (10 + c), "D": 10.0 ** (10 + c) / (6 * n),
-                            "loss": loss})
+            entries.append(
+                {"run_id": f"{n:g}-C{c}", "N": n, "C": 10.0 ** (10 + c), "D": 10.0 ** (10 + c) / (6 * n), "loss": loss}
+            )
     return entries
 
 
 def test_compute_optimal_passes_only_on_interior_minima():
     from fvlm.analysis.report import _compute_optimal
 
-    u_shaped = {"iso_flop": fits.iso_flop(_iso_entries({1: (1.3, 1.2, 1.35), 2: (1.2, 1.1, 1.15)})),
-                "per_size_fits": {}}
+    u_shaped = {
+        "iso_flop": fits.iso_flop(_iso_entries({1: (1.3, 1.2, 1.35), 2: (1.2, 1.1, 1.15)})),
+        "per_size_fits": {},
+    }
     assert all(b["interior"] for b in u_shaped["iso_flop"]["budgets"].values())
     assert _compute_optimal(u_shaped)[0] == "pass" and "N_star_of_C" in u_shaped["iso_flop"]
     # Lowest loss at the smallest size: the parabola's vertex lands inside the grid, the optimum does not.
@@ -505,8 +614,9 @@ def _law_iso_entries(alpha, beta, prefix, budgets=(1e15, 1e16, 1e17, 1e18)):
         n_opt = (alpha * 400 / (beta * 400)) ** (1 / (alpha + beta)) * (c / 6) ** (beta / (alpha + beta))
         for k, n in enumerate(n_opt * np.geomspace(0.1, 10, 5)):
             d = c / (6 * n)
-            entries.append({"run_id": f"{prefix}{c:.0e}-{k}", "N": n, "D": d, "C": c,
-                            "loss": 1 + 400 / n**alpha + 400 / d**beta})
+            entries.append(
+                {"run_id": f"{prefix}{c:.0e}-{k}", "N": n, "D": d, "C": c, "loss": 1 + 400 / n**alpha + 400 / d**beta}
+            )
     return entries
 
 
@@ -551,9 +661,18 @@ def _write_sources(run_dir, offsets, seed=0):
     noise = np.random.default_rng(sum(map(ord, run_dir.name))).normal(0, 0.01, 90)
     loss = [(b + offsets.get(k, 0.0) + e) * t for b, k, e, t in zip(base, kinds, noise, tokens)]
     (run_dir / "eval").mkdir(exist_ok=True)
-    (run_dir / "eval" / "sources.json").write_text(json.dumps(
-        {"step": 10, "mode": "coarse_fine", "keys": [f"s{i}" for i in range(90)], "kinds": kinds,
-         "loss_sum": loss, "tokens": tokens.tolist()}))
+    (run_dir / "eval" / "sources.json").write_text(
+        json.dumps(
+            {
+                "step": 10,
+                "mode": "coarse_fine",
+                "keys": [f"s{i}" for i in range(90)],
+                "kinds": kinds,
+                "loss_sum": loss,
+                "tokens": tokens.tolist(),
+            }
+        )
+    )
 
 
 def test_a8_on_image_samples_and_d1_on_video_and_image_samples_or_unknown(tmp_path):
@@ -593,16 +712,41 @@ def test_decision3_schedule_from_the_plateau_with_named_inputs(tmp_path, capsys)
     from fvlm.analysis.table import Run
     from fvlm.experiments.schedule import ScheduleInputs, decision3, parse_inputs
 
-    runs = [Run("S-C1-F", "135M", 1.6e8, "", "completed", "foveated", 1, "", {"step": np.arange(3.0)},
-                flops_per_sample=2e12, flops_estimated=False)]
-    fits_record = {"per_size_fits": {"135M": {"identified": True, "D_plateau": 4e6, "N": 1.6e8}},
-                   "iso_flop": {"budgets": {"C1": {"interior": False, "N_star": 1e8, "C": 1e17}}}}
+    runs = [
+        Run(
+            "S-C1-F",
+            "135M",
+            1.6e8,
+            "",
+            "completed",
+            "foveated",
+            1,
+            "",
+            {"step": np.arange(3.0)},
+            flops_per_sample=2e12,
+            flops_estimated=False,
+        )
+    ]
+    fits_record = {
+        "per_size_fits": {"135M": {"identified": True, "D_plateau": 4e6, "N": 1.6e8}},
+        "iso_flop": {"budgets": {"C1": {"interior": False, "N_star": 1e8, "C": 1e17}}},
+    }
     unknown = decision3(runs, fits_record, ScheduleInputs())
     assert unknown["size"] is None and unknown["two_gpus"] == "unknown"
     assert unknown["rows"][0]["answer"].startswith("unknown: no compute-optimal size")
 
-    inputs = parse_inputs(["size=135M", "stage2_ratio=0.5", "stage3_ratio=0.25", "mfu=0.4", "gpus=2",
-                           "gpu_hour_cost=1.5", "max_wall_days=30", "budget_usd=1000"])
+    inputs = parse_inputs(
+        [
+            "size=135M",
+            "stage2_ratio=0.5",
+            "stage3_ratio=0.25",
+            "mfu=0.4",
+            "gpus=2",
+            "gpu_hour_cost=1.5",
+            "max_wall_days=30",
+            "budget_usd=1000",
+        ]
+    )
     d3 = decision3(runs, fits_record, inputs)
     assert d3["stages"] == {"1": 4e6, "2": 2e6, "3": 1e6}
     expected_hours = 7e6 * 2e12 / (inputs.gpu_peak_flops * 0.4) / 3600
@@ -634,14 +778,28 @@ def test_report_lists_the_three_mode_eval_of_every_kept_milestone_or_names_it_mi
     samples = np.geomspace(1e3, 1e4, 8)
     run = write_run(grid, "135M-C1-F", samples, 2 + 1 / samples**0.3, 1.35e8, 1e9)
     analyze([str(grid)], tmp_path / "before", None, n_boot=5)
-    assert "unknown: no grid run holds the evaluation of its milestones" in (tmp_path / "before" / "report.md").read_text()
+    assert (
+        "unknown: no grid run holds the evaluation of its milestones" in (tmp_path / "before" / "report.md").read_text()
+    )
     gap = {"diff": 0.05, "ci95_bootstrap": [0.01, 0.09]}
-    entries = [{"step": s, "best": s == 20, "modes": {m: {"loss": 2.0 + i / 10, "n": 4} for i, m in enumerate(
-        ("coarse_only", "coarse_fine", "autoregressive"))}, "gap_intervals": {"coarse_only_minus_coarse_fine": gap}}
-               for s in (10, 20)]
+    entries = [
+        {
+            "step": s,
+            "best": s == 20,
+            "modes": {
+                m: {"loss": 2.0 + i / 10, "n": 4}
+                for i, m in enumerate(("coarse_only", "coarse_fine", "autoregressive"))
+            },
+            "gap_intervals": {"coarse_only_minus_coarse_fine": gap},
+        }
+        for s in (10, 20)
+    ]
     (run / "eval").mkdir()
     (run / "eval" / "eval.json").write_text(json.dumps({**entries[-1], "steps": entries}))
     analyze([str(grid)], tmp_path / "after", None, n_boot=5)
     text = (tmp_path / "after" / "report.md").read_text()
-    assert "| 135M-C1-F | 10 |  | 2.0000 | 2.1000 | 2.2000 | coarse_only − coarse_fine +0.0500 [+0.0100, +0.0900] |" in text
+    assert (
+        "| 135M-C1-F | 10 |  | 2.0000 | 2.1000 | 2.2000 | coarse_only − coarse_fine +0.0500 [+0.0100, +0.0900] |"
+        in text
+    )
     assert "| 135M-C1-F | 20 | yes |" in text

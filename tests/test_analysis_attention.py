@@ -13,9 +13,14 @@ def _npz(path, fine=True, size=30, grid=(4, 4)):
     rng = np.random.default_rng(0)
     attn = rng.random((2, 3, 2, 3, 1 + grid[0] * grid[1])).astype(np.float32)
     attn /= attn.sum(-1, keepdims=True)
-    arrays = dict(coarse_attn=attn, frames=rng.integers(0, 255, (2, 3, size, size, 3), dtype=np.uint8),
-                  frame_mask=np.array([[True, True, False], [True, True, True]]), grid=np.array(grid),
-                  keys=np.array(["a", "b"]), step=7)
+    arrays = dict(
+        coarse_attn=attn,
+        frames=rng.integers(0, 255, (2, 3, size, size, 3), dtype=np.uint8),
+        frame_mask=np.array([[True, True, False], [True, True, True]]),
+        grid=np.array(grid),
+        keys=np.array(["a", "b"]),
+        step=7,
+    )
     if fine:
         arrays["fine_attn"] = attn[..., ::-1].copy()
     np.savez(path, **arrays)
@@ -30,7 +35,9 @@ def test_heatmap_has_frame_size_and_sums_to_patch_mass(tmp_path, height, width):
     heat = upsample_mass(patches, height, width)
     assert heat.shape == (height, width)
     assert heat.sum() == pytest.approx(mass, rel=1e-6)
-    assert upsample_mass(patch_map(attn[0, 0], (4, 4), layer=1, renormalise=True), height, width).sum() == pytest.approx(1.0)
+    assert upsample_mass(
+        patch_map(attn[0, 0], (4, 4), layer=1, renormalise=True), height, width
+    ).sum() == pytest.approx(1.0)
 
 
 def test_render_writes_png_and_gif(tmp_path):
@@ -47,7 +54,10 @@ def test_malformed_npz_names_the_array(tmp_path):
     with pytest.raises(UsageError, match="missing array 'frames'"):
         load_attention(tmp_path / "bad.npz")
     _npz(tmp_path / "grid.npz", grid=(3, 3))
-    np.savez(tmp_path / "g2.npz", **{k: v for k, v in np.load(tmp_path / "grid.npz").items() if k != "grid"},
-             grid=np.array([5, 5]))
+    np.savez(
+        tmp_path / "g2.npz",
+        **{k: v for k, v in np.load(tmp_path / "grid.npz").items() if k != "grid"},
+        grid=np.array([5, 5]),
+    )
     with pytest.raises(UsageError, match="coarse_attn"):
         load_attention(tmp_path / "g2.npz")

@@ -26,8 +26,9 @@ def source(tmp_path_factory):
 
 
 def _logits(llm, tokenizer) -> torch.Tensor:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}], tokenize=True,
-                                        return_tensors="pt")["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name a colour."}], tokenize=True, return_tensors="pt"
+    )["input_ids"]
     with torch.no_grad():
         return llm.eval()(input_ids=ids).logits
 
@@ -46,13 +47,16 @@ def test_a_folder_imports_to_the_same_model(source, tmp_path, capsys, dtype, siz
     assert torch.equal(_logits(load_llm(str(out))[0], tokenizer), _logits(load_llm(str(source))[0], tokenizer))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", "no such file or folder"),
-    ("not a model folder", "no config.json"),
-    ("not gguf", "expected a .gguf file"),
-    ("out not empty", "exists and is not an empty folder"),
-    ("bad dtype", "--dtype must be one of"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such file or folder"),
+        ("not a model folder", "no config.json"),
+        ("not gguf", "expected a .gguf file"),
+        ("out not empty", "exists and is not an empty folder"),
+        ("bad dtype", "--dtype must be one of"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(source, tmp_path, capsys, case, message):
     src, out, extra = source, tmp_path / "out", []
     if case == "missing":

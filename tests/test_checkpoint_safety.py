@@ -30,14 +30,40 @@ class Payload:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("safety")
-    assert main(["train", "tiny", f"out_dir={out}", "run_id=base", *SMALL, "train.max_steps=4",
-                 "train.save_every=2", "train.eval_every=4", "train.keep_last=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiny",
+                f"out_dir={out}",
+                "run_id=base",
+                *SMALL,
+                "train.max_steps=4",
+                "train.save_every=2",
+                "train.eval_every=4",
+                "train.keep_last=2",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def _resume(tmp_path, *extra):
-    return main(["train", "tiny", f"out_dir={tmp_path}", "run_id=base", *SMALL, "train.max_steps=6",
-                 "train.save_every=2", "train.eval_every=4", "train.keep_last=2", *extra])
+    return main(
+        [
+            "train",
+            "tiny",
+            f"out_dir={tmp_path}",
+            "run_id=base",
+            *SMALL,
+            "train.max_steps=6",
+            "train.save_every=2",
+            "train.eval_every=4",
+            "train.keep_last=2",
+            *extra,
+        ]
+    )
 
 
 def _copy(finished, tmp_path):
@@ -93,14 +119,24 @@ def test_milestones_keep_weights_only_and_resuming_passes_them_by(tmp_path, caps
     A run whose resume checkpoints are all gone (only milestones left) starts over."""
     from fvlm.model.build import load_model
 
-    args = ["train", "tiny", f"out_dir={tmp_path}", "run_id=base", *SMALL, "train.save_every=2",
-            "train.eval_every=2", "train.keep_last=1"]
+    args = [
+        "train",
+        "tiny",
+        f"out_dir={tmp_path}",
+        "run_id=base",
+        *SMALL,
+        "train.save_every=2",
+        "train.eval_every=2",
+        "train.keep_last=1",
+    ]
     assert main([*args, "train.max_steps=4"]) == 0
     checkpoints = [folder for _, folder in complete_checkpoints(tmp_path / "base")]
     files = {f.name: sorted(p.name for p in f.iterdir()) for f in checkpoints}
     weights = ["fvlm_model.json", "meta.json", "model.safetensors", "tokenizer"]
-    assert files == {"step_0000002": weights,
-                     "step_0000004": sorted(weights + ["optimizer.pt", "rank_0.pt", "trainer.pt"])}
+    assert files == {
+        "step_0000002": weights,
+        "step_0000004": sorted(weights + ["optimizer.pt", "rank_0.pt", "trainer.pt"]),
+    }
     assert json.loads((checkpoints[0] / "meta.json").read_text())["evaluated_step"] == 2
     load_model(checkpoints[0])  # a milestone is a whole model for evaluation
     shutil.rmtree(checkpoints[1])
@@ -193,5 +229,18 @@ def test_a_second_train_on_the_same_run_folder_is_refused(tmp_path, capsys):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["train", "tiny", f"out_dir={tmp_path}", "run_id=busy", *SMALL, "train.max_steps=2"]) == 2
         assert "another fvlm train is running on this run folder" in capsys.readouterr().err
-    assert main(["train", "tiny", f"out_dir={tmp_path}", "run_id=busy", *SMALL, "train.max_steps=2",
-                 "train.eval_every=2", "train.save_every=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiny",
+                f"out_dir={tmp_path}",
+                "run_id=busy",
+                *SMALL,
+                "train.max_steps=2",
+                "train.eval_every=2",
+                "train.save_every=2",
+            ]
+        )
+        == 0
+    )

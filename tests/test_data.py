@@ -97,8 +97,9 @@ def video(key, n=3, **kw) -> tuple[str, dict[str, bytes]]:
 
 def test_synthetic_is_deterministic_and_counts_match(tmp_path, synth):
     again = tmp_path / "again"
-    manifest = generate_synthetic(again, videos=48, images=16, texts=16, frames=4, size=32, seed=3, val=20, probe=4,
-                                  bench=8)
+    manifest = generate_synthetic(
+        again, videos=48, images=16, texts=16, frames=4, size=32, seed=3, val=20, probe=4, bench=8
+    )
     assert manifest["splits"]["train"] == {"video": 48, "image": 16, "text": 16, "multiple_choice": 0}
     assert manifest["splits"]["probe"]["video"] == 4 and manifest["splits"]["bench"]["multiple_choice"] == 8
     for split in ("train", "val", "probe", "bench"):
@@ -119,8 +120,17 @@ def _ensure(cfg, queue):
 def test_ensure_synthetic_is_safe_when_two_processes_race(tmp_path):
     import multiprocessing
 
-    cfg = load_config(None, {"out_dir": str(tmp_path), "data.synth_videos": 6, "data.synth_images": 2,
-                             "data.synth_texts": 2, "data.synth_val": 4, "data.synth_size": 32})
+    cfg = load_config(
+        None,
+        {
+            "out_dir": str(tmp_path),
+            "data.synth_videos": 6,
+            "data.synth_images": 2,
+            "data.synth_texts": 2,
+            "data.synth_val": 4,
+            "data.synth_size": 32,
+        },
+    )
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     racers = [ctx.Process(target=_ensure, args=(cfg, queue)) for _ in range(2)]
@@ -135,9 +145,18 @@ def test_ensure_synthetic_is_safe_when_two_processes_race(tmp_path):
 
 
 def test_ensure_synthetic_generates_once(tmp_path):
-    cfg = load_config(None, {"out_dir": str(tmp_path), "data.synth_videos": 4, "data.synth_images": 2,
-                             "data.synth_texts": 2, "data.synth_val": 4, "data.synth_size": 32,
-                             "data.val": str(tmp_path)})
+    cfg = load_config(
+        None,
+        {
+            "out_dir": str(tmp_path),
+            "data.synth_videos": 4,
+            "data.synth_images": 2,
+            "data.synth_texts": 2,
+            "data.synth_val": 4,
+            "data.synth_size": 32,
+            "data.val": str(tmp_path),
+        },
+    )
     first = ensure_synthetic(cfg.data, cfg.data_seed, cfg.out_dir)
     stamp = os.stat(Path(first["train"]).parent / "manifest.json").st_mtime_ns
     second = ensure_synthetic(cfg.data, cfg.data_seed, cfg.out_dir)
@@ -188,10 +207,13 @@ def test_loss_masks_stage1_all_text_stage2_answer_only(tmp_path):
 
 
 def test_default_prompt_and_truncation(tmp_path):
-    write_shard(tmp_path / "s.tar", [
-        ("empty", {"json": meta("fine", user="")}),
-        ("long", {"json": meta("the answer", user="x" * 200)}),
-    ])
+    write_shard(
+        tmp_path / "s.tar",
+        [
+            ("empty", {"json": meta("fine", user="")}),
+            ("long", {"json": meta("the answer", user="x" * 200)}),
+        ],
+    )
     (batch,) = list(build_loader(cfg_for(val=tmp_path, **{"data.max_text_tokens": 64}), "val", TOK))
     assert "Say something." in TOK.decode(batch["input_ids"][0])
     assert batch["attention_mask"][1].sum() == 64
@@ -256,17 +278,25 @@ def test_two_ranks_two_workers_cover_every_sample_once(synth):
         per_rank.append(keys_of(take(loader, n_video // 8)))  # one epoch of the video source
     assert not set(per_rank[0]) & set(per_rank[1])
     assert sorted(per_rank[0] + per_rank[1]) == sorted(_video_keys(index))
-    val = [keys_of(list(build_loader(cfg_for(val=synth / "val", **{"data.num_workers": 2}), "val", TOK,
-                                     rank=r, world_size=2))) for r in range(2)]
+    val = [
+        keys_of(
+            list(build_loader(cfg_for(val=synth / "val", **{"data.num_workers": 2}), "val", TOK, rank=r, world_size=2))
+        )
+        for r in range(2)
+    ]
     assert len(val[0]) + len(val[1]) == len(set(val[0]) | set(val[1])) == len(load_index(str(synth / "val")))
-    capped = [keys_of(list(build_loader(cfg_for(val=synth / "val"), "val", TOK, rank=r, world_size=2,
-                                        max_samples=7))) for r in range(2)]
+    capped = [
+        keys_of(list(build_loader(cfg_for(val=synth / "val"), "val", TOK, rank=r, world_size=2, max_samples=7)))
+        for r in range(2)
+    ]
     assert len(set(capped[0]) | set(capped[1])) == len(capped[0]) + len(capped[1]) == 7
 
 
 def _video_keys(index):
-    return [read_sample(index.shards[index.shard_id[r]], int(index.start[r]), int(index.end[r]))[0]
-            for r in np.flatnonzero(index.kind_id == 0)]
+    return [
+        read_sample(index.shards[index.shard_id[r]], int(index.start[r]), int(index.end[r]))[0]
+        for r in np.flatnonzero(index.kind_id == 0)
+    ]
 
 
 def test_dynamic_batching_identical_on_all_ranks(synth):
@@ -308,8 +338,10 @@ def test_mix_weights_are_realised(synth):
 
 def test_mix_file_sources_and_missing_source(tmp_path, synth):
     mix = tmp_path / "mix.yaml"
-    mix.write_text(f"sources:\n  a: {{path: {synth / 'probe'}, weight: 3, prompt: 'Look.'}}\n"
-                   f"  b: {{path: '{synth / 'bench'}/*.tar', weight: 1}}\n")
+    mix.write_text(
+        f"sources:\n  a: {{path: {synth / 'probe'}, weight: 3, prompt: 'Look.'}}\n"
+        f"  b: {{path: '{synth / 'bench'}/*.tar', weight: 1}}\n"
+    )
     index = load_index(str(mix))
     assert index.sources == ["a", "b"] and index.prompts["a"] == "Look."
     probs = source_probabilities(index, {}, 0.14)
@@ -367,10 +399,17 @@ def damaged_dataset(folder: Path) -> tuple[Path, dict[str, str]]:
     b = (folder / "b.tar").read_bytes()
     at = b.index(b"hdr.json")
     (folder / "b.tar").write_bytes(b[:at] + b"\x00garbage" + b[at + 8 :])
-    expected = {"badjson": "invalid_json", "gap": "missing_frames", "count": "frame_count_mismatch",
-                "noframes": "frames_missing",
-                "empty": "empty_answer", "nojson": "missing_json", "badframe": "undecodable_frame",
-                "tail": "truncated", "@": "corrupt_header"}
+    expected = {
+        "badjson": "invalid_json",
+        "gap": "missing_frames",
+        "count": "frame_count_mismatch",
+        "noframes": "frames_missing",
+        "empty": "empty_answer",
+        "nojson": "missing_json",
+        "badframe": "undecodable_frame",
+        "tail": "truncated",
+        "@": "corrupt_header",
+    }
     return folder, expected
 
 
@@ -414,8 +453,27 @@ def test_index_survives_pax_and_long_names(tmp_path):
 
 def test_cli_synth_then_inspect_json(tmp_path, capsys):
     out = tmp_path / "set"
-    args = ["data", "synth", str(out), "--videos", "6", "--images", "3", "--texts", "3", "--frames", "3",
-            "--size", "32", "--val", "4", "--probe", "2", "--bench", "4"]
+    args = [
+        "data",
+        "synth",
+        str(out),
+        "--videos",
+        "6",
+        "--images",
+        "3",
+        "--texts",
+        "3",
+        "--frames",
+        "3",
+        "--size",
+        "32",
+        "--val",
+        "4",
+        "--probe",
+        "2",
+        "--bench",
+        "4",
+    ]
     assert fvlm_main(args) == 0
     assert "samples/s" in capsys.readouterr().out
     assert fvlm_main(args) == 2  # never writes into a folder that holds data
@@ -430,19 +488,52 @@ def test_cli_synth_then_inspect_json(tmp_path, capsys):
 def test_mc_fraction_asks_train_and_val_as_multiple_choice_on_request_only(tmp_path, capsys):
     def assistants(split):
         texts = []
-        for shard in sorted((tmp_path / "mc" / split).glob("*.tar")) + sorted((tmp_path / "plain" / split).glob("*.tar")):
+        for shard in sorted((tmp_path / "mc" / split).glob("*.tar")) + sorted(
+            (tmp_path / "plain" / split).glob("*.tar")
+        ):
             with tarfile.open(shard) as tar:
-                texts += [(shard.parent.parent.name, json.loads(tar.extractfile(m).read()))
-                          for m in tar.getmembers() if m.name.endswith(".json")]
+                texts += [
+                    (shard.parent.parent.name, json.loads(tar.extractfile(m).read()))
+                    for m in tar.getmembers()
+                    if m.name.endswith(".json")
+                ]
         return texts
 
-    plain = generate_synthetic(tmp_path / "plain", videos=20, images=10, texts=6, frames=3, size=32, seed=5, val=12,
-                               probe=0, bench=0)
+    plain = generate_synthetic(
+        tmp_path / "plain", videos=20, images=10, texts=6, frames=3, size=32, seed=5, val=12, probe=0, bench=0
+    )
     assert plain["splits"]["train"]["multiple_choice"] == plain["splits"]["val"]["multiple_choice"] == 0
     assert plain["params"]["mc_fraction"] == 0.0
-    assert fvlm_main(["data", "synth", str(tmp_path / "mc"), "--videos", "20", "--images", "10", "--texts", "6",
-                      "--frames", "3", "--size", "32", "--seed", "5", "--val", "12", "--probe", "0", "--bench", "0",
-                      "--mc-fraction", "1"]) == 0
+    assert (
+        fvlm_main(
+            [
+                "data",
+                "synth",
+                str(tmp_path / "mc"),
+                "--videos",
+                "20",
+                "--images",
+                "10",
+                "--texts",
+                "6",
+                "--frames",
+                "3",
+                "--size",
+                "32",
+                "--seed",
+                "5",
+                "--val",
+                "12",
+                "--probe",
+                "0",
+                "--bench",
+                "0",
+                "--mc-fraction",
+                "1",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "mc" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["multiple_choice"] == 30 and manifest["params"]["mc_fraction"] == 1.0
     for split in ("train", "val"):

@@ -37,13 +37,22 @@ def _write(path, entries):
 
 
 def test_jsonl_reads_every_answer_form(media):
-    path = _write(media / "b.jsonl", [
-        {"video": "clip", "question": "What is red?", "options": ["a ball", "a box"], "answer": "B", "category": "x"},
-        {"video": "still.png", "question": "Colour?", "options": ["A. red", "B. green", "C. blue"], "answer": "B"},
-        "",
-        {"video": str(media / "clip"), "question": "Q", "options": ["one", "two", "three"], "answer": 2, "id": 7},
-        {"video": "clip", "question": "Q", "options": ["one", "two"], "answer": "two"},
-    ])
+    path = _write(
+        media / "b.jsonl",
+        [
+            {
+                "video": "clip",
+                "question": "What is red?",
+                "options": ["a ball", "a box"],
+                "answer": "B",
+                "category": "x",
+            },
+            {"video": "still.png", "question": "Colour?", "options": ["A. red", "B. green", "C. blue"], "answer": "B"},
+            "",
+            {"video": str(media / "clip"), "question": "Q", "options": ["one", "two", "three"], "answer": 2, "id": 7},
+            {"video": "clip", "question": "Q", "options": ["one", "two"], "answer": "two"},
+        ],
+    )
     questions = read_bench(str(path), SETTINGS)
     assert [q.answer for q in questions] == [1, 1, 2, 1]
     assert [q.where for q in questions] == [f"{path}:1", f"{path}:2", f"{path}:4", f"{path}:5"]
@@ -58,18 +67,24 @@ def test_jsonl_reads_every_answer_form(media):
     assert questions[1].frames().shape == (2, 32, 32, 3)  # an image is repeated image_frames times
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", "not valid JSON"),
-    ('["a list"]', "expected a JSON object"),
-    ({"question": "Q", "options": ["a", "b"], "answer": "A"}, "missing field 'video'"),
-    ({"video": "clip", "question": "Q", "options": ["a", "b"], "answer": "A", "extra": 1}, "unknown field(s) extra"),
-    ({"video": "clip", "question": "Q", "options": ["a"], "answer": "A"}, "'options' must be a list"),
-    ({"video": "clip", "question": "Q", "options": ["a", "b"], "answer": "C"}, "'answer'"),
-    ({"video": "clip", "question": "Q", "options": ["a", "b"], "answer": 5}, "out of range"),
-    ({"video": "clip", "question": "", "options": ["a", "b"], "answer": "A"}, "'question'"),
-    ({"video": "missing.mp4", "question": "Q", "options": ["a", "b"], "answer": "A"}, "no such video"),
-    ({"video": "b.jsonl", "question": "Q", "options": ["a", "b"], "answer": "A"}, "not a video"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ({"question": "Q", "options": ["a", "b"], "answer": "A"}, "missing field 'video'"),
+        (
+            {"video": "clip", "question": "Q", "options": ["a", "b"], "answer": "A", "extra": 1},
+            "unknown field(s) extra",
+        ),
+        ({"video": "clip", "question": "Q", "options": ["a"], "answer": "A"}, "'options' must be a list"),
+        ({"video": "clip", "question": "Q", "options": ["a", "b"], "answer": "C"}, "'answer'"),
+        ({"video": "clip", "question": "Q", "options": ["a", "b"], "answer": 5}, "out of range"),
+        ({"video": "clip", "question": "", "options": ["a", "b"], "answer": "A"}, "'question'"),
+        ({"video": "missing.mp4", "question": "Q", "options": ["a", "b"], "answer": "A"}, "no such video"),
+        ({"video": "b.jsonl", "question": "Q", "options": ["a", "b"], "answer": "A"}, "not a video"),
+    ],
+)
 def test_jsonl_rejects_malformed_entries_naming_file_and_line(media, line, message):
     good = {"video": "clip", "question": "Q", "options": ["a", "b"], "answer": "A"}
     path = _write(media / "b.jsonl", [good, good, line])

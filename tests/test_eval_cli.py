@@ -25,9 +25,18 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = root / "data"
     generate_synthetic(data, videos=3, images=2, texts=1, frames=3, size=64, seed=0, val=5, probe=2, bench=4)
-    cfg = load_config(None, {"run_id": "r", "out_dir": str(root), "data.train": str(data / "train"),
-                             "data.val": str(data / "val"), "data.probe": str(data / "probe"),
-                             "train.stage": 2, "data.max_text_tokens": 320})
+    cfg = load_config(
+        None,
+        {
+            "run_id": "r",
+            "out_dir": str(root),
+            "data.train": str(data / "train"),
+            "data.val": str(data / "val"),
+            "data.probe": str(data / "probe"),
+            "train.stage": 2,
+            "data.max_text_tokens": 320,
+        },
+    )
     run_dir = root / "r"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -58,7 +67,8 @@ def test_mode_losses_match_forward_and_run_dino_once(run):
             total = sum(float(o.loss_fine if mode != "coarse_only" else o.loss) * o.n_tokens for o in blank)
             assert with_blank[mode]["loss_blank_frames"] == pytest.approx(total / losses[mode]["tokens"], rel=1e-5)
             assert with_blank[mode]["pixel_gain"] == pytest.approx(
-                with_blank[mode]["loss_blank_frames"] - with_blank[mode]["loss"])
+                with_blank[mode]["loss_blank_frames"] - with_blank[mode]["loss"]
+            )
     with torch.no_grad():
         for mode in MODES:
             outputs = [model(b, mode=mode) for b in batches]
@@ -67,9 +77,14 @@ def test_mode_losses_match_forward_and_run_dino_once(run):
             assert losses[mode]["tokens"] == tokens and losses[mode]["n"] == 5
             assert np.isfinite(losses[mode]["loss"]) and losses[mode]["loss"] == pytest.approx(total / tokens, rel=1e-5)
     gaps = mode_gaps(losses)
-    assert gaps["coarse_only_minus_coarse_fine"] == pytest.approx(losses["coarse_only"]["loss"] - losses["coarse_fine"]["loss"])
-    assert set(gaps) == {"coarse_only_minus_coarse_fine", "coarse_only_minus_autoregressive",
-                         "coarse_fine_minus_autoregressive"}
+    assert gaps["coarse_only_minus_coarse_fine"] == pytest.approx(
+        losses["coarse_only"]["loss"] - losses["coarse_fine"]["loss"]
+    )
+    assert set(gaps) == {
+        "coarse_only_minus_coarse_fine",
+        "coarse_only_minus_autoregressive",
+        "coarse_fine_minus_autoregressive",
+    }
 
 
 def test_eval_all_checkpoints_writes_eval_json(run, tmp_path, capsys):
@@ -80,11 +95,37 @@ def test_eval_all_checkpoints_writes_eval_json(run, tmp_path, capsys):
 
     for i in range(3):
         Image.new("RGB", (64, 64), (80 * i, 10, 10)).save(probe_frames / f"{i}.jpg")
-    bench.write_text("\n".join(json.dumps({"video": str(probe_frames), "question": f"Q{i}", "options": ["a", "b", "c"],
-                                           "answer": i % 3, "category": "odd" if i % 2 else "even"}) for i in range(4)))
+    bench.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "video": str(probe_frames),
+                    "question": f"Q{i}",
+                    "options": ["a", "b", "c"],
+                    "answer": i % 3,
+                    "category": "odd" if i % 2 else "even",
+                }
+            )
+            for i in range(4)
+        )
+    )
     out = tmp_path / "out"
-    code = main(["eval", str(run["run"]), "--all-checkpoints", "--bench", str(bench), str(run["data"] / "bench"),
-                 "--out", str(out), "--max-samples", "3", "--attention", "2"])
+    code = main(
+        [
+            "eval",
+            str(run["run"]),
+            "--all-checkpoints",
+            "--bench",
+            str(bench),
+            str(run["data"] / "bench"),
+            "--out",
+            str(out),
+            "--max-samples",
+            "3",
+            "--attention",
+            "2",
+        ]
+    )
     assert code == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["step"] == 10 and result["run_id"] == "r" and result["samples_seen"] == 80
@@ -123,8 +164,24 @@ def test_generate_on_an_image_and_a_frame_folder(run, tmp_path, capsys):
     image = tmp_path / "x.png"
     Image.new("RGB", (80, 64), (200, 30, 30)).save(image)
     assert main(["generate", str(run["run"]), str(image), "--max-new-tokens", "4"]) == 0
-    assert main(["generate", str(run["run"]), str(run["data"] / "frames"), "--mode", "coarse_fine",
-                 "--temperature", "0.7", "--max-new-tokens", "4", "--attention", str(tmp_path / "look")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run["run"]),
+                str(run["data"] / "frames"),
+                "--mode",
+                "coarse_fine",
+                "--temperature",
+                "0.7",
+                "--max-new-tokens",
+                "4",
+                "--attention",
+                str(tmp_path / "look"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "look" / "frames.png").is_file()
     assert main(["generate", str(run["run"]), str(image), "--max-new-tokens", "0"]) == 2
 
@@ -137,11 +194,22 @@ def test_generate_answers_from_text_alone_as_the_llm_itself_would(run, capsys):
     printed = capsys.readouterr().out
     tok = run["tok"]
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True,
-                                  return_tensors="pt")["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True, return_tensors="pt"
+    )["input_ids"]
     with torch.no_grad():
-        new = run["model"].llm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                        eos_token_id=end, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        new = (
+            run["model"]
+            .llm.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=end,
+                pad_token_id=tok.pad_token_id,
+            )[0, ids.shape[1] :]
+            .tolist()
+        )
     new = new[: new.index(end)] if end in new else new
     assert len(new) == 8 and printed == tok.decode(new, skip_special_tokens=True) + "\n"
     assert main(["generate", str(run["run"])]) == 2  # neither a picture nor a question
@@ -167,7 +235,7 @@ def test_heatmaps_have_frame_size_and_sum_to_attention_mass(run):
 def test_mover_patches_find_the_moving_square():
     frames = np.zeros((4, 64, 64, 3), dtype=np.uint8)
     for t in range(4):
-        frames[t, 8:16, 8 * t: 8 * t + 8] = 255  # an 8-pixel square moving one patch right per frame
+        frames[t, 8:16, 8 * t : 8 * t + 8] = 255  # an 8-pixel square moving one patch right per frame
     movers = mover_patches(frames, (8, 8))
     for t in range(4):
         assert movers[t].sum() == 1 and movers[t][1, t]
@@ -187,11 +255,37 @@ def test_log_samples_paired_intervals_and_checkpoint_differences(run, tmp_path):
         for i in range(3):
             Image.new("RGB", (64, 64), (shade, 20 * i, 10)).save(frames[name] / f"{i}.jpg")
     bench = tmp_path / "mc.jsonl"
-    bench.write_text("\n".join(json.dumps({"video": str(frames["shared" if i < 3 else "own"]), "question": f"Q{i}",
-                                           "options": ["a", "bb", "ccc"], "answer": i % 3}) for i in range(4)))
+    bench.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "video": str(frames["shared" if i < 3 else "own"]),
+                    "question": f"Q{i}",
+                    "options": ["a", "bb", "ccc"],
+                    "answer": i % 3,
+                }
+            )
+            for i in range(4)
+        )
+    )
     out = tmp_path / "out"
-    assert main(["eval", str(run["run"]), "--all-checkpoints", "--bench", str(bench), "--out", str(out),
-                 "--max-samples", "3", "--log-samples"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run["run"]),
+                "--all-checkpoints",
+                "--bench",
+                str(bench),
+                "--out",
+                str(out),
+                "--max-samples",
+                "3",
+                "--log-samples",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "eval.json").read_text())
     for key, gap in result["gaps"].items():
         assert result["gap_intervals"][key]["diff"] == pytest.approx(gap, abs=1e-9)
@@ -208,8 +302,10 @@ def test_log_samples_paired_intervals_and_checkpoint_differences(run, tmp_path):
         d = differences["bench"]["mc"][mode]
         assert d["n"] == 4 and d["diff"] == 0 and d["ci95_bootstrap"] == [0, 0]
 
-    assert sorted(p.name for p in out.glob("samples_*.jsonl")) == ["samples_step_0000005.jsonl",
-                                                                  "samples_step_0000010.jsonl"]
+    assert sorted(p.name for p in out.glob("samples_*.jsonl")) == [
+        "samples_step_0000005.jsonl",
+        "samples_step_0000010.jsonl",
+    ]
     records = [json.loads(line) for line in (out / "samples_step_0000010.jsonl").read_text().splitlines()]
     assert len(records) == 4 * len(MODES)
     for mode in MODES:
@@ -236,8 +332,9 @@ def test_phase1b_three_mode_eval_of_the_best_run_and_its_milestones_and_sources(
     scaling = tmp_path / "scaling"
     for rid, loss in (("S-C1-F", 2.5), ("S-C2-F", 2.0), ("S-C2-B", 1.0)):
         shutil.copytree(run["run"], scaling / rid)
-        (scaling / rid / "run_summary.json").write_text(json.dumps(
-            {"status": "completed", "best_val_loss": loss, "best_val_step": 5}))
+        (scaling / rid / "run_summary.json").write_text(
+            json.dumps({"status": "completed", "best_val_loss": loss, "best_val_step": 5})
+        )
     path = evaluate_phase1b(scaling, run["data"] / "bench", max_samples=4, log=lambda _t: None)
     assert path == scaling / "S-C2-F" / "eval" / "eval.json"
     result = json.loads(path.read_text())
@@ -256,5 +353,6 @@ def test_phase1b_three_mode_eval_of_the_best_run_and_its_milestones_and_sources(
     by_kind = result["modes"]["coarse_fine"]["by_kind"]
     for kind, r in by_kind.items():
         rows = [i for i, k in enumerate(sources["kinds"]) if k == kind]
-        assert r["loss"] == pytest.approx(sum(sources["loss_sum"][i] for i in rows)
-                                          / sum(sources["tokens"][i] for i in rows), rel=1e-6)
+        assert r["loss"] == pytest.approx(
+            sum(sources["loss_sum"][i] for i in rows) / sum(sources["tokens"][i] for i in rows), rel=1e-6
+        )

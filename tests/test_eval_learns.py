@@ -39,19 +39,56 @@ def grey_copy(source, target):
 @pytest.mark.slow
 def test_trained_tiny_model_beats_chance_and_grey_frames_on_held_out_questions(tmp_path):
     easy = dict(frames=4, size=32, background="flat", object_scale=(0.35, 0.45), min_objects=1, max_objects=2)
-    generate_synthetic(tmp_path / "train", videos=6000, images=6000, texts=0, seed=1, val=0, probe=0, bench=0,
-                       mc_fraction=0.5, **easy)
+    generate_synthetic(
+        tmp_path / "train", videos=6000, images=6000, texts=0, seed=1, val=0, probe=0, bench=0, mc_fraction=0.5, **easy
+    )
     generate_synthetic(tmp_path / "held_out", videos=0, images=0, texts=0, seed=2, val=0, probe=0, bench=200, **easy)
     train_set, held_out = tmp_path / "train" / "train", tmp_path / "held_out" / "bench"
     grey = tmp_path / "grey"
     grey_copy(held_out, grey)
-    assert main(["train", "tiny", f"out_dir={tmp_path}", "run_id=mc", f"data.train={train_set}",
-                 f"data.val={held_out}", f"data.probe={held_out}", "data.text_ratio=0", "model.image_size=32",
-                 "data.max_frames=4", "data.max_text_tokens=320", "train.stage=2", "train.max_steps=2000",
-                 "train.batch_size=16", "train.eval_every=2000", "train.save_every=2000", "train.eval_samples=32",
-                 "optim.schedule=constant"]) == 0
-    assert main(["eval", str(tmp_path / "mc"), "--data", "none", "--modes", "coarse_fine",
-                 "--bench", str(held_out), str(grey), "--batch-size", "50"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tiny",
+                f"out_dir={tmp_path}",
+                "run_id=mc",
+                f"data.train={train_set}",
+                f"data.val={held_out}",
+                f"data.probe={held_out}",
+                "data.text_ratio=0",
+                "model.image_size=32",
+                "data.max_frames=4",
+                "data.max_text_tokens=320",
+                "train.stage=2",
+                "train.max_steps=2000",
+                "train.batch_size=16",
+                "train.eval_every=2000",
+                "train.save_every=2000",
+                "train.eval_samples=32",
+                "optim.schedule=constant",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "mc"),
+                "--data",
+                "none",
+                "--modes",
+                "coarse_fine",
+                "--bench",
+                str(held_out),
+                str(grey),
+                "--batch-size",
+                "50",
+            ]
+        )
+        == 0
+    )
     benches = json.loads((tmp_path / "mc" / "eval" / "eval.json").read_text())["bench"]
     result, control = benches["bench"]["coarse_fine"], benches["grey"]["coarse_fine"]
     assert result["n"] == control["n"] == 200 and result["chance"] == pytest.approx(0.25)

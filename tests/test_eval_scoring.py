@@ -35,8 +35,9 @@ def _questions():
         pixels = rng.integers(0, 255, (frames, 64, 64, 3), dtype=np.uint8)
         options = [f"{'ABCD'[j]}. thing {'xy' * (j + i)}" for j in range(n_options)]
         prompt = "Which one?\n" + "\n".join(options) + "\nAnswer with the letter."
-        questions.append(Question(f"q{i}", prompt, options, i % n_options, "video" if frames > 1 else "image",
-                                  lambda p=pixels: p))
+        questions.append(
+            Question(f"q{i}", prompt, options, i % n_options, "video" if frames > 1 else "image", lambda p=pixels: p)
+        )
     return questions
 
 
@@ -55,13 +56,18 @@ def test_batched_scores_equal_options_scored_alone(tiny, dtype):
         for mode in MODES:
             for q, (question, enc) in enumerate(zip(questions, encoded)):
                 t = int(frame_mask[q].sum())
-                alone = np.array([score_option_alone(model, enc, o, frames[q:q + 1, :t], frame_mask[q:q + 1, :t], mode)
-                                  for o in range(len(question.options))])
+                alone = np.array(
+                    [
+                        score_option_alone(model, enc, o, frames[q : q + 1, :t], frame_mask[q : q + 1, :t], mode)
+                        for o in range(len(question.options))
+                    ]
+                )
                 assert scores[mode][q].shape == (len(question.options), 2)
                 # Means agree to 1e-5 in fp32; sums of ~20 log-probs (~100) to fp32 resolution.
                 np.testing.assert_allclose(scores[mode][q][:, 1], alone[:, 1], rtol=0, atol=1e-5)
-                np.testing.assert_allclose(scores[mode][q][:, 0], alone[:, 0], rtol=1e-6,
-                                           atol=1e-5 if dtype == torch.float64 else 1e-4)
+                np.testing.assert_allclose(
+                    scores[mode][q][:, 0], alone[:, 0], rtol=1e-6, atol=1e-5 if dtype == torch.float64 else 1e-4
+                )
     finally:
         model.float()
 

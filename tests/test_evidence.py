@@ -68,9 +68,18 @@ def test_verdict_reads_the_interval():
 
 # ----------------------------------------------------------------------------- end to end
 
-SMALL = ["data.max_frames=4", "data.max_text_tokens=96", "model.image_size=32", "train.batch_size=4",
-         "train.eval_batch_size=8", "train.eval_samples=8", "train.probe_videos=2", "train.max_steps=3",
-         "train.eval_every=3", "train.save_every=3"]
+SMALL = [
+    "data.max_frames=4",
+    "data.max_text_tokens=96",
+    "model.image_size=32",
+    "train.batch_size=4",
+    "train.eval_batch_size=8",
+    "train.eval_samples=8",
+    "train.probe_videos=2",
+    "train.max_steps=3",
+    "train.eval_every=3",
+    "train.save_every=3",
+]
 SETTINGS = EvidenceSettings(max_samples=16, max_questions=40, probe_videos=4, batch_size=8, n_boot=300)
 
 
@@ -82,9 +91,15 @@ def phase1(tmp_path_factory):
     data = root / "data"
     generate_synthetic(data, videos=24, images=8, texts=8, frames=4, size=32, seed=0, val=16, probe=4, bench=40)
     paths = [f"data.{s}={data / s}" for s in ("train", "val", "probe")]
-    runs = {"ablations": {"F3": [], "A6": ["model.coarse_only=true"], "A1": ["model.deep_query=false"],
-                          "B1": ["model.arch=multi_token", "model.tokens_per_frame=4"]},
-            "scaling": {"S-C2-F": [], "S-C4-F": [], "S-C4-B": ["model.arch=multi_token", "model.tokens_per_frame=4"]}}
+    runs = {
+        "ablations": {
+            "F3": [],
+            "A6": ["model.coarse_only=true"],
+            "A1": ["model.deep_query=false"],
+            "B1": ["model.arch=multi_token", "model.tokens_per_frame=4"],
+        },
+        "scaling": {"S-C2-F": [], "S-C4-F": [], "S-C4-B": ["model.arch=multi_token", "model.tokens_per_frame=4"]},
+    }
     for sweep, ids in runs.items():
         for rid, extra in ids.items():
             assert main(["train", "tiny", f"out_dir={root / sweep}", f"run_id={rid}", *paths, *SMALL, *extra]) == 0
@@ -164,8 +179,9 @@ def test_paired_comparisons(phase1):
     f3 = runs["F3"]["bench"]["modes"]
     assert fine["accuracy"]["diff"] == pytest.approx(f3["coarse_fine"]["accuracy"] - f3["coarse_only"]["accuracy"])
     pixel = runs["F3"]["pixel"]
-    assert fine["answer_loss"]["diff"] == pytest.approx(pixel["coarse_only"]["loss"] - pixel["coarse_fine"]["loss"],
-                                                        abs=1e-5)
+    assert fine["answer_loss"]["diff"] == pytest.approx(
+        pixel["coarse_only"]["loss"] - pixel["coarse_fine"]["loss"], abs=1e-5
+    )
     assert by_label["F3 vs A6"]["second"] == {"run": "A6", "mode": "coarse_only"}
     assert by_label["F3 vs A1"]["accuracy"] is None and "A1" in by_label["F3 vs A1"]["note"]
     assert "S-C4-F vs S-C4-B" in by_label
@@ -174,7 +190,8 @@ def test_paired_comparisons(phase1):
 
 
 def test_attention_on_the_mover_against_uniform(phase1):
-    """The uniform share per frame is the mover's share of the patches, recomputed here."""
+    """The uniform share per frame is the mover's share of the patches (from the boxes the synthetic
+    videos carry), recomputed here."""
     from fvlm.data.loader import build_loader
     from fvlm.eval.evaluate import find_checkpoints, run_config
     from fvlm.eval.looks import mover_patches, to_uint8
@@ -191,9 +208,11 @@ def test_attention_on_the_mover_against_uniform(phase1):
     frames, mask = to_uint8(batch["frames"]), batch["frame_mask"].numpy()
     grid = (32 // model.encoder.patch_size,) * 2
     areas: dict[int, list[float]] = {}
+    assert all(batch["mover_boxes"])
     for v in range(len(frames)):
         ids = np.flatnonzero(mask[v])
-        for t, mover in zip(ids, mover_patches(frames[v, ids], grid)):
+        boxes = np.asarray(batch["mover_boxes"][v])[ids]
+        for t, mover in zip(ids, mover_patches(frames[v, ids], grid, boxes=boxes)):
             if mover.any():
                 areas.setdefault(int(t), []).append(float(mover.mean()))
     assert [f["t"] for f in f3["frames"]] == sorted(areas)
@@ -209,10 +228,17 @@ def test_report_section_and_decisions(phase1):
     from fvlm.experiments.presets import TINY
 
     root = phase1["root"]
-    write_report(TINY, root, root / "ablations", root / "scaling", root / "report", {"overrides": {}, "choices": []},
-                 phase1["evidence"])
+    write_report(
+        TINY,
+        root,
+        root / "ablations",
+        root / "scaling",
+        root / "report",
+        {"overrides": {}, "choices": []},
+        phase1["evidence"],
+    )
     report = (root / "report" / "report.md").read_text()
-    section = report[report.index("## Foveation evidence"):]
+    section = report[report.index("## Foveation evidence") :]
     conclusion = phase1["evidence"]["conclusion"]
     assert f"**{conclusion['sentence']}**" in section and conclusion["details"] in section
     assert conclusion["sentence"].startswith(("Yes, ", "No, ", "Not distinguishable: "))

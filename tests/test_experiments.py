@@ -25,10 +25,22 @@ PLAN_SAMPLES = {
     "L": {"C1": 9e3, "C2": 30e3, "C3": 90e3, "C4": 180e3},
 }
 SMALL = {
-    "data.synth_videos": 48, "data.synth_images": 16, "data.synth_texts": 16, "data.synth_val": 16,
-    "data.synth_frames": 4, "data.synth_size": 32, "data.max_frames": 4, "data.max_text_tokens": 64,
-    "model.image_size": 32, "train.max_steps": 0, "train.batch_size": 4, "train.eval_batch_size": 8,
-    "train.eval_samples": 8, "train.probe_videos": 2, "train.eval_every": 2, "train.save_every": 2,
+    "data.synth_videos": 48,
+    "data.synth_images": 16,
+    "data.synth_texts": 16,
+    "data.synth_val": 16,
+    "data.synth_frames": 4,
+    "data.synth_size": 32,
+    "data.max_frames": 4,
+    "data.max_text_tokens": 64,
+    "model.image_size": 32,
+    "train.max_steps": 0,
+    "train.batch_size": 4,
+    "train.eval_batch_size": 8,
+    "train.eval_samples": 8,
+    "train.probe_videos": 2,
+    "train.eval_every": 2,
+    "train.save_every": 2,
 }
 
 
@@ -123,19 +135,27 @@ def test_paper_cost_estimate_uses_measured_mfu_where_one_exists_and_says_so(tmp_
     from fvlm.experiments.runner import Sweep
 
     preset = get_preset("paper")
-    specs = _specs(("a", {"model.llm": "smollm2-135m"}, 1000), ("b", {"model.llm": "smollm2-360m"}, 1000),
-                   ("c", {"model.llm": "smollm2-1.7b"}, 1000))
+    specs = _specs(
+        ("a", {"model.llm": "smollm2-135m"}, 1000),
+        ("b", {"model.llm": "smollm2-360m"}, 1000),
+        ("c", {"model.llm": "smollm2-1.7b"}, 1000),
+    )
     sweep = Sweep(tmp_path / "sweep", "test", preset.config, {}, specs, (4, 40))
     bench = tmp_path / "mfu_measured.json"
-    bench.write_text(json.dumps([{"device": "NVIDIA A100-SXM4-80GB", "llm": "smollm2-135m", "arch": "foveated",
-                                  "mfu": 0.15},
-                                 {"device": "NVIDIA H100 80GB HBM3", "llm": "smollm2-360m", "arch": "foveated",
-                                  "mfu": 0.9}]))  # another GPU kind: not used for the A100 preset
+    bench.write_text(
+        json.dumps(
+            [
+                {"device": "NVIDIA A100-SXM4-80GB", "llm": "smollm2-135m", "arch": "foveated", "mfu": 0.15},
+                {"device": "NVIDIA H100 80GB HBM3", "llm": "smollm2-360m", "arch": "foveated", "mfu": 0.9},
+            ]
+        )
+    )  # another GPU kind: not used for the A100 preset
     finished = tmp_path / "sweep" / "c"
     finished.mkdir(parents=True)
     (finished / "config.yaml").write_text(yaml.safe_dump({"model": {"llm": "smollm2-1.7b", "arch": "foveated"}}))
-    (finished / "run_summary.json").write_text(json.dumps({"throughput": {"device": "NVIDIA A100 80GB PCIe",
-                                                                          "mfu": 0.45}}))
+    (finished / "run_summary.json").write_text(
+        json.dumps({"throughput": {"device": "NVIDIA A100 80GB PCIe", "mfu": 0.45}})
+    )
     assumed = estimate(sweep.planned, preset, 1, measure=False, bench_file=tmp_path / "none.json")
     est = estimate(sweep.planned, preset, 1, measure=False, folders=[tmp_path / "sweep"], bench_file=bench)
     by = {r["run_id"]: r for r in est["rows"]}
@@ -217,8 +237,17 @@ def test_resume_skips_finished_runs_and_a_diverging_run_does_not_stop_the_sweep(
     folder = tmp_path / "sweep"
     specs = _specs(
         ("ok1", {}, 16),
-        ("boom", {"train.grad_clip": 0, "optim.lr_connector": 30, "optim.lr_llm": 30, "optim.lr_dino": 30,
-                  "optim.warmup_ratio": 0}, 120),
+        (
+            "boom",
+            {
+                "train.grad_clip": 0,
+                "optim.lr_connector": 30,
+                "optim.lr_llm": 30,
+                "optim.lr_dino": 30,
+                "optim.warmup_ratio": 0,
+            },
+            120,
+        ),
         ("ok2", {"model.coarse_only": True}, 16),
     )
     base = {**SMALL, "data.train": "synthetic"}
@@ -252,8 +281,11 @@ def test_mini_sweep_end_to_end_with_two_workers(tmp_path):
     folder = tmp_path / "mini"
     base = resolve_synthetic("tiny", {**SMALL, "train.eval_every": 1, "train.save_every": 1}, tmp_path)
     assert os.path.isdir(base["data.train"])
-    specs = _specs(("F3", {}, 32), ("A6", {"model.coarse_only": True}, 32),
-                   ("B1", {"model.arch": "multi_token", "model.tokens_per_frame": 4}, 32))
+    specs = _specs(
+        ("F3", {}, 32),
+        ("A6", {"model.coarse_only": True}, 32),
+        ("B1", {"model.arch": "multi_token", "model.tokens_per_frame": 4}, 32),
+    )
     statuses = Sweep(folder, "ablations", "tiny", base, specs, (4, 40), jobs=2).run()
     assert statuses == {"F3": "completed", "A6": "completed", "B1": "completed"}
     for rid in statuses:
@@ -315,11 +347,21 @@ def test_slurm_launcher_through_submitits_local_executor_matches_the_local_launc
     from fvlm.experiments.slurm import SlurmSettings
 
     base = resolve_synthetic("tiny", {**SMALL, "train.eval_every": 4, "train.save_every": 2}, tmp_path)
-    specs = _specs(("F3", {}, 48), ("A6", {"model.coarse_only": True}, 24), ("B1", {"model.arch": "multi_token",
-                                                                                  "model.tokens_per_frame": 4}, 24))
+    specs = _specs(
+        ("F3", {}, 48),
+        ("A6", {"model.coarse_only": True}, 24),
+        ("B1", {"model.arch": "multi_token", "model.tokens_per_frame": 4}, 24),
+    )
     local = Sweep(tmp_path / "local", "ablations", "tiny", base, specs, (4, 40)).run()
-    sweep = Sweep(tmp_path / "slurm", "ablations", "tiny", base, specs, (4, 40),
-                  slurm=SlurmSettings(cluster="local", poll_sec=0.5, time_min=30))
+    sweep = Sweep(
+        tmp_path / "slurm",
+        "ablations",
+        "tiny",
+        base,
+        specs,
+        (4, 40),
+        slurm=SlurmSettings(cluster="local", poll_sec=0.5, time_min=30),
+    )
     interrupted = []
 
     def preempt_f3():
@@ -353,6 +395,13 @@ def test_slurm_launcher_through_submitits_local_executor_matches_the_local_launc
     state = json.loads((tmp_path / "slurm" / "sweep_state.json").read_text())
     assert all(state["runs"][rid]["job_id"] for rid in statuses)
     # Re-running submits nothing: every run is finished.
-    again = Sweep(tmp_path / "slurm", "ablations", "tiny", base, specs, (4, 40),
-                  slurm=SlurmSettings(cluster="local", poll_sec=0.5))
+    again = Sweep(
+        tmp_path / "slurm",
+        "ablations",
+        "tiny",
+        base,
+        specs,
+        (4, 40),
+        slurm=SlurmSettings(cluster="local", poll_sec=0.5),
+    )
     assert again.run() == statuses and again.slurm_jobs == {}

@@ -141,8 +141,9 @@ def _limited(argv, limit, value):
         resource.setrlimit(limit, (value, value))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "fvlm", *argv], preexec_fn=apply, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fvlm", *argv], preexec_fn=apply, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def _one_error_line(err: str) -> str:
@@ -177,8 +178,9 @@ def test_running_out_of_memory_names_the_setting_to_lower(finished, tmp_path):
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), (200, 20, 20)).save(image)
     # 1,000,000 frames of 32 px need 12 GB; the address space is capped at 6 GB.
-    done = _limited(["generate", str(finished / "base"), str(image), "--frames", "1000000"],
-                    resource.RLIMIT_AS, 6 * 2**30)
+    done = _limited(
+        ["generate", str(finished / "base"), str(image), "--frames", "1000000"], resource.RLIMIT_AS, 6 * 2**30
+    )
     assert done.returncode == 1
     line = _one_error_line(done.stderr)
     assert "out of memory" in line and "lower --frames" in line
@@ -200,8 +202,12 @@ def test_a_read_only_out_dir_is_one_line(tmp_path):
     if not _read_only_folder(folder):
         pytest.skip("cannot make a read-only folder here (root without mount)")
     try:
-        done = subprocess.run([sys.executable, "-m", "fvlm", "data", "synth", str(folder / "set"), "--videos", "2"],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-m", "fvlm", "data", "synth", str(folder / "set"), "--videos", "2"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 1
         assert str(folder) in _one_error_line(done.stderr)
     finally:

@@ -74,8 +74,9 @@ def test_dino_runs_once_per_frame_in_coarse_fine():
     assert model.encoder.frames_encoded == 6  # valid frames only, once, shared by both passes
 
 
-@pytest.mark.parametrize("arch_overrides", [[], ["model.deep_query=false"], ["model.arch=multi_token"],
-                                            ["model.lambda_coarse=0.5"]])
+@pytest.mark.parametrize(
+    "arch_overrides", [[], ["model.deep_query=false"], ["model.arch=multi_token"], ["model.lambda_coarse=0.5"]]
+)
 def test_padded_frames_do_not_change_losses(arch_overrides):
     model = tiny(*arch_overrides)
     batch = make_batch(t=4, valid=(4, 2))
@@ -83,7 +84,9 @@ def test_padded_frames_do_not_change_losses(arch_overrides):
     extra = torch.randn(2, 3, 3, S, S)
     padded["frames"] = torch.cat([batch["frames"], extra], dim=1)
     padded["frame_mask"] = torch.cat([batch["frame_mask"], torch.zeros(2, 3, dtype=torch.bool)], dim=1)
-    modes = ["coarse_only"] if "multi_token" in str(arch_overrides) else ["coarse_fine", "coarse_only", "autoregressive"]
+    modes = (
+        ["coarse_only"] if "multi_token" in str(arch_overrides) else ["coarse_fine", "coarse_only", "autoregressive"]
+    )
     for mode in modes:
         a, b = model(batch, mode=mode), model(padded, mode=mode)
         assert torch.allclose(a.loss, b.loss, atol=1e-5), mode
@@ -245,7 +248,9 @@ def test_frozen_groups_receive_no_gradient():
         if name.startswith(("encoder.dino.", "llm.")):
             assert param.grad is None, name
     groups = model.param_groups()
-    assert groups["dino"] == [] and groups["llm"] == [] and len(groups["connector"]) == 7  # q_static, q_init, query_proj, dino_to_llm (w, b), llm_to_query (w, b)
+    assert (
+        groups["dino"] == [] and groups["llm"] == [] and len(groups["connector"]) == 7
+    )  # q_static, q_init, query_proj, dino_to_llm (w, b), llm_to_query (w, b)
 
 
 def test_param_groups_partition_trainable_parameters():

@@ -14,16 +14,38 @@ from fvlm.experiments.presets import TINY
 from fvlm.model.pretrain_tiny import LLM_SHAPES, Recipe
 
 # Backbones from a few steps of pretraining: the plumbing of the tiny preset, not its quality.
-QUICK_BACKBONES = Recipe(dino_steps=3, dino_batch=4, dino_bank=16, probe_frames=16, dialogues=64, llm_batch=4,
-                         llm_steps=tuple((shape, 2) for shape in LLM_SHAPES), image_size=32)
+QUICK_BACKBONES = Recipe(
+    dino_steps=3,
+    dino_batch=4,
+    dino_bank=16,
+    probe_frames=16,
+    dialogues=64,
+    llm_batch=4,
+    llm_steps=tuple((shape, 2) for shape in LLM_SHAPES),
+    image_size=32,
+)
 # 50 resamples (the presets' 2,000 would triple the analysis time): the plumbing, not the intervals.
-MICRO = dataclasses.replace(TINY, ablation_samples=24, ablation_evals=6, tiny_backbones=QUICK_BACKBONES,
-                            analysis_bootstrap=50,
-                            budgets={k: v * 0.02 for k, v in TINY.budgets.items()})
+MICRO = dataclasses.replace(
+    TINY,
+    ablation_samples=24,
+    ablation_evals=6,
+    tiny_backbones=QUICK_BACKBONES,
+    analysis_bootstrap=50,
+    budgets={k: v * 0.02 for k, v in TINY.budgets.items()},
+)
 DATA = {
-    "data.synth_videos": 48, "data.synth_images": 16, "data.synth_texts": 16, "data.synth_val": 16,
-    "data.synth_frames": 4, "data.synth_size": 32, "data.max_frames": 4, "data.max_text_tokens": 200,
-    "model.image_size": 32, "train.batch_size": 4, "train.eval_batch_size": 8, "train.eval_samples": 8,
+    "data.synth_videos": 48,
+    "data.synth_images": 16,
+    "data.synth_texts": 16,
+    "data.synth_val": 16,
+    "data.synth_frames": 4,
+    "data.synth_size": 32,
+    "data.max_frames": 4,
+    "data.max_text_tokens": 200,
+    "model.image_size": 32,
+    "train.batch_size": 4,
+    "train.eval_batch_size": 8,
+    "train.eval_samples": 8,
     "train.probe_videos": 2,
 }
 
@@ -64,8 +86,15 @@ def test_phase1_end_to_end_and_rerun_resumes(tmp_path):
     assert len(decisions["go_no_go"]) == 6
     report = root / "report"
     assert "Locked configuration (fvlm phase1)" in (report / "report.md").read_text()
-    for figure in ("fig1_foveated_vs_alternatives", "fig2_loss_ratio", "fig5_freeze", "fig7_eval_modes",
-                   "fig8_scaling", "scaling_isoflop", "scaling_foveated_vs_baseline"):
+    for figure in (
+        "fig1_foveated_vs_alternatives",
+        "fig2_loss_ratio",
+        "fig5_freeze",
+        "fig7_eval_modes",
+        "fig8_scaling",
+        "scaling_isoflop",
+        "scaling_foveated_vs_baseline",
+    ):
         assert (report / f"{figure}.png").is_file(), figure
     assert (root / "ablations" / "F3" / "eval" / "eval.json").is_file()
     assert summary["figures"] >= 10

@@ -15,13 +15,23 @@ from fvlm.config import load_config
 from fvlm.model.pretrain_tiny import LLM_SHAPES, Recipe, _patch_labels, make_tiny_backbones, pretrain_dino
 
 # A few steps of everything: enough to check the plumbing and the determinism, not the quality.
-QUICK = Recipe(dino_steps=3, dino_batch=4, dino_bank=16, probe_frames=16, dialogues=64, llm_batch=4,
-               llm_steps=tuple((shape, 2) for shape in LLM_SHAPES), image_size=32)
+QUICK = Recipe(
+    dino_steps=3,
+    dino_batch=4,
+    dino_bank=16,
+    probe_frames=16,
+    dialogues=64,
+    llm_batch=4,
+    llm_steps=tuple((shape, 2) for shape in LLM_SHAPES),
+    image_size=32,
+)
 
 
 def _digest(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*.safetensors"))}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*.safetensors"))
+    }
 
 
 def test_patch_labels_take_the_covering_object_and_ignore_slivers():
@@ -43,8 +53,9 @@ def test_made_twice_the_same_and_loaded_like_real_folders(tmp_path):
     from fvlm.model.tokenizer import byte_tokenizer
 
     folder = tmp_path / "a"
-    cfg = load_config("tiny", {"model.llm": str(folder / "tiny-llm"), "model.dino": str(folder / "tiny-dino"),
-                               "model.image_size": 32})
+    cfg = load_config(
+        "tiny", {"model.llm": str(folder / "tiny-llm"), "model.dino": str(folder / "tiny-dino"), "model.image_size": 32}
+    )
     model = build_model(cfg.model)
     from transformers import AutoModelForCausalLM
 

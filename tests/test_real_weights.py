@@ -26,8 +26,10 @@ from fvlm.config import load_config
 
 pytestmark = pytest.mark.slow
 
-GGUF = Path(os.environ.get("FVLM_SMOLLM2_GGUF") or Path(__file__).resolve().parent.parent / ".fvlm_cache" / "smollm2"
-            / "SmolLM2-135M-Instruct.Q4_1.gguf")
+GGUF = Path(
+    os.environ.get("FVLM_SMOLLM2_GGUF")
+    or Path(__file__).resolve().parent.parent / ".fvlm_cache" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+)
 PARAMETERS = 134_515_008
 VOCABULARY = 49_152
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -104,8 +106,13 @@ def _text_batch(tokenizer, texts: list[str]) -> dict:
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    return {"frames": torch.zeros(len(rows), 0, 3, 32, 32), "frame_mask": torch.zeros(len(rows), 0, dtype=torch.bool),
-            "input_ids": ids, "attention_mask": mask, "loss_mask": mask.bool()}
+    return {
+        "frames": torch.zeros(len(rows), 0, 3, 32, 32),
+        "frame_mask": torch.zeros(len(rows), 0, dtype=torch.bool),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "loss_mask": mask.bool(),
+    }
 
 
 # ----------------------------------------------------------------------------- import and loading
@@ -163,10 +170,20 @@ def test_chatml_and_answer_only_mask_token_by_token(folder, tokenizer, tmp_path)
     from fvlm.data.loader import build_loader
     from fvlm.data.synth import generate_synthetic
 
-    generate_synthetic(tmp_path / "data", videos=1, images=1, texts=1, frames=2, size=32, seed=0, val=3, probe=0,
-                       bench=0)
-    cfg = load_config("tiny", [f"model.llm={folder}", "model.image_size=32", "train.stage=2", "data.max_frames=2",
-                               f"data.val={tmp_path / 'data' / 'val'}", "data.max_text_tokens=256"])
+    generate_synthetic(
+        tmp_path / "data", videos=1, images=1, texts=1, frames=2, size=32, seed=0, val=3, probe=0, bench=0
+    )
+    cfg = load_config(
+        "tiny",
+        [
+            f"model.llm={folder}",
+            "model.image_size=32",
+            "train.stage=2",
+            "data.max_frames=2",
+            f"data.val={tmp_path / 'data' / 'val'}",
+            "data.max_text_tokens=256",
+        ],
+    )
     batch = next(iter(build_loader(cfg, "val", tokenizer, train=False)))
     metas = {}
     for shard in (tmp_path / "data" / "val").glob("*.tar"):
@@ -196,18 +213,42 @@ def test_chatml_and_answer_only_mask_token_by_token(folder, tokenizer, tmp_path)
 # losses of two steps compare like with like. The learning rates are the largest at which the loss
 # falls step after step here (the connector's Adam steps overshoot above about 5e-3).
 REAL_RUN = [
-    "model.image_size=32", "model.visual_scale=0.14", "data.synth_videos=4", "data.synth_images=0",
-    "data.synth_texts=0", "data.synth_val=4", "data.synth_frames=2", "data.synth_size=32", "data.max_frames=2",
-    "data.max_text_tokens=128", "train.stage=2", "train.batch_size=4", "train.log_every=1",
-    "train.keep_milestones=0", "train.eval_samples=4", "train.eval_batch_size=4", "train.probe_videos=0",
-    "optim.lr_connector=3e-3", "optim.lr_dino=1e-4", "optim.lr_llm=1e-4", "optim.warmup_ratio=0",
+    "model.image_size=32",
+    "model.visual_scale=0.14",
+    "data.synth_videos=4",
+    "data.synth_images=0",
+    "data.synth_texts=0",
+    "data.synth_val=4",
+    "data.synth_frames=2",
+    "data.synth_size=32",
+    "data.max_frames=2",
+    "data.max_text_tokens=128",
+    "train.stage=2",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "train.keep_milestones=0",
+    "train.eval_samples=4",
+    "train.eval_batch_size=4",
+    "train.probe_videos=0",
+    "optim.lr_connector=3e-3",
+    "optim.lr_dino=1e-4",
+    "optim.lr_llm=1e-4",
+    "optim.warmup_ratio=0",
     "optim.schedule=constant",
 ]
 
 
 def _train(folder, out, run_id: str, steps: int, *extra: str) -> Path:
-    args = [f"out_dir={out}", f"run_id={run_id}", f"model.llm={folder}", f"train.max_steps={steps}",
-            f"train.eval_every={steps}", f"train.save_every={steps}", *REAL_RUN, *extra]
+    args = [
+        f"out_dir={out}",
+        f"run_id={run_id}",
+        f"model.llm={folder}",
+        f"train.max_steps={steps}",
+        f"train.eval_every={steps}",
+        f"train.save_every={steps}",
+        *REAL_RUN,
+        *extra,
+    ]
     code, printed = _run_cli(["train", "tiny", *args])
     assert code == 0, printed
     return out / run_id
@@ -264,8 +305,9 @@ def test_trainable_llm_learns_the_samples(trainable_run, folder):
 
 
 def test_generate_answers_a_text_only_question(frozen_run):
-    code, printed = _run_cli(["generate", str(frozen_run), "--prompt", "What is the capital of France?",
-                              "--max-new-tokens", "16"])
+    code, printed = _run_cli(
+        ["generate", str(frozen_run), "--prompt", "What is the capital of France?", "--max-new-tokens", "16"]
+    )
     assert code == 0 and "Paris" in printed, printed
 
 

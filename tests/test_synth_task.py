@@ -57,8 +57,9 @@ def test_scene_knobs_flat_background_object_size_and_count():
 
     from PIL import Image
 
-    painter = _Painter(64, np.random.default_rng(2), background="flat", object_scale=(0.25, 0.25),
-                       min_objects=1, max_objects=1)
+    painter = _Painter(
+        64, np.random.default_rng(2), background="flat", object_scale=(0.25, 0.25), min_objects=1, max_objects=1
+    )
     assert list(painter.sizes) == [16]
     background = painter.background()
     assert background.std(axis=(0, 1)).max() == 0
@@ -97,7 +98,9 @@ def test_reveal_options_are_the_four_colours_on_screen_and_tell_nothing_without_
     right, wrong = Counter(), Counter()
     for m in metas:
         scene_colours = {o["colour"] for o in m["scene"]}
-        assert sorted(m["choices"]) == sorted(scene_colours) and len(scene_colours) == 4 and "white" not in scene_colours
+        assert (
+            sorted(m["choices"]) == sorted(scene_colours) and len(scene_colours) == 4 and "white" not in scene_colours
+        )
         assert m["assistant"] == m["choices"][m["answer_index"]] == m["scene"][0]["colour"]
         for option in m["choices"]:
             (right if option == m["assistant"] else wrong)[option] += 1

@@ -21,9 +21,18 @@ from fvlm.training.trainer import train
 
 # A smaller synthetic set and model input than the tiny preset, so a run takes seconds.
 SMALL = [
-    "data.synth_videos=48", "data.synth_images=16", "data.synth_texts=16", "data.synth_val=16",
-    "data.synth_frames=4", "data.synth_size=32", "data.max_frames=4", "data.max_text_tokens=64",
-    "model.image_size=32", "train.batch_size=4", "train.eval_batch_size=8", "train.eval_samples=16",
+    "data.synth_videos=48",
+    "data.synth_images=16",
+    "data.synth_texts=16",
+    "data.synth_val=16",
+    "data.synth_frames=4",
+    "data.synth_size=32",
+    "data.max_frames=4",
+    "data.max_text_tokens=64",
+    "model.image_size=32",
+    "train.batch_size=4",
+    "train.eval_batch_size=8",
+    "train.eval_samples=16",
     "train.probe_videos=3",
 ]
 
@@ -47,21 +56,24 @@ def read_csv(path):
 
 
 # ---------------------------------------------------------------------------- config errors
-@pytest.mark.parametrize("args, message", [
-    (["train.max_step=3"], "did you mean train.max_steps"),
-    (["optim.lr_llm=fast"], "optim.lr_llm"),
-    (["train.max_steps=0"], "train.max_steps or train.max_samples"),
-    (["train.init_from=/nonexistent/run"], "train.init_from"),
-    (["train.precision=bf16"], "train.precision"),
-    # NaN slips past every range check (NaN < 0 is False): each is named as not finite.
-    (["optim.lr_llm=.nan"], "optim.lr_llm must be a finite number"),
-    (["train.grad_clip=.nan"], "train.grad_clip must be a finite number"),
-    (["model.visual_scale=.inf"], "model.visual_scale must be a finite number"),
-    (["data.mix={video: .nan, image: 1}"], "data.mix.video must be a finite number"),
-    # A run id is one folder inside out_dir: ".." would write beside it.
-    (["run_id=.."], "run_id must be a plain folder name"),
-    (["run_id=."], "run_id must be a plain folder name"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.max_step=3"], "did you mean train.max_steps"),
+        (["optim.lr_llm=fast"], "optim.lr_llm"),
+        (["train.max_steps=0"], "train.max_steps or train.max_samples"),
+        (["train.init_from=/nonexistent/run"], "train.init_from"),
+        (["train.precision=bf16"], "train.precision"),
+        # NaN slips past every range check (NaN < 0 is False): each is named as not finite.
+        (["optim.lr_llm=.nan"], "optim.lr_llm must be a finite number"),
+        (["train.grad_clip=.nan"], "train.grad_clip must be a finite number"),
+        (["model.visual_scale=.inf"], "model.visual_scale must be a finite number"),
+        (["data.mix={video: .nan, image: 1}"], "data.mix.video must be a finite number"),
+        # A run id is one folder inside out_dir: ".." would write beside it.
+        (["run_id=.."], "run_id must be a plain folder name"),
+        (["run_id=."], "run_id must be a plain folder name"),
+    ],
+)
 def test_config_errors_exit_2_naming_the_field(tmp_path, capsys, args, message):
     if "precision" in args[0] and torch.cuda.is_available():
         pytest.skip("bf16 is valid with CUDA")
@@ -92,8 +104,15 @@ def test_schedules():
 # ---------------------------------------------------------------------------- a run and its files
 @pytest.fixture(scope="session")
 def small_run(out_dir):
-    cfg = small_config(out_dir, "files", "train.max_steps=24", "train.eval_every=12", "train.save_every=6",
-                       "train.log_every=4", "train.keep_last=1")
+    cfg = small_config(
+        out_dir,
+        "files",
+        "train.max_steps=24",
+        "train.eval_every=12",
+        "train.save_every=6",
+        "train.log_every=4",
+        "train.keep_last=1",
+    )
     return cfg, train(cfg)
 
 
@@ -111,16 +130,34 @@ def test_every_file_of_a_run_has_its_exact_columns(small_run):
     assert [int(r["step"]) for r in metrics] == [12, 24]
     for row in metrics:
         assert float(row["val_loss"]) == float(row["val_loss_fine"])
-        assert float(row["val_loss_ratio"]) == pytest.approx(float(row["val_loss_fine"]) / float(row["val_loss_coarse"]))
+        assert float(row["val_loss_ratio"]) == pytest.approx(
+            float(row["val_loss_fine"]) / float(row["val_loss_coarse"])
+        )
         assert 0 < float(row["attention_entropy"]) <= np.log(1 + 16) + 1e-6  # 32 px / 8 px patches
     assert float(steps[-1]["train_loss"]) < float(steps[0]["train_loss"]) - 0.5, "the loss should fall"
 
     assert load_config(str(run / "config.yaml")).to_dict() == cfg.to_dict()
     on_disk = json.loads((run / "run_summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    for key in ("run_id", "status", "git_commit", "config_hash", "final_train_loss", "best_val_loss", "best_val_step",
-                "convergence_step", "total_steps", "total_samples", "wall_time_sec", "wall_time_hours", "params",
-                "flops_per_sample", "total_flops", "final", "best"):
+    for key in (
+        "run_id",
+        "status",
+        "git_commit",
+        "config_hash",
+        "final_train_loss",
+        "best_val_loss",
+        "best_val_step",
+        "convergence_step",
+        "total_steps",
+        "total_samples",
+        "wall_time_sec",
+        "wall_time_hours",
+        "params",
+        "flops_per_sample",
+        "total_flops",
+        "final",
+        "best",
+    ):
         assert key in on_disk, key
     assert on_disk["status"] == "completed" and on_disk["config_hash"] == cfg.config_hash()
     assert on_disk["total_steps"] == 24 and on_disk["total_samples"] == 96
@@ -183,8 +220,10 @@ def test_resuming_a_log_with_older_columns_keeps_its_values(tmp_path):
     log.close()
     header, rows = read_csv(path)
     assert header == ["run_id", "step", "train_loss", "mfu"]
-    assert rows == [{"run_id": "r", "step": "1", "train_loss": "2.5", "mfu": ""},
-                    {"run_id": "r", "step": "2", "train_loss": "2.0", "mfu": ""}]
+    assert rows == [
+        {"run_id": "r", "step": "1", "train_loss": "2.5", "mfu": ""},
+        {"run_id": "r", "step": "2", "train_loss": "2.0", "mfu": ""},
+    ]
 
 
 def test_checkpoints_are_complete_loadable_and_pruned(small_run):
@@ -245,9 +284,19 @@ def test_frozen_groups_stay_bit_identical_and_groups_get_their_lrs(out_dir):
 
     from fvlm.model.build import build_model
 
-    cfg = small_config(out_dir, "frozen", "model.freeze_dino=true", "train.max_steps=3", "train.eval_every=3",
-                       "train.log_every=1", "optim.schedule=constant", "optim.warmup_ratio=0",
-                       "optim.lr_connector=2e-3", "optim.lr_llm=5e-4", "optim.lr_dino=1e-3")
+    cfg = small_config(
+        out_dir,
+        "frozen",
+        "model.freeze_dino=true",
+        "train.max_steps=3",
+        "train.eval_every=3",
+        "train.log_every=1",
+        "optim.schedule=constant",
+        "optim.warmup_ratio=0",
+        "optim.lr_connector=2e-3",
+        "optim.lr_llm=5e-4",
+        "optim.lr_dino=1e-3",
+    )
     torch.manual_seed(cfg.seed)
     initial = build_model(cfg.model).state_dict()
     train(cfg)
@@ -276,9 +325,21 @@ def test_optimizer_groups_carry_the_configured_rates():
 
 # ---------------------------------------------------------------------------- failure modes
 def test_divergence_stops_the_run_with_status_diverged(out_dir, capsys):
-    code = main(["train", "tiny", f"out_dir={out_dir}", "run_id=diverge", *SMALL, "train.max_steps=30",
-                 "train.grad_clip=0", "optim.lr_connector=30", "optim.lr_llm=30", "optim.lr_dino=30",
-                 "optim.warmup_ratio=0"])
+    code = main(
+        [
+            "train",
+            "tiny",
+            f"out_dir={out_dir}",
+            "run_id=diverge",
+            *SMALL,
+            "train.max_steps=30",
+            "train.grad_clip=0",
+            "optim.lr_connector=30",
+            "optim.lr_llm=30",
+            "optim.lr_dino=30",
+            "optim.warmup_ratio=0",
+        ]
+    )
     assert code == 1
     summary = json.loads((out_dir / "diverge" / "run_summary.json").read_text())
     assert summary["status"] == "diverged" and summary["total_steps"] < 30
@@ -316,8 +377,9 @@ def test_wandb_offline_mirrors_the_csv(out_dir, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg = small_config(out_dir, "wandb", "train.max_steps=2", "train.eval_every=2", "train.log_every=1",
-                       "train.wandb=offline")
+    cfg = small_config(
+        out_dir, "wandb", "train.max_steps=2", "train.eval_every=2", "train.log_every=1", "train.wandb=offline"
+    )
     train(cfg)
     assert calls["init"][0]["mode"] == "offline" and calls["finish"] == 1
     logged = {(step, key) for step, values in calls["log"] for key in values}
@@ -327,8 +389,9 @@ def test_wandb_offline_mirrors_the_csv(out_dir, monkeypatch):
 
 def test_wandb_missing_is_a_usage_error(out_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)
-    code = main(["train", "tiny", f"out_dir={out_dir}", "run_id=nowandb", *SMALL, "train.max_steps=1",
-                 "train.wandb=offline"])
+    code = main(
+        ["train", "tiny", f"out_dir={out_dir}", "run_id=nowandb", *SMALL, "train.max_steps=1", "train.wandb=offline"]
+    )
     assert code == 2
 
 
@@ -336,8 +399,17 @@ def test_init_from_a_run_folder_starts_from_its_weights(out_dir, small_run):
     from safetensors.torch import load_file
 
     source, _ = small_run
-    cfg = small_config(out_dir, "stage2", "train.stage=2", f"train.init_from={source.run_dir}", "train.max_steps=1",
-                       "train.eval_every=1", "optim.lr_connector=0", "optim.lr_dino=0", "optim.lr_llm=0")
+    cfg = small_config(
+        out_dir,
+        "stage2",
+        "train.stage=2",
+        f"train.init_from={source.run_dir}",
+        "train.max_steps=1",
+        "train.eval_every=1",
+        "optim.lr_connector=0",
+        "optim.lr_dino=0",
+        "optim.lr_llm=0",
+    )
     train(cfg)
     before = load_file(str(source.run_dir / "checkpoints" / "step_0000024" / "model.safetensors"))
     after = load_file(str(cfg.run_dir / "checkpoints" / "step_0000001" / "model.safetensors"))

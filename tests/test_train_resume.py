@@ -83,8 +83,12 @@ def test_sigkill_then_rerun_gives_the_same_losses(out_dir, reference):
     resumed = run(cmd)
     assert "resuming at step" in resumed.stderr
     assert_same_rows(by_step(reference / "steps.csv"), by_step(out_dir / "killed" / "steps.csv"), COMPARED, 1e-6)
-    assert_same_rows(by_step(reference / "metrics.csv"), by_step(out_dir / "killed" / "metrics.csv"),
-                     ("val_loss", "val_loss_coarse", "attention_entropy"), 1e-6)
+    assert_same_rows(
+        by_step(reference / "metrics.csv"),
+        by_step(out_dir / "killed" / "metrics.csv"),
+        ("val_loss", "val_loss_coarse", "attention_entropy"),
+        1e-6,
+    )
     summary = json.loads((out_dir / "killed" / "run_summary.json").read_text())
     assert summary["status"] == "completed" and summary["total_samples"] == 20 * 4
 
@@ -109,8 +113,13 @@ sys.exit(main(sys.argv[1:]))
 
 def test_a_kill_inside_an_evaluation_write_is_evaluated_again_on_resume(out_dir, reference):
     cmd = command(out_dir, "killed-in-eval", *RESUME)
-    dying = subprocess.run([sys.executable, "-c", KILL_IN_EVAL_WRITE, *cmd[3:]], env=environment(),
-                           capture_output=True, text=True, timeout=300)
+    dying = subprocess.run(
+        [sys.executable, "-c", KILL_IN_EVAL_WRITE, *cmd[3:]],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert dying.returncode == -signal.SIGKILL, dying.stderr[-2000:]
     killed = out_dir / "killed-in-eval"
     assert (killed / "checkpoints" / "step_0000008" / "meta.json").is_file()
@@ -118,8 +127,12 @@ def test_a_kill_inside_an_evaluation_write_is_evaluated_again_on_resume(out_dir,
     run(cmd)
     theirs, ours = by_step(reference / "metrics.csv"), by_step(killed / "metrics.csv")
     assert sorted(ours) == [8, 16, 20]
-    assert_same_rows(theirs, ours, ("val_loss", "val_loss_fine", "val_loss_coarse", "attention_entropy",
-                                    "train_loss", "grad_norm"), 1e-6)
+    assert_same_rows(
+        theirs,
+        ours,
+        ("val_loss", "val_loss_fine", "val_loss_coarse", "attention_entropy", "train_loss", "grad_norm"),
+        1e-6,
+    )
     reference_maps = sorted(p.name for p in (reference / "attention").iterdir())
     assert sorted(p.name for p in (killed / "attention").iterdir()) == reference_maps
     for name in reference_maps:
@@ -154,10 +167,16 @@ def test_ddp_on_two_processes_equals_one_process_with_twice_the_accumulation(out
     run(ddp)
     single, both = by_step(out_dir / "single" / "steps.csv"), by_step(out_dir / "ddp" / "steps.csv")
     assert_same_rows(single, both, COMPARED, 1e-5)
-    assert_same_rows(by_step(out_dir / "single" / "metrics.csv"), by_step(out_dir / "ddp" / "metrics.csv"),
-                     ("val_loss", "val_loss_coarse"), 1e-5)
+    assert_same_rows(
+        by_step(out_dir / "single" / "metrics.csv"),
+        by_step(out_dir / "ddp" / "metrics.csv"),
+        ("val_loss", "val_loss_coarse"),
+        1e-5,
+    )
     assert int(both[5]["samples_seen"]) == 5 * 2 * 2
     meta = json.loads((out_dir / "ddp" / "checkpoints" / "step_0000005" / "meta.json").read_text())
     assert meta["world_size"] == 2
     assert sorted(p.name for p in (out_dir / "ddp" / "checkpoints" / "step_0000005").glob("rank_*.pt")) == [
-        "rank_0.pt", "rank_1.pt"]
+        "rank_0.pt",
+        "rank_1.pt",
+    ]

@@ -42,19 +42,36 @@ class Question:
 
 
 QUESTIONS = (
-    Question("freeze", "Freeze strategy", ("F1", "F2", "F3"),
-             plan_rule="pick lowest val_loss with stable grad norms; F1 ~ F3 -> freeze backbones"),
-    Question("learning_rate", "Learning rate ratio", ("F3", "LR2", "LR3", "LR4"),
-             plan_rule="pick the best ratio; LR4 ~ LR1 -> uniform LR is enough"),
-    Question("deep_query", "Deep query essential?", ("A1", "F3"),
-             plan_rule="A1 ~ F3 -> deep query not load-bearing"),
-    Question("two_pass", "Two-pass essential?", ("A6", "F3"),
-             plan_rule="the A6 - F3 gap quantifies the foveation benefit"),
-    Question("image_handling", "Image handling (frame replication)", ("A8",),
-             plan_rule="pick 1-frame or 16-frame replication (image VQA when measured)"),
+    Question(
+        "freeze",
+        "Freeze strategy",
+        ("F1", "F2", "F3"),
+        plan_rule="pick lowest val_loss with stable grad norms; F1 ~ F3 -> freeze backbones",
+    ),
+    Question(
+        "learning_rate",
+        "Learning rate ratio",
+        ("F3", "LR2", "LR3", "LR4"),
+        plan_rule="pick the best ratio; LR4 ~ LR1 -> uniform LR is enough",
+    ),
+    Question("deep_query", "Deep query essential?", ("A1", "F3"), plan_rule="A1 ~ F3 -> deep query not load-bearing"),
+    Question(
+        "two_pass", "Two-pass essential?", ("A6", "F3"), plan_rule="the A6 - F3 gap quantifies the foveation benefit"
+    ),
+    Question(
+        "image_handling",
+        "Image handling (frame replication)",
+        ("A8",),
+        plan_rule="pick 1-frame or 16-frame replication (image VQA when measured)",
+    ),
     Question("data_mix", "Data mix", ("D1", "F3"), plan_rule="adjust the video:image:text ratio"),
-    Question("efficiency", "Efficiency: 1 foveated token vs 16 tokens", ("F3", "B1"), axis="flops",
-             plan_rule="F3 (1 tok) vs B1 (16 tok) at matched FLOPs"),
+    Question(
+        "efficiency",
+        "Efficiency: 1 foveated token vs 16 tokens",
+        ("F3", "B1"),
+        axis="flops",
+        plan_rule="F3 (1 tok) vs B1 (16 tok) at matched FLOPs",
+    ),
 )
 
 # The export calls F3 `baseline`; the plan notes F3 = LR1.
@@ -128,7 +145,7 @@ def smoothed_at(run: Run, target: float, axis: str) -> float:
     if len(x) < 4:
         return float(np.interp(np.log(target), np.log(x), y)) if len(x) else math.nan
     lx = np.log(x)
-    near = np.argsort(np.abs(lx - math.log(target)))[:min(LOCAL_POINTS, len(x))]
+    near = np.argsort(np.abs(lx - math.log(target)))[: min(LOCAL_POINTS, len(x))]
     coef = np.polyfit(lx[near], y[near], 2 if len(near) >= 5 else 1)
     return float(np.polyval(coef, math.log(target)))
 
@@ -141,8 +158,7 @@ def still_falling(run: Run) -> dict[str, float] | None:
     coef, noise = fit
     x, _ = _curve(run, "samples_seen")
     drop = float(np.polyval(coef, math.log(0.8 * x[-1])) - np.polyval(coef, math.log(x[-1])))
-    return {"drop_last_fifth": drop, "noise": noise, "falling": bool(drop > 2 * noise),
-            "samples": float(x[-1])}
+    return {"drop_last_fifth": drop, "noise": noise, "falling": bool(drop > 2 * noise), "samples": float(x[-1])}
 
 
 def instability(run: Run) -> str | None:
@@ -168,25 +184,37 @@ def grad_norm_stability(run: Run) -> dict[str, Any]:
         source, norms = rf.METRICS, run.col("grad_norm")
     logged = norms[~np.isnan(norms)] if norms is not None else np.array([])
     if len(logged) < MIN_GRAD_POINTS:
-        return {"stable": None, "source": None,
-                "reason": f"{len(logged)} logged grad norms (needs {MIN_GRAD_POINTS}: grad_norm in steps.csv or "
-                          "metrics.csv)"}
+        return {
+            "stable": None,
+            "source": None,
+            "reason": f"{len(logged)} logged grad norms (needs {MIN_GRAD_POINTS}: grad_norm in steps.csv or "
+            "metrics.csv)",
+        }
     if not np.isfinite(logged).all():
         return {"stable": False, "source": source, "reason": "non-finite grad norm"}
-    half = logged[len(logged) // 2:]
+    half = logged[len(logged) // 2 :]
     median = float(np.median(half))
     peak = float(half.max())
     quarter = max(1, len(logged) // 4)
-    second_quarter = logged[quarter:2 * quarter] if 2 * quarter <= len(logged) else logged[:quarter]
+    second_quarter = logged[quarter : 2 * quarter] if 2 * quarter <= len(logged) else logged[:quarter]
     rise = float(np.median(logged[-quarter:]) / max(np.median(second_quarter), 1e-12))
     if peak > SPIKE_FACTOR * median:
-        return {"stable": False, "source": source,
-                "reason": f"spike: {peak:.3g} > {SPIKE_FACTOR:g}x the second half's median {median:.3g}"}
+        return {
+            "stable": False,
+            "source": source,
+            "reason": f"spike: {peak:.3g} > {SPIKE_FACTOR:g}x the second half's median {median:.3g}",
+        }
     if rise > RISE_FACTOR:
-        return {"stable": False, "source": source,
-                "reason": f"rising: last quarter's median {rise:.2f}x the second quarter's (> {RISE_FACTOR:g}x)"}
-    return {"stable": True, "source": source,
-            "reason": f"max {peak / median:.2f}x median over the second half, last/second quarter {rise:.2f}x"}
+        return {
+            "stable": False,
+            "source": source,
+            "reason": f"rising: last quarter's median {rise:.2f}x the second quarter's (> {RISE_FACTOR:g}x)",
+        }
+    return {
+        "stable": True,
+        "source": source,
+        "reason": f"max {peak / median:.2f}x median over the second half, last/second quarter {rise:.2f}x",
+    }
 
 
 # ----------------------------------------------------------------------------- the questions
@@ -210,8 +238,11 @@ SOURCE_KINDS = {"image_handling": ("image",), "data_mix": ("video", "image")}
 def _kind_losses(run: Run, kind: str) -> dict[str, tuple[float, float]]:
     """{sample key: (loss per answer token, answer tokens)} of one kind, from eval/sources.json."""
     s = run.sources or {}
-    return {key: (loss / tokens, tokens) for key, k, loss, tokens in zip(s["keys"], s["kinds"], s["loss_sum"], s["tokens"])
-            if k == kind and tokens > 0}
+    return {
+        key: (loss / tokens, tokens)
+        for key, k, loss, tokens in zip(s["keys"], s["kinds"], s["loss_sum"], s["tokens"])
+        if k == kind and tokens > 0
+    }
 
 
 def _paired_on_kind(first: Run, second: Run, kind: str) -> dict[str, Any] | None:
@@ -223,17 +254,22 @@ def _paired_on_kind(first: Run, second: Run, kind: str) -> dict[str, Any] | None
     shared = [k for k in a if k in b]
     if not shared:
         return None
-    return paired_difference([b[k][0] for k in shared], [a[k][0] for k in shared],
-                             [(a[k][1] + b[k][1]) / 2 for k in shared])
+    return paired_difference(
+        [b[k][0] for k in shared], [a[k][0] for k in shared], [(a[k][1] + b[k][1]) / 2 for k in shared]
+    )
 
 
 def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any]:
     kinds = SOURCE_KINDS[question.id]
     lacking = [s["run"].run_id for s in stats if not s["run"].sources]
     if lacking:
-        return _unknown(question, stats, f"needs the val loss on {' and '.join(kinds)} samples separately "
-                                         f"(eval/sources.json, fvlm.experiments.milestones.evaluate_sources) for "
-                                         f"{', '.join(lacking)}; the mixed val loss of the curves cannot tell them apart")
+        return _unknown(
+            question,
+            stats,
+            f"needs the val loss on {' and '.join(kinds)} samples separately "
+            f"(eval/sources.json, fvlm.experiments.milestones.evaluate_sources) for "
+            f"{', '.join(lacking)}; the mixed val loss of the curves cannot tell them apart",
+        )
     runs = {s["run"].run_id: s["run"] for s in stats}
     if question.id == "image_handling":
         totals = {}
@@ -249,8 +285,9 @@ def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any
         if paired is None:
             return _unknown(question, stats, f"{winner} and {runner_up} scored no image samples in common")
         by_kind: dict[str, dict[str, Any] | None] = {"image": paired}
-        verdict = ("clear (95% interval above 0)" if paired["ci95_bootstrap"][0] > 0 else
-                   "within noise (95% interval holds 0)")
+        verdict = (
+            "clear (95% interval above 0)" if paired["ci95_bootstrap"][0] > 0 else "within noise (95% interval holds 0)"
+        )
         margin = paired["diff"]
     else:
         d1 = next(r for r in runs if plan_id(runs[r]) == "D1")
@@ -264,16 +301,31 @@ def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any
         d1_wins = video["ci95_bootstrap"][0] > 0 and image["ci95_bootstrap"][1] >= 0
         winner, runner_up = (d1, f3) if d1_wins else (f3, d1)
         margin = video["diff"] if d1_wins else -video["diff"]
-        verdict = (f"{'D1' if d1_wins else 'F3'}: F3 - D1 on video {video['diff']:+.4f} "
-                   f"[{video['ci95_bootstrap'][0]:+.4f}, {video['ci95_bootstrap'][1]:+.4f}], on image "
-                   f"{image['diff']:+.4f} [{image['ci95_bootstrap'][0]:+.4f}, {image['ci95_bootstrap'][1]:+.4f}] "
-                   "(D1 needs video above 0 and image not below 0)")
-    return {"id": question.id, "title": question.title, "plan_rule": question.plan_rule,
-            "runs": [s["run"].run_id for s in stats], "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
-            "metric": f"val loss on {' and '.join(kinds)} samples, paired on the same samples",
-            "axis": "samples", "common_x": None, "winner": winner, "runner_up": runner_up, "margin": margin,
-            "noise": (by_kind[kinds[0]] or {}).get("se"), "verdict": verdict, "by_kind": by_kind, "unstable": {},
-            "winner_at_best": None, "rows": stats}
+        verdict = (
+            f"{'D1' if d1_wins else 'F3'}: F3 - D1 on video {video['diff']:+.4f} "
+            f"[{video['ci95_bootstrap'][0]:+.4f}, {video['ci95_bootstrap'][1]:+.4f}], on image "
+            f"{image['diff']:+.4f} [{image['ci95_bootstrap'][0]:+.4f}, {image['ci95_bootstrap'][1]:+.4f}] "
+            "(D1 needs video above 0 and image not below 0)"
+        )
+    return {
+        "id": question.id,
+        "title": question.title,
+        "plan_rule": question.plan_rule,
+        "runs": [s["run"].run_id for s in stats],
+        "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
+        "metric": f"val loss on {' and '.join(kinds)} samples, paired on the same samples",
+        "axis": "samples",
+        "common_x": None,
+        "winner": winner,
+        "runner_up": runner_up,
+        "margin": margin,
+        "noise": (by_kind[kinds[0]] or {}).get("se"),
+        "verdict": verdict,
+        "by_kind": by_kind,
+        "unstable": {},
+        "winner_at_best": None,
+        "rows": stats,
+    }
 
 
 def answer(question: Question, table: Table) -> dict[str, Any] | None:
@@ -285,8 +337,17 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         x, y = _curve(run, question.axis)
         if not len(x):
             continue
-        stats.append({"run": run, "x_end": float(x[-1]), "noise": run_noise(run), "unstable": instability(run),
-                      "best": float(y.min()), "best_x": float(x[int(np.argmin(y))]), "final": float(y[-1])})
+        stats.append(
+            {
+                "run": run,
+                "x_end": float(x[-1]),
+                "noise": run_noise(run),
+                "unstable": instability(run),
+                "best": float(y.min()),
+                "best_x": float(x[int(np.argmin(y))]),
+                "final": float(y[-1]),
+            }
+        )
     if len(stats) < 2:
         return None
     common = min(s["x_end"] for s in stats)
@@ -308,8 +369,13 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         grad = {s["run"].run_id: grad_norm_stability(s["run"]) for s in stats}
         unjudged = [rid for rid, g in grad.items() if g["stable"] is None]
         if unjudged:
-            return _unknown(question, stats, "grad-norm stability cannot be judged for " + ", ".join(
-                f"{rid} ({grad[rid]['reason']})" for rid in unjudged), grad_norms=grad)
+            return _unknown(
+                question,
+                stats,
+                "grad-norm stability cannot be judged for "
+                + ", ".join(f"{rid} ({grad[rid]['reason']})" for rid in unjudged),
+                grad_norms=grad,
+            )
         eligible = [s for s in eligible if grad[s["run"].run_id]["stable"]]
         if not eligible:
             return _unknown(question, stats, "no run has stable grad norms", grad_norms=grad)
@@ -319,28 +385,42 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
     if question.axis == "flops":
         finished = _finished_points(stats, score)
         if finished.get("unmatched"):
-            return _unknown(question, stats, finished["unmatched"], compared_at="finished points", **{
-                k: v for k, v in finished.items() if k != "unmatched"})
+            return _unknown(
+                question,
+                stats,
+                finished["unmatched"],
+                compared_at="finished points",
+                **{k: v for k, v in finished.items() if k != "unmatched"},
+            )
     margin = score[runner_up["run"].run_id] - score[winner["run"].run_id] if runner_up else math.nan
     # A margin compares two runs' values, each read with its own eval noise.
     noise = math.sqrt(winner["noise"] ** 2 + runner_up["noise"] ** 2) if runner_up else math.nan
     by_best = sorted(eligible, key=lambda s: s["best"])
     result = {
-        "id": question.id, "title": question.title, "plan_rule": question.plan_rule,
+        "id": question.id,
+        "title": question.title,
+        "plan_rule": question.plan_rule,
         "runs": [s["run"].run_id for s in stats],
         "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
         "metric": "val_loss (smoothed)",
-        "axis": question.axis, "common_x": common,
-        "winner": winner["run"].run_id, "runner_up": runner_up["run"].run_id if runner_up else None,
-        "margin": margin, "noise": noise, "verdict": _verdict(margin, noise),
+        "axis": question.axis,
+        "common_x": common,
+        "winner": winner["run"].run_id,
+        "runner_up": runner_up["run"].run_id if runner_up else None,
+        "margin": margin,
+        "noise": noise,
+        "verdict": _verdict(margin, noise),
         "winner_at_best": by_best[0]["run"].run_id,
         "margin_at_best": by_best[1]["best"] - by_best[0]["best"] if len(by_best) > 1 else math.nan,
         "unstable": {s["run"].run_id: s["unstable"] for s in stats if s["unstable"]},
         "rows": stats,
     }
     if finished:
-        result.update(finished, compared_at="each run's finished point (end of its LR schedule)",
-                      verdict=result["verdict"] + finished["note"])
+        result.update(
+            finished,
+            compared_at="each run's finished point (end of its LR schedule)",
+            verdict=result["verdict"] + finished["note"],
+        )
     if grad:
         result["grad_norms"] = grad
     if question.id == "deep_query":
@@ -351,10 +431,24 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
 
 def _unknown(question: Question, stats: list[dict[str, Any]], why: str, **extra: Any) -> dict[str, Any]:
     """A question whose runs are there but whose decision needs an input they lack."""
-    return {"id": question.id, "title": question.title, "plan_rule": question.plan_rule,
-            "runs": [s["run"].run_id for s in stats], "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
-            "winner": None, "runner_up": None, "margin": None, "noise": None, "verdict": f"unknown: {why}",
-            "axis": question.axis, "metric": "", "common_x": None, "unstable": {}, "rows": [], **extra}
+    return {
+        "id": question.id,
+        "title": question.title,
+        "plan_rule": question.plan_rule,
+        "runs": [s["run"].run_id for s in stats],
+        "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
+        "winner": None,
+        "runner_up": None,
+        "margin": None,
+        "noise": None,
+        "verdict": f"unknown: {why}",
+        "axis": question.axis,
+        "metric": "",
+        "common_x": None,
+        "unstable": {},
+        "rows": [],
+        **extra,
+    }
 
 
 # Finished points within this factor of each other's FLOPs count as matched.
@@ -374,10 +468,14 @@ def _finished_points(stats: list[dict[str, Any]], score: dict[str, float]) -> di
         return {**record, "note": f"; matched finished points ({ratio:.2f}x FLOPs)"}
     if score[ids[0]] <= score[ids[1]]:
         return {**record, "note": f"; {ids[0]} finished with {ratio:.2f}x fewer FLOPs and is not worse"}
-    return {**record, "unmatched": (
-        f"{ids[1]} ends {score[ids[0]] - score[ids[1]]:.4f} lower but spends {ratio:.2f}x the FLOPs of {ids[0]}; "
-        f"at {ids[0]}'s FLOPs {ids[1]} is part-way through its LR schedule, so no matched finished comparison "
-        "exists (the scaling grid's -B-isoflop cells give one)")}
+    return {
+        **record,
+        "unmatched": (
+            f"{ids[1]} ends {score[ids[0]] - score[ids[1]]:.4f} lower but spends {ratio:.2f}x the FLOPs of {ids[0]}; "
+            f"at {ids[0]}'s FLOPs {ids[1]} is part-way through its LR schedule, so no matched finished comparison "
+            "exists (the scaling grid's -B-isoflop cells give one)"
+        ),
+    }
 
 
 def _last_finite(values: np.ndarray) -> float | None:
@@ -392,18 +490,45 @@ def answer_all(table: Table) -> list[dict[str, Any]]:
         result = answer(question, table)
         if result is None:
             found = [r.run_id for r in members(question, table)]
-            out.append({"id": question.id, "title": question.title, "plan_rule": question.plan_rule,
-                        "runs": found, "winner": None, "margin": None, "noise": None,
-                        "verdict": f"no data: needs runs {', '.join(question.roles)}"
-                                   + (f" (found only {', '.join(found)})" if found else "")})
+            out.append(
+                {
+                    "id": question.id,
+                    "title": question.title,
+                    "plan_rule": question.plan_rule,
+                    "runs": found,
+                    "winner": None,
+                    "margin": None,
+                    "noise": None,
+                    "verdict": f"no data: needs runs {', '.join(question.roles)}"
+                    + (f" (found only {', '.join(found)})" if found else ""),
+                }
+            )
         else:
             out.append(result)
     return out
 
 
-ABLATION_COLUMNS = ("question", "run_id", "role", "status", "n_points", "common_x_axis", "common_x",
-                    "val_loss_at_common", "smoothed_at_common", "best_val_loss", "best_at", "final_val_loss",
-                    "final_at", "noise_sd", "unstable", "winner", "margin", "noise", "verdict")
+ABLATION_COLUMNS = (
+    "question",
+    "run_id",
+    "role",
+    "status",
+    "n_points",
+    "common_x_axis",
+    "common_x",
+    "val_loss_at_common",
+    "smoothed_at_common",
+    "best_val_loss",
+    "best_at",
+    "final_val_loss",
+    "final_at",
+    "noise_sd",
+    "unstable",
+    "winner",
+    "margin",
+    "noise",
+    "verdict",
+)
 
 
 def table_rows(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -411,13 +536,27 @@ def table_rows(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for result in answers:
         for s in result.get("rows", []):
             run = s["run"]
-            rows.append({
-                "question": result["id"], "run_id": run.run_id, "role": result["labels"][run.run_id],
-                "status": run.status, "n_points": run.n_points, "common_x_axis": result["axis"],
-                "common_x": result["common_x"], "val_loss_at_common": s["at_common"],
-                "smoothed_at_common": s["smoothed"], "best_val_loss": s["best"], "best_at": s["best_x"],
-                "final_val_loss": s["final"], "final_at": s["x_end"], "noise_sd": s["noise"],
-                "unstable": s["unstable"] or "", "winner": run.run_id == result["winner"],
-                "margin": result["margin"], "noise": result["noise"], "verdict": result["verdict"],
-            })
+            rows.append(
+                {
+                    "question": result["id"],
+                    "run_id": run.run_id,
+                    "role": result["labels"][run.run_id],
+                    "status": run.status,
+                    "n_points": run.n_points,
+                    "common_x_axis": result["axis"],
+                    "common_x": result["common_x"],
+                    "val_loss_at_common": s["at_common"],
+                    "smoothed_at_common": s["smoothed"],
+                    "best_val_loss": s["best"],
+                    "best_at": s["best_x"],
+                    "final_val_loss": s["final"],
+                    "final_at": s["x_end"],
+                    "noise_sd": s["noise"],
+                    "unstable": s["unstable"] or "",
+                    "winner": run.run_id == result["winner"],
+                    "margin": result["margin"],
+                    "noise": result["noise"],
+                    "verdict": result["verdict"],
+                }
+            )
     return rows

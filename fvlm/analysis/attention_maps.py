@@ -50,27 +50,37 @@ def load_attention(path: Path | str) -> AttentionRecord:
                 raise UsageError(f"{path}: missing array '{key}'")
         coarse = data["coarse_attn"].astype(np.float32)
         fine = data["fine_attn"].astype(np.float32) if "fine_attn" in data else None
-        record = AttentionRecord(coarse=coarse, fine=fine, frames=data["frames"],
-                                 frame_mask=data["frame_mask"].astype(bool),
-                                 grid=(int(data["grid"][0]), int(data["grid"][1])),
-                                 keys=[str(k) for k in data["keys"]], step=int(data["step"]), path=path,
-                                 mover_boxes=data["mover_boxes"].astype(np.float32) if "mover_boxes" in data else None)
+        record = AttentionRecord(
+            coarse=coarse,
+            fine=fine,
+            frames=data["frames"],
+            frame_mask=data["frame_mask"].astype(bool),
+            grid=(int(data["grid"][0]), int(data["grid"][1])),
+            keys=[str(k) for k in data["keys"]],
+            step=int(data["step"]),
+            path=path,
+            mover_boxes=data["mover_boxes"].astype(np.float32) if "mover_boxes" in data else None,
+        )
     rows, cols = record.grid
     if coarse.ndim != 5 or coarse.shape[-1] != 1 + rows * cols:
-        raise UsageError(f"{path}: 'coarse_attn' has shape {coarse.shape}; expected [videos, frames, layers, heads, 1 + {rows}*{cols}]")
+        raise UsageError(
+            f"{path}: 'coarse_attn' has shape {coarse.shape}; expected [videos, frames, layers, heads, 1 + {rows}*{cols}]"
+        )
     if fine is not None and fine.shape[:2] + fine.shape[-1:] != coarse.shape[:2] + coarse.shape[-1:]:
         raise UsageError(f"{path}: 'fine_attn' shape {fine.shape} does not match 'coarse_attn' {coarse.shape}")
     if record.frames.shape[:2] != coarse.shape[:2] or record.frame_mask.shape != coarse.shape[:2]:
         raise UsageError(f"{path}: 'frames'/'frame_mask' do not cover the same videos and frames as 'coarse_attn'")
     if record.mover_boxes is not None and record.mover_boxes.shape != (*coarse.shape[:2], 4):
-        raise UsageError(f"{path}: 'mover_boxes' has shape {record.mover_boxes.shape}; expected "
-                         f"[videos, frames, 4] = {(*coarse.shape[:2], 4)}")
+        raise UsageError(
+            f"{path}: 'mover_boxes' has shape {record.mover_boxes.shape}; expected "
+            f"[videos, frames, 4] = {(*coarse.shape[:2], 4)}"
+        )
     return record
 
 
-
-def patch_map(attn: np.ndarray, grid: tuple[int, int], layer: int | None = None,
-              renormalise: bool = False) -> np.ndarray:
+def patch_map(
+    attn: np.ndarray, grid: tuple[int, int], layer: int | None = None, renormalise: bool = False
+) -> np.ndarray:
     """One frame's attention [layers, heads, 1 + patches] -> patch map [rows, cols] (CLS dropped)."""
     per_layer = attn.mean(axis=1)
     weights = per_layer.mean(axis=0) if layer is None else per_layer[layer]
@@ -99,8 +109,15 @@ def _overlay(frame: np.ndarray, heat: np.ndarray, vmax: float) -> np.ndarray:
     return (0.45 * frame.astype(float) / 255 + 0.55 * rgb).clip(0, 1)
 
 
-def render_video(record: AttentionRecord, video: int, out_png: Path | str, layer: int | None = None,
-                 renormalise: bool = False, gif_path: Path | str | None = None, max_frames: int = 8) -> Path:
+def render_video(
+    record: AttentionRecord,
+    video: int,
+    out_png: Path | str,
+    layer: int | None = None,
+    renormalise: bool = False,
+    gif_path: Path | str | None = None,
+    max_frames: int = 8,
+) -> Path:
     """A grid for one probe video: the frames, then coarse (static query) and fine (LLM-chosen query)
     heatmaps over them. Colours share one scale per row so frames can be compared."""
     import matplotlib
@@ -113,12 +130,17 @@ def render_video(record: AttentionRecord, video: int, out_png: Path | str, layer
     frame_ids = np.flatnonzero(record.frame_mask[video])[:max_frames]
     passes = [("coarse", record.coarse)] + ([("fine", record.fine)] if record.fine is not None else [])
     height, width = record.frames.shape[2:4]
-    heat = {name: [upsample_mass(patch_map(attn[video, t], record.grid, layer, renormalise), height, width)
-                   for t in frame_ids] for name, attn in passes}
+    heat = {
+        name: [
+            upsample_mass(patch_map(attn[video, t], record.grid, layer, renormalise), height, width) for t in frame_ids
+        ]
+        for name, attn in passes
+    }
 
     n_cols = max(len(frame_ids), 1)
-    fig, axes = plt.subplots(1 + len(passes), n_cols, figsize=(1.9 * n_cols + 0.8, 2.0 * (1 + len(passes))),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1 + len(passes), n_cols, figsize=(1.9 * n_cols + 0.8, 2.0 * (1 + len(passes))), squeeze=False
+    )
     for col, t in enumerate(frame_ids):
         axes[0, col].imshow(record.frames[video, t])
         axes[0, col].set_title(f"frame {t}", fontsize=9)
@@ -146,8 +168,10 @@ def render_video(record: AttentionRecord, video: int, out_png: Path | str, layer
 
         images = []
         for col, t in enumerate(frame_ids):
-            tiles = [_overlay(record.frames[video, t], heat[name][col], max(m.max() for m in heat[name]))
-                     for name, _ in passes]
+            tiles = [
+                _overlay(record.frames[video, t], heat[name][col], max(m.max() for m in heat[name]))
+                for name, _ in passes
+            ]
             images.append(Image.fromarray((np.concatenate(tiles, axis=1) * 255).astype(np.uint8)))
         images[0].save(gif_path, save_all=True, append_images=images[1:], duration=500, loop=0)
     return out_png

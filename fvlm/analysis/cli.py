@@ -12,22 +12,34 @@ from fvlm.eval.stats import N_BOOT
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "analyze", help="fits, ablation table, figures, export and decision report from runs or an export",
+        "analyze",
+        help="fits, ablation table, figures, export and decision report from runs or an export",
         description="Reads run folders, sweep folders and export folders (all_eval_points.csv + run_summaries.csv) "
-                    "and writes report.md, ablation_table.csv, decisions.json, the figures, and the export "
-                    "(all_eval_points.csv, run_summaries.csv, scaling_fits.json, scaling_law_plot.png) to --out.")
+        "and writes report.md, ablation_table.csv, decisions.json, the figures, and the export "
+        "(all_eval_points.csv, run_summaries.csv, scaling_fits.json, scaling_law_plot.png) to --out.",
+    )
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--fit-runs", default="",
-                        help="comma-separated run-id globs used for the scaling fits (default: every run)")
-    parser.add_argument("--bootstrap", type=int, default=N_BOOT,
-                        help=f"bootstrap resamples for the 95%% intervals (default {N_BOOT}: 50 draws in each 2.5%% "
-                             "tail; about 2 minutes on a 25-run export)")
+    parser.add_argument(
+        "--fit-runs", default="", help="comma-separated run-id globs used for the scaling fits (default: every run)"
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=N_BOOT,
+        help=f"bootstrap resamples for the 95%% intervals (default {N_BOOT}: 50 draws in each 2.5%% "
+        "tail; about 2 minutes on a 25-run export)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--schedule", action="append", default=[], metavar="KEY=VALUE",
-                        help="Decision 3's inputs: gpus, gpu_name, gpu_peak_flops, mfu, assumed_mfu, gpu_hour_cost, "
-                             "stage2_ratio, stage3_ratio (SmolVLM2's stage proportions), budget_usd, max_wall_days, "
-                             "size (default: the paper preset's GPUs and prices, MFU measured where it can be)")
+    parser.add_argument(
+        "--schedule",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Decision 3's inputs: gpus, gpu_name, gpu_peak_flops, mfu, assumed_mfu, gpu_hour_cost, "
+        "stage2_ratio, stage3_ratio (SmolVLM2's stage proportions), budget_usd, max_wall_days, "
+        "size (default: the paper preset's GPUs and prices, MFU measured where it can be)",
+    )
     parser.set_defaults(func=run_analyze)
 
 
@@ -38,15 +50,19 @@ def run_analyze(args: argparse.Namespace) -> int:
     from fvlm.experiments.schedule import parse_inputs
 
     schedule = parse_inputs(args.schedule)
-    summary = analyze(args.paths, Path(args.out), globs or None, n_boot=args.bootstrap, seed=args.seed,
-                      schedule=schedule)
-    print(f"analyzed {summary['runs']} runs -> {args.out} ({summary['figures']} figures, "
-          f"{summary['absent']} absent; see report.md)")
+    summary = analyze(
+        args.paths, Path(args.out), globs or None, n_boot=args.bootstrap, seed=args.seed, schedule=schedule
+    )
+    print(
+        f"analyzed {summary['runs']} runs -> {args.out} ({summary['figures']} figures, "
+        f"{summary['absent']} absent; see report.md)"
+    )
     return 0
 
 
-def analyze(paths: list[str], out: Path, globs: list[str] | None, n_boot: int = N_BOOT, seed: int = 0,
-            schedule=None) -> dict[str, Any]:
+def analyze(
+    paths: list[str], out: Path, globs: list[str] | None, n_boot: int = N_BOOT, seed: int = 0, schedule=None
+) -> dict[str, Any]:
     import csv
     import json
     import math
@@ -75,11 +91,28 @@ def analyze(paths: list[str], out: Path, globs: list[str] | None, n_boot: int = 
         writer = csv.DictWriter(handle, fieldnames=ablations.ABLATION_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for row in ablations.table_rows(answers):
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v)
-                             for k, v in row.items()})
+            writer.writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+            )
 
-    decision_keys = ("id", "title", "runs", "winner", "runner_up", "margin", "noise", "verdict", "metric", "axis",
-                     "common_x", "winner_at_best", "margin_at_best", "unstable", "val_loss_ratio", "plan_rule")
+    decision_keys = (
+        "id",
+        "title",
+        "runs",
+        "winner",
+        "runner_up",
+        "margin",
+        "noise",
+        "verdict",
+        "metric",
+        "axis",
+        "common_x",
+        "winner_at_best",
+        "margin_at_best",
+        "unstable",
+        "val_loss_ratio",
+        "plan_rule",
+    )
     decisions = {
         "questions": [{k: a[k] for k in decision_keys if k in a} for a in answers],
         "go_no_go": checklist,
@@ -88,10 +121,23 @@ def analyze(paths: list[str], out: Path, globs: list[str] | None, n_boot: int = 
         "foveated_vs_baseline": compare.without_draws(comparison),
     }
     (out / "decisions.json").write_text(json.dumps(_jsonable(decisions), indent=2) + "\n")
-    report.write_report(out / "report.md", data, answers, fits, checklist, decisions["decision2"], drawn, paths,
-                        comparison, decisions["decision3"])
-    return {"runs": len(data.runs), "figures": sum(1 for _, p, _ in drawn if p),
-            "absent": sum(1 for _, p, _ in drawn if p is None)}
+    report.write_report(
+        out / "report.md",
+        data,
+        answers,
+        fits,
+        checklist,
+        decisions["decision2"],
+        drawn,
+        paths,
+        comparison,
+        decisions["decision3"],
+    )
+    return {
+        "runs": len(data.runs),
+        "figures": sum(1 for _, p, _ in drawn if p),
+        "absent": sum(1 for _, p, _ in drawn if p is None),
+    }
 
 
 def _jsonable(value: Any) -> Any:

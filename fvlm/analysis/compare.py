@@ -62,8 +62,9 @@ def _difference(baseline: Run, foveated: Run, n_boot: int, rng: np.random.Genera
     out: dict[str, Any] = {"baseline_loss": b_val, "foveated_loss": f_val, "advantage": b_val - f_val}
     if b_draws is None or f_draws is None:
         short = [r.run_id for r, d in ((baseline, b_draws), (foveated, f_draws)) if d is None]
-        out.update(ci95=None, draws=None, verdict=f"noise unknown ({', '.join(short)}: fewer than "
-                                                  f"{MIN_TAIL_POINTS + 1} evals)")
+        out.update(
+            ci95=None, draws=None, verdict=f"noise unknown ({', '.join(short)}: fewer than {MIN_TAIL_POINTS + 1} evals)"
+        )
         return out
     draws = b_draws - f_draws
     lo, hi = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
@@ -126,8 +127,14 @@ def compare_cells(table: Table, n_boot: int = N_BOOT, seed: int = 0) -> dict[str
         if foveated is None:
             notes.append(f"{size} {budget}: no finished foveated cell; its baselines are not compared")
             continue
-        cell: dict[str, Any] = {"size": size, "budget": budget, "N": foveated.params, "foveated": foveated.run_id,
-                                "samples": _end(foveated, "samples_seen"), "flops": _flops_end(foveated)}
+        cell: dict[str, Any] = {
+            "size": size,
+            "budget": budget,
+            "N": foveated.params,
+            "foveated": foveated.run_id,
+            "samples": _end(foveated, "samples_seen"),
+            "flops": _flops_end(foveated),
+        }
         baseline = arms.get("B")
         if baseline is None:
             cell["same_data"] = None
@@ -137,22 +144,32 @@ def compare_cells(table: Table, n_boot: int = N_BOOT, seed: int = 0) -> dict[str
             cell["same_data_note"] = f"{baseline.run_id}: {why} from {foveated.run_id}"
         elif abs(_end(baseline, "samples_seen") / cell["samples"] - 1) > SAME_SAMPLES_TOLERANCE:
             cell["same_data"] = None
-            cell["same_data_note"] = (f"{baseline.run_id} ended at {_end(baseline, 'samples_seen'):.0f} samples, "
-                                      f"{foveated.run_id} at {cell['samples']:.0f}")
+            cell["same_data_note"] = (
+                f"{baseline.run_id} ended at {_end(baseline, 'samples_seen'):.0f} samples, "
+                f"{foveated.run_id} at {cell['samples']:.0f}"
+            )
         else:
             cell["same_data"] = _difference(baseline, foveated, n_boot, rng)
             cell["same_data"].update(baseline=baseline.run_id, baseline_flops=_flops_end(baseline))
         cell.update(_same_flops(foveated, arms.get("B-isoflop"), cell, n_boot, rng))
         cells.append(cell)
-    return {"cells": cells, "notes": notes, "scaling": scaling_verdict(cells), "n_resamples": n_boot,
-            "sign": "advantage = baseline val loss - foveated val loss (positive: foveated ahead)",
-            "method": ("smoothed end of each run's val-loss curve (quadratic in log samples over its tail); 95% "
-                       f"intervals from {n_boot} residual-bootstrap resamples of each run, unpaired (run folders keep "
-                       "no per-item losses); one seed per cell, so seed-to-seed variation is not included")}
+    return {
+        "cells": cells,
+        "notes": notes,
+        "scaling": scaling_verdict(cells),
+        "n_resamples": n_boot,
+        "sign": "advantage = baseline val loss - foveated val loss (positive: foveated ahead)",
+        "method": (
+            "smoothed end of each run's val-loss curve (quadratic in log samples over its tail); 95% "
+            f"intervals from {n_boot} residual-bootstrap resamples of each run, unpaired (run folders keep "
+            "no per-item losses); one seed per cell, so seed-to-seed variation is not included"
+        ),
+    }
 
 
-def _same_flops(foveated: Run, isoflop: Run | None, cell: dict[str, Any], n_boot: int,
-                rng: np.random.Generator) -> dict[str, Any]:
+def _same_flops(
+    foveated: Run, isoflop: Run | None, cell: dict[str, Any], n_boot: int, rng: np.random.Generator
+) -> dict[str, Any]:
     """The matched-FLOPs comparison: the iso-FLOP baseline cell where the grid has one. Elsewhere only
     a bound follows: a baseline that spent more FLOPs on the same samples and still lost, loses at
     equal FLOPs too (a longer run of it would not be worse), and nothing follows when it won."""
@@ -164,19 +181,22 @@ def _same_flops(foveated: Run, isoflop: Run | None, cell: dict[str, Any], n_boot
             out["same_flops"] = _difference(isoflop, foveated, n_boot, rng)
             out["same_flops"].update(baseline=isoflop.run_id, flops_ratio=ratio)
             return out
-        out["same_flops_note"] = (f"{isoflop.run_id}: {why}" if why else
-                                  f"{isoflop.run_id} spent {ratio:.2f}x the foveated cell's FLOPs")
+        out["same_flops_note"] = (
+            f"{isoflop.run_id}: {why}" if why else f"{isoflop.run_id} spent {ratio:.2f}x the foveated cell's FLOPs"
+        )
     else:
         out["same_flops_note"] = "no iso-FLOP baseline at this cell"
     same_data = cell.get("same_data")
     if same_data and same_data["ci95"] is not None:
         extra = same_data["baseline_flops"] / cell["flops"]
         if same_data["verdict"] == "foveated ahead":
-            out["same_flops_bound"] = (f"foveated ahead at equal FLOPs: ahead even of a baseline that spent "
-                                       f"{extra:.2f}x its FLOPs")
+            out["same_flops_bound"] = (
+                f"foveated ahead at equal FLOPs: ahead even of a baseline that spent {extra:.2f}x its FLOPs"
+            )
         else:
-            out["same_flops_bound"] = (f"not decided: the iso-sample baseline spent {extra:.2f}x the FLOPs and is "
-                                       f"{same_data['verdict']}")
+            out["same_flops_bound"] = (
+                f"not decided: the iso-sample baseline spent {extra:.2f}x the FLOPs and is {same_data['verdict']}"
+            )
     return out
 
 
@@ -192,9 +212,11 @@ def scaling_verdict(cells: list[dict[str, Any]]) -> dict[str, Any]:
     by_size = _by_size(usable)
     if not groups:
         paired = sum(1 for c in cells if c.get("same_data"))
-        evidence = (f"needs one budget with same-samples comparisons at 2 or more sizes; of {len(cells)} foveated "
-                    f"grid cells, {paired} have an iso-sample baseline cell, {len(usable)} of them with an interval, "
-                    f"at {len({c['N'] for c in usable})} size(s)")
+        evidence = (
+            f"needs one budget with same-samples comparisons at 2 or more sizes; of {len(cells)} foveated "
+            f"grid cells, {paired} have an iso-sample baseline cell, {len(usable)} of them with an interval, "
+            f"at {len({c['N'] for c in usable})} size(s)"
+        )
         return {"verdict": "unknown", "by_size": by_size, "evidence": evidence}
     # Within-budget centring: the slope of one line shared by every budget, each at its own height.
     xs, ys = [], []
@@ -210,13 +232,22 @@ def scaling_verdict(cells: list[dict[str, Any]]) -> dict[str, Any]:
     lo, hi = (float(v) for v in np.percentile(slopes, [2.5, 97.5]))
     verdict = "grows" if lo > 0 else "shrinks" if hi < 0 else "flat"
     used = sorted({c["budget"] for g in groups for c in g})
-    sizes = ", ".join(f"{s}: {v['advantage']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]"
-                      for s, v in by_size.items())
-    evidence = (f"advantage (baseline - foveated val loss, same samples) by size, mean over budgets: {sizes}; "
-                f"slope {slope:+.4f} per decade of N [{lo:+.4f}, {hi:+.4f}] within budgets {', '.join(used)}"
-                + ("" if verdict != "flat" else " (no trend beyond the eval noise)"))
-    return {"verdict": verdict, "slope_per_decade": slope, "ci95": [lo, hi], "budgets": used,
-            "by_size": by_size, "evidence": evidence}
+    sizes = ", ".join(
+        f"{s}: {v['advantage']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]" for s, v in by_size.items()
+    )
+    evidence = (
+        f"advantage (baseline - foveated val loss, same samples) by size, mean over budgets: {sizes}; "
+        f"slope {slope:+.4f} per decade of N [{lo:+.4f}, {hi:+.4f}] within budgets {', '.join(used)}"
+        + ("" if verdict != "flat" else " (no trend beyond the eval noise)")
+    )
+    return {
+        "verdict": verdict,
+        "slope_per_decade": slope,
+        "ci95": [lo, hi],
+        "budgets": used,
+        "by_size": by_size,
+        "evidence": evidence,
+    }
 
 
 def _by_size(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -225,9 +256,11 @@ def _by_size(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for size in sorted({c["size"] for c in cells}, key=lambda s: min(c["N"] for c in cells if c["size"] == s)):
         group = [c for c in cells if c["size"] == size]
         draws = np.mean([c["same_data"]["draws"] for c in group], axis=0)
-        out[size] = {"advantage": float(np.mean([c["same_data"]["advantage"] for c in group])),
-                     "ci95": [float(v) for v in np.percentile(draws, [2.5, 97.5])],
-                     "budgets": [c["budget"] for c in group]}
+        out[size] = {
+            "advantage": float(np.mean([c["same_data"]["advantage"] for c in group])),
+            "ci95": [float(v) for v in np.percentile(draws, [2.5, 97.5])],
+            "budgets": [c["budget"] for c in group],
+        }
     return out
 
 

@@ -19,10 +19,20 @@ from fvlm.analysis.fits import budget_label, predict_data_scaling, predict_joint
 from fvlm.analysis.table import Run, Table
 
 STYLE = {
-    "figure.figsize": (6.4, 4.2), "figure.dpi": 100, "savefig.dpi": 150, "savefig.bbox": "tight",
-    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
-    "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8, "legend.frameon": False,
-    "lines.linewidth": 1.6, "font.family": "DejaVu Sans",
+    "figure.figsize": (6.4, 4.2),
+    "figure.dpi": 100,
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+    "lines.linewidth": 1.6,
+    "font.family": "DejaVu Sans",
 }
 ARCH_STYLE = {"foveated": "-", "multi_token": "--", "shallow": ":", "coarse_only": "-."}
 
@@ -70,13 +80,16 @@ def _curves(ax, runs: list[Run], y: str = "val_loss", labels: dict[str, str] | N
 
 
 def _by_plan_id(table: Table, ids: tuple[str, ...]) -> list[Run]:
-    return sorted((r for r in table.runs.values() if ablations.plan_id(r) in ids),
-                  key=lambda r: ids.index(ablations.plan_id(r)))
+    return sorted(
+        (r for r in table.runs.values() if ablations.plan_id(r) in ids), key=lambda r: ids.index(ablations.plan_id(r))
+    )
 
 
 def _labels(runs: list[Run]) -> dict[str, str]:
-    return {r.run_id: f"{ablations.role_label(r)} ({r.run_id})" if ablations.role_label(r) != r.run_id else r.run_id
-            for r in runs}
+    return {
+        r.run_id: f"{ablations.role_label(r)} ({r.run_id})" if ablations.role_label(r) != r.run_id else r.run_id
+        for r in runs
+    }
 
 
 def fig1_foveated_vs_alternatives(ctx: Context) -> Path | str:
@@ -110,7 +123,7 @@ def fig2_loss_ratio(ctx: Context) -> Path | str:
         if kind == "train step" and keep.sum() >= 10:
             window = max(keep.sum() // 20, 5)
             smooth = np.convolve(ratio[keep], np.ones(window) / window, mode="valid")
-            ax.plot(step[keep][window - 1:], smooth, color=color, label=f"{run.run_id} (moving mean)")
+            ax.plot(step[keep][window - 1 :], smooth, color=color, label=f"{run.run_id} (moving mean)")
         else:
             ax.plot([], [], color=color, label=f"{run.run_id} ({kind})")
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
@@ -136,8 +149,13 @@ def fig3_token_efficiency(ctx: Context) -> Path | str:
         left = axes[0, 0]
         for color, cell in zip(_colors(len(matched)), matched):
             pair = cell["same_flops"]
-            left.plot([1, 16], [pair["foveated_loss"], pair["baseline_loss"]], "o-", color=color,
-                      label=f"{cell['size']} {cell['budget']}")
+            left.plot(
+                [1, 16],
+                [pair["foveated_loss"], pair["baseline_loss"]],
+                "o-",
+                color=color,
+                label=f"{cell['size']} {cell['budget']}",
+            )
         left.set_xscale("log", base=2)
         left.set_xticks([1, 16], ["1 (foveated)", "16 (multi-token)"])
         left.set_xlabel("visual tokens per frame")
@@ -151,9 +169,15 @@ def fig3_token_efficiency(ctx: Context) -> Path | str:
         for cell in chosen:
             pair = cell[key]
             ci = pair["ci95"] or [pair["advantage"]] * 2
-            right.errorbar(cell["N"], pair["advantage"], yerr=[[pair["advantage"] - ci[0]], [ci[1] - pair["advantage"]]],
-                           fmt=markers.get(cell["budget"], "o"), mfc=None if fill else "none", capsize=3,
-                           color="C0" if fill else "C1")
+            right.errorbar(
+                cell["N"],
+                pair["advantage"],
+                yerr=[[pair["advantage"] - ci[0]], [ci[1] - pair["advantage"]]],
+                fmt=markers.get(cell["budget"], "o"),
+                mfc=None if fill else "none",
+                capsize=3,
+                color="C0" if fill else "C1",
+            )
     for budget in budgets:
         right.plot([], [], markers[budget], color="grey", label=budget)
     right.plot([], [], "o", color="C0", label="same samples")
@@ -177,8 +201,9 @@ def fig4_attention_heatmaps(ctx: Context) -> Path | str:
     preferred = [r for r in with_maps if ablations.plan_id(r) == "F3"] or with_maps
     run = preferred[0]
     record = load_attention(run.attention_files[-1])
-    return render_video(record, 0, ctx.out / "fig4_attention_heatmaps.png",
-                        gif_path=ctx.out / "fig4_attention_heatmaps.gif")
+    return render_video(
+        record, 0, ctx.out / "fig4_attention_heatmaps.png", gif_path=ctx.out / "fig4_attention_heatmaps.gif"
+    )
 
 
 def fig5_freeze(ctx: Context) -> Path | str:
@@ -202,8 +227,14 @@ def fig6_attention_entropy(ctx: Context) -> Path | str:
     if not runs:
         return "no run logged attention_entropy"
     # Ablation runs and the rest in separate panels: one panel of 25 curves is unreadable.
-    groups = [(t, g) for t, g in (("ablation runs", [r for r in runs if ablations.plan_id(r)]),
-                                  ("other runs", [r for r in runs if not ablations.plan_id(r)])) if g]
+    groups = [
+        (t, g)
+        for t, g in (
+            ("ablation runs", [r for r in runs if ablations.plan_id(r)]),
+            ("other runs", [r for r in runs if not ablations.plan_id(r)]),
+        )
+        if g
+    ]
     plt = _plt()
     fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False, sharey=True)
     for ax, (title, group) in zip(axes[0], groups):
@@ -246,8 +277,14 @@ def fig8_scaling(ctx: Context) -> Path | str:
         c, v = run.flops(), run.col("val_loss")
         keep = np.isfinite(c) & np.isfinite(v)
         key = (run.model_size, run.arch)
-        ax.plot(c[keep], v[keep], ARCH_STYLE.get(run.arch, "-"), color=colors[run.model_size], alpha=0.85,
-                label=f"{run.model_size} {run.arch}" if key not in seen else None)
+        ax.plot(
+            c[keep],
+            v[keep],
+            ARCH_STYLE.get(run.arch, "-"),
+            color=colors[run.model_size],
+            alpha=0.85,
+            label=f"{run.model_size} {run.arch}" if key not in seen else None,
+        )
         seen.add(key)
     estimated = any(r.flops_estimated for r in runs)
     ax.set_xscale("log")
@@ -294,11 +331,18 @@ def scaling_foveated_vs_baseline(ctx: Context) -> Path | str:
     colors = dict(zip(sizes, _colors(len(sizes))))
     for arch, marker in (("foveated", "o"), ("multi_token", "s")):
         for size in sizes:
-            chosen = sorted((r for r in runs if r.arch == arch and r.model_size == size),
-                            key=lambda r: np.nanmax(r.flops()))
+            chosen = sorted(
+                (r for r in runs if r.arch == arch and r.model_size == size), key=lambda r: np.nanmax(r.flops())
+            )
             if chosen:
-                ax.plot([np.nanmax(r.flops()) for r in chosen], [r.col("val_loss")[-1] for r in chosen], marker,
-                        ls=ARCH_STYLE[arch], color=colors[size], label=f"{size} {arch}")
+                ax.plot(
+                    [np.nanmax(r.flops()) for r in chosen],
+                    [r.col("val_loss")[-1] for r in chosen],
+                    marker,
+                    ls=ARCH_STYLE[arch],
+                    color=colors[size],
+                    label=f"{size} {arch}",
+                )
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("final val loss")
@@ -316,16 +360,31 @@ def scaling_data_curves(ctx: Context) -> Path | str:
     sizes = sorted({r.model_size for r in ctx.fit_runs})
     colors = dict(zip(sizes, _colors(len(sizes))))
     for run in ctx.fit_runs:
-        ax.plot(run.col("samples_seen"), run.col("val_loss"), ARCH_STYLE.get(run.arch, "-"),
-                color=colors[run.model_size], alpha=0.5, lw=1)
+        ax.plot(
+            run.col("samples_seen"),
+            run.col("val_loss"),
+            ARCH_STYLE.get(run.arch, "-"),
+            color=colors[run.model_size],
+            alpha=0.5,
+            lw=1,
+        )
     for size in sizes:
         fit = per_size.get(size)
         if fit:
             d = np.geomspace(*fit["D_range"], 200)
-            label = (f"{size}: {fit['E']:.3f} + {fit['a']:.3g}/D^{fit['b']:.3f}" if fit["identified"]
-                     else f"{size}: fit not identified")
-            ax.plot(d, predict_data_scaling(fit, d), "-" if fit["identified"] else ":", color=colors[size], lw=2.2,
-                    label=label)
+            label = (
+                f"{size}: {fit['E']:.3f} + {fit['a']:.3g}/D^{fit['b']:.3f}"
+                if fit["identified"]
+                else f"{size}: fit not identified"
+            )
+            ax.plot(
+                d,
+                predict_data_scaling(fit, d),
+                "-" if fit["identified"] else ":",
+                color=colors[size],
+                lw=2.2,
+                label=label,
+            )
     ax.set_xscale("log")
     ax.set_xlabel("samples seen D")
     ax.set_ylabel("val loss")
@@ -347,8 +406,14 @@ def scaling_compute_optimal(ctx: Context) -> Path | str:
     n_star = np.array([b["N_star"] for b in budgets])
     ax.plot(c[interior], n_star[interior], "o", label="interior iso-FLOP minima (fitted)")
     if not interior.all():
-        ax.plot(c[~interior], n_star[~interior], "o", mfc="none", color="grey",
-                label="extrapolated or edge minima (not fitted)")
+        ax.plot(
+            c[~interior],
+            n_star[~interior],
+            "o",
+            mfc="none",
+            color="grey",
+            label="extrapolated or edge minima (not fitted)",
+        )
     grid = np.geomspace(c.min() / 2, c.max() * 2, 50)
     ax.plot(grid, law["k"] * grid ** law["a"], label=f"N* = {law['k']:.3g} C^{law['a']:.3f}")
     ax.set_xscale("log")
@@ -374,10 +439,14 @@ def scaling_law_plot(ctx: Context) -> Path | str:
         loss = np.concatenate([r.col("val_loss") for r in runs])
         ax.plot(d, loss, ".", color=colors[size], alpha=0.5, ms=4)
         grid = np.geomspace(*fit["D_range"], 200)
-        label = (f"{size} per-size LS: E={fit['E']:.3f}, b={fit['b']:.3f}, RMSE={fit['rmse']:.4f}" if fit["identified"]
-                 else f"{size} per-size LS: not identified, RMSE={fit['rmse']:.4f}")
-        ax.plot(grid, predict_data_scaling(fit, grid), "-" if fit["identified"] else ":", color=colors[size],
-                label=label)
+        label = (
+            f"{size} per-size LS: E={fit['E']:.3f}, b={fit['b']:.3f}, RMSE={fit['rmse']:.4f}"
+            if fit["identified"]
+            else f"{size} per-size LS: not identified, RMSE={fit['rmse']:.4f}"
+        )
+        ax.plot(
+            grid, predict_data_scaling(fit, grid), "-" if fit["identified"] else ":", color=colors[size], label=label
+        )
         joint_curve = predict_joint(joint, fit["N"], grid, size) if joint else None
         if joint_curve is not None:
             ax.plot(grid, joint_curve, "--", color=colors[size], lw=1.2, label=f"{size} joint fit (Huber on log L)")

@@ -31,9 +31,13 @@ EXPONENT_MAX = 3.0
 # same data and publish the estimates below at full precision. This is the one place they live.
 CHINCHILLA_REFERENCE = {
     "source": "Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt (refit of Hoffmann et al. 2022, "
-              "approach 3)",
+    "approach 3)",
     "form": "L(N, D) = E + A / N^alpha + B / D^beta",
-    "E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658,
+    "E": 1.8172,
+    "A": 482.01,
+    "B": 2085.43,
+    "alpha": 0.3478,
+    "beta": 0.3658,
     "as_printed_by_hoffmann_2022": {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28},
     "note": "text-only LLMs with D in tokens; our D is samples, so only the exponents are comparable",
 }
@@ -91,13 +95,20 @@ def fit_data_scaling(samples: np.ndarray, loss: np.ndarray) -> dict[str, float]:
     _, _, sse = _profile_sse(x, loss, grid)
     k = int(np.argmin(sse))
     lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
-    res = optimize.minimize_scalar(lambda b: _profile_sse(x, loss, np.array([b]))[2][0],
-                                   bounds=(lo, hi), method="bounded", options={"xatol": 1e-8})
+    res = optimize.minimize_scalar(
+        lambda b: _profile_sse(x, loss, np.array([b]))[2][0], bounds=(lo, hi), method="bounded", options={"xatol": 1e-8}
+    )
     b = float(res.x) if res.fun <= sse[k] else float(grid[k])
     e, a_scaled, sse_best = (float(v[0]) for v in _profile_sse(x, loss, np.array([b])))
-    fit = {"E": e, "a": a_scaled * d0**b, "b": b, "sse": sse_best,
-           "rmse": math.sqrt(sse_best / len(loss)), "n_points": int(len(loss)),
-           "b_at_bound": bool(b >= EXPONENT_MAX - 1e-6 or b <= 1e-3 + 1e-9)}
+    fit = {
+        "E": e,
+        "a": a_scaled * d0**b,
+        "b": b,
+        "sse": sse_best,
+        "rmse": math.sqrt(sse_best / len(loss)),
+        "n_points": int(len(loss)),
+        "b_at_bound": bool(b >= EXPONENT_MAX - 1e-6 or b <= 1e-3 + 1e-9),
+    }
     fit.update(identification(fit, {"b": (1e-3, EXPONENT_MAX)}, bool(res.success)))
     return fit
 
@@ -111,11 +122,11 @@ def predict_data_scaling(fit: dict[str, float], samples: np.ndarray | float) -> 
 
 @dataclass
 class JointData:
-    n: np.ndarray       # parameters per point
-    d: np.ndarray       # samples per point
+    n: np.ndarray  # parameters per point
+    d: np.ndarray  # samples per point
     loss: np.ndarray
-    size: np.ndarray    # integer size index per point (for the per-size-offset form)
-    run: np.ndarray     # integer run index per point (for the bootstrap)
+    size: np.ndarray  # integer size index per point (for the per-size-offset form)
+    run: np.ndarray  # integer run index per point (for the bootstrap)
     size_labels: list[str]
 
     @property
@@ -172,8 +183,9 @@ def fit_joint_least_squares(data: JointData) -> dict[str, Any]:
     return out
 
 
-def _joint_record(data: JointData, coef: np.ndarray, alpha: float | None, beta: float,
-                  n0: float, d0: float) -> dict[str, Any]:
+def _joint_record(
+    data: JointData, coef: np.ndarray, alpha: float | None, beta: float, n0: float, d0: float
+) -> dict[str, Any]:
     """Coefficients back in raw units (N in parameters, D in samples)."""
     record: dict[str, Any] = {"alpha": alpha, "beta": beta, "B": float(coef[-1] * d0**beta)}
     if alpha is None:
@@ -190,8 +202,9 @@ def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     return value, grad
 
 
-def fit_joint_huber(data: JointData, delta: float = HUBER_DELTA, n_starts: int = 16,
-                    extra_starts: list[np.ndarray] | None = None) -> dict[str, Any]:
+def fit_joint_huber(
+    data: JointData, delta: float = HUBER_DELTA, n_starts: int = 16, extra_starts: list[np.ndarray] | None = None
+) -> dict[str, Any]:
     """n_starts = 0 skips the grid and starts only from extra_starts (a bootstrap resample starts
     from the full-data optimum)."""
     """Hoffmann et al. approach 3: Huber loss on log L, L-BFGS from the best points of a start grid.
@@ -216,8 +229,7 @@ def fit_joint_huber(data: JointData, delta: float = HUBER_DELTA, n_starts: int =
         w = np.exp(t - pred[:, None])
         value, g = _huber(pred - log_l, delta)
         if identifiable:
-            grad = np.array([g @ w[:, 0], g @ w[:, 1], g @ w[:, 2],
-                             -(g * w[:, 1]) @ log_n, -(g * w[:, 2]) @ log_d])
+            grad = np.array([g @ w[:, 0], g @ w[:, 1], g @ w[:, 2], -(g * w[:, 1]) @ log_n, -(g * w[:, 2]) @ log_d])
         else:
             grad = np.concatenate([onehot.T @ (g * w[:, 0]), [g @ w[:, 1], -(g * w[:, 1]) @ log_d]])
         # Divided by delta: the same minimiser, but gradients of order one, so L-BFGS's absolute
@@ -225,8 +237,13 @@ def fit_joint_huber(data: JointData, delta: float = HUBER_DELTA, n_starts: int =
         return float(value.sum()) / delta, grad / delta
 
     if identifiable:
-        axes = [np.linspace(-1, 1, 5), np.arange(0, 30, 5.0), np.arange(0, 30, 5.0),
-                np.linspace(0, 2, 5), np.linspace(0, 2, 5)]
+        axes = [
+            np.linspace(-1, 1, 5),
+            np.arange(0, 30, 5.0),
+            np.arange(0, 30, 5.0),
+            np.linspace(0, 2, 5),
+            np.linspace(0, 2, 5),
+        ]
     else:
         axes = [np.linspace(-1, 1, 5)] * data.n_sizes + [np.arange(0, 30, 5.0), np.linspace(0, 2, 5)]
     starts = list(extra_starts or [])
@@ -239,8 +256,7 @@ def fit_joint_huber(data: JointData, delta: float = HUBER_DELTA, n_starts: int =
         bounds = [(None, None)] * 3 + [(0.0, EXPONENT_MAX)] * 2
     best = None
     for start in starts:
-        res = optimize.minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds,
-                                options={"maxiter": 500})
+        res = optimize.minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": 500})
         if best is None or res.fun < best.fun:
             best = res
     theta = best.x
@@ -248,32 +264,55 @@ def fit_joint_huber(data: JointData, delta: float = HUBER_DELTA, n_starts: int =
     resid = data.loss - pred
     if identifiable:
         e, a, b, alpha, beta = (float(v) for v in theta)
-        record = {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
-                  "E_by_size": None}
+        record = {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta, "E_by_size": None}
     else:
-        record = {"E": None, "A": None, "B": math.exp(float(theta[-2])), "alpha": None,
-                  "beta": float(theta[-1]),
-                  "E_by_size": {lab: math.exp(float(theta[i])) for i, lab in enumerate(data.size_labels)}}
-    record.update(method="huber_log", huber_delta=delta, objective=float(best.fun) * delta,
-                  rmse=math.sqrt(float(resid @ resid) / len(resid)), theta=[float(v) for v in theta],
-                  n_starts=len(starts))
-    record.update(identification(record, {"alpha": (0.0, EXPONENT_MAX), "beta": (0.0, EXPONENT_MAX)}, bool(best.success)))
+        record = {
+            "E": None,
+            "A": None,
+            "B": math.exp(float(theta[-2])),
+            "alpha": None,
+            "beta": float(theta[-1]),
+            "E_by_size": {lab: math.exp(float(theta[i])) for i, lab in enumerate(data.size_labels)},
+        }
+    record.update(
+        method="huber_log",
+        huber_delta=delta,
+        objective=float(best.fun) * delta,
+        rmse=math.sqrt(float(resid @ resid) / len(resid)),
+        theta=[float(v) for v in theta],
+        n_starts=len(starts),
+    )
+    record.update(
+        identification(record, {"alpha": (0.0, EXPONENT_MAX), "beta": (0.0, EXPONENT_MAX)}, bool(best.success))
+    )
     return record
 
 
-def _grid_huber(grid: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
-                onehot: np.ndarray, identifiable: bool, delta: float) -> np.ndarray:
+def _grid_huber(
+    grid: np.ndarray,
+    log_n: np.ndarray,
+    log_d: np.ndarray,
+    log_l: np.ndarray,
+    onehot: np.ndarray,
+    identifiable: bool,
+    delta: float,
+) -> np.ndarray:
     """The Huber objective at every grid point at once (the grid has thousands of points)."""
     scores = np.empty(len(grid))
     for lo in range(0, len(grid), 512):
-        g = grid[lo:lo + 512]
+        g = grid[lo : lo + 512]
         if identifiable:
-            t = np.stack([np.broadcast_to(g[:, :1], (len(g), len(log_d))),
-                          g[:, 1:2] - g[:, 3:4] * log_n[None, :],
-                          g[:, 2:3] - g[:, 4:5] * log_d[None, :]], axis=-1)
+            t = np.stack(
+                [
+                    np.broadcast_to(g[:, :1], (len(g), len(log_d))),
+                    g[:, 1:2] - g[:, 3:4] * log_n[None, :],
+                    g[:, 2:3] - g[:, 4:5] * log_d[None, :],
+                ],
+                axis=-1,
+            )
         else:
             t = np.stack([g[:, :-2] @ onehot.T, g[:, -2:-1] - g[:, -1:] * log_d[None, :]], axis=-1)
-        scores[lo:lo + 512] = _huber(logsumexp(t, axis=-1) - log_l[None, :], delta)[0].sum(axis=1)
+        scores[lo : lo + 512] = _huber(logsumexp(t, axis=-1) - log_l[None, :], delta)[0].sum(axis=1)
     return scores
 
 
@@ -291,8 +330,14 @@ def predict_joint(fit: dict[str, Any], n: float, d: np.ndarray | float, size: st
 # ----------------------------------------------------------------------------- bootstrap
 
 
-def bootstrap(run_index: np.ndarray, fit: Callable[[np.ndarray], dict[str, Any]], keys: list[str],
-              n_boot: int, seed: int, strata: np.ndarray | None = None) -> dict[str, Any]:
+def bootstrap(
+    run_index: np.ndarray,
+    fit: Callable[[np.ndarray], dict[str, Any]],
+    keys: list[str],
+    n_boot: int,
+    seed: int,
+    strata: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Percentile 95% intervals of fit(idx)[key] over resamples of whole runs or of points.
 
     Resampling happens within each stratum (model size), so no resample loses a size; runs are the
@@ -315,12 +360,17 @@ def bootstrap(run_index: np.ndarray, fit: Callable[[np.ndarray], dict[str, Any]]
         for k in keys:
             if result.get(k) is not None:
                 draws[k].append(float(result[k]))
-    intervals = {k: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= 10 else None)
-                 for k, v in draws.items()}
+    intervals = {
+        k: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= 10 else None)
+        for k, v in draws.items()
+    }
     fewest = min(len(r) for r in runs_per_group)
-    note = (f"{n_boot} resamples of whole runs within each size" if by_run else
-            f"{n_boot} resamples of points within each size: the fewest runs in a size is {fewest}, below "
-            f"{MIN_RUNS_FOR_RUN_BOOTSTRAP}; points along one curve are correlated, so these intervals are optimistic")
+    note = (
+        f"{n_boot} resamples of whole runs within each size"
+        if by_run
+        else f"{n_boot} resamples of points within each size: the fewest runs in a size is {fewest}, below "
+        f"{MIN_RUNS_FOR_RUN_BOOTSTRAP}; points along one curve are correlated, so these intervals are optimistic"
+    )
     return {"ci95": intervals, "unit": "runs" if by_run else "points", "n_resamples": n_boot, "note": note}
 
 
@@ -351,12 +401,16 @@ def compare_allocation_exponents(by_arch: dict[str, dict[str, Any]]) -> dict[str
         out.update(verdict="unknown", evidence="N*(C) exponent missing for " + "; ".join(missing))
         return out
     a_f, a_b = out["arms"]["foveated"]["a"], out["arms"]["multi_token"]["a"]
-    out.update(difference=a_f - a_b, verdict="measured",
-               evidence=f"foveated N* ~ C^{a_f:.3f}, baseline N* ~ C^{a_b:.3f} (difference {a_f - a_b:+.3f}; "
-                        f"Chinchilla {out['chinchilla']:.3f}); from "
-                        f"{out['arms']['foveated']['n_budgets']} and {out['arms']['multi_token']['n_budgets']} "
-                        "budgets with interior minima, no interval (one point per budget)")
+    out.update(
+        difference=a_f - a_b,
+        verdict="measured",
+        evidence=f"foveated N* ~ C^{a_f:.3f}, baseline N* ~ C^{a_b:.3f} (difference {a_f - a_b:+.3f}; "
+        f"Chinchilla {out['chinchilla']:.3f}); from "
+        f"{out['arms']['foveated']['n_budgets']} and {out['arms']['multi_token']['n_budgets']} "
+        "budgets with interior minima, no interval (one point per budget)",
+    )
     return out
+
 
 _BUDGET_RE = re.compile(r"(?:^|[-_])(C\d+)(?:[-_]|$)")
 
@@ -396,8 +450,11 @@ def iso_flop(entries: list[dict[str, Any]], by_label: bool = True) -> dict[str, 
     budgets = {}
     for label, group in group_budgets(entries, by_label).items():
         sizes = sorted({e["N"] for e in group})
-        record: dict[str, Any] = {"runs": [e["run_id"] for e in group], "n_sizes": len(sizes),
-                                  "C": float(np.exp(np.mean(np.log([e["C"] for e in group]))))}
+        record: dict[str, Any] = {
+            "runs": [e["run_id"] for e in group],
+            "n_sizes": len(sizes),
+            "C": float(np.exp(np.mean(np.log([e["C"] for e in group])))),
+        }
         if len(sizes) < 3:
             record["note"] = f"{len(sizes)} model size(s) at this budget; a parabola needs 3"
             budgets[label] = record
@@ -428,8 +485,12 @@ def iso_flop(entries: list[dict[str, Any]], by_label: bool = True) -> dict[str, 
         log_c = np.log10([b["C"] for b in optimal])
         for key in ("N_star", "D_star"):
             exponent, icpt = np.polyfit(log_c, np.log10([b[key] for b in optimal]), 1)
-            out[f"{key}_of_C"] = {"form": f"{key} = k * C^a", "a": float(exponent), "k": float(10**icpt),
-                                  "n_budgets": len(optimal)}
+            out[f"{key}_of_C"] = {
+                "form": f"{key} = k * C^a",
+                "a": float(exponent),
+                "k": float(10**icpt),
+                "n_budgets": len(optimal),
+            }
     else:
         out["note"] = f"{len(optimal)} budget(s) with an interior minimum; power laws N*(C), D*(C) need 2 or more"
     return out

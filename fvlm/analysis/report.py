@@ -35,8 +35,10 @@ def _two_pass(answers: list[dict[str, Any]]) -> tuple[str, str]:
     if a["winner"] is None:
         return "unknown", a["verdict"]
     f3_won = a["labels"][a["winner"]] == "F3"
-    evidence = (f"winner {a['winner']} by {_fmt(a['margin'])} val loss at {a['common_x']:.0f} samples; "
-                f"noise {_fmt(a['noise'])}; {a['verdict']}")
+    evidence = (
+        f"winner {a['winner']} by {_fmt(a['margin'])} val loss at {a['common_x']:.0f} samples; "
+        f"noise {_fmt(a['noise'])}; {a['verdict']}"
+    )
     return ("pass" if f3_won and a["verdict"].startswith("clear") else "fail"), evidence
 
 
@@ -49,12 +51,16 @@ def _converged(table: Table, answers: list[dict[str, Any]]) -> tuple[str, str]:
     falling = {k: v for k, v in checks.items() if v["falling"]}
     budget = max(v["samples"] for v in checks.values())
     if falling:
-        detail = "; ".join(f"{k}: drop {v['drop_last_fifth']:.4f} over the last fifth vs noise {v['noise']:.4f}"
-                           for k, v in falling.items())
+        detail = "; ".join(
+            f"{k}: drop {v['drop_last_fifth']:.4f} over the last fifth vs noise {v['noise']:.4f}"
+            for k, v in falling.items()
+        )
         return "fail", f"{len(falling)}/{len(checks)} ablation runs still falling at ~{budget:.0f} samples ({detail})"
     worst = max(checks.items(), key=lambda kv: kv[1]["drop_last_fifth"] / kv[1]["noise"])
-    return "pass", (f"all {len(checks)} ablation runs flat at ~{budget:.0f} samples (largest drop over the last fifth: "
-                    f"{worst[0]} {worst[1]['drop_last_fifth']:.4f} vs 2x noise {2 * worst[1]['noise']:.4f})")
+    return "pass", (
+        f"all {len(checks)} ablation runs flat at ~{budget:.0f} samples (largest drop over the last fifth: "
+        f"{worst[0]} {worst[1]['drop_last_fifth']:.4f} vs 2x noise {2 * worst[1]['noise']:.4f})"
+    )
 
 
 def _stable_winners(table: Table, answers: list[dict[str, Any]]) -> tuple[str, str]:
@@ -65,12 +71,18 @@ def _stable_winners(table: Table, answers: list[dict[str, Any]]) -> tuple[str, s
     bad = {w: p for w, p in problems.items() if p}
     if bad:
         return "fail", "; ".join(f"{w}: {p}" for w, p in bad.items())
-    return "pass", f"winners {', '.join(winners)}: none diverged, no non-finite loss, none ends > 5x noise above its best"
+    return (
+        "pass",
+        f"winners {', '.join(winners)}: none diverged, no non-finite loss, none ends > 5x noise above its best",
+    )
 
 
 def _unidentified_fits(fits: dict[str, Any]) -> list[str]:
-    out = [f"per-size fit {size}: {not_identified_text(f)}" for size, f in fits.get("per_size_fits", {}).items()
-           if not f["identified"]]
+    out = [
+        f"per-size fit {size}: {not_identified_text(f)}"
+        for size, f in fits.get("per_size_fits", {}).items()
+        if not f["identified"]
+    ]
     joint = fits.get("joint_chinchilla_fit")
     if joint and not joint["identified"]:
         out.append(f"joint fit: {not_identified_text(joint)}")
@@ -85,8 +97,10 @@ def _compute_optimal(fits: dict[str, Any]) -> tuple[str, str]:
     caveat = (" Not identified, so not used: " + "; ".join(unidentified) + ".") if unidentified else ""
     if not fitted:
         sizes = {b["n_sizes"] for b in budgets.values()} or {0}
-        return "unknown", (f"no FLOP budget has 3 or more model sizes (at most {max(sizes)}); "
-                           "iso-FLOP minima cannot be located." + caveat)
+        return "unknown", (
+            f"no FLOP budget has 3 or more model sizes (at most {max(sizes)}); "
+            "iso-FLOP minima cannot be located." + caveat
+        )
     parts = []
     for k, b in fitted.items():
         if "N_star" not in b:
@@ -102,17 +116,20 @@ def _efficiency(table: Table, answers: list[dict[str, Any]]) -> tuple[str, str]:
     a = _answer(answers, "efficiency")
     if a["winner"] is None:
         return "unknown", a["verdict"]
-    evidence = (f"{a['winner']} lower by {_fmt(a['margin'])} at each run's finished point "
-                f"(FLOPs {', '.join(f'{k}: {v:.3g}' for k, v in a['flops_at_finish'].items())}); "
-                f"noise {_fmt(a['noise'])}; {a['verdict']}")
+    evidence = (
+        f"{a['winner']} lower by {_fmt(a['margin'])} at each run's finished point "
+        f"(FLOPs {', '.join(f'{k}: {v:.3g}' for k, v in a['flops_at_finish'].items())}); "
+        f"noise {_fmt(a['noise'])}; {a['verdict']}"
+    )
     return ("fail" if a.get("unstable") else "pass"), evidence
 
 
 def _logging(table: Table) -> tuple[str, str]:
     project = [r for r in table.runs.values() if r.config is not None]
     if not project:
-        return "unknown", ("only exported data: it carries no loss_fine/loss_coarse, attention maps or checkpoint "
-                           "metadata to verify")
+        return "unknown", (
+            "only exported data: it carries no loss_fine/loss_coarse, attention maps or checkpoint metadata to verify"
+        )
     problems = []
     for run in project:
         missing = []
@@ -132,8 +149,10 @@ def _logging(table: Table) -> tuple[str, str]:
             problems.append(f"{run.run_id}: {', '.join(missing)}")
     if problems:
         return "fail", "; ".join(problems)
-    return "pass", (f"{len(project)} run folders: metrics (incl. loss_coarse, entropy, grad norm), steps.csv, "
-                    "run_summary.json, attention maps and checkpoint metadata all present")
+    return "pass", (
+        f"{len(project)} run folders: metrics (incl. loss_coarse, entropy, grad norm), steps.csv, "
+        "run_summary.json, attention maps and checkpoint metadata all present"
+    )
 
 
 def go_no_go(table: Table, answers: list[dict[str, Any]], fits: dict[str, Any]) -> list[dict[str, str]]:
@@ -175,10 +194,11 @@ def _efficiency_answer(comparison: dict[str, Any]) -> str:
         else:
             parts.append(f"{name}: unknown ({cell.get('same_flops_note', 'no baseline')})")
     if not any(c.get("same_data") or c.get("same_flops") for c in comparison["cells"]):
-        return ("unknown: needs the scaling grid's multi-token cells (<size>-<budget>-B, -B-isoflop) beside its "
-                f"foveated cells (found {len(comparison['cells'])} foveated cells and no baseline partner)")
-    return ("baseline - foveated val loss at equal FLOPs (positive: foveated ahead), 95% interval: "
-            + "; ".join(parts))
+        return (
+            "unknown: needs the scaling grid's multi-token cells (<size>-<budget>-B, -B-isoflop) beside its "
+            f"foveated cells (found {len(comparison['cells'])} foveated cells and no baseline partner)"
+        )
+    return "baseline - foveated val loss at equal FLOPs (positive: foveated ahead), 95% interval: " + "; ".join(parts)
 
 
 def decision2(table: Table, fits: dict[str, Any], comparison: dict[str, Any]) -> list[dict[str, str]]:
@@ -188,15 +208,19 @@ def decision2(table: Table, fits: dict[str, Any], comparison: dict[str, Any]) ->
     minima = {k: b for k, b in budgets.items() if "N_star" in b}
     identified = {s: f for s, f in per_size.items() if f["identified"]}
     if minima:
-        answer = "; ".join(f"{k}: N* = {b['N_star']:.3g}, D* = {b['D_star']:.3g}"
-                           + ("" if b["interior"] else " (not interior: extrapolated or at the grid's edge)")
-                           for k, b in minima.items())
+        answer = "; ".join(
+            f"{k}: N* = {b['N_star']:.3g}, D* = {b['D_star']:.3g}"
+            + ("" if b["interior"] else " (not interior: extrapolated or at the grid's edge)")
+            for k, b in minima.items()
+        )
     elif len(identified) >= 2:
         d_common = min(f["D_range"][1] for f in identified.values())
         preds = {s: float(predict_data_scaling(f, d_common)) for s, f in identified.items()}
         best = min(preds, key=preds.get)
-        answer = (f"no iso-FLOP minimum (fewer than 3 sizes per budget). At matched data D = {d_common:.3g} the "
-                  f"per-size fits give " + ", ".join(f"{s}: {v:.4f}" for s, v in preds.items()) + f" -> {best} lowest")
+        answer = (
+            f"no iso-FLOP minimum (fewer than 3 sizes per budget). At matched data D = {d_common:.3g} the "
+            f"per-size fits give " + ", ".join(f"{s}: {v:.4f}" for s, v in preds.items()) + f" -> {best} lowest"
+        )
     else:
         answer = f"unknown: identified per-size fits for fewer than 2 sizes ({len(identified)} of {len(per_size)})"
     left_out = [f"{s}: {not_identified_text(f)}" for s, f in per_size.items() if not f["identified"]]
@@ -218,7 +242,8 @@ def decision2(table: Table, fits: dict[str, Any], comparison: dict[str, Any]) ->
 
     if any(f["D_plateau"] for f in per_size.values()):
         answer = "samples beyond which doubling D gains less than the eval noise (per-size fit): " + ", ".join(
-            plateau_text(s, f) for s, f in per_size.items())
+            plateau_text(s, f) for s, f in per_size.items()
+        )
     elif per_size:
         answer = "unknown: " + ", ".join(plateau_text(s, f) for s, f in per_size.items())
     else:
@@ -243,15 +268,24 @@ def _pixel_check(table: Table) -> list[str]:
         modes = (run.eval_result or {}).get("modes") or {}
         for mode, r in modes.items():
             if r.get("pixel_gain") is not None:
-                rows.append(f"| {run.run_id} | {mode} | {_fmt(r['loss'])} | {_fmt(r['loss_blank_frames'])} | "
-                            f"{_fmt(r['pixel_gain'])} |")
+                rows.append(
+                    f"| {run.run_id} | {mode} | {_fmt(r['loss'])} | {_fmt(r['loss_blank_frames'])} | "
+                    f"{_fmt(r['pixel_gain'])} |"
+                )
     if not rows:
         return []
-    return ["", "## Pixel check (fvlm eval, blank-frame control)", "",
-            "Validation loss with the real frames and with every frame replaced by flat grey (frame count and "
-            "masks unchanged). A pixel gain near 0 means the model reads only how many frames there are: its "
-            "mode and ablation gaps then come from training dynamics, not from what it sees.", "",
-            "| run | mode | val loss | blank frames | pixel gain |", "|---|---|---|---|---|", *rows]
+    return [
+        "",
+        "## Pixel check (fvlm eval, blank-frame control)",
+        "",
+        "Validation loss with the real frames and with every frame replaced by flat grey (frame count and "
+        "masks unchanged). A pixel gain near 0 means the model reads only how many frames there are: its "
+        "mode and ablation gaps then come from training dynamics, not from what it sees.",
+        "",
+        "| run | mode | val loss | blank frames | pixel gain |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _milestone_evals(table: Table) -> list[str]:
@@ -263,17 +297,26 @@ def _milestone_evals(table: Table) -> list[str]:
     if not evaluated:
         if not grid:
             return []
-        return lines + ["unknown: no grid run holds the evaluation of its milestones in all three modes "
-                        "(`fvlm phase1` writes it to the best run's eval/eval.json)."]
-    lines += ["| run | step | best | " + " | ".join(MODE_NAMES) + " | gaps [95% paired] |",
-              "|---|---|---|" + "---|" * len(MODE_NAMES) + "---|"]
+        return lines + [
+            "unknown: no grid run holds the evaluation of its milestones in all three modes "
+            "(`fvlm phase1` writes it to the best run's eval/eval.json)."
+        ]
+    lines += [
+        "| run | step | best | " + " | ".join(MODE_NAMES) + " | gaps [95% paired] |",
+        "|---|---|---|" + "---|" * len(MODE_NAMES) + "---|",
+    ]
     for run in evaluated:
         for entry in run.eval_result["steps"]:
             losses = " | ".join(_fmt((entry["modes"].get(m) or {}).get("loss")) for m in MODE_NAMES)
-            gaps = "; ".join(f"{k.replace('_minus_', ' − ')} {v['diff']:+.4f} [{v['ci95_bootstrap'][0]:+.4f}, "
-                             f"{v['ci95_bootstrap'][1]:+.4f}]" for k, v in (entry.get("gap_intervals") or {}).items())
-            lines.append(f"| {run.run_id} | {entry.get('step')} | {'yes' if entry.get('best') else ''} | {losses} | "
-                         f"{gaps or '—'} |")
+            gaps = "; ".join(
+                f"{k.replace('_minus_', ' − ')} {v['diff']:+.4f} [{v['ci95_bootstrap'][0]:+.4f}, "
+                f"{v['ci95_bootstrap'][1]:+.4f}]"
+                for k, v in (entry.get("gap_intervals") or {}).items()
+            )
+            lines.append(
+                f"| {run.run_id} | {entry.get('step')} | {'yes' if entry.get('best') else ''} | {losses} | "
+                f"{gaps or '—'} |"
+            )
     return lines
 
 
@@ -283,50 +326,84 @@ MODE_NAMES = ("coarse_only", "coarse_fine", "autoregressive")
 def _cell_table(comparison: dict[str, Any]) -> list[str]:
     if not comparison["cells"] and not comparison["notes"]:
         return []
-    lines = ["", "## Foveated vs multi-token baseline, cell by cell", "",
-             f"Each scaling-grid cell against its own baselines: same size, budget, data and stage. "
-             f"{comparison['sign'][0].upper()}{comparison['sign'][1:]}. Method: {comparison['method']}.", ""]
+    lines = [
+        "",
+        "## Foveated vs multi-token baseline, cell by cell",
+        "",
+        f"Each scaling-grid cell against its own baselines: same size, budget, data and stage. "
+        f"{comparison['sign'][0].upper()}{comparison['sign'][1:]}. Method: {comparison['method']}.",
+        "",
+    ]
     if comparison["cells"]:
-        lines += ["| cell | foveated | samples | same samples: baseline (its FLOPs / foveated) | advantage [95%] | "
-                  "equal FLOPs: baseline | advantage [95%] |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| cell | foveated | samples | same samples: baseline (its FLOPs / foveated) | advantage [95%] | "
+            "equal FLOPs: baseline | advantage [95%] |",
+            "|---|---|---|---|---|---|---|",
+        ]
     for cell in comparison["cells"]:
         same = cell.get("same_data")
-        same_text = (f"{same['baseline']} ({same['baseline_flops'] / cell['flops']:.2f}x) | {_pair_text(same)}"
-                     if same else f"— | {cell.get('same_data_note', '—')}")
+        same_text = (
+            f"{same['baseline']} ({same['baseline_flops'] / cell['flops']:.2f}x) | {_pair_text(same)}"
+            if same
+            else f"— | {cell.get('same_data_note', '—')}"
+        )
         flops = cell.get("same_flops")
-        flops_text = (f"{flops['baseline']} ({flops['flops_ratio']:.2f}x) | {_pair_text(flops)}" if flops else
-                      f"— | {cell.get('same_flops_bound') or cell.get('same_flops_note', '—')}")
-        lines.append(f"| {cell['size']} {cell['budget']} | {cell['foveated']} | {cell['samples']:.0f} | "
-                     f"{same_text} | {flops_text} |")
+        flops_text = (
+            f"{flops['baseline']} ({flops['flops_ratio']:.2f}x) | {_pair_text(flops)}"
+            if flops
+            else f"— | {cell.get('same_flops_bound') or cell.get('same_flops_note', '—')}"
+        )
+        lines.append(
+            f"| {cell['size']} {cell['budget']} | {cell['foveated']} | {cell['samples']:.0f} | "
+            f"{same_text} | {flops_text} |"
+        )
     lines += ["", f"Across sizes: {_scaling_answer(comparison)}."]
     if comparison["notes"]:
         lines += ["", "Left out:", ""] + [f"- {n}" for n in comparison["notes"]]
     return lines
 
 
-def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: dict[str, Any],
-                 checklist: list[dict[str, str]], decision2_rows: list[dict[str, str]],
-                 figures: list[tuple[str, Path | None, str]], inputs: list[str],
-                 comparison: dict[str, Any], decision3: dict[str, Any] | None = None) -> None:
+def write_report(
+    path: Path,
+    table: Table,
+    answers: list[dict[str, Any]],
+    fits: dict[str, Any],
+    checklist: list[dict[str, str]],
+    decision2_rows: list[dict[str, str]],
+    figures: list[tuple[str, Path | None, str]],
+    inputs: list[str],
+    comparison: dict[str, Any],
+    decision3: dict[str, Any] | None = None,
+) -> None:
     n_points = sum(r.n_points for r in table.runs.values())
-    lines = ["# fvlm analysis report", "",
-             f"Inputs: {', '.join(inputs)} — {len(table.runs)} runs, {n_points} eval points.", ""]
+    lines = [
+        "# fvlm analysis report",
+        "",
+        f"Inputs: {', '.join(inputs)} — {len(table.runs)} runs, {n_points} eval points.",
+        "",
+    ]
     if table.notes:
         lines += ["Notes on the inputs:", ""] + [f"- {n}" for n in table.notes] + [""]
 
-    lines += ["## Decision 1: architecture config (ablations)", "",
-              "Compared on the smoothed val loss at the last sample count all runs of a question reached; the "
-              "efficiency question at each run's finished point (end of its LR schedule), decided only when the "
-              "FLOPs match or the cheaper run is not worse. Noise = the scatter of each run's val loss around a quadratic (in log "
-              "samples) over the last half of its curve, combined for the two runs compared. Verdict: clear if "
-              "margin > 2x noise, weak if > 1x.", "",
-              "| question | runs | winner | margin | noise | verdict | winner at best | unstable runs |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Decision 1: architecture config (ablations)",
+        "",
+        "Compared on the smoothed val loss at the last sample count all runs of a question reached; the "
+        "efficiency question at each run's finished point (end of its LR schedule), decided only when the "
+        "FLOPs match or the cheaper run is not worse. Noise = the scatter of each run's val loss around a quadratic (in log "
+        "samples) over the last half of its curve, combined for the two runs compared. Verdict: clear if "
+        "margin > 2x noise, weak if > 1x.",
+        "",
+        "| question | runs | winner | margin | noise | verdict | winner at best | unstable runs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for a in answers:
         runs = ", ".join(f"{r} ({a['labels'][r]})" if a.get("labels") and a["labels"][r] != r else r for r in a["runs"])
         unstable = "; ".join(f"{k}: {v}" for k, v in (a.get("unstable") or {}).items())
-        lines.append(f"| {a['title']} | {runs or '—'} | {a['winner'] or '—'} | {_fmt(a['margin'])} | "
-                     f"{_fmt(a['noise'])} | {a['verdict']} | {a.get('winner_at_best') or '—'} | {unstable or '—'} |")
+        lines.append(
+            f"| {a['title']} | {runs or '—'} | {a['winner'] or '—'} | {_fmt(a['margin'])} | "
+            f"{_fmt(a['noise'])} | {a['verdict']} | {a.get('winner_at_best') or '—'} | {unstable or '—'} |"
+        )
     mapped = {r for a in answers for r in a.get("runs", [])}
     others = [r for r in table.runs if r not in mapped]
     if others:
@@ -338,9 +415,15 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
 
     if decision3 is not None:
         assumptions = ", ".join(f"{k}={v}" for k, v in decision3["inputs"].items() if v is not None)
-        lines += ["", "## Decision 3: training schedule (derived)", "",
-                  f"Inputs (override with `fvlm analyze --schedule key=value`): {assumptions}.", "",
-                  "| question | answer |", "|---|---|"]
+        lines += [
+            "",
+            "## Decision 3: training schedule (derived)",
+            "",
+            f"Inputs (override with `fvlm analyze --schedule key=value`): {assumptions}.",
+            "",
+            "| question | answer |",
+            "|---|---|",
+        ]
         lines += [f"| {row['question']} | {row['answer']} |" for row in decision3["rows"]]
 
     lines += ["", "## Go / no-go", "", "| criterion | status | evidence |", "|---|---|---|"]
@@ -349,36 +432,54 @@ def write_report(path: Path, table: Table, answers: list[dict[str, Any]], fits: 
     lines += _pixel_check(table)
     lines += _milestone_evals(table)
 
-    lines += ["", "## Scaling fits", "", f"Fit runs: {', '.join(fits['fit_runs']) or '—'} "
-              f"(globs: {', '.join(fits['fit_run_globs'])}).", ""]
+    lines += [
+        "",
+        "## Scaling fits",
+        "",
+        f"Fit runs: {', '.join(fits['fit_runs']) or '—'} (globs: {', '.join(fits['fit_run_globs'])}).",
+        "",
+    ]
     per_size = fits.get("per_size_fits", {})
     if per_size:
-        lines += ["Per size, L(D) = E + a / D^b (global least squares; D = samples seen). A fit is shown as not "
-                  "identified, without its numbers, when its optimiser did not converge, an exponent sits at the "
-                  "bound of its search range, or its plateau E is below zero:", "",
-                  "| size | N | runs | points | E [95% CI] | a [95% CI] | b [95% CI] | RMSE | bootstrap |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "Per size, L(D) = E + a / D^b (global least squares; D = samples seen). A fit is shown as not "
+            "identified, without its numbers, when its optimiser did not converge, an exponent sits at the "
+            "bound of its search range, or its plateau E is below zero:",
+            "",
+            "| size | N | runs | points | E [95% CI] | a [95% CI] | b [95% CI] | RMSE | bootstrap |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for size, f in per_size.items():
             if not f["identified"]:
-                lines.append(f"| {size} | {_fmt(f['N'], 4)} | {f['n_runs']} | {f['n_points']} | "
-                             f"{not_identified_text(f)} | | | {_fmt(f['rmse'])} | — |")
+                lines.append(
+                    f"| {size} | {_fmt(f['N'], 4)} | {f['n_runs']} | {f['n_points']} | "
+                    f"{not_identified_text(f)} | | | {_fmt(f['rmse'])} | — |"
+                )
                 continue
-            lines.append(f"| {size} | {_fmt(f['N'], 4)} | {f['n_runs']} | {f['n_points']} | {_fmt(f['E'])} {_ci(f, 'E')} | "
-                         f"{_fmt(f['a'])} {_ci(f, 'a')} | {_fmt(f['b'])} {_ci(f, 'b')} | {_fmt(f['rmse'])} | "
-                         f"{f['bootstrap']['note']} |")
+            lines.append(
+                f"| {size} | {_fmt(f['N'], 4)} | {f['n_runs']} | {f['n_points']} | {_fmt(f['E'])} {_ci(f, 'E')} | "
+                f"{_fmt(f['a'])} {_ci(f, 'a')} | {_fmt(f['b'])} {_ci(f, 'b')} | {_fmt(f['rmse'])} | "
+                f"{f['bootstrap']['note']} |"
+            )
     joint = fits.get("joint_chinchilla_fit")
     if joint:
-        lines += ["", f"Joint fit {joint['form']} ({joint['n_points']} points, {joint['n_sizes']} sizes):", "",
-                  "| method | E | A | alpha | B [95% CI] | beta [95% CI] | E + A/N^alpha by size | RMSE |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Joint fit {joint['form']} ({joint['n_points']} points, {joint['n_sizes']} sizes):",
+            "",
+            "| method | E | A | alpha | B [95% CI] | beta [95% CI] | E + A/N^alpha by size | RMSE |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, m in joint["methods"].items():
             if not m["identified"]:
                 lines.append(f"| {name} | {not_identified_text(m)} | | | | | | {_fmt(m['rmse'])} |")
                 continue
             by_size = ", ".join(f"{s}: {v:.4f}" for s, v in (m.get("E_by_size") or {}).items()) or "—"
-            lines.append(f"| {name} | {_fmt(m['E'])} {_ci(m, 'E') if m['E'] is not None else ''} | {_fmt(m['A'])} | "
-                         f"{_fmt(m['alpha'])} | {_fmt(m['B'])} {_ci(m, 'B')} | {_fmt(m['beta'])} {_ci(m, 'beta')} | "
-                         f"{by_size} | {_fmt(m['rmse'])} |")
+            lines.append(
+                f"| {name} | {_fmt(m['E'])} {_ci(m, 'E') if m['E'] is not None else ''} | {_fmt(m['A'])} | "
+                f"{_fmt(m['alpha'])} | {_fmt(m['B'])} {_ci(m, 'B')} | {_fmt(m['beta'])} {_ci(m, 'beta')} | "
+                f"{by_size} | {_fmt(m['rmse'])} |"
+            )
         if joint.get("note"):
             lines += ["", f"Note: {joint['note']}."]
         lines += ["", f"Bootstrap: {joint['bootstrap']['note']}."]

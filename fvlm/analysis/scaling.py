@@ -34,15 +34,22 @@ def per_size(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any]:
         if len(d) < 4:
             continue
         fit = fits.fit_data_scaling(d, loss)
-        boot = fits.bootstrap(run_idx, lambda idx: fits.fit_data_scaling(d[idx], loss[idx]), ["E", "a", "b"],
-                              n_boot, seed)
+        boot = fits.bootstrap(
+            run_idx, lambda idx: fits.fit_data_scaling(d[idx], loss[idx]), ["E", "a", "b"], n_boot, seed
+        )
         noises = np.array([ablations.run_noise(r) for r in group])
         noise = float(np.median(noises[np.isfinite(noises)])) if np.isfinite(noises).any() else math.nan
-        fit.update(N=float(group[0].params) if group[0].params else None, runs=[r.run_id for r in group],
-                   n_runs=len(group), D_range=[float(d.min()), float(d.max())], ci95=boot["ci95"],
-                   bootstrap={"unit": boot["unit"], "n_resamples": boot["n_resamples"], "note": boot["note"]},
-                   eval_noise=noise, D_plateau=plateau_samples(fit, noise) if fit["identified"] else None,
-                   form="L(D) = E + a / D^b, D = samples seen")
+        fit.update(
+            N=float(group[0].params) if group[0].params else None,
+            runs=[r.run_id for r in group],
+            n_runs=len(group),
+            D_range=[float(d.min()), float(d.max())],
+            ci95=boot["ci95"],
+            bootstrap={"unit": boot["unit"], "n_resamples": boot["n_resamples"], "note": boot["note"]},
+            eval_noise=noise,
+            D_plateau=plateau_samples(fit, noise) if fit["identified"] else None,
+            form="L(D) = E + a / D^b, D = samples seen",
+        )
         out[size] = fit
     return out
 
@@ -71,26 +78,41 @@ def joint(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any] | None:
     huber = fits.fit_joint_huber(data)
     keys = ["E", "A", "B", "alpha", "beta"] if data.n_sizes >= 3 else ["B", "beta"]
     start = np.array(huber["theta"])
-    ls_boot = fits.bootstrap(run_idx, lambda idx: fits.fit_joint_least_squares(data.take(idx)), keys, n_boot, seed,
-                             strata=size_idx)
-    hub_boot = fits.bootstrap(run_idx, lambda idx: fits.fit_joint_huber(data.take(idx), n_starts=0, extra_starts=[start]),
-                              keys, n_boot, seed, strata=size_idx)
+    ls_boot = fits.bootstrap(
+        run_idx, lambda idx: fits.fit_joint_least_squares(data.take(idx)), keys, n_boot, seed, strata=size_idx
+    )
+    hub_boot = fits.bootstrap(
+        run_idx,
+        lambda idx: fits.fit_joint_huber(data.take(idx), n_starts=0, extra_starts=[start]),
+        keys,
+        n_boot,
+        seed,
+        strata=size_idx,
+    )
     least_squares.update(ci95=ls_boot["ci95"])
     huber.update(ci95=hub_boot["ci95"])
     identifiable = data.n_sizes >= 3
-    record = {key: huber[key] for key in ("E", "A", "B", "alpha", "beta", "E_by_size", "rmse", "identified",
-                                          "not_identified_because")}
+    record = {
+        key: huber[key]
+        for key in ("E", "A", "B", "alpha", "beta", "E_by_size", "rmse", "identified", "not_identified_because")
+    }
     record.update(
         form="L(N, D) = E + A / N^alpha + B / D^beta, N = total parameters, D = samples seen",
         method="huber_log (Hoffmann et al. approach 3); least squares under methods",
-        n_points=int(len(loss)), n_sizes=data.n_sizes, sizes=labels, runs=[r.run_id for r in usable],
-        identifiable=identifiable, ci95=huber["ci95"],
+        n_points=int(len(loss)),
+        n_sizes=data.n_sizes,
+        sizes=labels,
+        runs=[r.run_id for r in usable],
+        identifiable=identifiable,
+        ci95=huber["ci95"],
         bootstrap={"unit": hub_boot["unit"], "n_resamples": n_boot, "note": hub_boot["note"]},
         methods={"least_squares": least_squares, "huber_log": huber},
     )
     if not identifiable:
-        record["note"] = (f"only {data.n_sizes} model size(s): A/N^alpha takes one value per size and cannot be "
-                          "separated from E, so E, A and alpha are null; E_by_size gives E + A/N^alpha per size")
+        record["note"] = (
+            f"only {data.n_sizes} model size(s): A/N^alpha takes one value per size and cannot be "
+            "separated from E, so E, A and alpha are null; E_by_size gives E + A/N^alpha per size"
+        )
     return record
 
 
@@ -104,8 +126,16 @@ def iso_flop_entries(runs: list[Run]) -> list[dict[str, Any]]:
         if not keep.any():
             continue
         d = float(x[keep][-1])
-        entries.append({"run_id": run.run_id, "arch": run.arch, "N": float(run.params), "D": d,
-                        "C": d * run.flops_per_sample, "loss": float(y[keep][-1])})
+        entries.append(
+            {
+                "run_id": run.run_id,
+                "arch": run.arch,
+                "N": float(run.params),
+                "D": d,
+                "C": d * run.flops_per_sample,
+                "loss": float(y[keep][-1]),
+            }
+        )
     return entries
 
 
@@ -116,7 +146,9 @@ def scaling_fits(runs: list[Run], globs: list[str] | None, n_boot: int = N_BOOT,
     iso = fits.iso_flop(entries)
     iso["entries"] = entries
     out: dict[str, Any] = {
-        "fit_run_globs": globs or ["*"], "fit_runs": [r.run_id for r in runs], "arch": archs[0] if archs else None,
+        "fit_run_globs": globs or ["*"],
+        "fit_runs": [r.run_id for r in runs],
+        "arch": archs[0] if archs else None,
         "per_size_fits": per_size(main, n_boot, seed),
         "joint_chinchilla_fit": joint(main, n_boot, seed),
         "chinchilla_reference": fits.CHINCHILLA_REFERENCE,
@@ -126,12 +158,16 @@ def scaling_fits(runs: list[Run], globs: list[str] | None, n_boot: int = N_BOOT,
     # Every arm's own iso-FLOP fit: the baseline's cells are grouped by the FLOPs they spent.
     by_arch = {}
     for arch in archs:
-        arm = iso if arch == archs[0] else fits.iso_flop(iso_flop_entries([r for r in runs if r.arch == arch]),
-                                                        by_label=False)
+        arm = (
+            iso
+            if arch == archs[0]
+            else fits.iso_flop(iso_flop_entries([r for r in runs if r.arch == arch]), by_label=False)
+        )
         by_arch[arch] = {k: v for k, v in arm.items() if k != "entries"}
     out["iso_flop_by_arch"] = by_arch
     out["allocation_exponents"] = fits.compare_allocation_exponents(
-        {a: v for a, v in by_arch.items() if a in ("foveated", "multi_token")})
+        {a: v for a, v in by_arch.items() if a in ("foveated", "multi_token")}
+    )
     if len(archs) > 1:
         out["per_size_fits_by_arch"] = {a: per_size([r for r in runs if r.arch == a], n_boot, seed) for a in archs[1:]}
     return out

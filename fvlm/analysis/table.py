@@ -22,11 +22,30 @@ from fvlm import run_folder as rf
 from fvlm.errors import UsageError, read_json, read_text, read_yaml
 
 # The export format (docs/scaling_data_export.md).
-EVAL_POINT_COLUMNS = ("model_size", "run_id", "lr_schedule", "step", "samples_seen", "val_loss",
-                      "train_loss", "lr", "throughput_sps", "attention_entropy")
-RUN_SUMMARY_COLUMNS = ("run_id", "model_size", "total_params", "lr_schedule", "total_samples",
-                       "total_steps", "best_val_loss", "best_val_step", "final_train_loss",
-                       "wall_time_hours")
+EVAL_POINT_COLUMNS = (
+    "model_size",
+    "run_id",
+    "lr_schedule",
+    "step",
+    "samples_seen",
+    "val_loss",
+    "train_loss",
+    "lr",
+    "throughput_sps",
+    "attention_entropy",
+)
+RUN_SUMMARY_COLUMNS = (
+    "run_id",
+    "model_size",
+    "total_params",
+    "lr_schedule",
+    "total_samples",
+    "total_steps",
+    "best_val_loss",
+    "best_val_step",
+    "final_train_loss",
+    "wall_time_hours",
+)
 # The historical export predates the lr_schedule column of its own spec; accept it missing.
 RUN_SUMMARY_OPTIONAL = ("lr_schedule",)
 
@@ -140,13 +159,17 @@ def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     header = reader.fieldnames or []
     missing = [c for c in required if c not in header]
     if missing:
-        raise UsageError(f"{path}: missing column '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise UsageError(
+            f"{path}: missing column '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     return list(reader)
 
 
 def _columns(rows: list[dict[str, str]], names: tuple[str, ...] | list[str], path: Path) -> dict[str, np.ndarray]:
-    return {name: np.array([_number(r.get(name), path, name, i + 2) for i, r in enumerate(rows)], dtype=float)
-            for name in names}
+    return {
+        name: np.array([_number(r.get(name), path, name, i + 2) for i, r in enumerate(rows)], dtype=float)
+        for name in names
+    }
 
 
 def _arch_from_config(cfg: dict[str, Any]) -> tuple[str, int]:
@@ -213,12 +236,22 @@ def read_export(folder: Path, table: Table) -> None:
         params = summary["total_params"] if summary and math.isfinite(summary["total_params"]) else None
         params = params or params_by_size.get(size) or params_from_label(size)
         arch, tokens = arch_from_name(run_id)
-        table.add(Run(
-            run_id=run_id, model_size=size, params=params, lr_schedule=run_rows[0]["lr_schedule"],
-            status="unknown", arch=arch, tokens_per_frame=tokens, source=str(folder), points=points,
-            summary=summary,
-            flops_per_sample=2 * params * PLAN_TOKENS_PER_SAMPLE if params else None, flops_estimated=True,
-        ))
+        table.add(
+            Run(
+                run_id=run_id,
+                model_size=size,
+                params=params,
+                lr_schedule=run_rows[0]["lr_schedule"],
+                status="unknown",
+                arch=arch,
+                tokens_per_frame=tokens,
+                source=str(folder),
+                points=points,
+                summary=summary,
+                flops_per_sample=2 * params * PLAN_TOKENS_PER_SAMPLE if params else None,
+                flops_estimated=True,
+            )
+        )
     for run_id in summaries:
         if run_id not in by_run:
             table.notes.append(f"{summaries_path}: run '{run_id}' has a summary but no eval points; left out")
@@ -308,20 +341,36 @@ def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> Non
     sources_path = rf.sources_file(folder)
     if sources_path.is_file():
         sources = read_json(sources_path)
-        missing = [k for k in ("keys", "kinds", "loss_sum", "tokens") if not isinstance(sources, dict) or k not in sources]
+        missing = [
+            k for k in ("keys", "kinds", "loss_sum", "tokens") if not isinstance(sources, dict) or k not in sources
+        ]
         if missing:
             raise UsageError(f"{sources_path}: missing field '{missing[0]}'")
 
     arch, tokens = _arch_from_config(config)
     fps = (raw or {}).get("flops_per_sample")
-    table.add(Run(
-        run_id=run_id, model_size=size, params=params,
-        lr_schedule=str(config.get("optim", {}).get("schedule", "")), status=status, arch=arch,
-        tokens_per_frame=tokens, source=str(folder), points=points, summary=summary, config=config,
-        flops_per_sample=float(fps) if fps else None, flops_estimated=False, steps=steps,
-        eval_result=eval_result, sources=sources, attention_files=rf.attention_files(folder),
-        has_checkpoint_meta=bool(rf.complete_checkpoints(folder)),
-    ))
+    table.add(
+        Run(
+            run_id=run_id,
+            model_size=size,
+            params=params,
+            lr_schedule=str(config.get("optim", {}).get("schedule", "")),
+            status=status,
+            arch=arch,
+            tokens_per_frame=tokens,
+            source=str(folder),
+            points=points,
+            summary=summary,
+            config=config,
+            flops_per_sample=float(fps) if fps else None,
+            flops_estimated=False,
+            steps=steps,
+            eval_result=eval_result,
+            sources=sources,
+            attention_files=rf.attention_files(folder),
+            has_checkpoint_meta=bool(rf.complete_checkpoints(folder)),
+        )
+    )
 
 
 def read_sweep(folder: Path, table: Table) -> None:
@@ -359,7 +408,9 @@ def load(paths: list[str]) -> Table:
         children = [(c, _kind(c)) for c in sorted(folder.iterdir()) if c.is_dir()]
         children = [(c, k) for c, k in children if k]
         if not children:
-            raise UsageError(f"{folder}: not a run, sweep or export folder (no {rf.METRICS}, {rf.SWEEP_CSV} or all_eval_points.csv in it or its sub-folders)")
+            raise UsageError(
+                f"{folder}: not a run, sweep or export folder (no {rf.METRICS}, {rf.SWEEP_CSV} or all_eval_points.csv in it or its sub-folders)"
+            )
         for child, child_kind in children:
             readers[child_kind](child, table)
     if not table.runs:

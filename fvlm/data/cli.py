@@ -27,25 +27,46 @@ def register(sub) -> None:
     synth.add_argument("--val", type=int, default=_DEFAULTS.synth_val, help="validation samples")
     synth.add_argument("--probe", type=int, default=10, help="attention-probe videos")
     synth.add_argument("--bench", type=int, default=200, help="multiple-choice benchmark questions")
-    synth.add_argument("--mc-fraction", type=float, default=0.0,
-                       help="share of train/val videos and images asked as multiple choice (default 0: captions; "
-                            "a whole multiple-choice dialogue needs data.max_text_tokens >= 192)")
-    synth.add_argument("--background", choices=("texture", "flat"), default="texture",
-                       help="texture: colour blobs, stripes and grain; flat: one colour per video")
-    synth.add_argument("--object-scale", type=float, nargs=2, default=(0.125, 0.19), metavar=("MIN", "MAX"),
-                       help="object side as a share of the frame side")
+    synth.add_argument(
+        "--mc-fraction",
+        type=float,
+        default=0.0,
+        help="share of train/val videos and images asked as multiple choice (default 0: captions; "
+        "a whole multiple-choice dialogue needs data.max_text_tokens >= 192)",
+    )
+    synth.add_argument(
+        "--background",
+        choices=("texture", "flat"),
+        default="texture",
+        help="texture: colour blobs, stripes and grain; flat: one colour per video",
+    )
+    synth.add_argument(
+        "--object-scale",
+        type=float,
+        nargs=2,
+        default=(0.125, 0.19),
+        metavar=("MIN", "MAX"),
+        help="object side as a share of the frame side",
+    )
     synth.add_argument("--max-objects", type=int, default=5, help="most objects per video (images: at most 4)")
     synth.add_argument("--min-objects", type=int, default=3, help="fewest objects per video and image")
-    synth.add_argument("--video-task", choices=("motion", "reveal"), default="motion",
-                       help="motion: which object moves and which way; reveal: the colour a white object turns "
-                            "into while three others appear around it (always four objects)")
+    synth.add_argument(
+        "--video-task",
+        choices=("motion", "reveal"),
+        default="motion",
+        help="motion: which object moves and which way; reveal: the colour a white object turns "
+        "into while three others appear around it (always four objects)",
+    )
     synth.set_defaults(func=cmd_synth)
 
     inspect = data_sub.add_parser("inspect", help="counts, mix, lengths and skipped samples of a data path")
     inspect.add_argument("path", metavar="PATH", help="folder, glob, comma list, mix .yaml, or a `data synth` folder")
-    overrides.add_arguments(inspect, help_text="a config file or shipped config name (default: tiny), then the "
-                                               "fields that shape the reading (train.stage=2, "
-                                               "data.max_text_tokens=96, 'data.mix={video: 0.6, image: 0.4}')")
+    overrides.add_arguments(
+        inspect,
+        help_text="a config file or shipped config name (default: tiny), then the "
+        "fields that shape the reading (train.stage=2, "
+        "data.max_text_tokens=96, 'data.mix={video: 0.6, image: 0.4}')",
+    )
     inspect.add_argument("--no-decode", action="store_true", help="headers and JSON only: fast, but misses bad frames")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(func=cmd_inspect)
@@ -71,15 +92,30 @@ def cmd_synth(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} is not empty; choose a new folder")
-    manifest = generate_synthetic(out, videos=args.videos, images=args.images, texts=args.texts, frames=args.frames,
-                                  size=args.size, seed=args.seed, val=args.val, probe=args.probe, bench=args.bench,
-                                  mc_fraction=args.mc_fraction, background=args.background,
-                                  object_scale=tuple(args.object_scale), max_objects=args.max_objects,
-                                  min_objects=args.min_objects, video_task=args.video_task)
+    manifest = generate_synthetic(
+        out,
+        videos=args.videos,
+        images=args.images,
+        texts=args.texts,
+        frames=args.frames,
+        size=args.size,
+        seed=args.seed,
+        val=args.val,
+        probe=args.probe,
+        bench=args.bench,
+        mc_fraction=args.mc_fraction,
+        background=args.background,
+        object_scale=tuple(args.object_scale),
+        max_objects=args.max_objects,
+        min_objects=args.min_objects,
+        video_task=args.video_task,
+    )
     for split, counts in manifest["splits"].items():
         print(f"{split:<6} " + ", ".join(f"{k} {n}" for k, n in counts.items()))
-    print(f"wrote {manifest['samples']} samples to {out} in {manifest['seconds']:.1f}s "
-          f"({manifest['samples_per_sec']:.0f} samples/s)")
+    print(
+        f"wrote {manifest['samples']} samples to {out} in {manifest['seconds']:.1f}s "
+        f"({manifest['samples_per_sec']:.0f} samples/s)"
+    )
     return 0
 
 

@@ -88,8 +88,9 @@ def thinned(count: int, max_frames: int) -> list[int]:
     return [int(i) for i in np.linspace(0, count - 1, max_frames).round().astype(int)]
 
 
-def decode_frames(parts: dict[str, bytes], kind: str, size: int, *, max_frames: int, fps: float,
-                  replicate_image_frames: int) -> np.ndarray:
+def decode_frames(
+    parts: dict[str, bytes], kind: str, size: int, *, max_frames: int, fps: float, replicate_image_frames: int
+) -> np.ndarray:
     """uint8 [T, size, size, 3]; T = 0 for text-only samples."""
     if kind == "text":
         return np.zeros((0, size, size, 3), dtype=np.uint8)
@@ -127,8 +128,9 @@ def read_meta(parts: dict[str, bytes]) -> dict:
     return json.loads(parts["json"])
 
 
-def encode_dialogue(tokenizer, user: str, assistant: str, *, stage: int, max_tokens: int,
-                    end_of_turn_id: int | None) -> tuple[list[int], list[bool], int]:
+def encode_dialogue(
+    tokenizer, user: str, assistant: str, *, stage: int, max_tokens: int, end_of_turn_id: int | None
+) -> tuple[list[int], list[bool], int]:
     """Chat-template tokens of one user turn and one assistant turn, and which are targets.
 
     Stage 1: every token. Stages 2-3: the assistant's content and its end-of-turn token only (not

@@ -216,8 +216,15 @@ def _scan_shard(path: str, source: str, sources: list[str], rows: list, skips: l
             name = source or meta_source
             if name not in sources:
                 sources.append(name)
-            rows.append((members[0].header_offset, members[-1].data_offset + members[-1].size,
-                         sources.index(name), KINDS.index(kind), count))
+            rows.append(
+                (
+                    members[0].header_offset,
+                    members[-1].data_offset + members[-1].size,
+                    sources.index(name),
+                    KINDS.index(kind),
+                    count,
+                )
+            )
 
 
 def _validate(read_at, path, key, members, problems, skips):

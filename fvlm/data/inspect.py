@@ -66,8 +66,10 @@ def inspect_split(spec: str, cfg, *, decode: bool = True, draws: int = 20000) ->
     }
     if token_lengths:
         report["token_length"] = {
-            "min": int(min(token_lengths)), "mean": round(float(np.mean(token_lengths)), 1),
-            "p95": int(np.percentile(token_lengths, 95)), "max": int(max(token_lengths)),
+            "min": int(min(token_lengths)),
+            "mean": round(float(np.mean(token_lengths)), 1),
+            "p95": int(np.percentile(token_lengths, 95)),
+            "max": int(max(token_lengths)),
             "truncated": int(sum(n > d.max_text_tokens for n in token_lengths)),
             "histogram": {f"{k}-{k + TOKEN_BIN - 1}": v for k, v in sorted(tokens_hist.items())},
         }
@@ -114,8 +116,10 @@ def format_report(report: dict) -> str:
         lines.append("  frames:    " + ", ".join(f"{k}f x{n}" for k, n in r["frames_histogram"].items()))
         if "token_length" in r:
             t = r["token_length"]
-            lines.append(f"  tokens:    min {t['min']}, mean {t['mean']}, p95 {t['p95']}, max {t['max']} "
-                         f"(before truncation; {t['truncated']} truncated)")
+            lines.append(
+                f"  tokens:    min {t['min']}, mean {t['mean']}, p95 {t['p95']}, max {t['max']} "
+                f"(before truncation; {t['truncated']} truncated)"
+            )
             lines.append("             " + ", ".join(f"{b}: {n}" for b, n in t["histogram"].items()))
         if "mix" in r:
             m = r["mix"]

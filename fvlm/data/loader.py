@@ -60,8 +60,18 @@ def load_index(spec: str, what: str = "data path") -> DataIndex:
 class SampleReader:
     """Turns an index row into model-ready tensors; lives in each loader worker."""
 
-    def __init__(self, index: DataIndex, tokenizer, *, image_size: int, stage: int, max_text_tokens: int,
-                 max_frames: int, fps: float, replicate_image_frames: int):
+    def __init__(
+        self,
+        index: DataIndex,
+        tokenizer,
+        *,
+        image_size: int,
+        stage: int,
+        max_text_tokens: int,
+        max_frames: int,
+        fps: float,
+        replicate_image_frames: int,
+    ):
         self.index = index
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -104,16 +114,36 @@ class SampleReader:
         kind, source = index.kind_of(row), index.source_of(row)
         try:
             meta = read_meta(parts)
-            frames = decode_frames(parts, kind, self.image_size, max_frames=self.max_frames, fps=self.fps,
-                                   replicate_image_frames=self.replicate_image_frames)
+            frames = decode_frames(
+                parts,
+                kind,
+                self.image_size,
+                max_frames=self.max_frames,
+                fps=self.fps,
+                replicate_image_frames=self.replicate_image_frames,
+            )
             user = meta.get("user") or index.prompts.get(source) or DEFAULT_PROMPTS[kind]
-            ids, mask, full_length = encode_dialogue(self.tokenizer, user, meta["assistant"], stage=self.stage,
-                                        max_tokens=self.max_text_tokens, end_of_turn_id=self.end_of_turn_id)
+            ids, mask, full_length = encode_dialogue(
+                self.tokenizer,
+                user,
+                meta["assistant"],
+                stage=self.stage,
+                max_tokens=self.max_text_tokens,
+                end_of_turn_id=self.end_of_turn_id,
+            )
         except SampleError as exc:
             exc.where = (shard, key)
             raise
-        return {"frames": frames, "ids": ids, "mask": mask, "full_length": full_length, "key": key,
-                "source": source, "kind": kind, "mover_boxes": _mover_boxes(meta, len(frames), self.max_frames)}
+        return {
+            "frames": frames,
+            "ids": ids,
+            "mask": mask,
+            "full_length": full_length,
+            "key": key,
+            "source": source,
+            "kind": kind,
+            "mover_boxes": _mover_boxes(meta, len(frames), self.max_frames),
+        }
 
 
 def _mover_boxes(meta: dict, frames: int, max_frames: int) -> list[list[float]] | None:
@@ -232,9 +262,21 @@ def _worker_init(_):
 class Loader:
     """Iterable over batches with a checkpointable cursor (`state_dict`) and skip counts (`stats`)."""
 
-    def __init__(self, reader: SampleReader, *, train: bool, batch_size: int, seed: int, rank: int,
-                 world_size: int, num_workers: int, max_batch_frames: int, schedule: TrainSchedule | None,
-                 max_samples: int | None, pad_id: int):
+    def __init__(
+        self,
+        reader: SampleReader,
+        *,
+        train: bool,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        max_batch_frames: int,
+        schedule: TrainSchedule | None,
+        max_samples: int | None,
+        pad_id: int,
+    ):
         self.reader = reader
         self.train = train
         self.batch_size = batch_size
@@ -332,8 +374,14 @@ class Loader:
         return -(-len(self._eval_rows) // self.batch_size)
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "stats": dict(self.stats), "bad": sorted(self.bad)}
+        return {
+            "position": self.position,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "stats": dict(self.stats),
+            "bad": sorted(self.bad),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed:
@@ -358,13 +406,29 @@ def sample_reader(cfg, index: DataIndex, tokenizer) -> SampleReader:
     """Reads samples of `index` the way a run of `cfg` trains on them (also what `fvlm data inspect`
     measures)."""
     d = cfg.data
-    return SampleReader(index, tokenizer, image_size=cfg.model.image_size, stage=cfg.train.stage,
-                        max_text_tokens=d.max_text_tokens, max_frames=d.max_frames, fps=d.fps,
-                        replicate_image_frames=d.replicate_image_frames)
+    return SampleReader(
+        index,
+        tokenizer,
+        image_size=cfg.model.image_size,
+        stage=cfg.train.stage,
+        max_text_tokens=d.max_text_tokens,
+        max_frames=d.max_frames,
+        fps=d.fps,
+        replicate_image_frames=d.replicate_image_frames,
+    )
 
 
-def build_loader(cfg, split: str, tokenizer, *, rank: int = 0, world_size: int = 1, train: bool | None = None,
-                 batch_size: int | None = None, max_samples: int | None = None) -> Loader:
+def build_loader(
+    cfg,
+    split: str,
+    tokenizer,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    train: bool | None = None,
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+) -> Loader:
     """A Loader for `split` (train|val|probe|bench). `train` (default: split == "train") makes it an
     endless seeded mixture stream; otherwise each sample of this rank comes once, in index order
     (the first `max_samples` of the split, when given, dealt round-robin over ranks).
@@ -381,6 +445,16 @@ def build_loader(cfg, split: str, tokenizer, *, rank: int = 0, world_size: int =
     reader = sample_reader(cfg, index, tokenizer)
     if batch_size is None:
         batch_size = cfg.train.batch_size if train else cfg.train.eval_batch_size
-    return Loader(reader, train=train, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
-                  num_workers=d.num_workers, max_batch_frames=d.max_batch_frames, schedule=schedule,
-                  max_samples=max_samples, pad_id=tokenizer.pad_token_id)
+    return Loader(
+        reader,
+        train=train,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=d.num_workers,
+        max_batch_frames=d.max_batch_frames,
+        schedule=schedule,
+        max_samples=max_samples,
+        pad_id=tokenizer.pad_token_id,
+    )

@@ -31,8 +31,9 @@ def source_probabilities(index: DataIndex, mix: dict[str, float], text_ratio: fl
     if not sizes:
         raise UsageError("data: no usable samples (every sample was skipped; run `fvlm data inspect`)")
     kind_of = {s: KINDS[int(index.kind_id[index.source_id == index.sources.index(s)][0])] for s in sizes}
-    is_text = {s: bool(np.all(index.kind_id[index.source_id == index.sources.index(s)] == KINDS.index("text")))
-               for s in sizes}
+    is_text = {
+        s: bool(np.all(index.kind_id[index.source_id == index.sources.index(s)] == KINDS.index("text"))) for s in sizes
+    }
     if mix:
         for key in mix:
             if key not in sizes and key not in KINDS:

@@ -40,8 +40,14 @@ from fvlm.config import DataConfig
 GENERATOR_VERSION = 4
 SAMPLES_PER_SHARD = 256
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 230), "yellow": (235, 210, 40),
-    "purple": (150, 60, 200), "orange": (245, 140, 30), "white": (245, 245, 245), "cyan": (40, 200, 210),
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 230),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "cyan": (40, 200, 210),
 }
 SHAPES = ("square", "circle", "triangle", "diamond")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -71,8 +77,16 @@ def _shape_mask(shape: str, d: int) -> np.ndarray:
 
 
 class _Painter:
-    def __init__(self, size: int, rng: np.random.Generator, *, background: str = "texture",
-                 object_scale: tuple[float, float] = (0.125, 0.19), max_objects: int = 5, min_objects: int = 3):
+    def __init__(
+        self,
+        size: int,
+        rng: np.random.Generator,
+        *,
+        background: str = "texture",
+        object_scale: tuple[float, float] = (0.125, 0.19),
+        max_objects: int = 5,
+        min_objects: int = 3,
+    ):
         self.size = size
         self.rng = rng
         self.style = background
@@ -182,15 +196,23 @@ def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
     answer = f"{mover_colour} {mover_shape} {direction}"
     # mover_boxes: the mover's box per frame as shares of the frame side [x0, y0, x1, y1], so that
     # "does the query look at the mover" is measured against where it is, not guessed from pixels.
-    meta = {"source": "video", "frame_count": frames, "task": "motion", "mover_boxes": boxes,
-            "scene": [{"colour": c, "shape": s, "moves": direction if i == 0 else None}
-                      for i, (c, s, _) in enumerate(objects)]}
+    meta = {
+        "source": "video",
+        "frame_count": frames,
+        "task": "motion",
+        "mover_boxes": boxes,
+        "scene": [
+            {"colour": c, "shape": s, "moves": direction if i == 0 else None} for i, (c, s, _) in enumerate(objects)
+        ],
+    }
     if mc:
         # A 2x2 of {the mover, a static object of the same scene} x {its direction, another one}: every
         # object and every direction is in exactly two options, so the text alone favours none of them.
         colour, shape, _ = objects[1 + int(rng.integers(len(objects) - 1))]
         other = str(rng.choice([d for d in DIRECTIONS if d != direction]))
-        options = [f"{c} {s} {d}" for c, s in ((mover_colour, mover_shape), (colour, shape)) for d in (direction, other)]
+        options = [
+            f"{c} {s} {d}" for c, s in ((mover_colour, mover_shape), (colour, shape)) for d in (direction, other)
+        ]
         options = [options[i] for i in rng.permutation(len(options))]
         right = options.index(answer)
         meta["user"], meta["assistant"] = _mc("Which object moves, and where?", options, right)
@@ -201,7 +223,12 @@ def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
     return jpegs, meta
 
 
-REVEAL_PROMPTS = ("What colour does the white object turn?", "What happens to the white shape?", "Describe the clip.", "")
+REVEAL_PROMPTS = (
+    "What colour does the white object turn?",
+    "What happens to the white shape?",
+    "Describe the clip.",
+    "",
+)
 REVEAL_OBJECTS = 4  # the mover and three others: the four options are the four colours on screen
 REVEAL_TRAVEL = 0.16  # the mover's travel over the clip, as a share of the frame side (~1.3 patches at 64 px)
 
@@ -247,13 +274,22 @@ def make_reveal_video(p: _Painter, frames: int, mc: bool, crowd: int | None = No
         p.paint(canvas, "white" if t == 0 else colours[0], shapes[0], sizes[0], x, y)
         boxes.append([round(v / size, 4) for v in (x, y, x + sizes[0], y + sizes[0])])
         jpegs.append(p.finish(canvas))
-    meta = {"source": "video", "frame_count": frames, "task": "reveal", "mover_boxes": boxes,
-            "scene": [{"colour": c, "shape": s, "moves": direction if i == 0 else None}
-                      for i, (c, s) in enumerate(zip(colours, shapes))]}
+    meta = {
+        "source": "video",
+        "frame_count": frames,
+        "task": "reveal",
+        "mover_boxes": boxes,
+        "scene": [
+            {"colour": c, "shape": s, "moves": direction if i == 0 else None}
+            for i, (c, s) in enumerate(zip(colours, shapes))
+        ],
+    }
     if mc:
         # The colours on screen, and colours that are not when fewer than four are.
         options = [palette[i] for i in rng.permutation(REVEAL_OBJECTS)]
-        meta["user"], meta["assistant"] = _mc("What colour does the white object turn?", options, options.index(colours[0]))
+        meta["user"], meta["assistant"] = _mc(
+            "What colour does the white object turn?", options, options.index(colours[0])
+        )
         meta.update(choices=options, answer_index=options.index(colours[0]))
     else:
         meta["user"] = str(rng.choice(REVEAL_PROMPTS))
@@ -285,10 +321,18 @@ def make_image(p: _Painter, mc: bool) -> tuple[bytes, dict]:
     else:
         user, short, answer = f"Where is the {colour} {shape}?", where, f"At the {where}."
         wrong = [f"{v} {h}" for v in ("top", "bottom") for h in ("left", "right")]
-    meta = {"source": "image", "frame_count": 1,
-            "scene": [{"colour": c, "shape": s,
-                       "at": f"{'top' if y + d / 2 < size / 2 else 'bottom'} {'left' if x + d / 2 < size / 2 else 'right'}"}
-                      for c, s, d, x, y in placed]}
+    meta = {
+        "source": "image",
+        "frame_count": 1,
+        "scene": [
+            {
+                "colour": c,
+                "shape": s,
+                "at": f"{'top' if y + d / 2 < size / 2 else 'bottom'} {'left' if x + d / 2 < size / 2 else 'right'}",
+            }
+            for c, s, d, x, y in placed
+        ],
+    }
     if mc:
         options, right = _choices(rng, short, wrong)
         meta["user"], meta["assistant"] = _mc(user, options, right)
@@ -331,7 +375,9 @@ class _ShardWriter:
     def write(self, key: str, meta: dict, images: list[bytes] | None = None, image: bytes | None = None) -> None:
         if self.tar is None or self.count % SAMPLES_PER_SHARD == 0:
             self.close()
-            self.tar = tarfile.open(self.folder / f"{self.prefix}-{self.shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT)
+            self.tar = tarfile.open(
+                self.folder / f"{self.prefix}-{self.shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT
+            )
             self.shard += 1
         self._add(f"{key}.json", json.dumps(meta).encode())
         for t, frame in enumerate(images or []):
@@ -346,8 +392,20 @@ class _ShardWriter:
             self.tar = None
 
 
-def _write_split(folder: Path, split: str, seed: int, *, videos: int, images: int, texts: int, frames: int,
-                 size: int, mc_fraction: float, painter: dict | None = None, video_task: str = "motion") -> dict[str, int]:
+def _write_split(
+    folder: Path,
+    split: str,
+    seed: int,
+    *,
+    videos: int,
+    images: int,
+    texts: int,
+    frames: int,
+    size: int,
+    mc_fraction: float,
+    painter: dict | None = None,
+    video_task: str = "motion",
+) -> dict[str, int]:
     rng = np.random.default_rng([seed, sum(map(ord, split))])
     order = [("video", i) for i in range(videos)] + [("image", i) for i in range(images)]
     order += [("text", i) for i in range(texts)]
@@ -374,10 +432,25 @@ def _write_split(folder: Path, split: str, seed: int, *, videos: int, images: in
     return counts
 
 
-def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames: int, size: int, seed: int,
-                       val: int = 200, probe: int = 10, bench: int = 200, mc_fraction: float = 0.0,
-                       background: str = "texture", object_scale: tuple[float, float] = (0.125, 0.19),
-                       max_objects: int = 5, min_objects: int = 3, video_task: str = "motion") -> dict:
+def generate_synthetic(
+    out_dir,
+    *,
+    videos: int,
+    images: int,
+    texts: int,
+    frames: int,
+    size: int,
+    seed: int,
+    val: int = 200,
+    probe: int = 10,
+    bench: int = 200,
+    mc_fraction: float = 0.0,
+    background: str = "texture",
+    object_scale: tuple[float, float] = (0.125, 0.19),
+    max_objects: int = 5,
+    min_objects: int = 3,
+    video_task: str = "motion",
+) -> dict:
     """Writes train/, val/, probe/ and bench/ shard folders plus manifest.json under `out_dir`.
 
     val keeps the train mix of kinds; probe holds `probe` plain videos for attention heatmaps;
@@ -389,28 +462,62 @@ def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames:
     began = time.perf_counter()
     total = max(1, videos + images + texts)
     val_counts = [round(val * n / total) for n in (videos, images)]
-    style = {"background": background, "object_scale": tuple(object_scale), "max_objects": max_objects,
-             "min_objects": min_objects}
+    style = {
+        "background": background,
+        "object_scale": tuple(object_scale),
+        "max_objects": max_objects,
+        "min_objects": min_objects,
+    }
     if video_task not in VIDEO_TASKS:
         raise ValueError(f"video_task must be one of {sorted(VIDEO_TASKS)}, got {video_task!r}")
     common = {"frames": frames, "size": size, "painter": style, "video_task": video_task}
     splits = {
-        "train": _write_split(out / "train", "train", seed, videos=videos, images=images, texts=texts,
-                              mc_fraction=mc_fraction, **common),
-        "val": _write_split(out / "val", "val", seed, videos=val_counts[0], images=val_counts[1],
-                            texts=max(0, val - sum(val_counts)), mc_fraction=mc_fraction, **common),
+        "train": _write_split(
+            out / "train", "train", seed, videos=videos, images=images, texts=texts, mc_fraction=mc_fraction, **common
+        ),
+        "val": _write_split(
+            out / "val",
+            "val",
+            seed,
+            videos=val_counts[0],
+            images=val_counts[1],
+            texts=max(0, val - sum(val_counts)),
+            mc_fraction=mc_fraction,
+            **common,
+        ),
         "probe": _write_split(out / "probe", "probe", seed, videos=probe, images=0, texts=0, mc_fraction=0.0, **common),
-        "bench": _write_split(out / "bench", "bench", seed, videos=bench - bench // 2, images=bench // 2, texts=0,
-                              mc_fraction=1.0, **common),
+        "bench": _write_split(
+            out / "bench",
+            "bench",
+            seed,
+            videos=bench - bench // 2,
+            images=bench // 2,
+            texts=0,
+            mc_fraction=1.0,
+            **common,
+        ),
     }
     seconds = time.perf_counter() - began
     samples = sum(c[k] for c in splits.values() for k in ("video", "image", "text"))
     manifest = {
         "generator_version": GENERATOR_VERSION,
-        "params": {"videos": videos, "images": images, "texts": texts, "frames": frames, "size": size, "seed": seed,
-                   "val": val, "probe": probe, "bench": bench, "mc_fraction": mc_fraction,
-                   "background": background, "object_scale": list(object_scale), "max_objects": max_objects,
-                   "min_objects": min_objects, "video_task": video_task},
+        "params": {
+            "videos": videos,
+            "images": images,
+            "texts": texts,
+            "frames": frames,
+            "size": size,
+            "seed": seed,
+            "val": val,
+            "probe": probe,
+            "bench": bench,
+            "mc_fraction": mc_fraction,
+            "background": background,
+            "object_scale": list(object_scale),
+            "max_objects": max_objects,
+            "min_objects": min_objects,
+            "video_task": video_task,
+        },
         "splits": splits,
         "samples": samples,
         "seconds": round(seconds, 3),
@@ -421,13 +528,33 @@ def generate_synthetic(out_dir, *, videos: int, images: int, texts: int, frames:
 
 
 def synth_params(d: DataConfig, seed: int) -> dict:
-    params = {"videos": d.synth_videos, "images": d.synth_images, "texts": d.synth_texts, "frames": d.synth_frames,
-              "size": d.synth_size, "seed": seed, "val": d.synth_val, "probe": 10, "bench": 200}
-    scene = {"mc_fraction": d.synth_mc_fraction, "min_objects": d.synth_min_objects,
-             "max_objects": d.synth_max_objects, "object_scale": tuple(d.synth_object_scale),
-             "background": d.synth_background, "video_task": d.synth_video_task}
-    defaults = {"mc_fraction": 0.0, "min_objects": 3, "max_objects": 5, "object_scale": (0.125, 0.19),
-                "background": "texture", "video_task": "motion"}
+    params = {
+        "videos": d.synth_videos,
+        "images": d.synth_images,
+        "texts": d.synth_texts,
+        "frames": d.synth_frames,
+        "size": d.synth_size,
+        "seed": seed,
+        "val": d.synth_val,
+        "probe": 10,
+        "bench": 200,
+    }
+    scene = {
+        "mc_fraction": d.synth_mc_fraction,
+        "min_objects": d.synth_min_objects,
+        "max_objects": d.synth_max_objects,
+        "object_scale": tuple(d.synth_object_scale),
+        "background": d.synth_background,
+        "video_task": d.synth_video_task,
+    }
+    defaults = {
+        "mc_fraction": 0.0,
+        "min_objects": 3,
+        "max_objects": 5,
+        "object_scale": (0.125, 0.19),
+        "background": "texture",
+        "video_task": "motion",
+    }
     # Knobs at their defaults stay out, so that sets generated before the knobs existed keep their folder.
     params.update({k: v for k, v in scene.items() if v != defaults[k]})
     return params
@@ -438,8 +565,9 @@ def ensure_synthetic(data: DataConfig, seed: int, out_dir: str | Path) -> dict[s
     <out_dir>/data/synth-<hash>/; two processes racing both generate, and the first rename wins."""
     params = synth_params(data, seed)
     digest = hashlib.sha256(json.dumps([GENERATOR_VERSION, params], sort_keys=True).encode()).hexdigest()[:10]
-    root = build_once(Path(out_dir) / "data" / f"synth-{digest}", "manifest.json",
-                      lambda tmp: generate_synthetic(tmp, **params))
+    root = build_once(
+        Path(out_dir) / "data" / f"synth-{digest}", "manifest.json", lambda tmp: generate_synthetic(tmp, **params)
+    )
     paths = {split: str(root / split) for split in ("train", "val", "probe", "bench")}
     for split in ("train", "val", "probe"):
         configured = getattr(data, split)

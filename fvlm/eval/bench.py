@@ -63,8 +63,14 @@ def _shard_frames(shard: str, start: int, end: int, kind: str, settings: VisualS
 
     key, parts = read_sample(shard, start, end)
     try:
-        return decode_frames(parts, kind, settings.size, max_frames=settings.max_frames, fps=settings.fps,
-                             replicate_image_frames=settings.image_frames)
+        return decode_frames(
+            parts,
+            kind,
+            settings.size,
+            max_frames=settings.max_frames,
+            fps=settings.fps,
+            replicate_image_frames=settings.image_frames,
+        )
     except SampleError as exc:
         raise UsageError(f"{shard}: sample {key}: cannot decode ({exc.reason})") from None
 
@@ -82,8 +88,10 @@ def parse_mc_sample(user: str, assistant: str, where: str) -> tuple[list[str], i
         return texts, texts.index(reply)
     match = _ANSWER_LETTER.match(assistant)
     if not match or match.group(1) not in letters:
-        raise UsageError(f"{where}: 'assistant' is neither one of the option letters {''.join(letters)} "
-                         f"nor one of the options' texts")
+        raise UsageError(
+            f"{where}: 'assistant' is neither one of the option letters {''.join(letters)} "
+            f"nor one of the options' texts"
+        )
     if reply.rstrip(".") == match.group(1):
         # Answers that are bare letters ("B", "B.") are scored in that same form.
         options = [letter + reply[1:] for letter in letters]
@@ -107,11 +115,16 @@ def read_shard_bench(spec: str, settings: VisualSettings) -> list[Question]:
         meta = read_meta(parts)
         options, answer = parse_mc_sample(str(meta.get("user") or ""), str(meta.get("assistant") or ""), where)
         kind = index.kind_of(row)
-        questions.append(Question(
-            where=where, prompt=meta["user"], options=options, answer=answer,
-            category=str(meta.get("category") or kind),
-            frames=partial(_shard_frames, shard, start, end, kind, settings),
-        ))
+        questions.append(
+            Question(
+                where=where,
+                prompt=meta["user"],
+                options=options,
+                answer=answer,
+                category=str(meta.get("category") or kind),
+                frames=partial(_shard_frames, shard, start, end, kind, settings),
+            )
+        )
     if not questions:
         raise UsageError(f"{spec}: no multiple-choice samples")
     return questions
@@ -143,7 +156,7 @@ def _strip_letters(options: list[str]) -> list[str]:
     """Video-MME style options carry their own letters ("A. ..."); the prompt adds them again."""
     prefixes = [_LETTER_PREFIX.match(o) for o in options]
     if all(m and m.group(1) == LETTERS[i] for i, m in enumerate(prefixes)):
-        return [o[m.end():].strip() for o, m in zip(options, prefixes)]
+        return [o[m.end() :].strip() for o, m in zip(options, prefixes)]
     return options
 
 
@@ -161,8 +174,11 @@ def parse_jsonl_entry(entry, where: str, base: Path) -> tuple[Path, str, list[st
     if not isinstance(entry["question"], str) or not entry["question"].strip():
         raise UsageError(f"{where}: 'question' must be a non-empty string")
     options = entry["options"]
-    if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS) \
-            or not all(isinstance(o, str) and o.strip() for o in options):
+    if (
+        not isinstance(options, list)
+        or not 2 <= len(options) <= len(LETTERS)
+        or not all(isinstance(o, str) and o.strip() for o in options)
+    ):
         raise UsageError(f"{where}: 'options' must be a list of 2 to {len(LETTERS)} non-empty strings")
     options = _strip_letters([o.strip() for o in options])
     answer = _answer_index(entry["answer"], options, where)
@@ -192,13 +208,24 @@ def read_jsonl_bench(path: str | Path, settings: VisualSettings) -> list[Questio
         except json.JSONDecodeError as exc:
             raise UsageError(f"{where}: not valid JSON ({exc.msg})") from None
         video, question, options, answer, category = parse_jsonl_entry(entry, where, path.parent)
-        questions.append(Question(
-            where=where, prompt=mc_prompt(question, options),
-            options=[f"{LETTERS[i]}. {o}" for i, o in enumerate(options)], answer=answer, category=category,
-            frames=partial(load_visual, video, size=settings.size, max_frames=settings.max_frames,
-                           fps=settings.fps, image_frames=settings.image_frames),
-            video=str(video),
-        ))
+        questions.append(
+            Question(
+                where=where,
+                prompt=mc_prompt(question, options),
+                options=[f"{LETTERS[i]}. {o}" for i, o in enumerate(options)],
+                answer=answer,
+                category=category,
+                frames=partial(
+                    load_visual,
+                    video,
+                    size=settings.size,
+                    max_frames=settings.max_frames,
+                    fps=settings.fps,
+                    image_frames=settings.image_frames,
+                ),
+                video=str(video),
+            )
+        )
     if not questions:
         raise UsageError(f"{path}: no questions")
     return questions

@@ -13,35 +13,55 @@ def register(sub) -> None:
         "eval",
         help="validation loss in each inference mode, multiple-choice accuracy, attention pictures",
         description="Evaluate a run's latest checkpoint (or every one with --all-checkpoints, or one checkpoint "
-                    "folder): validation loss of the answer tokens in each mode on the same samples, the gaps "
-                    "between modes with paired 95%% intervals, and multiple-choice accuracy (95%% interval: Wilson, "
-                    "or a bootstrap over whole videos when questions share one; chance level, grey-frame control, "
-                    "per category; paired differences between modes and, with several checkpoints, between "
-                    "checkpoints). DINO runs once per sample for all modes and once per question for all options. "
-                    "Writes <run>/eval/eval.json and eval.md (or --out).",
+        "folder): validation loss of the answer tokens in each mode on the same samples, the gaps "
+        "between modes with paired 95%% intervals, and multiple-choice accuracy (95%% interval: Wilson, "
+        "or a bootstrap over whole videos when questions share one; chance level, grey-frame control, "
+        "per category; paired differences between modes and, with several checkpoints, between "
+        "checkpoints). DINO runs once per sample for all modes and once per question for all options. "
+        "Writes <run>/eval/eval.json and eval.md (or --out).",
     )
     ev.add_argument("target", metavar="RUN_DIR_OR_CKPT")
     ev.add_argument("--modes", help=MODES_HELP)
     ev.add_argument("--data", help="validation shards (default: the run's data.val); 'none' skips the losses")
-    ev.add_argument("--bench", nargs="+", default=[], metavar="FILE",
-                    help="multiple-choice benchmarks: .jsonl files or shard folders/globs "
-                         "(default for synthetic runs: the synthetic bench split)")
+    ev.add_argument(
+        "--bench",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="multiple-choice benchmarks: .jsonl files or shard folders/globs "
+        "(default for synthetic runs: the synthetic bench split)",
+    )
     ev.add_argument("--all-checkpoints", action="store_true", help="evaluate every complete checkpoint of the run")
     ev.add_argument("--out", help="output folder (default: <run>/eval)")
     ev.add_argument("--max-samples", type=int, default=0, help="validation samples (default: all)")
     ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--score", choices=("mean", "sum"), default="mean",
-                    help="option score: mean (default) or sum of the answer tokens' log-likelihood; both are reported")
-    ev.add_argument("--log-samples", action="store_true",
-                    help="also write every benchmark question's per-option scores (mean and summed answer "
-                         "log-likelihood, real and grey frames) and the chosen option, one JSON line per question "
-                         "and mode, to <out>/samples_step_NNNNNNN.jsonl")
-    ev.add_argument("--attention", type=int, default=0, metavar="N",
-                    help="draw where the model looks on the first N probe videos (PNG per video)")
+    ev.add_argument(
+        "--score",
+        choices=("mean", "sum"),
+        default="mean",
+        help="option score: mean (default) or sum of the answer tokens' log-likelihood; both are reported",
+    )
+    ev.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write every benchmark question's per-option scores (mean and summed answer "
+        "log-likelihood, real and grey frames) and the chosen option, one JSON line per question "
+        "and mode, to <out>/samples_step_NNNNNNN.jsonl",
+    )
+    ev.add_argument(
+        "--attention",
+        type=int,
+        default=0,
+        metavar="N",
+        help="draw where the model looks on the first N probe videos (PNG per video)",
+    )
     ev.add_argument("--gif", action="store_true", help="also write a GIF per attention video")
     ev.add_argument("--layer", type=int, help="attention of one DINO layer (default: mean over layers)")
-    overrides.add_arguments(ev, config=False, help_text="run config fields to override (e.g. data.max_frames=16); "
-                                                        "the model is the checkpoint's")
+    overrides.add_arguments(
+        ev,
+        config=False,
+        help_text="run config fields to override (e.g. data.max_frames=16); the model is the checkpoint's",
+    )
     ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     ev.set_defaults(func=cmd_eval)
 
@@ -49,20 +69,29 @@ def register(sub) -> None:
         "generate",
         help="describe a video, frame folder or image with a trained model",
         description="Generate text in autoregressive mode (KV-cached) by default. Images are repeated to the "
-                    "number of frames the run trained images with (data.replicate_image_frames).",
+        "number of frames the run trained images with (data.replicate_image_frames).",
     )
     gen.add_argument("target", metavar="RUN_DIR_OR_CKPT")
-    gen.add_argument("media", metavar="VIDEO_OR_IMAGE", nargs="?",
-                     help="a video file, a folder of frames, or an image; without one, --prompt is answered from "
-                          "text alone")
+    gen.add_argument(
+        "media",
+        metavar="VIDEO_OR_IMAGE",
+        nargs="?",
+        help="a video file, a folder of frames, or an image; without one, --prompt is answered from text alone",
+    )
     gen.add_argument("--prompt", help="the question (default: the data pipeline's prompt for the kind of input)")
-    gen.add_argument("--mode", choices=("coarse_only", "coarse_fine", "autoregressive"),
-                     help="inference mode (default: autoregressive where the model has it)")
+    gen.add_argument(
+        "--mode",
+        choices=("coarse_only", "coarse_fine", "autoregressive"),
+        help="inference mode (default: autoregressive where the model has it)",
+    )
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
-    gen.add_argument("--frames", type=int, help="frames to use (default: the run's data.max_frames, for images "
-                                                "data.replicate_image_frames)")
+    gen.add_argument(
+        "--frames",
+        type=int,
+        help="frames to use (default: the run's data.max_frames, for images data.replicate_image_frames)",
+    )
     gen.add_argument("--attention", metavar="DIR", help="also draw where the model looked into DIR")
     gen.add_argument("--gif", action="store_true", help="with --attention: also a GIF")
     gen.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -88,9 +117,22 @@ def cmd_eval(args) -> int:
         raise UsageError("--batch-size must be >= 1; --max-samples and --attention >= 0")
     _, items = overrides.from_args(args, "eval", config=False)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
-    path = evaluate_run(args.target, out=args.out, all_checkpoints=args.all_checkpoints, modes=modes, data=args.data,
-                        benches=args.bench, overrides=items, max_samples=args.max_samples,
-                        batch_size=args.batch_size, device=args.device, score=args.score, attention=args.attention,
-                        gif=args.gif, layer=args.layer, log_samples=args.log_samples)
+    path = evaluate_run(
+        args.target,
+        out=args.out,
+        all_checkpoints=args.all_checkpoints,
+        modes=modes,
+        data=args.data,
+        benches=args.bench,
+        overrides=items,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        device=args.device,
+        score=args.score,
+        attention=args.attention,
+        gif=args.gif,
+        layer=args.layer,
+        log_samples=args.log_samples,
+    )
     print(f"wrote {path} and {path.with_name('eval.md')}")
     return 0

@@ -59,8 +59,9 @@ def find_checkpoints(target: str | Path, all_checkpoints: bool = False) -> list[
         return [_checkpoint(path, run_dir)]
     if not path.is_dir():
         raise UsageError(f"{path}: no such run or checkpoint folder")
-    found = [_checkpoint(folder, path) for _, folder in rf.complete_checkpoints(path)
-             if (folder / rf.MODEL_FILE).is_file()]
+    found = [
+        _checkpoint(folder, path) for _, folder in rf.complete_checkpoints(path) if (folder / rf.MODEL_FILE).is_file()
+    ]
     if not found:
         raise UsageError(f"{path}: neither a run folder with complete checkpoints nor a saved model")
     found.sort(key=lambda c: c.step)
@@ -75,8 +76,10 @@ def run_config(ckpt: Checkpoint, model_cfg, overrides: list[str]):
     if changed_model:
         # The model is the checkpoint's (architecture, backbones, queries): an override of it would be
         # accepted and silently do nothing.
-        raise UsageError(f"{changed_model[0]}: the model is the checkpoint's and cannot be changed at "
-                         f"evaluation; only data and eval settings can")
+        raise UsageError(
+            f"{changed_model[0]}: the model is the checkpoint's and cannot be changed at "
+            f"evaluation; only data and eval settings can"
+        )
     config_file = ckpt.run_dir / rf.CONFIG if ckpt.run_dir is not None else None
     if config_file is not None and config_file.is_file():
         settings, source = read_yaml(config_file), str(config_file)
@@ -113,7 +116,6 @@ def resolve_modes(requested: list[str] | None, model) -> tuple[str, ...]:
     return tuple(requested)
 
 
-
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -136,7 +138,9 @@ def sample_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_co
     for batch in batches:
         batch = _to(batch, device)
         blocks = model.visual_blocks(batch, modes)
-        grey = model.visual_blocks({**batch, "frames": torch.zeros_like(batch["frames"])}, modes) if blank_control else {}
+        grey = (
+            model.visual_blocks({**batch, "frames": torch.zeros_like(batch["frames"])}, modes) if blank_control else {}
+        )
         for mode in modes:
             visual, visual_mask, _ = blocks[mode]
             total, count = model.loss_over(visual, visual_mask, batch, per_sample=True)
@@ -144,14 +148,24 @@ def sample_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_co
             parts[mode]["tokens"].append(count.cpu())
             if blank_control:
                 visual, visual_mask, _ = grey[mode]
-                parts[mode]["loss_sum_blank"].append(model.loss_over(visual, visual_mask, batch, per_sample=True)[0]
-                                                     .double().cpu())
+                parts[mode]["loss_sum_blank"].append(
+                    model.loss_over(visual, visual_mask, batch, per_sample=True)[0].double().cpu()
+                )
         keys.extend(batch.get("keys") or [None] * batch["input_ids"].shape[0])
         kinds.extend(batch.get("kinds") or [None] * batch["input_ids"].shape[0])
-    empty = {"loss_sum": torch.zeros(0, dtype=torch.float64), "tokens": torch.zeros(0, dtype=torch.long),
-             "loss_sum_blank": torch.zeros(0, dtype=torch.float64)}
-    return {"keys": keys, "kinds": kinds, "modes": {mode: {name: torch.cat(chunks or [empty[name]]).numpy()
-                                           for name, chunks in arrays.items()} for mode, arrays in parts.items()}}
+    empty = {
+        "loss_sum": torch.zeros(0, dtype=torch.float64),
+        "tokens": torch.zeros(0, dtype=torch.long),
+        "loss_sum_blank": torch.zeros(0, dtype=torch.float64),
+    }
+    return {
+        "keys": keys,
+        "kinds": kinds,
+        "modes": {
+            mode: {name: torch.cat(chunks or [empty[name]]).numpy() for name, chunks in arrays.items()}
+            for mode, arrays in parts.items()
+        },
+    }
 
 
 def summarise_losses(per_sample: dict) -> dict:
@@ -174,7 +188,9 @@ def summarise_losses(per_sample: dict) -> dict:
             kind_tokens = int(arrays["tokens"][rows].sum())
             out[mode]["by_kind"][kind] = {
                 "loss": float(arrays["loss_sum"][rows].sum()) / kind_tokens if kind_tokens else float("nan"),
-                "n": int(rows.sum()), "tokens": kind_tokens}
+                "n": int(rows.sum()),
+                "tokens": kind_tokens,
+            }
     return out
 
 
@@ -192,13 +208,24 @@ def mode_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_cont
 def mode_gaps(losses: dict) -> dict:
     """Loss differences of every ordered pair (a positive gap: the second mode is better)."""
     present = [m for m in MODES_ORDER if m in losses]
-    return {f"{a}_minus_{b}": losses[a]["loss"] - losses[b]["loss"]
-            for i, a in enumerate(present) for b in present[i + 1:]}
+    return {
+        f"{a}_minus_{b}": losses[a]["loss"] - losses[b]["loss"] for i, a in enumerate(present) for b in present[i + 1 :]
+    }
 
 
 @torch.no_grad()
-def run_benchmark(model, tokenizer, questions: list[Question], modes: tuple[str, ...], *, batch_size: int = 8,
-                  device="cpu", score: str = "mean", grey_control: bool = True, raw: dict | None = None) -> dict:
+def run_benchmark(
+    model,
+    tokenizer,
+    questions: list[Question],
+    modes: tuple[str, ...],
+    *,
+    batch_size: int = 8,
+    device="cpu",
+    score: str = "mean",
+    grey_control: bool = True,
+    raw: dict | None = None,
+) -> dict:
     """{mode: accuracy summary} for one benchmark. With `grey_control` the same questions are also
     scored with every frame flat grey (the normalised mean; frame count unchanged), under
     `grey_frames`: with balanced options that is chance, and the gap to it is what the pixels bring.
@@ -214,8 +241,9 @@ def run_benchmark(model, tokenizer, questions: list[Question], modes: tuple[str,
         for mode in modes:
             scores[mode].extend(batch_scores[mode])
         if grey_control:
-            grey_scores = score_batch(model, encoded[chunk], torch.zeros_like(frames), frame_mask, modes,
-                                      tokenizer.pad_token_id)
+            grey_scores = score_batch(
+                model, encoded[chunk], torch.zeros_like(frames), frame_mask, modes, tokenizer.pad_token_id
+            )
             for mode in modes:
                 grey[mode].extend(grey_scores[mode])
     out = {mode: summarise(questions, scores[mode], score) for mode in modes}
@@ -228,9 +256,20 @@ def run_benchmark(model, tokenizer, questions: list[Question], modes: tuple[str,
     return out
 
 
-def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str | None, benches: list[str],
-                        overrides: list[str], max_samples: int, batch_size: int, device: str, score: str,
-                        log=print, log_samples: Path | None = None) -> dict:
+def evaluate_checkpoint(
+    ckpt: Checkpoint,
+    *,
+    modes: list[str] | None,
+    data: str | None,
+    benches: list[str],
+    overrides: list[str],
+    max_samples: int,
+    batch_size: int,
+    device: str,
+    score: str,
+    log=print,
+    log_samples: Path | None = None,
+) -> dict:
     """One checkpoint: validation loss per mode with the blank-frame control and the mode gaps with
     their paired intervals (`gap_intervals`), each benchmark's accuracy per mode with the grey-frame
     control and the paired accuracy differences between modes (`bench_differences`). With
@@ -255,8 +294,9 @@ def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str 
     if data != "none":
         if data:
             cfg.data.val = data
-        loader = build_loader(cfg, "val", tokenizer, train=False, batch_size=batch_size,
-                              max_samples=max_samples or None)
+        loader = build_loader(
+            cfg, "val", tokenizer, train=False, batch_size=batch_size, max_samples=max_samples or None
+        )
         per_sample = sample_losses(model, loader, chosen, device)
         entry["modes"] = summarise_losses(per_sample)
         entry["gaps"] = mode_gaps(entry["modes"])
@@ -271,8 +311,9 @@ def evaluate_checkpoint(ckpt: Checkpoint, *, modes: list[str] | None, data: str 
     for name, spec in zip(names, benches):
         questions = read_bench(spec, settings)
         raw: dict = {}
-        entry["bench"][name] = run_benchmark(model, tokenizer, questions, chosen, batch_size=batch_size,
-                                             device=device, score=score, raw=raw)
+        entry["bench"][name] = run_benchmark(
+            model, tokenizer, questions, chosen, batch_size=batch_size, device=device, score=score, raw=raw
+        )
         entry["bench_differences"][name] = paired.accuracy_mode_differences(entry["bench"][name])
         records += paired.sample_records(name, ckpt.step, questions, raw["scores"], raw["grey"], score)
     if log_samples is not None:
@@ -292,31 +333,49 @@ def format_entry(entry: dict) -> str:
     lines = [f"## {entry['run_id']} @ step {entry['step']}", ""]
     if entry["modes"]:
         lines += ["| mode | val loss | blank frames | pixel gain | samples | tokens |", "|---|---|---|---|---|---|"]
-        lines += [f"| {m} | {_num(r['loss'])} | {_num(r.get('loss_blank_frames'))} | {_num(r.get('pixel_gain'))} "
-                  f"| {r['n']} | {r['tokens']} |" for m, r in entry["modes"].items()]
+        lines += [
+            f"| {m} | {_num(r['loss'])} | {_num(r.get('loss_blank_frames'))} | {_num(r.get('pixel_gain'))} "
+            f"| {r['n']} | {r['tokens']} |"
+            for m, r in entry["modes"].items()
+        ]
         intervals = entry.get("gap_intervals") or {}
-        lines += [""] + [f"- {k.replace('_minus_', ' − ')}: {_num(v)}{_interval(intervals.get(k))}"
-                         for k, v in entry["gaps"].items()] + [""]
+        lines += (
+            [""]
+            + [
+                f"- {k.replace('_minus_', ' − ')}: {_num(v)}{_interval(intervals.get(k))}"
+                for k, v in entry["gaps"].items()
+            ]
+            + [""]
+        )
     for name, by_mode in entry.get("bench", {}).items():
-        lines += [f"**{name}** (score: {entry['score']} log-likelihood of the answer tokens)", "",
-                  "| mode | accuracy | 95% CI | chance | n | accuracy (other score) | grey frames | grey 95% CI |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{name}** (score: {entry['score']} log-likelihood of the answer tokens)",
+            "",
+            "| mode | accuracy | 95% CI | chance | n | accuracy (other score) | grey frames | grey 95% CI |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for mode, r in by_mode.items():
             other = next(v for k, v in r.items() if k.startswith("accuracy_"))
             g = r.get("grey_frames") or {"accuracy": None, "ci95": [None, None]}
-            lines.append(f"| {mode} | {_num(r['accuracy'], 3)} | [{_num(r['ci95'][0], 3)}, {_num(r['ci95'][1], 3)}] "
-                         f"| {_num(r['chance'], 3)} | {r['n']} | {_num(other, 3)} | {_num(g['accuracy'], 3)} "
-                         f"| [{_num(g['ci95'][0], 3)}, {_num(g['ci95'][1], 3)}] |")
+            lines.append(
+                f"| {mode} | {_num(r['accuracy'], 3)} | [{_num(r['ci95'][0], 3)}, {_num(r['ci95'][1], 3)}] "
+                f"| {_num(r['chance'], 3)} | {r['n']} | {_num(other, 3)} | {_num(g['accuracy'], 3)} "
+                f"| [{_num(g['ci95'][0], 3)}, {_num(g['ci95'][1], 3)}] |"
+            )
         differences = (entry.get("bench_differences") or {}).get(name) or {}
         if differences:
-            lines += [""] + [f"- accuracy {k.replace('_minus_', ' − ')}: {_num(d['diff'], 3)}{_interval(d, 3)}"
-                             for k, d in differences.items()]
+            lines += [""] + [
+                f"- accuracy {k.replace('_minus_', ' − ')}: {_num(d['diff'], 3)}{_interval(d, 3)}"
+                for k, d in differences.items()
+            ]
         categories = sorted({c for r in by_mode.values() for c in r["per_category"]})
         if len(categories) > 1:
             lines += ["", "| category | " + " | ".join(by_mode) + " |", "|---" * (len(by_mode) + 1) + "|"]
             for c in categories:
-                cells = [f"{_num(r['per_category'][c]['accuracy'], 3)} (n={r['per_category'][c]['n']})"
-                         for r in by_mode.values()]
+                cells = [
+                    f"{_num(r['per_category'][c]['accuracy'], 3)} (n={r['per_category'][c]['n']})"
+                    for r in by_mode.values()
+                ]
                 lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -345,11 +404,24 @@ def write_results(entries: list[dict], out: Path) -> Path:
     return out / rf.EVAL_JSON
 
 
-def evaluate_run(target: str | Path, *, out: Path | None = None, all_checkpoints: bool = False,
-                 modes: list[str] | None = None, data: str | None = None, benches: list[str] | None = None,
-                 overrides: list[str] | None = None, max_samples: int = 0, batch_size: int = 8,
-                 device: str | None = None, score: str = "mean", attention: int = 0, gif: bool = False,
-                 layer: int | None = None, log_samples: bool = False) -> Path:
+def evaluate_run(
+    target: str | Path,
+    *,
+    out: Path | None = None,
+    all_checkpoints: bool = False,
+    modes: list[str] | None = None,
+    data: str | None = None,
+    benches: list[str] | None = None,
+    overrides: list[str] | None = None,
+    max_samples: int = 0,
+    batch_size: int = 8,
+    device: str | None = None,
+    score: str = "mean",
+    attention: int = 0,
+    gif: bool = False,
+    layer: int | None = None,
+    log_samples: bool = False,
+) -> Path:
     """`fvlm eval` as a function: every chosen checkpoint of `target` evaluated, attention pictures of
     the first `attention` probe videos, the results written to `out` (default <run>/eval); returns
     the eval.json written. `log_samples` also writes every question's option scores and chosen option
@@ -359,18 +431,37 @@ def evaluate_run(target: str | Path, *, out: Path | None = None, all_checkpoints
     checkpoints = find_checkpoints(target, all_checkpoints)
     first = checkpoints[0]
     out = Path(out) if out else rf.eval_dir(first.run_dir or first.folder)
-    entries = [evaluate_checkpoint(ckpt, modes=modes, data=data, benches=list(benches or []), overrides=overrides,
-                                   max_samples=max_samples, batch_size=batch_size, device=device, score=score,
-                                   log_samples=out if log_samples else None)
-               for ckpt in checkpoints]
+    entries = [
+        evaluate_checkpoint(
+            ckpt,
+            modes=modes,
+            data=data,
+            benches=list(benches or []),
+            overrides=overrides,
+            max_samples=max_samples,
+            batch_size=batch_size,
+            device=device,
+            score=score,
+            log_samples=out if log_samples else None,
+        )
+        for ckpt in checkpoints
+    ]
     if attention:
-        entries[-1]["attention"] = draw_probe_attention(checkpoints[-1], overrides, attention, out / rf.ATTENTION,
-                                                        device, gif=gif, layer=layer)
+        entries[-1]["attention"] = draw_probe_attention(
+            checkpoints[-1], overrides, attention, out / rf.ATTENTION, device, gif=gif, layer=layer
+        )
     return write_results(entries, out)
 
 
-def draw_probe_attention(ckpt: Checkpoint, overrides: list[str], videos: int, out: Path, device: str,
-                         gif: bool = False, layer: int | None = None) -> dict:
+def draw_probe_attention(
+    ckpt: Checkpoint,
+    overrides: list[str],
+    videos: int,
+    out: Path,
+    device: str,
+    gif: bool = False,
+    layer: int | None = None,
+) -> dict:
     """Pictures of the first `videos` probe videos of the run's data, plus the arrays behind them."""
     model, tokenizer = load_model(ckpt.folder, device=device)
     model.eval()
@@ -386,8 +477,10 @@ def draw_probe_attention(ckpt: Checkpoint, overrides: list[str], videos: int, ou
     if tracked:
         for name in ("coarse_on_mover", "fine_on_mover", "mover_area"):
             summary[f"mean_{name}"] = sum(v[name] for v in tracked) / len(tracked)
-        print(f"attention on the moving object (share of patch mass, {len(tracked)} videos): static query "
-              f"{summary['mean_coarse_on_mover']:.3f}, fine query {summary['mean_fine_on_mover']:.3f} "
-              f"(uniform attention: {summary['mean_mover_area']:.3f})")
+        print(
+            f"attention on the moving object (share of patch mass, {len(tracked)} videos): static query "
+            f"{summary['mean_coarse_on_mover']:.3f}, fine query {summary['mean_fine_on_mover']:.3f} "
+            f"(uniform attention: {summary['mean_mover_area']:.3f})"
+        )
     print(f"attention pictures: {out}")
     return summary

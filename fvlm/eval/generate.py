@@ -10,8 +10,18 @@ from fvlm.errors import UsageError
 from fvlm.eval.media import check_visual_path, load_visual
 
 
-def generate_text(model, tokenizer, frames_uint8, prompt: str, *, mode: str, max_new_tokens: int,
-                  temperature: float, seed: int, device) -> str:
+def generate_text(
+    model,
+    tokenizer,
+    frames_uint8,
+    prompt: str,
+    *,
+    mode: str,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    device,
+) -> str:
     """Greedy (temperature 0) or sampled continuation of the prompt after the visual block (none when
     `frames_uint8` is None: a text-only question); the LLM runs with a KV cache. Stops at the
     end-of-turn token."""
@@ -33,8 +43,15 @@ def generate_text(model, tokenizer, frames_uint8, prompt: str, *, mode: str, max
     }
     generator = torch.Generator(device=device).manual_seed(seed)
     end = end_of_turn_id(tokenizer)
-    new = model.generate(batch, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
-                         eos_token_id=end, use_cache=True, generator=generator)[0].tolist()
+    new = model.generate(
+        batch,
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_id=end,
+        use_cache=True,
+        generator=generator,
+    )[0].tolist()
     if end in new:
         new = new[: new.index(end)]
     return tokenizer.decode(new, skip_special_tokens=True)
@@ -60,23 +77,50 @@ def cmd_generate(args) -> int:
     if mode not in model.supported_modes:
         raise UsageError(f"--mode: this model has no '{mode}' mode (available: {', '.join(model.supported_modes)})")
     if args.media is None:
-        print(generate_text(model, tokenizer, None, args.prompt, mode=mode, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, seed=args.seed, device=device))
+        print(
+            generate_text(
+                model,
+                tokenizer,
+                None,
+                args.prompt,
+                mode=mode,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                seed=args.seed,
+                device=device,
+            )
+        )
         return 0
     cfg = run_config(ckpt, model.cfg, [])
     media = Path(args.media).expanduser()
-    frames = load_visual(media, size=cfg.model.image_size, max_frames=args.frames or cfg.data.max_frames,
-                         fps=cfg.data.fps, image_frames=args.frames or cfg.data.replicate_image_frames)
+    frames = load_visual(
+        media,
+        size=cfg.model.image_size,
+        max_frames=args.frames or cfg.data.max_frames,
+        fps=cfg.data.fps,
+        image_frames=args.frames or cfg.data.replicate_image_frames,
+    )
     prompt = args.prompt if args.prompt is not None else default_prompt(media)
-    text = generate_text(model, tokenizer, frames, prompt, mode=mode, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, seed=args.seed, device=device)
+    text = generate_text(
+        model,
+        tokenizer,
+        frames,
+        prompt,
+        mode=mode,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        device=device,
+    )
     print(text)
     if args.attention:
         from fvlm.data.decode import normalise
         from fvlm.eval.looks import attention_record, draw
 
-        batch = {"frames": normalise(frames)[None].to(device),
-                 "frame_mask": torch.ones(1, frames.shape[0], dtype=torch.bool, device=device)}
+        batch = {
+            "frames": normalise(frames)[None].to(device),
+            "frame_mask": torch.ones(1, frames.shape[0], dtype=torch.bool, device=device),
+        }
         out = Path(args.attention)
         record = attention_record(model, batch, [media.stem], ckpt.step, out)
         looked = draw(record, out, gif=args.gif)[media.stem]

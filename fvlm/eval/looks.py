@@ -49,8 +49,9 @@ def attention_record(model, batch: dict, keys: list[str], step: int, path: Path)
     )
 
 
-def mover_patches(frames: np.ndarray, grid: tuple[int, int], threshold: float = 30.0,
-                  boxes: np.ndarray | None = None) -> np.ndarray:
+def mover_patches(
+    frames: np.ndarray, grid: tuple[int, int], threshold: float = 30.0, boxes: np.ndarray | None = None
+) -> np.ndarray:
     """bool [T, rows, cols]: the mover's patches. With `boxes` ([T, 4], shares of the frame side, as
     the data gives them), the patches at least a quarter covered by the mover's box. Without, the
     patches whose pixels differ from the median frame: right when only the mover changes, as in the
@@ -59,8 +60,9 @@ def mover_patches(frames: np.ndarray, grid: tuple[int, int], threshold: float = 
     rows, cols = grid
     if boxes is not None and np.isfinite(boxes).all():
         ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
-        inside = np.stack([((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
-                           for x0, y0, x1, y1 in boxes])
+        inside = np.stack(
+            [((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :] for x0, y0, x1, y1 in boxes]
+        )
         blocks = inside[:, : rows * (h // rows), : cols * (w // cols)].reshape(t, rows, h // rows, cols, w // cols)
         return blocks.mean(axis=(2, 4)) >= 0.25
     median = np.median(frames.astype(np.float32), axis=0)
@@ -105,21 +107,38 @@ def draw(record: AttentionRecord, out: Path, gif: bool = False, layer: int | Non
     summary = {}
     for video, key in enumerate(record.keys):
         name = key.replace("/", "_")
-        png = render_video(record, video, out / f"{name}.png", layer=layer,
-                           gif_path=out / f"{name}.gif" if gif else None)
+        png = render_video(
+            record, video, out / f"{name}.png", layer=layer, gif_path=out / f"{name}.gif" if gif else None
+        )
         frame_ids = np.flatnonzero(record.frame_mask[video])
-        area = (float(mover_patches(record.frames[video, frame_ids], record.grid, boxes=_boxes(record, video, frame_ids)).mean())
-                if len(frame_ids) > 1 else None)
-        summary[key] = {"png": str(png), "coarse_on_mover": mover_share(record, video, "coarse"),
-                        "fine_on_mover": mover_share(record, video, "fine"), "mover_area": area}
+        area = (
+            float(
+                mover_patches(
+                    record.frames[video, frame_ids], record.grid, boxes=_boxes(record, video, frame_ids)
+                ).mean()
+            )
+            if len(frame_ids) > 1
+            else None
+        )
+        summary[key] = {
+            "png": str(png),
+            "coarse_on_mover": mover_share(record, video, "coarse"),
+            "fine_on_mover": mover_share(record, video, "fine"),
+            "mover_area": area,
+        }
     return summary
 
 
 def save_npz(record: AttentionRecord, path: Path) -> Path:
     """The same arrays training writes to attention/step_NNNNNNN.npz, so `fvlm analyze` can redraw them."""
-    arrays = {"coarse_attn": record.coarse.astype(np.float32), "frames": record.frames,
-              "frame_mask": record.frame_mask, "grid": np.array(record.grid), "keys": np.array(record.keys),
-              "step": np.array(record.step)}
+    arrays = {
+        "coarse_attn": record.coarse.astype(np.float32),
+        "frames": record.frames,
+        "frame_mask": record.frame_mask,
+        "grid": np.array(record.grid),
+        "keys": np.array(record.keys),
+        "step": np.array(record.step),
+    }
     if record.fine is not None:
         arrays["fine_attn"] = record.fine.astype(np.float32)
     if record.mover_boxes is not None:

@@ -22,7 +22,7 @@ MODES_ORDER = ("coarse_only", "coarse_fine", "autoregressive")
 
 def _pairs(modes) -> list[tuple[str, str]]:
     present = [m for m in MODES_ORDER if m in modes]
-    return [(a, b) for i, a in enumerate(present) for b in present[i + 1:]]
+    return [(a, b) for i, a in enumerate(present) for b in present[i + 1 :]]
 
 
 def loss_gap_intervals(per_sample: dict) -> dict[str, dict[str, Any]]:
@@ -64,13 +64,21 @@ def checkpoint_differences(later: dict, earlier: dict) -> dict[str, Any]:
             i_later, i_earlier = (np.array([r[k] for r in rows], dtype=int) for k in (0, 1))
             videos = np.asarray(result.get("videos") or result["question_ids"], dtype=object)[i_later]
             out["bench"].setdefault(name, {})[mode] = paired_difference(
-                np.asarray(result["correct"])[i_later], np.asarray(other[mode]["correct"])[i_earlier],
-                clusters=list(videos))
+                np.asarray(result["correct"])[i_later],
+                np.asarray(other[mode]["correct"])[i_earlier],
+                clusters=list(videos),
+            )
     return out
 
 
-def sample_records(name: str, step: int | None, questions, scores: dict[str, list[np.ndarray]],
-                   grey: dict[str, list[np.ndarray]] | None, score: str) -> list[dict[str, Any]]:
+def sample_records(
+    name: str,
+    step: int | None,
+    questions,
+    scores: dict[str, list[np.ndarray]],
+    grey: dict[str, list[np.ndarray]] | None,
+    score: str,
+) -> list[dict[str, Any]]:
     """One record per question and mode for `--log-samples`: each option's mean and summed answer
     log-likelihood, the option chosen by `score`, and the same with every frame grey."""
     from fvlm.eval.scoring import chosen_options
@@ -80,14 +88,27 @@ def sample_records(name: str, step: int | None, questions, scores: dict[str, lis
         chosen = chosen_options(per_question, score)
         grey_chosen = chosen_options(grey[mode], score) if grey else None
         for i, (q, s) in enumerate(zip(questions, per_question)):
-            record = {"benchmark": name, "step": step, "mode": mode, "question_id": q.where, "video": q.cluster,
-                      "category": q.category, "options": list(q.options), "answer": q.answer,
-                      "scores_mean": [float(v) for v in s[:, 1]], "scores_sum": [float(v) for v in s[:, 0]],
-                      "score": score, "chosen": chosen[i], "correct": chosen[i] == q.answer}
+            record = {
+                "benchmark": name,
+                "step": step,
+                "mode": mode,
+                "question_id": q.where,
+                "video": q.cluster,
+                "category": q.category,
+                "options": list(q.options),
+                "answer": q.answer,
+                "scores_mean": [float(v) for v in s[:, 1]],
+                "scores_sum": [float(v) for v in s[:, 0]],
+                "score": score,
+                "chosen": chosen[i],
+                "correct": chosen[i] == q.answer,
+            }
             if grey is not None and grey_chosen is not None:
-                record.update(grey_scores_mean=[float(v) for v in grey[mode][i][:, 1]],
-                              grey_scores_sum=[float(v) for v in grey[mode][i][:, 0]],
-                              grey_chosen=grey_chosen[i])
+                record.update(
+                    grey_scores_mean=[float(v) for v in grey[mode][i][:, 1]],
+                    grey_scores_sum=[float(v) for v in grey[mode][i][:, 0]],
+                    grey_chosen=grey_chosen[i],
+                )
             records.append(record)
     return records
 

@@ -65,8 +65,10 @@ def encode_question(tokenizer, question: Question) -> Encoded:
         dialogue = user + [{"role": "assistant", "content": option}]
         ids = list(tokenizer.apply_chat_template(dialogue, tokenize=True)["input_ids"])
         if ids[: len(prompt)] != prompt:
-            raise UsageError(f"{question.where}: the tokenizer's chat template does not extend the prompt with the answer")
-        answer = ids[len(prompt):]
+            raise UsageError(
+                f"{question.where}: the tokenizer's chat template does not extend the prompt with the answer"
+            )
+        answer = ids[len(prompt) :]
         if end is not None and end in answer:
             answer = answer[: answer.index(end) + 1]
         if not answer:
@@ -107,8 +109,9 @@ def _token_logprobs(model, predictors: torch.Tensor, targets: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def score_batch(model, encoded: list[Encoded], frames: torch.Tensor, frame_mask: torch.Tensor,
-                modes: tuple[str, ...], pad_id: int) -> dict[str, list[np.ndarray]]:
+def score_batch(
+    model, encoded: list[Encoded], frames: torch.Tensor, frame_mask: torch.Tensor, modes: tuple[str, ...], pad_id: int
+) -> dict[str, list[np.ndarray]]:
     """{mode: per question, an array [n_options, 2] of (sum, mean) answer log-likelihoods}."""
     device = frames.device
     blocks = model.visual_blocks({"frames": frames, "frame_mask": frame_mask}, modes)
@@ -141,8 +144,9 @@ def score_batch(model, encoded: list[Encoded], frames: torch.Tensor, frame_mask:
 
 
 @torch.no_grad()
-def score_option_alone(model, encoded: Encoded, option: int, frames: torch.Tensor, frame_mask: torch.Tensor,
-                       mode: str) -> tuple[float, float]:
+def score_option_alone(
+    model, encoded: Encoded, option: int, frames: torch.Tensor, frame_mask: torch.Tensor, mode: str
+) -> tuple[float, float]:
     """The plain way, kept as the reference the batched path is checked and benchmarked against:
     DINO, the visual block and the whole [visual + prompt + answer] sequence for this one option."""
     visual, visual_mask = model.visual_tokens({"frames": frames, "frame_mask": frame_mask}, mode)
@@ -213,7 +217,8 @@ def summarise(questions: list[Question], scores: list[np.ndarray], score: str = 
     per_category = {}
     for category in sorted({q.category for q in questions}):
         rows = [i for i, q in enumerate(questions) if q.category == category]
-        per_category[category] = accuracy_summary([correct[i] for i in rows], [options[i] for i in rows],
-                                                  [clusters[i] for i in rows])
+        per_category[category] = accuracy_summary(
+            [correct[i] for i in rows], [options[i] for i in rows], [clusters[i] for i in rows]
+        )
     result["per_category"] = per_category
     return result

@@ -58,8 +58,16 @@ def paired_difference(a, b, weights=None, *, clusters=None, n_boot: int = N_BOOT
     n = len(a)
     nan = float("nan")
     if n == 0:
-        return {"n": 0, "n_clusters": 0, "a": nan, "b": nan, "diff": nan, "se": nan, "ci95": [nan, nan],
-                "ci95_bootstrap": [nan, nan]}
+        return {
+            "n": 0,
+            "n_clusters": 0,
+            "a": nan,
+            "b": nan,
+            "diff": nan,
+            "se": nan,
+            "ci95": [nan, nan],
+            "ci95_bootstrap": [nan, nan],
+        }
     d = a - b
     total = w.sum()
     diff = float((w * d).sum() / total)
@@ -68,7 +76,7 @@ def paired_difference(a, b, weights=None, *, clusters=None, n_boot: int = N_BOOT
     w_c = np.bincount(cluster, weights=w, minlength=n_clusters)
     if n_clusters > 1:
         residual = wd_c - diff * w_c
-        se = float(math.sqrt(n_clusters / (n_clusters - 1) * float((residual ** 2).sum())) / total)
+        se = float(math.sqrt(n_clusters / (n_clusters - 1) * float((residual**2).sum())) / total)
     else:
         se = nan
     rng = np.random.default_rng(seed)
@@ -102,5 +110,6 @@ def clustered_accuracy_interval(correct, clusters, *, n_boot: int = N_BOOT, seed
     correct = np.asarray(correct, dtype=np.float64)
     if len(set(clusters)) < 2:
         return [0.0, 1.0]
-    return paired_difference(correct, np.zeros_like(correct), clusters=clusters, n_boot=n_boot,
-                             seed=seed)["ci95_bootstrap"]
+    return paired_difference(correct, np.zeros_like(correct), clusters=clusters, n_boot=n_boot, seed=seed)[
+        "ci95_bootstrap"
+    ]

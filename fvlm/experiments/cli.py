@@ -17,17 +17,28 @@ from fvlm.experiments.slurm import SlurmSettings
 def _add_common(parser: argparse.ArgumentParser, default_hint: str) -> None:
     parser.add_argument("--preset", default="tiny", help="tiny (CPU, synthetic data, minutes) or paper (the plan)")
     parser.add_argument("--out", help=f"output folder (default: {default_hint})")
-    parser.add_argument("--data", help="data: a folder with train/ val/ probe/ (as `fvlm data synth` writes) or a "
-                                       "shard folder / mix file for data.train (default: the preset's)")
+    parser.add_argument(
+        "--data",
+        help="data: a folder with train/ val/ probe/ (as `fvlm data synth` writes) or a "
+        "shard folder / mix file for data.train (default: the preset's)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the run matrix and time estimate; run nothing")
     parser.add_argument("--json", action="store_true", help="with --dry-run: the matrix as JSON")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="runs side by side on a CPU machine (default: the preset's, at most the CPU count)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs side by side on a CPU machine (default: the preset's, at most the CPU count)",
+    )
     parser.add_argument("--retry-failed", action="store_true", help="run failed runs again instead of skipping them")
     parser.add_argument("--no-measure", action="store_true", help="with --dry-run: do not time the models here")
-    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
-                        help="local: run here (default); slurm: submit each run as a SLURM job through submitit "
-                             "and wait for them (re-running re-attaches and never submits a run twice)")
+    parser.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        default="local",
+        help="local: run here (default); slurm: submit each run as a SLURM job through submitit "
+        "and wait for them (re-running re-attaches and never submits a run twice)",
+    )
     slurm = parser.add_argument_group("SLURM (with --launcher slurm)")
     slurm.add_argument("--slurm-partition")
     slurm.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per node for each run (torchrun inside)")
@@ -37,30 +48,44 @@ def _add_common(parser: argparse.ArgumentParser, default_hint: str) -> None:
     slurm.add_argument("--slurm-qos")
     slurm.add_argument("--slurm-cpus-per-gpu", type=int, default=8)
     slurm.add_argument("--slurm-mem-gb", type=int)
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides for every run; SIZE:key=value (e.g. M:optim.lr_llm=5e-6, "
-                             "L:model.llm=/models/SmolLM2-1.7B) for one size of the scaling grid")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides for every run; SIZE:key=value (e.g. M:optim.lr_llm=5e-6, "
+        "L:model.llm=/models/SmolLM2-1.7B) for one size of the scaling grid",
+    )
 
 
 def register(sub) -> None:
-    sweep = sub.add_parser("sweep", help="run one of the plan's sweeps (ablations or the scaling grid)",
-                           description="Run the plan's ablation sweep or scaling grid. Re-running the same "
-                                       "command skips finished runs and resumes an interrupted one.")
+    sweep = sub.add_parser(
+        "sweep",
+        help="run one of the plan's sweeps (ablations or the scaling grid)",
+        description="Run the plan's ablation sweep or scaling grid. Re-running the same "
+        "command skips finished runs and resumes an interrupted one.",
+    )
     kinds = sweep.add_subparsers(dest="sweep_kind", metavar="KIND", required=True)
     abl = kinds.add_parser("ablations", help="Phase 1a: F1-F3, LR2-LR4, A1, A6, B1, A8a/b, D1")
     _add_common(abl, "runs/phase1-<preset>/ablations")
     abl.set_defaults(func=cmd_sweep_ablations)
     sca = kinds.add_parser("scaling", help="Phase 1b: sizes x FLOP budgets x {foveated, multi-token}")
     _add_common(sca, "runs/phase1-<preset>/scaling")
-    sca.add_argument("--flops-formula", choices=("exact", "seed"), default="exact",
-                     help="samples per cell from the exact FLOP counter, or the plan's 2*N*tokens (seed)")
+    sca.add_argument(
+        "--flops-formula",
+        choices=("exact", "seed"),
+        default="exact",
+        help="samples per cell from the exact FLOP counter, or the plan's 2*N*tokens (seed)",
+    )
     sca.add_argument("--winner", help="locked_config.json of an ablation sweep (or its folder) to apply to every cell")
     sca.set_defaults(func=cmd_sweep_scaling)
 
-    p1 = sub.add_parser("phase1", help="the main job: ablations -> locked config -> scaling grid -> report",
-                        description="Phase 1 end to end: the ablation sweep, the locked config chosen from "
-                                    "it, the scaling grid with that config, and the analysis report. "
-                                    "Re-running resumes.")
+    p1 = sub.add_parser(
+        "phase1",
+        help="the main job: ablations -> locked config -> scaling grid -> report",
+        description="Phase 1 end to end: the ablation sweep, the locked config chosen from "
+        "it, the scaling grid with that config, and the analysis report. "
+        "Re-running resumes.",
+    )
     _add_common(p1, "runs/phase1-<preset>")
     p1.add_argument("--flops-formula", choices=("exact", "seed"), default="exact")
     p1.set_defaults(func=cmd_phase1)
@@ -70,9 +95,16 @@ def _slurm(args) -> SlurmSettings | None:
     """The SLURM settings of `--launcher slurm`, or None for the local launcher."""
     if args.launcher != "slurm":
         return None
-    settings = SlurmSettings(partition=args.slurm_partition, gpus_per_node=args.slurm_gpus, nodes=args.slurm_nodes,
-                             time_min=args.slurm_time, account=args.slurm_account, qos=args.slurm_qos,
-                             cpus_per_gpu=args.slurm_cpus_per_gpu, mem_gb=args.slurm_mem_gb)
+    settings = SlurmSettings(
+        partition=args.slurm_partition,
+        gpus_per_node=args.slurm_gpus,
+        nodes=args.slurm_nodes,
+        time_min=args.slurm_time,
+        account=args.slurm_account,
+        qos=args.slurm_qos,
+        cpus_per_gpu=args.slurm_cpus_per_gpu,
+        mem_gb=args.slurm_mem_gb,
+    )
     settings.validate()
     if not args.dry_run:
         try:
@@ -124,6 +156,14 @@ def cmd_phase1(args) -> int:
     if args.dry_run:
         phase1.dry_run_phase1(plan, args.flops_formula, jobs, measure=not args.no_measure, as_json=args.json)
     else:
-        phase1.run_phase1(plan.preset, plan.folder, plan.common, plan.by_size, jobs, args.flops_formula,
-                          args.retry_failed, _slurm(args))
+        phase1.run_phase1(
+            plan.preset,
+            plan.folder,
+            plan.common,
+            plan.by_size,
+            jobs,
+            args.flops_formula,
+            args.retry_failed,
+            _slurm(args),
+        )
     return 0

@@ -49,8 +49,13 @@ def choose(qid: str, table: Table, specs: dict[str, RunSpec]) -> dict[str, Any]:
     result = ablations.answer(_question(qid), table)
     if result is None:
         found = [r.run_id for r in ablations.members(_question(qid), table)]
-        return {"question": qid, "choice": None, "adopted": {}, "runs": found,
-                "reason": f"not enough finished runs to compare (found {', '.join(found) or 'none'})"}
+        return {
+            "question": qid,
+            "choice": None,
+            "adopted": {},
+            "runs": found,
+            "reason": f"not enough finished runs to compare (found {', '.join(found) or 'none'})",
+        }
     if result["winner"] is None:  # the runs are there, an input the decision needs is not
         return {"question": qid, "choice": None, "adopted": {}, "runs": result["runs"], "reason": result["verdict"]}
     winner = result["winner"]
@@ -62,22 +67,35 @@ def choose(qid: str, table: Table, specs: dict[str, RunSpec]) -> dict[str, Any]:
     if preferred and preferred != winner and preferred in result["runs"] and preferred not in result["unstable"]:
         best, best_noise = _score(result, winner)
         alt, alt_noise = _score(result, preferred)
-        noise = math.sqrt(best_noise ** 2 + alt_noise ** 2)
+        noise = math.sqrt(best_noise**2 + alt_noise**2)
         if math.isfinite(noise) and alt - best <= noise:
-            reason = (f"{preferred} is within noise of {winner} ({alt - best:.4g} <= {noise:.4g}); "
-                      f"the plan prefers {preferred} then")
+            reason = (
+                f"{preferred} is within noise of {winner} ({alt - best:.4g} <= {noise:.4g}); "
+                f"the plan prefers {preferred} then"
+            )
             winner = preferred
     if qid == "data_mix" and winner != "F3" and "by_kind" not in result:
         if not (math.isfinite(result["noise"]) and result["margin"] > result["noise"]):
-            reason = f"D1 beats F3 by {result['margin']:.4g}, not more than the noise {result['noise']:.4g}: keep the mix"
+            reason = (
+                f"D1 beats F3 by {result['margin']:.4g}, not more than the noise {result['noise']:.4g}: keep the mix"
+            )
             winner = "F3"
     spec = specs.get(winner)
     adopted = {k: v for k, v in (spec.diff if spec else {}).items() if k in KNOBS[qid]}
     if qid == "data_mix" and winner == "F3":
         adopted = {}
-    return {"question": qid, "choice": winner, "adopted": adopted, "runs": result["runs"],
-            "analysis_winner": result["winner"], "margin": result["margin"], "noise": result["noise"],
-            "verdict": result["verdict"], "unstable": result["unstable"], "reason": reason}
+    return {
+        "question": qid,
+        "choice": winner,
+        "adopted": adopted,
+        "runs": result["runs"],
+        "analysis_winner": result["winner"],
+        "margin": result["margin"],
+        "noise": result["noise"],
+        "verdict": result["verdict"],
+        "unstable": result["unstable"],
+        "reason": reason,
+    }
 
 
 def freeze_choice(folder: Path, specs: list[RunSpec]) -> dict[str, Any]:
@@ -102,8 +120,12 @@ def lock(folder: Path, specs: list[RunSpec], skipped: dict[str, str] | None = No
     overrides: dict[str, Any] = {}
     for c in choices:
         overrides.update(c["adopted"])
-    record = {"overrides": overrides, "choices": choices, "skipped_runs": skipped or {},
-              "reported_not_adopted": ["deep_query (A1)", "two_pass (A6)", "efficiency (B1)"]}
+    record = {
+        "overrides": overrides,
+        "choices": choices,
+        "skipped_runs": skipped or {},
+        "reported_not_adopted": ["deep_query (A1)", "two_pass (A6)", "efficiency (B1)"],
+    }
     (folder / "locked_config.json").write_text(json.dumps(_jsonable(record), indent=2) + "\n")
     return record
 

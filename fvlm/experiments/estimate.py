@@ -40,7 +40,9 @@ def _shape_key(model_cfg) -> tuple[str, str]:
     return Path(str(model_cfg.llm)).name, model_cfg.arch
 
 
-def measured_mfu(gpu_name: str, folders: list[Path], bench_file: Path = MEASURED_MFU_FILE) -> dict[tuple[str, str], tuple[float, str]]:
+def measured_mfu(
+    gpu_name: str, folders: list[Path], bench_file: Path = MEASURED_MFU_FILE
+) -> dict[tuple[str, str], tuple[float, str]]:
     """{(llm shape, arch): (MFU, where it was measured)} for the GPU kind of `gpu_name`: finished runs
     under `folders` first (they are this sweep's own), then the benchmark file."""
     kind = gpu_kind(gpu_name)
@@ -128,8 +130,14 @@ def _model_key(cfg: RunConfig) -> str:
     return json.dumps([cfg.model.__dict__, cfg.train.batch_size, cfg.train.cpu_threads], sort_keys=True, default=str)
 
 
-def estimate(planned: list, preset: Preset, jobs: int, measure: bool = True, folders: list[Path] | None = None,
-             bench_file: Path = MEASURED_MFU_FILE) -> dict[str, Any]:
+def estimate(
+    planned: list,
+    preset: Preset,
+    jobs: int,
+    measure: bool = True,
+    folders: list[Path] | None = None,
+    bench_file: Path = MEASURED_MFU_FILE,
+) -> dict[str, Any]:
     """Per-run and total time estimates for a list of runner.Planned; `folders` are sweep folders
     whose finished runs may have measured MFU."""
     import torch
@@ -147,8 +155,12 @@ def estimate(planned: list, preset: Preset, jobs: int, measure: bool = True, fol
         t = p.cfg.train
         steps = max(1, math.ceil(p.spec.samples / (t.batch_size * t.grad_accum)))
         evals = math.ceil(steps / t.eval_every) if t.eval_every else 0
-        row = {"run_id": p.spec.run_id, "samples": p.spec.samples, "flops": p.spec.samples * p.flops_per_sample,
-               "flops_per_sample": p.flops_per_sample}
+        row = {
+            "run_id": p.spec.run_id,
+            "samples": p.spec.samples,
+            "flops": p.spec.samples * p.flops_per_sample,
+            "flops_per_sample": p.flops_per_sample,
+        }
         if can_measure:
             key = _model_key(p.cfg)
             if key not in speed:
@@ -176,17 +188,27 @@ def estimate(planned: list, preset: Preset, jobs: int, measure: bool = True, fol
         assumed = sum(r["mfu_source"] == "assumed" for r in rows)
         parts = []
         if measured:
-            parts.append(f"{len(rows) - assumed} run(s) at MFU measured on {preset.gpu_name}-class GPUs "
-                         f"({'; '.join(measured)})")
+            parts.append(
+                f"{len(rows) - assumed} run(s) at MFU measured on {preset.gpu_name}-class GPUs ({'; '.join(measured)})"
+            )
         if assumed:
-            parts.append(f"{assumed} run(s) at an assumed {preset.assumed_mfu:.0%} MFU (no measurement for their "
-                         f"model shape on a {gpu_kind(preset.gpu_name) or preset.gpu_name}; run benchmarks/gpu_check.py)")
-        basis = (f"planned FLOPs on {preset.gpus} x {preset.gpu_name} ({preset.gpu_peak_flops / 1e12:.0f} TFLOP/s "
-                 f"bf16 peak; too large to time on this CPU): " + ", ".join(parts))
+            parts.append(
+                f"{assumed} run(s) at an assumed {preset.assumed_mfu:.0%} MFU (no measurement for their "
+                f"model shape on a {gpu_kind(preset.gpu_name) or preset.gpu_name}; run benchmarks/gpu_check.py)"
+            )
+        basis = (
+            f"planned FLOPs on {preset.gpus} x {preset.gpu_name} ({preset.gpu_peak_flops / 1e12:.0f} TFLOP/s "
+            f"bf16 peak; too large to time on this CPU): " + ", ".join(parts)
+        )
         wall = total
         gpu_hours = total * preset.gpus / 3600
-    out = {"rows": rows, "basis": basis, "total_run_seconds": total, "wall_seconds": wall,
-           "total_flops": sum(r["flops"] for r in rows)}
+    out = {
+        "rows": rows,
+        "basis": basis,
+        "total_run_seconds": total,
+        "wall_seconds": wall,
+        "total_flops": sum(r["flops"] for r in rows),
+    }
     if gpu_hours is not None:
         out["gpu_hours"] = gpu_hours
         out["cost_usd"] = gpu_hours * preset.gpu_hour_cost

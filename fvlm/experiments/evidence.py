@@ -118,15 +118,23 @@ def fingerprint(run_dir: Path) -> dict[str, Any]:
     except UsageError as exc:
         return {"status": "no checkpoint", "error": str(exc)}
     stat = (ckpt.folder / rf.MODEL_FILE).stat()
-    return {"status": status, "checkpoint": ckpt.folder.name, "step": ckpt.step, "model_bytes": stat.st_size,
-            "model_mtime_ns": stat.st_mtime_ns}
+    return {
+        "status": status,
+        "checkpoint": ckpt.folder.name,
+        "step": ckpt.step,
+        "model_bytes": stat.st_size,
+        "model_mtime_ns": stat.st_mtime_ns,
+    }
 
 
 def grid_cells(scaling_dir: Path, budget: str | None = None, sizes: tuple[str, ...] | None = None) -> list[str]:
     """The grid's cells of one budget (default: the largest found), F and B (not B-isoflop), in
     size order (`sizes`, else by name) and F before B."""
-    found = [m for m in (GRID_CELL.match(p.name) for p in sorted(scaling_dir.iterdir())
-                         if p.is_dir()) if m] if scaling_dir.is_dir() else []
+    found = (
+        [m for m in (GRID_CELL.match(p.name) for p in sorted(scaling_dir.iterdir()) if p.is_dir()) if m]
+        if scaling_dir.is_dir()
+        else []
+    )
     if not found:
         return []
     if budget is None:
@@ -146,8 +154,9 @@ class Target:
     attention: bool
 
 
-def targets(ablation_dir: Path, scaling_dir: Path, budget: str | None = None,
-            sizes: tuple[str, ...] | None = None) -> list[Target]:
+def targets(
+    ablation_dir: Path, scaling_dir: Path, budget: str | None = None, sizes: tuple[str, ...] | None = None
+) -> list[Target]:
     from fvlm.experiments.matrix import ABLATION_IDS
 
     out = []
@@ -178,8 +187,13 @@ def _pixel_rows(per_sample: dict, settings: EvidenceSettings) -> dict[str, Any]:
         with np.errstate(invalid="ignore", divide="ignore"):
             grey, real = arrays["loss_sum_blank"] / tokens, arrays["loss_sum"] / tokens
         paired = paired_difference(grey, real, tokens, n_boot=settings.n_boot, seed=settings.seed)
-        out[mode] = {**row, "se": paired["se"], "ci95": paired["ci95"], "ci95_bootstrap": paired["ci95_bootstrap"],
-                     "above_noise": verdict(paired["ci95"]) == "yes"}
+        out[mode] = {
+            **row,
+            "se": paired["se"],
+            "ci95": paired["ci95"],
+            "ci95_bootstrap": paired["ci95_bootstrap"],
+            "above_noise": verdict(paired["ci95"]) == "yes",
+        }
     return out
 
 
@@ -190,8 +204,18 @@ def _attention(model, cfg, tokenizer, settings: EvidenceSettings, step) -> dict[
     from fvlm.data.loader import build_loader
     from fvlm.eval.looks import attention_record, mover_shares
 
-    batch = next(iter(build_loader(cfg, "probe", tokenizer, train=False, batch_size=settings.probe_videos,
-                                   max_samples=settings.probe_videos)))
+    batch = next(
+        iter(
+            build_loader(
+                cfg,
+                "probe",
+                tokenizer,
+                train=False,
+                batch_size=settings.probe_videos,
+                max_samples=settings.probe_videos,
+            )
+        )
+    )
     batch = {k: v.to(settings.device) if hasattr(v, "to") else v for k, v in batch.items()}
     record = attention_record(model, batch, batch["keys"], step, Path("unused.npz"))  # nothing is saved
     per_t: dict[int, dict[str, list[float]]] = {}
@@ -206,11 +230,23 @@ def _attention(model, cfg, tokenizer, settings: EvidenceSettings, step) -> dict[
     def mean(values):
         return float(np.mean(values)) if values else None
 
-    frames = [{"t": t, "videos": len(c["static"]), "fine": mean(c["fine"]), "static": mean(c["static"]),
-               "uniform": mean(c["uniform"])} for t, c in sorted(per_t.items())]
+    frames = [
+        {
+            "t": t,
+            "videos": len(c["static"]),
+            "fine": mean(c["fine"]),
+            "static": mean(c["static"]),
+            "uniform": mean(c["uniform"]),
+        }
+        for t, c in sorted(per_t.items())
+    ]
     every = {k: [v for c in per_t.values() for v in c[k]] for k in ("fine", "static", "uniform")}
-    return {"videos": len(record.keys), "has_fine": record.fine is not None, "frames": frames,
-            "overall": {k: mean(v) for k, v in every.items()}}
+    return {
+        "videos": len(record.keys),
+        "has_fine": record.fine is not None,
+        "frames": frames,
+        "overall": {k: mean(v) for k, v in every.items()},
+    }
 
 
 def evaluate_run(target: Target, settings: EvidenceSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -234,29 +270,52 @@ def evaluate_run(target: Target, settings: EvidenceSettings, log: Callable[[str]
     # header, not the prompt), whatever stage the run trained with: the loss of what it answers.
     cfg.train.stage = 2
     modes = resolve_modes(None, model)
-    entry: dict[str, Any] = {"status": "ok", "step": ckpt.step, "arch": type(model).__name__,
-                             "default_mode": model.default_mode, "modes": list(modes)}
+    entry: dict[str, Any] = {
+        "status": "ok",
+        "step": ckpt.step,
+        "arch": type(model).__name__,
+        "default_mode": model.default_mode,
+        "modes": list(modes),
+    }
     with torch.no_grad():
-        loader = build_loader(cfg, "val", tokenizer, train=False, batch_size=settings.batch_size,
-                              max_samples=settings.max_samples)
+        loader = build_loader(
+            cfg, "val", tokenizer, train=False, batch_size=settings.batch_size, max_samples=settings.max_samples
+        )
         per_sample = sample_losses(model, loader, modes, settings.device)
         entry["pixel"] = _pixel_rows(per_sample, settings)
-        entry["samples"] = {"keys": [str(k) for k in per_sample["keys"]],
-                            "modes": {m: {"tokens": [int(x) for x in a["tokens"]], "loss_sum": _rounded(a["loss_sum"]),
-                                          "loss_sum_grey": _rounded(a["loss_sum_blank"])}
-                                      for m, a in per_sample["modes"].items()}}
+        entry["samples"] = {
+            "keys": [str(k) for k in per_sample["keys"]],
+            "modes": {
+                m: {
+                    "tokens": [int(x) for x in a["tokens"]],
+                    "loss_sum": _rounded(a["loss_sum"]),
+                    "loss_sum_grey": _rounded(a["loss_sum_blank"]),
+                }
+                for m, a in per_sample["modes"].items()
+            },
+        }
         entry["bench"] = None
         if target.bench_modes is not None:
             bench = Path(split_path(cfg, "val")).parent / "bench"
             if bench.is_dir():
                 questions = read_bench(str(bench), VisualSettings.from_config(cfg))[: settings.max_questions]
                 wanted = tuple(m for m in (target.bench_modes or (model.default_mode,)) if m in modes)
-                result = run_benchmark(model, tokenizer, questions, wanted, batch_size=settings.batch_size,
-                                       device=settings.device, score=settings.score)
+                result = run_benchmark(
+                    model,
+                    tokenizer,
+                    questions,
+                    wanted,
+                    batch_size=settings.batch_size,
+                    device=settings.device,
+                    score=settings.score,
+                )
                 keep = ("accuracy", "ci95", "chance", "n", "correct", "grey_frames")
-                entry["bench"] = {"split": str(bench), "questions": len(questions),
-                                  "digest": hashlib.sha1("\n".join(q.where for q in questions).encode()).hexdigest(),
-                                  "modes": {m: {k: r[k] for k in keep} for m, r in result.items()}}
+                entry["bench"] = {
+                    "split": str(bench),
+                    "questions": len(questions),
+                    "digest": hashlib.sha1("\n".join(q.where for q in questions).encode()).hexdigest(),
+                    "modes": {m: {k: r[k] for k in keep} for m, r in result.items()},
+                }
             else:
                 entry["bench_note"] = f"no benchmark split at {bench}"
         entry["attention"] = None
@@ -270,8 +329,10 @@ def evaluate_run(target: Target, settings: EvidenceSettings, log: Callable[[str]
     gains = ", ".join(f"{m} {r['pixel_gain']:+.4f} (se {r['se']:.4f})" for m, r in entry["pixel"].items())
     bench_text = ""
     if entry["bench"]:
-        bench_text = "; bench " + ", ".join(f"{m} {r['accuracy']:.3f} (grey {r['grey_frames']['accuracy']:.3f})"
-                                            for m, r in entry["bench"]["modes"].items())
+        bench_text = "; bench " + ", ".join(
+            f"{m} {r['accuracy']:.3f} (grey {r['grey_frames']['accuracy']:.3f})"
+            for m, r in entry["bench"]["modes"].items()
+        )
     log(f"[evidence] {target.run_id}: pixel gain {gains}{bench_text} ({entry['seconds']:.0f}s)")
     return entry
 
@@ -296,15 +357,25 @@ def _named(paired: dict[str, Any], first: float, second: float) -> dict[str, Any
     return {"first": first, "second": second, **rest, "verdict": verdict(paired["ci95"])}
 
 
-def compare(runs: dict[str, dict[str, Any]], first: tuple[str, str | None], second: tuple[str, str | None],
-            settings: EvidenceSettings, label: str | None = None) -> dict[str, Any]:
+def compare(
+    runs: dict[str, dict[str, Any]],
+    first: tuple[str, str | None],
+    second: tuple[str, str | None],
+    settings: EvidenceSettings,
+    label: str | None = None,
+) -> dict[str, Any]:
     """Paired comparison of (run, mode) `first` against `second` (mode None: the run's default):
     accuracy on the same benchmark questions (first - second) and answer loss on the same val
     samples (second - first, so that positive means the first is better in both), each with
     `paired_difference`'s intervals and a verdict ('yes': the first is better)."""
     (ra, ma), (rb, mb) = first, second
-    out: dict[str, Any] = {"label": label or f"{ra} vs {rb}", "first": {"run": ra}, "second": {"run": rb},
-                           "accuracy": None, "answer_loss": None}
+    out: dict[str, Any] = {
+        "label": label or f"{ra} vs {rb}",
+        "first": {"run": ra},
+        "second": {"run": rb},
+        "accuracy": None,
+        "answer_loss": None,
+    }
     ea, eb = runs.get(ra) or {}, runs.get(rb) or {}
     missing = [r for r, e in ((ra, ea), (rb, eb)) if e.get("status") != "ok"]
     if missing:
@@ -319,8 +390,9 @@ def compare(runs: dict[str, dict[str, Any]], first: tuple[str, str | None], seco
         if ba["digest"] != bb["digest"]:
             notes.append("the two runs' benchmarks differ: accuracy not paired")
         else:
-            paired = paired_difference(ba["modes"][ma]["correct"], bb["modes"][mb]["correct"],
-                                       n_boot=settings.n_boot, seed=settings.seed)
+            paired = paired_difference(
+                ba["modes"][ma]["correct"], bb["modes"][mb]["correct"], n_boot=settings.n_boot, seed=settings.seed
+            )
             out["accuracy"] = _named(paired, first=paired["a"], second=paired["b"])
     else:
         notes.append("no benchmark result for both")
@@ -348,8 +420,15 @@ def comparisons(runs: dict[str, dict[str, Any]], grid: list[str], settings: Evid
         match = GRID_CELL.match(rid)
         other = f"{match['size']}-{match['budget']}-B"
         if match["arch"] == "F" and other in grid:
-            out.append(compare(runs, (rid, None), (other, None), settings,
-                               f"{rid} vs {other} (foveated vs multi-token, same budget)"))
+            out.append(
+                compare(
+                    runs,
+                    (rid, None),
+                    (other, None),
+                    settings,
+                    f"{rid} vs {other} (foveated vs multi-token, same budget)",
+                )
+            )
     return out
 
 
@@ -374,44 +453,62 @@ def conclusion(runs: dict[str, dict[str, Any]], pairs: list[dict[str, Any]]) -> 
     basis = "accuracy" if primary.get("accuracy") else "answer_loss" if primary.get("answer_loss") else None
     if basis is None:
         why = primary.get("note", "F3 not measured")
-        return {"answer": "not measured", "basis": None, "details": "",
-                "sentence": f"Whether the foveated query beats the static one could not be measured ({why})."}
+        return {
+            "answer": "not measured",
+            "basis": None,
+            "details": "",
+            "sentence": f"Whether the foveated query beats the static one could not be measured ({why}).",
+        }
     r = primary[basis]
     if basis == "accuracy":
-        numbers = (f"on the same {r['n']} benchmark questions F3 scores {r['first']:.3f} with its fine query "
-                   f"(coarse_fine) and {r['second']:.3f} with its static query (coarse_only), a paired difference "
-                   f"of {_interval_text(r)}")
+        numbers = (
+            f"on the same {r['n']} benchmark questions F3 scores {r['first']:.3f} with its fine query "
+            f"(coarse_fine) and {r['second']:.3f} with its static query (coarse_only), a paired difference "
+            f"of {_interval_text(r)}"
+        )
     else:
-        numbers = (f"on the same {r['n']} val samples F3's answer loss is {r['first']:.4f} with its fine query "
-                   f"(coarse_fine) and {r['second']:.4f} with its static query (coarse_only), static − fine "
-                   f"{_interval_text(r, 4)}")
-    sentence = {"yes": f"Yes, the foveated query beats the static one: {numbers}.",
-                "no": f"No, the static query beats the foveated one: {numbers}.",
-                "not distinguishable": f"Not distinguishable: {numbers}, an interval that holds 0."}[r["verdict"]]
+        numbers = (
+            f"on the same {r['n']} val samples F3's answer loss is {r['first']:.4f} with its fine query "
+            f"(coarse_fine) and {r['second']:.4f} with its static query (coarse_only), static − fine "
+            f"{_interval_text(r, 4)}"
+        )
+    sentence = {
+        "yes": f"Yes, the foveated query beats the static one: {numbers}.",
+        "no": f"No, the static query beats the foveated one: {numbers}.",
+        "not distinguishable": f"Not distinguishable: {numbers}, an interval that holds 0.",
+    }[r["verdict"]]
     details = []
     if basis == "accuracy" and primary.get("answer_loss"):
         loss = primary["answer_loss"]
-        details.append(f"Answer loss on the same val samples, static − fine: {_interval_text(loss, 4)} "
-                       f"({loss['verdict']}).")
+        details.append(
+            f"Answer loss on the same val samples, static − fine: {_interval_text(loss, 4)} ({loss['verdict']})."
+        )
     other = static.get(basis)
     if other:
         measure, digits = ("accuracy", 3) if basis == "accuracy" else ("answer loss", 4)
-        details.append(f"F3 against A6, trained with the static query only ({measure}): "
-                       f"{_interval_text(other, digits)} ({other['verdict']}).")
+        details.append(
+            f"F3 against A6, trained with the static query only ({measure}): "
+            f"{_interval_text(other, digits)} ({other['verdict']})."
+        )
     f3 = runs.get("F3") or {}
     pixel = (f3.get("pixel") or {}).get("coarse_fine")
     if pixel:
         lo, hi = pixel["ci95"]
         if pixel["above_noise"]:
-            details.append(f"F3 reads the pixels: grey frames raise its answer loss (coarse_fine) by "
-                           f"{pixel['pixel_gain']:.4f} [95% {lo:.4f}, {hi:.4f}].")
+            details.append(
+                f"F3 reads the pixels: grey frames raise its answer loss (coarse_fine) by "
+                f"{pixel['pixel_gain']:.4f} [95% {lo:.4f}, {hi:.4f}]."
+            )
         else:
-            details.append(f"F3's pixel gain (coarse_fine), {pixel['pixel_gain']:+.4f} [95% {lo:+.4f}, {hi:+.4f}], is "
-                           "not clearly above noise: a difference between its queries cannot come from what it sees.")
+            details.append(
+                f"F3's pixel gain (coarse_fine), {pixel['pixel_gain']:+.4f} [95% {lo:+.4f}, {hi:+.4f}], is "
+                "not clearly above noise: a difference between its queries cannot come from what it sees."
+            )
     bench = ((f3.get("bench") or {}).get("modes") or {}).get("coarse_fine")
     if bench:
-        details.append(f"With every frame grey F3 scores {bench['grey_frames']['accuracy']:.3f} (chance "
-                       f"{bench['chance']:.3f}).")
+        details.append(
+            f"With every frame grey F3 scores {bench['grey_frames']['accuracy']:.3f} (chance {bench['chance']:.3f})."
+        )
     return {"answer": r["verdict"], "basis": basis, "sentence": sentence, "details": " ".join(details)}
 
 
@@ -437,9 +534,17 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def collect_evidence(root: Path, ablation_dir: Path, scaling_dir: Path, settings: EvidenceSettings | None = None, *,
-                     budget: str | None = None, sizes: tuple[str, ...] | None = None, force: bool = False,
-                     log: Callable[[str], None] = print) -> dict[str, Any]:
+def collect_evidence(
+    root: Path,
+    ablation_dir: Path,
+    scaling_dir: Path,
+    settings: EvidenceSettings | None = None,
+    *,
+    budget: str | None = None,
+    sizes: tuple[str, ...] | None = None,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Measures every target run (the plan's ablations, the grid's largest-budget F and B cells),
     compares them and writes <root>/evidence.json. When that file exists with the same settings
     and every run it covers has the same fingerprint, it is returned as it is (nothing loaded).
@@ -537,60 +642,99 @@ def evidence_markdown(evidence: dict[str, Any]) -> str:
     """The report's `## Foveation evidence` section: the conclusion, then one table per measurement."""
     runs = evidence["runs"]
     s = evidence["settings"]
-    lines = ["", "## Foveation evidence", "",
-             f"**{evidence['conclusion']['sentence']}**", "", evidence["conclusion"]["details"], "",
-             f"Each run's latest checkpoint; intervals are 95%, from per-sample (per-question) paired differences "
-             f"on the same items; bootstrap: {s['n_boot']} seeded resamples. Details: `{EVIDENCE_FILE}`.", "",
-             "### Pixel check on the answer tokens", "",
-             f"Validation loss of the assistant's answer tokens only (first {s['max_samples']} val samples), with "
-             "the real frames and with every frame flat grey (frame count and masks unchanged). Pixel gain = grey − "
-             "real: what the model gets from the pixels. Above noise: its 95% interval (± 1.96 s.e. of the "
-             "per-sample differences, token-weighted) excludes 0.", "",
-             "| run | mode | answer loss | grey frames | pixel gain | s.e. | 95% interval | above noise | samples |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Foveation evidence",
+        "",
+        f"**{evidence['conclusion']['sentence']}**",
+        "",
+        evidence["conclusion"]["details"],
+        "",
+        f"Each run's latest checkpoint; intervals are 95%, from per-sample (per-question) paired differences "
+        f"on the same items; bootstrap: {s['n_boot']} seeded resamples. Details: `{EVIDENCE_FILE}`.",
+        "",
+        "### Pixel check on the answer tokens",
+        "",
+        f"Validation loss of the assistant's answer tokens only (first {s['max_samples']} val samples), with "
+        "the real frames and with every frame flat grey (frame count and masks unchanged). Pixel gain = grey − "
+        "real: what the model gets from the pixels. Above noise: its 95% interval (± 1.96 s.e. of the "
+        "per-sample differences, token-weighted) excludes 0.",
+        "",
+        "| run | mode | answer loss | grey frames | pixel gain | s.e. | 95% interval | above noise | samples |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for rid, e in runs.items():
         for mode, r in (e.get("pixel") or {}).items():
-            lines.append(f"| {rid} | {mode} | {_num(r['loss'])} | {_num(r['loss_blank_frames'])} | "
-                         f"{_num(r['pixel_gain'], sign=True)} | {_num(r['se'])} | {_ci(r['ci95'], sign=True)} | "
-                         f"{_noise_word(r)} | {r['n']} |")
-    bench_rows = [(rid, mode, r) for rid, e in runs.items()
-                  for mode, r in ((e.get("bench") or {}).get("modes") or {}).items()]
+            lines.append(
+                f"| {rid} | {mode} | {_num(r['loss'])} | {_num(r['loss_blank_frames'])} | "
+                f"{_num(r['pixel_gain'], sign=True)} | {_num(r['se'])} | {_ci(r['ci95'], sign=True)} | "
+                f"{_noise_word(r)} | {r['n']} |"
+            )
+    bench_rows = [
+        (rid, mode, r) for rid, e in runs.items() for mode, r in ((e.get("bench") or {}).get("modes") or {}).items()
+    ]
     if bench_rows:
-        lines += ["", "### Multiple choice (synthetic benchmark)", "",
-                  "Accuracy with the real frames and with every frame grey (same questions; 95% Wilson intervals).",
-                  "", "| run | mode | accuracy | 95% CI | grey frames | grey 95% CI | chance | questions |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "### Multiple choice (synthetic benchmark)",
+            "",
+            "Accuracy with the real frames and with every frame grey (same questions; 95% Wilson intervals).",
+            "",
+            "| run | mode | accuracy | 95% CI | grey frames | grey 95% CI | chance | questions |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for rid, mode, r in bench_rows:
             g = r["grey_frames"]
-            lines.append(f"| {rid} | {mode} | {_num(r['accuracy'], 3)} | {_ci(r['ci95'], 3)} | "
-                         f"{_num(g['accuracy'], 3)} | {_ci(g['ci95'], 3)} | {_num(r['chance'], 3)} | {r['n']} |")
-    lines += ["", "### Paired differences", "",
-              "First minus second on the same questions (accuracy) and second minus first on the same val samples "
-              "(answer loss per token): positive = the first is better. Verdict from the analytic interval: yes (the "
-              "first is better), no (the second is), not distinguishable.", "",
-              "| comparison | first | second | accuracy diff | 95% (analytic) | 95% (bootstrap) | verdict | "
-              "answer-loss diff | 95% (analytic) | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {rid} | {mode} | {_num(r['accuracy'], 3)} | {_ci(r['ci95'], 3)} | "
+                f"{_num(g['accuracy'], 3)} | {_ci(g['ci95'], 3)} | {_num(r['chance'], 3)} | {r['n']} |"
+            )
+    lines += [
+        "",
+        "### Paired differences",
+        "",
+        "First minus second on the same questions (accuracy) and second minus first on the same val samples "
+        "(answer loss per token): positive = the first is better. Verdict from the analytic interval: yes (the "
+        "first is better), no (the second is), not distinguishable.",
+        "",
+        "| comparison | first | second | accuracy diff | 95% (analytic) | 95% (bootstrap) | verdict | "
+        "answer-loss diff | 95% (analytic) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in evidence["comparisons"]:
         acc, loss = p.get("accuracy") or {}, p.get("answer_loss") or {}
         note = f" ({p['note']})" if p.get("note") else ""
-        lines.append(f"| {p['label']}{note} | {_side(p['first'])} | {_side(p['second'])} | "
-                     f"{_num(acc.get('diff'), 3, True)} | {_ci(acc.get('ci95'), 3, True)} | "
-                     f"{_ci(acc.get('ci95_bootstrap'), 3, True)} | {acc.get('verdict', 'n/a')} | "
-                     f"{_num(loss.get('diff'), 4, True)} | {_ci(loss.get('ci95'), 4, True)} | "
-                     f"{loss.get('verdict', 'n/a')} |")
+        lines.append(
+            f"| {p['label']}{note} | {_side(p['first'])} | {_side(p['second'])} | "
+            f"{_num(acc.get('diff'), 3, True)} | {_ci(acc.get('ci95'), 3, True)} | "
+            f"{_ci(acc.get('ci95_bootstrap'), 3, True)} | {acc.get('verdict', 'n/a')} | "
+            f"{_num(loss.get('diff'), 4, True)} | {_ci(loss.get('ci95'), 4, True)} | "
+            f"{loss.get('verdict', 'n/a')} |"
+        )
     for rid, a in evidence["attention"].items():
-        lines += ["", f"### Attention on the moving object: {rid}", "",
-                  f"Share of the query's patch attention on the mover's patches, per frame, mean over {a['videos']} "
-                  "probe videos; uniform = the mover's share of the patches (what attention spread evenly would give). "
-                  "Fine = the LLM-chosen query (autoregressive mode), static = the coarse query.", "",
-                  "| frame | videos | fine query | static query | uniform |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"### Attention on the moving object: {rid}",
+            "",
+            f"Share of the query's patch attention on the mover's patches, per frame, mean over {a['videos']} "
+            "probe videos; uniform = the mover's share of the patches (what attention spread evenly would give). "
+            "Fine = the LLM-chosen query (autoregressive mode), static = the coarse query.",
+            "",
+            "| frame | videos | fine query | static query | uniform |",
+            "|---|---|---|---|---|",
+        ]
         for f in a["frames"]:
-            lines.append(f"| {f['t']} | {f['videos']} | {_num(f['fine'], 3)} | {_num(f['static'], 3)} | "
-                         f"{_num(f['uniform'], 3)} |")
+            lines.append(
+                f"| {f['t']} | {f['videos']} | {_num(f['fine'], 3)} | {_num(f['static'], 3)} | "
+                f"{_num(f['uniform'], 3)} |"
+            )
         o = a["overall"]
         lines.append(f"| all | | {_num(o['fine'], 3)} | {_num(o['static'], 3)} | {_num(o['uniform'], 3)} |")
-    left = [f"{rid} ({e.get('reason') or e.get('error') or e['status']})" for rid, e in runs.items()
-            if e.get("status") != "ok"]
+    left = [
+        f"{rid} ({e.get('reason') or e.get('error') or e['status']})"
+        for rid, e in runs.items()
+        if e.get("status") != "ok"
+    ]
     if left:
         lines += ["", f"Not measured: {'; '.join(left)}."]
     return "\n".join(lines) + "\n"
@@ -600,12 +744,28 @@ def decisions_summary(evidence: dict[str, Any]) -> dict[str, Any]:
     """The decisions.json entry: the conclusion and every table's numbers, without the per-sample and
     per-question lists (those stay in evidence.json)."""
     runs = evidence["runs"]
-    pixel = [{"run": rid, "mode": mode, **{k: r[k] for k in ("loss", "loss_blank_frames", "pixel_gain", "se", "ci95",
-                                                            "above_noise", "n", "tokens")}}
-             for rid, e in runs.items() for mode, r in (e.get("pixel") or {}).items()]
-    bench = [{"run": rid, "mode": mode, **{k: r[k] for k in ("accuracy", "ci95", "chance", "n")},
-              "grey_accuracy": r["grey_frames"]["accuracy"], "grey_ci95": r["grey_frames"]["ci95"]}
-             for rid, e in runs.items() for mode, r in ((e.get("bench") or {}).get("modes") or {}).items()]
+    pixel = [
+        {
+            "run": rid,
+            "mode": mode,
+            **{
+                k: r[k] for k in ("loss", "loss_blank_frames", "pixel_gain", "se", "ci95", "above_noise", "n", "tokens")
+            },
+        }
+        for rid, e in runs.items()
+        for mode, r in (e.get("pixel") or {}).items()
+    ]
+    bench = [
+        {
+            "run": rid,
+            "mode": mode,
+            **{k: r[k] for k in ("accuracy", "ci95", "chance", "n")},
+            "grey_accuracy": r["grey_frames"]["accuracy"],
+            "grey_ci95": r["grey_frames"]["ci95"],
+        }
+        for rid, e in runs.items()
+        for mode, r in ((e.get("bench") or {}).get("modes") or {}).items()
+    ]
     return {
         "answer": evidence["conclusion"]["answer"],
         "basis": evidence["conclusion"]["basis"],
@@ -615,9 +775,12 @@ def decisions_summary(evidence: dict[str, Any]) -> dict[str, Any]:
         "benchmark": bench,
         "comparisons": evidence["comparisons"],
         "attention": evidence["attention"],
-        "runs": {rid: e.get("status") if e.get("status") == "ok" else
-                 f"{e.get('status')}: {e.get('reason') or e.get('error') or ''}".rstrip(": ")
-                 for rid, e in runs.items()},
+        "runs": {
+            rid: e.get("status")
+            if e.get("status") == "ok"
+            else f"{e.get('status')}: {e.get('reason') or e.get('error') or ''}".rstrip(": ")
+            for rid, e in runs.items()
+        },
         "settings": evidence["settings"],
         "file": EVIDENCE_FILE,
     }

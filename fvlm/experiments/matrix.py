@@ -53,12 +53,14 @@ def split_overrides(items: list[str], sizes: tuple[str, ...] = ()) -> tuple[dict
         head, sep, rest = item.partition(":")
         if sep and "=" not in head:
             if head not in sizes:
-                raise UsageError(f"override '{item}': '{head}' is not a size of this preset "
-                                 f"({', '.join(sizes) or 'this sweep has no sizes'})")
-            (key, value), = parse_overrides([rest])
+                raise UsageError(
+                    f"override '{item}': '{head}' is not a size of this preset "
+                    f"({', '.join(sizes) or 'this sweep has no sizes'})"
+                )
+            ((key, value),) = parse_overrides([rest])
             by_size.setdefault(head, {})[key] = number(value)
         else:
-            (key, value), = parse_overrides([item])
+            ((key, value),) = parse_overrides([item])
             common[key] = number(value)
     return common, by_size
 
@@ -86,31 +88,63 @@ def ablation_specs(preset: Preset, freeze_winner: str | None = None) -> list[Run
     (the plan: only the connector LR matters when the backbones are frozen)."""
     b = preset.backbone_lr
     n = preset.ablation_samples
-    image = {"data.mix": dict(preset.image_heavy_mix), "data.text_ratio": preset.image_heavy_mix["text"],
-             "train.stage": 2}
+    image = {
+        "data.mix": dict(preset.image_heavy_mix),
+        "data.text_ratio": preset.image_heavy_mix["text"],
+        "train.stage": 2,
+    }
     runs = [
-        RunSpec("F1", "ablations", "freeze DINO + LLM: connector only",
-                {"model.freeze_dino": True, "model.freeze_llm": True}, n, "freeze"),
+        RunSpec(
+            "F1",
+            "ablations",
+            "freeze DINO + LLM: connector only",
+            {"model.freeze_dino": True, "model.freeze_llm": True},
+            n,
+            "freeze",
+        ),
         RunSpec("F2", "ablations", "freeze LLM: connector + DINO", {"model.freeze_llm": True}, n, "freeze"),
         RunSpec("F3", "ablations", "full unfreeze, differential LR 10:1 (baseline, = LR1)", {}, n, "freeze"),
-        RunSpec("LR2", "ablations", "full unfreeze, connector LR 100:1", {"optim.lr_connector": 100 * b}, n,
-                "learning_rate"),
-        RunSpec("LR3", "ablations", "full unfreeze, connector LR 3:1", {"optim.lr_connector": 3 * b}, n,
-                "learning_rate"),
+        RunSpec(
+            "LR2", "ablations", "full unfreeze, connector LR 100:1", {"optim.lr_connector": 100 * b}, n, "learning_rate"
+        ),
+        RunSpec(
+            "LR3", "ablations", "full unfreeze, connector LR 3:1", {"optim.lr_connector": 3 * b}, n, "learning_rate"
+        ),
         RunSpec("LR4", "ablations", "full unfreeze, uniform LR 1:1", {"optim.lr_connector": b}, n, "learning_rate"),
         RunSpec("A1", "ablations", "shallow query (deep_query=false)", {"model.deep_query": False}, n, "deep_query"),
-        RunSpec("A6", "ablations", "coarse only: q_static, no fine pass", {"model.coarse_only": True}, n,
-                "two_pass"),
-        RunSpec("B1", "ablations", "multi-token baseline: 16 pooled DINO tokens per frame, no query",
-                {"model.arch": "multi_token", "model.tokens_per_frame": 16}, n, "efficiency"),
-        RunSpec("A8a", "ablations", "image-heavy data, stage-2 answer-only loss, images as 1 frame",
-                {**image, "data.replicate_image_frames": 1}, n, "image_handling"),
-        RunSpec("A8b", "ablations", f"image-heavy data, stage-2 answer-only loss, images replicated to "
-                                    f"{preset.replicate_max} frames",
-                {**image, "data.replicate_image_frames": preset.replicate_max}, n, "image_handling"),
-        RunSpec("D1", "ablations", "video-heavy mix 55/30/15",
-                {"data.mix": dict(preset.video_heavy_mix), "data.text_ratio": preset.video_heavy_mix["text"]}, n,
-                "data_mix"),
+        RunSpec("A6", "ablations", "coarse only: q_static, no fine pass", {"model.coarse_only": True}, n, "two_pass"),
+        RunSpec(
+            "B1",
+            "ablations",
+            "multi-token baseline: 16 pooled DINO tokens per frame, no query",
+            {"model.arch": "multi_token", "model.tokens_per_frame": 16},
+            n,
+            "efficiency",
+        ),
+        RunSpec(
+            "A8a",
+            "ablations",
+            "image-heavy data, stage-2 answer-only loss, images as 1 frame",
+            {**image, "data.replicate_image_frames": 1},
+            n,
+            "image_handling",
+        ),
+        RunSpec(
+            "A8b",
+            "ablations",
+            f"image-heavy data, stage-2 answer-only loss, images replicated to {preset.replicate_max} frames",
+            {**image, "data.replicate_image_frames": preset.replicate_max},
+            n,
+            "image_handling",
+        ),
+        RunSpec(
+            "D1",
+            "ablations",
+            "video-heavy mix 55/30/15",
+            {"data.mix": dict(preset.video_heavy_mix), "data.text_ratio": preset.video_heavy_mix["text"]},
+            n,
+            "data_mix",
+        ),
     ]
     assert tuple(r.run_id for r in runs) == ABLATION_IDS
     if freeze_winner == "F1":
@@ -120,8 +154,12 @@ def ablation_specs(preset: Preset, freeze_winner: str | None = None) -> list[Run
 
 def ablation_base(preset: Preset, common: dict[str, Any]) -> dict[str, Any]:
     """Overrides every ablation run shares: F3's learning rates, the budget, the eval cadence."""
-    base = {**preset.overrides, "optim.lr_connector": preset.connector_lr, "optim.lr_dino": preset.backbone_lr,
-            "optim.lr_llm": preset.backbone_lr}
+    base = {
+        **preset.overrides,
+        "optim.lr_connector": preset.connector_lr,
+        "optim.lr_dino": preset.backbone_lr,
+        "optim.lr_llm": preset.backbone_lr,
+    }
     base.update(common)
     cfg = load_config(preset.config, {**base, "run_id": "base", "train.max_samples": preset.ablation_samples})
     every = eval_every(preset.ablation_samples, samples_per_step(cfg), preset.ablation_evals)
@@ -140,8 +178,9 @@ def flops_per_sample(preset: Preset, cfg: RunConfig, formula: str) -> float:
     return estimate_flops(cfg.model, frames, text, formula=formula).per_sample
 
 
-def scaling_specs(preset: Preset, base: dict[str, Any], by_size: dict[str, dict[str, Any]],
-                  formula: str = "exact") -> list[RunSpec]:
+def scaling_specs(
+    preset: Preset, base: dict[str, Any], by_size: dict[str, dict[str, Any]], formula: str = "exact"
+) -> list[RunSpec]:
     """Sizes x budgets x {foveated (F), multi-token (B)} with samples = budget / FLOPs per sample of
     that cell, plus iso-FLOP baselines (B-isoflop) for the preset's cheap cells. The B cells are
     iso-sample: they see the foveated cell's data and spend more compute."""
@@ -154,27 +193,56 @@ def scaling_specs(preset: Preset, base: dict[str, Any], by_size: dict[str, dict[
             size_diff["optim.lr_llm"] = float(lr_llm) * size.llm_lr_scale
         size_diff.update(by_size.get(size.label, {}))
         fov = load_config(preset.config, {**base, **size_diff, "run_id": "probe"})
-        mt = load_config(preset.config, {**base, **size_diff, "model.arch": "multi_token",
-                                         "model.tokens_per_frame": 16, "run_id": "probe"})
+        mt = load_config(
+            preset.config,
+            {**base, **size_diff, "model.arch": "multi_token", "model.tokens_per_frame": 16, "run_id": "probe"},
+        )
         fps = {"F": flops_per_sample(preset, fov, formula), "B": flops_per_sample(preset, mt, formula)}
         for budget, flops in preset.budgets.items():
             iso_samples = max(1, int(flops // fps["F"]))
-            cells = [("F", {}, iso_samples, "foveated, 1 token/frame"),
-                     ("B", {"model.arch": "multi_token", "model.tokens_per_frame": 16}, iso_samples,
-                      "multi-token baseline, 16 tokens/frame, iso-sample")]
+            cells = [
+                ("F", {}, iso_samples, "foveated, 1 token/frame"),
+                (
+                    "B",
+                    {"model.arch": "multi_token", "model.tokens_per_frame": 16},
+                    iso_samples,
+                    "multi-token baseline, 16 tokens/frame, iso-sample",
+                ),
+            ]
             if (size.label, budget) in extras:
-                cells.append(("B-isoflop", cells[1][1], max(1, int(flops // fps["B"])),
-                              "multi-token baseline, 16 tokens/frame, iso-FLOP"))
+                cells.append(
+                    (
+                        "B-isoflop",
+                        cells[1][1],
+                        max(1, int(flops // fps["B"])),
+                        "multi-token baseline, 16 tokens/frame, iso-FLOP",
+                    )
+                )
             for arch, diff, samples, what in cells:
                 key = arch.split("-")[0]
                 every = eval_every(samples, samples_per_step(fov), preset.scaling_evals)
-                specs.append(RunSpec(
-                    f"{size.label}-{budget}-{arch}", "scaling", f"{size.name} {budget}: {what}",
-                    {**size_diff, **diff, "train.eval_every": every, "train.save_every": every,
-                     "train.keep_milestones": preset.scaling_evals},
-                    samples, size.label,
-                    meta={"size": size.name, "budget": budget, "budget_flops": flops,
-                          "flops_per_sample": fps[key], "planned_flops": samples * fps[key],
-                          "flops_formula": formula},
-                ))
+                specs.append(
+                    RunSpec(
+                        f"{size.label}-{budget}-{arch}",
+                        "scaling",
+                        f"{size.name} {budget}: {what}",
+                        {
+                            **size_diff,
+                            **diff,
+                            "train.eval_every": every,
+                            "train.save_every": every,
+                            "train.keep_milestones": preset.scaling_evals,
+                        },
+                        samples,
+                        size.label,
+                        meta={
+                            "size": size.name,
+                            "budget": budget,
+                            "budget_flops": flops,
+                            "flops_per_sample": fps[key],
+                            "planned_flops": samples * fps[key],
+                            "flops_formula": formula,
+                        },
+                    )
+                )
     return specs

@@ -29,8 +29,14 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def evaluate_sources(run_dir: Path, *, max_samples: int = 0, batch_size: int = 8, device: str | None = None,
-                     log: Callable[[str], None] = print) -> Path | None:
+def evaluate_sources(
+    run_dir: Path,
+    *,
+    max_samples: int = 0,
+    batch_size: int = 8,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Path | None:
     """<run>/eval/sources.json: {step, mode, keys, kinds, loss_sum, tokens} of the run's latest
     checkpoint on its validation split; None when the run has no complete checkpoint."""
     import torch
@@ -56,9 +62,15 @@ def evaluate_sources(run_dir: Path, *, max_samples: int = 0, batch_size: int = 8
     with torch.no_grad():
         per_sample = sample_losses(model, loader, (mode,), device, blank_control=False)
     arrays = per_sample["modes"][mode]
-    record = {"run_id": cfg.run_id, "step": ckpt.step, "mode": mode, "keys": per_sample["keys"],
-              "kinds": per_sample["kinds"], "loss_sum": arrays["loss_sum"].tolist(),
-              "tokens": arrays["tokens"].tolist()}
+    record = {
+        "run_id": cfg.run_id,
+        "step": ckpt.step,
+        "mode": mode,
+        "keys": per_sample["keys"],
+        "kinds": per_sample["kinds"],
+        "loss_sum": arrays["loss_sum"].tolist(),
+        "tokens": arrays["tokens"].tolist(),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(record) + "\n")
@@ -67,8 +79,9 @@ def evaluate_sources(run_dir: Path, *, max_samples: int = 0, batch_size: int = 8
     return out
 
 
-def evaluate_sources_of(folder: Path, run_ids: tuple[str, ...], log: Callable[[str], None] = print,
-                        **kwargs: Any) -> dict[str, str]:
+def evaluate_sources_of(
+    folder: Path, run_ids: tuple[str, ...], log: Callable[[str], None] = print, **kwargs: Any
+) -> dict[str, str]:
     """`evaluate_sources` for the named runs of a sweep folder that exist; {run: why} for failures."""
     failed = {}
     for run_id in run_ids:
@@ -97,8 +110,15 @@ def best_phase1b_run(scaling_dir: Path) -> tuple[Path, int] | None:
     return (best[1], best[2]) if best else None
 
 
-def evaluate_phase1b(scaling_dir: Path, bench: Path | None = None, *, max_samples: int = 0, batch_size: int = 8,
-                     device: str | None = None, log: Callable[[str], None] = print) -> Path | None:
+def evaluate_phase1b(
+    scaling_dir: Path,
+    bench: Path | None = None,
+    *,
+    max_samples: int = 0,
+    batch_size: int = 8,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Path | None:
     """The best Phase 1b run's best checkpoint and every kept milestone in all three modes
     (milestones are evaluation steps, so the best one is among them when it was kept)."""
     from fvlm.eval.evaluate import evaluate_checkpoint, find_checkpoints, write_results
@@ -118,15 +138,26 @@ def evaluate_phase1b(scaling_dir: Path, bench: Path | None = None, *, max_sample
     device = device or _device()
     entries = []
     for ckpt in checkpoints:
-        entry = evaluate_checkpoint(ckpt, modes=None, data=None, benches=[str(bench)] if bench else [], overrides=[],
-                                    max_samples=max_samples, batch_size=batch_size, device=device, score="mean",
-                                    log=lambda _text: None)
+        entry = evaluate_checkpoint(
+            ckpt,
+            modes=None,
+            data=None,
+            benches=[str(bench)] if bench else [],
+            overrides=[],
+            max_samples=max_samples,
+            batch_size=batch_size,
+            device=device,
+            score="mean",
+            log=lambda _text: None,
+        )
         entry["milestone"] = True
         entry["best"] = ckpt.step == best_step
         entries.append(entry)
     path = write_results(entries, out)
-    log(f"[phase1b eval] {run_dir.name}: steps {', '.join(map(str, steps))} (best {best_step}) in "
-        f"{', '.join(entries[-1]['modes']) or 'no'} modes -> {path}")
+    log(
+        f"[phase1b eval] {run_dir.name}: steps {', '.join(map(str, steps))} (best {best_step}) in "
+        f"{', '.join(entries[-1]['modes']) or 'no'} modes -> {path}"
+    )
     return path
 
 
@@ -138,7 +169,8 @@ def phase1b_step(preset, scaling_dir: Path, base: dict[str, Any], log: Callable[
     bench = Path(str(val)).parent / "bench" if val else None
     samples = int(preset.overrides.get("train.eval_samples", 64)) if preset.name == "tiny" else 0
     try:
-        evaluate_phase1b(scaling_dir, bench if bench is not None and bench.is_dir() else None,
-                         max_samples=samples, log=log)
+        evaluate_phase1b(
+            scaling_dir, bench if bench is not None and bench.is_dir() else None, max_samples=samples, log=log
+        )
     except Exception as exc:  # noqa: BLE001  (reported; the report names the evaluation as missing)
         log(f"[phase1b eval] failed ({type(exc).__name__}: {exc}); the report goes on without it")

@@ -64,9 +64,11 @@ def plan(preset_name: str, out: str | None, overrides: list[str], data: str | No
     # sets the ablation budget; the grid's cells take theirs from the FLOP budgets only.
     for where in [common, *by_size.values()]:
         if "train.max_samples" in where and (sub_folder == "scaling" or where is not common):
-            raise UsageError("train.max_samples: the scaling grid sizes every cell from its FLOP budget, so it "
-                             "cannot be overridden there (it sets the ablation budget of fvlm sweep ablations "
-                             "and fvlm phase1)")
+            raise UsageError(
+                "train.max_samples: the scaling grid sizes every cell from its FLOP budget, so it "
+                "cannot be overridden there (it sets the ablation budget of fvlm sweep ablations "
+                "and fvlm phase1)"
+            )
     if "train.max_samples" in common:
         samples = int(common.pop("train.max_samples"))
         if samples < 1:
@@ -85,8 +87,11 @@ def _with_backbones(preset, common: dict[str, Any], by_size: dict[str, dict[str,
     (no data_root) keeps the shape names: same architecture, same FLOPs, nothing made."""
     if preset.tiny_backbones is None or data_root is None:
         return common, by_size
-    wanted = "model.llm" not in common or "model.dino" not in common or any(
-        "model.llm" not in by_size.get(s.label, {}) for s in preset.sizes)
+    wanted = (
+        "model.llm" not in common
+        or "model.dino" not in common
+        or any("model.llm" not in by_size.get(s.label, {}) for s in preset.sizes)
+    )
     if not wanted:
         return common, by_size
     folder = ensure_tiny_backbones(data_root / "backbones", preset.tiny_backbones, log=_log)
@@ -104,8 +109,14 @@ def _ablation_base(preset, common, data_root: Path | None):
 
 
 def _scaling_base(preset, common, locked: dict[str, Any], data_root: Path | None):
-    base = {**preset.overrides, "optim.lr_connector": preset.connector_lr, "optim.lr_dino": preset.backbone_lr,
-            "optim.lr_llm": preset.backbone_lr, **common, **locked}
+    base = {
+        **preset.overrides,
+        "optim.lr_connector": preset.connector_lr,
+        "optim.lr_dino": preset.backbone_lr,
+        "optim.lr_llm": preset.backbone_lr,
+        **common,
+        **locked,
+    }
     return runner.resolve_synthetic(preset.config, base, data_root) if data_root else base
 
 
@@ -113,21 +124,41 @@ def _print_matrix(title: str, sweep, preset, jobs: int, measure: bool, as_json: 
     est = estimate(sweep.planned, preset, jobs, measure=measure, folders=[sweep.folder])
     rows = []
     for p, e in zip(sweep.planned, est["rows"]):
-        rows.append({"run_id": p.spec.run_id, "description": p.spec.description, "diff": p.spec.diff,
-                     "samples": p.spec.samples, "flops_per_sample": p.flops_per_sample, "flops": e["flops"],
-                     "est_seconds": e["seconds"], **({"budget": p.spec.meta["budget"]} if "budget" in p.spec.meta else {})})
-    record = {"sweep": sweep.kind, "preset": preset.name, "out": str(sweep.folder), "base": sweep.base, "runs": rows,
-              "estimate": {k: v for k, v in est.items() if k != "rows"}, "notes": notes}
+        rows.append(
+            {
+                "run_id": p.spec.run_id,
+                "description": p.spec.description,
+                "diff": p.spec.diff,
+                "samples": p.spec.samples,
+                "flops_per_sample": p.flops_per_sample,
+                "flops": e["flops"],
+                "est_seconds": e["seconds"],
+                **({"budget": p.spec.meta["budget"]} if "budget" in p.spec.meta else {}),
+            }
+        )
+    record = {
+        "sweep": sweep.kind,
+        "preset": preset.name,
+        "out": str(sweep.folder),
+        "base": sweep.base,
+        "runs": rows,
+        "estimate": {k: v for k, v in est.items() if k != "rows"},
+        "notes": notes,
+    }
     if as_json:
         return record
     print(f"{title}: {len(rows)} runs -> {sweep.folder}")
     print(f"  base: {preset.config} + {diff_text(sweep.base)}")
     print(f"  {'run':<14}{'samples':>10}{'FLOPs':>11}{'est.':>9}   difference from the base")
     for r in rows:
-        print(f"  {r['run_id']:<14}{r['samples']:>10,}{r['flops']:>11.3g}{fmt_seconds(r['est_seconds']):>9}   "
-              f"{diff_text({k: v for k, v in r['diff'].items() if not k.startswith('train.') or k == 'train.stage'})}")
-    total = f"  total: {sum(r['samples'] for r in rows):,} samples, {est['total_flops']:.3g} FLOPs, " \
-            f"about {fmt_seconds(est['wall_seconds'])} wall"
+        print(
+            f"  {r['run_id']:<14}{r['samples']:>10,}{r['flops']:>11.3g}{fmt_seconds(r['est_seconds']):>9}   "
+            f"{diff_text({k: v for k, v in r['diff'].items() if not k.startswith('train.') or k == 'train.stage'})}"
+        )
+    total = (
+        f"  total: {sum(r['samples'] for r in rows):,} samples, {est['total_flops']:.3g} FLOPs, "
+        f"about {fmt_seconds(est['wall_seconds'])} wall"
+    )
     if "gpu_hours" in est:
         total += f", {est['gpu_hours']:.1f} GPU-hours, ${est['cost_usd']:,.0f} ({est['cost_basis']})"
     print(total)
@@ -140,8 +171,9 @@ def _print_matrix(title: str, sweep, preset, jobs: int, measure: bool, as_json: 
 # ----------------------------------------------------------------------------- ablations
 
 
-def run_ablations(preset, folder: Path, base: dict[str, Any], jobs: int, retry_failed: bool = False,
-                  slurm=None) -> dict[str, Any]:
+def run_ablations(
+    preset, folder: Path, base: dict[str, Any], jobs: int, retry_failed: bool = False, slurm=None
+) -> dict[str, Any]:
     """Phase 1a with the plan's conditional: F1-F3 (and the runs that do not depend on them) first;
     when F1 wins the freeze question, LR2-LR4 are skipped. Returns the locked config record."""
     every = matrix.ablation_specs(preset)
@@ -157,15 +189,24 @@ def run_ablations(preset, folder: Path, base: dict[str, Any], jobs: int, retry_f
     specs = matrix.ablation_specs(preset, freeze_winner=freeze.get("choice"))
     Sweep(folder, "ablations", preset.config, base, specs, preset.sample_shape, jobs, _log, slurm).run(retry_failed)
     locked = decide.lock(folder, every, skipped)
-    _log(f"[ablations] locked config: {json.dumps(locked['overrides']) if locked['overrides'] else '(the F3 baseline)'}"
-         f" -> {folder / 'locked_config.json'}")
+    _log(
+        f"[ablations] locked config: {json.dumps(locked['overrides']) if locked['overrides'] else '(the F3 baseline)'}"
+        f" -> {folder / 'locked_config.json'}"
+    )
     return locked
 
 
 def dry_run_ablations(plan: Plan, jobs: int, measure: bool, as_json: bool) -> None:
     base = _ablation_base(plan.preset, plan.common, None)
-    sweep = Sweep(plan.folder, "ablations", plan.preset.config, base, matrix.ablation_specs(plan.preset),
-                  plan.preset.sample_shape, jobs)
+    sweep = Sweep(
+        plan.folder,
+        "ablations",
+        plan.preset.config,
+        base,
+        matrix.ablation_specs(plan.preset),
+        plan.preset.sample_shape,
+        jobs,
+    )
     record = _print_matrix("fvlm sweep ablations", sweep, plan.preset, jobs, measure, as_json, [F1_NOTE])
     if as_json:
         print(json.dumps(record, indent=1, default=str))
@@ -186,14 +227,16 @@ def _scaling_sweep(preset, folder, common, by_size, locked, formula, data_root, 
     return Sweep(folder, "scaling", preset.config, base, specs, preset.sample_shape, jobs, _log, slurm)
 
 
-def dry_run_scaling(plan: Plan, locked: dict[str, Any], formula: str, jobs: int, measure: bool,
-                    as_json: bool) -> None:
+def dry_run_scaling(plan: Plan, locked: dict[str, Any], formula: str, jobs: int, measure: bool, as_json: bool) -> None:
     preset = plan.preset
     sweep = _scaling_sweep(preset, plan.folder, plan.common, plan.by_size, locked, formula, None, jobs)
-    notes = ["budgets: " + ", ".join(f"{k}={v:.3g}" for k, v in preset.budgets.items())
-             + f" FLOPs; samples = budget / FLOPs per sample ({formula} formula, "
-               f"{preset.sample_shape[0]} frames + {preset.sample_shape[1]} text tokens)",
-             "B cells are iso-sample (the F cell's samples); B-isoflop cells match the F cell's FLOPs"]
+    notes = [
+        "budgets: "
+        + ", ".join(f"{k}={v:.3g}" for k, v in preset.budgets.items())
+        + f" FLOPs; samples = budget / FLOPs per sample ({formula} formula, "
+        f"{preset.sample_shape[0]} frames + {preset.sample_shape[1]} text tokens)",
+        "B cells are iso-sample (the F cell's samples); B-isoflop cells match the F cell's FLOPs",
+    ]
     if not locked:
         notes.append("no --winner: every cell uses the F3 baseline config")
     record = _print_matrix("fvlm sweep scaling", sweep, preset, jobs, measure, as_json, notes)
@@ -201,10 +244,12 @@ def dry_run_scaling(plan: Plan, locked: dict[str, Any], formula: str, jobs: int,
         print(json.dumps(record, indent=1, default=str))
 
 
-def sweep_scaling(plan: Plan, locked: dict[str, Any], formula: str, jobs: int, retry_failed: bool,
-                  slurm: SlurmSettings | None) -> dict[str, str]:
-    sweep = _scaling_sweep(plan.preset, plan.folder, plan.common, plan.by_size, locked, formula, plan.folder, jobs,
-                           slurm)
+def sweep_scaling(
+    plan: Plan, locked: dict[str, Any], formula: str, jobs: int, retry_failed: bool, slurm: SlurmSettings | None
+) -> dict[str, str]:
+    sweep = _scaling_sweep(
+        plan.preset, plan.folder, plan.common, plan.by_size, locked, formula, plan.folder, jobs, slurm
+    )
     return sweep.run(retry_failed)
 
 
@@ -214,8 +259,9 @@ def sweep_scaling(plan: Plan, locked: dict[str, Any], formula: str, jobs: int, r
 def dry_run_phase1(plan: Plan, formula: str, jobs: int, measure: bool, as_json: bool) -> None:
     preset, root = plan.preset, plan.folder
     base = _ablation_base(preset, plan.common, None)
-    abl = Sweep(root / "ablations", "ablations", preset.config, base, matrix.ablation_specs(preset),
-                preset.sample_shape, jobs)
+    abl = Sweep(
+        root / "ablations", "ablations", preset.config, base, matrix.ablation_specs(preset), preset.sample_shape, jobs
+    )
     sca = _scaling_sweep(preset, root / "scaling", plan.common, plan.by_size, {}, formula, None, jobs)
     notes_s = ["every cell gets the config locked from the ablations (shown here: the F3 baseline)"]
     records = [_print_matrix("phase 1a: fvlm sweep ablations", abl, preset, jobs, measure, as_json, [F1_NOTE])]
@@ -229,16 +275,29 @@ def dry_run_phase1(plan: Plan, formula: str, jobs: int, measure: bool, as_json: 
         print(f"\nphase 1 total: about {fmt_seconds(wall)} wall, then the analysis")
 
 
-def run_phase1(preset, root: Path, common: dict[str, Any], by_size: dict[str, dict[str, Any]], jobs: int,
-               formula: str = "exact", retry_failed: bool = False, slurm=None) -> dict[str, Any]:
+def run_phase1(
+    preset,
+    root: Path,
+    common: dict[str, Any],
+    by_size: dict[str, dict[str, Any]],
+    jobs: int,
+    formula: str = "exact",
+    retry_failed: bool = False,
+    slurm=None,
+) -> dict[str, Any]:
     """Ablations -> locked config -> F3 in three modes -> scaling grid -> foveation evidence -> report,
     under `root`."""
     began = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     ablation_dir, scaling_dir, report_dir = root / "ablations", root / "scaling", root / "report"
-    _log(f"fvlm phase1 --preset {preset.name} -> {root} "
-         + (f"(each run a SLURM job: {slurm.nodes} node(s) x {slurm.gpus_per_node} GPU(s))" if slurm
-            else f"({jobs} run(s) side by side)"))
+    _log(
+        f"fvlm phase1 --preset {preset.name} -> {root} "
+        + (
+            f"(each run a SLURM job: {slurm.nodes} node(s) x {slurm.gpus_per_node} GPU(s))"
+            if slurm
+            else f"({jobs} run(s) side by side)"
+        )
+    )
     base = _ablation_base(preset, common, root)
     locked = run_ablations(preset, ablation_dir, base, jobs, retry_failed, slurm)
     evaluate_modes(preset, ablation_dir / "F3", base)
@@ -247,8 +306,10 @@ def run_phase1(preset, root: Path, common: dict[str, Any], by_size: dict[str, di
     phase1b_step(preset, scaling_dir, base, _log)
     evidence = foveation_evidence(preset, root, ablation_dir, scaling_dir)
     summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked, evidence)
-    _log(f"fvlm phase1: done in {(time.perf_counter() - began) / 60:.1f} min; report {report_dir / 'report.md'} "
-         f"({summary['figures']} figures), decisions {root / 'decisions.json'}")
+    _log(
+        f"fvlm phase1: done in {(time.perf_counter() - began) / 60:.1f} min; report {report_dir / 'report.md'} "
+        f"({summary['figures']} figures), decisions {root / 'decisions.json'}"
+    )
     return summary
 
 
@@ -284,22 +345,34 @@ def foveation_evidence(preset, root: Path, ablation_dir: Path, scaling_dir: Path
 
     settings = EvidenceSettings(device="cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return collect_evidence(root, ablation_dir, scaling_dir, settings, log=_log,
-                                budget=max(preset.budgets, key=preset.budgets.get),
-                                sizes=tuple(s.label for s in preset.sizes))
+        return collect_evidence(
+            root,
+            ablation_dir,
+            scaling_dir,
+            settings,
+            log=_log,
+            budget=max(preset.budgets, key=preset.budgets.get),
+            sizes=tuple(s.label for s in preset.sizes),
+        )
     except Exception as exc:
         _log(f"[phase1] foveation evidence failed ({type(exc).__name__}: {exc}); the report goes on without it")
         return None
 
 
-def write_report(preset, root: Path, ablation_dir: Path, scaling_dir: Path, report_dir: Path,
-                 locked: dict[str, Any], evidence: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_report(
+    preset,
+    root: Path,
+    ablation_dir: Path,
+    scaling_dir: Path,
+    report_dir: Path,
+    locked: dict[str, Any],
+    evidence: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Analysis of both sweeps, then the locked config (and the foveation evidence, when given)
     added to decisions.json and report.md."""
     tmp = report_dir.with_name(report_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    summary = analyze([str(ablation_dir), str(scaling_dir)], tmp, ["?-C*"],
-                      n_boot=preset.analysis_bootstrap)
+    summary = analyze([str(ablation_dir), str(scaling_dir)], tmp, ["?-C*"], n_boot=preset.analysis_bootstrap)
     decisions = json.loads((tmp / "decisions.json").read_text())
     decisions["locked_config"] = locked
     if evidence is not None:
@@ -307,8 +380,10 @@ def write_report(preset, root: Path, ablation_dir: Path, scaling_dir: Path, repo
     (tmp / "decisions.json").write_text(json.dumps(decisions, indent=2) + "\n")
     with (tmp / "report.md").open("a") as report:
         report.write("\n## Locked configuration (fvlm phase1)\n\n")
-        report.write("The scaling grid was trained with the F3 baseline plus these overrides, chosen from the "
-                     "ablation runs (`ablations/locked_config.json`):\n\n")
+        report.write(
+            "The scaling grid was trained with the F3 baseline plus these overrides, chosen from the "
+            "ablation runs (`ablations/locked_config.json`):\n\n"
+        )
         report.write("| question | choice | adopted | reason |\n|---|---|---|---|\n")
         for c in locked["choices"]:
             adopted = ", ".join(f"`{k}={v}`" for k, v in c["adopted"].items()) or "nothing"

@@ -70,7 +70,7 @@ class Preset:
 PAPER = Preset(
     name="paper",
     description="the plan's settings: SmolLM2-135M/360M/1.7B + DINOv2-small, 1M samples per ablation, "
-                "budgets C1-C4, 2 GPUs",
+    "budgets C1-C4, 2 GPUs",
     config="paper_135m_stage1",
     overrides={"train.max_samples": 0},
     ablation_samples=1_000_000,
@@ -82,8 +82,12 @@ PAPER = Preset(
     sizes=(
         Size("S", "135M", "smollm2-135m"),
         Size("M", "360M", "smollm2-360m"),
-        Size("L", "1.7B", "smollm2-1.7b", overrides={"model.gradient_checkpointing": True,
-                                                      "train.batch_size": 4, "train.grad_accum": 8}),
+        Size(
+            "L",
+            "1.7B",
+            "smollm2-1.7b",
+            overrides={"model.gradient_checkpointing": True, "train.batch_size": 4, "train.grad_accum": 8},
+        ),
     ),
     budgets=dict(PLAN_BUDGETS),
     scaling_evals=6,
@@ -101,9 +105,15 @@ PAPER = Preset(
 # smallest size, as in the plan (C3 = 1M samples at 135M).
 BUDGET_SCALE = 2.5e-6
 TINY_DATA = {
-    "data.synth_videos": 4000, "data.synth_images": 1000, "data.synth_texts": 1000,
-    "data.synth_frames": 4, "data.max_frames": 4, "data.synth_min_objects": 2, "data.synth_max_objects": 3,
-    "data.synth_mc_fraction": 0.5, "data.max_text_tokens": 200,
+    "data.synth_videos": 4000,
+    "data.synth_images": 1000,
+    "data.synth_texts": 1000,
+    "data.synth_frames": 4,
+    "data.max_frames": 4,
+    "data.synth_min_objects": 2,
+    "data.synth_max_objects": 3,
+    "data.synth_mc_fraction": 0.5,
+    "data.max_text_tokens": 200,
 }
 TINY = Preset(
     name="tiny",
@@ -112,8 +122,16 @@ TINY = Preset(
     # Answer-only loss (stage 2) for every run: within these budgets the all-token loss of stage 1 spends
     # the gradient on the option lists and prompts, and the pixel gain on answers stays ~5x smaller
     # (measured: 0.004 vs 0.020 nats per answer token after 6,000 samples).
-    overrides={"train.max_steps": 0, "train.eval_samples": 64, "train.probe_videos": 4, "train.stage": 2,
-               "train.keep_last": 1, "train.log_every": 10, "model.visual_scale": 0.3, **TINY_DATA},
+    overrides={
+        "train.max_steps": 0,
+        "train.eval_samples": 64,
+        "train.probe_videos": 4,
+        "train.stage": 2,
+        "train.keep_last": 1,
+        "train.log_every": 10,
+        "model.visual_scale": 0.3,
+        **TINY_DATA,
+    },
     ablation_samples=6000,
     ablation_evals=10,
     connector_lr=1e-2,

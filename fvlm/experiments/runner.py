@@ -46,6 +46,7 @@ FINISHED = ("completed", "diverged", "failed")
 
 def diff_text(diff: dict[str, Any]) -> str:
     """A run's overrides as `key=value` text, the way a user would type them."""
+
     def fmt(v: Any) -> str:
         if isinstance(v, dict):
             return "{" + ", ".join(f"{k}: {fmt(x)}" for k, x in v.items()) + "}"
@@ -54,6 +55,7 @@ def diff_text(diff: dict[str, Any]) -> str:
         if isinstance(v, float):
             return f"{v:g}"
         return str(v)
+
     return " ".join(f"{k}={fmt(v)}" for k, v in diff.items()) or "(base)"
 
 
@@ -92,9 +94,18 @@ class Planned:
 
 
 class Sweep:
-    def __init__(self, folder: Path, kind: str, preset_config: str, base: dict[str, Any], specs: list[RunSpec],
-                 sample_shape: tuple[int, int], jobs: int = 1, log: Callable[[str], None] | None = None,
-                 slurm: SlurmSettings | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        kind: str,
+        preset_config: str,
+        base: dict[str, Any],
+        specs: list[RunSpec],
+        sample_shape: tuple[int, int],
+        jobs: int = 1,
+        log: Callable[[str], None] | None = None,
+        slurm: SlurmSettings | None = None,
+    ):
         self.folder, self.kind, self.preset_config = Path(folder), kind, preset_config
         self.slurm = slurm  # None: run here (the local launcher)
         self.slurm_jobs: dict[str, Any] = {}  # run id -> the submitit job in flight
@@ -137,7 +148,9 @@ class Sweep:
         except UsageError as exc:
             raise UsageError(f"{exc}; move it away to start the sweep afresh") from None
         if state.get("kind") != self.kind:
-            raise UsageError(f"{self.folder} holds a '{state.get('kind')}' sweep, not '{self.kind}'; choose another --out")
+            raise UsageError(
+                f"{self.folder} holds a '{state.get('kind')}' sweep, not '{self.kind}'; choose another --out"
+            )
         return state
 
     def _save_state(self, state: dict[str, Any]) -> None:
@@ -150,8 +163,10 @@ class Sweep:
         for p in self.planned:
             changed = rf.settings_changed(self.folder / p.spec.run_id, p.cfg)
             if changed:
-                raise UsageError(f"{self.folder / p.spec.run_id} holds run {p.spec.run_id} with other settings "
-                                 f"({', '.join(changed)}); use another --out, or move that run away")
+                raise UsageError(
+                    f"{self.folder / p.spec.run_id} holds run {p.spec.run_id} with other settings "
+                    f"({', '.join(changed)}); use another --out, or move that run away"
+                )
 
     def run_status(self, run_id: str) -> str:
         return rf.run_status(self.folder / run_id)
@@ -173,17 +188,24 @@ class Sweep:
         state = self.load_state()
         for p in self.planned:
             record = state["runs"].setdefault(p.spec.run_id, {})
-            record.update(description=p.spec.description, diff=p.spec.diff, planned_samples=p.spec.samples,
-                          flops_per_sample=p.flops_per_sample, config_hash=p.cfg.config_hash())
+            record.update(
+                description=p.spec.description,
+                diff=p.spec.diff,
+                planned_samples=p.spec.samples,
+                flops_per_sample=p.flops_per_sample,
+                config_hash=p.cfg.config_hash(),
+            )
             record["status"] = self.run_status(p.spec.run_id)
         self._save_state(state)
-        todo = [p for p in self.planned
-                if state["runs"][p.spec.run_id]["status"] not in FINISHED
-                or (retry_failed and state["runs"][p.spec.run_id]["status"] == "failed")]
+        todo = [
+            p
+            for p in self.planned
+            if state["runs"][p.spec.run_id]["status"] not in FINISHED
+            or (retry_failed and state["runs"][p.spec.run_id]["status"] == "failed")
+        ]
         done = len(self.planned) - len(todo)
         if done:
-            self.log(f"[{self.kind}] {done} of {len(self.planned)} runs already finished; "
-                     f"{len(todo)} to run")
+            self.log(f"[{self.kind}] {done} of {len(self.planned)} runs already finished; {len(todo)} to run")
         self.write_csv(state)
         if not todo:
             return {rid: r["status"] for rid, r in state["runs"].items()}
@@ -193,12 +215,18 @@ class Sweep:
         def finished(run_id: str, status: str, error: str | None, seconds: float) -> None:
             counter["n"] += 1
             record = state["runs"][run_id]
-            record.update(status=status, error=error, session_wall_sec=round(seconds, 1),
-                          finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            record.update(
+                status=status,
+                error=error,
+                session_wall_sec=round(seconds, 1),
+                finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            )
             self._save_state(state)
             self.write_csv(state)
-            self.log(f"[{self.kind} {counter['n']}/{len(self.planned)}] {run_id:<12} {status:<11} "
-                     f"{seconds:6.1f}s  {self._result_text(run_id, error)}")
+            self.log(
+                f"[{self.kind} {counter['n']}/{len(self.planned)}] {run_id:<12} {status:<11} "
+                f"{seconds:6.1f}s  {self._result_text(run_id, error)}"
+            )
 
         def started(run_id: str) -> None:
             state["runs"][run_id]["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -262,8 +290,10 @@ class Sweep:
             if stop["requested"] and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             stop["requested"] = True
-            self.log(f"[{self.kind}] {signal.Signals(signum).name}: the runs in flight stop after their step "
-                     "with a checkpoint")
+            self.log(
+                f"[{self.kind}] {signal.Signals(signum).name}: the runs in flight stop after their step "
+                "with a checkpoint"
+            )
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         queue = list(todo)
@@ -276,8 +306,9 @@ class Sweep:
                     started(p.spec.run_id)
                     log_path = self.folder / p.spec.run_id / rf.TRAIN_LOG
                     receive, send = context.Pipe(duplex=False)
-                    proc = context.Process(target=_worker_main, args=(p.cfg.to_dict(), str(log_path), send),
-                                           name=f"fvlm-{p.spec.run_id}")
+                    proc = context.Process(
+                        target=_worker_main, args=(p.cfg.to_dict(), str(log_path), send), name=f"fvlm-{p.spec.run_id}"
+                    )
                     proc.start()
                     send.close()  # the child holds its end; the parent's copy would keep the pipe open
                     running[p.spec.run_id] = (proc, receive, time.perf_counter())
@@ -312,14 +343,18 @@ class Sweep:
             rid, record = p.spec.run_id, state["runs"][p.spec.run_id]
             job = slurm.attach(self.folder, record.get("job_id"), settings)
             if job is not None:
-                self.log(f"[{self.kind}] {rid}: job {job.job_id} is still {job.state.split()[0].lower()}; waiting for it")
+                self.log(
+                    f"[{self.kind}] {rid}: job {job.job_id} is still {job.state.split()[0].lower()}; waiting for it"
+                )
             else:
                 path = configs / f"{rid}.yaml"
                 path.write_text(yaml.safe_dump(p.cfg.to_dict(), sort_keys=False))
-                job = ex.submit(slurm.TrainJob(str(path), str(self.folder / rid / rf.TRAIN_LOG),
-                                               settings.gpus_per_node, settings.nodes))
-                record.update(job_id=str(job.job_id), status="queued",
-                              submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                job = ex.submit(
+                    slurm.TrainJob(
+                        str(path), str(self.folder / rid / rf.TRAIN_LOG), settings.gpus_per_node, settings.nodes
+                    )
+                )
+                record.update(job_id=str(job.job_id), status="queued", submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
                 self._save_state(state)
                 self.log(f"[{self.kind}] {rid}: submitted as job {job.job_id}")
             self.slurm_jobs[rid] = job
@@ -335,8 +370,10 @@ class Sweep:
         try:
             slurm.wait_for(self.slurm_jobs, running, done, settings.poll_sec)
         except KeyboardInterrupt:
-            self.log(f"[{self.kind}] stopped waiting; the jobs go on. Re-run the same command to wait for them "
-                     "again (nothing is submitted twice)")
+            self.log(
+                f"[{self.kind}] stopped waiting; the jobs go on. Re-run the same command to wait for them "
+                "again (nothing is submitted twice)"
+            )
             return True
         return False
 
@@ -348,8 +385,17 @@ class Sweep:
             path.write_text(yaml.safe_dump(p.cfg.to_dict(), sort_keys=False))
             started(p.spec.run_id)
             began = time.perf_counter()
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-                       "-m", "fvlm", "train", str(path)]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={gpus}",
+                "-m",
+                "fvlm",
+                "train",
+                str(path),
+            ]
             try:
                 code = subprocess.call(command)
             except KeyboardInterrupt:
@@ -358,8 +404,12 @@ class Sweep:
             status = self.run_status(p.spec.run_id)
             if code == 2:
                 status = "failed"
-            finished(p.spec.run_id, status, None if status != "failed" else f"fvlm train exited {code}",
-                     time.perf_counter() - began)
+            finished(
+                p.spec.run_id,
+                status,
+                None if status != "failed" else f"fvlm train exited {code}",
+                time.perf_counter() - began,
+            )
             if status == "interrupted":
                 return True
         return False
@@ -369,11 +419,19 @@ class Sweep:
         rows = []
         for p in self.planned:
             record = state["runs"].get(p.spec.run_id, {})
-            rows.append(rf.sweep_row(self.folder / p.spec.run_id, sweep=self.kind,
-                                     status=record.get("status", "pending"), description=p.spec.description,
-                                     diff=diff_text(p.spec.diff), planned_samples=p.spec.samples,
-                                     flops_per_sample=p.flops_per_sample, config_hash=p.cfg.config_hash(),
-                                     error=record.get("error")))
+            rows.append(
+                rf.sweep_row(
+                    self.folder / p.spec.run_id,
+                    sweep=self.kind,
+                    status=record.get("status", "pending"),
+                    description=p.spec.description,
+                    diff=diff_text(p.spec.diff),
+                    planned_samples=p.spec.samples,
+                    flops_per_sample=p.flops_per_sample,
+                    config_hash=p.cfg.config_hash(),
+                    error=record.get("error"),
+                )
+            )
         rf.write_sweep_csv(self.folder, rows)
 
 

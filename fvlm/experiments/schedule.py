@@ -80,8 +80,10 @@ def _chosen_size(fits: dict[str, Any], inputs: ScheduleInputs) -> tuple[str | No
     interior = {k: b for k, b in fits.get("iso_flop", {}).get("budgets", {}).items() if b.get("interior")}
     sized = {s: f["N"] for s, f in per_size.items() if f.get("N")}
     if not interior or not sized:
-        return None, ("no compute-optimal size: no FLOP budget has an interior iso-FLOP minimum (Decision 2); "
-                      "give one with --schedule size=<size>")
+        return None, (
+            "no compute-optimal size: no FLOP budget has an interior iso-FLOP minimum (Decision 2); "
+            "give one with --schedule size=<size>"
+        )
     largest = max(interior.values(), key=lambda b: b["C"])
     size = min(sized, key=lambda s: abs(math.log(sized[s] / largest["N_star"])))
     return size, f"nearest grid size to N* = {largest['N_star']:.3g} at the largest budget with an interior minimum"
@@ -125,16 +127,20 @@ def decision3(runs, fits: dict[str, Any], inputs: ScheduleInputs, folders: list[
         if not fit.get("identified"):
             out["missing"].append(f"stage 1 samples: the {size} data-scaling fit is not identified")
         elif not plateau or not math.isfinite(plateau):
-            out["missing"].append(f"stage 1 samples: the {size} data-scaling fit reaches no plateau in reach "
-                                  "(doubling D always gains more than the eval noise)")
+            out["missing"].append(
+                f"stage 1 samples: the {size} data-scaling fit reaches no plateau in reach "
+                "(doubling D always gains more than the eval noise)"
+            )
         else:
             stage1 = float(plateau)
     stages: dict[str, float | None] = {"1": stage1}
     for stage, ratio in (("2", inputs.stage2_ratio), ("3", inputs.stage3_ratio)):
         stages[stage] = stage1 * ratio if stage1 is not None and ratio is not None else None
         if ratio is None:
-            out["missing"].append(f"stage {stage} samples: SmolVLM2's stage {stage} : stage 1 proportion "
-                                  f"(--schedule stage{stage}_ratio=...)")
+            out["missing"].append(
+                f"stage {stage} samples: SmolVLM2's stage {stage} : stage 1 proportion "
+                f"(--schedule stage{stage}_ratio=...)"
+            )
     out["stages"] = stages
     fps, estimated, run = _flops_per_sample(runs, size) if size else (None, True, None)
     if size and fps is None:
@@ -159,8 +165,9 @@ def decision3(runs, fits: dict[str, Any], inputs: ScheduleInputs, folders: list[
         else:
             needed = math.ceil(total / 24 / inputs.max_wall_days)
             out["two_gpus"] = "no"
-            out["two_gpus_why"] = (f"{wall_days:.1f} days on {inputs.gpus} GPUs > {inputs.max_wall_days:g}; "
-                                   f"{needed} GPUs would fit")
+            out["two_gpus_why"] = (
+                f"{wall_days:.1f} days on {inputs.gpus} GPUs > {inputs.max_wall_days:g}; {needed} GPUs would fit"
+            )
     else:
         out["two_gpus"] = "unknown"
     out["rows"] = _rows(out, inputs)
@@ -174,35 +181,62 @@ def _num(value: float | None, unit: str = "") -> str:
 def _rows(d: dict[str, Any], inputs: ScheduleInputs) -> list[dict[str, str]]:
     missing = "; ".join(d["missing"])
     stage1 = d["stages"]["1"]
-    rows = [{"question": "Model size", "answer": f"{d['size']} ({d['size_basis']})" if d["size"] else
-             f"unknown: {d['size_basis']}"},
-            {"question": "Stage 1 samples (data-scaling plateau)",
-             "answer": _num(stage1) if stage1 is not None else "unknown: " + next(
-                 (m for m in d["missing"] if m.startswith(("stage 1", "model size"))), missing)}]
+    rows = [
+        {
+            "question": "Model size",
+            "answer": f"{d['size']} ({d['size_basis']})" if d["size"] else f"unknown: {d['size_basis']}",
+        },
+        {
+            "question": "Stage 1 samples (data-scaling plateau)",
+            "answer": _num(stage1)
+            if stage1 is not None
+            else "unknown: " + next((m for m in d["missing"] if m.startswith(("stage 1", "model size"))), missing),
+        },
+    ]
     for stage in ("2", "3"):
         ratio = getattr(inputs, f"stage{stage}_ratio")
         value = d["stages"][stage]
-        rows.append({"question": f"Stage {stage} samples (SmolVLM2 proportions)",
-                     "answer": f"{_num(value)} ({ratio:g} x stage 1)" if value is not None else
-                     "unknown: needs " + ("stage 1 samples" if ratio is not None else
-                                          f"SmolVLM2's stage {stage} : stage 1 proportion "
-                                          f"(--schedule stage{stage}_ratio=...)")})
-    basis = (f"{inputs.gpu_name} at {inputs.gpu_peak_flops / 1e12:.0f} TFLOP/s x MFU {d['mfu']:.0%} ({d['mfu_source']}), "
-             f"{_num(d['flops_per_sample'])} FLOPs per sample"
-             + (" (estimated: 2 x N x 500 tokens)" if d["flops_estimated"] else " (exact counter, from the runs)")
-             + f", ${inputs.gpu_hour_cost:.2f} per GPU-hour")
+        rows.append(
+            {
+                "question": f"Stage {stage} samples (SmolVLM2 proportions)",
+                "answer": f"{_num(value)} ({ratio:g} x stage 1)"
+                if value is not None
+                else "unknown: needs "
+                + (
+                    "stage 1 samples"
+                    if ratio is not None
+                    else f"SmolVLM2's stage {stage} : stage 1 proportion (--schedule stage{stage}_ratio=...)"
+                ),
+            }
+        )
+    basis = (
+        f"{inputs.gpu_name} at {inputs.gpu_peak_flops / 1e12:.0f} TFLOP/s x MFU {d['mfu']:.0%} ({d['mfu_source']}), "
+        f"{_num(d['flops_per_sample'])} FLOPs per sample"
+        + (" (estimated: 2 x N x 500 tokens)" if d["flops_estimated"] else " (exact counter, from the runs)")
+        + f", ${inputs.gpu_hour_cost:.2f} per GPU-hour"
+    )
     by_stage = ", ".join(f"stage {k}: {_num(v)}" for k, v in d["gpu_hours_by_stage"].items())
     if "gpu_hours" in d:
-        rows.append({"question": "Total GPU-hours and cost (full pipeline)",
-                     "answer": f"{d['gpu_hours']:,.1f} GPU-hours ({by_stage}), ${d['cost_usd']:,.0f}; {basis}"})
+        rows.append(
+            {
+                "question": "Total GPU-hours and cost (full pipeline)",
+                "answer": f"{d['gpu_hours']:,.1f} GPU-hours ({by_stage}), ${d['cost_usd']:,.0f}; {basis}",
+            }
+        )
     else:
-        rows.append({"question": "Total GPU-hours and cost (full pipeline)",
-                     "answer": f"unknown: needs {missing} (GPU-hours so far: {by_stage}); {basis}"})
+        rows.append(
+            {
+                "question": "Total GPU-hours and cost (full pipeline)",
+                "answer": f"unknown: needs {missing} (GPU-hours so far: {by_stage}); {basis}",
+            }
+        )
     if d["two_gpus"] == "unknown":
         two = "unknown: needs the total GPU-hours"
     else:
-        two = (f"**{d['two_gpus']}**: {d['wall_days']:.1f} days wall on {inputs.gpus} GPUs (limit "
-               f"{inputs.max_wall_days:g}), ${d['cost_usd']:,.0f} of ${inputs.budget_usd:,.0f}"
-               + (f"; {d['two_gpus_why']}" if d.get("two_gpus_why") else ""))
+        two = (
+            f"**{d['two_gpus']}**: {d['wall_days']:.1f} days wall on {inputs.gpus} GPUs (limit "
+            f"{inputs.max_wall_days:g}), ${d['cost_usd']:,.0f} of ${inputs.budget_usd:,.0f}"
+            + (f"; {d['two_gpus_why']}" if d.get("two_gpus_why") else "")
+        )
     rows.append({"question": f"Do {inputs.gpus} GPUs suffice?", "answer": two})
     return rows

@@ -27,8 +27,20 @@ from fvlm import run_folder as rf
 from fvlm.errors import UsageError
 
 # SLURM job states in which the job will still run (or runs): such a job is waited for, not resubmitted.
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-                 "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "UNKNOWN"}
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "RESIZING",
+    "SUSPENDED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "UNKNOWN",
+}
 # How long the training process gets to checkpoint after SIGTERM before it is killed.
 STOP_GRACE_SEC = 80
 
@@ -76,20 +88,38 @@ class TrainJob:
         if self.nodes == 1 and self.gpus_per_node == 1:
             return [sys.executable, *train]
         if self.nodes == 1:
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={self.gpus_per_node}", *train]
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={self.gpus_per_node}",
+                *train,
+            ]
         import submitit
 
         env = submitit.JobEnvironment()
-        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}",
-                f"--nproc_per_node={self.gpus_per_node}", "--rdzv_backend=c10d",
-                f"--rdzv_endpoint={env.hostnames[0]}:29500", f"--rdzv_id=fvlm-{env.job_id}", *train]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={self.nodes}",
+            f"--nproc_per_node={self.gpus_per_node}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={env.hostnames[0]}:29500",
+            f"--rdzv_id=fvlm-{env.job_id}",
+            *train,
+        ]
 
     def __call__(self) -> tuple[str, str | None]:
         Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as log:
-            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+            self._proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+            )
             # Polled, not wait()ed: `checkpoint` runs inside a signal handler on this thread, and a
             # wait() in progress would hold the lock its own wait for the process needs.
             while (code := self._proc.poll()) is None:
@@ -114,8 +144,9 @@ class TrainJob:
                 time.sleep(0.2)
             if proc.poll() is None:
                 proc.kill()
-        return submitit.helpers.DelayedSubmission(TrainJob(self.config_path, self.log_path, self.gpus_per_node,
-                                                           self.nodes))
+        return submitit.helpers.DelayedSubmission(
+            TrainJob(self.config_path, self.log_path, self.gpus_per_node, self.nodes)
+        )
 
 
 def executor(folder: Path, settings: SlurmSettings):
@@ -125,8 +156,11 @@ def executor(folder: Path, settings: SlurmSettings):
     ex = submitit.AutoExecutor(folder=str(folder / "slurm" / "%j"), cluster=settings.cluster)
     params: dict[str, Any] = {"timeout_min": settings.time_min, "nodes": settings.nodes, "tasks_per_node": 1}
     if settings.cluster == "slurm":
-        params.update(slurm_gpus_per_node=settings.gpus_per_node,
-                      cpus_per_task=settings.cpus_per_gpu * settings.gpus_per_node, slurm_signal_delay_s=90)
+        params.update(
+            slurm_gpus_per_node=settings.gpus_per_node,
+            cpus_per_task=settings.cpus_per_gpu * settings.gpus_per_node,
+            slurm_signal_delay_s=90,
+        )
         if settings.partition:
             params["slurm_partition"] = settings.partition
         if settings.account:

@@ -67,7 +67,9 @@ def backbone_config(spec: str, kind: str):
     except UsageError:
         raise
     except (OSError, ValueError) as exc:
-        raise UsageError(f"model.{kind}: cannot read a model config from '{spec}' ({str(exc).splitlines()[0]})") from None
+        raise UsageError(
+            f"model.{kind}: cannot read a model config from '{spec}' ({str(exc).splitlines()[0]})"
+        ) from None
     expected = _EXPECTED_TYPE[kind]
     if expected and config.model_type != expected:
         raise UsageError(f"model.{kind}: '{spec}' is a {config.model_type} model, expected {expected}")
@@ -95,8 +97,9 @@ def load_backbone(spec: str, kind: str, attn_implementation: str = "sdpa"):
         config._attn_implementation = attn_implementation
         return auto_class.from_config(config, attn_implementation=attn_implementation), False
     try:
-        model = auto_class.from_pretrained(_local_or_hub(spec), local_files_only=True,
-                                           attn_implementation=attn_implementation, dtype="float32")
+        model = auto_class.from_pretrained(
+            _local_or_hub(spec), local_files_only=True, attn_implementation=attn_implementation, dtype="float32"
+        )
     except (OSError, ValueError) as exc:
         raise UsageError(f"model.{kind}: cannot load weights from '{spec}' ({str(exc).splitlines()[0]})") from None
     return model, True

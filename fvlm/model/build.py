@@ -91,7 +91,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
         meta = json.loads((folder / MODEL_CONFIG).read_text())
         cfg = ModelConfig(**meta["model"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{folder / MODEL_CONFIG}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise UsageError(
+            f"{folder / MODEL_CONFIG}: unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
     llm_cfg = dict(meta["llm_config"])
     dino_cfg = dict(meta["dino_config"])
     llm = AutoModelForCausalLM.from_config(
@@ -107,8 +109,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
         load_safetensors(model, str(folder / MODEL_FILE), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as exc:
         # A truncated or foreign weights file: one line naming it, not a traceback.
-        raise UsageError(f"{folder / MODEL_FILE}: unreadable or not this model's weights "
-                         f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]})") from None
+        raise UsageError(
+            f"{folder / MODEL_FILE}: unreadable or not this model's weights "
+            f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]})"
+        ) from None
     tokenizer = None
     if (folder / TOKENIZER_DIR).is_dir():
         tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))

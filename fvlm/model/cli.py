@@ -14,25 +14,34 @@ PAPER_SIZES = {"135M": "smollm2-135m", "360M": "smollm2-360m", "1.7B": "smollm2-
 def register(sub) -> None:
     bb = sub.add_parser("backbones", help="make backbone folders (the tiny pretrained ones, imported real ones)")
     bb_sub = bb.add_subparsers(dest="backbones_command", metavar="COMMAND", required=True)
-    tiny = bb_sub.add_parser("pretrain-tiny", help="pretrain the tiny DINO and the tiny LLMs on the synthetic world",
-                             description="Writes tiny-dino/ (a Dinov2Model trained on per-patch colour, shape and grid position) "
-                                         "and tiny-llm/, tiny-llm-m/, tiny-llm-l/ (LlamaForCausalLM chat models of "
-                                         "the synthetic world's text, byte-level tokenizer beside each) under OUT, "
-                                         "plus backbones.json with the linear-probe check. Deterministic for a seed.")
+    tiny = bb_sub.add_parser(
+        "pretrain-tiny",
+        help="pretrain the tiny DINO and the tiny LLMs on the synthetic world",
+        description="Writes tiny-dino/ (a Dinov2Model trained on per-patch colour, shape and grid position) "
+        "and tiny-llm/, tiny-llm-m/, tiny-llm-l/ (LlamaForCausalLM chat models of "
+        "the synthetic world's text, byte-level tokenizer beside each) under OUT, "
+        "plus backbones.json with the linear-probe check. Deterministic for a seed.",
+    )
     tiny.add_argument("out", metavar="OUT")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--image-size", type=int, default=64, help="frame side the encoder is trained at")
     tiny.set_defaults(func=cmd_pretrain_tiny)
-    imp = bb_sub.add_parser("import", help="turn a GGUF file or a loadable model folder into a plain HF folder",
-                            description="Writes OUT: safetensors weights, config, tokenizer and chat template of the "
-                                        "causal language model in SRC (a .gguf file, or any folder transformers "
-                                        "loads), ready for model.llm=OUT. The folder is loaded back and its logits "
-                                        "compared with the source's before it is moved into place. Reading GGUF "
-                                        "needs the 'real' extra (pip install -e '.[real]').")
+    imp = bb_sub.add_parser(
+        "import",
+        help="turn a GGUF file or a loadable model folder into a plain HF folder",
+        description="Writes OUT: safetensors weights, config, tokenizer and chat template of the "
+        "causal language model in SRC (a .gguf file, or any folder transformers "
+        "loads), ready for model.llm=OUT. The folder is loaded back and its logits "
+        "compared with the source's before it is moved into place. Reading GGUF "
+        "needs the 'real' extra (pip install -e '.[real]').",
+    )
     imp.add_argument("src", metavar="SRC")
     imp.add_argument("out", metavar="OUT")
-    imp.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16; auto keeps the source's "
-                                                     "(float32 for GGUF, whose tensors are dequantised)")
+    imp.add_argument(
+        "--dtype",
+        default="auto",
+        help="float32, bfloat16 or float16; auto keeps the source's (float32 for GGUF, whose tensors are dequantised)",
+    )
     imp.set_defaults(func=cmd_import)
 
     p = sub.add_parser("flops", help="FLOPs per training sample and samples per FLOP budget")
@@ -41,8 +50,11 @@ def register(sub) -> None:
     p.add_argument("--flops-formula", choices=("exact", "seed"), default="exact")
     p.add_argument("--frames", type=int, help="frames per sample (default: data.max_frames)")
     p.add_argument("--text-tokens", type=int, help="text tokens per sample (default: data.max_text_tokens)")
-    p.add_argument("--measure", action="store_true",
-                   help="also count FLOPs of a real training step with torch.utils.flop_counter (CPU)")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also count FLOPs of a real training step with torch.utils.flop_counter (CPU)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -54,14 +66,21 @@ def _report(model_cfg, frames, text, formula, budgets, measure=False):
     exact = est if formula == "exact" else estimate_flops(model_cfg, frames, text)
     seed = est if formula == "seed" else estimate_flops(model_cfg, frames, text, formula="seed")
     out = {
-        "llm": model_cfg.llm, "dino": model_cfg.dino, "arch": model_cfg.arch,
-        "tokens_per_frame": model_cfg.tokens_per_frame, "frames": frames, "text_tokens": text,
-        "formula": formula, "params": est.params,
+        "llm": model_cfg.llm,
+        "dino": model_cfg.dino,
+        "arch": model_cfg.arch,
+        "tokens_per_frame": model_cfg.tokens_per_frame,
+        "frames": frames,
+        "text_tokens": text,
+        "formula": formula,
+        "params": est.params,
         "flops_per_sample": est.per_sample,
-        "flops_per_sample_exact": exact.per_sample, "flops_per_sample_seed": seed.per_sample,
+        "flops_per_sample_exact": exact.per_sample,
+        "flops_per_sample_seed": seed.per_sample,
         "breakdown_exact": exact.breakdown,
         # Gradient checkpointing's repeated forward: run by the machine, left out of budgets.
-        "recompute_per_sample": exact.recompute, "flops_per_sample_executed": exact.executed,
+        "recompute_per_sample": exact.recompute,
+        "flops_per_sample_executed": exact.executed,
         "samples_for_budget": {name: est.samples_for(b) for name, b in budgets.items()},
     }
     if measure:
@@ -89,8 +108,9 @@ def run(args) -> int:
     paper = {}
     for size, llm in PAPER_SIZES.items():
         for arch in ("foveated", "multi_token"):
-            model_cfg = load_config(None, {"model": {"llm": llm, "dino": "dinov2-small", "arch": arch,
-                                                      "image_size": 224}}).model
+            model_cfg = load_config(
+                None, {"model": {"llm": llm, "dino": "dinov2-small", "arch": arch, "image_size": 224}}
+            ).model
             paper[f"{size}-{arch}"] = _report(model_cfg, PLAN_FRAMES, PLAN_TEXT_TOKENS, args.flops_formula, budgets)
     result["paper_sizes"] = paper
 
@@ -99,24 +119,40 @@ def run(args) -> int:
         return 0
     c = result["config"]
     print(f"config: llm={c['llm']} dino={c['dino']} arch={c['arch']} frames={frames} text_tokens={text}")
-    print(f"  params: {c['params']['total']:,} (llm {c['params']['llm']:,}, dino {c['params']['dino']:,}, "
-          f"connector {c['params']['connector']:,})")
-    print(f"  FLOPs/sample: exact {c['flops_per_sample_exact']:.4g}   seed (2*N*tokens) {c['flops_per_sample_seed']:.4g}")
+    print(
+        f"  params: {c['params']['total']:,} (llm {c['params']['llm']:,}, dino {c['params']['dino']:,}, "
+        f"connector {c['params']['connector']:,})"
+    )
+    print(
+        f"  FLOPs/sample: exact {c['flops_per_sample_exact']:.4g}   seed (2*N*tokens) {c['flops_per_sample_seed']:.4g}"
+    )
     if c["recompute_per_sample"]:
-        print(f"  + gradient checkpointing's recomputed forward {c['recompute_per_sample']:.4g} "
-              f"(executed {c['flops_per_sample_executed']:.4g}; budgets count without it)")
+        print(
+            f"  + gradient checkpointing's recomputed forward {c['recompute_per_sample']:.4g} "
+            f"(executed {c['flops_per_sample_executed']:.4g}; budgets count without it)"
+        )
     if "flops_per_sample_measured" in c:
-        print(f"  measured (torch flop counter): {c['flops_per_sample_measured']:.4g}   "
-              f"exact (executed)/measured = {c['exact_over_measured']:.4f}")
-    print("  samples per budget (" + args.flops_formula + "): "
-          + ", ".join(f"{k}={v:,}" for k, v in c["samples_for_budget"].items()))
-    print(f"\nplan sizes (DINOv2-small, 224 px, {PLAN_FRAMES} frames + {PLAN_TEXT_TOKENS} text tokens), "
-          f"formula={args.flops_formula}:")
+        print(
+            f"  measured (torch flop counter): {c['flops_per_sample_measured']:.4g}   "
+            f"exact (executed)/measured = {c['exact_over_measured']:.4f}"
+        )
+    print(
+        "  samples per budget ("
+        + args.flops_formula
+        + "): "
+        + ", ".join(f"{k}={v:,}" for k, v in c["samples_for_budget"].items())
+    )
+    print(
+        f"\nplan sizes (DINOv2-small, 224 px, {PLAN_FRAMES} frames + {PLAN_TEXT_TOKENS} text tokens), "
+        f"formula={args.flops_formula}:"
+    )
     print(f"  {'model':<18}{'params':>14}{'exact':>12}{'seed':>12}  samples per budget")
     for name, r in paper.items():
         budget_text = " ".join(f"{k}={v:,}" for k, v in r["samples_for_budget"].items())
-        print(f"  {name:<18}{r['params']['total']:>14,}{r['flops_per_sample_exact']:>12.4g}"
-              f"{r['flops_per_sample_seed']:>12.4g}  {budget_text}")
+        print(
+            f"  {name:<18}{r['params']['total']:>14,}{r['flops_per_sample_exact']:>12.4g}"
+            f"{r['flops_per_sample_seed']:>12.4g}  {budget_text}"
+        )
     return 0
 
 
@@ -134,10 +170,12 @@ def cmd_pretrain_tiny(args) -> int:
         raise UsageError(f"--image-size must be a positive multiple of 8 (the patch size), got {args.image_size}")
     report = make_tiny_backbones(out, Recipe(seed=args.seed, image_size=args.image_size))
     probe = report["dino_probe"]
-    print(f"wrote {out}: tiny-dino (probe: colour {probe['colour_accuracy']:.3f}, shape {probe['shape_accuracy']:.3f}, "
-          f"row {probe['row_accuracy']:.3f}, column {probe['column_accuracy']:.3f}), "
-          + ", ".join(f"{k} ({v['parameters']:,} params)" for k, v in report["llms"].items())
-          + f" in {report['seconds']:.0f} s")
+    print(
+        f"wrote {out}: tiny-dino (probe: colour {probe['colour_accuracy']:.3f}, shape {probe['shape_accuracy']:.3f}, "
+        f"row {probe['row_accuracy']:.3f}, column {probe['column_accuracy']:.3f}), "
+        + ", ".join(f"{k} ({v['parameters']:,} params)" for k, v in report["llms"].items())
+        + f" in {report['seconds']:.0f} s"
+    )
     return 0
 
 
@@ -145,7 +183,9 @@ def cmd_import(args) -> int:
     from fvlm.model.importer import import_llm
 
     report = import_llm(args.src, args.out, dtype=args.dtype)
-    print(f"wrote {args.out}: {report['architecture']}, {report['parameters']:,} parameters, {report['dtype']}, "
-          f"tokenizer {report['tokenizer_size']:,} tokens with its chat template; logits equal the source's "
-          f"(max difference {report['max_logit_difference']:.2g}); {report['seconds']:.0f} s")
+    print(
+        f"wrote {args.out}: {report['architecture']}, {report['parameters']:,} parameters, {report['dtype']}, "
+        f"tokenizer {report['tokenizer_size']:,} tokens with its chat template; logits equal the source's "
+        f"(max difference {report['max_logit_difference']:.2g}); {report['seconds']:.0f} s"
+    )
     return 0

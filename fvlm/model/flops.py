@@ -104,12 +104,22 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
             connector += dq + d * dq + dq  # q_init, llm_to_query
         if not cfg.deep_query:
             connector += 4 * (dd * dd + dd)
-    return {"llm": llm_params, "dino": dino_params, "connector": connector,
-            "total": llm_params + dino_params + connector}
+    return {
+        "llm": llm_params,
+        "dino": dino_params,
+        "connector": connector,
+        "total": llm_params + dino_params + connector,
+    }
 
 
-def estimate_flops(cfg: ModelConfig, frames: int, text_tokens: int, loss_tokens: int | None = None,
-                   formula: str = "exact", coarse_text_loss: bool | None = None) -> FlopReport:
+def estimate_flops(
+    cfg: ModelConfig,
+    frames: int,
+    text_tokens: int,
+    loss_tokens: int | None = None,
+    formula: str = "exact",
+    coarse_text_loss: bool | None = None,
+) -> FlopReport:
     """FLOPs of one training sample with `frames` frames and `text_tokens` text tokens.
 
     `loss_tokens` (default: all text tokens) sets how many positions get logits.
@@ -121,8 +131,14 @@ def estimate_flops(cfg: ModelConfig, frames: int, text_tokens: int, loss_tokens:
     tokens = frames * visual_per_frame + text_tokens
     shape = {"frames": frames, "text_tokens": text_tokens}
     if formula == "seed":
-        return FlopReport(2.0 * params["total"] * tokens, {"2*N*tokens": 2.0 * params["total"] * tokens},
-                          params, tokens, "seed", shape)
+        return FlopReport(
+            2.0 * params["total"] * tokens,
+            {"2*N*tokens": 2.0 * params["total"] * tokens},
+            params,
+            tokens,
+            "seed",
+            shape,
+        )
     if formula != "exact":
         raise ValueError(f"unknown FLOP formula {formula!r} (exact or seed)")
 
@@ -175,8 +191,9 @@ def estimate_flops(cfg: ModelConfig, frames: int, text_tokens: int, loss_tokens:
                 recompute.linear(part, n_q, d_llm, 2 * llm.intermediate_size, False, False)
 
     def report():
-        return FlopReport(sum(t.parts.values()), t.parts, params, tokens, "exact", shape,
-                          recompute=sum(recompute.parts.values()))
+        return FlopReport(
+            sum(t.parts.values()), t.parts, params, tokens, "exact", shape, recompute=sum(recompute.parts.values())
+        )
 
     def lm_head(part, n, grad=True):
         t.linear(part, n, d_llm, llm.vocab_size, llm_train and grad, grad)
@@ -232,8 +249,9 @@ def estimate_flops(cfg: ModelConfig, frames: int, text_tokens: int, loss_tokens:
     return report()
 
 
-def measure_flops(cfg: ModelConfig, frames: int, text_tokens: int, device: str = "cpu",
-                  compute_coarse: bool = False) -> float:
+def measure_flops(
+    cfg: ModelConfig, frames: int, text_tokens: int, device: str = "cpu", compute_coarse: bool = False
+) -> float:
     """FLOPs that torch.utils.flop_counter counts for one real training step (forward + backward)
     on one sample of this shape, with random weights of the configured shapes. `compute_coarse`
     measures the coarse loss too, as a logged step does (estimate_flops' `coarse_text_loss`)."""

@@ -27,8 +27,10 @@ from fvlm.errors import UsageError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PROVENANCE_FILE = "fvlm_import.json"
 # A chat that every ChatML model must get right; its logits are compared before the folder lands.
-CHECK_CHAT = [{"role": "user", "content": "What is the capital of France?"},
-              {"role": "assistant", "content": "The capital of France is Paris."}]
+CHECK_CHAT = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+]
 # Float32 logits of the same weights computed by two loads agree to rounding; anything larger means
 # the weights, the config or the tokenizer did not survive the round trip.
 MAX_LOGIT_DIFFERENCE = 1e-3
@@ -69,8 +71,9 @@ def _load(source: Source, dtype: str):
     load_dtype = "float32" if dtype == "auto" and source.gguf_file else dtype
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source.folder), local_files_only=True, **extra)
-        model = AutoModelForCausalLM.from_pretrained(str(source.folder), local_files_only=True, dtype=load_dtype,
-                                                     **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.folder), local_files_only=True, dtype=load_dtype, **extra
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UsageError(f"{source.label}: transformers cannot load it as a causal language model ({reason})") from None
@@ -151,7 +154,9 @@ def import_llm(src: str, out: str, dtype: str = "auto") -> dict:
         # model is not needed after this).
         difference = _check_logits(plain.float(), tmp, tokenizer)
         if not difference <= MAX_LOGIT_DIFFERENCE:
-            raise UsageError(f"{source.label}: the written folder's logits differ from the source's by {difference:.3g}")
+            raise UsageError(
+                f"{source.label}: the written folder's logits differ from the source's by {difference:.3g}"
+            )
         report["max_logit_difference"] = difference
         (tmp / PROVENANCE_FILE).write_text(json.dumps(report, indent=1) + "\n")
         if out_path.exists():

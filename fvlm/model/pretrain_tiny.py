@@ -101,8 +101,13 @@ def _frames(rng: np.random.Generator, recipe: Recipe, n: int):
     from fvlm.data.decode import normalise
     from fvlm.data.synth import _Painter, labelled_scene
 
-    painter = _Painter(recipe.image_size, rng, object_scale=tuple(recipe.object_scale),
-                       max_objects=recipe.max_objects, min_objects=recipe.min_objects)
+    painter = _Painter(
+        recipe.image_size,
+        rng,
+        object_scale=tuple(recipe.object_scale),
+        max_objects=recipe.max_objects,
+        min_objects=recipe.min_objects,
+    )
     pixels, maps = [], []
     for _ in range(n):
         jpeg, labels = labelled_scene(painter)
@@ -164,8 +169,9 @@ def pretrain_dino(recipe: Recipe, log=print):
     params = [p for n, p in dino.named_parameters() if "mask_token" not in n] + list(heads.parameters())
     params += list(cls_head.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.dino_lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.dino_lr, total_steps=recipe.dino_steps,
-                                                pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=recipe.dino_lr, total_steps=recipe.dino_steps, pct_start=0.1
+    )
     rng = np.random.default_rng([recipe.seed, _DINO_STREAM])
     # A bank of frames rendered once and drawn from with replacement: rendering (JPEG round trip
     # included) would otherwise cost a third of each step.
@@ -185,8 +191,8 @@ def pretrain_dino(recipe: Recipe, log=print):
             logits = head(feats).flatten(0, 1)
             for part in (on_object, ~on_object):
                 loss = loss + _ce(logits[part, :n_colour], colour.flatten()[part])
-                loss = loss + _ce(logits[part, n_colour:n_colour + n_shape], shape.flatten()[part])
-            where = logits[:, n_colour + n_shape:]
+                loss = loss + _ce(logits[part, n_colour : n_colour + n_shape], shape.flatten()[part])
+            where = logits[:, n_colour + n_shape :]
             loss = loss + _ce(where[:, :grid], row_of.repeat(len(rows)))
             loss = loss + _ce(where[:, grid:], column_of.repeat(len(rows)))
         opt.zero_grad(set_to_none=True)
@@ -352,14 +358,20 @@ def _make_one(job: str, out: str, recipe: Recipe) -> dict:
     if job == "tiny-dino":
         dino, probe = pretrain_dino(recipe, log)
         dino.save_pretrained(str(Path(out) / job))
-        return {"probe": probe, "parameters": sum(p.numel() for p in dino.parameters()),
-                "seconds": round(time.perf_counter() - began, 1)}
+        return {
+            "probe": probe,
+            "parameters": sum(p.numel() for p in dino.parameters()),
+            "seconds": round(time.perf_counter() - began, 1),
+        }
     dialogues = world_dialogues(recipe.seed, recipe.dialogues + 200, video_task=recipe.video_task)
     model, tok = pretrain_llm(job, dialogues[:-200], recipe, log)
     model.save_pretrained(str(Path(out) / job))
     tok.save_pretrained(str(Path(out) / job))
-    return {"answer_loss_held_out": round(held_out_loss(model, tok, dialogues[-200:]), 4),
-            "parameters": sum(p.numel() for p in model.parameters()), "seconds": round(time.perf_counter() - began, 1)}
+    return {
+        "answer_loss_held_out": round(held_out_loss(model, tok, dialogues[-200:]), 4),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "seconds": round(time.perf_counter() - began, 1),
+    }
 
 
 def make_tiny_backbones(out_dir, recipe: Recipe | None = None, log=print, workers: int = 2) -> dict:
@@ -383,15 +395,23 @@ def make_tiny_backbones(out_dir, recipe: Recipe | None = None, log=print, worker
             futures = {job: pool.submit(_make_one, job, str(out), recipe) for job in jobs}
             results = {job: f.result() for job, f in futures.items()}
     probe = results["tiny-dino"]["probe"]
-    log(f"  vision encoder: linear probe on frozen patch tokens (held-out frames): colour "
+    log(
+        f"  vision encoder: linear probe on frozen patch tokens (held-out frames): colour "
         f"{probe['colour_accuracy']:.3f} (chance {probe['colour_chance']}), shape {probe['shape_accuracy']:.3f} "
         f"(chance {probe['shape_chance']}), grid row {probe['row_accuracy']:.3f} / column "
-        f"{probe['column_accuracy']:.3f} (chance {probe['row_chance']})")
+        f"{probe['column_accuracy']:.3f} (chance {probe['row_chance']})"
+    )
     llms = {job: r for job, r in results.items() if job != "tiny-dino"}
     for shape, r in llms.items():
         log(f"  {shape}: answer loss on 200 held-out dialogues {r['answer_loss_held_out']:.3f} nats/token")
-    report = {"recipe": asdict(recipe), "digest": recipe.digest(), "dino_probe": probe,
-              "dino": results["tiny-dino"], "llms": llms, "seconds": round(time.perf_counter() - began, 1)}
+    report = {
+        "recipe": asdict(recipe),
+        "digest": recipe.digest(),
+        "dino_probe": probe,
+        "dino": results["tiny-dino"],
+        "llms": llms,
+        "seconds": round(time.perf_counter() - began, 1),
+    }
     (out / "backbones.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"  backbones made in {report['seconds']:.0f} s")
     return report
@@ -403,5 +423,8 @@ def ensure_tiny_backbones(root, recipe: Recipe | None = None, log=print) -> Path
     from fvlm.cache import build_once
 
     recipe = recipe or Recipe()
-    return build_once(Path(root) / f"tiny-backbones-{recipe.digest()}", "backbones.json",
-                      lambda tmp: make_tiny_backbones(tmp, recipe, log))
+    return build_once(
+        Path(root) / f"tiny-backbones-{recipe.digest()}",
+        "backbones.json",
+        lambda tmp: make_tiny_backbones(tmp, recipe, log),
+    )

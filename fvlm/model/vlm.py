@@ -109,7 +109,7 @@ class VLMBase(nn.Module):
         return self.llm.get_input_embeddings()(input_ids)
 
     def run_llm(self, embeds, mask, position_ids=None, cache=None):
-        position_ids = _positions(mask)[:, -embeds.shape[1]:] if position_ids is None else position_ids
+        position_ids = _positions(mask)[:, -embeds.shape[1] :] if position_ids is None else position_ids
         out = self.llm.model(
             inputs_embeds=embeds,
             attention_mask=mask.long(),
@@ -157,8 +157,16 @@ class VLMBase(nn.Module):
         return self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"], per_sample=per_sample)
 
     @torch.no_grad()
-    def generate(self, batch, mode: str | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
-                 eos_token_id: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None):
+    def generate(
+        self,
+        batch,
+        mode: str | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        eos_token_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ):
         """Continues each sample's prompt (`input_ids`, padded) after its visual tokens.
         Greedy when temperature is 0. Returns new token ids [B, n <= max_new_tokens] (eos after the end)."""
         visual, visual_mask = self.visual_tokens(batch, mode or self.default_mode)

@@ -78,9 +78,11 @@ def rng_state() -> dict:
     """Every RNG's state as tensors and plain Python values only, so that it loads with
     `torch.load(weights_only=True)`: numpy's key array becomes a tensor."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                    int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -108,8 +110,18 @@ def _torch_save(obj, path: Path) -> None:
         raise OSError(errno.EIO, "write failed (is the disk full, or a file size limit reached?)", str(path)) from exc
 
 
-def save_checkpoint(run_dir: Path, step: int, dist: Dist, *, model, tokenizer, meta: dict, optimizer=None,
-                    trainer_state: dict | None = None, rank_state: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    dist: Dist,
+    *,
+    model,
+    tokenizer,
+    meta: dict,
+    optimizer=None,
+    trainer_state: dict | None = None,
+    rank_state: dict | None = None,
+) -> Path:
     """Collective: every rank calls it (each writes its own rank file); rank 0 writes the rest.
     Without an optimizer it writes the weights only (a milestone, for evaluation)."""
     final = checkpoint_folder(run_dir, step)
@@ -161,8 +173,12 @@ def load_data(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()
-        detail = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
-        raise UsageError(f"{path}: refused to load: it holds more than tensors and plain data ({detail[:160]})") from None
+        detail = next(
+            (line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else ""
+        )
+        raise UsageError(
+            f"{path}: refused to load: it holds more than tensors and plain data ({detail[:160]})"
+        ) from None
 
 
 def load_checkpoint(folder: Path, dist: Dist, *, model, optimizer) -> tuple[dict, dict, dict]:
@@ -171,8 +187,10 @@ def load_checkpoint(folder: Path, dist: Dist, *, model, optimizer) -> tuple[dict
 
     own_rank = rank_file(folder, dist.rank)
     if not own_rank.is_file():
-        raise ProcessCountMismatch(f"{folder}: written by a run with a different number of processes "
-                         f"(no {own_rank.name}); resume with the same number")
+        raise ProcessCountMismatch(
+            f"{folder}: written by a run with a different number of processes "
+            f"(no {own_rank.name}); resume with the same number"
+        )
     load_safetensors(model, str(folder / MODEL_FILE), device=str(next(model.parameters()).device))
     optimizer.load_state_dict(load_data(folder / OPTIMIZER))
     trainer_state = load_data(folder / TRAINER)

@@ -90,7 +90,7 @@ def _reduce_bucket(grads: list[torch.Tensor]) -> None:
     torch_dist.all_reduce(flat)
     offset = 0
     for grad in grads:
-        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
 
 

@@ -80,8 +80,15 @@ def validate(model, loader, dist: Dist, autocast: Callable[[], AbstractContextMa
 
 
 @torch.no_grad()
-def save_probe_attention(model, loader, n_videos: int, step: int, run_dir: Path, device: torch.device,
-                         autocast: Callable[[], AbstractContextManager]) -> Path | None:
+def save_probe_attention(
+    model,
+    loader,
+    n_videos: int,
+    step: int,
+    run_dir: Path,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> Path | None:
     """The encoder query's attention over [CLS + patches] for the first `n_videos` probe videos,
     per layer and head, as `attention/step_NNNNNNN.npz` (the heatmap figure's input). Returns
     None for a model without a query (the multi-token baseline)."""
@@ -101,13 +108,15 @@ def save_probe_attention(model, loader, n_videos: int, step: int, run_dir: Path,
             return None
         for j, key in enumerate(sub["keys"]):
             mask = sub["frame_mask"][j]
-            videos.append({
-                "key": key,
-                "mask": mask.numpy(),
-                "frames": sub["frames"][j].numpy(),
-                "boxes": (sub.get("mover_boxes") or [None] * len(sub["keys"]))[j],
-                **{name: out.attention[name][j].float().cpu().numpy() for name in out.attention},
-            })
+            videos.append(
+                {
+                    "key": key,
+                    "mask": mask.numpy(),
+                    "frames": sub["frames"][j].numpy(),
+                    "boxes": (sub.get("mover_boxes") or [None] * len(sub["keys"]))[j],
+                    **{name: out.attention[name][j].float().cpu().numpy() for name in out.attention},
+                }
+            )
         if len(videos) >= n_videos:
             break
     model.train(was_training)

@@ -38,8 +38,11 @@ class CsvLog:
                     # Whole rows only (a row cut short by a kill mid-write is dropped); a log written
                     # with other columns (an older fvlm) keeps its values under the current ones.
                     at = header.index("step")
-                    kept = [[dict(zip(header, row)).get(c, "") for c in columns] for row in reader
-                            if len(row) == len(header) and _step(row, at) <= keep_until_step]
+                    kept = [
+                        [dict(zip(header, row)).get(c, "") for c in columns]
+                        for row in reader
+                        if len(row) == len(header) and _step(row, at) <= keep_until_step
+                    ]
         self.kept_rows = [dict(zip(columns, row)) for row in kept]
         # The kept rows go to a temporary file that replaces the log in one rename: a kill at any
         # moment leaves either the old log or the new one, never an emptied one.
@@ -70,10 +73,17 @@ def git_commit() -> str | None:
     """The commit of the fvlm source tree (with `-dirty` when it has local changes), if it is a repo."""
     here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")
@@ -82,16 +92,24 @@ def git_commit() -> str | None:
 class Wandb:
     """Mirrors the CSV rows to wandb. Imported only when enabled; offline mode needs no network."""
 
-    def __init__(self, mode: str, project: str, run_dir: Path, run_id: str, config_hash: str, config: dict,
-                 resume: bool):
+    def __init__(
+        self, mode: str, project: str, run_dir: Path, run_id: str, config_hash: str, config: dict, resume: bool
+    ):
         try:
             import wandb
         except ImportError:
             raise UsageError(f"train.wandb={mode} needs the wandb package (pip install 'fvlm[wandb]')") from None
         if mode == "offline":
             os.environ["WANDB_MODE"] = "offline"
-        self._run = wandb.init(project=project, name=run_id, id=f"{run_id}-{config_hash}", dir=str(run_dir),
-                               config=config, mode=mode, resume="allow" if resume else None)
+        self._run = wandb.init(
+            project=project,
+            name=run_id,
+            id=f"{run_id}-{config_hash}",
+            dir=str(run_dir),
+            config=config,
+            mode=mode,
+            resume="allow" if resume else None,
+        )
 
     def log(self, row: dict, prefix: str) -> None:
         values = {f"{prefix}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
@@ -122,15 +140,20 @@ class Progress:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if row is not None:
-                self.bar.set_postfix(loss=f"{row['train_loss']:.4f}",
-                                     samples_s=f"{row['throughput_samples_sec']:.1f}", refresh=False)
+                self.bar.set_postfix(
+                    loss=f"{row['train_loss']:.4f}", samples_s=f"{row['throughput_samples_sec']:.1f}", refresh=False
+                )
             return
         if row is not None:
             done = step - self.initial
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(done, 1) * (self.total - step)
-            print(f"step {step}/{self.total} | loss {row['train_loss']:.4f} | "
-                  f"{row['throughput_samples_sec']:.1f} samples/s | eta {eta:.0f}s", file=sys.stderr, flush=True)
+            print(
+                f"step {step}/{self.total} | loss {row['train_loss']:.4f} | "
+                f"{row['throughput_samples_sec']:.1f} samples/s | eta {eta:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def message(self, text: str) -> None:
         if not self.enabled:

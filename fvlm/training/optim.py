@@ -29,10 +29,14 @@ def build_optimizer(model, cfg: OptimConfig) -> torch.optim.AdamW:
         for decay in (True, False):
             chosen = [p for p in params if (p.ndim >= 2) == decay]
             if chosen:
-                param_groups.append({
-                    "params": chosen, "group": name, "lr": peaks[name],
-                    "weight_decay": cfg.weight_decay if decay else 0.0,
-                })
+                param_groups.append(
+                    {
+                        "params": chosen,
+                        "group": name,
+                        "lr": peaks[name],
+                        "weight_decay": cfg.weight_decay if decay else 0.0,
+                    }
+                )
     if not param_groups:
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(param_groups, lr=peaks["connector"], betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

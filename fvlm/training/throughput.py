@@ -48,8 +48,9 @@ class Interval:
     data_wait: float = 0.0
     steps: int = 0
 
-    def add(self, *, samples: int, frames: int, text_tokens: int, loss_tokens: int, seconds: float,
-            data_wait: float) -> None:
+    def add(
+        self, *, samples: int, frames: int, text_tokens: int, loss_tokens: int, seconds: float, data_wait: float
+    ) -> None:
         self.samples += samples
         self.frames += frames
         self.text_tokens += text_tokens
@@ -66,9 +67,12 @@ class Interval:
         visual = self.frames * (model_cfg.tokens_per_frame or 1)
         flops = None
         if self.samples:
-            per_sample = estimate_flops(model_cfg, frames=self.frames / self.samples,
-                                        text_tokens=self.text_tokens / self.samples,
-                                        loss_tokens=self.loss_tokens / self.samples).per_sample
+            per_sample = estimate_flops(
+                model_cfg,
+                frames=self.frames / self.samples,
+                text_tokens=self.text_tokens / self.samples,
+                loss_tokens=self.loss_tokens / self.samples,
+            ).per_sample
             flops = per_sample * self.samples / seconds
         row = {
             "throughput_samples_sec": self.samples / seconds,

@@ -147,8 +147,9 @@ class Trainer:
         self.timing = {"train": 0.0, "data_wait": 0.0, "eval": 0.0, "checkpoint": 0.0, "log": 0.0}
         cuda = self.dist.device.type == "cuda"
         self.device_name = torch.cuda.get_device_name(self.dist.device) if cuda else "cpu"
-        self.peak_flops, self.peak_source = peak_flops(cfg.train.peak_flops, self.device_name if cuda else None,
-                                                       self.bf16)
+        self.peak_flops, self.peak_source = peak_flops(
+            cfg.train.peak_flops, self.device_name if cuda else None, self.bf16
+        )
         if self.finished is not None:
             return
         self._setup()
@@ -175,8 +176,10 @@ class Trainer:
         if changed is None:
             return None, None
         if changed:
-            raise UsageError(f"{self.run_dir} holds a run with different settings ({', '.join(changed)}); "
-                             "choose another run_id or out_dir")
+            raise UsageError(
+                f"{self.run_dir} holds a run with different settings ({', '.join(changed)}); "
+                "choose another run_id or out_dir"
+            )
         # A run killed before its first resume checkpoint (after a milestone) starts over.
         resumable = rf.resume_checkpoints(self.run_dir)
         latest = resumable[-1][1] if resumable else None
@@ -191,7 +194,8 @@ class Trainer:
             if summary is None:
                 return latest, None
             done = summary.get("status") == "diverged" or (
-                summary.get("status") == "completed" and summary.get("total_steps", 0) >= self.total_steps)
+                summary.get("status") == "completed" and summary.get("total_steps", 0) >= self.total_steps
+            )
             if done:
                 return latest, summary
         return latest, None
@@ -238,15 +242,26 @@ class Trainer:
         try:
             load_safetensors(self.model, str(folder / rf.MODEL_FILE))
         except (RuntimeError, OSError, SafetensorError) as exc:
-            raise UsageError(f"train.init_from: {folder} does not fit this model "
-                             f"({str(exc).splitlines()[0]})") from None
+            raise UsageError(
+                f"train.init_from: {folder} does not fit this model ({str(exc).splitlines()[0]})"
+            ) from None
 
     def _restore_newest_readable(self) -> None:
         """Resumes from the newest complete checkpoint that reads back whole, saying which newer ones
         were passed over and why: a damaged latest checkpoint (truncated weights, a garbage state
         file, a refused pickle) costs the steps since the one before it, not the run."""
-        readable_errors = (UsageError, OSError, RuntimeError, ValueError, KeyError, EOFError, TypeError,
-                           pickle.UnpicklingError, json.JSONDecodeError, SafetensorError)
+        readable_errors = (
+            UsageError,
+            OSError,
+            RuntimeError,
+            ValueError,
+            KeyError,
+            EOFError,
+            TypeError,
+            pickle.UnpicklingError,
+            json.JSONDecodeError,
+            SafetensorError,
+        )
         skipped = []
         for _, folder in reversed(rf.resume_checkpoints(self.run_dir)):
             try:
@@ -261,15 +276,19 @@ class Trainer:
                 continue
             self.resume_from = folder
             return
-        raise UsageError(f"{self.run_dir}: no readable checkpoint to resume from ({'; '.join(skipped)}); "
-                         "move the run folder aside to start over")
+        raise UsageError(
+            f"{self.run_dir}: no readable checkpoint to resume from ({'; '.join(skipped)}); "
+            "move the run folder aside to start over"
+        )
 
     def _restore(self, folder: Path) -> None:
-        trainer_state, rank_state, meta = ckpt.load_checkpoint(folder, self.dist, model=self.model,
-                                                               optimizer=self.optimizer)
+        trainer_state, rank_state, meta = ckpt.load_checkpoint(
+            folder, self.dist, model=self.model, optimizer=self.optimizer
+        )
         if meta.get("world_size", 1) != self.dist.world_size:
-            raise ckpt.ProcessCountMismatch(f"{folder} was written by {meta.get('world_size')} processes; "
-                                            "resume with as many")
+            raise ckpt.ProcessCountMismatch(
+                f"{folder} was written by {meta.get('world_size')} processes; resume with as many"
+            )
         self.step = trainer_state["step"]
         self.samples_seen = trainer_state["samples_seen"]
         self.seen = trainer_state["seen"]
@@ -293,15 +312,25 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.train.wandb != "off":
-            self.wandb = Wandb(cfg.train.wandb, cfg.train.wandb_project, self.run_dir, cfg.run_id,
-                               cfg.config_hash(), cfg.to_dict(), resume=self.resume_from is not None)
+            self.wandb = Wandb(
+                cfg.train.wandb,
+                cfg.train.wandb_project,
+                self.run_dir,
+                cfg.run_id,
+                cfg.config_hash(),
+                cfg.to_dict(),
+                resume=self.resume_from is not None,
+            )
         rf.write_config(self.run_dir, cfg)
         keep = self.step if self.resume_from is not None else None
         self.steps_log = CsvLog(self.run_dir / rf.STEPS, rf.STEP_COLUMNS, keep)
         # A checkpoint whose evaluation never finished is evaluated again before training goes on; a
         # row of that step already in metrics.csv (whole or cut off by the kill) is dropped first.
-        self.metrics_log = CsvLog(self.run_dir / rf.METRICS, rf.METRIC_COLUMNS,
-                                  keep - 1 if keep is not None and self._eval_pending() else keep)
+        self.metrics_log = CsvLog(
+            self.run_dir / rf.METRICS,
+            rf.METRIC_COLUMNS,
+            keep - 1 if keep is not None and self._eval_pending() else keep,
+        )
         self.history = [_parse_row(row) for row in self.metrics_log.kept_rows]
         if self.steps_log.kept_rows:
             self.last_row = _parse_row(self.steps_log.kept_rows[-1])
@@ -323,8 +352,10 @@ class Trainer:
         self.progress.message("\n".join(lines))
 
     def _param_counts(self) -> dict:
-        by_group = {group: sum(p.numel() for p in params)
-                    for group, params in self.model.param_groups(trainable_only=False).items()}
+        by_group = {
+            group: sum(p.numel() for p in params)
+            for group, params in self.model.param_groups(trainable_only=False).items()
+        }
         return {
             "total": sum(by_group.values()),
             "trainable": sum(p.numel() for p in self.trainable),
@@ -335,8 +366,10 @@ class Trainer:
     def run(self) -> dict:
         if self.finished is not None:
             if self.dist.is_main:
-                print(f"fvlm train: {self.run_dir} already finished ({self.finished['status']}); nothing to do",
-                      flush=True)
+                print(
+                    f"fvlm train: {self.run_dir} already finished ({self.finished['status']}); nothing to do",
+                    flush=True,
+                )
             return self.finished
         self.session_began = time.perf_counter()
         handlers = self._install_signal_handlers()
@@ -362,8 +395,9 @@ class Trainer:
             if self.stop_requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.stop_requested = True
-            self.progress.message(f"fvlm train: {signal.Signals(signum).name} received; "
-                                  "stopping after this step with a checkpoint")
+            self.progress.message(
+                f"fvlm train: {signal.Signals(signum).name} received; stopping after this step with a checkpoint"
+            )
 
         return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -377,8 +411,12 @@ class Trainer:
     def _eval_pending(self) -> bool:
         """Resumed from a checkpoint of an evaluation step whose evaluation did not finish (killed
         between the checkpoint and its metrics row): that evaluation is owed before training goes on."""
-        return (self.resume_from is not None and self.step > 0 and self.last_eval_step != self.step
-                and (self.step % self.cfg.train.eval_every == 0 or self._finished()))
+        return (
+            self.resume_from is not None
+            and self.step > 0
+            and self.last_eval_step != self.step
+            and (self.step % self.cfg.train.eval_every == 0 or self._finished())
+        )
 
     def _loop(self) -> str:
         t = self.cfg.train
@@ -390,8 +428,7 @@ class Trainer:
         while self.step < self.total_steps and not (t.max_samples and self.samples_seen >= t.max_samples):
             began = time.perf_counter()
             next_step = self.step + 1
-            logged = next_step % t.log_every == 0 or next_step % t.eval_every == 0 or next_step in (
-                1, self.total_steps)
+            logged = next_step % t.log_every == 0 or next_step % t.eval_every == 0 or next_step in (1, self.total_steps)
             lrs = group_lrs(self.step, self.total_steps, self.cfg.optim, self.trainable_groups)
             apply_lrs(self.optimizer, lrs)
             with torch.random.fork_rng(devices=[]):
@@ -404,13 +441,17 @@ class Trainer:
             if oom or tokens == 0:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.skipped_steps += 1
-                self.progress.message(f"fvlm train: skipped a step ({'out of memory' if oom else 'no target tokens'})"
-                                      f" on {'some rank' if self.dist.enabled else 'this process'}")
+                self.progress.message(
+                    f"fvlm train: skipped a step ({'out of memory' if oom else 'no target tokens'})"
+                    f" on {'some rank' if self.dist.enabled else 'this process'}"
+                )
                 continue
             train_loss = tally.loss_sum / tokens
             if self._is_divergent(train_loss):
-                self.progress.message(f"fvlm train: diverged at step {next_step} (loss {train_loss:.4g}, "
-                                      f"lowest running level {_fmt(self.loss_floor)})")
+                self.progress.message(
+                    f"fvlm train: diverged at step {next_step} (loss {train_loss:.4g}, "
+                    f"lowest running level {_fmt(self.loss_floor)})"
+                )
                 return "diverged"
             grad_norm = self._optimizer_step(tokens)
             if not math.isfinite(grad_norm):
@@ -423,19 +464,30 @@ class Trainer:
             elapsed = time.perf_counter() - began
             self.timing["train"] += elapsed
             self.timing["data_wait"] += data_wait
-            interval.add(samples=int(tally.samples), frames=int(tally.frames), text_tokens=int(tally.text_tokens),
-                         loss_tokens=int(tokens), seconds=elapsed, data_wait=data_wait)
+            interval.add(
+                samples=int(tally.samples),
+                frames=int(tally.frames),
+                text_tokens=int(tally.text_tokens),
+                loss_tokens=int(tokens),
+                seconds=elapsed,
+                data_wait=data_wait,
+            )
             row = None
             if logged:
                 log_began = time.perf_counter()
                 loss_fine = tally.fine_sum / tally.fine_tokens if tally.fine_tokens else None
                 loss_coarse = tally.coarse_sum / tally.coarse_tokens if tally.coarse_tokens else None
                 row = {
-                    "run_id": self.cfg.run_id, "step": self.step, "samples_seen": self.samples_seen,
-                    "wall_time_sec": round(self.wall_time(), 3), "train_loss": train_loss,
-                    "loss_fine": loss_fine, "loss_coarse": loss_coarse,
+                    "run_id": self.cfg.run_id,
+                    "step": self.step,
+                    "samples_seen": self.samples_seen,
+                    "wall_time_sec": round(self.wall_time(), 3),
+                    "train_loss": train_loss,
+                    "loss_fine": loss_fine,
+                    "loss_coarse": loss_coarse,
                     "loss_ratio": loss_fine / loss_coarse if loss_fine is not None and loss_coarse else None,
-                    "grad_norm": grad_norm, **{f"lr_{g}": lrs[g] for g in GROUPS},
+                    "grad_norm": grad_norm,
+                    **{f"lr_{g}": lrs[g] for g in GROUPS},
                     **interval.row(self.cfg.model, self.peak_flops, self.dist.world_size),
                     **self._gpu_memory(),
                 }
@@ -513,8 +565,10 @@ class Trainer:
     def _gpu_memory(self) -> dict:
         if self.dist.device.type != "cuda":
             return {"gpu_mem_allocated_gb": 0.0, "gpu_mem_reserved_gb": 0.0}
-        return {"gpu_mem_allocated_gb": torch.cuda.memory_allocated() / GIB,
-                "gpu_mem_reserved_gb": torch.cuda.memory_reserved() / GIB}
+        return {
+            "gpu_mem_allocated_gb": torch.cuda.memory_allocated() / GIB,
+            "gpu_mem_reserved_gb": torch.cuda.memory_reserved() / GIB,
+        }
 
     # ------------------------------------------------------------------ checkpoints and evaluation
     def _save(self) -> None:
@@ -523,19 +577,36 @@ class Trainer:
             return
         began = time.perf_counter()
         trainer_state = {
-            "step": self.step, "samples_seen": self.samples_seen, "seen": dict(self.seen),
-            "wall_time_sec": self.wall_time(), "loss_ema": self.loss_ema,
-            "loss_floor": self.loss_floor, "skipped_steps": self.skipped_steps,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "seen": dict(self.seen),
+            "wall_time_sec": self.wall_time(),
+            "loss_ema": self.loss_ema,
+            "loss_floor": self.loss_floor,
+            "skipped_steps": self.skipped_steps,
         }
         rank_state = {"rng": ckpt.rng_state(), "data": self.train_loader.state_dict()}
         self.saved_meta = {
-            "step": self.step, "samples_seen": self.samples_seen, "wall_time_sec": trainer_state["wall_time_sec"],
-            "git_commit": git_commit(), "config_hash": self.cfg.config_hash(), "world_size": self.dist.world_size,
-            "best": self.best, "config": self.cfg.to_dict(),
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "wall_time_sec": trainer_state["wall_time_sec"],
+            "git_commit": git_commit(),
+            "config_hash": self.cfg.config_hash(),
+            "world_size": self.dist.world_size,
+            "best": self.best,
+            "config": self.cfg.to_dict(),
         }
-        ckpt.save_checkpoint(self.run_dir, self.step, self.dist, model=self.model, tokenizer=self.tokenizer,
-                             meta=self.saved_meta, optimizer=self.optimizer, trainer_state=trainer_state,
-                             rank_state=rank_state)
+        ckpt.save_checkpoint(
+            self.run_dir,
+            self.step,
+            self.dist,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            meta=self.saved_meta,
+            optimizer=self.optimizer,
+            trainer_state=trainer_state,
+            rank_state=rank_state,
+        )
         self.last_saved_step = self.step
         if self.dist.is_main:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self._always_kept())
@@ -549,14 +620,20 @@ class Trainer:
         began = time.perf_counter()
         cfg, t = self.cfg, self.cfg.train
         with torch.random.fork_rng(devices=[]):
-            val_loader = self._build_loader(cfg, "val", self.tokenizer, rank=self.dist.rank,
-                                            world_size=self.dist.world_size, max_samples=t.eval_samples)
+            val_loader = self._build_loader(
+                cfg,
+                "val",
+                self.tokenizer,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                max_samples=t.eval_samples,
+            )
             metrics = validate(self.model, val_loader, self.dist, self.autocast)
             if self.dist.is_main and t.probe_videos:
-                probe_loader = self._build_loader(cfg, "probe", self.tokenizer, train=False,
-                                                  max_samples=t.probe_videos)
-                save_probe_attention(self.model, probe_loader, t.probe_videos, self.step, self.run_dir,
-                                     self.dist.device, self.autocast)
+                probe_loader = self._build_loader(cfg, "probe", self.tokenizer, train=False, max_samples=t.probe_videos)
+                save_probe_attention(
+                    self.model, probe_loader, t.probe_videos, self.step, self.run_dir, self.dist.device, self.autocast
+                )
         self.dist.barrier()
         self.last_eval_step = self.step
         self.timing["eval"] += time.perf_counter() - began
@@ -565,7 +642,10 @@ class Trainer:
         # The training row of this step (on a resume that redoes the evaluation, read back from steps.csv).
         train_row = self.last_row if self.last_row and self.last_row.get("step") == self.step else {}
         row = rf.metric_row(
-            train_row, run_id=self.cfg.run_id, step=self.step, samples_seen=self.samples_seen,
+            train_row,
+            run_id=self.cfg.run_id,
+            step=self.step,
+            samples_seen=self.samples_seen,
             gpu_mem_gb=torch.cuda.max_memory_allocated() / GIB if self.dist.device.type == "cuda" else 0.0,
             **metrics,
         )
@@ -582,7 +662,8 @@ class Trainer:
         ckpt.prune_checkpoints(self.run_dir, t.keep_last, self._always_kept())
         self.progress.message(
             f"eval step {self.step}: val_loss {_fmt(metrics['val_loss'])} (fine {_fmt(metrics['val_loss_fine'])},"
-            f" coarse {_fmt(metrics['val_loss_coarse'])}), attention entropy {_fmt(metrics['attention_entropy'])}")
+            f" coarse {_fmt(metrics['val_loss_coarse'])}), attention entropy {_fmt(metrics['attention_entropy'])}"
+        )
 
     # ------------------------------------------------------------------ the end
     def _finish(self, status: str, error: str | None) -> dict:
@@ -593,9 +674,12 @@ class Trainer:
                 if sink is not None:
                     sink.close()
             self.progress.close()
-            print(f"fvlm train: {status} at step {self.step} ({self.samples_seen:,} samples, "
-                  f"{summary['wall_time_sec']:.1f}s); best val_loss {_fmt(summary['best_val_loss'])}"
-                  + (f"; {error}" if error else ""), flush=True)
+            print(
+                f"fvlm train: {status} at step {self.step} ({self.samples_seen:,} samples, "
+                f"{summary['wall_time_sec']:.1f}s); best val_loss {_fmt(summary['best_val_loss'])}"
+                + (f"; {error}" if error else ""),
+                flush=True,
+            )
         return summary
 
     def _flops_per_sample(self) -> float | None:
@@ -604,8 +688,9 @@ class Trainer:
         if not self.samples_seen:
             return None
         mean = {k: v / self.samples_seen for k, v in self.seen.items()}
-        return estimate_flops(self.cfg.model, frames=mean["frames"], text_tokens=mean["text_tokens"],
-                              loss_tokens=mean["loss_tokens"]).per_sample
+        return estimate_flops(
+            self.cfg.model, frames=mean["frames"], text_tokens=mean["text_tokens"], loss_tokens=mean["loss_tokens"]
+        ).per_sample
 
     def _throughput(self, flops_per_sample: float | None) -> dict:
         """Over this session's training time (a resumed run counts its own steps only)."""
@@ -623,8 +708,11 @@ class Trainer:
             "text_tokens_per_sec": session["text_tokens"] / seconds,
             "flops_per_sec": flops,
             "mfu": flops / (self.peak_flops * self.dist.world_size) if flops and self.peak_flops else None,
-            "device": self.device_name, "world_size": self.dist.world_size, "precision": "bf16" if self.bf16 else "fp32",
-            "peak_flops": self.peak_flops, "peak_source": self.peak_source,
+            "device": self.device_name,
+            "world_size": self.dist.world_size,
+            "precision": "bf16" if self.bf16 else "fp32",
+            "peak_flops": self.peak_flops,
+            "peak_source": self.peak_source,
             "data_wait_fraction": self.timing["data_wait"] / seconds,
         }
 
@@ -632,21 +720,34 @@ class Trainer:
         best_val = self.best.get("val_loss")
         convergence_step = None
         if best_val is not None:
-            convergence_step = next(int(r["step"]) for r in self.history
-                                    if r["val_loss"] is not None and r["val_loss"] <= best_val * (1 + CONVERGENCE_TOLERANCE))
+            convergence_step = next(
+                int(r["step"])
+                for r in self.history
+                if r["val_loss"] is not None and r["val_loss"] <= best_val * (1 + CONVERGENCE_TOLERANCE)
+            )
         params = self._param_counts()
         flops_per_sample = self._flops_per_sample()
         wall = self.wall_time()
         summary = {
-            "run_id": self.cfg.run_id, "status": status, "git_commit": git_commit(),
+            "run_id": self.cfg.run_id,
+            "status": status,
+            "git_commit": git_commit(),
             "config_hash": self.cfg.config_hash(),
             "final_train_loss": self.last_row["train_loss"] if self.last_row else None,
-            "best_val_loss": best_val, "best_val_step": self.best.get("step"),
-            "convergence_step": convergence_step, "total_steps": self.step, "total_samples": self.samples_seen,
-            "wall_time_sec": wall, "wall_time_hours": wall / 3600, "params": params,
-            "flops_per_sample": flops_per_sample, "total_flops": flops_per_sample * self.samples_seen if flops_per_sample else None,
-            "final": self.history[-1] if self.history else {}, "best": self.best,
-            "skipped_steps": self.skipped_steps, "data_skips": dict(self.train_loader.stats),
+            "best_val_loss": best_val,
+            "best_val_step": self.best.get("step"),
+            "convergence_step": convergence_step,
+            "total_steps": self.step,
+            "total_samples": self.samples_seen,
+            "wall_time_sec": wall,
+            "wall_time_hours": wall / 3600,
+            "params": params,
+            "flops_per_sample": flops_per_sample,
+            "total_flops": flops_per_sample * self.samples_seen if flops_per_sample else None,
+            "final": self.history[-1] if self.history else {},
+            "best": self.best,
+            "skipped_steps": self.skipped_steps,
+            "data_skips": dict(self.train_loader.stats),
             "time_sec": {k: round(v, 3) for k, v in self.timing.items()},
             "throughput": self._throughput(flops_per_sample),
         }
