@@ -39,7 +39,13 @@ def build_optimizer(model, cfg: OptimConfig) -> torch.optim.AdamW:
                 )
     if not param_groups:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(param_groups, lr=peaks["connector"], betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # The fused kernel updates each tensor in one pass instead of a dozen small ops per tensor: about
+    # 4% of the tiny model's CPU training step, where the optimizer is ~9% of it (benchmarks/RESULTS.md).
+    every = [p for group in param_groups for p in group["params"]]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in every)
+    return torch.optim.AdamW(
+        param_groups, lr=peaks["connector"], betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused
+    )
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
