@@ -308,11 +308,7 @@ def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any
             "(D1 needs video above 0 and image not below 0)"
         )
     return {
-        "id": question.id,
-        "title": question.title,
-        "plan_rule": question.plan_rule,
-        "runs": [s["run"].run_id for s in stats],
-        "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
+        **_header(question, stats),
         "metric": f"val loss on {' and '.join(kinds)} samples, paired on the same samples",
         "axis": "samples",
         "common_x": None,
@@ -397,11 +393,7 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
     noise = math.sqrt(winner["noise"] ** 2 + runner_up["noise"] ** 2) if runner_up else math.nan
     by_best = sorted(eligible, key=lambda s: s["best"])
     result = {
-        "id": question.id,
-        "title": question.title,
-        "plan_rule": question.plan_rule,
-        "runs": [s["run"].run_id for s in stats],
-        "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
+        **_header(question, stats),
         "metric": "val_loss (smoothed)",
         "axis": question.axis,
         "common_x": common,
@@ -429,14 +421,21 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
     return result
 
 
-def _unknown(question: Question, stats: list[dict[str, Any]], why: str, **extra: Any) -> dict[str, Any]:
-    """A question whose runs are there but whose decision needs an input they lack."""
+def _header(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fields every answer starts with: the question and the runs it was asked of."""
     return {
         "id": question.id,
         "title": question.title,
         "plan_rule": question.plan_rule,
         "runs": [s["run"].run_id for s in stats],
         "labels": {s["run"].run_id: role_label(s["run"]) for s in stats},
+    }
+
+
+def _unknown(question: Question, stats: list[dict[str, Any]], why: str, **extra: Any) -> dict[str, Any]:
+    """A question whose runs are there but whose decision needs an input they lack."""
+    return {
+        **_header(question, stats),
         "winner": None,
         "runner_up": None,
         "margin": None,

@@ -76,31 +76,18 @@ def cmd_generate(args) -> int:
     mode = args.mode or ("autoregressive" if "autoregressive" in model.supported_modes else model.default_mode)
     if mode not in model.supported_modes:
         raise UsageError(f"--mode: this model has no '{mode}' mode (available: {', '.join(model.supported_modes)})")
-    if args.media is None:
-        print(
-            generate_text(
-                model,
-                tokenizer,
-                None,
-                args.prompt,
-                mode=mode,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                seed=args.seed,
-                device=device,
-            )
+    frames, prompt, media = None, args.prompt, None
+    if args.media is not None:
+        cfg = run_config(ckpt, model.cfg, [])
+        media = Path(args.media).expanduser()
+        frames = load_visual(
+            media,
+            size=cfg.model.image_size,
+            max_frames=args.frames or cfg.data.max_frames,
+            fps=cfg.data.fps,
+            image_frames=args.frames or cfg.data.replicate_image_frames,
         )
-        return 0
-    cfg = run_config(ckpt, model.cfg, [])
-    media = Path(args.media).expanduser()
-    frames = load_visual(
-        media,
-        size=cfg.model.image_size,
-        max_frames=args.frames or cfg.data.max_frames,
-        fps=cfg.data.fps,
-        image_frames=args.frames or cfg.data.replicate_image_frames,
-    )
-    prompt = args.prompt if args.prompt is not None else default_prompt(media)
+        prompt = args.prompt if args.prompt is not None else default_prompt(media)
     text = generate_text(
         model,
         tokenizer,
@@ -113,7 +100,7 @@ def cmd_generate(args) -> int:
         device=device,
     )
     print(text)
-    if args.attention:
+    if args.attention and frames is not None and media is not None:
         from fvlm.data.decode import normalise
         from fvlm.eval.looks import attention_record, draw
 
