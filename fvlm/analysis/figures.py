@@ -389,7 +389,8 @@ def scaling_data_curves(ctx: Context) -> Path | str:
     ax.set_xlabel("samples seen D")
     ax.set_ylabel("val loss")
     ax.set_title("Data scaling: eval curves (thin) and per-size fits (thick)")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # no fit drawn (too few points per size): nothing to label
+        ax.legend()
     return _save(fig, ctx.out / "scaling_data_curves.png")
 
 
