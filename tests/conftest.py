@@ -13,6 +13,35 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from fvlm.model.pretrain_tiny import LLM_SHAPES, Recipe  # noqa: E402
+
+# Tiny backbones from a few steps of everything: the plumbing and the determinism, not the quality.
+QUICK_RECIPE = Recipe(
+    dino_steps=3,
+    dino_batch=4,
+    dino_bank=16,
+    probe_frames=16,
+    dialogues=64,
+    llm_batch=4,
+    llm_steps=tuple((shape, 2) for shape in LLM_SHAPES),
+    image_size=32,
+)
+# A synthetic set and model inputs small enough for a test of the tiny preset's plumbing.
+MICRO_DATA = {
+    "data.synth_videos": 48,
+    "data.synth_images": 16,
+    "data.synth_texts": 16,
+    "data.synth_val": 16,
+    "data.synth_frames": 4,
+    "data.synth_size": 32,
+    "data.max_frames": 4,
+    "model.image_size": 32,
+    "train.batch_size": 4,
+    "train.eval_batch_size": 8,
+    "train.eval_samples": 8,
+    "train.probe_videos": 2,
+}
+
 FVLM_CODE = str(Path(__file__).resolve().parent.parent / "fvlm") + os.sep
 DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 

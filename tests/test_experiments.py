@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import MICRO_DATA
 from test_analysis import write_run
 
 from fvlm.cli import main
@@ -25,20 +26,9 @@ PLAN_SAMPLES = {
     "L": {"C1": 9e3, "C2": 30e3, "C3": 90e3, "C4": 180e3},
 }
 SMALL = {
-    "data.synth_videos": 48,
-    "data.synth_images": 16,
-    "data.synth_texts": 16,
-    "data.synth_val": 16,
-    "data.synth_frames": 4,
-    "data.synth_size": 32,
-    "data.max_frames": 4,
+    **MICRO_DATA,
     "data.max_text_tokens": 64,
-    "model.image_size": 32,
     "train.max_steps": 0,
-    "train.batch_size": 4,
-    "train.eval_batch_size": 8,
-    "train.eval_samples": 8,
-    "train.probe_videos": 2,
     "train.eval_every": 2,
     "train.save_every": 2,
 }

@@ -8,46 +8,21 @@ import dataclasses
 import json
 
 import yaml
+from conftest import MICRO_DATA, QUICK_RECIPE
 
 from fvlm.experiments.phase1 import run_phase1
 from fvlm.experiments.presets import TINY
-from fvlm.model.pretrain_tiny import LLM_SHAPES, Recipe
 
-# Backbones from a few steps of pretraining: the plumbing of the tiny preset, not its quality.
-QUICK_BACKBONES = Recipe(
-    dino_steps=3,
-    dino_batch=4,
-    dino_bank=16,
-    probe_frames=16,
-    dialogues=64,
-    llm_batch=4,
-    llm_steps=tuple((shape, 2) for shape in LLM_SHAPES),
-    image_size=32,
-)
 # 50 resamples (the presets' 2,000 would triple the analysis time): the plumbing, not the intervals.
 MICRO = dataclasses.replace(
     TINY,
     ablation_samples=24,
     ablation_evals=6,
-    tiny_backbones=QUICK_BACKBONES,
+    tiny_backbones=QUICK_RECIPE,
     analysis_bootstrap=50,
     budgets={k: v * 0.02 for k, v in TINY.budgets.items()},
 )
-DATA = {
-    "data.synth_videos": 48,
-    "data.synth_images": 16,
-    "data.synth_texts": 16,
-    "data.synth_val": 16,
-    "data.synth_frames": 4,
-    "data.synth_size": 32,
-    "data.max_frames": 4,
-    "data.max_text_tokens": 200,
-    "model.image_size": 32,
-    "train.batch_size": 4,
-    "train.eval_batch_size": 8,
-    "train.eval_samples": 8,
-    "train.probe_videos": 2,
-}
+DATA = {**MICRO_DATA, "data.max_text_tokens": 200}
 
 
 def _statuses(path):

@@ -9,22 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import QUICK_RECIPE
 
 from fvlm.cli import main
 from fvlm.config import load_config
 from fvlm.model.pretrain_tiny import LLM_SHAPES, Recipe, _patch_labels, make_tiny_backbones, pretrain_dino
 
-# A few steps of everything: enough to check the plumbing and the determinism, not the quality.
-QUICK = Recipe(
-    dino_steps=3,
-    dino_batch=4,
-    dino_bank=16,
-    probe_frames=16,
-    dialogues=64,
-    llm_batch=4,
-    llm_steps=tuple((shape, 2) for shape in LLM_SHAPES),
-    image_size=32,
-)
+QUICK = QUICK_RECIPE  # a few steps of everything: the plumbing and the determinism
 
 
 def _digest(folder):
