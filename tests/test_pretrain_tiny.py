@@ -13,7 +13,15 @@ from conftest import QUICK_RECIPE
 
 from fvlm.cli import main
 from fvlm.config import load_config
-from fvlm.model.pretrain_tiny import LLM_SHAPES, Recipe, _patch_labels, make_tiny_backbones, pretrain_dino
+from fvlm.model.pretrain_tiny import (
+    LLM_SHAPES,
+    Recipe,
+    _largest_object,
+    _neighbour_labels,
+    _patch_labels,
+    make_tiny_backbones,
+    pretrain_dino,
+)
 
 QUICK = QUICK_RECIPE  # a few steps of everything: the plumbing and the determinism
 
@@ -31,6 +39,20 @@ def test_patch_labels_take_the_covering_object_and_ignore_slivers():
     labels[0, 0:8, 8:10] = 5  # patch 1: a 2-px sliver, 25% < MIN_COVER
     colour, shape = _patch_labels(labels, 8)
     assert colour[0].tolist() == [4, -100, 0, 0] and shape[0].tolist() == [3, -100, 0, 0]
+
+
+def test_neighbour_labels_shift_the_grid_and_ignore_the_edge():
+    colour = np.arange(9).reshape(1, 9)  # a 3x3 grid whose labels are the cell numbers
+    near = _neighbour_labels(colour, 3)  # up, down, left, right
+    assert near[0, 4].tolist() == [1, 7, 3, 5]  # the centre sees all four
+    assert near[0, 0].tolist() == [-100, 3, -100, 1]  # the top-left corner has no up or left
+
+
+def test_largest_object_picks_the_bigger_of_two():
+    labels = np.full((1, 16, 16), -1, dtype=np.int16)
+    labels[0, 0:8, 0:16] = 7  # patches 0 and 1
+    labels[0, 8:16, 0:8] = 2  # patch 2
+    assert _largest_object(labels, 8)[0].tolist() == [True, True, False, False]
 
 
 def test_made_twice_the_same_and_loaded_like_real_folders(tmp_path):
@@ -77,3 +99,6 @@ def test_vision_encoder_linear_probe_reads_colour_and_shape():
     # Where the patch is, as DINOv2's patch features say it too: without it no token can tell which
     # way an object moved.
     assert probe["row_accuracy"] >= 0.9 and probe["column_accuracy"] >= 0.9, probe
+    # A query told where an object is can look there (what the fine query needs of the encoder):
+    # with recipe 2's encoder (no neighbour targets) this was 0.18, against 0.14 for the CLS query.
+    assert probe["place_query_mass"] >= 0.4 and probe["place_query_mass"] >= 3 * probe["cls_query_mass"], probe

@@ -172,7 +172,8 @@ def cmd_pretrain_tiny(args) -> int:
     probe = report["dino_probe"]
     print(
         f"wrote {out}: tiny-dino (probe: colour {probe['colour_accuracy']:.3f}, shape {probe['shape_accuracy']:.3f}, "
-        f"row {probe['row_accuracy']:.3f}, column {probe['column_accuracy']:.3f}), "
+        f"row {probe['row_accuracy']:.3f}, column {probe['column_accuracy']:.3f}; a query told where to look puts "
+        f"{probe['place_query_mass']:.2f} of its attention there, uniform {probe['uniform_mass']:.2f}), "
         + ", ".join(f"{k} ({v['parameters']:,} params)" for k, v in report["llms"].items())
         + f" in {report['seconds']:.0f} s"
     )
