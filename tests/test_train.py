@@ -346,6 +346,28 @@ def test_divergence_stops_the_run_with_status_diverged(out_dir, capsys):
     assert "diverged" in capsys.readouterr().err
 
 
+def test_one_hard_batch_is_not_a_divergence_but_a_climbing_loss_is():
+    """The guard reads the running loss: a single batch at 6x the floor (answer-only losses of small
+    batches swing that much) passes; a loss that stays 6x up stops the run within 20 steps, one that
+    blows up to 20x within 5."""
+    from types import SimpleNamespace
+
+    from fvlm.training.trainer import Trainer
+
+    def guard():
+        return SimpleNamespace(
+            cfg=SimpleNamespace(train=SimpleNamespace(divergence_factor=5.0)), loss_ema=None, loss_floor=None
+        )
+
+    spike = guard()
+    assert not any(Trainer._is_divergent(spike, x) for x in [0.2] * 50 + [1.2] + [0.2] * 10)
+    for level, within in ((1.2, 20), (4.0, 5)):  # stays at 6x the floor / blows up to 20x
+        climb = guard()
+        verdicts = [Trainer._is_divergent(climb, x) for x in [0.2] * 50 + [level] * 30]
+        assert True in verdicts and verdicts.index(True) - 50 < within, (level, verdicts.index(True))
+    assert Trainer._is_divergent(guard(), float("nan"))
+
+
 def test_a_crash_writes_status_failed_with_the_message(out_dir, monkeypatch):
     from fvlm.training import trainer
 

@@ -45,7 +45,7 @@ from fvlm.training.logs import CsvLog, Progress, Wandb, git_commit
 from fvlm.training.optim import GROUPS, apply_lrs, build_optimizer, group_lrs
 from fvlm.training.throughput import Interval, peak_flops
 
-# Divergence: the loss climbs above train.divergence_factor x the lowest running level it reached.
+# Divergence: the running loss climbs above train.divergence_factor x the lowest level it reached.
 LOSS_EMA_DECAY = 0.9
 # convergence_step: the first eval point within this relative distance of the best val loss.
 CONVERGENCE_TOLERANCE = 0.01
@@ -449,8 +449,8 @@ class Trainer:
             train_loss = tally.loss_sum / tokens
             if self._is_divergent(train_loss):
                 self.progress.message(
-                    f"fvlm train: diverged at step {next_step} (loss {train_loss:.4g}, "
-                    f"lowest running level {_fmt(self.loss_floor)})"
+                    f"fvlm train: diverged at step {next_step} (loss {train_loss:.4g}, running level "
+                    f"above {self.cfg.train.divergence_factor:g}x its lowest, {_fmt(self.loss_floor)})"
                 )
                 return "diverged"
             grad_norm = self._optimizer_step(tokens)
@@ -540,15 +540,20 @@ class Trainer:
         return tally
 
     def _is_divergent(self, loss: float) -> bool:
-        """NaN/inf, or a climb far above the lowest level the smoothed loss reached. Against the
-        lowest level rather than the current one, so a loss that ramps up over many steps (which
-        the running level would follow) is caught as well as a sudden spike."""
+        """NaN/inf, or the running (smoothed) loss climbing far above the lowest level it reached.
+        The running level and not one step's loss: with answer-only targets and batches of 8, one
+        batch's loss swings several-fold (a batch of hard multiple-choice answers), and a single such
+        batch once stopped a healthy run (the tiny main job's D1 at step 82: 1.04 against a lowest
+        level of 0.20). A blow-up to 20x trips it within 5 steps, a loss that stays at 6x within 20. Against the lowest level
+        rather than the current one, so a loss that ramps up over many steps (which the running
+        level would follow) is caught too."""
         if not math.isfinite(loss):
             return True
-        if self.loss_floor is not None and loss > self.cfg.train.divergence_factor * self.loss_floor:
+        ema = loss if self.loss_ema is None else LOSS_EMA_DECAY * self.loss_ema + (1 - LOSS_EMA_DECAY) * loss
+        if self.loss_floor is not None and ema > self.cfg.train.divergence_factor * self.loss_floor:
             return True
-        self.loss_ema = loss if self.loss_ema is None else LOSS_EMA_DECAY * self.loss_ema + (1 - LOSS_EMA_DECAY) * loss
-        self.loss_floor = self.loss_ema if self.loss_floor is None else min(self.loss_floor, self.loss_ema)
+        self.loss_ema = ema
+        self.loss_floor = ema if self.loss_floor is None else min(self.loss_floor, ema)
         return False
 
     def _optimizer_step(self, tokens: float) -> float:
