@@ -64,6 +64,12 @@ def query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
     return torch.matmul(weights, v), weights.squeeze(-2)
 
 
+def cls_embedding(dino: Any) -> torch.Tensor:
+    """DINO's CLS token as it enters the first layer (its embedding plus its position embedding): where
+    every query starts under `model.query_init=cls`, so that it first repeats DINO's CLS computation."""
+    return (dino.embeddings.cls_token[0, 0] + dino.embeddings.position_embeddings[0, 0]).detach()
+
+
 class DinoEncoder(nn.Module):
     """Wraps a transformers `Dinov2Model` (5.x layout: norm1, attention.{q,k,v,o}_proj, layer_scale1,
     norm2, mlp, layer_scale2) without changing its weights or parameter names."""

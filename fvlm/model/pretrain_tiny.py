@@ -16,7 +16,7 @@ grounding at once, and the tiny models never read the pixels. These two stand in
   The neighbour targets make the encoder's own attention look at nearby patches, so its keys come to
   say where a patch is, as a real ViT's do: a query can then choose a *place*. Without them a query
   told exactly where the object is (a linear map of its grid row and column) puts no more attention on
-  it than the CLS query does (0.13-0.17 of the mass vs 0.13-0.17), and the fine query cannot learn to
+  it than the CLS query does (0.13-0.17 of the mass for both), and the fine query cannot learn to
   look anywhere in particular; with them it puts 0.57-0.65 there (uniform: 0.04). `probe_dino`
   measures this as `place_query_mass`.
 - **language**: a real `LlamaForCausalLM` of each tiny LLM shape, trained as a chat model on the
@@ -82,15 +82,20 @@ class Recipe:
 # ----------------------------------------------------------------------------- vision
 
 
+def _patch_blocks(maps: np.ndarray, patch: int) -> np.ndarray:
+    """Per-pixel maps [N, S, S] -> each patch's pixels [N, P, patch * patch] (patches in row order)."""
+    n, size, _ = maps.shape
+    g = size // patch
+    return maps.reshape(n, g, patch, g, patch).transpose(0, 1, 3, 2, 4).reshape(n, g * g, patch * patch)
+
+
 def _patch_labels(labels: np.ndarray, patch: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-pixel object maps [N, S, S] -> (colour, shape) per patch [N, P]; -100 where no object covers
     MIN_COVER of the patch (ignored by the loss and the probe), and class 0 of each head = background
     for patches that no object touches."""
     from fvlm.data.synth import SHAPES
 
-    n, size, _ = labels.shape
-    g = size // patch
-    blocks = labels.reshape(n, g, patch, g, patch).transpose(0, 1, 3, 2, 4).reshape(n, g * g, patch * patch)
+    blocks = _patch_blocks(labels, patch)
     classes = 1 + int(blocks.max())
     counts = np.stack([(blocks == c).sum(-1) for c in range(max(classes, 1))], axis=-1)  # [N, P, C]
     best = counts.argmax(-1)
@@ -286,11 +291,9 @@ def probe_dino(dino, recipe: Recipe, steps: int = 300) -> dict:
 
 def _largest_object(maps: np.ndarray, patch: int) -> np.ndarray:
     """bool [N, P]: the patches of each frame's largest object (those it covers at least MIN_COVER of)."""
-    n, size, _ = maps.shape
-    g = size // patch
-    blocks = maps.reshape(n, g, patch, g, patch).transpose(0, 1, 3, 2, 4).reshape(n, g * g, patch * patch)
-    out = np.zeros((n, g * g), dtype=bool)
-    for i in range(n):
+    blocks = _patch_blocks(maps, patch)
+    out = np.zeros(blocks.shape[:2], dtype=bool)
+    for i in range(len(maps)):
         ids, areas = np.unique(maps[i][maps[i] >= 0], return_counts=True)
         if len(ids):
             out[i] = (blocks[i] == ids[areas.argmax()]).mean(-1) >= MIN_COVER
@@ -306,7 +309,7 @@ def place_query_mass(dino, fit: tuple, test: tuple, seed: int = 0, steps: int = 
     import torch
     import torch.nn.functional as F
 
-    from fvlm.model.encoder import DinoEncoder
+    from fvlm.model.encoder import DinoEncoder, cls_embedding
 
     encoder = DinoEncoder(dino)
     patch = dino.config.patch_size
@@ -329,7 +332,7 @@ def place_query_mass(dino, fit: tuple, test: tuple, seed: int = 0, steps: int = 
         return (weights[..., 1:] * target[:, None, None, :]).sum(-1).mean((1, 2))
 
     torch.manual_seed(seed)
-    cls = (dino.embeddings.cls_token[0, 0] + dino.embeddings.position_embeddings[0, 0]).detach()
+    cls = cls_embedding(dino)
     (fit_cache, fit_place, fit_target), (test_cache, test_place, test_target) = prepared
     to_query = torch.nn.Linear(fit_place.shape[1], cls.numel())
     with torch.no_grad():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fvlm.config import ModelConfig
-from fvlm.model.encoder import DinoEncoder, PatchCache, ShallowQuery, attention_entropy
+from fvlm.model.encoder import DinoEncoder, PatchCache, ShallowQuery, attention_entropy, cls_embedding
 
 MODES = ("coarse_fine", "coarse_only", "autoregressive")
 
@@ -259,7 +259,7 @@ class FoveatedVLM(VLMBase):
         """Every query starts as the CLS token's input embedding, with an identity projection: the deep
         query then repeats DINO's own CLS computation, so the first visual tokens are DINO's CLS output.
         llm_to_query starts with zero weights and that embedding as its bias, and learns from there."""
-        cls = (dino.embeddings.cls_token[0, 0] + dino.embeddings.position_embeddings[0, 0]).detach()
+        cls = cls_embedding(dino)
         self.q_static.copy_(cls)
         self.query_proj.weight.copy_(torch.eye(self.dino_dim))
         if not self.cfg.coarse_only:
