@@ -18,7 +18,10 @@ from fvlm.model.pretrain_tiny import (
     Recipe,
     _largest_object,
     _neighbour_labels,
+    _packed,
+    _part_weights,
     _patch_labels,
+    _weighted_ce,
     make_tiny_backbones,
     pretrain_dino,
 )
@@ -53,6 +56,40 @@ def test_largest_object_picks_the_bigger_of_two():
     labels[0, 0:8, 0:16] = 7  # patches 0 and 1
     labels[0, 8:16, 0:8] = 2  # patch 2
     assert _largest_object(labels, 8)[0].tolist() == [True, True, False, False]
+
+
+def test_weighted_part_loss_is_the_mean_over_objects_plus_the_mean_over_background():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 2, -100, 0, 1, 0])
+    layers = 2  # the same six patches seen by two layers' heads
+    logits = torch.randn(layers * len(labels), 3)
+    stacked = labels.repeat(layers)
+    fast = _weighted_ce(logits, stacked, _part_weights(stacked, layers))
+    slow = 0.0
+    for layer in range(layers):
+        rows = logits[layer * len(labels) : (layer + 1) * len(labels)]
+        for part in (labels > 0, labels == 0):
+            slow = slow + torch.nn.functional.cross_entropy(rows[part], labels[part])
+    assert torch.allclose(fast, slow)
+
+
+def test_packed_dialogues_give_the_loss_of_the_same_dialogues_padded():
+    from transformers import AutoModelForCausalLM
+
+    from fvlm.model.backbones import backbone_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(backbone_config("tiny-llm", "llm"), attn_implementation="sdpa")
+    rows = [torch.randint(4, 260, (n,)).tolist() for n in (30, 9, 14, 22, 7, 12)]
+    ids, positions, labels = _packed(rows, pad=3)
+    assert len(ids) < len(rows) and ids.shape[1] == 30  # fewer rows, as wide as the longest dialogue
+    padded = torch.full((len(rows), 30), 3)
+    mask = torch.zeros_like(padded)
+    for i, r in enumerate(rows):
+        padded[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    want = model(input_ids=padded, attention_mask=mask, labels=padded.masked_fill(mask == 0, -100)).loss
+    got = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_made_twice_the_same_and_loaded_like_real_folders(tmp_path):

@@ -146,10 +146,19 @@ def _frames(rng: np.random.Generator, recipe: Recipe, n: int):
     return frames, np.stack(maps)
 
 
-def _ce(logits, labels):
+def _part_weights(labels, layers: int):
+    """Per-label weights that make a sum of per-patch losses the mean over the object patches
+    (label > 0) plus the mean over the background patches (label 0), per layer; ignored labels
+    (-100) and an empty part weigh 0."""
+    objects, background = labels > 0, labels == 0
+    per_layer = lambda part: part / (part.sum() / layers).clamp(min=1)  # noqa: E731
+    return per_layer(objects) + per_layer(background)
+
+
+def _weighted_ce(logits, labels, weight):
     import torch.nn.functional as F
 
-    return F.cross_entropy(logits, labels) if bool((labels != -100).any()) else logits.sum() * 0.0
+    return (F.cross_entropy(logits, labels, reduction="none") * weight).sum()
 
 
 def _dino_outputs(dino, frames):
@@ -216,24 +225,26 @@ def pretrain_dino(recipe: Recipe, log=print):
         rows = torch.from_numpy(rng.integers(0, len(bank), size=recipe.dino_batch))
         frames, colour, shape, present = bank[rows], bank_colour[rows], bank_shape[rows], bank_present[rows]
         near = bank_near[rows].flatten(0, 1)  # [batch * P, 4]
-        # Objects cover ~5% of the patches: the object patches and the background patches are
-        # averaged separately, so that the background does not drown the shape signal.
-        on_object = colour.flatten() > 0
         patches, cls = _dino_outputs(dino, frames)
         loss = nn.functional.binary_cross_entropy_with_logits(cls_head(cls), present) * objects / 4
-        for head, feats in zip(heads, patches):
-            logits = head(feats).flatten(0, 1)
-            for part in (on_object, ~on_object):
-                loss = loss + _ce(logits[part, :n_colour], colour.flatten()[part])
-                loss = loss + _ce(logits[part, n_colour : n_colour + n_shape], shape.flatten()[part])
-            where = logits[:, n_colour + n_shape : n_where]
-            loss = loss + _ce(where[:, :grid], row_of.repeat(len(rows)))
-            loss = loss + _ce(where[:, grid:], column_of.repeat(len(rows)))
-            around = logits[:, n_where:].unflatten(1, (len(NEIGHBOURS), n_colour))
-            for k in range(len(NEIGHBOURS)):
-                # Object and background neighbours weighted alike, as for the patch itself.
-                for part in (near[:, k] > 0, near[:, k] == 0):
-                    loss = loss + _ce(around[part, k], near[part, k]) / 2
+        # Every layer's head at once: [layers * batch * P, classes], the labels repeated per layer.
+        logits = torch.cat([head(feats).flatten(0, 1) for head, feats in zip(heads, patches)])
+        colour, shape = colour.flatten().repeat(layers), shape.flatten().repeat(layers)
+        # Objects cover ~5% of the patches: the object patches and the background patches are
+        # averaged separately, so that the background does not drown the shape signal.
+        weight = _part_weights(colour, layers)
+        loss = loss + _weighted_ce(logits[:, :n_colour], colour, weight)
+        loss = loss + _weighted_ce(logits[:, n_colour : n_colour + n_shape], shape, weight)
+        where = logits[:, n_colour + n_shape : n_where]
+        place = torch.ones_like(colour, dtype=logits.dtype) / (len(colour) // layers)
+        loss = loss + _weighted_ce(where[:, :grid], row_of.repeat(len(rows) * layers), place)
+        loss = loss + _weighted_ce(where[:, grid:], column_of.repeat(len(rows) * layers), place)
+        # The neighbours' colours, object and background neighbours weighted alike (half each), as
+        # for the patch itself.
+        near = near.repeat(layers, 1)
+        around = logits[:, n_where:].unflatten(1, (len(NEIGHBOURS), n_colour))
+        near_weight = torch.stack([_part_weights(near[:, k], layers) for k in range(len(NEIGHBOURS))], 1) / 2
+        loss = loss + _weighted_ce(around.flatten(0, 1), near.flatten(), near_weight.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -387,6 +398,36 @@ def _encode(tok, user: str, assistant: str | None = None) -> list[int]:
     return list(tok.apply_chat_template(turns, tokenize=True, add_generation_prompt=assistant is None)["input_ids"])
 
 
+def _packed(rows: list[list[int]], pad: int):
+    """Packs dialogues into as few rows as the longest one's width allows (first fit, longest first):
+    (token ids, position ids, labels), each [rows, width]. Positions restart at 0 for every dialogue,
+    which makes transformers' attention block-diagonal (no dialogue sees another), and the first token
+    of each dialogue is not a target of the token before it, so the loss is that of the same dialogues
+    padded one per row, at about two thirds of the tokens (mean length 98, a batch's longest ~150)."""
+    import torch
+
+    width = max(map(len, rows))
+    bins: list[list[list[int]]] = []
+    for r in sorted(rows, key=len, reverse=True):
+        fit = next((b for b in bins if sum(map(len, b)) + len(r) <= width), None)
+        if fit is None:
+            bins.append(fit := [])
+        fit.append(r)
+    ids = torch.full((len(bins), width), pad, dtype=torch.long)
+    positions = torch.zeros(len(bins), width, dtype=torch.long)
+    labels = torch.full((len(bins), width), -100, dtype=torch.long)
+    for i, b in enumerate(bins):
+        at = 0
+        for r in b:
+            ids[i, at : at + len(r)] = torch.tensor(r)
+            positions[i, at : at + len(r)] = torch.arange(len(r))
+            labels[i, at + 1 : at + len(r)] = torch.tensor(r[1:])
+            at += len(r)
+        # The padding after the last dialogue counts on as a dialogue of its own (no target).
+        positions[i, at:] = torch.arange(width - at)
+    return ids, positions, labels
+
+
 def pretrain_llm(shape: str, dialogues: list[tuple[str, str]], recipe: Recipe, log=print):
     """A LlamaForCausalLM of a tiny shape trained on every token of the world's chat dialogues."""
     import torch
@@ -414,14 +455,9 @@ def pretrain_llm(shape: str, dialogues: list[tuple[str, str]], recipe: Recipe, l
                 cursor = 0
             rows.append(ids[order[cursor]])
             cursor += 1
-        width = max(map(len, rows))
-        batch = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            batch[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
-        labels = batch.masked_fill(mask == 0, -100)
-        loss = model(input_ids=batch, attention_mask=mask, labels=labels).loss
+        batch, positions, labels = _packed(rows, pad)
+        # No cache: with one, transformers would not read the restarting positions as packed dialogues.
+        loss = model(input_ids=batch, position_ids=positions, labels=labels, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -454,8 +490,9 @@ def held_out_loss(model, tok, dialogues: list[tuple[str, str]]) -> float:
 # ----------------------------------------------------------------------------- the command
 
 
-def _make_one(job: str, out: str, recipe: Recipe) -> dict:
-    """One backbone into out/<job>: the vision encoder or one LLM shape (run in a worker process)."""
+def _make_one(job: str, out: str, recipe: Recipe, dialogues: list[tuple[str, str]] | None = None) -> dict:
+    """One backbone into out/<job>: the vision encoder, or one LLM shape trained on `dialogues` (the
+    last 200 held out) (run in a worker process)."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -471,7 +508,7 @@ def _make_one(job: str, out: str, recipe: Recipe) -> dict:
             "parameters": sum(p.numel() for p in dino.parameters()),
             "seconds": round(time.perf_counter() - began, 1),
         }
-    dialogues = world_dialogues(recipe.seed, recipe.dialogues + 200, video_task=recipe.video_task)
+    assert dialogues is not None, "an LLM job needs the dialogues"
     model, tok = pretrain_llm(job, dialogues[:-200], recipe, log)
     model.save_pretrained(str(Path(out) / job))
     tok.save_pretrained(str(Path(out) / job))
@@ -480,6 +517,11 @@ def _make_one(job: str, out: str, recipe: Recipe) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": round(time.perf_counter() - began, 1),
     }
+
+
+def _dialogues(recipe: Recipe) -> list[tuple[str, str]]:
+    """The LLMs' training dialogues, then 200 held-out ones."""
+    return world_dialogues(recipe.seed, recipe.dialogues + 200, video_task=recipe.video_task)
 
 
 def make_tiny_backbones(out_dir, recipe: Recipe | None = None, log=print, workers: int = 2) -> dict:
@@ -496,11 +538,16 @@ def make_tiny_backbones(out_dir, recipe: Recipe | None = None, log=print, worker
     # Longest first, so two workers finish together: the encoder, then the LLMs from widest to narrowest.
     jobs = ["tiny-dino"] + [shape for shape, _ in reversed(recipe.llm_steps)]
     log(f"pretraining the tiny backbones into {out} ({', '.join(jobs)}; {workers} processes)")
+    # The dialogues are rendered once (about 11 s), here, while the first worker trains the encoder.
     if workers <= 1:
-        results = {job: _make_one(job, str(out), recipe) for job in jobs}
+        results = {"tiny-dino": _make_one("tiny-dino", str(out), recipe)}
+        dialogues = _dialogues(recipe)
+        results |= {job: _make_one(job, str(out), recipe, dialogues) for job in jobs[1:]}
     else:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            futures = {job: pool.submit(_make_one, job, str(out), recipe) for job in jobs}
+            futures = {"tiny-dino": pool.submit(_make_one, "tiny-dino", str(out), recipe)}
+            dialogues = _dialogues(recipe)
+            futures |= {job: pool.submit(_make_one, job, str(out), recipe, dialogues) for job in jobs[1:]}
             results = {job: f.result() for job, f in futures.items()}
     probe = results["tiny-dino"]["probe"]
     log(
