@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -192,6 +193,29 @@ def test_frames_normalised_as_dino_expects(tmp_path):
     assert batch["frames"].shape == (1, 3, 3, 32, 32)  # resized 48 -> 32 and replicated
     expected = (128 / 255 - MEAN) / STD
     assert np.allclose(batch["frames"][0, 0].mean(dim=(1, 2)).numpy(), expected, atol=0.03)
+
+
+def test_decoded_samples_are_reused_only_where_nothing_they_depend_on_changed(tmp_path, synth):
+    import fvlm.data.loader as loader_module
+
+    def val_batches(**overrides):
+        return list(build_loader(cfg_for(val=synth / "val", **overrides), "val", TOK))
+
+    loader_module._decoded.clear()
+    first = val_batches()
+    reused = val_batches()  # a new loader, as the next run of a sweep worker builds
+    assert len(loader_module._decoded) == sum(len(b["keys"]) for b in first)
+    for a, b in zip(first, reused):
+        assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["input_ids"], b["input_ids"])
+    # Other reading settings decode afresh.
+    assert val_batches(**{"model.image_size": 16})[0]["frames"].shape[-1] == 16
+    assert val_batches(**{"data.max_text_tokens": 40})[0]["input_ids"].shape[1] <= 40
+    # A shard rewritten in place is read again, not served from the cache.
+    write_shard(tmp_path / "s.tar", [("img", {"json": meta(), "jpg": jpeg((0, 0, 0))})])
+    dark = list(build_loader(cfg_for(val=tmp_path), "val", TOK))[0]["frames"].mean()
+    time.sleep(0.01)
+    write_shard(tmp_path / "s.tar", [("img", {"json": meta(), "jpg": jpeg((250, 250, 250))})])
+    assert list(build_loader(cfg_for(val=tmp_path), "val", TOK))[0]["frames"].mean() > dark + 1
 
 
 def test_loss_masks_stage1_all_text_stage2_answer_only(tmp_path):
