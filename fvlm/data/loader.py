@@ -43,9 +43,10 @@ SPLITS = ("train", "val", "probe", "bench")
 _MAX_SUBSTITUTES = 64
 _index_cache: dict[tuple, DataIndex] = {}
 _logged: set[tuple[str, str, str]] = set()  # once per process, however many loaders see the sample
-# Decoded samples, kept per process across loaders: a sweep worker trains run after run on the same
-# shards, and decoding (JPEG, chat template) is ~15% of a tiny training step. Samples are added until
-# the cap is reached, and never evicted: a larger dataset is then partly cached, which still pays.
+# Decoded samples, kept per process: every evaluation pass reads the same val samples again, and a
+# run longer than an epoch reads its train samples again. Decoding (JPEG, chat template) is ~15% of
+# a tiny training step. Samples are added until the cap is reached and never evicted: a larger
+# dataset is partly cached.
 DECODED_CACHE_BYTES = 1 << 30
 _decoded: dict[tuple, dict] = {}
 _decoded_bytes = 0
