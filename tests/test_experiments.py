@@ -3,6 +3,7 @@ and the sweep runner (resume, divergence, side-by-side workers, a mini sweep end
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -322,6 +323,65 @@ def test_a_dead_worker_fails_its_own_run_and_the_sweep_goes_on(tmp_path):
     assert "SIGKILL" in state["runs"]["victim"]["error"]
     # Re-running the sweep resumes the failed run from its checkpoint and leaves the others alone.
     assert Sweep(folder, "ablations", "tiny", base, specs, (4, 40), jobs=2).run()["victim"] == "completed"
+
+
+_SWEEP_SCRIPT = """
+import json, sys
+from fvlm.experiments import matrix
+from fvlm.experiments.runner import Sweep, resolve_synthetic
+folder, data, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+base = resolve_synthetic("tiny", overrides, data)
+specs = [matrix.RunSpec(r, "test", r, {}, 4000) for r in ("one", "two")]
+Sweep(folder, "ablations", "tiny", base, specs, (4, 40), jobs=2).run()
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                for child in open(f"/proc/{p}/task/{task}/children").read().split():
+                    found.add(int(child))
+                    todo.append(int(child))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_killing_the_sweep_process_stops_its_workers_with_a_checkpoint(tmp_path):
+    """SIGKILL to the sweep process itself (a closed terminal, a killed job): no worker outlives it to
+    keep writing into a run folder that a re-run would resume; each stops after a checkpoint."""
+    import subprocess
+    import sys
+    import time
+
+    overrides = json.dumps({**SMALL, "train.eval_every": 4, "train.save_every": 4})
+    folder = tmp_path / "sweep"
+    sweep = subprocess.Popen([sys.executable, "-c", _SWEEP_SCRIPT, str(folder), str(tmp_path), overrides])
+    deadline = time.time() + 240
+    while time.time() < deadline and not all((folder / r / "checkpoints").is_dir() for r in ("one", "two")):
+        assert sweep.poll() is None, "the sweep process ended before its runs checkpointed"
+        time.sleep(0.1)
+    workers = _descendants(sweep.pid)
+    assert workers, "the sweep started no worker"
+    sweep.kill()
+    sweep.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and _alive(w) for w in workers):
+        time.sleep(0.1)
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and _alive(w)], "a worker outlived the sweep"
+    for run in ("one", "two"):
+        assert (
+            "SIGTERM received; stopping after this step with a checkpoint" in (folder / run / "train.log").read_text()
+        )
+
+
+def _alive(pid: int) -> bool:
+    """False for a process that has exited but not been reaped (a zombie)."""
+    with contextlib.suppress(OSError):
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
 
 
 def test_slurm_launcher_through_submitits_local_executor_matches_the_local_launcher(tmp_path):
