@@ -510,7 +510,8 @@ def _make_one(job: str, out: str, recipe: Recipe, dialogues: list[tuple[str, str
             "parameters": sum(p.numel() for p in dino.parameters()),
             "seconds": round(time.perf_counter() - began, 1),
         }
-    assert dialogues is not None, "an LLM job needs the dialogues"
+    if dialogues is None:
+        raise ValueError(f"{job}: an LLM job needs the dialogues")
     model, tok = pretrain_llm(job, dialogues[:-200], recipe, log)
     model.save_pretrained(str(Path(out) / job))
     tok.save_pretrained(str(Path(out) / job))
