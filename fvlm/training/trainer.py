@@ -544,9 +544,9 @@ class Trainer:
         The running level and not one step's loss: with answer-only targets and batches of 8, one
         batch's loss swings several-fold (a batch of hard multiple-choice answers), and a single such
         batch once stopped a healthy run (the tiny main job's D1 at step 82: 1.04 against a lowest
-        level of 0.20). A blow-up to 20x trips it within 5 steps, a loss that stays at 6x within 20. Against the lowest level
-        rather than the current one, so a loss that ramps up over many steps (which the running
-        level would follow) is caught too."""
+        level of 0.20). A blow-up to 20x trips it within 5 steps, a loss that stays at 6x within 20.
+        Against the lowest level rather than the current one, so a loss that ramps up over many steps
+        (which the running level would follow) is caught too."""
         if not math.isfinite(loss):
             return True
         ema = loss if self.loss_ema is None else LOSS_EMA_DECAY * self.loss_ema + (1 - LOSS_EMA_DECAY) * loss
