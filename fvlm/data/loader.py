@@ -134,8 +134,7 @@ class SampleReader:
             return dict(hit)
         sample = self._decode(row)
         size = sample["frames"].nbytes + 16 * len(sample["ids"]) + 1024
-        if _decoded_bytes + size <= DECODED_CACHE_BYTES:
-            sample["frames"].flags.writeable = False  # shared by every later load of the sample
+        if _decoded_bytes + size <= DECODED_CACHE_BYTES:  # later loads share its frames: collate only reads them
             _decoded[key] = sample
             _decoded_bytes += size
         return dict(sample)
