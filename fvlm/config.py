@@ -85,9 +85,10 @@ class DataConfig:
     synth_max_objects: int = 5
     synth_object_scale: list[float] = field(default_factory=lambda: [0.125, 0.19])
     synth_background: Literal["texture", "flat"] = "texture"
-    # What the synthetic videos ask (fvlm.data.synth): "motion" (which object moves and which way) or
-    # "reveal" (the colour a white object turns into while three others appear around it).
-    synth_video_task: Literal["motion", "reveal"] = "motion"
+    # What the synthetic videos ask (fvlm.data.synth): "motion" (which object moves and which way),
+    # "reveal" (the colour a white object turns into while three others appear around it) or "marked"
+    # (the colour of the moving object that sits on a white mark, among up to three others).
+    synth_video_task: Literal["motion", "reveal", "marked"] = "motion"
 
 
 @dataclass

@@ -158,3 +158,81 @@ def test_mover_patches_from_the_boxes_agree_with_the_pixel_rule_on_motion_videos
     frames = np.stack([_decoded(j) for j in jpegs])
     by_box = mover_patches(frames, (8, 8), boxes=np.asarray(meta["mover_boxes"]))
     assert by_box.sum(axis=(1, 2)).max() <= 4 and mover_patches(frames, (8, 8))[0].sum() > by_box[0].sum()
+
+
+# ----------------------------------------------------------------------------- the marked task
+
+
+def test_marked_options_are_the_four_colours_on_screen_and_tell_nothing_without_pixels():
+    from fvlm.data.synth import make_marked_video
+
+    painter = _Painter(32, np.random.default_rng(6))
+    metas = [make_marked_video(painter, 3, mc=True, crowd=4)[1] for _ in range(400)]
+    right, wrong = Counter(), Counter()
+    for m in metas:
+        scene_colours = {o["colour"] for o in m["scene"]}
+        assert (
+            sorted(m["choices"]) == sorted(scene_colours) and len(scene_colours) == 4 and "white" not in scene_colours
+        )
+        assert sorted(o["shape"] for o in m["scene"]) == sorted(SHAPES)  # one object of each shape
+        assert [o["marked"] for o in m["scene"]] == [True, False, False, False]
+        assert m["assistant"] == m["choices"][m["answer_index"]] == m["scene"][0]["colour"]
+        for option in m["choices"]:
+            (right if option == m["assistant"] else wrong)[option] += 1
+    assert min(Counter(m["answer_index"] for m in metas).values()) > 70  # 100 expected per letter
+    for colour in set(right) | set(wrong):
+        share_right, share_wrong = right[colour] / sum(right.values()), wrong[colour] / sum(wrong.values())
+        assert abs(share_right - share_wrong) < 0.05, (colour, share_right, share_wrong)
+
+
+def test_marked_frames_show_the_mover_on_its_white_mark_inside_its_box_as_it_moves():
+    from fvlm.data.synth import make_marked_video
+
+    painter = _Painter(64, np.random.default_rng(7), background="flat")
+    for _ in range(20):
+        jpegs, meta = make_marked_video(painter, 4, mc=False, crowd=4)
+        colour, shape = meta["scene"][0]["colour"], meta["scene"][0]["shape"]
+        assert meta["assistant"] == f"The marked {shape} is {colour}."
+        corners = []
+        for jpeg, box in zip(jpegs, meta["mover_boxes"]):
+            pixels = _decoded(jpeg)
+            x0, y0, x1, y1 = (round(v * 64) for v in box)
+            near = np.zeros(pixels.shape[:2], dtype=bool)  # the box and the mark's 2-pixel rim
+            near[max(0, y0 - 2) : y1 + 2, max(0, x0 - 2) : x1 + 2] = True
+            white = _near(pixels, "white", tol=60)
+            # The mark is under the mover, and nowhere else; the mover's colour is inside its box.
+            assert white[near].sum() >= 0.3 * near.sum() and white[~near].sum() < 5
+            assert _near(pixels, colour)[y0:y1, x0:x1].sum() >= 0.25 * (y1 - y0) * (x1 - x0)
+            # Every other object is on screen in every frame.
+            assert all(_near(pixels, o["colour"], tol=40).sum() > 5 for o in meta["scene"][1:])
+            corners.append((x0, y0))
+        assert corners[0] != corners[-1] and meta["scene"][0]["moves"] in DIRECTIONS
+
+
+def test_the_bench_asks_every_marked_question_with_four_objects_and_training_starts_from_one(tmp_path):
+    """Training scenes span the painter's counts (one object alone is the easy end); the bench's are
+    always the full crowd, so its options are always the four colours on screen."""
+    import json
+
+    from fvlm.data.synth import generate_synthetic
+
+    generate_synthetic(
+        tmp_path, videos=60, images=2, texts=2, frames=2, size=32, seed=0, val=4, probe=2, bench=30,
+        mc_fraction=0.5, min_objects=1, max_objects=4, video_task="marked",
+    )  # fmt: skip
+
+    def crowds(split):
+        import tarfile
+
+        out = []
+        for shard in sorted((tmp_path / split).glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    if member.name.endswith(".json"):
+                        meta = json.load(tar.extractfile(member))
+                        if meta.get("task") == "marked":
+                            out.append(len(meta["scene"]))
+        return out
+
+    assert set(crowds("bench")) == {4}
+    assert set(crowds("train")) == {1, 2, 3, 4}

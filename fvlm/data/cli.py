@@ -52,10 +52,11 @@ def register(sub) -> None:
     synth.add_argument("--min-objects", type=int, default=3, help="fewest objects per video and image")
     synth.add_argument(
         "--video-task",
-        choices=("motion", "reveal"),
+        choices=("motion", "reveal", "marked"),
         default="motion",
         help="motion: which object moves and which way; reveal: the colour a white object turns "
-        "into while three others appear around it (always four objects)",
+        "into while three others appear around it; marked: the colour of the moving object on a white "
+        "mark among up to three others (reveal and marked: the bench always shows four objects)",
     )
     synth.set_defaults(func=cmd_synth)
 

@@ -305,7 +305,78 @@ def make_reveal_video(
     return jpegs, meta
 
 
-VIDEO_TASKS = {"motion": make_video, "reveal": make_reveal_video}
+MARKED_PROMPTS = ("What colour is the marked object?", "Describe the marked object.", "Describe the clip.", "")
+MARKED_OBJECTS = 4  # one object of each shape: the four options are the four colours on screen
+# The marked object's travel over a clip, as a share of the frame side (the motion task's).
+MARKED_TRAVEL = 0.35
+
+
+def make_marked_video(
+    p: _Painter, frames: int, mc: bool, crowd: int | None = None, travel: float = MARKED_TRAVEL
+) -> tuple[list[bytes], dict]:
+    """A video where the answer is one object's colour, and a white mark says which object.
+
+    `crowd` objects of distinct shapes and distinct colours (white excluded); the first, the mover,
+    sits on a white square a little larger than itself and drifts `travel` of the frame side along
+    one direction over the clip, the others stand still. The question asks the mover's colour.
+    With the full crowd of four (the bench's), the options are the four colours on screen, so
+    knowing which colours are present is worth nothing: the answer needs the colour of the one
+    object under the mark, whose place changes from frame to frame. One token per frame that
+    describes all four objects loses which colour sits on the mark; a query that looks at the mark
+    reads it alone. Unlike the reveal task, what marks the object is in every frame, so a query
+    that knows *what* to look for finds it, with no place carried over from an earlier frame
+    (benchmarks/RESULTS.md: tiny models did not learn that link). Smaller crowds (drawn from the
+    painter's object counts when `crowd` is None) are the easy end of the training data: with the
+    mover alone any token describes it, and the language model learns to read a colour from a
+    visual token before the query has learned where to look."""
+    rng, size = p.rng, p.size
+    if crowd is None:
+        crowd = int(rng.integers(min(max(p.min_objects, 1), MARKED_OBJECTS), min(p.max_objects, MARKED_OBJECTS) + 1))
+    palette = [str(c) for c in rng.permutation([c for c in COLOURS if c != "white"])]
+    colours = palette[:crowd]
+    shapes = [str(s) for s in rng.permutation(SHAPES)[:crowd]]
+    sizes = [int(d) for d in rng.choice(p.sizes, size=crowd)]
+    direction = str(rng.choice(list(DIRECTIONS)))
+    step = round(size * travel)
+    span = (DIRECTIONS[direction][0] * step, DIRECTIONS[direction][1] * step)
+    taken: list = []
+    mx, my = p.place(sizes[0], taken, span)
+    others = [(colours[i], shapes[i], sizes[i], *p.place(sizes[i], taken)) for i in range(1, crowd)]
+    background = p.background()
+    jpegs, boxes = [], []
+    d = sizes[0]
+    for t in range(frames):
+        canvas = background.copy()
+        f = t / max(1, frames - 1)
+        x, y = mx + round(span[0] * f), my + round(span[1] * f)
+        canvas[max(0, y - 2) : y + d + 2, max(0, x - 2) : x + d + 2] = COLOURS["white"]  # the mark
+        for obj in others:
+            p.paint(canvas, *obj)
+        p.paint(canvas, colours[0], shapes[0], d, x, y)
+        boxes.append([round(v / size, 4) for v in (x, y, x + d, y + d)])
+        jpegs.append(p.finish(canvas))
+    meta = {
+        "source": "video",
+        "frame_count": frames,
+        "task": "marked",
+        "mover_boxes": boxes,
+        "scene": [
+            {"colour": c, "shape": s, "moves": direction if i == 0 else None, "marked": i == 0}
+            for i, (c, s) in enumerate(zip(colours, shapes))
+        ],
+    }
+    if mc:
+        # The colours on screen, and colours that are not when fewer than four are.
+        options = [palette[i] for i in rng.permutation(MARKED_OBJECTS)]
+        meta["user"], meta["assistant"] = _mc(MARKED_PROMPTS[0], options, options.index(colours[0]))
+        meta.update(choices=options, answer_index=options.index(colours[0]))
+    else:
+        meta["user"] = str(rng.choice(MARKED_PROMPTS))
+        meta["assistant"] = f"The marked {shapes[0]} is {colours[0]}."
+    return jpegs, meta
+
+
+VIDEO_TASKS = {"motion": make_video, "reveal": make_reveal_video, "marked": make_marked_video}
 
 
 def make_image(p: _Painter, mc: bool) -> tuple[bytes, dict]:
@@ -425,8 +496,9 @@ def _write_split(
         key = f"{split}-{kind}-{i:06d}"
         mc = kind != "text" and rng.random() < mc_fraction
         if kind == "video":
-            # The bench asks every reveal question with the full crowd (see make_reveal_video).
-            full = {"crowd": REVEAL_OBJECTS} if video_task == "reveal" and split == "bench" else {}
+            # The bench asks every reveal and marked question with the full crowd (see their makers).
+            crowds = {"reveal": REVEAL_OBJECTS, "marked": MARKED_OBJECTS}
+            full = {"crowd": crowds[video_task]} if video_task in crowds and split == "bench" else {}
             jpegs, meta = VIDEO_TASKS[video_task](painter, frames, mc, **full)
             writer.write(key, meta, images=jpegs)
         elif kind == "image":
