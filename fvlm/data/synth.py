@@ -325,7 +325,9 @@ def make_marked_video(
     describes all four objects loses which colour sits on the mark; a query that looks at the mark
     reads it alone. Unlike the reveal task, what marks the object is in every frame, so a query
     that knows *what* to look for finds it, with no place carried over from an earlier frame
-    (benchmarks/RESULTS.md: tiny models did not learn that link). Smaller crowds (drawn from the
+    (benchmarks/RESULTS.md: tiny models did not learn that link). The same holds for a fixed
+    query: this task asks whether a model looks at the right object and reads it, not whether a
+    query chosen by the language model beats a static one. Smaller crowds (drawn from the
     painter's object counts when `crowd` is None) are the easy end of the training data: with the
     mover alone any token describes it, and the language model learns to read a colour from a
     visual token before the query has learned where to look."""
