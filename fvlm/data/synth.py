@@ -238,6 +238,42 @@ REVEAL_OBJECTS = 4  # the mover and three others: the four options are the four 
 REVEAL_TRAVEL = 0.0
 
 
+def _crowd(p: _Painter, crowd: int, travel: float, distinct_shapes: bool) -> tuple:
+    """The scene of the reveal and marked tasks: `crowd` objects of distinct colours (white is kept
+    for marking), the first of which (the mover) drifts `travel` of the frame side along one
+    direction. Returns (palette, shapes, sizes, direction, span, the mover's first corner (x, y), the
+    others as (colour, shape, size, x, y)); object i has colour palette[i], and the colours after
+    the first `crowd` are those no object has."""
+    rng = p.rng
+    palette = [str(c) for c in rng.permutation([c for c in COLOURS if c != "white"])]
+    if distinct_shapes:
+        shapes = [str(s) for s in rng.permutation(SHAPES)[:crowd]]
+    else:
+        shapes = [str(s) for s in rng.choice(SHAPES, size=crowd)]
+    sizes = [int(d) for d in rng.choice(p.sizes, size=crowd)]
+    direction = str(rng.choice(list(DIRECTIONS)))
+    step = round(p.size * travel)
+    span = (DIRECTIONS[direction][0] * step, DIRECTIONS[direction][1] * step)
+    taken: list = []
+    mover = p.place(sizes[0], taken, span)
+    others = [(palette[i], shapes[i], sizes[i], *p.place(sizes[i], taken)) for i in range(1, crowd)]
+    return palette, shapes, sizes, direction, span, mover, others
+
+
+def _colour_question(meta: dict, p: _Painter, mc: bool, palette: list[str], prompts: tuple, sentence: str) -> None:
+    """Adds the question of the reveal and marked tasks, the mover's colour (palette[0]), to `meta`.
+    As multiple choice it asks prompts[0], and the options are the palette's first four colours in
+    random order: the colours on screen, and colours that are not when fewer than four objects are.
+    Otherwise it asks one of `prompts` and the answer is `sentence`."""
+    if mc:
+        options = [palette[i] for i in p.rng.permutation(4)]
+        meta["user"], meta["assistant"] = _mc(prompts[0], options, options.index(palette[0]))
+        meta.update(choices=options, answer_index=options.index(palette[0]))
+    else:
+        meta["user"] = str(p.rng.choice(prompts))
+        meta["assistant"] = sentence
+
+
 def make_reveal_video(
     p: _Painter, frames: int, mc: bool, crowd: int | None = None, travel: float = REVEAL_TRAVEL
 ) -> tuple[list[bytes], dict]:
@@ -260,16 +296,8 @@ def make_reveal_video(
     rng, size = p.rng, p.size
     if crowd is None:
         crowd = int(rng.integers(min(p.min_objects, REVEAL_OBJECTS), min(p.max_objects, REVEAL_OBJECTS) + 1))
-    palette = [str(c) for c in rng.permutation([c for c in COLOURS if c != "white"])]
+    palette, shapes, sizes, direction, span, (mx, my), others = _crowd(p, crowd, travel, distinct_shapes=False)
     colours = palette[:crowd]
-    shapes = [str(s) for s in rng.choice(SHAPES, size=crowd)]
-    sizes = [int(d) for d in rng.choice(p.sizes, size=crowd)]
-    direction = str(rng.choice(list(DIRECTIONS)))
-    step = round(size * travel)
-    span = (DIRECTIONS[direction][0] * step, DIRECTIONS[direction][1] * step)
-    taken: list = []
-    mx, my = p.place(sizes[0], taken, span)
-    others = [(colours[i], shapes[i], sizes[i], *p.place(sizes[i], taken)) for i in range(1, crowd)]
     background = p.background()
     jpegs, boxes = [], []
     for t in range(frames):
@@ -292,16 +320,7 @@ def make_reveal_video(
             for i, (c, s) in enumerate(zip(colours, shapes))
         ],
     }
-    if mc:
-        # The colours on screen, and colours that are not when fewer than four are.
-        options = [palette[i] for i in rng.permutation(REVEAL_OBJECTS)]
-        meta["user"], meta["assistant"] = _mc(
-            "What colour does the white object turn?", options, options.index(colours[0])
-        )
-        meta.update(choices=options, answer_index=options.index(colours[0]))
-    else:
-        meta["user"] = str(rng.choice(REVEAL_PROMPTS))
-        meta["assistant"] = f"The white {shapes[0]} turns {colours[0]}."
+    _colour_question(meta, p, mc, palette, REVEAL_PROMPTS, f"The white {shapes[0]} turns {colours[0]}.")
     return jpegs, meta
 
 
@@ -334,16 +353,8 @@ def make_marked_video(
     rng, size = p.rng, p.size
     if crowd is None:
         crowd = int(rng.integers(min(max(p.min_objects, 1), MARKED_OBJECTS), min(p.max_objects, MARKED_OBJECTS) + 1))
-    palette = [str(c) for c in rng.permutation([c for c in COLOURS if c != "white"])]
+    palette, shapes, sizes, direction, span, (mx, my), others = _crowd(p, crowd, travel, distinct_shapes=True)
     colours = palette[:crowd]
-    shapes = [str(s) for s in rng.permutation(SHAPES)[:crowd]]
-    sizes = [int(d) for d in rng.choice(p.sizes, size=crowd)]
-    direction = str(rng.choice(list(DIRECTIONS)))
-    step = round(size * travel)
-    span = (DIRECTIONS[direction][0] * step, DIRECTIONS[direction][1] * step)
-    taken: list = []
-    mx, my = p.place(sizes[0], taken, span)
-    others = [(colours[i], shapes[i], sizes[i], *p.place(sizes[i], taken)) for i in range(1, crowd)]
     background = p.background()
     jpegs, boxes = [], []
     d = sizes[0]
@@ -367,14 +378,7 @@ def make_marked_video(
             for i, (c, s) in enumerate(zip(colours, shapes))
         ],
     }
-    if mc:
-        # The colours on screen, and colours that are not when fewer than four are.
-        options = [palette[i] for i in rng.permutation(MARKED_OBJECTS)]
-        meta["user"], meta["assistant"] = _mc(MARKED_PROMPTS[0], options, options.index(colours[0]))
-        meta.update(choices=options, answer_index=options.index(colours[0]))
-    else:
-        meta["user"] = str(rng.choice(MARKED_PROMPTS))
-        meta["assistant"] = f"The marked {shapes[0]} is {colours[0]}."
+    _colour_question(meta, p, mc, palette, MARKED_PROMPTS, f"The marked {shapes[0]} is {colours[0]}.")
     return jpegs, meta
 
 
