@@ -24,6 +24,7 @@ from fvlm.model.pretrain_tiny import (
     _weighted_ce,
     make_tiny_backbones,
     pretrain_dino,
+    world_dialogues,
 )
 
 QUICK = QUICK_RECIPE  # a few steps of everything: the plumbing and the determinism
@@ -90,6 +91,19 @@ def test_packed_dialogues_give_the_loss_of_the_same_dialogues_padded():
     want = model(input_ids=padded, attention_mask=mask, labels=padded.masked_fill(mask == 0, -100)).loss
     got = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "task, video_answer", [("motion", " moves "), ("reveal", " turns "), ("marked", "The marked ")]
+)
+def test_the_llm_dialogues_speak_the_chosen_video_task(task, video_answer):
+    """The LLMs' text follows the recipe's video task (the tiny preset keeps "motion" on purpose:
+    an LLM that knows the marked task's answers learns to look far more slowly), in the synthetic
+    set's proportions, the same for a seed and different across seeds."""
+    dialogues = world_dialogues(0, 600, video_task=task)
+    assert dialogues == world_dialogues(0, 600, video_task=task) != world_dialogues(1, 600, video_task=task)
+    free_form = [a for _, a in dialogues if a.startswith("The ") and video_answer in a]
+    assert 0.25 < len(free_form) / len(dialogues) < 0.45  # videos are 4/6 of the text, half of them free-form
 
 
 def test_made_twice_the_same_and_loaded_like_real_folders(tmp_path):
