@@ -1,5 +1,6 @@
 """The tiny pretrained backbones: made deterministically, loaded through the same local-folder path
-as real SmolLM2 / DINOv2 folders, and the vision encoder passes its linear-probe check."""
+as real SmolLM2 / DINOv2 folders, shipped by the repo exactly as the command makes them, and the
+vision encoder passes its linear-probe check."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ from fvlm.model.pretrain_tiny import (
     _part_weights,
     _patch_labels,
     _weighted_ce,
+    ensure_tiny_backbones,
     make_tiny_backbones,
-    pretrain_dino,
+    shipped_backbones,
     world_dialogues,
 )
 
@@ -124,7 +126,9 @@ def test_made_twice_the_same_and_loaded_like_real_folders(tmp_path):
     from transformers import AutoModelForCausalLM
 
     saved = AutoModelForCausalLM.from_pretrained(str(folder / "tiny-llm"))
-    assert torch.equal(model.llm.get_input_embeddings().weight, saved.get_input_embeddings().weight)
+    assert saved.dtype == torch.float16  # saved in half precision: small enough for the repo to ship
+    assert model.llm.dtype == torch.float32  # and run in float32, the same values
+    assert torch.equal(model.llm.get_input_embeddings().weight, saved.get_input_embeddings().weight.float())
     tok = load_tokenizer(str(folder / "tiny-llm"))
     dialogue = [{"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": "Red."}]
     ours = byte_tokenizer().apply_chat_template(dialogue, tokenize=True)["input_ids"]
@@ -139,12 +143,50 @@ def test_cli_refuses_a_non_empty_folder(tmp_path, capsys):
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_the_tiny_preset_copies_the_shipped_backbones(tmp_path):
+    """The repo ships the backbones of the tiny preset's recipe; the preset copies them instead of
+    spending ~3.5 minutes making them (the slow test below checks that they are what the command makes)."""
+    recipe = Recipe()
+    shipped = shipped_backbones(recipe)
+    assert shipped is not None, (
+        f"no shipped backbones for recipe {recipe.digest()}; make them with "
+        f"`fvlm backbones pretrain-tiny fvlm/assets/tiny-backbones-{recipe.digest()}`"
+    )
+    assert json.loads((shipped / "backbones.json").read_text())["digest"] == recipe.digest()
+    said = []
+    folder = ensure_tiny_backbones(tmp_path, recipe, log=said.append)
+    assert folder == tmp_path / shipped.name and "the repo's copy" in said[0]
+    assert _files(folder) == _files(shipped)
+    assert all((folder / f).read_bytes() == (shipped / f).read_bytes() for f in _files(shipped))
+    assert sum((shipped / f).stat().st_size for f in _files(shipped)) <= 5_000_000
+    assert shipped_backbones(QUICK) is None  # any other recipe is made on first use
+
+
 @pytest.mark.slow
-def test_vision_encoder_linear_probe_reads_colour_and_shape():
-    """The acceptance check of the shipped recipe: on held-out frames, a linear probe on the frozen
-    patch tokens names the colour and the shape of the object under a patch at >= 90%."""
-    torch.set_num_threads(1)
-    _, probe = pretrain_dino(Recipe(), log=lambda *_: None)
+def test_the_shipped_backbones_are_what_the_command_makes(tmp_path):
+    """`fvlm backbones pretrain-tiny` remakes the shipped folder bit for bit, and the remade encoder
+    passes the acceptance check: on held-out frames, a linear probe on the frozen patch tokens names
+    the colour and the shape of the object under a patch at >= 90%."""
+    shipped = shipped_backbones(Recipe())
+    assert shipped is not None
+    made = tmp_path / "made"
+    assert main(["backbones", "pretrain-tiny", str(made)]) == 0
+    assert _files(made) == _files(shipped)
+    for name in _files(shipped):
+        if name == "backbones.json":  # the same numbers, other timings
+            mine, theirs = (json.loads((f / name).read_text()) for f in (made, shipped))
+            for report in (mine, theirs):
+                report.pop("seconds")
+                for part in (report["dino"], *report["llms"].values()):
+                    part.pop("seconds")
+            assert mine == theirs
+        else:
+            assert (made / name).read_bytes() == (shipped / name).read_bytes(), name
+    probe = json.loads((made / "backbones.json").read_text())["dino_probe"]
     assert probe["patches_test"] > 1000
     assert probe["colour_accuracy"] >= 0.9 and probe["shape_accuracy"] >= 0.9, probe
     # Where the patch is, as DINOv2's patch features say it too: without it no token can tell which
