@@ -7,6 +7,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -219,6 +220,11 @@ def _specs(*items):
     return [matrix.RunSpec(rid, "test", rid, diff, samples) for rid, diff, samples in items]
 
 
+def _csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
 def _rows(folder):
     with (folder / "sweep.csv").open() as handle:
         return {r["run_id"]: r for r in csv.DictReader(handle)}
@@ -276,11 +282,20 @@ def test_mini_sweep_end_to_end_with_two_workers(tmp_path):
         ("F3", {}, 32),
         ("A6", {"model.coarse_only": True}, 32),
         ("B1", {"model.arch": "multi_token", "model.tokens_per_frame": 4}, 32),
+        ("F3-again", {}, 32),
     )
     statuses = Sweep(folder, "ablations", "tiny", base, specs, (4, 40), jobs=2).run()
-    assert statuses == {"F3": "completed", "A6": "completed", "B1": "completed"}
+    assert statuses == {"F3": "completed", "A6": "completed", "B1": "completed", "F3-again": "completed"}
     for rid in statuses:
         assert (folder / rid / "train.log").read_text().count("eval step") == 8
+    # Two workers trained the four runs; a run trained by a worker after other runs is the run a fresh
+    # process trains (nothing leaks from one run into the next: seeds, caches, signal handlers).
+    state = json.loads((folder / "sweep_state.json").read_text())["runs"]
+    assert len({state[rid]["pid"] for rid in statuses}) == 2
+    learned = ("step", "samples_seen", "train_loss", "val_loss", "grad_norm", "attention_entropy")
+    first, again = ([[r[k] for k in learned] for r in _csv(folder / rid / "metrics.csv")] for rid in ("F3", "F3-again"))
+    assert first == again and len(first) == 8
+    shutil.rmtree(folder / "F3-again")
     summary = analyze([str(folder)], tmp_path / "report", None, n_boot=5)
     assert summary["runs"] == 3
     decisions = json.loads((tmp_path / "report" / "decisions.json").read_text())
@@ -307,10 +322,10 @@ def test_a_dead_worker_fails_its_own_run_and_the_sweep_goes_on(tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             if (folder / "victim" / "checkpoints").is_dir():
-                for child in multiprocessing.active_children():
-                    if child.name == "fvlm-victim":
-                        os.kill(child.pid, signal.SIGKILL)
-                        killed.append(child.pid)
+                pid = json.loads((folder / "sweep_state.json").read_text())["runs"]["victim"]["pid"]
+                if pid in {child.pid for child in multiprocessing.active_children()}:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
             time.sleep(0.05)
 
     killer = threading.Thread(target=kill_the_victim, daemon=True)

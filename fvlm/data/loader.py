@@ -17,6 +17,7 @@ batch sizes (and DDP) stay in step; in evaluation they are dropped.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import Counter
@@ -64,6 +65,15 @@ def load_index(spec: str, what: str = "data path") -> DataIndex:
     return _index_cache[key]
 
 
+def _tokenizer_id(tokenizer) -> str:
+    """What the tokenizer is, by content: the tiny LLMs of three widths share one tokenizer, so a sweep
+    worker reuses its decoded samples when its next run has another LLM."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return str(getattr(tokenizer, "name_or_path", ""))
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+
 class SampleReader:
     """Turns an index row into model-ready tensors; lives in each loader worker."""
 
@@ -95,7 +105,7 @@ class SampleReader:
         template = str(getattr(tokenizer, "chat_template", None))
         self._settings = (
             image_size, stage, max_text_tokens, max_frames, fps, replicate_image_frames,
-            getattr(tokenizer, "name_or_path", ""), len(tokenizer), template, self.end_of_turn_id,
+            _tokenizer_id(tokenizer), len(tokenizer), template, self.end_of_turn_id,
         )  # fmt: skip
         self._shard_ids: dict[str, tuple] = {}
 

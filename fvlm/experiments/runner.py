@@ -4,7 +4,8 @@ re-running the same command skip what is finished and resume what was interrupte
 Execution:
 - one process, one run after another (the default; a GPU run uses the one visible GPU);
 - `jobs > 1` on a CPU machine: that many worker processes side by side, each single-threaded, each
-  importing torch once for all its runs (the tiny preset's runs are seconds long, so imports matter);
+  importing torch once for all the runs it trains, one after another (the tiny preset's runs are
+  seconds to a minute long, so start-up matters);
 - several visible GPUs: each run goes through `torchrun --nproc_per_node <gpus> -m fvlm train`.
 
 A run that diverges or fails is recorded and the sweep goes on. Ctrl-C (or SIGTERM) lets the runs in
@@ -228,9 +229,10 @@ class Sweep:
                 f"{seconds:6.1f}s  {self._result_text(run_id, error)}"
             )
 
-        def started(run_id: str) -> None:
-            state["runs"][run_id]["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            state["runs"][run_id]["status"] = "running"
+        def started(run_id: str, pid: int | None = None) -> None:
+            """`pid`: the worker process that trains it (the one to signal or inspect), when not this one."""
+            record = state["runs"][run_id]
+            record.update(started_at=time.strftime("%Y-%m-%dT%H:%M:%S"), status="running", pid=pid or os.getpid())
             self._save_state(state)
 
         gpus = 0 if self.slurm else _cuda_count()
@@ -281,9 +283,11 @@ class Sweep:
         return False
 
     def _run_workers(self, todo: list[Planned], started, finished) -> bool:
-        """Up to `jobs` runs side by side, each in a process of its own (spawned, so no state leaks
-        between runs). A process that dies (killed, out of memory) fails its own run only: it is
-        recorded as failed with its exit signal, and the sweep and the other runs in flight go on."""
+        """Up to `jobs` runs side by side in spawned worker processes. A worker trains the runs it is
+        handed one after another, so torch, transformers and the decoded samples are loaded once per
+        worker and not once per run (7-8 s of every tiny run when each had a process of its own).
+        A worker that dies (killed, out of memory) fails its own run only: it is recorded as failed
+        with its exit signal, a fresh worker takes its place, and the runs beside it go on."""
         stop = {"requested": False}
 
         def request_stop(signum, frame):
@@ -297,36 +301,40 @@ class Sweep:
 
         previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         queue = list(todo)
-        running: dict[str, tuple[Any, Any, float]] = {}  # run id -> (process, result pipe, start time)
+        idle: list[_Worker] = []
+        busy: dict[str, tuple[_Worker, float]] = {}  # run id -> (its worker, start time)
         context = multiprocessing.get_context("spawn")
+        spawned = 0
         try:
-            while queue or running:
-                while queue and len(running) < self.jobs and not stop["requested"]:
+            while queue or busy:
+                while queue and len(busy) < self.jobs and not stop["requested"]:
                     p = queue.pop(0)
-                    started(p.spec.run_id)
-                    log_path = self.folder / p.spec.run_id / rf.TRAIN_LOG
-                    receive, send = context.Pipe(duplex=False)
-                    proc = context.Process(
-                        target=_worker_main, args=(p.cfg.to_dict(), str(log_path), send), name=f"fvlm-{p.spec.run_id}"
-                    )
-                    proc.start()
-                    send.close()  # the child holds its end; the parent's copy would keep the pipe open
-                    running[p.spec.run_id] = (proc, receive, time.perf_counter())
-                if not running:
+                    if not idle:
+                        spawned += 1
+                        idle.append(_Worker(context, spawned))
+                    worker = idle.pop()
+                    started(p.spec.run_id, worker.proc.pid)
+                    worker.conn.send((p.cfg.to_dict(), str(self.folder / p.spec.run_id / rf.TRAIN_LOG)))
+                    busy[p.spec.run_id] = (worker, time.perf_counter())
+                if not busy:
                     break
                 if stop["requested"] and not stop.get("forwarded"):
                     stop["forwarded"] = True
-                    for proc, _, _ in running.values():
+                    for worker, _ in busy.values():
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(proc.pid, signal.SIGTERM)
-                wait([proc.sentinel for proc, _, _ in running.values()], timeout=1.0)
-                for run_id, (proc, receive, began) in list(running.items()):
-                    if proc.exitcode is None:
+                            os.kill(worker.proc.pid, signal.SIGTERM)
+                wait([w.conn for w, _ in busy.values()] + [w.proc.sentinel for w, _ in busy.values()], timeout=1.0)
+                for run_id, (worker, began) in list(busy.items()):
+                    result = worker.result()
+                    if result is None:
                         continue
-                    del running[run_id]
-                    status, error = _worker_result(proc, receive)
-                    finished(run_id, status, error, time.perf_counter() - began)
+                    del busy[run_id]
+                    if worker.proc.is_alive():
+                        idle.append(worker)
+                    finished(run_id, *result, time.perf_counter() - began)
         finally:
+            for worker in idle + [w for w, _ in busy.values()]:
+                worker.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return stop["requested"]
@@ -468,30 +476,55 @@ def _terminate_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _worker_main(cfg_dict: dict[str, Any], log_path: str, send) -> None:
-    """One run in its own process; (status, error) goes back through `send`."""
+class _Worker:
+    """A spawned process that trains the runs sent to it, one at a time, until it is sent None."""
+
+    def __init__(self, context, number: int):
+        self.conn, child = context.Pipe()
+        self.proc = context.Process(target=_worker_main, args=(child,), name=f"fvlm-worker-{number}")
+        self.proc.start()
+        child.close()  # the child holds its end; the parent's copy would keep the pipe open
+
+    def result(self) -> tuple[str, str | None] | None:
+        """The (status, error) of the run in flight once it is over (died included); None while it runs."""
+        if self.conn.poll():
+            try:
+                return self.conn.recv()
+            except (EOFError, OSError):
+                pass  # the pipe closed without a word: the process died
+        elif self.proc.is_alive():
+            return None
+        self.proc.join()
+        code = self.proc.exitcode
+        cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        hint = " (SIGKILL is what the kernel's out-of-memory killer sends)" if code == -signal.SIGKILL else ""
+        return "failed", f"worker process died: {cause}{hint}"
+
+    def close(self) -> None:
+        """Lets an idle worker exit; one still training was told to stop and is given time to checkpoint."""
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(None)
+        self.proc.join(timeout=60)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
+        self.conn.close()
+
+
+def _worker_main(conn) -> None:
+    """A worker's loop: (config, log path) in, (status, error) out, until None or the sweep is gone."""
     _worker_init()
-    result = _train_logged(cfg_dict, log_path)
-    if os.getppid() != _PARENT_PID:
-        os._exit(0)  # the sweep process is gone: nobody to report to
-    send.send(result)
-    send.close()
-
-
-def _worker_result(proc, receive) -> tuple[str, str | None]:
-    """What a finished worker process reported, or, when it died without a word, why."""
-    try:
-        if receive.poll():
-            return receive.recv()
-    except (EOFError, OSError):
-        pass
-    finally:
-        receive.close()
-        proc.join()
-    code = proc.exitcode
-    cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-    hint = " (SIGKILL is what the kernel's out-of-memory killer sends)" if code == -signal.SIGKILL else ""
-    return "failed", f"worker process died: {cause}{hint}"
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return  # the sweep process closed the pipe or is gone
+        if task is None:
+            return
+        result = _train_logged(*task)
+        if os.getppid() != _PARENT_PID:
+            os._exit(0)  # the sweep process is gone: nobody to report to
+        conn.send(result)
 
 
 def _train_logged(cfg_dict: dict[str, Any], log_path: str) -> tuple[str, str | None]:
