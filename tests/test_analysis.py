@@ -508,6 +508,26 @@ def test_identification_names_each_reason():
         "plateau E[M] = -2 below zero",
     ]
     assert fits.identification({"E": 0.5, "beta": 0.4}, {"beta": (0.0, 3.0)}, converged=True)["identified"]
+    # A plateau driven to zero (a log-parameter run off to minus infinity) sits at its bound; one that
+    # is small but of the data's order does not.
+    zero = fits.identification({"E": 4.5e-24, "E_by_size": {"S": 0.2}}, {}, converged=True, lowest_loss=0.08)
+    assert zero["not_identified_because"] == [
+        "plateau E = 4.5e-24 at its bound 0 (under 0.001 of the lowest loss fitted, 0.08: the data show no floor)"
+    ]
+    assert fits.identification({"E": 0.01}, {}, converged=True, lowest_loss=0.08)["identified"]
+
+
+def test_huber_fit_of_losses_without_a_floor_is_not_identified():
+    """Losses that fall as a pure power law (no plateau): the Huber fit, whose E is exp(e), can only
+    follow them by driving E to zero, and says so instead of printing E = 1e-20."""
+    data = _joint_data(SIZES)
+    floorless = fits.JointData(
+        data.n, data.d, 400 / data.n**0.3 + 300 / data.d**0.3, data.size, data.run, data.size_labels
+    )
+    hub = fits.fit_joint_huber(floorless)
+    assert hub["E"] < 1e-3 * floorless.loss.min()
+    assert not hub["identified"] and "at its bound 0" in " ".join(hub["not_identified_because"])
+    assert fits.fit_joint_huber(data)["identified"]  # the same points with the law's floor
 
 
 def _iso_entries(losses_by_budget):

@@ -46,11 +46,20 @@ CHINCHILLA_REFERENCE = {
 # ----------------------------------------------------------------------------- identification
 
 
-def identification(fit: dict[str, Any], bounds: dict[str, tuple[float, float]], converged: bool) -> dict[str, Any]:
+# A plateau under this share of the lowest loss fitted is a plateau driven to zero: a fit whose E is a
+# log-parameter (E > 0 by construction) reaches it only by running e = log E off to minus infinity,
+# the bound of E's range, because the data show no floor.
+PLATEAU_AT_ZERO = 1e-3
+
+
+def identification(
+    fit: dict[str, Any], bounds: dict[str, tuple[float, float]], converged: bool, lowest_loss: float | None = None
+) -> dict[str, Any]:
     """Whether a fit's numbers can be read as a result: not when the optimiser did not converge, when an
     exponent sits at the bound of its search range (the data would have it go further: the law's
-    shape is not pinned down), or when a plateau E (or a per-size E + A/N^alpha) is below zero, which
-    no loss can reach. Returns {"identified": bool, "not_identified_because": [reasons]}."""
+    shape is not pinned down), when a plateau E (or a per-size E + A/N^alpha) is below zero, which
+    no loss can reach, or (given `lowest_loss`, the lowest loss fitted) when a plateau is driven to
+    zero, its own bound. Returns {"identified": bool, "not_identified_because": [reasons]}."""
     reasons = [] if converged else ["the optimiser did not converge"]
     for key, (lo, hi) in bounds.items():
         value = fit.get(key)
@@ -61,6 +70,13 @@ def identification(fit: dict[str, Any], bounds: dict[str, tuple[float, float]], 
             reasons.append(f"{key} = {value:.4g} at its bound {lo if value <= lo + tol else hi:g}")
     plateaus = {"E": fit.get("E")} | {f"E[{k}]": v for k, v in (fit.get("E_by_size") or {}).items()}
     reasons += [f"plateau {k} = {v:.4g} below zero" for k, v in plateaus.items() if v is not None and v < 0]
+    if lowest_loss is not None:
+        reasons += [
+            f"plateau {k} = {v:.4g} at its bound 0 (under {PLATEAU_AT_ZERO:g} of the lowest loss fitted, "
+            f"{lowest_loss:.4g}: the data show no floor)"
+            for k, v in plateaus.items()
+            if v is not None and 0 <= v < PLATEAU_AT_ZERO * lowest_loss
+        ]
     return {"identified": not reasons, "not_identified_because": reasons}
 
 
@@ -306,7 +322,12 @@ def fit_joint_huber(
         n_starts=len(starts),
     )
     record.update(
-        identification(record, {"alpha": (0.0, EXPONENT_MAX), "beta": (0.0, EXPONENT_MAX)}, bool(best.success))
+        identification(
+            record,
+            {"alpha": (0.0, EXPONENT_MAX), "beta": (0.0, EXPONENT_MAX)},
+            bool(best.success),
+            lowest_loss=float(data.loss.min()),
+        )
     )
     return record
 
