@@ -19,6 +19,7 @@ from fvlm.experiments.evidence import (
     collect_evidence,
     compare,
     evidence_markdown,
+    grid_reading,
     paired_difference,
     verdict,
 )
@@ -224,7 +225,7 @@ def test_attention_on_the_mover_against_uniform(phase1):
 
 
 def test_report_section_and_decisions(phase1):
-    from fvlm.experiments.phase1 import write_report
+    from fvlm.experiments.phase1 import READING_QUESTION, write_report
     from fvlm.experiments.presets import TINY
 
     root = phase1["root"]
@@ -252,6 +253,31 @@ def test_report_section_and_decisions(phase1):
     assert decisions["answer"] == phase1["evidence"]["conclusion"]["answer"]
     assert decisions["runs"]["F3"] == "ok" and decisions["runs"]["A1"].startswith("failed")
     assert "correct" not in json.dumps(decisions["benchmark"])
+    grid = grid_reading(phase1["evidence"])
+    assert set(grid["reads_pixels"]) == {"S-C4-F", "S-C4-B"} and grid["sentence"] in section
+    assert decisions["grid_reading"] == grid
+    # Decision 2 carries it too: its scaling answers mean something only where the cells look.
+    decision2 = report[report.index("## Decision 2") : report.index("## Foveated vs multi-token")]
+    assert f"| {READING_QUESTION} | {grid['sentence']} |" in decision2
+    assert json.loads((root / "decisions.json").read_text())["decision2"][-1]["answer"] == grid["sentence"]
+
+
+def test_grid_cells_that_do_not_read_are_named_with_what_that_means():
+    def cell(*above):
+        return {"pixel": {mode: {"above_noise": a} for mode, a in zip(("coarse_only", "coarse_fine"), above)}}
+
+    evidence = {
+        "grid_cells": ["S-C4-F", "S-C4-B", "M-C4-F", "L-C4-F", "L-C4-B"],
+        "runs": {"S-C4-F": cell(True, True), "S-C4-B": cell(True), "M-C4-F": cell(True, False), "L-C4-F": cell(False)},
+    }
+    grid = grid_reading(evidence)
+    # A cell reads when every mode measured reads; an unmeasured cell (L-C4-B) is left out.
+    assert grid["reads_pixels"] == {"S-C4-F": True, "S-C4-B": True, "M-C4-F": False, "L-C4-F": False}
+    assert grid["sentence"].startswith("Grid cells that do not read the pixels (answer-token pixel gain not above")
+    assert "M-C4-F, L-C4-F;" in grid["sentence"] and grid["sentence"].endswith("Cells that read them: S-C4-F, S-C4-B.")
+    evidence["runs"] = {"S-C4-F": cell(True, True)}
+    assert grid_reading(evidence)["sentence"] == "Every measured grid cell reads the pixels (S-C4-F)."
+    assert grid_reading({"grid_cells": [], "runs": {}}) is None
 
 
 def test_unchanged_runs_are_not_measured_again(phase1):

@@ -512,6 +512,33 @@ def conclusion(runs: dict[str, dict[str, Any]], pairs: list[dict[str, Any]]) -> 
     return {"answer": r["verdict"], "basis": basis, "sentence": sentence, "details": " ".join(details)}
 
 
+def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
+    """Which of the grid's measured cells read the pixels (answer-token pixel gain above noise in
+    every mode measured), and a sentence on what that means for the scaling answers: a size whose
+    cells do not read has its foveated-vs-baseline comparisons decided by text learning alone.
+    None when no grid cell was measured."""
+    cells = {
+        rid: all(r["above_noise"] for r in pixel.values())
+        for rid in evidence.get("grid_cells", [])
+        if (pixel := (evidence["runs"].get(rid) or {}).get("pixel"))
+    }
+    if not cells:
+        return None
+    blind = [rid for rid, reads in cells.items() if not reads]
+    reading = [rid for rid, reads in cells.items() if reads]
+    if not blind:
+        sentence = f"Every measured grid cell reads the pixels ({', '.join(reading)})."
+    else:
+        sentence = (
+            f"Grid cells that do not read the pixels (answer-token pixel gain not above noise): "
+            f"{', '.join(blind)}; the scaling answers (Decision 2, foveated vs baseline) at their sizes "
+            f"measure how fast the models learn the text, not how they look."
+        )
+        if reading:
+            sentence += f" Cells that read them: {', '.join(reading)}."
+    return {"reads_pixels": cells, "sentence": sentence}
+
+
 # ----------------------------------------------------------------------------- collect
 
 
@@ -650,6 +677,7 @@ def evidence_markdown(evidence: dict[str, Any]) -> str:
         "",
         evidence["conclusion"]["details"],
         "",
+        *([grid["sentence"], ""] if (grid := grid_reading(evidence)) else []),
         f"Each run's latest checkpoint; intervals are 95%, from per-sample (per-question) paired differences "
         f"on the same items; bootstrap: {s['n_boot']} seeded resamples. Details: `{EVIDENCE_FILE}`.",
         "",
@@ -771,6 +799,7 @@ def decisions_summary(evidence: dict[str, Any]) -> dict[str, Any]:
         "basis": evidence["conclusion"]["basis"],
         "sentence": evidence["conclusion"]["sentence"],
         "details": evidence["conclusion"]["details"],
+        "grid_reading": grid_reading(evidence),
         "pixel_check": pixel,
         "benchmark": bench,
         "comparisons": evidence["comparisons"],

@@ -28,7 +28,13 @@ from fvlm.analysis.cli import analyze
 from fvlm.errors import UsageError
 from fvlm.experiments import decide, matrix, runner
 from fvlm.experiments.estimate import estimate, fmt_seconds
-from fvlm.experiments.evidence import EvidenceSettings, collect_evidence, decisions_summary, evidence_markdown
+from fvlm.experiments.evidence import (
+    EvidenceSettings,
+    collect_evidence,
+    decisions_summary,
+    evidence_markdown,
+    grid_reading,
+)
 from fvlm.experiments.milestones import phase1b_step
 from fvlm.experiments.presets import Preset, get_preset
 from fvlm.experiments.runner import Sweep, diff_text
@@ -359,6 +365,19 @@ def foveation_evidence(preset, root: Path, ablation_dir: Path, scaling_dir: Path
         return None
 
 
+READING_QUESTION = "Do the grid's largest cells read the pixels? (foveation evidence)"
+
+
+def _add_table_row(markdown: str, section: str, row: dict[str, str]) -> str:
+    """`markdown` with a `| question | answer |` row added at the end of the first table under the
+    heading `section`."""
+    lines = markdown.split("\n")
+    at = next(i for i, line in enumerate(lines) if line.startswith(section))
+    first = next(i for i in range(at, len(lines)) if lines[i].startswith("|"))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join([*lines[:end], f"| {row['question']} | {row['answer']} |", *lines[end:]])
+
+
 def write_report(
     preset,
     root: Path,
@@ -377,6 +396,12 @@ def write_report(
     decisions["locked_config"] = locked
     if evidence is not None:
         decisions["foveation_evidence"] = decisions_summary(evidence)
+        grid = grid_reading(evidence)
+        if grid is not None:  # Decision 2's answers are only about looking where the cells look
+            row = {"question": READING_QUESTION, "answer": grid["sentence"]}
+            decisions["decision2"].append(row)
+            report_md = tmp / "report.md"
+            report_md.write_text(_add_table_row(report_md.read_text(), "## Decision 2", row))
     (tmp / "decisions.json").write_text(json.dumps(decisions, indent=2) + "\n")
     with (tmp / "report.md").open("a") as report:
         report.write("\n## Locked configuration (fvlm phase1)\n\n")
