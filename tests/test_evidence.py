@@ -264,7 +264,8 @@ def test_report_section_and_decisions(phase1):
 
 def test_grid_cells_that_do_not_read_are_named_with_what_that_means():
     def cell(*above):
-        return {"pixel": {mode: {"above_noise": a} for mode, a in zip(("coarse_only", "coarse_fine"), above)}}
+        modes = ("coarse_only", "coarse_fine")
+        return {"pixel": {m: {"above_noise": a, "pixel_gain": 0.1 if a else 0.0} for m, a in zip(modes, above)}}
 
     evidence = {
         "grid_cells": ["S-C4-F", "S-C4-B", "M-C4-F", "L-C4-F", "L-C4-B"],
@@ -274,9 +275,11 @@ def test_grid_cells_that_do_not_read_are_named_with_what_that_means():
     # A cell reads when every mode measured reads; an unmeasured cell (L-C4-B) is left out.
     assert grid["reads_pixels"] == {"S-C4-F": True, "S-C4-B": True, "M-C4-F": False, "L-C4-F": False}
     assert grid["sentence"].startswith("Grid cells that do not read the pixels (answer-token pixel gain not above")
-    assert "M-C4-F, L-C4-F;" in grid["sentence"] and grid["sentence"].endswith("Cells that read them: S-C4-F, S-C4-B.")
+    assert "M-C4-F (+0.1000), L-C4-F (+0.0000);" in grid["sentence"]
+    assert grid["sentence"].endswith("Cells that read them: S-C4-F (+0.1000), S-C4-B (+0.1000).")
     evidence["runs"] = {"S-C4-F": cell(True, True)}
-    assert grid_reading(evidence)["sentence"] == "Every measured grid cell reads the pixels (S-C4-F)."
+    expected = "Every measured grid cell reads the pixels (answer-token pixel gain): S-C4-F (+0.1000)."
+    assert grid_reading(evidence)["sentence"] == expected
     assert grid_reading({"grid_cells": [], "runs": {}}) is None
 
 

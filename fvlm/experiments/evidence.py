@@ -524,18 +524,23 @@ def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
     }
     if not cells:
         return None
+
+    def named(rids: list[str]) -> str:  # each with its pixel gain, so that "above noise" shows its size
+        gains = {rid: evidence["runs"][rid]["pixel"] for rid in rids}
+        return ", ".join(f"{rid} ({max(r['pixel_gain'] for r in gains[rid].values()):+.4f})" for rid in rids)
+
     blind = [rid for rid, reads in cells.items() if not reads]
     reading = [rid for rid, reads in cells.items() if reads]
     if not blind:
-        sentence = f"Every measured grid cell reads the pixels ({', '.join(reading)})."
+        sentence = f"Every measured grid cell reads the pixels (answer-token pixel gain): {named(reading)}."
     else:
         sentence = (
             f"Grid cells that do not read the pixels (answer-token pixel gain not above noise): "
-            f"{', '.join(blind)}; the scaling answers (Decision 2, foveated vs baseline) at their sizes "
+            f"{named(blind)}; the scaling answers (Decision 2, foveated vs baseline) at their sizes "
             f"measure how fast the models learn the text, not how they look."
         )
         if reading:
-            sentence += f" Cells that read them: {', '.join(reading)}."
+            sentence += f" Cells that read them: {named(reading)}."
     return {"reads_pixels": cells, "sentence": sentence}
 
 
