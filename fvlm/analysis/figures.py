@@ -450,7 +450,11 @@ def scaling_law_plot(ctx: Context) -> Path | str:
         )
         joint_curve = predict_joint(joint, fit["N"], grid, size) if joint else None
         if joint_curve is not None:
-            ax.plot(grid, joint_curve, "--", color=colors[size], lw=1.2, label=f"{size} joint fit (Huber on log L)")
+            # Drawn either way, as the per-size fits are: the curve shows how the law misses the data.
+            status = "" if joint.get("identified", True) else ", not identified"
+            ax.plot(
+                grid, joint_curve, "--", color=colors[size], lw=1.2, label=f"{size} joint fit (Huber on log L{status})"
+            )
         res_ax.plot(d, loss - predict_data_scaling(fit, d), ".", color=colors[size], ms=4, label=size)
     ax.set_xscale("log")
     ax.set_xlabel("samples seen D")
