@@ -88,7 +88,7 @@ def _log(text: str) -> None:
 
 
 def _with_backbones(preset, common: dict[str, Any], by_size: dict[str, dict[str, Any]], data_root: Path | None):
-    """The tiny preset's pretrained backbones (made once under <data_root>/backbones) as model.llm /
+    """The tiny preset's pretrained backbones (copied or made once under <data_root>/backbones) as model.llm /
     model.dino overrides for every run and model.llm per size, where the user gave none. A dry run
     (no data_root) keeps the shape names: same architecture, same FLOPs, nothing made."""
     if preset.tiny_backbones is None or data_root is None:

@@ -56,8 +56,9 @@ class Preset:
     gpu_hour_cost: float = 0.70  # the plan's ~$65-85 for ~48-60 h of a 2-GPU machine
     analysis_bootstrap: int = N_BOOT  # resamples behind every interval of the report
     jobs: int = 1  # runs side by side on a CPU machine (each single-threaded)
-    # The tiny preset's pretrained backbones (fvlm.model.pretrain_tiny): made on first use under the
-    # output folder and used by every run, unless model.llm / model.dino are given. None: the config's.
+    # The tiny preset's pretrained backbones (fvlm.model.pretrain_tiny): the repo's shipped copy of this
+    # recipe's, else made on first use, under the output folder, and used by every run unless
+    # model.llm / model.dino are given. None: the config's.
     tiny_backbones: Any = None
 
     @property
@@ -97,8 +98,8 @@ PAPER = Preset(
 
 # Tiny: the plan's structure with every number shrunk, on backbones pretrained by the project
 # (fvlm.model.pretrain_tiny: a DINO-shaped encoder trained on per-patch colour and shape, and
-# Llama-shaped chat models of the synthetic world's text), made on first use and cached beside the
-# data. The video task (fvlm.data.synth, "marked") asks the colour of the one object, among 1-4 small
+# Llama-shaped chat models of the synthetic world's text), shipped in fvlm/assets and copied beside
+# the data. The video task (fvlm.data.synth, "marked") asks the colour of the one object, among 1-4 small
 # ones (8-12 px of a 64 px frame, about one DINO patch) of distinct colours and shapes, that sits on
 # a white mark and moves, over 4 frames; the bench always shows four, so the options are the four
 # colours on screen. Images ask about one of 1-4 objects named in the question. Half of the videos
