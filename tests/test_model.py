@@ -74,6 +74,43 @@ def test_dino_runs_once_per_frame_in_coarse_fine():
     assert model.encoder.frames_encoded == 6  # valid frames only, once, shared by both passes
 
 
+def test_a_compiled_model_trains_step_after_step_without_recompiling():
+    """train.compile: dynamo must capture the training step once and reuse it on every later step. A
+    frame counter or a float entropy in the forward made it recompile every step until it gave up
+    and ran eagerly. The backend here only counts the graphs it is given and runs them as they are
+    (inductor would get the same graphs, and take minutes of C++ to build them)."""
+    import copy
+
+    import torch._dynamo
+
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    eager = tiny().train()
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled.compile(backend=counting_backend)
+    per_step = []
+    for step in range(3):
+        batch = make_batch(seed=step)  # new frames and text every step, the same shapes
+        outs = [model(batch) for model in (eager, compiled)]
+        for out in outs:
+            out.loss.backward()
+        per_step.append(len(graphs))
+        assert torch.equal(outs[0].loss, outs[1].loss)
+        assert outs[0].attention_entropy == pytest.approx(outs[1].attention_entropy)
+        for a, b in zip(eager.parameters(), compiled.parameters()):
+            assert (a.grad is None) == (b.grad is None)
+            if a.grad is not None:
+                assert torch.allclose(a.grad, b.grad, atol=1e-6)
+                a.grad = b.grad = None
+    torch._dynamo.reset()
+    assert per_step[0] > 0 and per_step[1] == per_step[0] and per_step[2] == per_step[0], per_step
+
+
 @pytest.mark.parametrize(
     "arch_overrides", [[], ["model.deep_query=false"], ["model.arch=multi_token"], ["model.lambda_coarse=0.5"]]
 )

@@ -83,6 +83,8 @@ class DinoEncoder(nn.Module):
         self.patch_size = dino.config.patch_size
         self.num_layers = dino.config.num_hidden_layers
         # Counts patch encodings (frames), so tests and benchmarks can check DINO runs once per frame.
+        # Not counted inside torch.compile: dynamo treats a module's int attribute as a constant, and
+        # a count that changes every step would recompile the model until dynamo gives up.
         self.frames_encoded = 0
 
     def encode_patches(self, pixels: torch.Tensor, cache_kv: bool = True, need_features: bool = True) -> PatchCache:
@@ -91,7 +93,8 @@ class DinoEncoder(nn.Module):
         The deep query needs only K/V, so with need_features=False the last layer stops after
         its K/V projections: the rest of it would only produce features nobody reads.
         """
-        self.frames_encoded += pixels.shape[0]
+        if not torch.compiler.is_compiling():
+            self.frames_encoded += pixels.shape[0]
         grid = (pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size)
         hidden = self.dino.embeddings(pixels)
         keys, values = [], []

@@ -33,9 +33,17 @@ class VLMOutput:
     n_tokens: int
     loss_fine: torch.Tensor | None = None
     loss_coarse: torch.Tensor | None = None
-    attention_entropy: float | None = None
+    # The query attention (detached) that `attention_entropy` summarises. The entropy is computed only
+    # when read: a training step never reads it, and computing it in the forward would cost a
+    # device sync every step and, under torch.compile, a new graph for every value.
+    entropy_weights: torch.Tensor | None = None
     # Attention of the query over [CLS + patches]: {"coarse"|"fine": [B, T, layers, heads, 1 + P]}.
     attention: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def attention_entropy(self) -> float | None:
+        """Mean entropy of the query's attention over the real frames (None: no frames)."""
+        return None if self.entropy_weights is None else _masked_entropy(self.entropy_weights)
 
 
 def param_group(name: str) -> str:
@@ -438,13 +446,12 @@ class FoveatedVLM(VLMBase):
 
     def _output(self, loss, n, loss_fine, loss_coarse, attn, return_attention):
         key = "fine" if "fine" in attn else "coarse"
-        entropy = _masked_entropy(attn[key])
         return VLMOutput(
             loss=loss,
             n_tokens=n,
             loss_fine=None if loss_fine is None else loss_fine.detach(),
             loss_coarse=None if loss_coarse is None else loss_coarse.detach(),
-            attention_entropy=entropy,
+            entropy_weights=attn[key].detach(),
             attention={k: v.detach() for k, v in attn.items()} if return_attention else {},
         )
 
