@@ -89,6 +89,9 @@ class DataConfig:
     # "reveal" (the colour a white object turns into while three others appear around it) or "marked"
     # (the colour of the moving object that sits on a white mark, among up to three others).
     synth_video_task: Literal["motion", "reveal", "marked"] = "motion"
+    # What the synthetic images ask: "named" (the colour, shape or place of an object the question
+    # names) or "marked" (the colour of the object on a white mark, among up to three others).
+    synth_image_task: Literal["named", "marked"] = "named"
 
 
 @dataclass

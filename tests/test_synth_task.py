@@ -91,14 +91,18 @@ def _near(pixels: np.ndarray, colour: str, tol: float = 100) -> np.ndarray:
     return (dist.argmin(-1) == list(COLOURS).index(colour)) & (dist.min(-1) < tol)
 
 
-@pytest.mark.parametrize("task", ["reveal", "marked"])
+@pytest.mark.parametrize("task", ["reveal", "marked", "marked image"])
 def test_colour_options_are_the_four_colours_on_screen_and_tell_nothing_without_pixels(task):
-    """Both colour tasks ask the mover's colour; with the bench's four objects the options are the
-    four colours on screen, so which colours are present says nothing about the answer."""
-    from fvlm.data.synth import VIDEO_TASKS
+    """The colour tasks ask the mover's (or the marked still object's) colour; with the bench's four
+    objects the options are the four colours on screen, so which colours are present says nothing
+    about the answer."""
+    from fvlm.data.synth import VIDEO_TASKS, make_marked_image
 
     painter = _Painter(32, np.random.default_rng(3))
-    metas = [VIDEO_TASKS[task](painter, 3, mc=True, crowd=4)[1] for _ in range(400)]
+    if task == "marked image":
+        metas = [make_marked_image(painter, mc=True, crowd=4)[1] for _ in range(400)]
+    else:
+        metas = [VIDEO_TASKS[task](painter, 3, mc=True, crowd=4)[1] for _ in range(400)]
     right, wrong = Counter(), Counter()
     for m in metas:
         scene_colours = {o["colour"] for o in m["scene"]}
@@ -106,7 +110,7 @@ def test_colour_options_are_the_four_colours_on_screen_and_tell_nothing_without_
             sorted(m["choices"]) == sorted(scene_colours) and len(scene_colours) == 4 and "white" not in scene_colours
         )
         assert m["assistant"] == m["choices"][m["answer_index"]] == m["scene"][0]["colour"]
-        if task == "marked":
+        if task.startswith("marked"):
             assert sorted(o["shape"] for o in m["scene"]) == sorted(SHAPES)  # one object of each shape
             assert [o["marked"] for o in m["scene"]] == [True, False, False, False]
         for option in m["choices"]:
@@ -194,6 +198,30 @@ def test_marked_frames_show_the_mover_on_its_white_mark_inside_its_box_as_it_mov
         assert corners[0] != corners[-1] and meta["scene"][0]["moves"] in DIRECTIONS
 
 
+def test_a_marked_image_shows_the_named_colour_on_the_white_mark_and_the_others_off_it():
+    from fvlm.data.synth import make_marked_image
+
+    painter = _Painter(64, np.random.default_rng(11), background="flat", min_objects=1, max_objects=4)
+    crowds = set()
+    for _ in range(30):
+        jpeg, meta = make_marked_image(painter, mc=False)
+        crowds.add(len(meta["scene"]))
+        marked = meta["scene"][0]
+        assert meta["source"] == "image" and meta["frame_count"] == 1 and marked["marked"]
+        assert meta["assistant"] == f"The marked {marked['shape']} is {marked['colour']}."
+        pixels = _decoded(jpeg)
+        rows, cols = np.nonzero(_near(pixels, "white", tol=60))
+        on_mark = np.zeros(pixels.shape[:2], dtype=bool)  # the mark's box: the object and its rim
+        on_mark[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+        assert (rows.max() - rows.min()) < 20 and (cols.max() - cols.min()) < 20  # one mark, one object wide
+        colour = _near(pixels, marked["colour"])
+        assert colour.sum() > 10 and colour[~on_mark].sum() < 5  # the marked object is on the mark
+        for other in meta["scene"][1:]:
+            seen = _near(pixels, other["colour"], tol=40)
+            assert seen.sum() > 5 and seen[on_mark].sum() < 5  # the others are on screen, off the mark
+    assert crowds == {1, 2, 3, 4}
+
+
 def test_the_bench_asks_every_marked_question_with_four_objects_and_training_starts_from_one(tmp_path):
     """Training scenes span the painter's counts (one object alone is the easy end); the bench's are
     always the full crowd, so its options are always the four colours on screen."""
@@ -203,7 +231,7 @@ def test_the_bench_asks_every_marked_question_with_four_objects_and_training_sta
 
     generate_synthetic(
         tmp_path, videos=60, images=2, texts=2, frames=2, size=32, seed=0, val=4, probe=2, bench=30,
-        mc_fraction=0.5, min_objects=1, max_objects=4, video_task="marked",
+        mc_fraction=0.5, min_objects=1, max_objects=4, video_task="marked", image_task="marked",
     )  # fmt: skip
 
     def crowds(split):

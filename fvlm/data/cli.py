@@ -58,6 +58,13 @@ def register(sub) -> None:
         "into while three others appear around it; marked: the colour of the moving object on a white "
         "mark among up to three others (reveal and marked: the bench always shows four objects)",
     )
+    synth.add_argument(
+        "--image-task",
+        choices=("named", "marked"),
+        default="named",
+        help="named: the colour, shape or place of an object the question names; marked: the colour of "
+        "the object on a white mark among up to three others (the bench always shows four)",
+    )
     synth.set_defaults(func=cmd_synth)
 
     inspect = data_sub.add_parser("inspect", help="counts, mix, lengths and skipped samples of a data path")
@@ -110,6 +117,7 @@ def cmd_synth(args) -> int:
         max_objects=args.max_objects,
         min_objects=args.min_objects,
         video_task=args.video_task,
+        image_task=args.image_task,
     )
     for split, counts in manifest["splits"].items():
         print(f"{split:<6} " + ", ".join(f"{k} {n}" for k, n in counts.items()))

@@ -330,6 +330,12 @@ MARKED_OBJECTS = 4  # one object of each shape: the four options are the four co
 MARKED_TRAVEL = 0.35
 
 
+def _marked_crowd(p: _Painter) -> int:
+    """How many objects a marked scene shows when the caller does not say: uniform over the painter's
+    counts, capped at MARKED_OBJECTS."""
+    return int(p.rng.integers(min(max(p.min_objects, 1), MARKED_OBJECTS), min(p.max_objects, MARKED_OBJECTS) + 1))
+
+
 def make_marked_video(
     p: _Painter, frames: int, mc: bool, crowd: int | None = None, travel: float = MARKED_TRAVEL
 ) -> tuple[list[bytes], dict]:
@@ -350,9 +356,9 @@ def make_marked_video(
     painter's object counts when `crowd` is None) are the easy end of the training data: with the
     mover alone any token describes it, and the language model learns to read a colour from a
     visual token before the query has learned where to look."""
-    rng, size = p.rng, p.size
+    size = p.size
     if crowd is None:
-        crowd = int(rng.integers(min(max(p.min_objects, 1), MARKED_OBJECTS), min(p.max_objects, MARKED_OBJECTS) + 1))
+        crowd = _marked_crowd(p)
     palette, shapes, sizes, direction, span, (mx, my), others = _crowd(p, crowd, travel, distinct_shapes=True)
     colours = palette[:crowd]
     background = p.background()
@@ -427,6 +433,42 @@ def make_image(p: _Painter, mc: bool) -> tuple[bytes, dict]:
     return p.finish(canvas), meta
 
 
+MARKED_IMAGE_PROMPTS = ("What colour is the marked object?", "Describe the marked object.", "Describe the picture.", "")
+
+
+def make_marked_image(p: _Painter, mc: bool, crowd: int | None = None) -> tuple[bytes, dict]:
+    """A still of the marked task: `crowd` objects of distinct shapes and colours (drawn from the
+    painter's counts, at most four, when None), the first on a white mark, and the question asks its
+    colour; as multiple choice the options are the colours on screen (plus colours that are not,
+    below four objects).
+
+    The image task of `make_image` names the object in the question ("What colour is the square?"),
+    which a model that reads its one token per frame before the question cannot answer past one
+    object: its images stay at chance, and in training they are answers the pixels cannot predict,
+    which kept the wider tiny LLMs from reading the videos too (benchmarks/RESULTS.md). Here the mark
+    says which object, so a query can find it before the question comes."""
+    if crowd is None:
+        crowd = _marked_crowd(p)
+    palette, shapes, sizes, _, _, (x, y), others = _crowd(p, crowd, 0.0, distinct_shapes=True)
+    d = sizes[0]
+    canvas = p.background()
+    canvas[max(0, y - 2) : y + d + 2, max(0, x - 2) : x + d + 2] = COLOURS["white"]  # the mark
+    for obj in others:
+        p.paint(canvas, *obj)
+    p.paint(canvas, palette[0], shapes[0], d, x, y)
+    meta = {
+        "source": "image",
+        "frame_count": 1,
+        "task": "marked",
+        "scene": [{"colour": c, "shape": s, "marked": i == 0} for i, (c, s) in enumerate(zip(palette[:crowd], shapes))],
+    }
+    _colour_question(meta, p, mc, palette, MARKED_IMAGE_PROMPTS, f"The marked {shapes[0]} is {palette[0]}.")
+    return p.finish(canvas), meta
+
+
+IMAGE_TASKS = {"named": make_image, "marked": make_marked_image}
+
+
 def make_text(rng: np.random.Generator) -> dict:
     kind = int(rng.integers(5))
     if kind == 0:
@@ -490,6 +532,7 @@ def _write_split(
     mc_fraction: float,
     painter: dict | None = None,
     video_task: str = "motion",
+    image_task: str = "named",
 ) -> dict[str, int]:
     rng = np.random.default_rng([seed, sum(map(ord, split))])
     order = [("video", i) for i in range(videos)] + [("image", i) for i in range(images)]
@@ -508,7 +551,8 @@ def _write_split(
             jpegs, meta = VIDEO_TASKS[video_task](painter, frames, mc, **full)
             writer.write(key, meta, images=jpegs)
         elif kind == "image":
-            jpeg, meta = make_image(painter, mc)
+            full = {"crowd": MARKED_OBJECTS} if image_task == "marked" and split == "bench" else {}
+            jpeg, meta = IMAGE_TASKS[image_task](painter, mc, **full)
             writer.write(key, meta, image=jpeg)
         else:
             writer.write(key, make_text(rng))
@@ -536,6 +580,7 @@ def generate_synthetic(
     max_objects: int = 5,
     min_objects: int = 3,
     video_task: str = "motion",
+    image_task: str = "named",
 ) -> dict:
     """Writes train/, val/, probe/ and bench/ shard folders plus manifest.json under `out_dir`.
 
@@ -556,7 +601,9 @@ def generate_synthetic(
     }
     if video_task not in VIDEO_TASKS:
         raise ValueError(f"video_task must be one of {sorted(VIDEO_TASKS)}, got {video_task!r}")
-    common = {"frames": frames, "size": size, "painter": style, "video_task": video_task}
+    if image_task not in IMAGE_TASKS:
+        raise ValueError(f"image_task must be one of {sorted(IMAGE_TASKS)}, got {image_task!r}")
+    common = {"frames": frames, "size": size, "painter": style, "video_task": video_task, "image_task": image_task}
     splits = {
         "train": _write_split(
             out / "train", "train", seed, videos=videos, images=images, texts=texts, mc_fraction=mc_fraction, **common
@@ -603,6 +650,7 @@ def generate_synthetic(
             "max_objects": max_objects,
             "min_objects": min_objects,
             "video_task": video_task,
+            "image_task": image_task,
         },
         "splits": splits,
         "samples": samples,
@@ -632,6 +680,7 @@ def synth_params(d: DataConfig, seed: int) -> dict:
         "object_scale": tuple(d.synth_object_scale),
         "background": d.synth_background,
         "video_task": d.synth_video_task,
+        "image_task": d.synth_image_task,
     }
     defaults = {
         "mc_fraction": 0.0,
@@ -640,6 +689,7 @@ def synth_params(d: DataConfig, seed: int) -> dict:
         "object_scale": (0.125, 0.19),
         "background": "texture",
         "video_task": "motion",
+        "image_task": "named",
     }
     # Knobs at their defaults stay out, so that sets generated before the knobs existed keep their folder.
     params.update({k: v for k, v in scene.items() if v != defaults[k]})
