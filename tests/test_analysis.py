@@ -669,6 +669,13 @@ def test_efficiency_compares_finished_points_and_never_a_baseline_mid_schedule(t
     worse = answer(efficiency, load([str(ablation_sweep(tmp_path / "b", {**OFFSETS, "B1": -0.05}))]))
     assert worse["winner"] is None and worse["verdict"].startswith("unknown: B1 ends")
     assert "part-way through its LR schedule" in worse["verdict"]
+    # B1 a hair lower than F3, by less than the evals' noise: F3 is not worse, and the question is
+    # decided for the cheaper run rather than left unknown by a difference nobody can measure.
+    tie = answer(efficiency, load([str(ablation_sweep(tmp_path / "c", {**OFFSETS, "B1": 0.002}))]))
+    rows = {s["run"].run_id: s for s in tie["rows"]}
+    assert 0 < rows["F3"]["smoothed"] - rows["B1"]["smoothed"] < tie["noise"]
+    assert "4.00x fewer FLOPs" in tie["verdict"] and "within the noise" in tie["verdict"]
+    assert not tie["verdict"].startswith("unknown") and tie["winner"] is not None
 
 
 def _write_sources(run_dir, offsets, seed=0):

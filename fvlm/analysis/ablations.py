@@ -457,16 +457,26 @@ MATCHED_FLOPS = 1.1
 def _finished_points(stats: list[dict[str, Any]], score: dict[str, float]) -> dict[str, Any]:
     """The efficiency question at finished points: each run's smoothed loss where its schedule ended.
     Decided when the FLOPs match, or when the cheaper run is also at least as good (it wins with
-    less compute); otherwise the lower loss was bought with more FLOPs and there is no matched
-    comparison ("unmatched")."""
+    less compute), which includes ending higher by less than the two runs' combined eval noise: a
+    difference the evals cannot tell from zero must not decide whether the question has an answer.
+    Otherwise the lower loss was bought with more FLOPs and there is no matched comparison
+    ("unmatched")."""
     cheap, dear = sorted(stats, key=lambda s: s["x_end"])[:2]
     ratio = dear["x_end"] / cheap["x_end"]
     ids = cheap["run"].run_id, dear["run"].run_id
     record = {"flops_at_finish": {s["run"].run_id: s["x_end"] for s in stats}, "flops_ratio": ratio}
     if ratio <= MATCHED_FLOPS:
         return {**record, "note": f"; matched finished points ({ratio:.2f}x FLOPs)"}
-    if score[ids[0]] <= score[ids[1]]:
+    behind = score[ids[0]] - score[ids[1]]
+    if behind <= 0:
         return {**record, "note": f"; {ids[0]} finished with {ratio:.2f}x fewer FLOPs and is not worse"}
+    noise = math.sqrt(cheap["noise"] ** 2 + dear["noise"] ** 2)
+    if behind < noise:
+        return {
+            **record,
+            "note": f"; {ids[0]} finished with {ratio:.2f}x fewer FLOPs, {behind:.4f} higher: within the noise "
+            f"({noise:.4f}), so not worse",
+        }
     return {
         **record,
         "unmatched": (

@@ -390,7 +390,7 @@ def write_report(
         "",
         "Compared on the smoothed val loss at the last sample count all runs of a question reached; the "
         "efficiency question at each run's finished point (end of its LR schedule), decided only when the "
-        "FLOPs match or the cheaper run is not worse. Noise = the scatter of each run's val loss around a quadratic (in log "
+        "FLOPs match or the cheaper run is not worse (higher by less than the noise counts as not worse). Noise = the scatter of each run's val loss around a quadratic (in log "
         "samples) over the last half of its curve, combined for the two runs compared. Verdict: clear if "
         "margin > 2x noise, weak if > 1x.",
         "",
