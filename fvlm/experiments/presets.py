@@ -143,7 +143,7 @@ TINY = Preset(
         "model.visual_scale": 0.3,
         **TINY_DATA,
     },
-    ablation_samples=12000,
+    ablation_samples=6000,
     ablation_evals=10,
     connector_lr=1e-2,
     replicate_max=4,
