@@ -336,6 +336,15 @@ def _marked_crowd(p: _Painter) -> int:
     return int(p.rng.integers(min(max(p.min_objects, 1), MARKED_OBJECTS), min(p.max_objects, MARKED_OBJECTS) + 1))
 
 
+def _paint_marked(p: _Painter, canvas: np.ndarray, others: list, colour: str, shape: str, d: int, x: int, y: int):
+    """Paints a marked scene onto `canvas`: the white mark (a little larger than the object), the
+    other objects, then the marked object of side d at (x, y) on the mark."""
+    canvas[max(0, y - 2) : y + d + 2, max(0, x - 2) : x + d + 2] = COLOURS["white"]
+    for obj in others:
+        p.paint(canvas, *obj)
+    p.paint(canvas, colour, shape, d, x, y)
+
+
 def make_marked_video(
     p: _Painter, frames: int, mc: bool, crowd: int | None = None, travel: float = MARKED_TRAVEL
 ) -> tuple[list[bytes], dict]:
@@ -368,10 +377,7 @@ def make_marked_video(
         canvas = background.copy()
         f = t / max(1, frames - 1)
         x, y = mx + round(span[0] * f), my + round(span[1] * f)
-        canvas[max(0, y - 2) : y + d + 2, max(0, x - 2) : x + d + 2] = COLOURS["white"]  # the mark
-        for obj in others:
-            p.paint(canvas, *obj)
-        p.paint(canvas, colours[0], shapes[0], d, x, y)
+        _paint_marked(p, canvas, others, colours[0], shapes[0], d, x, y)
         boxes.append([round(v / size, 4) for v in (x, y, x + d, y + d)])
         jpegs.append(p.finish(canvas))
     meta = {
@@ -452,10 +458,7 @@ def make_marked_image(p: _Painter, mc: bool, crowd: int | None = None) -> tuple[
     palette, shapes, sizes, _, _, (x, y), others = _crowd(p, crowd, 0.0, distinct_shapes=True)
     d = sizes[0]
     canvas = p.background()
-    canvas[max(0, y - 2) : y + d + 2, max(0, x - 2) : x + d + 2] = COLOURS["white"]  # the mark
-    for obj in others:
-        p.paint(canvas, *obj)
-    p.paint(canvas, palette[0], shapes[0], d, x, y)
+    _paint_marked(p, canvas, others, palette[0], shapes[0], d, x, y)
     meta = {
         "source": "image",
         "frame_count": 1,
