@@ -20,7 +20,7 @@ MICRO = dataclasses.replace(
     ablation_evals=6,
     tiny_backbones=QUICK_RECIPE,
     analysis_bootstrap=50,
-    budgets={k: v * 0.02 for k, v in TINY.budgets.items()},
+    budgets={k: v * 0.01 for k, v in TINY.budgets.items()},
 )
 DATA = {**MICRO_DATA, "data.max_text_tokens": 200}
 
