@@ -21,6 +21,7 @@ from fvlm.experiments.evidence import (
     evidence_markdown,
     grid_reading,
     paired_difference,
+    reads,
     verdict,
 )
 
@@ -263,21 +264,37 @@ def test_report_section_and_decisions(phase1):
 
 
 def test_grid_cells_that_do_not_read_are_named_with_what_that_means():
-    def cell(*above):
+    def cell(*gains):
+        """Pixel rows with these gains on a grey-frame loss of 0.2; the interval excludes 0 for any gain > 0."""
         modes = ("coarse_only", "coarse_fine")
-        return {"pixel": {m: {"above_noise": a, "pixel_gain": 0.1 if a else 0.0} for m, a in zip(modes, above)}}
+        rows = {m: {"above_noise": g > 0, "pixel_gain": g, "loss_blank_frames": 0.2} for m, g in zip(modes, gains)}
+        return {"pixel": rows}
 
     evidence = {
-        "grid_cells": ["S-C4-F", "S-C4-B", "M-C4-F", "L-C4-F", "L-C4-B"],
-        "runs": {"S-C4-F": cell(True, True), "S-C4-B": cell(True), "M-C4-F": cell(True, False), "L-C4-F": cell(False)},
+        "grid_cells": ["S-C4-F", "S-C4-B", "M-C4-F", "M-C4-B", "L-C4-F", "L-C4-B"],
+        "runs": {
+            "S-C4-F": cell(0.1, 0.1),
+            "S-C4-B": cell(0.1),
+            "M-C4-F": cell(0.1, 0.0),
+            # Above noise but 0.2% of the grey loss: it does not change an answer, so it does not read.
+            "M-C4-B": cell(0.0004),
+            "L-C4-F": cell(0.0),
+        },
     }
     grid = grid_reading(evidence)
     # A cell reads when every mode measured reads; an unmeasured cell (L-C4-B) is left out.
-    assert grid["reads_pixels"] == {"S-C4-F": True, "S-C4-B": True, "M-C4-F": False, "L-C4-F": False}
-    assert grid["sentence"].startswith("Grid cells that do not read the pixels (answer-token pixel gain not above")
-    assert "M-C4-F (+0.1000), L-C4-F (+0.0000);" in grid["sentence"]
+    expected = {"S-C4-F": True, "S-C4-B": True, "M-C4-F": False, "M-C4-B": False, "L-C4-F": False}
+    assert grid["reads_pixels"] == expected
+    assert grid["sentence"].startswith(
+        "Grid cells that do not read the pixels (answer-token pixel gain not above noise, or under 1% of the grey"
+    )
+    assert "M-C4-F (+0.1000), M-C4-B (+0.0004), L-C4-F (+0.0000);" in grid["sentence"]
     assert grid["sentence"].endswith("Cells that read them: S-C4-F (+0.1000), S-C4-B (+0.1000).")
-    evidence["runs"] = {"S-C4-F": cell(True, True)}
+    # The floor is a share of the grey-frame loss: the same gain reads against a loss it is 1% of.
+    assert reads({"above_noise": True, "pixel_gain": 0.0021, "loss_blank_frames": 0.2})
+    assert not reads({"above_noise": True, "pixel_gain": 0.00199, "loss_blank_frames": 0.2})
+    assert not reads({"above_noise": False, "pixel_gain": 0.1, "loss_blank_frames": 0.2})
+    evidence["runs"] = {"S-C4-F": cell(0.1, 0.1)}
     expected = "Every measured grid cell reads the pixels (answer-token pixel gain): S-C4-F (+0.1000)."
     assert grid_reading(evidence)["sentence"] == expected
     assert grid_reading({"grid_cells": [], "runs": {}}) is None
@@ -297,7 +314,7 @@ def test_unchanged_runs_are_not_measured_again(phase1):
     os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 10**9))
     lines.clear()
     updated = collect_evidence(root, root / "ablations", root / "scaling", SETTINGS, log=lines.append)
-    measured = {line.split(":")[0].removeprefix("[evidence] ") for line in lines if "pixel gain" in line}
+    measured = {line.split(":")[0].removeprefix("[evidence] ") for line in lines if ": pixel gain" in line}
     assert measured == {"S-C4-B"}
     assert updated["runs"]["S-C4-B"]["fingerprint"] != phase1["evidence"]["runs"]["S-C4-B"]["fingerprint"]
     assert updated["runs"]["F3"] == phase1["evidence"]["runs"]["F3"]

@@ -48,6 +48,13 @@ VERSION = 1
 BENCH_RUNS = ("F3", "A6", "A1", "B1")
 ATTENTION_RUNS = ("F3", "A1", "A6")
 F3_BENCH_MODES = ("coarse_only", "coarse_fine")
+# A model reads the pixels when grey frames raise its answer loss clearly: the gain's 95% interval
+# excludes 0 AND the gain is at least this share of its grey-frame answer loss (what it pays without
+# the pixels). The interval alone also passes gains too small to change an answer: L-C4-B's +0.0004
+# [0.0001, 0.0007] on a grey loss of 0.19 while its bench accuracy sat at chance. In the tiny runs
+# the gains are bimodal, 0.05-0.3 nats (25-80% of the grey loss) or 0.0000-0.002 (under 1%), so any
+# floor between ~1% and ~20% sorts the same runs.
+READS_MIN_SHARE = 0.01
 GRID_CELL = re.compile(r"^(?P<size>[^-]+)-(?P<budget>C(?P<k>\d+))-(?P<arch>F|B)$")
 
 # The paired comparisons: (label, (run, mode), (run, mode)); mode None = the run's default mode.
@@ -195,6 +202,14 @@ def _pixel_rows(per_sample: dict, settings: EvidenceSettings) -> dict[str, Any]:
             "above_noise": verdict(paired["ci95"]) == "yes",
         }
     return out
+
+
+def reads(row: dict[str, Any]) -> bool:
+    """Whether a pixel-check row (one run, one mode) says the model reads the pixels: its gain is
+    above noise and at least READS_MIN_SHARE of the grey-frame loss."""
+    blank = row.get("loss_blank_frames")
+    floor = READS_MIN_SHARE * blank if blank is not None and math.isfinite(blank) else math.inf
+    return bool(row["above_noise"]) and row["pixel_gain"] >= floor
 
 
 def _attention(model, cfg, tokenizer, settings: EvidenceSettings, step) -> dict[str, Any]:
@@ -494,15 +509,16 @@ def conclusion(runs: dict[str, dict[str, Any]], pairs: list[dict[str, Any]]) -> 
     pixel = (f3.get("pixel") or {}).get("coarse_fine")
     if pixel:
         lo, hi = pixel["ci95"]
-        if pixel["above_noise"]:
+        if reads(pixel):
             details.append(
                 f"F3 reads the pixels: grey frames raise its answer loss (coarse_fine) by "
                 f"{pixel['pixel_gain']:.4f} [95% {lo:.4f}, {hi:.4f}]."
             )
         else:
             details.append(
-                f"F3's pixel gain (coarse_fine), {pixel['pixel_gain']:+.4f} [95% {lo:+.4f}, {hi:+.4f}], is "
-                "not clearly above noise: a difference between its queries cannot come from what it sees."
+                f"F3 does not read the pixels: its pixel gain (coarse_fine), {pixel['pixel_gain']:+.4f} "
+                f"[95% {lo:+.4f}, {hi:+.4f}], is {_not_reading_why(pixel)}: a difference between its queries "
+                "cannot come from what it sees."
             )
     bench = ((f3.get("bench") or {}).get("modes") or {}).get("coarse_fine")
     if bench:
@@ -513,19 +529,18 @@ def conclusion(runs: dict[str, dict[str, Any]], pairs: list[dict[str, Any]]) -> 
 
 
 def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
-    """Which of the grid's measured cells read the pixels (answer-token pixel gain above noise in
-    every mode measured), and a sentence on what that means for the scaling answers: a size whose
+    """Which of the grid's measured cells read the pixels (`reads`, in every mode measured), and a sentence on what that means for the scaling answers: a size whose
     cells do not read has its foveated-vs-baseline comparisons decided by text learning alone.
     None when no grid cell was measured."""
     cells = {
-        rid: all(r["above_noise"] for r in pixel.values())
+        rid: all(reads(r) for r in pixel.values())
         for rid in evidence.get("grid_cells", [])
         if (pixel := (evidence["runs"].get(rid) or {}).get("pixel"))
     }
     if not cells:
         return None
 
-    def named(rids: list[str]) -> str:  # each with its pixel gain, so that "above noise" shows its size
+    def named(rids: list[str]) -> str:  # each with its pixel gain, so that the verdict shows its size
         gains = {rid: evidence["runs"][rid]["pixel"] for rid in rids}
         return ", ".join(f"{rid} ({max(r['pixel_gain'] for r in gains[rid].values()):+.4f})" for rid in rids)
 
@@ -535,7 +550,8 @@ def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
         sentence = f"Every measured grid cell reads the pixels (answer-token pixel gain): {named(reading)}."
     else:
         sentence = (
-            f"Grid cells that do not read the pixels (answer-token pixel gain not above noise): "
+            f"Grid cells that do not read the pixels (answer-token pixel gain not above noise, or under "
+            f"{READS_MIN_SHARE:.0%} of the grey-frame loss): "
             f"{named(blind)}; the scaling answers (Decision 2, foveated vs baseline) at their sizes "
             f"measure how fast the models learn the text, not how they look."
         )
@@ -660,10 +676,16 @@ def _ci(interval, digits: int = 4, sign: bool = False) -> str:
     return f"[{_num(interval[0], digits, sign)}, {_num(interval[1], digits, sign)}]"
 
 
-def _noise_word(row: dict[str, Any]) -> str:
-    if row["above_noise"]:
-        return "yes"
-    return "no (grey frames lower)" if verdict(row["ci95"]) == "no" else "no"
+def _not_reading_why(row: dict[str, Any]) -> str:
+    if verdict(row["ci95"]) == "no":
+        return "below 0 (grey frames lower)"
+    if not row["above_noise"]:
+        return "not above noise"
+    return f"under {READS_MIN_SHARE:.0%} of the grey-frame loss"
+
+
+def _reads_word(row: dict[str, Any]) -> str:
+    return "yes" if reads(row) else f"no ({_not_reading_why(row)})"
 
 
 def _side(side: dict[str, Any]) -> str:
@@ -690,10 +712,11 @@ def evidence_markdown(evidence: dict[str, Any]) -> str:
         "",
         f"Validation loss of the assistant's answer tokens only (first {s['max_samples']} val samples), with "
         "the real frames and with every frame flat grey (frame count and masks unchanged). Pixel gain = grey − "
-        "real: what the model gets from the pixels. Above noise: its 95% interval (± 1.96 s.e. of the "
-        "per-sample differences, token-weighted) excludes 0.",
+        "real: what the model gets from the pixels. Reads: its 95% interval (± 1.96 s.e. of the "
+        "per-sample differences, token-weighted) excludes 0 and the gain is at least "
+        f"{READS_MIN_SHARE:.0%} of the grey-frame loss.",
         "",
-        "| run | mode | answer loss | grey frames | pixel gain | s.e. | 95% interval | above noise | samples |",
+        "| run | mode | answer loss | grey frames | pixel gain | s.e. | 95% interval | reads | samples |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for rid, e in runs.items():
@@ -701,7 +724,7 @@ def evidence_markdown(evidence: dict[str, Any]) -> str:
             lines.append(
                 f"| {rid} | {mode} | {_num(r['loss'])} | {_num(r['loss_blank_frames'])} | "
                 f"{_num(r['pixel_gain'], sign=True)} | {_num(r['se'])} | {_ci(r['ci95'], sign=True)} | "
-                f"{_noise_word(r)} | {r['n']} |"
+                f"{_reads_word(r)} | {r['n']} |"
             )
     bench_rows = [
         (rid, mode, r) for rid, e in runs.items() for mode, r in ((e.get("bench") or {}).get("modes") or {}).items()
@@ -784,6 +807,7 @@ def decisions_summary(evidence: dict[str, Any]) -> dict[str, Any]:
             **{
                 k: r[k] for k in ("loss", "loss_blank_frames", "pixel_gain", "se", "ci95", "above_noise", "n", "tokens")
             },
+            "reads": reads(r),
         }
         for rid, e in runs.items()
         for mode, r in (e.get("pixel") or {}).items()
