@@ -541,7 +541,7 @@ def _iso_entries(losses_by_budget):
 
 
 def test_compute_optimal_passes_only_on_interior_minima():
-    from fvlm.analysis.report import _compute_optimal
+    from fvlm.analysis.report import _compute_optimal, _minimum_text
 
     u_shaped = {
         "iso_flop": fits.iso_flop(_iso_entries({1: (1.3, 1.2, 1.35), 2: (1.2, 1.1, 1.15)})),
@@ -554,7 +554,14 @@ def test_compute_optimal_passes_only_on_interior_minima():
     budgets = edge["iso_flop"]["budgets"]
     assert 1e6 < budgets["C1"]["N_star"] < 16e6 and not budgets["C1"]["interior"] and budgets["C2"]["interior"]
     status, evidence = _compute_optimal(edge)
-    assert status == "fail" and "C1: N* =" in evidence and "not interior" in evidence
+    assert status == "fail" and "C2: N* = " in evidence and "(interior minimum)" in evidence
+    # The edge budget says where the optimum is, not an N* it did not locate.
+    assert "C1: no interior minimum: the lowest loss is at the smallest size (1e+06)" in evidence
+    assert "C1: N* =" not in evidence
+    # Lowest at the largest size: the optimum is there or above.
+    rising = fits.iso_flop(_iso_entries({1: (1.5, 1.2, 1.1)}))["budgets"]["C1"]
+    assert rising["N_star"] > 16e6 and not rising["interior"]
+    assert "the lowest loss is at the largest size (1.6e+07)" in _minimum_text(rising)
     assert "N_star_of_C" not in edge["iso_flop"]  # one interior minimum is not a law
 
 

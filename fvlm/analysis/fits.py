@@ -497,6 +497,7 @@ def iso_flop(entries: list[dict[str, Any]], by_label: bool = True) -> dict[str, 
         record: dict[str, Any] = {
             "runs": [e["run_id"] for e in group],
             "n_sizes": len(sizes),
+            "sizes": [float(n) for n in sizes],
             "C": float(np.exp(np.mean(np.log([e["C"] for e in group])))),
         }
         if len(sizes) < 3:
@@ -517,6 +518,9 @@ def iso_flop(entries: list[dict[str, Any]], by_label: bool = True) -> dict[str, 
             # only say the optimum is at or beyond an edge of the grid.
             lowest = x[int(np.argmin(y))]
             record["interior"] = bool(x.min() < x_star < x.max() and x.min() < lowest < x.max())
+            # Where the measured optimum is when it is not interior: at the grid's smallest or largest
+            # size (lowest loss there), or a middle size whose parabola puts its vertex outside.
+            record["lowest_N"] = float(group[int(np.argmin(y))]["N"])
             record["loss_at_N_star"] = float(c0 - c1**2 / (4 * c2))
             fps = np.array([e["C"] / e["D"] for e in group])
             slope, icpt = np.polyfit(x, np.log10(fps), 1)

@@ -106,8 +106,7 @@ def _compute_optimal(fits: dict[str, Any]) -> tuple[str, str]:
         if "N_star" not in b:
             parts.append(f"{k}: no minimum (loss not convex in log N)")
         else:
-            where = "interior minimum" if b["interior"] else "not interior: extrapolated or at the grid's edge"
-            parts.append(f"{k}: N* = {b['N_star']:.3g} ({where})")
+            parts.append(f"{k}: {_minimum_text(b, with_d=False)}")
     interior = all(b.get("interior") for b in fitted.values())
     return ("pass" if interior else "fail"), "; ".join(parts) + "." + caveat
 
@@ -201,6 +200,22 @@ def _efficiency_answer(comparison: dict[str, Any]) -> str:
     return "baseline - foveated val loss at equal FLOPs (positive: foveated ahead), 95% interval: " + "; ".join(parts)
 
 
+def _minimum_text(b: dict[str, Any], with_d: bool = True) -> str:
+    """One budget's iso-FLOP minimum: N* (and D*) when interior; otherwise where the data put the
+    optimum, with the parabola's vertex named as outside the grid rather than given as an estimate."""
+    if b["interior"]:
+        return f"N* = {b['N_star']:.3g}" + (f", D* = {b['D_star']:.3g}" if with_d else "") + " (interior minimum)"
+    sizes = [float(n) for n in b.get("sizes", [])]
+    lowest = b.get("lowest_N")
+    if lowest is not None and sizes and lowest <= min(sizes):
+        where = f"the lowest loss is at the smallest size ({lowest:.3g}), so the optimum is there or below"
+    elif lowest is not None and sizes and lowest >= max(sizes):
+        where = f"the lowest loss is at the largest size ({lowest:.3g}), so the optimum is there or above"
+    else:
+        where = "the lowest loss is at a middle size but the parabola's vertex is not between the sizes"
+    return f"no interior minimum: {where} (parabola vertex N = {b['N_star']:.3g}, outside what the grid measures)"
+
+
 def decision2(table: Table, fits: dict[str, Any], comparison: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
     per_size = fits.get("per_size_fits", {})
@@ -208,11 +223,7 @@ def decision2(table: Table, fits: dict[str, Any], comparison: dict[str, Any]) ->
     minima = {k: b for k, b in budgets.items() if "N_star" in b}
     identified = {s: f for s, f in per_size.items() if f["identified"]}
     if minima:
-        answer = "; ".join(
-            f"{k}: N* = {b['N_star']:.3g}, D* = {b['D_star']:.3g}"
-            + ("" if b["interior"] else " (not interior: extrapolated or at the grid's edge)")
-            for k, b in minima.items()
-        )
+        answer = "; ".join(f"{k}: {_minimum_text(b)}" for k, b in minima.items())
     elif len(identified) >= 2:
         d_common = min(f["D_range"][1] for f in identified.values())
         preds = {s: float(predict_data_scaling(f, d_common)) for s, f in identified.items()}
