@@ -308,7 +308,9 @@ def scaling_isoflop(ctx: Context) -> Path | str:
         grid = np.linspace(np.log10(n.min()) - 0.1, np.log10(n.max()) + 0.1, 100)
         p = budget["parabola"]
         ax.plot(10**grid, p["c2"] * grid**2 + p["c1"] * grid + p["c0"], color=color, lw=1)
-        if "N_star" in budget:
+        # N* only where the grid located it: an extrapolated vertex (the tiny grid's once sat at
+        # N = 0.02) is not a measurement, and would stretch the axis over decades of nothing.
+        if budget.get("interior"):
             ax.axvline(budget["N_star"], color=color, lw=0.8, ls=":")
     ax.set_xscale("log")
     ax.set_xlabel("parameters N")
