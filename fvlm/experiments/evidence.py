@@ -51,9 +51,10 @@ F3_BENCH_MODES = ("coarse_only", "coarse_fine")
 # A model reads the pixels when grey frames raise its answer loss clearly: the gain's 95% interval
 # excludes 0 AND the gain is at least this share of its grey-frame answer loss (what it pays without
 # the pixels). The interval alone also passes gains too small to change an answer: L-C4-B's +0.0004
-# [0.0001, 0.0007] on a grey loss of 0.19 while its bench accuracy sat at chance. In the tiny runs
-# the gains are bimodal, 0.05-0.3 nats (25-80% of the grey loss) or 0.0000-0.002 (under 1%), so any
-# floor between ~1% and ~20% sorts the same runs.
+# [0.0001, 0.0007] on a grey loss of 0.19 while its bench accuracy sat at chance. In the tiny main
+# job the gains of the runs that learned the answers' wording are bimodal, 0.06-0.38 nats (30-85% of
+# the grey loss) or under 0.002 (under 1%); F1 and F2, whose frozen LLM never learned the wording
+# (answer loss ~1.6), gain 0.006-0.04 (0.4-3%).
 READS_MIN_SHARE = 0.01
 GRID_CELL = re.compile(r"^(?P<size>[^-]+)-(?P<budget>C(?P<k>\d+))-(?P<arch>F|B)$")
 
