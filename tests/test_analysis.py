@@ -453,6 +453,34 @@ def test_grows_flat_shrinks_verdict_follows_the_cells(tmp_path, gaps, verdict):
     assert scaling_result["slope_per_decade"] == pytest.approx(expected, abs=0.01)
 
 
+def test_the_trend_over_cells_that_read_is_reported_beside_the_trend_over_all(tmp_path):
+    """The largest size's advantage makes the trend over every cell grow; measured, that size's
+    foveated cell does not read the pixels, and over the cells that do the advantage shrinks."""
+    from fvlm.analysis.report import _scaling_answer
+
+    grid = baseline_wins_at_c4(tmp_path, sizes=(2e6, 8e6, 32e6), c4_gap=(0.04, 0.0, 0.15))
+    data = table.load([str(grid)])
+    assert "scaling_reading" not in compare.compare_cells(data)  # nothing measured: nothing claimed
+    reading = {"2M-C4-F": True, "2M-C4-B": True, "8M-C4-F": True, "8M-C4-B": True, "32M-C4-F": False}
+    result = compare.compare_cells(data, reading=reading)
+    assert result["scaling"]["verdict"] == "grows", result["scaling"]["evidence"]
+    only = result["scaling_reading"]
+    assert only["verdict"] == "shrinks", only["evidence"]
+    assert only["cells"] == ["2M-C4-F", "8M-C4-F"] and only["not_reading"] == ["32M-C4-F"]
+    assert only["budgets"] == ["C4"] and only["slope_per_decade"] == pytest.approx(-0.04 / np.log10(4), abs=0.01)
+    answer = _scaling_answer(result)
+    assert answer.startswith("**grows**: ")
+    assert (
+        ". Over the cells measured to read the pixels, both arms (2M-C4-F, 8M-C4-F; measured and not reading: "
+        in answer
+    )
+    assert answer.endswith(only["evidence"]) and "32M-C4-F): **shrinks**: " in answer
+    # No cell with both arms reading: said so, not a verdict over nothing.
+    none = compare.compare_cells(data, reading={"2M-C4-F": False})
+    assert none["scaling_reading"]["verdict"] == "unknown" and none["scaling_reading"]["cells"] == []
+    assert _scaling_answer(none).endswith("no grid cell with both arms measured to read the pixels")
+
+
 def test_iso_flop_cell_is_the_equal_flops_partner_only_when_its_flops_match(tmp_path):
     grid = baseline_wins_at_c4(tmp_path)
     samples = np.geomspace(250, 2500, 8)

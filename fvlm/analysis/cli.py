@@ -61,7 +61,13 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def analyze(
-    paths: list[str], out: Path, globs: list[str] | None, n_boot: int = N_BOOT, seed: int = 0, schedule=None
+    paths: list[str],
+    out: Path,
+    globs: list[str] | None,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    schedule=None,
+    reading: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
     import csv
     import json
@@ -80,7 +86,7 @@ def analyze(
     fits = scaling.scaling_fits(fit_runs, globs, n_boot=n_boot, seed=seed)
     answers = ablations.answer_all(data)
     checklist = report.go_no_go(data, answers, fits)
-    comparison = compare.compare_cells(data, seed=seed)
+    comparison = compare.compare_cells(data, seed=seed, reading=reading)
     ctx = figures.Context(table=data, answers=answers, fits=fits, fit_runs=fit_runs, out=out, comparison=comparison)
     drawn = figures.draw_all(ctx)
 

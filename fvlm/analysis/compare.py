@@ -117,8 +117,15 @@ def _flops_end(run: Run) -> float:
     return _end(run, "samples_seen") * (run.flops_per_sample or math.nan)
 
 
-def compare_cells(table: Table, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
-    """Every grid cell's comparisons and the grows / flat / shrinks verdict across sizes."""
+def compare_cells(
+    table: Table, n_boot: int = N_BOOT, seed: int = 0, reading: dict[str, bool] | None = None
+) -> dict[str, Any]:
+    """Every grid cell's comparisons and the grows / flat / shrinks verdict across sizes.
+
+    `reading` (run id -> whether it reads the pixels, from the foveation evidence) adds the verdict
+    over the cells whose foveated run and same-samples baseline were both measured to read: where a
+    cell's models ignore the frames its advantage measures how fast each learns the text, and a
+    trend across sizes can come from those cells alone."""
     rng = np.random.default_rng(seed)
     found, notes = _cells(table)
     cells = []
@@ -153,10 +160,23 @@ def compare_cells(table: Table, n_boot: int = N_BOOT, seed: int = 0) -> dict[str
             cell["same_data"].update(baseline=baseline.run_id, baseline_flops=_flops_end(baseline))
         cell.update(_same_flops(foveated, arms.get("B-isoflop"), cell, n_boot, rng))
         cells.append(cell)
+    extra: dict[str, Any] = {}
+    if reading is not None:
+        both = [c for c in cells if c.get("same_data") and _reads(reading, c)]
+        extra["scaling_reading"] = {
+            **scaling_verdict(both),
+            "cells": [c["foveated"] for c in both],
+            "not_reading": sorted(
+                c["foveated"]
+                for c in cells
+                if c.get("same_data") and c["foveated"] in reading and not _reads(reading, c)
+            ),
+        }
     return {
         "cells": cells,
         "notes": notes,
         "scaling": scaling_verdict(cells),
+        **extra,
         "n_resamples": n_boot,
         "sign": "advantage = baseline val loss - foveated val loss (positive: foveated ahead)",
         "method": (
@@ -165,6 +185,11 @@ def compare_cells(table: Table, n_boot: int = N_BOOT, seed: int = 0) -> dict[str
             "no per-item losses); one seed per cell, so seed-to-seed variation is not included"
         ),
     }
+
+
+def _reads(reading: dict[str, bool], cell: dict[str, Any]) -> bool:
+    """Both arms of a cell's same-samples comparison measured, and both read the pixels."""
+    return bool(reading.get(cell["foveated"])) and bool(reading.get(cell["same_data"]["baseline"]))
 
 
 def _same_flops(

@@ -178,8 +178,22 @@ def _pair_text(pair: dict[str, Any]) -> str:
 def _scaling_answer(comparison: dict[str, Any]) -> str:
     scaling = comparison["scaling"]
     if scaling["verdict"] == "unknown":
-        return f"unknown: {scaling['evidence']}"
-    return f"**{scaling['verdict']}**: {scaling['evidence']}"
+        answer = f"unknown: {scaling['evidence']}"
+    else:
+        answer = f"**{scaling['verdict']}**: {scaling['evidence']}"
+    reading = comparison.get("scaling_reading")
+    if reading is None:
+        return answer
+    # The foveation evidence measured which cells read the pixels (the largest budget's): the trend
+    # over those alone, since cells that ignore the frames compare how fast the models learn text.
+    if not reading["cells"]:
+        only = "no grid cell with both arms measured to read the pixels"
+    else:
+        shown = reading["verdict"] if reading["verdict"] == "unknown" else f"**{reading['verdict']}**"
+        only = f"{shown}: {reading['evidence']}"
+    ignored = f"; measured and not reading: {', '.join(reading['not_reading'])}" if reading["not_reading"] else ""
+    cells = ", ".join(reading["cells"]) or "none"
+    return f"{answer}. Over the cells measured to read the pixels, both arms ({cells}{ignored}): {only}"
 
 
 def _efficiency_answer(comparison: dict[str, Any]) -> str:

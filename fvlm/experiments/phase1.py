@@ -391,12 +391,18 @@ def write_report(
     added to decisions.json and report.md."""
     tmp = report_dir.with_name(report_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    summary = analyze([str(ablation_dir), str(scaling_dir)], tmp, ["?-C*"], n_boot=preset.analysis_bootstrap)
+    grid = grid_reading(evidence) if evidence is not None else None
+    summary = analyze(
+        [str(ablation_dir), str(scaling_dir)],
+        tmp,
+        ["?-C*"],
+        n_boot=preset.analysis_bootstrap,
+        reading=grid["reads_pixels"] if grid is not None else None,
+    )
     decisions = json.loads((tmp / "decisions.json").read_text())
     decisions["locked_config"] = locked
     if evidence is not None:
         decisions["foveation_evidence"] = decisions_summary(evidence)
-        grid = grid_reading(evidence)
         if grid is not None:  # Decision 2's answers are only about looking where the cells look
             row = {"question": READING_QUESTION, "answer": grid["sentence"]}
             decisions["decision2"].append(row)
