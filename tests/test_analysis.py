@@ -617,6 +617,37 @@ def test_degenerate_fit_is_marked_in_fits_json_report_and_go_no_go(tmp_path):
     assert optimal["status"] == "unknown" and "per-size fit 4M: not identified" in optimal["evidence"]
 
 
+# The val-loss curves of F3 and A6 in the tiny main job (10 evals; A6 starts reading one eval
+# earlier): A6 ends lower, and a paired comparison on the same samples cannot tell them apart.
+F3_CURVE = (0.3008, 0.2467, 0.2255, 0.1719, 0.1220, 0.1047, 0.0953, 0.0849, 0.0835, 0.0797)
+A6_CURVE = (0.3048, 0.2596, 0.1996, 0.1236, 0.1110, 0.0971, 0.0931, 0.0868, 0.0801, 0.0785)
+
+
+def test_the_smoothed_end_of_a_short_curve_follows_its_last_evals(tmp_path):
+    """With 10 evals a fixed 9-point window put a quadratic through the whole reading onset: F3 read
+    0.0705 at its end (last eval 0.0797) and won the two-pass question "clearly" by 0.0099."""
+    from fvlm.analysis.ablations import smoothed_at
+
+    sweep = tmp_path / "sweep"
+    samples = np.arange(1, 11) * 600.0
+    write_run(sweep, "F3", samples, np.array(F3_CURVE), 1e6, 1e6)
+    write_run(sweep, "A6", samples, np.array(A6_CURVE), 1e6, 1e6, {"model.coarse_only": True})
+    (sweep / "sweep.csv").write_text("run_id,status\nF3,completed\nA6,completed\n")
+    data = load([str(sweep)])
+    for rid, curve in (("F3", F3_CURVE), ("A6", A6_CURVE)):
+        assert smoothed_at(data.runs[rid], 6000, "samples_seen") == pytest.approx(np.mean(curve[-2:]), abs=0.003)
+    two_pass = answer(next(q for q in QUESTIONS if q.id == "two_pass"), data)
+    assert two_pass["winner"] == "A6" and not two_pass["verdict"].startswith("clear"), two_pass["verdict"]
+    # A long curve keeps its 9-point window: the same quadratic as before on the export's 46 evals.
+    long = np.geomspace(1e3, 1e6, 46)
+    write_run(sweep, "LR2", long, 1 + 3 / long**0.3, 1e6, 1e6)
+    (sweep / "sweep.csv").write_text("run_id,status\nF3,completed\nA6,completed\nLR2,completed\n")
+    run = load([str(sweep)]).runs["LR2"]
+    lx = np.log(long)
+    expected = np.polyval(np.polyfit(lx[-9:], 1 + 3 / long[-9:] ** 0.3, 2), lx[-1])
+    assert smoothed_at(run, long[-1], "samples_seen") == pytest.approx(expected, rel=1e-4)
+
+
 def _with_grad_norms(run, norms):
     run.steps = {"grad_norm": np.asarray(norms, float)}
     return run

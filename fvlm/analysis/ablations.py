@@ -22,6 +22,12 @@ from fvlm.analysis.table import Run, Table
 # quadratic in log samples; fewer tail points than this leave too few degrees of freedom.
 MIN_TAIL_POINTS = 5
 TAIL_FRACTION = 0.5
+# A run's smoothed value at a sample count: a quadratic (log samples) through the evals nearest to
+# it, a fifth of the curve, at least MIN_TAIL_POINTS and at most LOCAL_POINTS. A window of a fixed 9
+# points was local on the export's 46-point curves but spanned 9 of the tiny runs' 10, where a
+# quadratic through the reading onset missed the last evals by up to 0.009 (F3: 0.0705 against a
+# final 0.0797) and decided the two-pass question on that.
+LOCAL_FRACTION = 0.2
 LOCAL_POINTS = 9
 # "Stable grad norms" (the freeze rule), made concrete on the logged gradient norms of the second
 # half of a run (steps.csv, else the eval points): every one finite, none above SPIKE_FACTOR x their
@@ -145,7 +151,8 @@ def smoothed_at(run: Run, target: float, axis: str) -> float:
     if len(x) < 4:
         return float(np.interp(np.log(target), np.log(x), y)) if len(x) else math.nan
     lx = np.log(x)
-    near = np.argsort(np.abs(lx - math.log(target)))[: min(LOCAL_POINTS, len(x))]
+    window = min(LOCAL_POINTS, max(MIN_TAIL_POINTS, math.ceil(LOCAL_FRACTION * len(x))), len(x))
+    near = np.argsort(np.abs(lx - math.log(target)))[:window]
     coef = np.polyfit(lx[near], y[near], 2 if len(near) >= 5 else 1)
     return float(np.polyval(coef, math.log(target)))
 

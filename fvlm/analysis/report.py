@@ -413,7 +413,8 @@ def write_report(
     lines += [
         "## Decision 1: architecture config (ablations)",
         "",
-        "Compared on the smoothed val loss at the last sample count all runs of a question reached; the "
+        "Compared on the smoothed val loss (a quadratic in log samples through the nearest fifth of the "
+        "curve's evals, 5 to 9) at the last sample count all runs of a question reached; the "
         "efficiency question at each run's finished point (end of its LR schedule), decided only when the "
         "FLOPs match or the cheaper run is not worse (higher by less than the noise counts as not worse). Noise = the scatter of each run's val loss around a quadratic (in log "
         "samples) over the last half of its curve, combined for the two runs compared. Verdict: clear if "
