@@ -28,6 +28,7 @@ script cannot rot between GPU sessions; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -283,6 +284,13 @@ def _allreduce_worker(rank: int, world: int, port: int, plan: dict, mode: str, s
             times.append(time.perf_counter() - began)
     if rank == 0:
         queue.put(statistics.median(times))
+    # Teardown in order: both ranks past their last collective, then DDP's reducer (it holds gloo
+    # work objects with tensors) gone, then the group. A rank that tore its group down while gloo's
+    # threads still held work aborted now and then at exit ("terminate called without an active
+    # exception", SIGABRT in the reduced check under pytest).
+    dist.barrier()
+    del ddp, model, params
+    gc.collect()
     dist.destroy_process_group()
 
 

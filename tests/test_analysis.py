@@ -481,6 +481,27 @@ def test_the_trend_over_cells_that_read_is_reported_beside_the_trend_over_all(tm
     assert _scaling_answer(none).endswith("no grid cell with both arms measured to read the pixels")
 
 
+def test_the_efficiency_criterion_takes_the_grids_equal_flops_cells_when_the_ablation_pair_cannot_match():
+    from fvlm.analysis.report import _efficiency
+
+    answers = [{"id": "efficiency", "winner": None, "verdict": "unknown: B1 ends 0.0106 lower but spends 1.56x"}]
+    assert _efficiency(None, answers) == ("unknown", answers[0]["verdict"])
+    iso = {"advantage": 0.02, "ci95": [0.01, 0.03], "verdict": "foveated ahead", "baseline": "2M-C2-B-isoflop"}
+    unmeasured = {"advantage": 0.1, "ci95": None, "verdict": "noise unknown", "baseline": "2M-C3-B-isoflop"}
+    comparison = {
+        "cells": [
+            {"size": "2M", "budget": "C1", "same_flops": None},
+            {"size": "2M", "budget": "C2", "same_flops": iso},
+            {"size": "2M", "budget": "C3", "same_flops": unmeasured},
+        ]
+    }
+    status, evidence = _efficiency(None, answers, comparison)
+    assert status == "pass" and evidence.startswith("F3 vs B1: unknown: B1 ends 0.0106 lower")
+    assert evidence.endswith("2M C2: +0.0200 [+0.0100, +0.0300] (foveated ahead) vs 2M-C2-B-isoflop")
+    assert "C3" not in evidence  # an equal-FLOPs pair without an interval is not a measurement
+    assert _efficiency(None, answers, {"cells": comparison["cells"][:1]})[0] == "unknown"
+
+
 def test_iso_flop_cell_is_the_equal_flops_partner_only_when_its_flops_match(tmp_path):
     grid = baseline_wins_at_c4(tmp_path)
     samples = np.geomspace(250, 2500, 8)

@@ -111,10 +111,24 @@ def _compute_optimal(fits: dict[str, Any]) -> tuple[str, str]:
     return ("pass" if interior else "fail"), "; ".join(parts) + "." + caveat
 
 
-def _efficiency(table: Table, answers: list[dict[str, Any]]) -> tuple[str, str]:
+def _efficiency(
+    table: Table, answers: list[dict[str, Any]], comparison: dict[str, Any] | None = None
+) -> tuple[str, str]:
     a = _answer(answers, "efficiency")
     if a["winner"] is None:
-        return "unknown", a["verdict"]
+        # The ablation pair has no matched finished point (B1 spends more FLOPs per sample); the
+        # grid's iso-FLOP baseline cells are the measured comparison at equal FLOPs, when it has them.
+        matched = [c for c in (comparison or {}).get("cells", []) if c.get("same_flops") and c["same_flops"]["ci95"]]
+        if not matched:
+            return "unknown", a["verdict"]
+        cells = "; ".join(
+            f"{c['size']} {c['budget']}: {_pair_text(c['same_flops'])} vs {c['same_flops']['baseline']}"
+            for c in matched
+        )
+        return "pass", (
+            f"F3 vs B1: {a['verdict']}. Measured at equal FLOPs in the scaling grid instead (baseline - "
+            f"foveated val loss, 95% interval): {cells}"
+        )
     evidence = (
         f"{a['winner']} lower by {_fmt(a['margin'])} at each run's finished point "
         f"(FLOPs {', '.join(f'{k}: {v:.3g}' for k, v in a['flops_at_finish'].items())}); "
@@ -154,13 +168,18 @@ def _logging(table: Table) -> tuple[str, str]:
     )
 
 
-def go_no_go(table: Table, answers: list[dict[str, Any]], fits: dict[str, Any]) -> list[dict[str, str]]:
+def go_no_go(
+    table: Table, answers: list[dict[str, Any]], fits: dict[str, Any], comparison: dict[str, Any] | None = None
+) -> list[dict[str, str]]:
     items = [
         ("Foveated (F3) clearly beats coarse-only (A6)", _two_pass(answers)),
         ("Val loss curves converge (not still falling) at the ablation budget", _converged(table, answers)),
         ("No divergence in any winning config", _stable_winners(table, answers)),
         ("Scaling grid shows a clear compute-optimal point", _compute_optimal(fits)),
-        ("Foveated has a measured efficiency comparison vs the multi-token baseline", _efficiency(table, answers)),
+        (
+            "Foveated has a measured efficiency comparison vs the multi-token baseline",
+            _efficiency(table, answers, comparison),
+        ),
         ("All logging works (CSV, attention maps, checkpoint metadata)", _logging(table)),
     ]
     return [{"criterion": c, "status": s, "evidence": e} for c, (s, e) in items]
