@@ -112,10 +112,10 @@ PAPER = Preset(
 # that the tiny models did not learn (benchmarks/RESULTS.md). Learning rates are the
 # plan's x 100; budgets are the plan's x BUDGET_SCALE, which puts C3 near the ablation budget for the
 # smallest size, as in the plan (C3 = 1M samples at 135M): S-C3 trains on ~5,200 samples, S-C4 on
-# ~10,000. The models start reading the pixels only after ~2,000-3,000 samples whatever their size
-# (measured at the grid's settings: S and L at 1,296 samples not at all, M at 1,579 not, at 3,168
-# clearly), so at half this scale M-C4-F (1,584 samples) did not read and the grid's foveated
-# answers at M measured text learning; L-C4-F (1,296 samples here) still does not
+# ~10,000. The models start reading the pixels only after ~2,000-3,000 samples for S and M, more for
+# L (measured at the grid's settings: S and L at 1,296 samples not at all, M at 1,579 not, at 3,168
+# clearly, L at 2,592 barely), so at half this scale M-C4-F (1,584 samples) did not read and the
+# grid's foveated answers at M measured text learning; L-C4-F (1,296 samples here) still does not
 # (benchmarks/RESULTS.md).
 BUDGET_SCALE = 5e-6
 TINY_DATA = {
