@@ -420,9 +420,9 @@ def test_baseline_ahead_at_c4_is_reported_cell_by_cell(tmp_path):
     assert result["scaling"]["verdict"] == "unknown"  # one size
 
     analyze([str(grid)], tmp_path / "out", None, n_boot=5)
-    rows = {
-        r["question"]: r["answer"] for r in json.loads((tmp_path / "out" / "decisions.json").read_text())["decision2"]
-    }
+    decisions = json.loads((tmp_path / "out" / "decisions.json").read_text())
+    assert decisions["foveated_vs_baseline"]["n_resamples"] == 5  # --bootstrap reaches every interval
+    rows = {r["question"]: r["answer"] for r in decisions["decision2"]}
     assert "C4: not decided" in rows["Token efficiency"] and "C1: foveated ahead" in rows["Token efficiency"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| 2M C4 | 2M-C4-F |" in report and "baseline ahead" in report

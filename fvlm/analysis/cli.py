@@ -85,7 +85,7 @@ def analyze(
 
     fits = scaling.scaling_fits(fit_runs, globs, n_boot=n_boot, seed=seed)
     answers = ablations.answer_all(data)
-    comparison = compare.compare_cells(data, seed=seed, reading=reading)
+    comparison = compare.compare_cells(data, n_boot=n_boot, seed=seed, reading=reading)
     checklist = report.go_no_go(data, answers, fits, comparison)
     ctx = figures.Context(table=data, answers=answers, fits=fits, fit_runs=fit_runs, out=out, comparison=comparison)
     drawn = figures.draw_all(ctx)
