@@ -516,11 +516,12 @@ def iso_flop(entries: list[dict[str, Any]], by_label: bool = True) -> dict[str, 
             # A minimum is interior only when the parabola's vertex lies strictly between the smallest and
             # the largest size and a size other than those two has the lowest loss: otherwise the data
             # only say the optimum is at or beyond an edge of the grid.
-            lowest = x[int(np.argmin(y))]
+            best = int(np.argmin(y))
+            lowest = x[best]
             record["interior"] = bool(x.min() < x_star < x.max() and x.min() < lowest < x.max())
             # Where the measured optimum is when it is not interior: at the grid's smallest or largest
             # size (lowest loss there), or a middle size whose parabola puts its vertex outside.
-            record["lowest_N"] = float(group[int(np.argmin(y))]["N"])
+            record["lowest_N"] = float(group[best]["N"])
             record["loss_at_N_star"] = float(c0 - c1**2 / (4 * c2))
             fps = np.array([e["C"] / e["D"] for e in group])
             slope, icpt = np.polyfit(x, np.log10(fps), 1)

@@ -238,11 +238,10 @@ def _minimum_text(b: dict[str, Any], with_d: bool = True) -> str:
     optimum, with the parabola's vertex named as outside the grid rather than given as an estimate."""
     if b["interior"]:
         return f"N* = {b['N_star']:.3g}" + (f", D* = {b['D_star']:.3g}" if with_d else "") + " (interior minimum)"
-    sizes = [float(n) for n in b.get("sizes", [])]
-    lowest = b.get("lowest_N")
-    if lowest is not None and sizes and lowest <= min(sizes):
+    lowest = b["lowest_N"]
+    if lowest == min(b["sizes"]):
         where = f"the lowest loss is at the smallest size ({lowest:.3g}), so the optimum is there or below"
-    elif lowest is not None and sizes and lowest >= max(sizes):
+    elif lowest == max(b["sizes"]):
         where = f"the lowest loss is at the largest size ({lowest:.3g}), so the optimum is there or above"
     else:
         where = "the lowest loss is at a middle size but the parabola's vertex is not between the sizes"

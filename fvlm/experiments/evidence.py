@@ -530,8 +530,8 @@ def conclusion(runs: dict[str, dict[str, Any]], pairs: list[dict[str, Any]]) -> 
 
 
 def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
-    """Which of the grid's measured cells read the pixels (`reads`, in every mode measured), and a sentence on what that means for the scaling answers: a size whose
-    cells do not read has its foveated-vs-baseline comparisons decided by text learning alone.
+    """Which of the grid's measured cells read the pixels (`reads`, in every mode measured), and a
+    sentence on what that means for the scaling answers: a size whose cells do not read has its foveated-vs-baseline comparisons decided by text learning alone.
     None when no grid cell was measured."""
     cells = {
         rid: all(reads(r) for r in pixel.values())
