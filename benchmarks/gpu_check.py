@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from fvlm.config import load_config  # noqa: E402
-from fvlm.model.build import build_model  # noqa: E402
+from fvlm.model.build import build_model, compile_model  # noqa: E402
 from fvlm.model.flops import estimate_flops  # noqa: E402
 from fvlm.training.optim import build_optimizer  # noqa: E402
 from fvlm.training.throughput import peak_flops  # noqa: E402
@@ -111,7 +111,7 @@ def train_steps(cfg, batch, device, bf16: bool, steps: int, compile_backend: str
     model = build_model(cfg.model).to(device)
     model.train()
     if compile_backend:
-        model.compile(backend=compile_backend)
+        compile_model(model, backend=compile_backend)
     optimizer = build_optimizer(model, cfg.optim)
     losses, times = [], []
     if device.type == "cuda":

@@ -33,6 +33,27 @@ def assemble(cfg: ModelConfig, llm, dino) -> VLMBase:
     return model
 
 
+def compile_model(model: VLMBase, backend: str | object = "inductor") -> VLMBase:
+    """`model.compile` so that a training step is one graph after the text-only check.
+
+    The valid frames are gathered with a boolean mask and the answer tokens found with `nonzero`:
+    shapes that depend on the data. By default dynamo splits the graph at each of them (a dozen
+    graphs per step) and inductor then failed to compile the pieces (a GPU check on an H200 logged
+    6 failed compiles at the frame scatter). Tracing them as unbacked sizes keeps one graph. Inductor's
+    channels-last layout choice for DINO's patch convolution over a data-dependent number of frames
+    failed its own stride check (torch 2.13, CPU), so that choice is off: it concerns that one
+    convolution. These settings are process-wide, as dynamo's configuration is.
+    """
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    torch._dynamo.config.capture_scalar_outputs = True
+    torch._inductor.config.layout_optimization = False
+    model.compile(backend=backend)
+    return model
+
+
 def build_model(cfg: ModelConfig) -> VLMBase:
     """Backbones from their specs (pretrained folders or random shapes) plus a fresh connector."""
     llm, _ = load_backbone(cfg.llm, "llm", cfg.attn_implementation)

@@ -145,17 +145,15 @@ class VLMBase(nn.Module):
         targets_at &= prev_real >= 0
         rows, cols = targets_at.nonzero(as_tuple=True)
         n = rows.numel()
-        if n == 0:
-            if per_sample:
-                return hidden.new_zeros(batch, dtype=torch.float32), rows.new_zeros(batch)
-            return hidden.sum() * 0.0, 0
         predictors = hidden[rows, prev_real[rows, cols]]
         logits = self.llm.lm_head(predictors).float()
         labels = input_ids[rows, cols - text_start]
+        losses = F.cross_entropy(logits, labels, reduction="none")
         if per_sample:
-            losses = F.cross_entropy(logits, labels, reduction="none")
             return losses.new_zeros(batch).index_add_(0, rows, losses), torch.bincount(rows, minlength=batch)
-        return F.cross_entropy(logits, labels), n
+        # No branch on n: under torch.compile a branch on a data-dependent count splits the graph.
+        # With no targets the sum is 0 and the loss 0.0, still connected to the weights.
+        return losses.sum() / torch.sym_max(n, 1), n
 
     def loss_over(self, visual, visual_mask, batch, per_sample: bool = False):
         """text_loss of the batch's text after a visual block (per sample with `per_sample`)."""

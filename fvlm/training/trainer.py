@@ -36,7 +36,7 @@ from fvlm import run_folder as rf
 from fvlm.config import RunConfig
 from fvlm.data.loader import build_loader, split_path
 from fvlm.errors import UsageError
-from fvlm.model.build import build_model, build_tokenizer
+from fvlm.model.build import build_model, build_tokenizer, compile_model
 from fvlm.model.flops import estimate_flops
 from fvlm.training import checkpoint as ckpt
 from fvlm.training.dist import Dist, init_distributed, shutdown
@@ -232,7 +232,7 @@ class Trainer:
             self._restore_newest_readable()
         if cfg.train.compile:
             if dist.device.type == "cuda":
-                self.model.compile()
+                compile_model(self.model)
             elif dist.is_main:
                 print("fvlm: train.compile is ignored on CPU", flush=True)
         self.model.train()
