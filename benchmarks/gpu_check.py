@@ -127,7 +127,7 @@ def train_steps(cfg, batch, device, bf16: bool, steps: int, compile_backend: str
         sync(device)
         if i:
             times.append(time.perf_counter() - began)
-        losses.append(float(loss))
+        losses.append(loss.item())
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     del model, optimizer
     if device.type == "cuda":
