@@ -167,25 +167,53 @@ def test_the_tiny_preset_copies_the_shipped_backbones(tmp_path):
 
 
 @pytest.mark.slow
+def _report(folder):
+    """backbones.json without its timings."""
+    report = json.loads((folder / "backbones.json").read_text())
+    report.pop("seconds")
+    for part in (report["dino"], *report["llms"].values()):
+        part.pop("seconds")
+    return report
+
+
 def test_the_shipped_backbones_are_what_the_command_makes(tmp_path):
-    """`fvlm backbones pretrain-tiny` remakes the shipped folder bit for bit, and the remade encoder
-    passes the acceptance check: on held-out frames, a linear probe on the frozen patch tokens names
-    the colour and the shape of the object under a patch at >= 90%."""
+    """`fvlm backbones pretrain-tiny` remakes the shipped folder, and the remade encoder passes the
+    acceptance check: on held-out frames, a linear probe on the frozen patch tokens names the colour
+    and the shape of the object under a patch at >= 90%.
+
+    Every file but the weights is remade byte for byte. The weights are remade bit for bit on a CPU
+    that rounds as the one that made them did. Another CPU (AVX2 against AVX-512, say) takes other
+    kernels, and 2,400 training steps carry the last-bit differences into the weights: on an AVX2
+    AMD EPYC the remade LLM-L's held-out answer loss was 0.2204 against the shipped 0.2268. There
+    the weights must have the same tensors and the same quality; determinism on one machine is
+    `test_made_twice_the_same_and_loaded_like_real_folders`'s job."""
+    from safetensors import safe_open
+
     shipped = shipped_backbones(Recipe())
     assert shipped is not None
     made = tmp_path / "made"
     assert main(["backbones", "pretrain-tiny", str(made)]) == 0
     assert _files(made) == _files(shipped)
+    weights = [name for name in _files(shipped) if name.endswith(".safetensors")]
     for name in _files(shipped):
-        if name == "backbones.json":  # the same numbers, other timings
-            mine, theirs = (json.loads((f / name).read_text()) for f in (made, shipped))
-            for report in (mine, theirs):
-                report.pop("seconds")
-                for part in (report["dino"], *report["llms"].values()):
-                    part.pop("seconds")
-            assert mine == theirs
-        else:
+        if name not in weights and name != "backbones.json":
             assert (made / name).read_bytes() == (shipped / name).read_bytes(), name
+    mine, theirs = _report(made), _report(shipped)
+    if all((made / name).read_bytes() == (shipped / name).read_bytes() for name in weights):
+        assert mine == theirs
+    else:
+        for name in weights:
+            with safe_open(made / name, "pt") as a, safe_open(shipped / name, "pt") as b:
+                assert sorted(a.keys()) == sorted(b.keys()), name
+                for key in a.keys():
+                    x, y = a.get_tensor(key), b.get_tensor(key)
+                    assert x.shape == y.shape and x.dtype == y.dtype, (name, key)
+        assert (mine["recipe"], mine["digest"]) == (theirs["recipe"], theirs["digest"])
+        for key, value in theirs["dino_probe"].items():
+            assert mine["dino_probe"][key] == pytest.approx(value, abs=0.02), key
+        for llm, part in theirs["llms"].items():
+            assert mine["llms"][llm]["parameters"] == part["parameters"]
+            assert mine["llms"][llm]["answer_loss_held_out"] == pytest.approx(part["answer_loss_held_out"], abs=0.02)
     probe = json.loads((made / "backbones.json").read_text())["dino_probe"]
     assert probe["patches_test"] > 1000
     assert probe["colour_accuracy"] >= 0.9 and probe["shape_accuracy"] >= 0.9, probe
