@@ -274,6 +274,26 @@ def test_joint_fits_recover_the_law_and_agree():
     assert fits.predict_joint(ls, 2e6, 1e5) == pytest.approx(fits.predict_joint(hub, 2e6, 1e5), abs=0.01)
 
 
+def test_the_product_grid_gives_the_stacked_designs_sses():
+    """The least-squares fit's start grid, from the normal equations over all (alpha, beta) cells
+    at once, against the stacked [cells, points, 3] designs solved cell by cell in one batch: the
+    same SSEs, on exact data (SSE near zero, where y'y - coef'X'y could lose its digits) and on a
+    noisy resample with repeated points."""
+    grid = np.linspace(0.02, fits.EXPONENT_MAX, 60)
+    cells = np.array([(a, b) for a in grid for b in grid])
+    exact = _joint_data(SIZES, noise=0.0)
+    noisy = _joint_data(SIZES, noise=0.01, seed=3)
+    resample = noisy.take(np.random.default_rng(1).integers(0, len(noisy.loss), len(noisy.loss)))
+    for data in (exact, noisy, resample):
+        n0, d0 = float(np.exp(np.mean(np.log(data.n)))), float(np.exp(np.mean(np.log(data.d))))
+        stacked = fits._grid_sse(data, cells, True, n0, d0)
+        product = fits._product_grid_sse(data, grid, grid, n0, d0).reshape(-1)
+        assert product == pytest.approx(stacked, rel=1e-6, abs=1e-10 * float(data.loss @ data.loss))
+        assert int(np.argmin(product)) == int(np.argmin(stacked)) or product[np.argmin(stacked)] == pytest.approx(
+            product.min(), abs=1e-10
+        )
+
+
 def test_alpha_is_not_identifiable_with_two_sizes():
     data = _joint_data(SIZES[:2])
     for fit in (fits.fit_joint_least_squares(data), fits.fit_joint_huber(data)):

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=N_BOOT,
         help=f"bootstrap resamples for the 95%% intervals (default {N_BOOT}: 50 draws in each 2.5%% "
-        "tail; about 2 minutes on a 25-run export)",
+        "tail; about 1.5 minutes on a 24-run export on one core)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -88,16 +88,20 @@ def not_identified_text(fit: dict[str, Any]) -> str:
 
 
 def _profile_sse(x: np.ndarray, loss: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each exponent b, the exact least-squares (E, a') of loss = E + a' x^-b, and its SSE."""
-    z = x[None, :] ** -b[:, None]
-    z_mean = z.mean(axis=1, keepdims=True)
-    l_mean = loss.mean()
-    zc = z - z_mean
-    var = (zc**2).sum(axis=1)
-    slope = np.where(var > 0, (zc * (loss - l_mean)).sum(axis=1) / np.where(var > 0, var, 1), 0.0)
-    intercept = l_mean - slope * z_mean[:, 0]
-    resid = loss[None, :] - intercept[:, None] - slope[:, None] * z
-    return intercept, slope, (resid**2).sum(axis=1)
+    """For each exponent b, the exact least-squares (E, a') of loss = E + a' x^-b, and its SSE.
+
+    A straight-line regression of loss on z = x^-b per exponent, so SSE = Syy - Szy^2 / Szz
+    (S: centred sums) needs no residual array: the per-size bootstrap evaluates this on a
+    600-exponent grid for each of its thousands of refits."""
+    z = np.exp(np.multiply.outer(-b, np.log(x)))
+    z_mean = z.mean(axis=1)
+    zc = z - z_mean[:, None]
+    lc = loss - loss.mean()
+    szy = zc @ lc
+    szz = np.einsum("ij,ij->i", zc, zc)
+    slope = np.where(szz > 0, szy / np.where(szz > 0, szz, 1), 0.0)
+    intercept = loss.mean() - slope * z_mean
+    return intercept, slope, np.maximum(lc @ lc - slope * szy, 0.0)
 
 
 def fit_data_scaling(samples: np.ndarray, loss: np.ndarray) -> dict[str, float]:
@@ -115,7 +119,9 @@ def fit_data_scaling(samples: np.ndarray, loss: np.ndarray) -> dict[str, float]:
         lambda b: _profile_sse(x, loss, np.array([b]))[2][0], bounds=(lo, hi), method="bounded", options={"xatol": 1e-8}
     )
     b = float(res.x) if res.fun <= sse[k] else float(grid[k])
-    e, a_scaled, sse_best = (float(v[0]) for v in _profile_sse(x, loss, np.array([b])))
+    e, a_scaled, _ = (float(v[0]) for v in _profile_sse(x, loss, np.array([b])))
+    resid = loss - e - a_scaled * x**-b
+    sse_best = float(resid @ resid)  # from the residuals themselves, free of Syy - Szy^2/Szz's cancellation
     fit = {
         "E": e,
         "a": a_scaled * d0**b,
@@ -177,7 +183,7 @@ def _grid_sse(data: JointData, cells: np.ndarray, identifiable: bool, n0: float,
     ([cells, 2] alpha, beta; or [cells, 1] beta alone), all cells at once: the designs stacked into
     one [cells, points, columns] array, columns scaled to unit norm, and the normal equations solved
     in one batch (a pseudo-inverse where one is singular). The same numbers as calling _lstsq_sse
-    cell by cell, which was the analysis's main cost: the bootstrap refits the grid 2,000 times."""
+    cell by cell."""
     d_terms = (data.d[None, :] / d0) ** -cells[:, -1:]
     if identifiable:
         n_terms = (data.n[None, :] / n0) ** -cells[:, :1]
@@ -195,6 +201,39 @@ def _grid_sse(data: JointData, cells: np.ndarray, identifiable: bool, n0: float,
     return (resid**2).sum(axis=1)
 
 
+def _product_grid_sse(data: JointData, alphas: np.ndarray, betas: np.ndarray, n0: float, d0: float) -> np.ndarray:
+    """_grid_sse over every (alpha, beta) of alphas x betas ([alphas, betas] SSEs), from the normal
+    equations: the design's columns are 1, (N/N0)^-alpha and (D/D0)^-beta, so every entry of every
+    cell's 3x3 Gram matrix is a sum over points that a product of the [alphas, points] and
+    [betas, points] term matrices gives for all cells at once. Columns are scaled to unit norm
+    before the solve, as in _grid_sse, and SSE = y'y - coef'X'y. The bootstrap refits this grid
+    2,000 times: built this way it costs a few [60, points] x [points, 60] products instead of a
+    [3600, points, 3] design per refit (about 15x faster on 81 points)."""
+    y = data.loss
+    n_t = (data.n[None, :] / n0) ** -alphas[:, None]  # [A, P]
+    d_t = (data.d[None, :] / d0) ** -betas[:, None]  # [B, P]
+    a, b = len(alphas), len(betas)
+    gram = np.empty((a, b, 3, 3))
+    gram[..., 0, 0] = len(y)
+    gram[..., 0, 1] = gram[..., 1, 0] = n_t.sum(axis=1)[:, None]
+    gram[..., 0, 2] = gram[..., 2, 0] = d_t.sum(axis=1)[None, :]
+    gram[..., 1, 1] = (n_t**2).sum(axis=1)[:, None]
+    gram[..., 2, 2] = (d_t**2).sum(axis=1)[None, :]
+    gram[..., 1, 2] = gram[..., 2, 1] = n_t @ d_t.T
+    rhs = np.empty((a, b, 3))
+    rhs[..., 0] = y.sum()
+    rhs[..., 1] = (n_t @ y)[:, None]
+    rhs[..., 2] = (d_t @ y)[None, :]
+    scale = np.sqrt(np.maximum(np.diagonal(gram, axis1=-2, axis2=-1), 1e-300))  # the columns' norms
+    gram = gram / (scale[..., :, None] * scale[..., None, :])
+    rhs = rhs / scale
+    try:
+        coef = np.linalg.solve(gram, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        coef = (np.linalg.pinv(gram) @ rhs[..., None])[..., 0]
+    return np.maximum(y @ y - (coef * rhs).sum(axis=-1), 0.0)
+
+
 def fit_joint_least_squares(data: JointData) -> dict[str, Any]:
     n0 = float(np.exp(np.mean(np.log(data.n))))
     d0 = float(np.exp(np.mean(np.log(data.d))))
@@ -206,11 +245,12 @@ def fit_joint_least_squares(data: JointData) -> dict[str, Any]:
         return _lstsq_sse(_design(data, alpha, float(exps[-1]), n0, d0), data.loss)[1]
 
     if identifiable:
-        cells = [(a, b) for a in grid for b in grid]
+        cells = np.array([(a, b) for a in grid for b in grid])
+        scores = _product_grid_sse(data, grid, grid, n0, d0).reshape(-1)  # the same order as cells
     else:
-        cells = [(b,) for b in grid]
-    scores = _grid_sse(data, np.array(cells), identifiable, n0, d0)
-    start = np.array(cells[int(np.argmin(scores))])
+        cells = grid[:, None]
+        scores = _grid_sse(data, cells, identifiable, n0, d0)
+    start = cells[int(np.argmin(scores))]
     res = optimize.minimize(sse_of, start, method="L-BFGS-B", bounds=[(1e-3, EXPONENT_MAX)] * len(start))
     exps = res.x if res.fun <= min(scores) else start
     alpha = float(exps[0]) if identifiable else None
@@ -264,8 +304,14 @@ def fit_joint_huber(
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         t = terms(theta)
-        pred = logsumexp(t, axis=1)
-        w = np.exp(t - pred[:, None])
+        # log-sum-exp of two or three terms per point, shifted by their maximum so exp never
+        # overflows: scipy.special.logsumexp gives the same numbers, but its per-call overhead was
+        # most of the bootstrap's 2,000 refits (about 50,000 calls).
+        top = t.max(axis=1, keepdims=True)
+        w = np.exp(t - top)
+        total = w.sum(axis=1)
+        pred = top[:, 0] + np.log(total)
+        w /= total[:, None]
         value, g = _huber(pred - log_l, delta)
         if identifiable:
             grad = np.array([g @ w[:, 0], g @ w[:, 1], g @ w[:, 2], -(g * w[:, 1]) @ log_n, -(g * w[:, 2]) @ log_d])
