@@ -300,6 +300,32 @@ def test_grid_cells_that_do_not_read_are_named_with_what_that_means():
     assert grid_reading({"grid_cells": [], "runs": {}}) is None
 
 
+def _without_seconds(value):
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value
+
+
+def test_two_processes_measure_what_one_does(phase1):
+    """jobs=2 measures the runs in two spawned processes: the same evidence as one process, the
+    broken A1 recorded as failed from its worker, and the runs in the same order."""
+    root = phase1["root"]
+    path = root / EVIDENCE_FILE
+    kept = path.read_bytes()
+    lines: list[str] = []
+    try:
+        both = collect_evidence(
+            root, root / "ablations", root / "scaling", SETTINGS, force=True, jobs=2, log=lines.append
+        )
+    finally:
+        path.write_bytes(kept)
+    assert list(both["runs"]) == list(phase1["evidence"]["runs"])
+    assert both["runs"]["A1"]["status"] == "failed" and any("A1: evaluation failed" in line for line in lines)
+    assert _without_seconds(both) == _without_seconds(phase1["evidence"])
+
+
 def test_unchanged_runs_are_not_measured_again(phase1):
     root = phase1["root"]
     path = root / EVIDENCE_FILE

@@ -583,6 +583,51 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _failed(run_id: str, exc: BaseException, log: Callable[[str], None]) -> dict[str, Any]:
+    log(f"[evidence] {run_id}: evaluation failed: {type(exc).__name__}: {exc}")
+    return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _evaluate_all(todo: list[Target], settings: EvidenceSettings, jobs: int, log: Callable[[str], None]):
+    """(target, measurements or failure record) for each target, in `todo`'s order. One run's failure
+    (a worker process dying included) is recorded; the others and the report go on."""
+    import torch
+
+    if jobs <= 1 or len(todo) <= 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for t in todo:
+                try:
+                    yield t, evaluate_run(t, settings, log)
+                except Exception as exc:
+                    yield t, _failed(t.run_id, exc, log)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context, initializer=_one_thread) as pool:
+        futures = [pool.submit(evaluate_run, t, settings, _print) for t in todo]
+        for t, future in zip(todo, futures):
+            try:
+                yield t, future.result()
+            except Exception as exc:  # BrokenProcessPool too: a worker that died
+                yield t, _failed(t.run_id, exc, log)
+
+
 def collect_evidence(
     root: Path,
     ablation_dir: Path,
@@ -592,6 +637,7 @@ def collect_evidence(
     budget: str | None = None,
     sizes: tuple[str, ...] | None = None,
     force: bool = False,
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measures every target run (the plan's ablations, the grid's largest-budget F and B cells),
@@ -600,10 +646,11 @@ def collect_evidence(
     Otherwise runs whose fingerprint is unchanged and that were measured keep their measurements.
     A run that fails to evaluate is logged and recorded (status "failed", error), not raised.
 
+    On the CPU, `jobs` runs are measured side by side, each in a spawned one-thread process (the
+    measurements are per run, so the file is the same whatever `jobs` is).
+
     Returns {version, settings, runs: {run_id: {group, run_dir, fingerprint, status, ...}},
     grid_cells, comparisons, attention: {run_id: per-frame table}, conclusion, seconds}."""
-    import torch
-
     settings = settings or EvidenceSettings()
     root = Path(root)
     path = root / EVIDENCE_FILE
@@ -622,27 +669,20 @@ def collect_evidence(
         return previous
 
     began = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     runs: dict[str, dict[str, Any]] = {}
-    try:
-        for t in chosen:
-            base = {"group": t.group, "run_dir": str(t.run_dir), "fingerprint": prints[t.run_id]}
-            old = old_runs.get(t.run_id)
-            if not force and old and old.get("fingerprint") == prints[t.run_id] and old.get("status") == "ok":
-                runs[t.run_id] = old
-                continue
-            status = prints[t.run_id]["status"]
-            if status != "completed":
-                runs[t.run_id] = {**base, "status": "not evaluated", "reason": f"run {status}"}
-                continue
-            try:
-                runs[t.run_id] = {**base, **evaluate_run(t, settings, log)}
-            except Exception as exc:  # one run's failure is recorded; the others and the report go on
-                log(f"[evidence] {t.run_id}: evaluation failed: {type(exc).__name__}: {exc}")
-                runs[t.run_id] = {**base, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-    finally:
-        torch.set_num_threads(threads)
+    todo: list[Target] = []
+    for t in chosen:
+        base = {"group": t.group, "run_dir": str(t.run_dir), "fingerprint": prints[t.run_id]}
+        old = old_runs.get(t.run_id)
+        if not force and old and old.get("fingerprint") == prints[t.run_id] and old.get("status") == "ok":
+            runs[t.run_id] = old
+        elif prints[t.run_id]["status"] != "completed":
+            runs[t.run_id] = {**base, "status": "not evaluated", "reason": f"run {prints[t.run_id]['status']}"}
+        else:
+            runs[t.run_id] = base
+            todo.append(t)
+    for t, result in _evaluate_all(todo, settings, jobs if settings.device == "cpu" else 1, log):
+        runs[t.run_id] = {**runs[t.run_id], **result}
     grid = [t.run_id for t in chosen if t.group == "grid"]
     pairs = comparisons(runs, grid, settings)
     evidence = {

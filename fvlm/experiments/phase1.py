@@ -310,7 +310,7 @@ def run_phase1(
     sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs, slurm)
     sweep.run(retry_failed)
     phase1b_step(preset, scaling_dir, base, _log)
-    evidence = foveation_evidence(preset, root, ablation_dir, scaling_dir)
+    evidence = foveation_evidence(preset, root, ablation_dir, scaling_dir, jobs)
     summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked, evidence)
     _log(
         f"fvlm phase1: done in {(time.perf_counter() - began) / 60:.1f} min; report {report_dir / 'report.md'} "
@@ -343,10 +343,13 @@ def evaluate_modes(preset, run_dir: Path, base: dict[str, Any]) -> None:
     _log(f"[phase1] wrote {path}")
 
 
-def foveation_evidence(preset, root: Path, ablation_dir: Path, scaling_dir: Path) -> dict[str, Any] | None:
+def foveation_evidence(
+    preset, root: Path, ablation_dir: Path, scaling_dir: Path, jobs: int = 1
+) -> dict[str, Any] | None:
     """<root>/evidence.json (fvlm.experiments.evidence): pixel check, benchmark, paired differences
-    and attention on the mover, for the ablations and the grid's largest-budget cells. Kept as it is
-    when no run changed; a failure leaves the report without the section, logged, not fatal."""
+    and attention on the mover, for the ablations and the grid's largest-budget cells, `jobs` runs
+    side by side. Kept as it is when no run changed; a failure leaves the report without the
+    section, logged, not fatal."""
     import torch  # here, not at the top, for the same reason as fvlm.eval in evaluate_modes
 
     settings = EvidenceSettings(device="cuda" if torch.cuda.is_available() else "cpu")
@@ -356,6 +359,7 @@ def foveation_evidence(preset, root: Path, ablation_dir: Path, scaling_dir: Path
             ablation_dir,
             scaling_dir,
             settings,
+            jobs=jobs,
             log=_log,
             budget=max(preset.budgets, key=preset.budgets.get),
             sizes=tuple(s.label for s in preset.sizes),
