@@ -13,7 +13,8 @@ from conftest import MICRO_DATA, QUICK_RECIPE
 from fvlm.experiments.phase1 import run_phase1
 from fvlm.experiments.presets import TINY
 
-# 50 resamples (the presets' 2,000 would triple the analysis time): the plumbing, not the intervals.
+# 50 resamples (the presets' 2,000 would triple the analysis time) and a small evidence sample: the
+# plumbing, not the intervals.
 MICRO = dataclasses.replace(
     TINY,
     ablation_samples=24,
@@ -21,6 +22,7 @@ MICRO = dataclasses.replace(
     tiny_backbones=QUICK_RECIPE,
     analysis_bootstrap=50,
     budgets={k: v * 0.01 for k, v in TINY.budgets.items()},
+    evidence={"max_samples": 16, "max_questions": 40, "probe_videos": 2, "n_boot": 200},
 )
 DATA = {**MICRO_DATA, "data.max_text_tokens": 200}
 

@@ -352,7 +352,7 @@ def foveation_evidence(
     section, logged, not fatal."""
     import torch  # here, not at the top, for the same reason as fvlm.eval in evaluate_modes
 
-    settings = EvidenceSettings(device="cuda" if torch.cuda.is_available() else "cpu")
+    settings = EvidenceSettings(**{"device": "cuda" if torch.cuda.is_available() else "cpu", **preset.evidence})
     try:
         return collect_evidence(
             root,

@@ -60,6 +60,9 @@ class Preset:
     # recipe's, else made on first use, under the output folder, and used by every run unless
     # model.llm / model.dino are given. None: the config's.
     tiny_backbones: Any = None
+    # Overrides of the foveation evidence's sizes (fvlm.experiments.evidence.EvidenceSettings fields:
+    # max_samples, max_questions, probe_videos, n_boot, ...); empty: its defaults.
+    evidence: dict[str, Any] = field(default_factory=dict)
 
     @property
     def backbone_lr(self) -> float:
