@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from fvlm.data.synth import generate_synthetic
 from fvlm.experiments.evidence import (
     EVIDENCE_FILE,
     EvidenceSettings,
+    Target,
+    _evaluate_all,
     collect_evidence,
     compare,
     evidence_markdown,
@@ -324,6 +327,29 @@ def test_two_processes_measure_what_one_does(phase1):
     assert list(both["runs"]) == list(phase1["evidence"]["runs"])
     assert both["runs"]["A1"]["status"] == "failed" and any("A1: evaluation failed" in line for line in lines)
     assert _without_seconds(both) == _without_seconds(phase1["evidence"])
+
+
+def _dies_on_a1(target, settings, log):
+    """A stand-in for evaluate_run whose worker process dies on A1 (as one killed for memory would)."""
+    if target.run_id == "A1":
+        os._exit(1)
+    time.sleep(0.2)
+    return {"status": "ok", "measured": target.run_id}
+
+
+def test_a_dying_evidence_worker_fails_only_the_runs_in_flight():
+    """The pool loses a process on A1: A1 is recorded as failed (and at most the one run in flight
+    beside it, which the pool cannot tell apart), the runs after them are measured in a fresh pool,
+    and the records come back in the runs' order."""
+    ids = ["F1", "F2", "F3", "A1", "A6", "B1", "D1", "A8a"]
+    todo = [Target(rid, Path("."), "ablation", None, False) for rid in ids]
+    lines: list[str] = []
+    results = list(_evaluate_all(todo, SETTINGS, 2, lines.append, evaluate=_dies_on_a1))
+    assert [t.run_id for t, _ in results] == ids
+    failed = {t.run_id for t, r in results if r["status"] == "failed"}
+    assert "A1" in failed and failed <= {"F3", "A1", "A6"}, failed
+    assert all(r == {"status": "ok", "measured": t.run_id} for t, r in results if t.run_id not in failed)
+    assert any("A1: evaluation failed: BrokenProcessPool" in line for line in lines)
 
 
 def test_unchanged_runs_are_not_measured_again(phase1):

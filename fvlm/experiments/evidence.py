@@ -598,34 +598,54 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _evaluate_all(todo: list[Target], settings: EvidenceSettings, jobs: int, log: Callable[[str], None]):
+def _evaluate_all(todo: list[Target], settings: EvidenceSettings, jobs: int, log: Callable[[str], None], evaluate=None):
     """(target, measurements or failure record) for each target, in `todo`'s order. One run's failure
-    (a worker process dying included) is recorded; the others and the report go on."""
+    is recorded; the others and the report go on. With jobs > 1 at most `jobs` runs are in flight:
+    a worker process that dies (killed, out of memory) fails the runs in flight beside it (the pool
+    cannot say which one died), and the runs not yet started go on in a fresh pool. `evaluate`
+    (default evaluate_run) is there for tests."""
     import torch
 
+    evaluate = evaluate or evaluate_run
     if jobs <= 1 or len(todo) <= 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             for t in todo:
                 try:
-                    yield t, evaluate_run(t, settings, log)
+                    yield t, evaluate(t, settings, log)
                 except Exception as exc:
                     yield t, _failed(t.run_id, exc, log)
         finally:
             torch.set_num_threads(threads)
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context, initializer=_one_thread) as pool:
-        futures = [pool.submit(evaluate_run, t, settings, _print) for t in todo]
-        for t, future in zip(todo, futures):
-            try:
-                yield t, future.result()
-            except Exception as exc:  # BrokenProcessPool too: a worker that died
-                yield t, _failed(t.run_id, exc, log)
+    results: dict[str, dict[str, Any]] = {}
+    queue = list(todo)
+    while queue:
+        with ProcessPoolExecutor(min(jobs, len(queue)), mp_context=context, initializer=_one_thread) as pool:
+            in_flight: dict[Any, Target] = {}
+            broken = False
+            while (queue and not broken) or in_flight:
+                while queue and not broken and len(in_flight) < jobs:
+                    t = queue.pop(0)
+                    in_flight[pool.submit(evaluate, t, settings, _print)] = t
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    t = in_flight.pop(future)
+                    try:
+                        results[t.run_id] = future.result()
+                    except BrokenProcessPool as exc:
+                        broken = True
+                        results[t.run_id] = _failed(t.run_id, exc, log)
+                    except Exception as exc:
+                        results[t.run_id] = _failed(t.run_id, exc, log)
+    for t in todo:
+        yield t, results[t.run_id]
 
 
 def collect_evidence(
