@@ -274,9 +274,9 @@ def test_joint_fits_recover_the_law_and_agree():
     assert fits.predict_joint(ls, 2e6, 1e5) == pytest.approx(fits.predict_joint(hub, 2e6, 1e5), abs=0.01)
 
 
-def test_the_product_grid_gives_the_stacked_designs_sses():
+def test_the_product_grid_gives_the_per_cell_sses():
     """The least-squares fit's start grid, from the normal equations over all (alpha, beta) cells
-    at once, against the stacked [cells, points, 3] designs solved cell by cell in one batch: the
+    at once, against each cell's design solved by lstsq (what the optimiser then evaluates): the
     same SSEs, on exact data (SSE near zero, where y'y - coef'X'y could lose its digits) and on a
     noisy resample with repeated points."""
     grid = np.linspace(0.02, fits.EXPONENT_MAX, 60)
@@ -286,12 +286,21 @@ def test_the_product_grid_gives_the_stacked_designs_sses():
     resample = noisy.take(np.random.default_rng(1).integers(0, len(noisy.loss), len(noisy.loss)))
     for data in (exact, noisy, resample):
         n0, d0 = float(np.exp(np.mean(np.log(data.n)))), float(np.exp(np.mean(np.log(data.d))))
-        stacked = fits._grid_sse(data, cells, True, n0, d0)
+        per_cell = np.array([fits._lstsq_sse(fits._design(data, a, b, n0, d0), data.loss)[1] for a, b in cells])
         product = fits._product_grid_sse(data, grid, grid, n0, d0).reshape(-1)
-        assert product == pytest.approx(stacked, rel=1e-6, abs=1e-10 * float(data.loss @ data.loss))
-        assert int(np.argmin(product)) == int(np.argmin(stacked)) or product[np.argmin(stacked)] == pytest.approx(
+        assert product == pytest.approx(per_cell, rel=1e-6, abs=1e-10 * float(data.loss @ data.loss))
+        assert int(np.argmin(product)) == int(np.argmin(per_cell)) or product[np.argmin(per_cell)] == pytest.approx(
             product.min(), abs=1e-10
         )
+
+
+def test_the_offsets_grid_gives_the_per_beta_sses():
+    """With two sizes (one offset per size), the batched start grid against lstsq beta by beta."""
+    data = _joint_data(SIZES[:2], noise=0.01, seed=3)
+    grid = np.linspace(0.02, fits.EXPONENT_MAX, 60)
+    d0 = float(np.exp(np.mean(np.log(data.d))))
+    per_beta = [fits._lstsq_sse(fits._design(data, None, b, 1.0, d0), data.loss)[1] for b in grid]
+    assert fits._offsets_grid_sse(data, grid, d0) == pytest.approx(per_beta, rel=1e-6)
 
 
 def test_alpha_is_not_identifiable_with_two_sizes():

@@ -178,19 +178,14 @@ def _lstsq_sse(design: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, float]
     return coef, float(resid @ resid)
 
 
-def _grid_sse(data: JointData, cells: np.ndarray, identifiable: bool, n0: float, d0: float) -> np.ndarray:
-    """The residual sum of squares of the best linear coefficients at every grid cell of exponents
-    ([cells, 2] alpha, beta; or [cells, 1] beta alone), all cells at once: the designs stacked into
-    one [cells, points, columns] array, columns scaled to unit norm, and the normal equations solved
-    in one batch (a pseudo-inverse where one is singular). The same numbers as calling _lstsq_sse
-    cell by cell."""
-    d_terms = (data.d[None, :] / d0) ** -cells[:, -1:]
-    if identifiable:
-        n_terms = (data.n[None, :] / n0) ** -cells[:, :1]
-        design = np.stack([np.ones_like(d_terms), n_terms, d_terms], axis=-1)
-    else:
-        onehot = (data.size[:, None] == np.arange(data.n_sizes)[None, :]).astype(float)
-        design = np.concatenate([np.broadcast_to(onehot, (len(cells), *onehot.shape)), d_terms[..., None]], axis=-1)
+def _offsets_grid_sse(data: JointData, betas: np.ndarray, d0: float) -> np.ndarray:
+    """The per-size-offset form's (fewer than three sizes) SSE at every beta of a grid, all at once:
+    the designs [one offset column per size, (D/D0)^-beta] stacked into one [betas, points, columns]
+    array, columns scaled to unit norm, and the normal equations solved in one batch (a
+    pseudo-inverse where one is singular). The same numbers as _lstsq_sse beta by beta."""
+    d_terms = (data.d[None, :] / d0) ** -betas[:, None]
+    onehot = (data.size[:, None] == np.arange(data.n_sizes)[None, :]).astype(float)
+    design = np.concatenate([np.broadcast_to(onehot, (len(betas), *onehot.shape)), d_terms[..., None]], axis=-1)
     design = design / np.maximum(np.linalg.norm(design, axis=1, keepdims=True), 1e-300)
     transposed = design.transpose(0, 2, 1)
     try:
@@ -202,11 +197,12 @@ def _grid_sse(data: JointData, cells: np.ndarray, identifiable: bool, n0: float,
 
 
 def _product_grid_sse(data: JointData, alphas: np.ndarray, betas: np.ndarray, n0: float, d0: float) -> np.ndarray:
-    """_grid_sse over every (alpha, beta) of alphas x betas ([alphas, betas] SSEs), from the normal
-    equations: the design's columns are 1, (N/N0)^-alpha and (D/D0)^-beta, so every entry of every
-    cell's 3x3 Gram matrix is a sum over points that a product of the [alphas, points] and
-    [betas, points] term matrices gives for all cells at once. Columns are scaled to unit norm
-    before the solve, as in _grid_sse, and SSE = y'y - coef'X'y. The bootstrap refits this grid
+    """The SSE of the best linear coefficients at every (alpha, beta) of alphas x betas ([alphas,
+    betas]; the same numbers as _lstsq_sse cell by cell), from the normal equations: the design's
+    columns are 1, (N/N0)^-alpha and (D/D0)^-beta, so every entry of every cell's 3x3 Gram matrix is
+    a sum over points that a product of the [alphas, points] and [betas, points] term matrices gives
+    for all cells at once. Columns are scaled to unit norm before the solve, and
+    SSE = y'y - coef'X'y. The bootstrap refits this grid
     2,000 times: built this way it costs a few [60, points] x [points, 60] products instead of a
     [3600, points, 3] design per refit (about 15x faster on 81 points)."""
     y = data.loss
@@ -249,7 +245,7 @@ def fit_joint_least_squares(data: JointData) -> dict[str, Any]:
         scores = _product_grid_sse(data, grid, grid, n0, d0).reshape(-1)  # the same order as cells
     else:
         cells = grid[:, None]
-        scores = _grid_sse(data, cells, identifiable, n0, d0)
+        scores = _offsets_grid_sse(data, grid, d0)
     start = cells[int(np.argmin(scores))]
     res = optimize.minimize(sse_of, start, method="L-BFGS-B", bounds=[(1e-3, EXPONENT_MAX)] * len(start))
     exps = res.x if res.fun <= min(scores) else start
