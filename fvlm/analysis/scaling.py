@@ -140,7 +140,7 @@ def iso_flop_entries(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 def scaling_fits(runs: list[Run], globs: list[str] | None, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
-    archs = sorted({r.arch for r in runs}, key=lambda a: a != "foveated")
+    archs = sorted({r.arch for r in runs}, key=lambda a: (a != "foveated", a))  # foveated first, then by name
     main = [r for r in runs if r.arch == archs[0]] if archs else []
     entries = iso_flop_entries(main)
     iso = fits.iso_flop(entries)
