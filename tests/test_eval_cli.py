@@ -345,6 +345,15 @@ def test_phase1b_three_mode_eval_of_the_best_run_and_its_milestones_and_sources(
     assert result["checkpoint_differences"][0]["bench"]["bench"]["coarse_fine"]["diff"] == 0  # same weights
     assert not (scaling / "S-C1-F" / "eval").exists()
 
+    # The checkpoints evaluated side by side in two processes: the same results, in step order.
+    shutil.copytree(scaling, tmp_path / "two", ignore=shutil.ignore_patterns("eval"))
+    two = json.loads(evaluate_phase1b(tmp_path / "two", run["data"] / "bench", max_samples=4, jobs=2).read_text())
+    assert [(e["step"], e["best"]) for e in two["steps"]] == [(e["step"], e["best"]) for e in result["steps"]]
+    for one_entry, two_entry in zip(result["steps"], two["steps"], strict=True):
+        for mode in MODES:
+            assert two_entry["modes"][mode]["loss"] == pytest.approx(one_entry["modes"][mode]["loss"], rel=1e-5)
+            assert two_entry["bench"]["bench"][mode]["correct"] == one_entry["bench"]["bench"][mode]["correct"]
+
     sources = json.loads(evaluate_sources(scaling / "S-C2-F", max_samples=4, log=lambda _t: None).read_text())
     assert sources["step"] == 10 and sources["mode"] == "coarse_fine" and len(sources["keys"]) == 4
     assert set(sources["kinds"]) <= {"video", "image", "text"}

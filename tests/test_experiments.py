@@ -470,3 +470,43 @@ def test_slurm_launcher_through_submitits_local_executor_matches_the_local_launc
         slurm=SlurmSettings(cluster="local", poll_sec=0.5),
     )
     assert again.run() == statuses and again.slurm_jobs == {}
+
+
+def test_workers_start_the_longest_runs_first(tmp_path):
+    """Side by side, the runs start by planned FLOPs, largest first (a long run started last would
+    leave the other cores idle at the sweep's end); equal ones keep the plan's order."""
+    from fvlm.experiments.runner import longest_first
+
+    specs = _specs(
+        ("short", {}, 16),
+        ("long", {}, 64),
+        ("B1", {"model.arch": "multi_token", "model.tokens_per_frame": 16}, 32),
+        ("mid", {}, 32),
+        ("mid-too", {}, 32),
+    )
+    sweep = Sweep(tmp_path / "order", "test", "tiny", dict(SMALL), specs, (4, 40), jobs=2)
+    assert [p.spec.run_id for p in longest_first(sweep.planned)] == ["long", "B1", "mid", "mid-too", "short"]
+
+
+def test_kept_workers_train_the_next_sweep_and_exit_with_the_phase(tmp_path):
+    """Inside keep_workers() (as `fvlm phase1` runs its sweeps) the second sweep's runs are trained by
+    the first sweep's worker processes, and those exit when it ends; outside it each sweep's own
+    workers exit with the sweep."""
+    import multiprocessing
+
+    from fvlm.experiments.runner import keep_workers, resolve_synthetic
+
+    base = resolve_synthetic("tiny", dict(SMALL), tmp_path)
+
+    def pids(folder):
+        return {r["pid"] for r in json.loads((folder / "sweep_state.json").read_text())["runs"].values()}
+
+    with keep_workers():
+        Sweep(tmp_path / "one", "ablations", "tiny", base, _specs(("a", {}, 8), ("b", {}, 8)), (4, 40), jobs=2).run()
+        first = pids(tmp_path / "one")
+        assert len(first) == 2 and first <= {p.pid for p in multiprocessing.active_children()}
+        Sweep(tmp_path / "two", "scaling", "tiny", base, _specs(("c", {}, 8), ("d", {}, 8)), (4, 40), jobs=2).run()
+        assert pids(tmp_path / "two") <= first
+    assert not first & {p.pid for p in multiprocessing.active_children()}
+    Sweep(tmp_path / "three", "ablations", "tiny", base, _specs(("e", {}, 8)), (4, 40), jobs=2).run()
+    assert not pids(tmp_path / "three") & first and not multiprocessing.active_children()

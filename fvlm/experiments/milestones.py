@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +118,13 @@ def evaluate_phase1b(
     max_samples: int = 0,
     batch_size: int = 8,
     device: str | None = None,
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> Path | None:
     """The best Phase 1b run's best checkpoint and every kept milestone in all three modes
-    (milestones are evaluation steps, so the best one is among them when it was kept)."""
-    from fvlm.eval.evaluate import evaluate_checkpoint, find_checkpoints, write_results
+    (milestones are evaluation steps, so the best one is among them when it was kept). On the CPU
+    `jobs` checkpoints are evaluated side by side, each in a spawned one-thread process."""
+    from fvlm.eval.evaluate import find_checkpoints, write_results
 
     found = best_phase1b_run(scaling_dir)
     if found is None:
@@ -136,23 +139,23 @@ def evaluate_phase1b(
         if [e.get("step") for e in done.get("steps", [done])] == steps:
             return out / rf.EVAL_JSON
     device = device or _device()
-    entries = []
-    for ckpt in checkpoints:
-        entry = evaluate_checkpoint(
-            ckpt,
-            modes=None,
-            data=None,
-            benches=[str(bench)] if bench else [],
-            overrides=[],
-            max_samples=max_samples,
-            batch_size=batch_size,
-            device=device,
-            score="mean",
-            log=lambda _text: None,
-        )
+    evaluate = partial(_milestone_entry, bench=bench, max_samples=max_samples, batch_size=batch_size, device=device)
+    if jobs > 1 and device == "cpu" and len(checkpoints) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from fvlm.experiments.evidence import _one_thread
+
+        # The checkpoints are independent: one spawned one-thread process per core (a tiny model's
+        # evaluation gains nothing from a second thread; 6 milestones took ~48 s on one core).
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(jobs, len(checkpoints)), mp_context=context, initializer=_one_thread) as pool:
+            entries = list(pool.map(evaluate, checkpoints))
+    else:
+        entries = [evaluate(ckpt) for ckpt in checkpoints]
+    for ckpt, entry in zip(checkpoints, entries, strict=True):
         entry["milestone"] = True
         entry["best"] = ckpt.step == best_step
-        entries.append(entry)
     path = write_results(entries, out)
     log(
         f"[phase1b eval] {run_dir.name}: steps {', '.join(map(str, steps))} (best {best_step}) in "
@@ -161,7 +164,27 @@ def evaluate_phase1b(
     return path
 
 
-def phase1b_step(preset, scaling_dir: Path, base: dict[str, Any], log: Callable[[str], None] = print) -> None:
+def _milestone_entry(ckpt, *, bench: Path | None, max_samples: int, batch_size: int, device: str) -> dict[str, Any]:
+    """One checkpoint of `evaluate_phase1b` in every mode (a module-level function: it runs in worker processes)."""
+    from fvlm.eval.evaluate import evaluate_checkpoint
+
+    return evaluate_checkpoint(
+        ckpt,
+        modes=None,
+        data=None,
+        benches=[str(bench)] if bench else [],
+        overrides=[],
+        max_samples=max_samples,
+        batch_size=batch_size,
+        device=device,
+        score="mean",
+        log=lambda _text: None,
+    )
+
+
+def phase1b_step(
+    preset, scaling_dir: Path, base: dict[str, Any], log: Callable[[str], None] = print, jobs: int = 1
+) -> None:
     """`evaluate_phase1b` as `fvlm phase1` runs it after the grid: the synthetic benchmark beside the
     validation split when there is one, the preset's eval sample count on the tiny preset; a
     failure is logged and the report goes on without the evaluation."""
@@ -170,7 +193,11 @@ def phase1b_step(preset, scaling_dir: Path, base: dict[str, Any], log: Callable[
     samples = int(preset.overrides.get("train.eval_samples", 64)) if preset.name == "tiny" else 0
     try:
         evaluate_phase1b(
-            scaling_dir, bench if bench is not None and bench.is_dir() else None, max_samples=samples, log=log
+            scaling_dir,
+            bench if bench is not None and bench.is_dir() else None,
+            max_samples=samples,
+            jobs=jobs,
+            log=log,
         )
     except Exception as exc:  # noqa: BLE001  (reported; the report names the evaluation as missing)
         log(f"[phase1b eval] failed ({type(exc).__name__}: {exc}); the report goes on without it")

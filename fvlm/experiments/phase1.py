@@ -37,7 +37,7 @@ from fvlm.experiments.evidence import (
 )
 from fvlm.experiments.milestones import phase1b_step
 from fvlm.experiments.presets import Preset, get_preset
-from fvlm.experiments.runner import Sweep, diff_text
+from fvlm.experiments.runner import Sweep, diff_text, keep_workers
 from fvlm.experiments.slurm import SlurmSettings
 from fvlm.model.backbones import shape_folder_name
 from fvlm.model.pretrain_tiny import ensure_tiny_backbones
@@ -305,11 +305,12 @@ def run_phase1(
         )
     )
     base = _ablation_base(preset, common, root)
-    locked = run_ablations(preset, ablation_dir, base, jobs, retry_failed, slurm)
-    evaluate_modes(preset, ablation_dir / "F3", base)
-    sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs, slurm)
-    sweep.run(retry_failed)
-    phase1b_step(preset, scaling_dir, base, _log)
+    with keep_workers():  # the same worker processes train the three sweeps
+        locked = run_ablations(preset, ablation_dir, base, jobs, retry_failed, slurm)
+        evaluate_modes(preset, ablation_dir / "F3", base)
+        sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs, slurm)
+        sweep.run(retry_failed)
+    phase1b_step(preset, scaling_dir, base, _log, jobs if slurm is None else 1)
     evidence = foveation_evidence(preset, root, ablation_dir, scaling_dir, jobs)
     summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked, evidence)
     _log(
