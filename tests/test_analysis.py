@@ -352,6 +352,19 @@ def test_analyze_writes_every_file_and_figure(project):
     assert all(b["interior"] for b in budgets.values()) and "N_star_of_C" in fits_json["iso_flop"]
 
 
+def test_bootstrap_refits_on_two_processes_give_the_same_fits(project, tmp_path):
+    """`fvlm analyze --jobs 2` refits the same bootstrap resamples in two processes: the fits file
+    is the one a single process writes, to the last digit."""
+    root, out = project
+    sweeps = [str(p) for p in sorted(root.iterdir()) if p != out]  # what the fixture analysed
+    assert main(["analyze", *sweeps, "--out", str(tmp_path / "two"), "--fit-runs", "*M-C?-F", "--bootstrap", "20",
+                 "--jobs", "2"]) == 0  # fmt: skip
+    assert (tmp_path / "two" / "scaling_fits.json").read_text() == (out / "scaling_fits.json").read_text()
+    fits_json = json.loads((out / "scaling_fits.json").read_text())
+    assert fits_json["joint_chinchilla_fit"]["ci95"]["alpha"] is not None  # the intervals were refitted
+    assert main(["analyze", *sweeps, "--out", str(tmp_path / "none"), "--jobs", "0"]) == 2
+
+
 def test_winners_come_from_the_data(project, tmp_path):
     _, out = project
     before = {q["id"]: q for q in json.loads((out / "decisions.json").read_text())["questions"]}

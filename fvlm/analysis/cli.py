@@ -32,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="processes for the bootstrap refits of the scaling fits, most of the analysis's time (same "
+        "intervals whatever the number; default 1)",
+    )
+    parser.add_argument(
         "--schedule",
         action="append",
         default=[],
@@ -46,12 +53,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_analyze(args: argparse.Namespace) -> int:
     if args.bootstrap < 1:
         raise UsageError(f"--bootstrap must be >= 1, got {args.bootstrap}")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
     globs = [g.strip() for g in args.fit_runs.split(",") if g.strip()]
     from fvlm.experiments.schedule import parse_inputs
 
     schedule = parse_inputs(args.schedule)
     summary = analyze(
-        args.paths, Path(args.out), globs or None, n_boot=args.bootstrap, seed=args.seed, schedule=schedule
+        args.paths,
+        Path(args.out),
+        globs or None,
+        n_boot=args.bootstrap,
+        seed=args.seed,
+        schedule=schedule,
+        jobs=args.jobs,
     )
     print(
         f"analyzed {summary['runs']} runs -> {args.out} ({summary['figures']} figures, "
@@ -68,12 +83,14 @@ def analyze(
     seed: int = 0,
     schedule=None,
     reading: dict[str, bool] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     import csv
     import json
     import math
 
     from fvlm.analysis import ablations, compare, figures, report, scaling, table
+    from fvlm.analysis.fits import refits_in_processes
     from fvlm.errors import UsageError
     from fvlm.experiments.schedule import ScheduleInputs, decision3
 
@@ -83,7 +100,8 @@ def analyze(
         raise UsageError(f"--fit-runs {','.join(globs)} matched no run (runs: {', '.join(data.runs)})")
     out.mkdir(parents=True, exist_ok=True)
 
-    fits = scaling.scaling_fits(fit_runs, globs, n_boot=n_boot, seed=seed)
+    with refits_in_processes(jobs):
+        fits = scaling.scaling_fits(fit_runs, globs, n_boot=n_boot, seed=seed)
     answers = ablations.answer_all(data)
     comparison = compare.compare_cells(data, n_boot=n_boot, seed=seed, reading=reading)
     checklist = report.go_no_go(data, answers, fits, comparison)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,20 @@ def _points(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(d), np.concatenate(loss), np.concatenate(run_idx)
 
 
+# The bootstrap refits: module-level, so that `fits.refits_in_processes` can send them to its processes.
+def _data_scaling_refit(d: np.ndarray, loss: np.ndarray, idx: np.ndarray) -> dict[str, Any]:
+    return fits.fit_data_scaling(d[idx], loss[idx])
+
+
+def _least_squares_refit(data: fits.JointData, idx: np.ndarray) -> dict[str, Any]:
+    return fits.fit_joint_least_squares(data.take(idx))
+
+
+def _huber_refit(data: fits.JointData, start: np.ndarray, idx: np.ndarray) -> dict[str, Any]:
+    # Started from the full data's optimum only, not from a grid of starts.
+    return fits.fit_joint_huber(data.take(idx), n_starts=0, extra_starts=[start])
+
+
 def per_size(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any]:
     out = {}
     sizes = sorted({r.model_size for r in runs}, key=lambda s: min(r.params or 0 for r in runs if r.model_size == s))
@@ -34,9 +49,7 @@ def per_size(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any]:
         if len(d) < 4:
             continue
         fit = fits.fit_data_scaling(d, loss)
-        boot = fits.bootstrap(
-            run_idx, lambda idx: fits.fit_data_scaling(d[idx], loss[idx]), ["E", "a", "b"], n_boot, seed
-        )
+        boot = fits.bootstrap(run_idx, partial(_data_scaling_refit, d, loss), ["E", "a", "b"], n_boot, seed)
         noises = np.array([ablations.run_noise(r) for r in group])
         noise = float(np.median(noises[np.isfinite(noises)])) if np.isfinite(noises).any() else math.nan
         fit.update(
@@ -78,17 +91,8 @@ def joint(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any] | None:
     huber = fits.fit_joint_huber(data)
     keys = ["E", "A", "B", "alpha", "beta"] if data.n_sizes >= 3 else ["B", "beta"]
     start = np.array(huber["theta"])
-    ls_boot = fits.bootstrap(
-        run_idx, lambda idx: fits.fit_joint_least_squares(data.take(idx)), keys, n_boot, seed, strata=size_idx
-    )
-    hub_boot = fits.bootstrap(
-        run_idx,
-        lambda idx: fits.fit_joint_huber(data.take(idx), n_starts=0, extra_starts=[start]),
-        keys,
-        n_boot,
-        seed,
-        strata=size_idx,
-    )
+    ls_boot = fits.bootstrap(run_idx, partial(_least_squares_refit, data), keys, n_boot, seed, strata=size_idx)
+    hub_boot = fits.bootstrap(run_idx, partial(_huber_refit, data, start), keys, n_boot, seed, strata=size_idx)
     least_squares.update(ci95=ls_boot["ci95"])
     huber.update(ci95=hub_boot["ci95"])
     identifiable = data.n_sizes >= 3

@@ -312,7 +312,7 @@ def run_phase1(
         sweep.run(retry_failed)
     phase1b_step(preset, scaling_dir, base, _log, jobs if slurm is None else 1)
     evidence = foveation_evidence(preset, root, ablation_dir, scaling_dir, jobs)
-    summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked, evidence)
+    summary = write_report(preset, root, ablation_dir, scaling_dir, report_dir, locked, evidence, jobs)
     _log(
         f"fvlm phase1: done in {(time.perf_counter() - began) / 60:.1f} min; report {report_dir / 'report.md'} "
         f"({summary['figures']} figures), decisions {root / 'decisions.json'}"
@@ -391,9 +391,10 @@ def write_report(
     report_dir: Path,
     locked: dict[str, Any],
     evidence: dict[str, Any] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Analysis of both sweeps, then the locked config (and the foveation evidence, when given)
-    added to decisions.json and report.md."""
+    """Analysis of both sweeps (its bootstrap refits on `jobs` processes), then the locked config
+    (and the foveation evidence, when given) added to decisions.json and report.md."""
     tmp = report_dir.with_name(report_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     grid = grid_reading(evidence) if evidence is not None else None
@@ -403,6 +404,7 @@ def write_report(
         ["?-C*"],
         n_boot=preset.analysis_bootstrap,
         reading=grid["reads_pixels"] if grid is not None else None,
+        jobs=jobs,
     )
     decisions = json.loads((tmp / "decisions.json").read_text())
     decisions["locked_config"] = locked
