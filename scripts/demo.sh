@@ -6,7 +6,7 @@
 # Re-running resumes: finished runs are skipped, an interrupted one continues from its checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --main-job  # the test tools and real-weight extras come with scripts/test.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 OUT=${FVLM_OUT:-runs}
 .venv/bin/fvlm phase1 --preset tiny --out "$OUT/phase1-tiny" "$@"

