@@ -5,7 +5,8 @@ Execution:
 - one process, one run after another (the default; a GPU run uses the one visible GPU);
 - `jobs > 1` on a CPU machine: that many worker processes side by side, each single-threaded, each
   importing torch once for all the runs it trains, one after another (the tiny preset's runs are
-  seconds to a minute long, so start-up matters);
+  seconds to a minute long, so start-up matters); the longest runs start first, and inside
+  `keep_workers()` (as `fvlm phase1` runs its sweeps) the workers outlive the sweep for the next one;
 - several visible GPUs: each run goes through `torchrun --nproc_per_node <gpus> -m fvlm train`.
 
 A run that diverges or fails is recorded and the sweep goes on. Ctrl-C (or SIGTERM) lets the runs in
