@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -510,3 +511,29 @@ def test_kept_workers_train_the_next_sweep_and_exit_with_the_phase(tmp_path):
     assert not first & {p.pid for p in multiprocessing.active_children()}
     Sweep(tmp_path / "three", "ablations", "tiny", base, _specs(("e", {}, 8)), (4, 40), jobs=2).run()
     assert not pids(tmp_path / "three") & first and not multiprocessing.active_children()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the signal mask from /proc")
+def test_an_idle_worker_outlives_a_late_sigterm_and_exits_when_closed():
+    """On Ctrl-C the sweep forwards SIGTERM to its busy workers; one whose run already stopped on the
+    terminal's SIGINT gets it between runs. That must not kill it (it was about to report its run
+    as interrupted: killed, the run was reported failed with no summary); it exits when closed."""
+    import multiprocessing
+    import signal
+    import time
+
+    from fvlm.experiments.runner import _Worker
+
+    worker = _Worker(multiprocessing.get_context("spawn"))
+    deadline = time.time() + 60
+    ignored = 0
+    while time.time() < deadline and not ignored >> (signal.SIGTERM - 1) & 1:  # until _worker_init ran
+        status = open(f"/proc/{worker.proc.pid}/status").read()
+        ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+        time.sleep(0.05)
+    os.kill(worker.proc.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.proc.is_alive()
+    began = time.time()
+    worker.close()
+    assert worker.proc.exitcode == 0 and time.time() - began < 30

@@ -461,9 +461,14 @@ def _cuda_count() -> int:
 
 
 def _worker_init() -> None:
-    # Between runs a worker ignores Ctrl-C (the parent decides); during a run the trainer's own handler
-    # turns it into "stop after this step with a checkpoint".
+    # Between runs a worker ignores Ctrl-C and SIGTERM (the parent decides, and tells an idle worker to
+    # exit through its pipe); during a run the trainer's own handler turns either into "stop after
+    # this step with a checkpoint". SIGTERM too: on Ctrl-C the parent forwards one to each busy
+    # worker, and it can land just after the run stopped on the terminal's SIGINT and the trainer
+    # put the handlers back, which killed the worker before it wrote the run's summary (the run was
+    # then reported failed).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     global _PARENT_PID
     _PARENT_PID = os.getppid()
@@ -475,7 +480,8 @@ _PARENT_PID: int | None = None
 
 def _terminate_with_parent() -> None:
     """Linux: SIGTERM this worker when the sweep process dies (even by SIGKILL), so that no orphan
-    keeps writing into a run folder that a re-run is about to resume."""
+    keeps writing into a run folder that a re-run is about to resume: a run in flight stops after
+    its step, and the worker then exits (`_worker_main`); an idle worker exits when its pipe closes."""
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
@@ -560,7 +566,7 @@ class _Worker:
             self.conn.send(None)
         self.proc.join(timeout=60)
         if self.proc.is_alive():
-            self.proc.terminate()
+            self.proc.kill()  # it was asked to stop a minute ago (SIGTERM is its stop request, not an exit)
             self.proc.join()
         self.conn.close()
 
