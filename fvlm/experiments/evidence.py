@@ -592,7 +592,8 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
-def _one_thread() -> None:
+def one_thread() -> None:
+    """Initialiser of the spawned evaluation processes (here and in Phase 1b's): one torch thread each."""
     import torch
 
     torch.set_num_threads(1)
@@ -627,7 +628,7 @@ def _evaluate_all(todo: list[Target], settings: EvidenceSettings, jobs: int, log
     results: dict[str, dict[str, Any]] = {}
     queue = list(todo)
     while queue:
-        with ProcessPoolExecutor(min(jobs, len(queue)), mp_context=context, initializer=_one_thread) as pool:
+        with ProcessPoolExecutor(min(jobs, len(queue)), mp_context=context, initializer=one_thread) as pool:
             in_flight: dict[Any, Target] = {}
             broken = False
             while (queue and not broken) or in_flight:

@@ -144,12 +144,12 @@ def evaluate_phase1b(
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        from fvlm.experiments.evidence import _one_thread
+        from fvlm.experiments.evidence import one_thread
 
         # The checkpoints are independent: one spawned one-thread process per core (a tiny model's
         # evaluation gains nothing from a second thread; 6 milestones took ~48 s on one core).
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(jobs, len(checkpoints)), mp_context=context, initializer=_one_thread) as pool:
+        with ProcessPoolExecutor(min(jobs, len(checkpoints)), mp_context=context, initializer=one_thread) as pool:
             entries = list(pool.map(evaluate, checkpoints))
     else:
         entries = [evaluate(ckpt) for ckpt in checkpoints]
