@@ -120,7 +120,8 @@ class TrainConfig:
     # when training in bf16, else MFU stays blank.
     peak_flops: float | None = None
     init_from: str = ""
-    # Stop as diverged when the loss exceeds this multiple of its running mean.
+    # Stop as diverged when the running loss climbs above this multiple of its lowest level (and far
+    # above the loss's step-to-step noise: fvlm/training/divergence.py).
     divergence_factor: float = 5.0
     wandb: Literal["off", "online", "offline"] = "off"
     wandb_project: str = "fvlm"

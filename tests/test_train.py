@@ -350,22 +350,65 @@ def test_one_hard_batch_is_not_a_divergence_but_a_climbing_loss_is():
     """The guard reads the running loss: a single batch at 6x the floor (answer-only losses of small
     batches swing that much) passes; a loss that stays 6x up stops the run within 20 steps, one that
     blows up to 20x within 5."""
-    from types import SimpleNamespace
+    from fvlm.training.divergence import DivergenceGuard
 
-    from fvlm.training.trainer import Trainer
+    def verdicts(losses):
+        guard = DivergenceGuard(5.0)
+        return [guard.diverged(x) for x in losses]
 
-    def guard():
-        return SimpleNamespace(
-            cfg=SimpleNamespace(train=SimpleNamespace(divergence_factor=5.0)), loss_ema=None, loss_floor=None
-        )
-
-    spike = guard()
-    assert not any(Trainer._is_divergent(spike, x) for x in [0.2] * 50 + [1.2] + [0.2] * 10)
+    assert not any(verdicts([0.2] * 50 + [1.2] + [0.2] * 10))
     for level, within in ((1.2, 20), (4.0, 5)):  # stays at 6x the floor / blows up to 20x
-        climb = guard()
-        verdicts = [Trainer._is_divergent(climb, x) for x in [0.2] * 50 + [level] * 30]
-        assert True in verdicts and verdicts.index(True) - 50 < within, (level, verdicts.index(True))
-    assert Trainer._is_divergent(guard(), float("nan"))
+        seen = verdicts([0.2] * 50 + [level] * 30)
+        assert True in seen and seen.index(True) - 50 < within, (level, seen.index(True))
+    assert verdicts([0.2, float("nan")]) == [False, True]
+
+
+def _near_zero_losses(n: int, seed: int = 0) -> list[float]:
+    """Step losses of a run that answers almost everything: most batches near 0.002, one in four
+    holding an answer it gets wrong (0.08-0.2), as the tiny A8a run logged at 24,000 samples."""
+    rng = np.random.default_rng(seed)
+    hard = rng.random(n) < 0.25
+    return list(np.where(hard, rng.uniform(0.08, 0.2, n), rng.uniform(0.0005, 0.005, n)))
+
+
+def test_a_loss_near_zero_swinging_with_its_batches_is_not_a_divergence_but_a_blow_up_is(monkeypatch):
+    """Near zero the ratio alone trips on an ordinary stretch of hard batches (the lowest running
+    level is a lucky stretch of easy ones); the climb must also be large against the loss's own
+    spread. A blow-up to a loss of 1 is still caught within a few steps."""
+    from fvlm.training import divergence
+    from fvlm.training.divergence import DivergenceGuard
+
+    losses = [0.3] * 20 + _near_zero_losses(3000)
+    guard = DivergenceGuard(5.0)
+    assert not any(guard.diverged(x) for x in losses)
+    assert guard.level / guard.floor > 5  # what the ratio test alone would have stopped on
+    blown = DivergenceGuard(5.0)
+    seen = [blown.diverged(x) for x in losses + [1.0] * 20]
+    assert True in seen and seen.index(True) - len(losses) < 5
+    assert "running level" in blown.describe() and "spread" in blown.describe()
+    monkeypatch.setattr(divergence, "NOISE_MULT", 0.0)  # the ratio test alone
+    ratio_only = DivergenceGuard(5.0)
+    assert any(ratio_only.diverged(x) for x in losses)
+
+
+def test_the_divergence_guard_resumes_from_its_state_as_if_never_stopped():
+    """A guard rebuilt from its checkpointed state mid-run gives the same verdicts and state as one
+    that ran through; a checkpoint from before the spread existed resumes on the ratio test."""
+    from fvlm.training.divergence import DivergenceGuard
+
+    losses = _near_zero_losses(400, seed=1) + [1.0] * 20
+    through = DivergenceGuard(5.0)
+    expected = [through.diverged(x) for x in losses]
+    first = DivergenceGuard(5.0)
+    got = [first.diverged(x) for x in losses[:250]]
+    second = DivergenceGuard(5.0)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    got += [second.diverged(x) for x in losses[250:]]
+    assert got == expected and second == through
+    legacy = DivergenceGuard(5.0)
+    legacy.load_state_dict({"loss_ema": 0.2, "loss_floor": 0.1})
+    assert (legacy.level, legacy.floor, legacy.floor_spread) == (0.2, 0.1, 0.0)
+    assert legacy.diverged(0.2) is False and legacy.diverged(10.0) is True
 
 
 def test_a_crash_writes_status_failed_with_the_message(out_dir, monkeypatch):

@@ -40,13 +40,12 @@ from fvlm.model.build import build_model, build_tokenizer, compile_model
 from fvlm.model.flops import estimate_flops
 from fvlm.training import checkpoint as ckpt
 from fvlm.training.dist import Dist, init_distributed, shutdown
+from fvlm.training.divergence import DivergenceGuard
 from fvlm.training.evaluate import save_probe_attention, to_device, validate
 from fvlm.training.logs import CsvLog, Progress, Wandb, git_commit
 from fvlm.training.optim import GROUPS, apply_lrs, build_optimizer, group_lrs
 from fvlm.training.throughput import Interval, peak_flops
 
-# Divergence: the running loss climbs above train.divergence_factor x the lowest level it reached.
-LOSS_EMA_DECAY = 0.9
 # convergence_step: the first eval point within this relative distance of the best val loss.
 CONVERGENCE_TOLERANCE = 0.01
 GIB = 2**30
@@ -133,8 +132,7 @@ class Trainer:
         self.seen = {"frames": 0, "text_tokens": 0, "loss_tokens": 0}
         self.seen_at_start, self.samples_at_start = dict(self.seen), 0  # where this session began
         self.wall_time_before = 0.0
-        self.loss_ema: float | None = None
-        self.loss_floor: float | None = None
+        self.divergence = DivergenceGuard(cfg.train.divergence_factor)
         self.skipped_steps = 0
         self.best: dict = {}
         self.history: list[dict] = []
@@ -293,8 +291,7 @@ class Trainer:
         self.samples_seen = trainer_state["samples_seen"]
         self.seen = trainer_state["seen"]
         self.wall_time_before = trainer_state["wall_time_sec"]
-        self.loss_ema = trainer_state["loss_ema"]
-        self.loss_floor = trainer_state["loss_floor"]
+        self.divergence.load_state_dict(trainer_state.get("divergence", trainer_state))
         self.skipped_steps = trainer_state["skipped_steps"]
         self.best = meta.get("best") or {}
         self.saved_meta = meta
@@ -447,10 +444,9 @@ class Trainer:
                 )
                 continue
             train_loss = tally.loss_sum / tokens
-            if self._is_divergent(train_loss):
+            if self.divergence.diverged(train_loss):
                 self.progress.message(
-                    f"fvlm train: diverged at step {next_step} (loss {train_loss:.4g}, running level "
-                    f"above {self.cfg.train.divergence_factor:g}x its lowest, {_fmt(self.loss_floor)})"
+                    f"fvlm train: diverged at step {next_step} (loss {train_loss:.4g}; {self.divergence.describe()})"
                 )
                 return "diverged"
             grad_norm = self._optimizer_step(tokens)
@@ -539,23 +535,6 @@ class Trainer:
                 tally.coarse_tokens += n
         return tally
 
-    def _is_divergent(self, loss: float) -> bool:
-        """NaN/inf, or the running (smoothed) loss climbing far above the lowest level it reached.
-        The running level and not one step's loss: with answer-only targets and batches of 8, one
-        batch's loss swings several-fold (a batch of hard multiple-choice answers), and a single such
-        batch once stopped a healthy run (the tiny main job's D1 at step 82: 1.04 against a lowest
-        level of 0.20). A blow-up to 20x trips it within 5 steps, a loss that stays at 6x within 20.
-        Against the lowest level rather than the current one, so a loss that ramps up over many steps
-        (which the running level would follow) is caught too."""
-        if not math.isfinite(loss):
-            return True
-        ema = loss if self.loss_ema is None else LOSS_EMA_DECAY * self.loss_ema + (1 - LOSS_EMA_DECAY) * loss
-        if self.loss_floor is not None and ema > self.cfg.train.divergence_factor * self.loss_floor:
-            return True
-        self.loss_ema = ema
-        self.loss_floor = ema if self.loss_floor is None else min(self.loss_floor, ema)
-        return False
-
     def _optimizer_step(self, tokens: float) -> float:
         self.dist.sum_gradients(self.trainable)
         grads = [p.grad for p in self.trainable if p.grad is not None]
@@ -586,8 +565,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "seen": dict(self.seen),
             "wall_time_sec": self.wall_time(),
-            "loss_ema": self.loss_ema,
-            "loss_floor": self.loss_floor,
+            "divergence": self.divergence.state_dict(),
             "skipped_steps": self.skipped_steps,
         }
         rank_state = {"rng": ckpt.rng_state(), "data": self.train_loader.state_dict()}
