@@ -711,6 +711,24 @@ def test_the_smoothed_end_of_a_short_curve_follows_its_last_evals(tmp_path):
     assert smoothed_at(run, long[-1], "samples_seen") == pytest.approx(expected, rel=1e-4)
 
 
+def test_a_run_still_falling_on_a_decaying_learning_rate_is_named_with_the_caveat(tmp_path):
+    """The tail test cannot tell data still to learn from a cosine schedule's last decay (the tiny A6
+    and F2 fell over their last fifth at 6,000 samples and ended no lower at 12,000): the criterion
+    still fails, and names the runs whose drop may be the schedule's."""
+    from fvlm.analysis.report import _converged
+
+    sweep = tmp_path / "sweep"
+    samples = np.arange(1, 11) * 600.0
+    falling = 0.05 + 2.0 / np.sqrt(samples)
+    write_run(sweep, "F3", samples, falling, 1e6, 1e6)  # the default schedule: cosine
+    write_run(sweep, "A6", samples, falling, 1e6, 1e6, {"optim.schedule": "constant"})
+    write_run(sweep, "B1", samples, np.full(10, 0.1) + 1e-4 * np.sin(samples), 1e6, 1e6)
+    (sweep / "sweep.csv").write_text("run_id,status\nF3,completed\nA6,completed\nB1,completed\n")
+    status, text = _converged(load([str(sweep)]), [{"id": "q", "runs": ["F3", "A6", "B1"], "winner": "F3"}])
+    assert status == "fail" and text.startswith("2/3 ablation runs still falling"), text
+    assert "F3 ends on a decaying learning rate" in text and "A6 end" not in text and "B1" not in text.split("(")[0]
+
+
 def _with_grad_norms(run, norms):
     run.steps = {"grad_norm": np.asarray(norms, float)}
     return run
