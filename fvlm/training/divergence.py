@@ -91,7 +91,7 @@ class DivergenceGuard:
         """Takes a checkpoint's state; one written before the spread existed (keys loss_ema and
         loss_floor) resumes with no spread, i.e. the ratio test alone until the floor moves."""
         if "level" in state:
-            for key in ("level", "floor", "spread", "floor_spread", "steps"):
+            for key in self.state_dict():
                 setattr(self, key, state[key])
         else:
             self.level, self.floor = state.get("loss_ema"), state.get("loss_floor")
