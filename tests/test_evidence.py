@@ -347,7 +347,9 @@ def test_a_dying_evidence_worker_fails_only_the_runs_in_flight():
     results = list(_evaluate_all(todo, SETTINGS, 2, lines.append, evaluate=_dies_on_a1))
     assert [t.run_id for t, _ in results] == ids
     failed = {t.run_id for t, r in results if r["status"] == "failed"}
-    assert "A1" in failed and failed <= {"F3", "A1", "A6"}, failed
+    # Beside A1 can be any earlier run still in flight (F2 outlasts F3 when its worker was slower to
+    # start) or the one started after it: one run at most, with two processes.
+    assert "A1" in failed and len(failed) <= 2 and failed <= {"F1", "F2", "F3", "A1", "A6"}, failed
     assert all(r == {"status": "ok", "measured": t.run_id} for t, r in results if t.run_id not in failed)
     assert any("A1: evaluation failed: BrokenProcessPool" in line for line in lines)
 
