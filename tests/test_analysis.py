@@ -470,6 +470,22 @@ def test_baseline_ahead_at_c4_is_reported_cell_by_cell(tmp_path):
     assert "| 2M C4 | 2M-C4-F |" in report and "baseline ahead" in report
 
 
+def test_a_tie_with_a_costlier_baseline_bounds_the_equal_flops_advantage_from_below(tmp_path):
+    """A baseline that spent 4x the FLOPs on the same samples and ties the foveated cell would not be
+    ahead at equal FLOPs: the cell is "not behind" there, and the bound is the tie's lower 95% end.
+    A baseline that won with more FLOPs still decides nothing."""
+    grid = baseline_wins_at_c4(tmp_path, sizes=(2e6, 8e6), c4_gap=(0.0, -0.05))
+    cells = {(c["size"], c["budget"]): c for c in compare.compare_cells(table.load([str(grid)]))["cells"]}
+    tie, lost = cells[("2M", "C4")], cells[("8M", "C4")]
+    assert tie["same_data"]["verdict"] == "within noise" and tie["same_flops"] is None
+    lo = tie["same_data"]["ci95"][0]
+    assert lo < 0 < tie["same_data"]["ci95"][1]
+    assert tie["same_flops_bound"].startswith("foveated not behind at equal FLOPs")
+    assert "4.00x" in tie["same_flops_bound"] and f"at least {lo:+.4f}" in tie["same_flops_bound"]
+    assert lost["same_data"]["verdict"] == "baseline ahead"
+    assert lost["same_flops_bound"].startswith("not decided")
+
+
 def _two_sized_grid(root: Path, gaps: dict[float, float]) -> list[dict]:
     grid = baseline_wins_at_c4(root, sizes=tuple(gaps), c4_gap=tuple(gaps.values()))
     return compare.compare_cells(table.load([str(grid)]))
