@@ -5,6 +5,7 @@ vision encoder passes its linear-probe check."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 
 import numpy as np
@@ -17,14 +18,18 @@ from fvlm.config import load_config
 from fvlm.model.pretrain_tiny import (
     LLM_SHAPES,
     Recipe,
+    _frames,
     _largest_object,
+    _marked_object,
     _neighbour_labels,
     _packed,
     _part_weights,
     _patch_labels,
+    _patch_marks,
     _weighted_ce,
     ensure_tiny_backbones,
     make_tiny_backbones,
+    pretrain_dino,
     shipped_backbones,
     world_dialogues,
 )
@@ -59,6 +64,63 @@ def test_largest_object_picks_the_bigger_of_two():
     labels[0, 0:8, 0:16] = 7  # patches 0 and 1
     labels[0, 8:16, 0:8] = 2  # patch 2
     assert _largest_object(labels, 8)[0].tolist() == [True, True, False, False]
+
+
+def test_a_marked_frame_is_the_same_scene_with_a_white_mark_under_its_first_object():
+    """labelled_scene(marked=True) draws the same scene as without (the shipped recipe's frames do not
+    change) and paints the marked task's white square under the first object; the mark map is that
+    square, the object on it included."""
+    from PIL import Image
+
+    from fvlm.data.synth import MARK_BORDER, _Painter, labelled_scene
+
+    def painter():
+        return _Painter(64, np.random.default_rng(3), min_objects=2, max_objects=2)
+
+    plain, labels, no_mark = labelled_scene(painter())
+    marked, labels_marked, mark = labelled_scene(painter(), marked=True)
+    assert np.array_equal(labels, labels_marked) and not no_mark.any()
+    rows, cols = np.nonzero(mark)
+    square = mark[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    assert square.all()  # one filled rectangle
+    on_mark = np.unique(labels[mark & (labels >= 0)])
+    assert len(on_mark) == 1  # one object sits on it
+    obj_rows, obj_cols = np.nonzero(labels == on_mark[0])
+    assert rows.min() == max(0, obj_rows.min() - MARK_BORDER) and cols.max() <= obj_cols.max() + MARK_BORDER
+    border = mark & (labels < 0)  # the mark's own pixels, around the object
+    with_mark = np.asarray(Image.open(io.BytesIO(marked)).convert("RGB"), dtype=float)
+    without = np.asarray(Image.open(io.BytesIO(plain)).convert("RGB"), dtype=float)
+    assert with_mark[border].mean() > 220 and without[border].mean() < 200
+
+
+def test_mark_targets_per_patch_and_the_object_on_the_mark():
+    marks = np.zeros((2, 16, 16), dtype=bool)
+    marks[0, 0:8, 0:10] = True  # patch 0 whole, patch 1 a quarter (16 of 64 pixels)
+    marks[0, 8:9, 0:8] = True  # patch 2: an eighth
+    assert _patch_marks(marks, 8).tolist() == [[1, 1, 0, 0], [0, 0, 0, 0]]
+    maps = np.full((2, 16, 16), -1, dtype=np.int16)
+    maps[0, 2:6, 2:6] = 5  # on the mark
+    maps[0, 12:15, 12:15] = 9  # elsewhere
+    maps[1, 2:6, 2:6] = 7  # frame 1 has no mark
+    assert _marked_object(maps, marks).tolist() == [5, -100]
+
+
+def test_a_recipe_with_marks_has_its_own_digest_and_trains_on_marked_frames():
+    """The mark options are later additions: at their defaults the recipe (and so the shipped
+    backbones' digest) is what it was; set, they enter backbones.json and the digest, about the share
+    of the encoder's frames asked for show a mark, and the encoder trains with both mark targets."""
+    from dataclasses import replace
+
+    assert "marked_share" not in Recipe().fields() and "mark_cls" not in Recipe().fields()
+    recipe = replace(QUICK, marked_share=0.5, mark_cls=True, dino_bank=64)
+    assert recipe.fields()["marked_share"] == 0.5 and recipe.digest() != QUICK.digest()
+    _, maps, marks = _frames(np.random.default_rng(0), recipe, 64)
+    shown = marks.any(axis=(1, 2))
+    assert 20 <= shown.sum() <= 44 and (_marked_object(maps, marks) >= 0).sum() == shown.sum()
+    dino, probe = pretrain_dino(recipe, log=lambda *_: None)
+    assert probe["patches_test"] > 0
+    with pytest.raises(ValueError, match="mark_cls"):
+        pretrain_dino(replace(QUICK, mark_cls=True))
 
 
 def test_weighted_part_loss_is_the_mean_over_objects_plus_the_mean_over_background():
@@ -135,6 +197,14 @@ def test_made_twice_the_same_and_loaded_like_real_folders(tmp_path):
     assert list(tok.apply_chat_template(dialogue, tokenize=True)["input_ids"]) == list(ours)
 
 
+def test_cli_refuses_mark_options_it_cannot_use(tmp_path, capsys):
+    assert main(["backbones", "pretrain-tiny", str(tmp_path / "x"), "--mark-cls"]) == 2
+    assert "--marked-share" in capsys.readouterr().err
+    assert main(["backbones", "pretrain-tiny", str(tmp_path / "x"), "--marked-share", "1.5"]) == 2
+    assert "--marked-share must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_refuses_a_non_empty_folder(tmp_path, capsys):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
@@ -166,7 +236,6 @@ def test_the_tiny_preset_copies_the_shipped_backbones(tmp_path):
     assert shipped_backbones(QUICK) is None  # any other recipe is made on first use
 
 
-@pytest.mark.slow
 def _report(folder):
     """backbones.json without its timings."""
     report = json.loads((folder / "backbones.json").read_text())
@@ -176,6 +245,7 @@ def _report(folder):
     return report
 
 
+@pytest.mark.slow
 def test_the_shipped_backbones_are_what_the_command_makes(tmp_path):
     """`fvlm backbones pretrain-tiny` remakes the shipped folder, and the remade encoder passes the
     acceptance check: on held-out frames, a linear probe on the frozen patch tokens names the colour

@@ -65,6 +65,10 @@ SMALL_TALK = (
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 
+# The white mark of the marked task reaches this many pixels past its object on every side.
+MARK_BORDER = 2
+
+
 def _shape_mask(shape: str, d: int) -> np.ndarray:
     yy, xx = np.mgrid[0:d, 0:d] + 0.5
     c = d / 2
@@ -139,21 +143,31 @@ class _Painter:
         return buf.getvalue()
 
 
-def labelled_scene(p: _Painter) -> tuple[bytes, np.ndarray]:
-    """One frame as a video's frame looks (the painter's object count, sizes and background) and its
-    per-pixel object map: `COLOURS` index * len(SHAPES) + `SHAPES` index, -1 for background. For
-    pretraining the tiny vision encoder, which learns to tell colour and shape patch by patch."""
+def labelled_scene(p: _Painter, marked: bool = False) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """One frame as a video's frame looks (the painter's object count, sizes and background), its
+    per-pixel object map (`COLOURS` index * len(SHAPES) + `SHAPES` index, -1 for background) and, with
+    `marked`, the first object on a white mark as the marked task paints it: the third return value
+    is the mark's square (the object on it included) as a per-pixel bool map, all False without one.
+    For pretraining the tiny vision encoder, which learns to tell colour and shape patch by patch."""
     objects = p.layout(int(p.rng.integers(max(1, p.min_objects), max(1, p.max_objects) + 1)), distinct_shapes=False)
     canvas = p.background()
     labels = np.full((p.size, p.size), -1, dtype=np.int16)
+    mark = np.zeros((p.size, p.size), dtype=bool)
     taken: list = []
     colour_ids = {c: i for i, c in enumerate(COLOURS)}
-    for colour, shape, d in objects:
+    for i, (colour, shape, d) in enumerate(objects):
         x, y = p.place(d, taken)
+        if marked and i == 0:
+            box = (
+                slice(max(0, y - MARK_BORDER), y + d + MARK_BORDER),
+                slice(max(0, x - MARK_BORDER), x + d + MARK_BORDER),
+            )
+            canvas[box] = COLOURS["white"]
+            mark[box] = True
         p.paint(canvas, colour, shape, d, x, y)
         region = labels[y : y + d, x : x + d]
         region[p.masks[(shape, d)]] = colour_ids[colour] * len(SHAPES) + SHAPES.index(shape)
-    return p.finish(canvas), labels
+    return p.finish(canvas), labels, mark
 
 
 def _choices(rng: np.random.Generator, right: str, wrong: list[str]) -> tuple[list[str], int]:
@@ -339,7 +353,9 @@ def _marked_crowd(p: _Painter) -> int:
 def _paint_marked(p: _Painter, canvas: np.ndarray, others: list, colour: str, shape: str, d: int, x: int, y: int):
     """Paints a marked scene onto `canvas`: the white mark (a little larger than the object), the
     other objects, then the marked object of side d at (x, y) on the mark."""
-    canvas[max(0, y - 2) : y + d + 2, max(0, x - 2) : x + d + 2] = COLOURS["white"]
+    canvas[max(0, y - MARK_BORDER) : y + d + MARK_BORDER, max(0, x - MARK_BORDER) : x + d + MARK_BORDER] = COLOURS[
+        "white"
+    ]
     for obj in others:
         p.paint(canvas, *obj)
     p.paint(canvas, colour, shape, d, x, y)

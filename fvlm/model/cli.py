@@ -25,6 +25,19 @@ def register(sub) -> None:
     tiny.add_argument("out", metavar="OUT")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--image-size", type=int, default=64, help="frame side the encoder is trained at")
+    tiny.add_argument(
+        "--marked-share",
+        type=float,
+        default=0.0,
+        help="experiment: share of the encoder's frames that show an object on the marked task's white "
+        "mark, with a per-patch target for where the mark is (default 0, the shipped recipe)",
+    )
+    tiny.add_argument(
+        "--mark-cls",
+        action="store_true",
+        help="experiment: the encoder's CLS token also names the object on the mark (the marked task's "
+        "answer; a diagnostic, needs --marked-share)",
+    )
     tiny.set_defaults(func=cmd_pretrain_tiny)
     imp = bb_sub.add_parser(
         "import",
@@ -168,7 +181,12 @@ def cmd_pretrain_tiny(args) -> int:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.image_size <= 0 or args.image_size % 8:
         raise UsageError(f"--image-size must be a positive multiple of 8 (the patch size), got {args.image_size}")
-    report = make_tiny_backbones(out, Recipe(seed=args.seed, image_size=args.image_size))
+    if not 0 <= args.marked_share <= 1:
+        raise UsageError(f"--marked-share must be in [0, 1], got {args.marked_share}")
+    if args.mark_cls and not args.marked_share:
+        raise UsageError("--mark-cls needs frames with a mark: give --marked-share above 0")
+    recipe = Recipe(seed=args.seed, image_size=args.image_size, marked_share=args.marked_share, mark_cls=args.mark_cls)
+    report = make_tiny_backbones(out, recipe)
     probe = report["dino_probe"]
     print(
         f"wrote {out}: tiny-dino (probe: colour {probe['colour_accuracy']:.3f}, shape {probe['shape_accuracy']:.3f}, "

@@ -50,6 +50,8 @@ RECIPE_VERSION = 4
 LLM_SHAPES = ("tiny-llm", "tiny-llm-m", "tiny-llm-l")
 # A patch is labelled with the object covering most of it when that object covers at least this share.
 MIN_COVER = 0.4
+# A patch is "on the mark" when the mark's square covers at least this share of it.
+MIN_MARK = 0.25
 
 
 @dataclass(frozen=True)
@@ -79,12 +81,29 @@ class Recipe:
     # pretrained on the marked task's own answers never learned to look at the frames (answer-token
     # pixel gain 0.0001 against 0.10 after 6,000 samples; benchmarks/RESULTS.md).
     video_task: str = "motion"
+    # Experiments on the marked task's white mark (off in the shipped recipe; benchmarks/RESULTS.md,
+    # session 17). `marked_share`: the share of the encoder's frames that show their first object on a
+    # mark, as the marked task paints it, with a per-patch target for where the mark is (1 where its
+    # square covers MIN_MARK of a patch). `mark_cls`: the CLS token also names the object on the mark,
+    # which is the marked task's answer itself: a diagnostic of what the encoder lacks, not a recipe.
+    marked_share: float = 0.0
+    mark_cls: bool = False
+
+    def fields(self) -> dict:
+        """The recipe as backbones.json records it and its digest hashes: every field, except the later
+        additions (LATE_FIELDS) while they keep their defaults, so that recipes made before them keep
+        their digest and their shipped backbones."""
+        defaults = Recipe.__dataclass_fields__
+        return {k: v for k, v in asdict(self).items() if k not in LATE_FIELDS or v != defaults[k].default}
 
     def digest(self) -> str:
         from fvlm.data.synth import GENERATOR_VERSION
 
-        blob = json.dumps([RECIPE_VERSION, GENERATOR_VERSION, asdict(self)], sort_keys=True).encode()
+        blob = json.dumps([RECIPE_VERSION, GENERATOR_VERSION, self.fields()], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
+
+
+LATE_FIELDS = ("marked_share", "mark_cls")
 
 
 # ----------------------------------------------------------------------------- vision
@@ -132,7 +151,7 @@ def _neighbour_labels(colour: np.ndarray, grid: int) -> np.ndarray:
 
 
 def _frames(rng: np.random.Generator, recipe: Recipe, n: int):
-    """n labelled frames: normalised pixels [n, 3, S, S] and per-patch (colour, shape) labels."""
+    """n labelled frames: normalised pixels [n, 3, S, S], per-pixel object maps and mark maps."""
     from PIL import Image
 
     from fvlm.data.decode import normalise
@@ -145,13 +164,21 @@ def _frames(rng: np.random.Generator, recipe: Recipe, n: int):
         max_objects=recipe.max_objects,
         min_objects=recipe.min_objects,
     )
-    pixels, maps = [], []
+    pixels, maps, marks = [], [], []
     for _ in range(n):
-        jpeg, labels = labelled_scene(painter)
+        marked = bool(recipe.marked_share > 0 and rng.random() < recipe.marked_share)
+        jpeg, labels, mark = labelled_scene(painter, marked=marked)
         pixels.append(np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")))
         maps.append(labels)
+        marks.append(mark)
     frames = normalise(np.stack(pixels))
-    return frames, np.stack(maps)
+    return frames, np.stack(maps), np.stack(marks)
+
+
+def _patch_marks(marks: np.ndarray, patch: int) -> np.ndarray:
+    """Per-pixel mark maps [N, S, S] -> 1 where the mark's square (its object included) covers at least
+    MIN_MARK of a patch, else 0 [N, P]."""
+    return (_patch_blocks(marks.astype(np.float32), patch).mean(-1) >= MIN_MARK).astype(np.int64)
 
 
 def _part_weights(labels, layers: int):
@@ -177,6 +204,16 @@ def _dino_outputs(dino, frames):
     return [h[:, 1:] for h in normed], normed[-1][:, 0]
 
 
+def _marked_object(maps: np.ndarray, marks: np.ndarray) -> np.ndarray:
+    """[N]: the object id (colour * len(SHAPES) + shape) on each frame's mark, -100 without a mark."""
+    out = np.full(len(maps), -100, dtype=np.int64)
+    for i, (m, k) in enumerate(zip(maps, marks)):
+        ids = m[k & (m >= 0)]
+        if len(ids):
+            out[i] = np.bincount(ids).argmax()
+    return out
+
+
 def _present(maps: np.ndarray, classes: int) -> np.ndarray:
     """Multi-hot [N, classes]: which (colour, shape) objects a frame shows."""
     out = np.zeros((len(maps), classes), dtype=np.float32)
@@ -195,6 +232,8 @@ def pretrain_dino(recipe: Recipe, log=print):
     from fvlm.data.synth import COLOURS, SHAPES
     from fvlm.model.backbones import backbone_config
 
+    if recipe.mark_cls and not recipe.marked_share:
+        raise ValueError("Recipe.mark_cls needs frames with a mark (marked_share > 0)")
     torch.manual_seed(recipe.seed)
     config = backbone_config("tiny-dino", "dino")
     config.image_size = recipe.image_size
@@ -209,7 +248,8 @@ def pretrain_dino(recipe: Recipe, log=print):
     # And the colour under each of its four neighbours (see the module docstring: what lets a query
     # choose a place).
     n_where = n_colour + n_shape + 2 * grid
-    heads = nn.ModuleList([nn.Linear(dim, n_where + len(NEIGHBOURS) * n_colour) for _ in range(layers)])
+    n_near = n_where + len(NEIGHBOURS) * n_colour
+    heads = nn.ModuleList([nn.Linear(dim, n_near + (2 if recipe.marked_share else 0)) for _ in range(layers)])
     row_of, column_of = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
     # The CLS token names the objects in the frame (multi-label): like DINOv2's CLS, whose attention
     # falls on the foreground objects, it learns to look at the objects and not at the background.
@@ -217,6 +257,10 @@ def pretrain_dino(recipe: Recipe, log=print):
     cls_head = nn.Linear(dim, objects)
     params = [p for n, p in dino.named_parameters() if "mask_token" not in n] + list(heads.parameters())
     params += list(cls_head.parameters())
+    # (made only when used: a module more would draw from the random stream of the shipped recipe)
+    mark_head = nn.Linear(dim, objects) if recipe.mark_cls else None
+    if mark_head is not None:
+        params += list(mark_head.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.dino_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=recipe.dino_lr, total_steps=recipe.dino_steps, pct_start=0.1
@@ -224,9 +268,11 @@ def pretrain_dino(recipe: Recipe, log=print):
     rng = np.random.default_rng([recipe.seed, _DINO_STREAM])
     # A bank of frames rendered once and drawn from with replacement: rendering (JPEG round trip
     # included) would otherwise cost a third of each step.
-    bank, maps = _frames(rng, recipe, recipe.dino_bank)
+    bank, maps, marks = _frames(rng, recipe, recipe.dino_bank)
+    bank_mark = torch.from_numpy(_patch_marks(marks, patch))
     bank_colour, bank_shape = (torch.from_numpy(a) for a in _patch_labels(maps, patch))
     bank_present = torch.from_numpy(_present(maps, objects))
+    bank_marked = torch.from_numpy(_marked_object(maps, marks))
     bank_near = torch.from_numpy(_neighbour_labels(bank_colour.numpy(), grid))
     dino.train()
     for step in range(1, recipe.dino_steps + 1):
@@ -235,6 +281,8 @@ def pretrain_dino(recipe: Recipe, log=print):
         near = bank_near[rows].flatten(0, 1)  # [batch * P, 4]
         patches, cls = _dino_outputs(dino, frames)
         loss = nn.functional.binary_cross_entropy_with_logits(cls_head(cls), present) * objects / 4
+        if mark_head is not None and (bank_marked[rows] >= 0).any():
+            loss = loss + nn.functional.cross_entropy(mark_head(cls), bank_marked[rows])
         # Every layer's head at once: [layers * batch * P, classes], the labels repeated per layer.
         logits = torch.cat([head(feats).flatten(0, 1) for head, feats in zip(heads, patches)])
         colour, shape = colour.flatten().repeat(layers), shape.flatten().repeat(layers)
@@ -250,9 +298,14 @@ def pretrain_dino(recipe: Recipe, log=print):
         # The neighbours' colours, object and background neighbours weighted alike (half each), as
         # for the patch itself.
         near = near.repeat(layers, 1)
-        around = logits[:, n_where:].unflatten(1, (len(NEIGHBOURS), n_colour))
+        around = logits[:, n_where:n_near].unflatten(1, (len(NEIGHBOURS), n_colour))
         near_weight = torch.stack([_part_weights(near[:, k], layers) for k in range(len(NEIGHBOURS))], 1) / 2
         loss = loss + _weighted_ce(around.flatten(0, 1), near.flatten(), near_weight.flatten())
+        if recipe.marked_share:
+            # Where the mark is: its patches and the rest averaged separately, as objects and background.
+            on_mark = bank_mark[rows].flatten().repeat(layers)
+            mark_weight = _part_weights(on_mark, layers)
+            loss = loss + _weighted_ce(logits[:, n_near : n_near + 2], on_mark, mark_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -278,7 +331,7 @@ def probe_dino(dino, recipe: Recipe, steps: int = 300) -> dict:
     patch = dino.config.patch_size
     sets, raw = [], []
     for _ in range(2):
-        frames, maps = _frames(rng, recipe, recipe.probe_frames)
+        frames, maps, _ = _frames(rng, recipe, recipe.probe_frames)
         raw.append((frames, maps))
         with torch.no_grad():
             feats = _dino_outputs(dino, frames)[0][-1]
@@ -598,7 +651,7 @@ def make_tiny_backbones(out_dir, recipe: Recipe | None = None, log=print, worker
     for shape, r in llms.items():
         log(f"  {shape}: answer loss on 200 held-out dialogues {r['answer_loss_held_out']:.3f} nats/token")
     report = {
-        "recipe": asdict(recipe),
+        "recipe": recipe.fields(),
         "digest": recipe.digest(),
         "dino_probe": probe,
         "dino": results["tiny-dino"],
