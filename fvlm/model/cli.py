@@ -7,6 +7,7 @@ import math
 
 from fvlm import overrides
 from fvlm.errors import UsageError
+from fvlm.model.pretrain_tiny import Recipe
 
 PAPER_SIZES = {"135M": "smollm2-135m", "360M": "smollm2-360m", "1.7B": "smollm2-1.7b"}
 
@@ -28,9 +29,9 @@ def register(sub) -> None:
     tiny.add_argument(
         "--marked-share",
         type=float,
-        default=0.0,
-        help="experiment: share of the encoder's frames that show an object on the marked task's white "
-        "mark, with a per-patch target for where the mark is (default 0, the shipped recipe)",
+        default=Recipe.marked_share,
+        help="share of the encoder's frames that show an object on the marked task's white mark, with "
+        "targets for where the mark is (default %(default)s, the shipped recipe; 0: recipe 4's frames)",
     )
     tiny.add_argument(
         "--mark-cls",
@@ -172,7 +173,7 @@ def run(args) -> int:
 def cmd_pretrain_tiny(args) -> int:
     from pathlib import Path
 
-    from fvlm.model.pretrain_tiny import Recipe, make_tiny_backbones
+    from fvlm.model.pretrain_tiny import make_tiny_backbones
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
