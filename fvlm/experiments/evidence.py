@@ -541,9 +541,12 @@ def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
     if not cells:
         return None
 
-    def named(rids: list[str]) -> str:  # each with its pixel gain, so that the verdict shows its size
+    def named(rids: list[str]) -> str:
+        # Each with its pixel gain, so that the verdict shows its size: the smallest over the modes
+        # measured, as a cell reads only when it reads in every one (the largest made a cell that does
+        # not read in its own mode look as if it did, and flattered those that read).
         gains = {rid: evidence["runs"][rid]["pixel"] for rid in rids}
-        return ", ".join(f"{rid} ({max(r['pixel_gain'] for r in gains[rid].values()):+.4f})" for rid in rids)
+        return ", ".join(f"{rid} ({min(r['pixel_gain'] for r in gains[rid].values()):+.4f})" for rid in rids)
 
     blind = [rid for rid, reads in cells.items() if not reads]
     reading = [rid for rid, reads in cells.items() if reads]
