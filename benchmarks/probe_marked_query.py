@@ -26,7 +26,7 @@ from PIL import Image
 from transformers import Dinov2Model
 
 from fvlm.data.decode import normalise
-from fvlm.data.synth import COLOURS, MARK_BORDER, MARKED_OBJECTS, _crowd, _paint_marked, _Painter
+from fvlm.data.synth import COLOURS, MARKED_OBJECTS, _crowd, _paint_marked, _Painter, mark_box
 from fvlm.model.encoder import DinoEncoder, cls_embedding
 
 PALETTE = [c for c in COLOURS if c != "white"]  # the marked task's colours
@@ -45,11 +45,9 @@ def marked_stills(seed: int, n: int, size: int, patch: int):
         _paint_marked(p, canvas, others, palette[0], shapes[0], d, x, y)
         pixels.append(np.asarray(Image.open(io.BytesIO(p.finish(canvas))).convert("RGB")))
         colours.append(PALETTE.index(palette[0]))
-        cells = np.zeros((grid, grid), dtype=np.float32)
-        lo_y, hi_y = max(0, y - MARK_BORDER) // patch, min(size - 1, y + d + MARK_BORDER - 1) // patch
-        lo_x, hi_x = max(0, x - MARK_BORDER) // patch, min(size - 1, x + d + MARK_BORDER - 1) // patch
-        cells[lo_y : hi_y + 1, lo_x : hi_x + 1] = 1
-        where.append(cells.flatten())
+        mark = np.zeros((size, size), dtype=bool)
+        mark[mark_box(x, y, d)] = True
+        where.append(mark.reshape(grid, patch, grid, patch).any(axis=(1, 3)).flatten().astype(np.float32))
     return torch.as_tensor(normalise(np.stack(pixels))), torch.tensor(colours), torch.as_tensor(np.stack(where))
 
 

@@ -69,6 +69,14 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 MARK_BORDER = 2
 
 
+def mark_box(x: int, y: int, d: int) -> tuple[slice, slice]:
+    """(rows, columns) of the white mark under an object of side d whose top-left corner is (x, y)."""
+    return (
+        slice(max(0, y - MARK_BORDER), y + d + MARK_BORDER),
+        slice(max(0, x - MARK_BORDER), x + d + MARK_BORDER),
+    )
+
+
 def _shape_mask(shape: str, d: int) -> np.ndarray:
     yy, xx = np.mgrid[0:d, 0:d] + 0.5
     c = d / 2
@@ -158,10 +166,7 @@ def labelled_scene(p: _Painter, marked: bool = False) -> tuple[bytes, np.ndarray
     for i, (colour, shape, d) in enumerate(objects):
         x, y = p.place(d, taken)
         if marked and i == 0:
-            box = (
-                slice(max(0, y - MARK_BORDER), y + d + MARK_BORDER),
-                slice(max(0, x - MARK_BORDER), x + d + MARK_BORDER),
-            )
+            box = mark_box(x, y, d)
             canvas[box] = COLOURS["white"]
             mark[box] = True
         p.paint(canvas, colour, shape, d, x, y)
@@ -353,9 +358,7 @@ def _marked_crowd(p: _Painter) -> int:
 def _paint_marked(p: _Painter, canvas: np.ndarray, others: list, colour: str, shape: str, d: int, x: int, y: int):
     """Paints a marked scene onto `canvas`: the white mark (a little larger than the object), the
     other objects, then the marked object of side d at (x, y) on the mark."""
-    canvas[max(0, y - MARK_BORDER) : y + d + MARK_BORDER, max(0, x - MARK_BORDER) : x + d + MARK_BORDER] = COLOURS[
-        "white"
-    ]
+    canvas[mark_box(x, y, d)] = COLOURS["white"]
     for obj in others:
         p.paint(canvas, *obj)
     p.paint(canvas, colour, shape, d, x, y)
