@@ -57,7 +57,6 @@ LLM_SHAPES = ("tiny-llm", "tiny-llm-m", "tiny-llm-l")
 MIN_COVER = 0.4
 # A patch is "on the mark" when the mark's square covers at least this share of it.
 MIN_MARK = 0.25
-WHERE_WEIGHT = 1.0
 
 
 @dataclass(frozen=True)
@@ -98,18 +97,6 @@ class Recipe:
     # A diagnostic, off in the shipped recipe: the CLS token also names the object on the mark, which
     # is the marked task's answer itself (what the encoder lacks, not a recipe; benchmarks/RESULTS.md).
     mark_cls: bool = False
-    # The CLS token also says where the mark is (the grid row and column of its centre): a saliency
-    # target, as DINOv2's CLS attention falls on the salient object, that needs the CLS to look at the
-    # mark without naming what is on it.
-    mark_where: bool = False
-    # A diagnostic, off: the patches on the mark also name the colour of the object on it.
-    mark_colour: bool = False
-    # Every patch an object touches (any share of it) also names that object's colour (the object with
-    # the most pixels in it): what a patch at an object's edge, or on the mark around it, knows of it.
-    touch_colour: bool = False
-    # The colour and shape targets on every patch an object touches (the object with the most pixels
-    # in it) instead of only those it covers MIN_COVER of (the probe still scores those).
-    touch_labels: bool = False
 
     def digest(self) -> str:
         from fvlm.data.synth import GENERATOR_VERSION
@@ -203,12 +190,9 @@ def _part_weights(labels, layers: int):
 
 
 def _weighted_ce(logits, labels, weight):
-    """sum(weight * cross-entropy) over rows of [rows, classes] logits. The classes go along dim 1 of a
-    [1, classes, rows] input: the CPU kernel then vectorises over the many rows instead of the few
-    classes (about 3x faster at these shapes)."""
     import torch.nn.functional as F
 
-    return (F.cross_entropy(logits.T.unsqueeze(0), labels.unsqueeze(0), reduction="none")[0] * weight).sum()
+    return (F.cross_entropy(logits, labels, reduction="none") * weight).sum()
 
 
 def _dino_outputs(dino, frames):
@@ -226,31 +210,6 @@ def _marked_object(maps: np.ndarray, marks: np.ndarray) -> np.ndarray:
         ids = m[k & (m >= 0)]
         if len(ids):
             out[i] = np.bincount(ids).argmax()
-    return out
-
-
-def _touch_labels(maps: np.ndarray, patch: int, both: bool = False):
-    """[N, P]: 1 + the colour of the object with the most pixels in each patch, 0 where none touches it
-    (both: the shape's labels too)."""
-    from fvlm.data.synth import SHAPES
-
-    blocks = _patch_blocks(maps, patch)
-    classes = max(1, 1 + int(blocks.max()))
-    counts = np.stack([(blocks == c).sum(-1) for c in range(classes)], axis=-1)
-    touched, best = counts.max(-1) > 0, counts.argmax(-1)
-    colour = np.where(touched, 1 + best // len(SHAPES), 0).astype(np.int64)
-    if not both:
-        return colour
-    return colour, np.where(touched, 1 + best % len(SHAPES), 0).astype(np.int64)
-
-
-def _mark_place(marks: np.ndarray, patch: int) -> np.ndarray:
-    """[N, 2]: the grid (row, column) of each frame's mark centre, -100 without a mark."""
-    out = np.full((len(marks), 2), -100, dtype=np.int64)
-    for i, m in enumerate(marks):
-        rows, cols = np.nonzero(m)
-        if len(rows):
-            out[i] = int((rows.min() + rows.max()) / 2) // patch, int((cols.min() + cols.max()) / 2) // patch
     return out
 
 
@@ -272,9 +231,8 @@ def pretrain_dino(recipe: Recipe, log=print):
     from fvlm.data.synth import COLOURS, SHAPES
     from fvlm.model.backbones import backbone_config
 
-    for option in ("mark_cls", "mark_where", "mark_colour"):
-        if getattr(recipe, option) and not recipe.marked_share:
-            raise ValueError(f"Recipe.{option} needs frames with a mark (marked_share > 0)")
+    if recipe.mark_cls and not recipe.marked_share:
+        raise ValueError("Recipe.mark_cls needs frames with a mark (marked_share > 0)")
     torch.manual_seed(recipe.seed)
     config = backbone_config("tiny-dino", "dino")
     config.image_size = recipe.image_size
@@ -303,16 +261,7 @@ def pretrain_dino(recipe: Recipe, log=print):
     mark_head = nn.Linear(dim, objects) if recipe.mark_cls else None
     if mark_head is not None:
         params += list(mark_head.parameters())
-    where_head = nn.Linear(dim, 2 * grid) if recipe.mark_where else None
-    if where_head is not None:
-        params += list(where_head.parameters())
-    colour_heads = nn.ModuleList([nn.Linear(dim, n_colour) for _ in range(layers)]) if recipe.mark_colour else None
-    touch_heads = nn.ModuleList([nn.Linear(dim, n_colour) for _ in range(layers)]) if recipe.touch_colour else None
-    if touch_heads is not None:
-        params += list(touch_heads.parameters())
-    if colour_heads is not None:
-        params += list(colour_heads.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.dino_lr, weight_decay=0.01, fused=True)
+    opt = torch.optim.AdamW(params, lr=recipe.dino_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=recipe.dino_lr, total_steps=recipe.dino_steps, pct_start=0.1
     )
@@ -321,16 +270,11 @@ def pretrain_dino(recipe: Recipe, log=print):
     # included) would otherwise cost a third of each step.
     bank, maps, marks = _frames(rng, recipe, recipe.dino_bank)
     bank_mark = torch.from_numpy(_patch_marks(marks, patch))
-    bank_colour, bank_shape = (
-        torch.from_numpy(a)
-        for a in (_touch_labels(maps, patch, both=True) if recipe.touch_labels else _patch_labels(maps, patch))
-    )
+    bank_colour, bank_shape = (torch.from_numpy(a) for a in _patch_labels(maps, patch))
     bank_present = torch.from_numpy(_present(maps, objects))
     if recipe.marked_share:
         bank_present = torch.cat([bank_present, torch.from_numpy(marks.any(axis=(1, 2))).float()[:, None]], 1)
     bank_marked = torch.from_numpy(_marked_object(maps, marks))
-    bank_place = torch.from_numpy(_mark_place(marks, patch))
-    bank_touch = torch.from_numpy(_touch_labels(maps, patch))
     bank_near = torch.from_numpy(_neighbour_labels(bank_colour.numpy(), grid))
     dino.train()
     for step in range(1, recipe.dino_steps + 1):
@@ -341,22 +285,6 @@ def pretrain_dino(recipe: Recipe, log=print):
         loss = nn.functional.binary_cross_entropy_with_logits(cls_head(cls), present) * objects / 4
         if mark_head is not None and (bank_marked[rows] >= 0).any():
             loss = loss + nn.functional.cross_entropy(mark_head(cls), bank_marked[rows])
-        if where_head is not None and (bank_place[rows, 0] >= 0).any():
-            place_logits = where_head(cls)
-            loss = loss + WHERE_WEIGHT * nn.functional.cross_entropy(place_logits[:, :grid], bank_place[rows, 0])
-            loss = loss + WHERE_WEIGHT * nn.functional.cross_entropy(place_logits[:, grid:], bank_place[rows, 1])
-        if touch_heads is not None:
-            touched = bank_touch[rows].flatten().repeat(layers)
-            touch_logits = torch.cat([head(feats).flatten(0, 1) for head, feats in zip(touch_heads, patches)])
-            loss = loss + _weighted_ce(touch_logits, touched, _part_weights(touched, layers))
-        if colour_heads is not None and (bank_marked[rows] >= 0).any():
-            from fvlm.data.synth import SHAPES as _S
-
-            target = torch.where(
-                (bank_mark[rows] > 0) & (bank_marked[rows, None] >= 0), 1 + bank_marked[rows, None] // len(_S), -100
-            )
-            for head, feats in zip(colour_heads, patches):
-                loss = loss + nn.functional.cross_entropy(head(feats).flatten(0, 1), target.flatten()) / layers
         # Every layer's head at once: [layers * batch * P, classes], the labels repeated per layer.
         logits = torch.cat([head(feats).flatten(0, 1) for head, feats in zip(heads, patches)])
         colour, shape = colour.flatten().repeat(layers), shape.flatten().repeat(layers)
