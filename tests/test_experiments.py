@@ -191,6 +191,23 @@ def test_a_max_samples_override_sets_the_ablation_budget_and_is_refused_by_the_g
         assert "sizes every cell from its FLOP budget" in capsys.readouterr().err
 
 
+def test_scale_multiplies_the_ablation_budget_and_the_grid_budgets_into_a_folder_of_its_own(capsys):
+    one, two = _dry(capsys, "phase1"), _dry(capsys, "phase1", "--scale", "2")
+    assert (one["out"], two["out"]) == ("runs/phase1-tiny", "runs/phase1-tiny-x2")
+    for a, b in zip(one["sweeps"], two["sweeps"]):
+        assert b["out"] == a["out"].replace("phase1-tiny", "phase1-tiny-x2")
+        assert [r["run_id"] for r in a["runs"]] == [r["run_id"] for r in b["runs"]]
+        for ra, rb in zip(a["runs"], b["runs"]):
+            # The ablations exactly; a grid cell's samples are its FLOPs over its per-sample FLOPs, rounded
+            # to whole steps, so within a step of twice.
+            assert abs(rb["samples"] - 2 * ra["samples"]) <= 8, ra["run_id"]
+    pinned = _dry(capsys, "sweep", "ablations", "--scale", "2", "train.max_samples=160")
+    assert {r["samples"] for r in pinned["runs"]} == {160}  # an explicit ablation budget is kept as given
+    for bad in ("0", "-1", "nan", "inf"):
+        assert main(["phase1", "--scale", bad, "--dry-run", "--no-measure"]) == 2
+        assert "--scale must be a number > 0" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- decisions
 
 

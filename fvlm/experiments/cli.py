@@ -22,6 +22,14 @@ def _add_common(parser: argparse.ArgumentParser, default_hint: str) -> None:
         help="data: a folder with train/ val/ probe/ (as `fvlm data synth` writes) or a "
         "shard folder / mix file for data.train (default: the preset's)",
     )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the plan's sample budgets (the ablation budget and the grid's FLOP budgets) by this; "
+        "the default folder gets -x<scale> (tiny: 2 makes the largest model's cells read the pixels, "
+        "in about twice the time)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the run matrix and time estimate; run nothing")
     parser.add_argument("--json", action="store_true", help="with --dry-run: the matrix as JSON")
     parser.add_argument(
@@ -123,7 +131,7 @@ def _jobs(args, preset: Preset) -> int:
 
 
 def _plan(args, sub_folder: str | None) -> phase1.Plan:
-    return phase1.plan(args.preset, args.out, args.overrides, args.data, sub_folder)
+    return phase1.plan(args.preset, args.out, args.overrides, args.data, sub_folder, args.scale)
 
 
 def cmd_sweep_ablations(args) -> int:

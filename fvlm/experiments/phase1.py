@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -56,11 +57,32 @@ class Plan:
     by_size: dict[str, dict[str, Any]]
 
 
-def plan(preset_name: str, out: str | None, overrides: list[str], data: str | None, sub_folder: str | None) -> Plan:
-    """A sweep's folder is `out`, else runs/phase1-<preset>/<sub_folder>; phase1's (no sub_folder) is
-    `out`, else runs/phase1-<preset>."""
+def plan(
+    preset_name: str,
+    out: str | None,
+    overrides: list[str],
+    data: str | None,
+    sub_folder: str | None,
+    scale: float = 1.0,
+) -> Plan:
+    """A sweep's folder is `out`, else runs/phase1-<preset>[-x<scale>]/<sub_folder>; phase1's (no
+    sub_folder) is `out`, else runs/phase1-<preset>[-x<scale>].
+
+    `scale` multiplies the plan's sample budgets: the ablation budget and the grid's FLOP budgets
+    alike, so that C3 stays beside the ablation budget at the smallest size, as the plan places it.
+    A train.max_samples override still sets the ablation budget exactly."""
     preset = get_preset(preset_name)
-    default = Path("runs") / f"phase1-{preset.name}"
+    if not (math.isfinite(scale) and scale > 0):
+        raise UsageError(f"--scale must be a number > 0, got {scale:g}")
+    name = f"phase1-{preset.name}"
+    if scale != 1:
+        preset = dataclasses.replace(
+            preset,
+            ablation_samples=max(1, round(preset.ablation_samples * scale)),
+            budgets={k: v * scale for k, v in preset.budgets.items()},
+        )
+        name += f"-x{scale:g}"
+    default = Path("runs") / name
     folder = Path(out) if out else (default / sub_folder if sub_folder else default)
     sizes = tuple(s.label for s in preset.sizes)
     common, by_size = matrix.split_overrides(overrides, sizes)
