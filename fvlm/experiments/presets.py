@@ -118,8 +118,9 @@ PAPER = Preset(
 # ~10,000. The models start reading the pixels only after ~2,000-3,000 samples for S and M, more for
 # L (measured at the grid's settings: S and L at 1,296 samples not at all, M at 1,579 not, at 3,168
 # clearly, L at 2,592 barely), so at half this scale M-C4-F (1,584 samples) did not read and the
-# grid's foveated answers at M measured text learning; L-C4-F (1,296 samples here) still does not
-# (benchmarks/RESULTS.md).
+# grid's foveated answers at M measured text learning; L-C4-F (1,296 samples here) still does not,
+# on two training seeds; at twice this scale (`fvlm phase1 --scale 2`, about twice the time) it
+# reads (benchmarks/RESULTS.md).
 BUDGET_SCALE = 5e-6
 TINY_DATA = {
     "data.synth_videos": 4000,
