@@ -9,20 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --main-job  # the test tools and real-weight extras come with scripts/test.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
-OUT=${FVLM_OUT:-runs}
-# `--scale X` (twice the budgets: `bash scripts/demo.sh --scale 2`) gets a folder of its own, named as
-# fvlm phase1 names it by default, so that it never meets the settings of a run at another scale.
-NAME=phase1-tiny
-ARGS=("$@")
-for ((i = 0; i < ${#ARGS[@]}; i++)); do
-  case "${ARGS[i]}" in
-    --scale) SCALE=${ARGS[i + 1]:-} ;;
-    --scale=*) SCALE=${ARGS[i]#--scale=} ;;
-  esac
-done
-if [[ -n "${SCALE:-}" ]]; then
-  SCALE=$(printf '%g' "$SCALE" 2> /dev/null) || true # not a number: fvlm phase1 refuses it below
-  [[ "$SCALE" == 1 ]] || NAME="$NAME-x$SCALE"
-fi
-.venv/bin/fvlm phase1 --preset tiny --out "$OUT/$NAME" "$@"
-echo "main job done: report in $OUT/$NAME/report/report.md, decisions in $OUT/$NAME/decisions.json"
+# The output folder is fvlm phase1's default: runs/phase1-tiny (the root: $FVLM_OUT), and with
+# `--scale X` (`bash scripts/demo.sh --scale 2`: twice the budgets) runs/phase1-tiny-x<X>, a folder of
+# its own, so that it never meets the settings of a run at another scale. Its last line names the
+# report and the decisions.
+.venv/bin/fvlm phase1 --preset tiny "$@"

@@ -191,7 +191,8 @@ def test_a_max_samples_override_sets_the_ablation_budget_and_is_refused_by_the_g
         assert "sizes every cell from its FLOP budget" in capsys.readouterr().err
 
 
-def test_scale_multiplies_the_ablation_budget_and_the_grid_budgets_into_a_folder_of_its_own(capsys):
+def test_scale_multiplies_the_ablation_budget_and_the_grid_budgets_into_a_folder_of_its_own(capsys, monkeypatch):
+    monkeypatch.delenv("FVLM_OUT", raising=False)
     one, two = _dry(capsys, "phase1"), _dry(capsys, "phase1", "--scale", "2")
     assert (one["out"], two["out"]) == ("runs/phase1-tiny", "runs/phase1-tiny-x2")
     for a, b in zip(one["sweeps"], two["sweeps"]):
@@ -201,6 +202,8 @@ def test_scale_multiplies_the_ablation_budget_and_the_grid_budgets_into_a_folder
             # The ablations exactly; a grid cell's samples are its FLOPs over its per-sample FLOPs, rounded
             # to whole steps, so within a step of twice.
             assert abs(rb["samples"] - 2 * ra["samples"]) <= 8, ra["run_id"]
+    monkeypatch.setenv("FVLM_OUT", "elsewhere")  # the root of every default folder (scripts/demo.sh's)
+    assert _dry(capsys, "phase1", "--scale", "2")["out"] == "elsewhere/phase1-tiny-x2"
     pinned = _dry(capsys, "sweep", "ablations", "--scale", "2", "train.max_samples=160")
     assert {r["samples"] for r in pinned["runs"]} == {160}  # an explicit ablation budget is kept as given
     for bad in ("0", "-1", "nan", "inf"):

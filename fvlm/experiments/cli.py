@@ -27,7 +27,7 @@ def _add_common(parser: argparse.ArgumentParser, default_hint: str) -> None:
         type=float,
         default=1.0,
         help="multiply the plan's sample budgets (the ablation budget and the grid's FLOP budgets) by this; "
-        "the default folder gets -x<scale> (tiny: 2 makes the largest model's cells read the pixels, "
+        "the default folder gets -x<scale> (default folders lie under $FVLM_OUT, else runs; tiny: 2 makes the largest model's cells read the pixels, "
         "in about twice the time)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the run matrix and time estimate; run nothing")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -65,8 +66,8 @@ def plan(
     sub_folder: str | None,
     scale: float = 1.0,
 ) -> Plan:
-    """A sweep's folder is `out`, else runs/phase1-<preset>[-x<scale>]/<sub_folder>; phase1's (no
-    sub_folder) is `out`, else runs/phase1-<preset>[-x<scale>].
+    """A sweep's folder is `out`, else <root>/phase1-<preset>[-x<scale>]/<sub_folder>; phase1's (no
+    sub_folder) is `out`, else <root>/phase1-<preset>[-x<scale>]. The root is $FVLM_OUT, else runs.
 
     `scale` multiplies the plan's sample budgets: the ablation budget and the grid's FLOP budgets
     alike, so that C3 stays beside the ablation budget at the smallest size, as the plan places it.
@@ -82,7 +83,7 @@ def plan(
             budgets={k: v * scale for k, v in preset.budgets.items()},
         )
         name += f"-x{scale:g}"
-    default = Path("runs") / name
+    default = Path(os.environ.get("FVLM_OUT") or "runs") / name
     folder = Path(out) if out else (default / sub_folder if sub_folder else default)
     sizes = tuple(s.label for s in preset.sizes)
     common, by_size = matrix.split_overrides(overrides, sizes)
