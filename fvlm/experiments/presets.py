@@ -120,7 +120,8 @@ PAPER = Preset(
 # clearly, L at 2,592 barely), so at half this scale M-C4-F (1,584 samples) did not read and the
 # grid's foveated answers at M measured text learning; L-C4-F (1,296 samples here) still does not,
 # on two training seeds; at twice this scale (`fvlm phase1 --scale 2`, about twice the time) it
-# reads (benchmarks/RESULTS.md).
+# reads on the default seed, but L's onset moves with the seeds: one of four reads at 1.5x, one not
+# yet at 3x (benchmarks/RESULTS.md).
 BUDGET_SCALE = 5e-6
 TINY_DATA = {
     "data.synth_videos": 4000,
