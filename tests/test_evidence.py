@@ -19,6 +19,7 @@ from fvlm.experiments.evidence import (
     EvidenceSettings,
     Target,
     _evaluate_all,
+    bench_gain,
     collect_evidence,
     compare,
     evidence_markdown,
@@ -289,7 +290,7 @@ def test_grid_cells_that_do_not_read_are_named_with_what_that_means():
     expected = {"S-C4-F": True, "S-C4-B": True, "M-C4-F": False, "M-C4-B": False, "L-C4-F": False}
     assert grid["reads_pixels"] == expected
     assert grid["sentence"].startswith(
-        "Grid cells that do not read the pixels (answer-token pixel gain not above noise, or under 1% of the grey"
+        "Grid cells that do not read the pixels (answer-token pixel gain not above noise or under 1% of the grey"
     )
     # Each named with its smallest gain over the modes: M-C4-F does not read in coarse_fine.
     assert "M-C4-F (+0.0000), M-C4-B (+0.0004), L-C4-F (+0.0000);" in grid["sentence"]
@@ -302,6 +303,51 @@ def test_grid_cells_that_do_not_read_are_named_with_what_that_means():
     expected = "Every measured grid cell reads the pixels (answer-token pixel gain): S-C4-F (+0.1000)."
     assert grid_reading(evidence)["sentence"] == expected
     assert grid_reading({"grid_cells": [], "runs": {}}) is None
+
+
+def test_a_loss_gain_whose_bench_answers_do_not_change_does_not_read():
+    """L-C4-B in the tiny main job: +0.0043 on a grey loss of 0.19 (2.3%, past the share floor) while
+    the bench stayed at 0.310 against 0.275 with grey frames. Where a run was read on the bench in a
+    mode, the pixels must change its answers as well."""
+    rng = np.random.default_rng(3)
+    grey = (rng.random(200) < 0.25).astype(int)
+    # The same answers as with grey frames but for 12 more right and 5 fewer: +0.035, an interval
+    # that holds 0.
+    flat = grey.copy()
+    flat[np.flatnonzero(grey == 0)[:12]] = 1
+    flat[np.flatnonzero(grey == 1)[:5]] = 0
+    # Right on 150 of 200: the pixels clearly bring answers.
+    answered = grey.copy()
+    answered[np.flatnonzero(grey == 0)[:100]] = 1
+
+    def bench(correct):
+        return {
+            "accuracy": float(np.mean(correct)),
+            "correct": correct.tolist(),
+            "grey_frames": {"accuracy": float(np.mean(grey)), "correct": grey.tolist()},
+        }
+
+    row = {"above_noise": True, "pixel_gain": 0.0043, "loss_blank_frames": 0.189}
+    small, large = bench_gain(bench(flat)), bench_gain(bench(answered))
+    # The paired difference is the difference of the two accuracies; only its interval is new.
+    assert small["diff"] == pytest.approx(bench(flat)["accuracy"] - float(np.mean(grey)))
+    assert small["diff"] == pytest.approx(0.035) and small["verdict"] == "not distinguishable"
+    assert large["verdict"] == "yes"
+    assert reads(row) and not reads(row, bench(flat)) and reads(row, bench(answered))
+    # The bench cannot make a loss that does not read read.
+    assert not reads({**row, "pixel_gain": 0.001}, bench(answered))
+
+    evidence = {
+        "grid_cells": ["L-C4-F", "L-C4-B"],
+        "runs": {
+            "L-C4-F": {"pixel": {"coarse_fine": row}, "bench": {"modes": {"coarse_fine": bench(answered)}}},
+            "L-C4-B": {"pixel": {"coarse_only": row}, "bench": {"modes": {"coarse_only": bench(flat)}}},
+        },
+    }
+    grid = grid_reading(evidence)
+    assert grid["reads_pixels"] == {"L-C4-F": True, "L-C4-B": False}
+    assert "L-C4-B (+0.0043; bench accuracy, real − grey frames, +0.035 [95% " in grid["sentence"]
+    assert grid["sentence"].endswith("Cells that read them: L-C4-F (+0.0043).")
 
 
 def _without_seconds(value):

@@ -55,6 +55,9 @@ F3_BENCH_MODES = ("coarse_only", "coarse_fine")
 # job the gains of the runs that learned the answers' wording are bimodal, 0.06-0.38 nats (30-85% of
 # the grey loss) or under 0.002 (under 1%); F1 and F2, whose frozen LLM never learned the wording
 # (answer loss ~1.6), gain 0.006-0.04 (0.4-3%).
+# No share tells every such case apart (a later L-C4-B gained +0.0043, 2.3% of its grey loss, with its
+# bench at 0.310 against 0.275 grey), so where a run was also read on the benchmark in that mode its
+# answers must change with the pixels too: real - grey accuracy on the same questions above 0 at 95%.
 READS_MIN_SHARE = 0.01
 GRID_CELL = re.compile(r"^(?P<size>[^-]+)-(?P<budget>C(?P<k>\d+))-(?P<arch>F|B)$")
 
@@ -205,12 +208,31 @@ def _pixel_rows(per_sample: dict, settings: EvidenceSettings) -> dict[str, Any]:
     return out
 
 
-def reads(row: dict[str, Any]) -> bool:
+def bench_gain(row: dict[str, Any]) -> dict[str, Any]:
+    """What the pixels do to one benchmark row's (run, mode) answers: accuracy with the real frames
+    minus accuracy with every frame grey, paired on the same questions, with its analytic 95%
+    interval and verdict ('yes': the real frames answer better)."""
+    paired = paired_difference(row["correct"], row["grey_frames"]["correct"], n_boot=0)
+    return {"diff": paired["diff"], "ci95": paired["ci95"], "verdict": verdict(paired["ci95"])}
+
+
+def _bench_row(entry: dict[str, Any], mode: str) -> dict[str, Any] | None:
+    return ((entry.get("bench") or {}).get("modes") or {}).get(mode)
+
+
+def reads(row: dict[str, Any], bench: dict[str, Any] | None = None) -> bool:
     """Whether a pixel-check row (one run, one mode) says the model reads the pixels: its gain is
-    above noise and at least READS_MIN_SHARE of the grey-frame loss."""
+    above noise and at least READS_MIN_SHARE of the grey-frame loss; and, when the run was read on
+    the benchmark in that mode (`bench`: that row), grey frames lower its accuracy (`bench_gain`)."""
     blank = row.get("loss_blank_frames")
     floor = READS_MIN_SHARE * blank if blank is not None and math.isfinite(blank) else math.inf
-    return bool(row["above_noise"]) and row["pixel_gain"] >= floor
+    by_loss = bool(row["above_noise"]) and row["pixel_gain"] >= floor
+    return by_loss and (bench is None or bench_gain(bench)["verdict"] == "yes")
+
+
+def run_reads(entry: dict[str, Any], mode: str) -> bool:
+    """`reads` for one run's entry in one mode, with its benchmark row when it has one."""
+    return reads(entry["pixel"][mode], _bench_row(entry, mode))
 
 
 def _attention(model, cfg, tokenizer, settings: EvidenceSettings, step) -> dict[str, Any]:
@@ -510,7 +532,7 @@ def conclusion(runs: dict[str, dict[str, Any]], pairs: list[dict[str, Any]]) -> 
     pixel = (f3.get("pixel") or {}).get("coarse_fine")
     if pixel:
         lo, hi = pixel["ci95"]
-        if reads(pixel):
+        if run_reads(f3, "coarse_fine"):
             details.append(
                 f"F3 reads the pixels: grey frames raise its answer loss (coarse_fine) by "
                 f"{pixel['pixel_gain']:.4f} [95% {lo:.4f}, {hi:.4f}]."
@@ -518,7 +540,7 @@ def conclusion(runs: dict[str, dict[str, Any]], pairs: list[dict[str, Any]]) -> 
         else:
             details.append(
                 f"F3 does not read the pixels: its pixel gain (coarse_fine), {pixel['pixel_gain']:+.4f} "
-                f"[95% {lo:+.4f}, {hi:+.4f}], is {_not_reading_why(pixel)}: a difference between its queries "
+                f"[95% {lo:+.4f}, {hi:+.4f}]: {_not_reading_why(pixel, _bench_row(f3, 'coarse_fine'))}; a difference between its queries "
                 "cannot come from what it sees."
             )
     bench = ((f3.get("bench") or {}).get("modes") or {}).get("coarse_fine")
@@ -534,9 +556,9 @@ def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
     sentence on what that means for the scaling answers: a size whose cells do not read has its foveated-vs-baseline comparisons decided by text learning alone.
     None when no grid cell was measured."""
     cells = {
-        rid: all(reads(r) for r in pixel.values())
+        rid: all(run_reads(entry, mode) for mode in entry["pixel"])
         for rid in evidence.get("grid_cells", [])
-        if (pixel := (evidence["runs"].get(rid) or {}).get("pixel"))
+        if (entry := evidence["runs"].get(rid) or {}).get("pixel")
     }
     if not cells:
         return None
@@ -544,9 +566,21 @@ def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
     def named(rids: list[str]) -> str:
         # Each with its pixel gain, so that the verdict shows its size: the smallest over the modes
         # measured, as a cell reads only when it reads in every one (the largest made a cell that does
-        # not read in its own mode look as if it did, and flattered those that read).
-        gains = {rid: evidence["runs"][rid]["pixel"] for rid in rids}
-        return ", ".join(f"{rid} ({min(r['pixel_gain'] for r in gains[rid].values()):+.4f})" for rid in rids)
+        # not read in its own mode look as if it did, and flattered those that read). A cell whose
+        # benchmark answers the pixels do not change also shows that difference.
+        out = []
+        for rid in rids:
+            entry = evidence["runs"][rid]
+            text = f"{min(r['pixel_gain'] for r in entry['pixel'].values()):+.4f}"
+            unchanged = [
+                gain
+                for mode in entry["pixel"]
+                if (row := _bench_row(entry, mode)) and (gain := bench_gain(row))["verdict"] != "yes"
+            ]
+            if unchanged:
+                text += f"; bench accuracy, real − grey frames, {_interval_text(unchanged[0])}"
+            out.append(f"{rid} ({text})")
+        return ", ".join(out)
 
     blind = [rid for rid, reads in cells.items() if not reads]
     reading = [rid for rid, reads in cells.items() if reads]
@@ -554,9 +588,9 @@ def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
         sentence = f"Every measured grid cell reads the pixels (answer-token pixel gain): {named(reading)}."
     else:
         sentence = (
-            f"Grid cells that do not read the pixels (answer-token pixel gain not above noise, or under "
-            f"{READS_MIN_SHARE:.0%} of the grey-frame loss): "
-            f"{named(blind)}; the scaling answers (Decision 2, foveated vs baseline) at their sizes "
+            f"Grid cells that do not read the pixels (answer-token pixel gain not above noise or under "
+            f"{READS_MIN_SHARE:.0%} of the grey-frame loss, or benchmark answers that grey frames do not "
+            f"change): {named(blind)}; the scaling answers (Decision 2, foveated vs baseline) at their sizes "
             f"measure how fast the models learn the text, not how they look."
         )
         if reading:
@@ -741,16 +775,18 @@ def _ci(interval, digits: int = 4, sign: bool = False) -> str:
     return f"[{_num(interval[0], digits, sign)}, {_num(interval[1], digits, sign)}]"
 
 
-def _not_reading_why(row: dict[str, Any]) -> str:
+def _not_reading_why(row: dict[str, Any], bench: dict[str, Any] | None = None) -> str:
     if verdict(row["ci95"]) == "no":
         return "below 0 (grey frames lower)"
     if not row["above_noise"]:
         return "not above noise"
-    return f"under {READS_MIN_SHARE:.0%} of the grey-frame loss"
+    if not reads(row):
+        return f"under {READS_MIN_SHARE:.0%} of the grey-frame loss"
+    return f"bench answers unchanged: real − grey accuracy {_interval_text(bench_gain(bench) if bench else None)}"
 
 
-def _reads_word(row: dict[str, Any]) -> str:
-    return "yes" if reads(row) else f"no ({_not_reading_why(row)})"
+def _reads_word(row: dict[str, Any], bench: dict[str, Any] | None = None) -> str:
+    return "yes" if reads(row, bench) else f"no ({_not_reading_why(row, bench)})"
 
 
 def _side(side: dict[str, Any]) -> str:
@@ -778,8 +814,9 @@ def evidence_markdown(evidence: dict[str, Any]) -> str:
         f"Validation loss of the assistant's answer tokens only (first {s['max_samples']} val samples), with "
         "the real frames and with every frame flat grey (frame count and masks unchanged). Pixel gain = grey − "
         "real: what the model gets from the pixels. Reads: its 95% interval (± 1.96 s.e. of the "
-        "per-sample differences, token-weighted) excludes 0 and the gain is at least "
-        f"{READS_MIN_SHARE:.0%} of the grey-frame loss.",
+        "per-sample differences, token-weighted) excludes 0, the gain is at least "
+        f"{READS_MIN_SHARE:.0%} of the grey-frame loss and, for a run also read on the benchmark in that "
+        "mode, its accuracy with the real frames is above its accuracy with grey ones (below).",
         "",
         "| run | mode | answer loss | grey frames | pixel gain | s.e. | 95% interval | reads | samples |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -789,7 +826,7 @@ def evidence_markdown(evidence: dict[str, Any]) -> str:
             lines.append(
                 f"| {rid} | {mode} | {_num(r['loss'])} | {_num(r['loss_blank_frames'])} | "
                 f"{_num(r['pixel_gain'], sign=True)} | {_num(r['se'])} | {_ci(r['ci95'], sign=True)} | "
-                f"{_reads_word(r)} | {r['n']} |"
+                f"{_reads_word(r, _bench_row(e, mode))} | {r['n']} |"
             )
     bench_rows = [
         (rid, mode, r) for rid, e in runs.items() for mode, r in ((e.get("bench") or {}).get("modes") or {}).items()
@@ -799,16 +836,18 @@ def evidence_markdown(evidence: dict[str, Any]) -> str:
             "",
             "### Multiple choice (synthetic benchmark)",
             "",
-            "Accuracy with the real frames and with every frame grey (same questions; 95% Wilson intervals).",
+            "Accuracy with the real frames and with every frame grey (same questions; 95% Wilson intervals), "
+            "and what the pixels bring: real − grey, paired on the same questions (analytic 95% interval).",
             "",
-            "| run | mode | accuracy | 95% CI | grey frames | grey 95% CI | chance | questions |",
-            "|---|---|---|---|---|---|---|---|",
+            "| run | mode | accuracy | 95% CI | grey frames | grey 95% CI | chance | real − grey | 95% | questions |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for rid, mode, r in bench_rows:
-            g = r["grey_frames"]
+            g, gain = r["grey_frames"], bench_gain(r)
             lines.append(
                 f"| {rid} | {mode} | {_num(r['accuracy'], 3)} | {_ci(r['ci95'], 3)} | "
-                f"{_num(g['accuracy'], 3)} | {_ci(g['ci95'], 3)} | {_num(r['chance'], 3)} | {r['n']} |"
+                f"{_num(g['accuracy'], 3)} | {_ci(g['ci95'], 3)} | {_num(r['chance'], 3)} | "
+                f"{_num(gain['diff'], 3, True)} | {_ci(gain['ci95'], 3, True)} | {r['n']} |"
             )
     lines += [
         "",
@@ -872,7 +911,7 @@ def decisions_summary(evidence: dict[str, Any]) -> dict[str, Any]:
             **{
                 k: r[k] for k in ("loss", "loss_blank_frames", "pixel_gain", "se", "ci95", "above_noise", "n", "tokens")
             },
-            "reads": reads(r),
+            "reads": run_reads(e, mode),
         }
         for rid, e in runs.items()
         for mode, r in (e.get("pixel") or {}).items()
@@ -884,6 +923,7 @@ def decisions_summary(evidence: dict[str, Any]) -> dict[str, Any]:
             **{k: r[k] for k in ("accuracy", "ci95", "chance", "n")},
             "grey_accuracy": r["grey_frames"]["accuracy"],
             "grey_ci95": r["grey_frames"]["ci95"],
+            "real_minus_grey": bench_gain(r),
         }
         for rid, e in runs.items()
         for mode, r in ((e.get("bench") or {}).get("modes") or {}).items()
