@@ -15,7 +15,7 @@ import numpy as np
 
 from fvlm.analysis import ablations
 from fvlm.analysis.attention_maps import load_attention, render_video
-from fvlm.analysis.fits import budget_label, predict_data_scaling, predict_joint
+from fvlm.analysis.fits import budget_label, not_identified_text, predict_data_scaling, predict_joint
 from fvlm.analysis.table import Run, Table
 
 STYLE = {
@@ -377,7 +377,7 @@ def scaling_data_curves(ctx: Context) -> Path | str:
             label = (
                 f"{size}: {fit['E']:.3f} + {fit['a']:.3g}/D^{fit['b']:.3f}"
                 if fit["identified"]
-                else f"{size}: fit not identified"
+                else f"{size}: {not_identified_text(fit)}"  # drawn dotted, with why it is not a law
             )
             ax.plot(
                 d,
