@@ -15,7 +15,7 @@ import numpy as np
 
 from fvlm.analysis import ablations
 from fvlm.analysis.attention_maps import load_attention, render_video
-from fvlm.analysis.fits import budget_label, not_identified_text, predict_data_scaling, predict_joint
+from fvlm.analysis.fits import budget_label, predict_data_scaling, predict_joint
 from fvlm.analysis.table import Run, Table
 
 STYLE = {
@@ -377,7 +377,8 @@ def scaling_data_curves(ctx: Context) -> Path | str:
             label = (
                 f"{size}: {fit['E']:.3f} + {fit['a']:.3g}/D^{fit['b']:.3f}"
                 if fit["identified"]
-                else f"{size}: {not_identified_text(fit)}"  # drawn dotted, with why it is not a law
+                # Drawn dotted, with why it is not a law, one reason a line so that the legend stays narrow.
+                else f"{size}: not identified\n" + "\n".join(fit["not_identified_because"])
             )
             ax.plot(
                 d,
@@ -392,7 +393,7 @@ def scaling_data_curves(ctx: Context) -> Path | str:
     ax.set_ylabel("val loss")
     ax.set_title("Data scaling: eval curves (thin) and per-size fits (thick)")
     if ax.get_legend_handles_labels()[0]:  # no fit drawn (too few points per size): nothing to label
-        ax.legend()
+        ax.legend(fontsize="small")
     return _save(fig, ctx.out / "scaling_data_curves.png")
 
 
