@@ -16,12 +16,15 @@ from fvlm.cli import main
 from fvlm.data.synth import generate_synthetic
 from fvlm.experiments.evidence import (
     EVIDENCE_FILE,
+    PRIMARY,
+    STATIC_TRAINED,
     EvidenceSettings,
     Target,
     _evaluate_all,
     bench_gain,
     collect_evidence,
     compare,
+    conclusion,
     evidence_markdown,
     grid_reading,
     paired_difference,
@@ -323,11 +326,12 @@ def test_a_loss_gain_whose_bench_answers_do_not_change_does_not_read():
     def bench(correct):
         return {
             "accuracy": float(np.mean(correct)),
+            "chance": 0.25,
             "correct": correct.tolist(),
             "grey_frames": {"accuracy": float(np.mean(grey)), "correct": grey.tolist()},
         }
 
-    row = {"above_noise": True, "pixel_gain": 0.0043, "loss_blank_frames": 0.189}
+    row = {"above_noise": True, "pixel_gain": 0.0043, "ci95": [0.0028, 0.0057], "loss_blank_frames": 0.189}
     small, large = bench_gain(bench(flat)), bench_gain(bench(answered))
     # The paired difference is the difference of the two accuracies; only its interval is new.
     assert small["diff"] == pytest.approx(bench(flat)["accuracy"] - float(np.mean(grey)))
@@ -348,6 +352,22 @@ def test_a_loss_gain_whose_bench_answers_do_not_change_does_not_read():
     assert grid["reads_pixels"] == {"L-C4-F": True, "L-C4-B": False}
     assert "L-C4-B (+0.0043; bench accuracy, real − grey frames, +0.035 [95% " in grid["sentence"]
     assert grid["sentence"].endswith("Cells that read them: L-C4-F (+0.0043).")
+
+    # The verdict's details say the same of F3: a loss gain whose answers do not move is not reading.
+    f3 = {"pixel": {"coarse_fine": row}, "bench": {"modes": {"coarse_fine": bench(flat)}}}
+    same = paired_difference(flat, flat, n_boot=0)
+    pairs = [
+        {"label": PRIMARY, "accuracy": {**same, "first": 0.3, "second": 0.3, "verdict": "not distinguishable"}},
+        {"label": STATIC_TRAINED},
+    ]
+    details = conclusion({"F3": f3}, pairs)["details"]
+    assert "F3 does not read the pixels: its pixel gain (coarse_fine), +0.0043 " in details
+    assert ": bench answers unchanged: real − grey accuracy +0.035 [95% " in details
+    f3["bench"]["modes"]["coarse_fine"] = bench(answered)
+    assert (
+        "F3 reads the pixels: grey frames raise its answer loss (coarse_fine) by 0.0043"
+        in conclusion({"F3": f3}, pairs)["details"]
+    )
 
 
 def _without_seconds(value):

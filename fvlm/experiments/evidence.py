@@ -538,10 +538,10 @@ def conclusion(runs: dict[str, dict[str, Any]], pairs: list[dict[str, Any]]) -> 
                 f"{pixel['pixel_gain']:.4f} [95% {lo:.4f}, {hi:.4f}]."
             )
         else:
+            why = _not_reading_why(pixel, _bench_row(f3, "coarse_fine"))
             details.append(
                 f"F3 does not read the pixels: its pixel gain (coarse_fine), {pixel['pixel_gain']:+.4f} "
-                f"[95% {lo:+.4f}, {hi:+.4f}]: {_not_reading_why(pixel, _bench_row(f3, 'coarse_fine'))}; a difference between its queries "
-                "cannot come from what it sees."
+                f"[95% {lo:+.4f}, {hi:+.4f}]: {why}; a difference between its queries cannot come from what it sees."
             )
     bench = ((f3.get("bench") or {}).get("modes") or {}).get("coarse_fine")
     if bench:
