@@ -3,7 +3,7 @@
 # preset (the shipped tiny backbones copied -> synthetic data -> 12 ablation runs -> locked config
 # -> 28-run scaling grid -> F3 in all three inference modes -> foveation evidence -> analysis report
 # with every planned figure). 8-15 minutes on 2 idle cores of a recent CPU (23 on an AVX2 EPYC), set-up included;
-# `--scale 2` (twice the budgets) about 25.
+# `--scale 2` (twice the budgets) 16-26.
 # Re-running resumes: finished runs are skipped, an interrupted one continues from its checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
