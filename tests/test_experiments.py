@@ -48,9 +48,16 @@ def _dry(capsys, *argv) -> dict:
 @pytest.mark.parametrize("preset", ["tiny", "paper"])
 def test_ablation_matrix_has_the_plans_twelve_runs_and_knobs(capsys, preset):
     record = _dry(capsys, "sweep", "ablations", "--preset", preset)
-    runs = {r["run_id"]: r for r in record["runs"]}
+    runs = {r["run_id"]: r for r in record["runs"] if "replicate_of" not in r}
     assert tuple(runs) == matrix.ABLATION_IDS
     p = TINY if preset == "tiny" else PAPER
+    # Then the training-noise replicates the preset asks for: the same diff with another seed.
+    replicates = [r for r in record["runs"] if "replicate_of" in r]
+    assert [r["run_id"] for r in replicates] == [
+        matrix.replicate_id(rid, k) for rid, n in p.ablation_replicates.items() for k in range(1, n + 1)
+    ]
+    for r in replicates:
+        assert {k: v for k, v in r["diff"].items() if k != "seed"} == runs[r["replicate_of"]]["diff"]
     c, b = p.connector_lr, p.backbone_lr
     base = record["base"]
     assert (base["optim.lr_connector"], base["optim.lr_dino"], base["optim.lr_llm"]) == (c, b, b)  # F3 = LR1, 10:1
@@ -83,11 +90,14 @@ def test_freeze_winner_f1_skips_the_lr_runs():
 @pytest.mark.parametrize("preset", ["tiny", "paper"])
 def test_scaling_grid_is_24_cells_plus_isoflop_extras(capsys, preset):
     record = _dry(capsys, "sweep", "scaling", "--preset", preset)
-    runs = {r["run_id"]: r for r in record["runs"]}
+    runs = {r["run_id"]: r for r in record["runs"] if "replicate_of" not in r}
     cells = [f"{s}-{c}-{a}" for s in "SML" for c in ("C1", "C2", "C3", "C4") for a in "FB"]
     extras = [f"{s}-{c}-B-isoflop" for s, c in (("S", "C2"), ("S", "C3"), ("M", "C2"), ("M", "C3"))]
     assert sorted(runs) == sorted(cells + extras)
     p = TINY if preset == "tiny" else PAPER
+    # Both arms of every size once more at the replicate budget.
+    replicates = sorted(r["run_id"] for r in record["runs"] if "replicate_of" in r)
+    assert replicates == sorted(f"{s}-{p.replicate_budget}-{a}.s1" for s in "SML" for a in "FB")
     for s in "SML":
         for c, budget in p.budgets.items():
             fov, base = runs[f"{s}-{c}-F"], runs[f"{s}-{c}-B"]

@@ -227,14 +227,39 @@ def grad_norm_stability(run: Run) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the questions
 
 
-def _verdict(margin: float, noise: float) -> str:
+def _verdict(margin: float, noise: float, eval_noise: float | None = None) -> str:
+    """`noise` is the margin's whole noise; `eval_noise` its evaluation part alone, given when the
+    whole includes the training noise of seed replicates. Without it (no replicates) the verdict is
+    the evaluation's alone, and may be overturned by a second training run."""
     if not math.isfinite(noise) or noise <= 0:
         return "noise unknown"
     if margin > 2 * noise:
         return "clear (margin > 2x noise)"
+    if eval_noise is not None:
+        if margin > 2 * eval_noise:
+            return "within training noise (margin > 2x the eval noise, < 2x eval + training noise)"
+        return "within noise"
     if margin > noise:
         return "weak (noise < margin < 2x noise)"
     return "within noise"
+
+
+def _with_training_noise(table: Table, stats: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Adds to each row its val loss's training noise (the seed replicates' floor, fvlm.analysis.noise)
+    and makes its `noise` the sum of the two: `eval_noise` keeps the curve's own. Returns the floor
+    used (a record for decisions.json), or None when no replicate measured one."""
+    from fvlm.analysis import noise as training
+
+    model = training.from_table(table)
+    used = None
+    for s in stats:
+        s["eval_noise"] = s["noise"]
+        floor = model.floor("val_loss", s["run"].run_id)
+        if floor is not None:
+            s["seed_sd"] = floor.sd
+            s["noise"] = math.sqrt(s["noise"] ** 2 + floor.sd**2)
+            used = floor.record()
+    return used
 
 
 # The questions the plan judges on one kind of validation sample rather than the mixed val loss:
@@ -266,7 +291,17 @@ def _paired_on_kind(first: Run, second: Run, kind: str) -> dict[str, Any] | None
     )
 
 
-def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any]:
+def _widened(paired: dict[str, Any], floor: dict[str, Any] | None) -> dict[str, Any]:
+    """A paired difference between two runs with the training noise of each (the seed floor of the
+    mixed val loss: no replicate measures the per-kind losses) added to its evaluation noise."""
+    from fvlm.analysis import noise as training
+
+    f = training.Floor(floor["sd"], floor["df"], floor["groups"], floor["source"]) if floor else None
+    judged = training.judge(paired["diff"], paired["se"], [f, f])
+    return {**paired, "ci95_bootstrap": judged["ci95"] if f else paired["ci95_bootstrap"], "judged": judged}
+
+
+def _by_source(question: Question, stats: list[dict[str, Any]], floor: dict[str, Any] | None = None) -> dict[str, Any]:
     kinds = SOURCE_KINDS[question.id]
     lacking = [s["run"].run_id for s in stats if not s["run"].sources]
     if lacking:
@@ -291,15 +326,21 @@ def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any
         paired = _paired_on_kind(runs[winner], runs[runner_up], "image")
         if paired is None:
             return _unknown(question, stats, f"{winner} and {runner_up} scored no image samples in common")
+        paired = _widened(paired, floor)
         by_kind: dict[str, dict[str, Any] | None] = {"image": paired}
         verdict = (
-            "clear (95% interval above 0)" if paired["ci95_bootstrap"][0] > 0 else "within noise (95% interval holds 0)"
+            "clear (95% interval above 0)"
+            if paired["ci95_bootstrap"][0] > 0
+            else "within training noise (95% interval holds 0)"
+            if floor and paired["judged"]["eval_verdict"] != "not distinguishable"
+            else "within noise (95% interval holds 0)"
         )
         margin = paired["diff"]
     else:
         d1 = next(r for r in runs if plan_id(runs[r]) == "D1")
         f3 = next(r for r in runs if plan_id(runs[r]) == "F3")
         by_kind = {kind: _paired_on_kind(runs[d1], runs[f3], kind) for kind in kinds}
+        by_kind = {kind: _widened(p, floor) if p else None for kind, p in by_kind.items()}
         video, image = by_kind["video"], by_kind["image"]
         if video is None or image is None:
             absent = [k for k, v in by_kind.items() if v is None]
@@ -325,6 +366,7 @@ def _by_source(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any
         "noise": (by_kind[kinds[0]] or {}).get("se"),
         "verdict": verdict,
         "by_kind": by_kind,
+        "training_noise": floor or "not measured (no seed replicates): the verdict may not survive a second run",
         "unstable": {},
         "winner_at_best": None,
         "rows": stats,
@@ -362,8 +404,22 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         s["at_common"] = float(np.interp(math.log(at), np.log(x), y))
         s["smoothed"] = smoothed_at(s["run"], at, question.axis)
 
+    floor = _with_training_noise(table, stats)
+    # The parts of the plan's rule the data cannot judge: the answer below rests on the rest of the
+    # rule (or on a weaker measurement, named), and is marked provisional.
+    unchecked: list[dict[str, Any]] = []
     if question.id in SOURCE_KINDS:
-        return _by_source(question, stats)
+        lacking = [s["run"].run_id for s in stats if not s["run"].sources]
+        if not lacking:
+            return _by_source(question, stats, floor)
+        kinds = " and ".join(SOURCE_KINDS[question.id])
+        unchecked.append(
+            {
+                "check": f"val loss on the {kinds} samples separately",
+                "reason": f"no per-sample val losses by kind (eval/sources.json) for {', '.join(lacking)}",
+                "substitute": "the smoothed val loss of the mixed val set all of them were scored on",
+            }
+        )
     score = {s["run"].run_id: s["smoothed"] for s in stats}
     eligible = [s for s in stats if not s["unstable"]] or stats
     grad = {}
@@ -372,14 +428,13 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         grad = {s["run"].run_id: grad_norm_stability(s["run"]) for s in stats}
         unjudged = [rid for rid, g in grad.items() if g["stable"] is None]
         if unjudged:
-            return _unknown(
-                question,
-                stats,
-                "grad-norm stability cannot be judged for "
-                + ", ".join(f"{rid} ({grad[rid]['reason']})" for rid in unjudged),
-                grad_norms=grad,
+            unchecked.append(
+                {
+                    "check": "grad-norm stability",
+                    "reason": "; ".join(f"{rid}: {grad[rid]['reason']}" for rid in unjudged),
+                }
             )
-        eligible = [s for s in eligible if grad[s["run"].run_id]["stable"]]
+        eligible = [s for s in eligible if grad[s["run"].run_id]["stable"] is not False]
         if not eligible:
             return _unknown(question, stats, "no run has stable grad norms", grad_norms=grad)
     ranked = sorted(eligible, key=lambda s: score[s["run"].run_id])
@@ -398,6 +453,7 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
     margin = score[runner_up["run"].run_id] - score[winner["run"].run_id] if runner_up else math.nan
     # A margin compares two runs' values, each read with its own eval noise.
     noise = math.sqrt(winner["noise"] ** 2 + runner_up["noise"] ** 2) if runner_up else math.nan
+    eval_noise = math.sqrt(winner["eval_noise"] ** 2 + runner_up["eval_noise"] ** 2) if runner_up and floor else None
     by_best = sorted(eligible, key=lambda s: s["best"])
     result = {
         **_header(question, stats),
@@ -408,7 +464,8 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         "runner_up": runner_up["run"].run_id if runner_up else None,
         "margin": margin,
         "noise": noise,
-        "verdict": _verdict(margin, noise),
+        "verdict": _verdict(margin, noise, eval_noise),
+        "training_noise": floor or "not measured (no seed replicates): the verdict may not survive a second run",
         "winner_at_best": by_best[0]["run"].run_id,
         "margin_at_best": by_best[1]["best"] - by_best[0]["best"] if len(by_best) > 1 else math.nan,
         "unstable": {s["run"].run_id: s["unstable"] for s in stats if s["unstable"]},
@@ -422,10 +479,25 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         )
     if grad:
         result["grad_norms"] = grad
+    if unchecked:
+        result["provisional"] = True
+        result["unchecked"] = unchecked
+        result["verdict"] += "; " + provisional_text(unchecked)
     if question.id == "deep_query":
         ratios = {s["run"].run_id: _last_finite(s["run"].col("val_loss_ratio")) for s in stats}
         result["val_loss_ratio"] = {k: v for k, v in ratios.items() if v is not None}
     return result
+
+
+def provisional_text(unchecked: list[dict[str, Any]]) -> str:
+    """'provisional: X not checked — why (substitute used)', for a verdict's text."""
+    parts = []
+    for u in unchecked:
+        text = f"{u['check']} not checked — {u['reason']}"
+        if u.get("substitute"):
+            text += f"; judged on {u['substitute']} instead"
+        parts.append(text)
+    return "provisional: " + "; ".join(parts)
 
 
 def _header(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any]:

@@ -19,7 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(all_eval_points.csv, run_summaries.csv, scaling_fits.json, scaling_law_plot.png) to --out.",
     )
     parser.add_argument("paths", nargs="+", metavar="PATH")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", help="output folder (required unless --side-by-side)")
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="PATHs are two or more whole Phase 1 outputs (or their decisions.json): print their verdicts "
+        "side by side and count contradictions (with --out: also side_by_side.md / .json there)",
+    )
     parser.add_argument(
         "--fit-runs", default="", help="comma-separated run-id globs used for the scaling fits (default: every run)"
     )
@@ -51,6 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
+    if args.side_by_side:
+        return _side_by_side(args)
+    if not args.out:
+        raise UsageError("fvlm analyze: --out is required (the folder the report is written to)")
     if args.bootstrap < 1:
         raise UsageError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     if args.jobs < 1:
@@ -75,6 +85,22 @@ def run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _side_by_side(args: argparse.Namespace) -> int:
+    import json
+
+    from fvlm.analysis import side_by_side as sbs
+
+    result = sbs.side_by_side([Path(p) for p in args.paths])
+    text = sbs.markdown(result)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "side_by_side.md").write_text(text)
+        (out / "side_by_side.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def analyze(
     paths: list[str],
     out: Path,
@@ -89,13 +115,15 @@ def analyze(
     import json
     import math
 
-    from fvlm.analysis import ablations, compare, figures, report, scaling, table
+    from fvlm.analysis import ablations, compare, figures, noise, report, scaling, table
     from fvlm.analysis.fits import refits_in_processes
     from fvlm.errors import UsageError
+    from fvlm.experiments.matrix import replicate_of
     from fvlm.experiments.schedule import ScheduleInputs, decision3
 
     data = table.load(paths)
-    fit_runs = data.select(globs)
+    # One seed per cell in the fits: seed replicates measure the training noise (fvlm.analysis.noise).
+    fit_runs = [r for r in data.select(globs) if not replicate_of(r.run_id)[1]]
     if globs and not fit_runs:
         raise UsageError(f"--fit-runs {','.join(globs)} matched no run (runs: {', '.join(data.runs)})")
     out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +164,10 @@ def analyze(
         "unstable",
         "val_loss_ratio",
         "plan_rule",
+        "training_noise",
+        "by_kind",
+        "provisional",
+        "unchecked",
     )
     decisions = {
         "questions": [{k: a[k] for k in decision_keys if k in a} for a in answers],
@@ -143,6 +175,7 @@ def analyze(
         "decision2": report.decision2(data, fits, comparison),
         "decision3": decision3(fit_runs, fits, schedule or ScheduleInputs(), [Path(p) for p in paths]),
         "foveated_vs_baseline": compare.without_draws(comparison),
+        "replication": noise.replication(data, answers, comparison),
     }
     (out / "decisions.json").write_text(json.dumps(_jsonable(decisions), indent=2) + "\n")
     report.write_report(
@@ -157,6 +190,8 @@ def analyze(
         comparison,
         decisions["decision3"],
     )
+    with (out / "report.md").open("a") as handle:
+        handle.write("\n".join(noise.replication_markdown(decisions["replication"])) + "\n")
     return {
         "runs": len(data.runs),
         "figures": sum(1 for _, p, _ in drawn if p),

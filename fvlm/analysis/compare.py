@@ -10,8 +10,9 @@ Each run's value is the end of its curve, smoothed by a quadratic in log samples
 tail (the fit the ablation questions judge their noise with); its uncertainty is a residual
 bootstrap of that fit. The two runs of a comparison are resampled independently: run folders keep
 no per-item validation losses, so the pairing the shared validation set would allow is not
-available, and the interval is the wider, unpaired one. One seed per cell: seed-to-seed variation
-is not in these intervals.
+available, and the interval is the wider, unpaired one. Where seed replicates measured the training
+noise (fvlm.analysis.noise), each arm also gets a draw of it: the interval, and the slope across
+sizes built from the same draws, then cover a second training run as well as the evaluation.
 """
 
 from __future__ import annotations
@@ -55,8 +56,12 @@ def end_value(run: Run, n_boot: int, rng: np.random.Generator) -> tuple[float, n
     return float(fitted[-1]), design[-1] @ boot_coef
 
 
-def _difference(baseline: Run, foveated: Run, n_boot: int, rng: np.random.Generator) -> dict[str, Any]:
-    """Advantage = baseline loss - foveated loss (positive: the foveated model is ahead)."""
+def _difference(
+    baseline: Run, foveated: Run, n_boot: int, rng: np.random.Generator, model: Any = None
+) -> dict[str, Any]:
+    """Advantage = baseline loss - foveated loss (positive: the foveated model is ahead). With a
+    training-noise model (fvlm.analysis.noise), each arm's bootstrap draws get a draw of its training
+    run's deviation as well, so that the interval covers a second seed of either arm."""
     b_val, b_draws = end_value(baseline, n_boot, rng)
     f_val, f_draws = end_value(foveated, n_boot, rng)
     out: dict[str, Any] = {"baseline_loss": b_val, "foveated_loss": f_val, "advantage": b_val - f_val}
@@ -68,7 +73,21 @@ def _difference(baseline: Run, foveated: Run, n_boot: int, rng: np.random.Genera
         return out
     draws = b_draws - f_draws
     lo, hi = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
+    eval_verdict = "foveated ahead" if lo > 0 else "baseline ahead" if hi < 0 else "within noise"
+    b_floor, f_floor = (model.floor("val_loss", r.run_id) if model is not None else None for r in (baseline, foveated))
+    out.update(ci95_eval=[lo, hi], eval_verdict=eval_verdict)
+    if b_floor is not None and f_floor is not None:
+        draws = draws + b_floor.draws(len(draws), rng) - f_floor.draws(len(draws), rng)
+        lo, hi = (float(v) for v in np.percentile(draws, [2.5, 97.5]))
+        out["training_noise"] = {
+            "sd_per_run": [b_floor.sd, f_floor.sd],
+            "sources": sorted({b_floor.source, f_floor.source}),
+        }
+    else:
+        out["training_noise"] = "not measured (no seed replicates): the verdict may not survive a second run"
     verdict = "foveated ahead" if lo > 0 else "baseline ahead" if hi < 0 else "within noise"
+    if verdict == "within noise" and eval_verdict != verdict:
+        verdict = "within training noise"
     out.update(ci95=[lo, hi], draws=draws, verdict=verdict)
     return out
 
@@ -126,7 +145,10 @@ def compare_cells(
     over the cells whose foveated run and same-samples baseline were both measured to read: where a
     cell's models ignore the frames its advantage measures how fast each learns the text, and a
     trend across sizes can come from those cells alone."""
+    from fvlm.analysis import noise as training
+
     rng = np.random.default_rng(seed)
+    model = training.from_table(table)
     found, notes = _cells(table)
     cells = []
     for (size, budget), arms in sorted(found.items(), key=lambda kv: (kv[0][1], _params(kv[1]))):
@@ -156,9 +178,9 @@ def compare_cells(
                 f"{foveated.run_id} at {cell['samples']:.0f}"
             )
         else:
-            cell["same_data"] = _difference(baseline, foveated, n_boot, rng)
+            cell["same_data"] = _difference(baseline, foveated, n_boot, rng, model)
             cell["same_data"].update(baseline=baseline.run_id, baseline_flops=_flops_end(baseline))
-        cell.update(_same_flops(foveated, arms.get("B-isoflop"), cell, n_boot, rng))
+        cell.update(_same_flops(foveated, arms.get("B-isoflop"), cell, n_boot, rng, model))
         cells.append(cell)
     extra: dict[str, Any] = {}
     if reading is not None:
@@ -182,7 +204,8 @@ def compare_cells(
         "method": (
             "smoothed end of each run's val-loss curve (quadratic in log samples over its tail); 95% "
             f"intervals from {n_boot} residual-bootstrap resamples of each run, unpaired (run folders keep "
-            "no per-item losses); one seed per cell, so seed-to-seed variation is not included"
+            "no per-item losses), plus a draw of each arm's training noise where seed replicates measured it "
+            "(fvlm.analysis.noise: the floor of the cell's size, t-distributed for its few degrees of freedom)"
         ),
     }
 
@@ -193,7 +216,7 @@ def _reads(reading: dict[str, bool], cell: dict[str, Any]) -> bool:
 
 
 def _same_flops(
-    foveated: Run, isoflop: Run | None, cell: dict[str, Any], n_boot: int, rng: np.random.Generator
+    foveated: Run, isoflop: Run | None, cell: dict[str, Any], n_boot: int, rng: np.random.Generator, model: Any = None
 ) -> dict[str, Any]:
     """The matched-FLOPs comparison: the iso-FLOP baseline cell where the grid has one. Elsewhere only
     a bound follows, since a longer run of the baseline would not be worse: a baseline that spent more
@@ -206,7 +229,7 @@ def _same_flops(
         why = _same_setup(foveated, isoflop)
         ratio = _flops_end(isoflop) / cell["flops"]
         if why is None and abs(ratio - 1) <= SAME_FLOPS_TOLERANCE:
-            out["same_flops"] = _difference(isoflop, foveated, n_boot, rng)
+            out["same_flops"] = _difference(isoflop, foveated, n_boot, rng, model)
             out["same_flops"].update(baseline=isoflop.run_id, flops_ratio=ratio)
             return out
         out["same_flops_note"] = (
@@ -221,9 +244,9 @@ def _same_flops(
             out["same_flops_bound"] = (
                 f"foveated ahead at equal FLOPs: ahead even of a baseline that spent {extra:.2f}x its FLOPs"
             )
-        elif same_data["verdict"] == "within noise":
+        elif same_data["verdict"] in ("within noise", "within training noise"):
             out["same_flops_bound"] = (
-                f"foveated not behind at equal FLOPs: within noise of a baseline that spent {extra:.2f}x its "
+                f"foveated not behind at equal FLOPs: {same_data['verdict']} of a baseline that spent {extra:.2f}x its "
                 f"FLOPs (advantage at equal FLOPs at least {same_data['ci95'][0]:+.4f})"
             )
         else:
@@ -271,7 +294,13 @@ def scaling_verdict(cells: list[dict[str, Any]]) -> dict[str, Any]:
     evidence = (
         f"advantage (baseline - foveated val loss, same samples) by size, mean over budgets: {sizes}; "
         f"slope {slope:+.4f} per decade of N [{lo:+.4f}, {hi:+.4f}] within budgets {', '.join(used)}"
-        + ("" if verdict != "flat" else " (no trend beyond the eval noise)")
+        + (
+            ""
+            if verdict != "flat"
+            else " (no trend beyond the eval and training noise)"
+            if all(isinstance(c["same_data"].get("training_noise"), dict) for g in groups for c in g)
+            else " (no trend beyond the eval noise; training noise not measured)"
+        )
     )
     return {
         "verdict": verdict,

@@ -445,8 +445,11 @@ def write_report(
         "curve's evals, 5 to 9) at the last sample count all runs of a question reached; the "
         "efficiency question at each run's finished point (end of its LR schedule), decided only when the "
         "FLOPs match or the cheaper run is not worse (higher by less than the noise counts as not worse). Noise = the scatter of each run's val loss around a quadratic (in log "
-        "samples) over the last half of its curve, combined for the two runs compared. Verdict: clear if "
-        "margin > 2x noise, weak if > 1x.",
+        "samples) over the last half of its curve, plus, where seed replicates measured it, the training "
+        "noise of its size and budget (see Replication), combined for the two runs compared. Verdict: clear if "
+        "margin > 2x noise; within training noise if it clears 2x the eval noise alone but not the whole; "
+        "without replicates, weak if > 1x (eval noise only: provisional). A provisional answer names the "
+        "part of the plan's rule it could not check.",
         "",
         "| question | runs | winner | margin | noise | verdict | winner at best | unstable runs |",
         "|---|---|---|---|---|---|---|---|",
@@ -454,8 +457,9 @@ def write_report(
     for a in answers:
         runs = ", ".join(f"{r} ({a['labels'][r]})" if a.get("labels") and a["labels"][r] != r else r for r in a["runs"])
         unstable = "; ".join(f"{k}: {v}" for k, v in (a.get("unstable") or {}).items())
+        winner = f"{a['winner']} (provisional)" if a.get("winner") and a.get("provisional") else a.get("winner")
         lines.append(
-            f"| {a['title']} | {runs or '—'} | {a['winner'] or '—'} | {_fmt(a['margin'])} | "
+            f"| {a['title']} | {runs or '—'} | {winner or '—'} | {_fmt(a['margin'])} | "
             f"{_fmt(a['noise'])} | {a['verdict']} | {a.get('winner_at_best') or '—'} | {unstable or '—'} |"
         )
     mapped = {r for a in answers for r in a.get("runs", [])}
@@ -482,6 +486,17 @@ def write_report(
 
     lines += ["", "## Go / no-go", "", "| criterion | status | evidence |", "|---|---|---|"]
     lines += [f"| {c['criterion']} | **{c['status']}** | {c['evidence']} |" for c in checklist]
+    provisional = [a for a in answers if a.get("provisional")]
+    if provisional:
+        lines += [
+            "",
+            "Provisional answers the decisions above rest on: "
+            + "; ".join(
+                f"{a['id']} ({a['winner']}: {', '.join(u['check'] for u in a['unchecked'])} not checked)"
+                for a in provisional
+            )
+            + ".",
+        ]
 
     lines += _pixel_check(table)
     lines += _milestone_evals(table)

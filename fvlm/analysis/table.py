@@ -101,6 +101,9 @@ class Run:
 class Table:
     runs: dict[str, Run] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # The training-noise model of these runs' seed replicates (fvlm.analysis.noise.from_table), made
+    # on first use.
+    noise_model: Any = field(default=None, repr=False, compare=False)
 
     def add(self, run: Run) -> None:
         if run.run_id in self.runs:

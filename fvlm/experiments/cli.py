@@ -30,6 +30,19 @@ def _add_common(parser: argparse.ArgumentParser, default_hint: str) -> None:
         "the default folder gets -x<scale> (default folders lie under $FVLM_OUT, else runs; tiny: 2 makes the largest model's cells read the pixels, "
         "in about twice the time)",
     )
+    parser.add_argument(
+        "--replicates",
+        type=int,
+        default=None,
+        help="extra seeds of each replicated run (training noise; default: the preset's, 0: none)",
+    )
+    parser.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        help="shift every run's seed by this (a second whole Phase 1 to set beside the first; default "
+        "folder gets -seed<offset>)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the run matrix and time estimate; run nothing")
     parser.add_argument("--json", action="store_true", help="with --dry-run: the matrix as JSON")
     parser.add_argument(
@@ -131,7 +144,9 @@ def _jobs(args, preset: Preset) -> int:
 
 
 def _plan(args, sub_folder: str | None) -> phase1.Plan:
-    return phase1.plan(args.preset, args.out, args.overrides, args.data, sub_folder, args.scale)
+    return phase1.plan(
+        args.preset, args.out, args.overrides, args.data, sub_folder, args.scale, args.replicates, args.seed_offset
+    )
 
 
 def cmd_sweep_ablations(args) -> int:
@@ -173,5 +188,6 @@ def cmd_phase1(args) -> int:
             args.flops_formula,
             args.retry_failed,
             _slurm(args),
+            plan.seed_offset,
         )
     return 0

@@ -94,7 +94,10 @@ def choose(qid: str, table: Table, specs: dict[str, RunSpec]) -> dict[str, Any]:
         "noise": result["noise"],
         "verdict": result["verdict"],
         "unstable": result["unstable"],
-        "reason": reason,
+        "reason": reason
+        + (f" ({ablations.provisional_text(result['unchecked'])})" if result.get("provisional") else ""),
+        "provisional": bool(result.get("provisional")),
+        "unchecked": result.get("unchecked", []),
     }
 
 
@@ -125,6 +128,7 @@ def lock(folder: Path, specs: list[RunSpec], skipped: dict[str, str] | None = No
         "choices": choices,
         "skipped_runs": skipped or {},
         "reported_not_adopted": ["deep_query (A1)", "two_pass (A6)", "efficiency (B1)"],
+        "rests_on_provisional": [c["question"] for c in choices if c.get("provisional")],
     }
     (folder / "locked_config.json").write_text(json.dumps(_jsonable(record), indent=2) + "\n")
     return record

@@ -41,7 +41,7 @@ from fvlm.eval.stats import N_BOOT, paired_difference
 
 EVIDENCE_FILE = "evidence.json"
 # Bumped whenever what is measured changes, so that an older evidence.json is not reused.
-VERSION = 1
+VERSION = 2  # 2: seed replicates measured, comparisons judged with their training noise
 
 # Runs read on the multiple-choice benchmark (besides the grid cells), and the runs whose attention
 # is measured. F3 is read in both its fine and its static mode, the others in their default mode.
@@ -168,14 +168,26 @@ class Target:
 def targets(
     ablation_dir: Path, scaling_dir: Path, budget: str | None = None, sizes: tuple[str, ...] | None = None
 ) -> list[Target]:
-    from fvlm.experiments.matrix import ABLATION_IDS
+    from fvlm.experiments.matrix import ABLATION_IDS, replicate_of
+
+    def modes_of(rid: str) -> tuple[str, ...] | None:
+        return (F3_BENCH_MODES if rid == "F3" else ()) if rid in BENCH_RUNS else None
+
+    def replicates(folder: Path, bases: list[str]) -> list[Path]:
+        found = [p for p in sorted(folder.iterdir()) if p.is_dir()] if folder.is_dir() else []
+        return [p for p in found if replicate_of(p.name)[1] and replicate_of(p.name)[0] in bases]
 
     out = []
     for rid in ABLATION_IDS:
-        modes = (F3_BENCH_MODES if rid == "F3" else ()) if rid in BENCH_RUNS else None
-        out.append(Target(rid, ablation_dir / rid, "ablation", modes, rid in ATTENTION_RUNS))
-    for rid in grid_cells(scaling_dir, budget, sizes):
+        out.append(Target(rid, ablation_dir / rid, "ablation", modes_of(rid), rid in ATTENTION_RUNS))
+    cells = grid_cells(scaling_dir, budget, sizes)
+    for rid in cells:
         out.append(Target(rid, scaling_dir / rid, "grid", (), False))
+    # Seed replicates, measured as their runs are: the training noise of every quantity compared.
+    for p in replicates(ablation_dir, list(ABLATION_IDS)):
+        out.append(Target(p.name, p, "replicate", modes_of(replicate_of(p.name)[0]), False))
+    for p in replicates(scaling_dir, cells):
+        out.append(Target(p.name, p, "replicate", (), False))
     return out
 
 
@@ -451,22 +463,84 @@ def compare(
     return out
 
 
-def comparisons(runs: dict[str, dict[str, Any]], grid: list[str], settings: EvidenceSettings) -> list[dict[str, Any]]:
+def _pairs(grid: list[str]) -> list[tuple[str, tuple[str, str | None], tuple[str, str | None]]]:
     """The ablation pairs, then F vs B per size of the grid cells."""
-    out = [compare(runs, a, b, settings, label) for label, a, b in ABLATION_PAIRS]
+    out = list(ABLATION_PAIRS)
     for rid in grid:
         match = GRID_CELL.match(rid)
-        other = f"{match['size']}-{match['budget']}-B"
-        if match["arch"] == "F" and other in grid:
-            out.append(
-                compare(
-                    runs,
-                    (rid, None),
-                    (other, None),
-                    settings,
-                    f"{rid} vs {other} (foveated vs multi-token, same budget)",
-                )
+        other = f"{match['size']}-{match['budget']}-B" if match else ""
+        if match and match["arch"] == "F" and other in grid:
+            out.append((f"{rid} vs {other} (foveated vs multi-token, same budget)", (rid, None), (other, None)))
+    return out
+
+
+def _judged(result: dict[str, Any], model: Any) -> dict[str, Any]:
+    """A comparison's accuracy and answer-loss differences judged with their training noise too: each
+    side that is its own training run adds its floor (fvlm.analysis.noise); two modes of one model
+    add the floor of the difference between its modes. `verdict` becomes the judged one;
+    `eval_verdict` keeps the evaluation's alone."""
+    from fvlm.analysis import noise as training
+
+    ra, rb = result["first"]["run"], result["second"]["run"]
+    for key, metric in (("accuracy", "mc_accuracy"), ("answer_loss", "answer_loss")):
+        r = result.get(key)
+        if not r:
+            continue
+        if ra == rb:
+            floors = [model.floor("fine_minus_static" if key == "answer_loss" else "fine_minus_static_accuracy", ra)]
+        else:
+            floors = [model.floor(metric, ra), model.floor(metric, rb)]
+        judged = training.judge(r["diff"], r["se"], floors)
+        r.update(
+            ci95_eval=r["ci95"],
+            eval_verdict=r["verdict"],
+            ci95=judged["ci95"],
+            verdict=judged["verdict"],
+            training_noise=judged["training_noise"],
+            provisional=judged["provisional"],
+        )
+    return result
+
+
+def comparisons(
+    runs: dict[str, dict[str, Any]], grid: list[str], settings: EvidenceSettings, model: Any = None
+) -> list[dict[str, Any]]:
+    """The ablation pairs, then F vs B per size of the grid cells; judged with the training noise of
+    `model` (a fvlm.analysis.noise.NoiseModel) when one is given."""
+    out = [compare(runs, a, b, settings, label) for label, a, b in _pairs(grid)]
+    return [_judged(r, model) for r in out] if model is not None else out
+
+
+def replicate_comparisons(
+    runs: dict[str, dict[str, Any]], grid: list[str], settings: EvidenceSettings
+) -> dict[str, list[dict[str, Any]]]:
+    """Every comparison asked again of each seed replicate k: a side with a replicate k is replaced by
+    it, a side without one stays. {label: [{k, first, second, accuracy verdict, answer-loss verdict}]},
+    the original first (k = 0); a label none of whose sides has a replicate is left out."""
+    from fvlm.experiments.matrix import replicate_id
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for label, (ra, ma), (rb, mb) in _pairs(grid):
+        rows = []
+        for k in range(0, 10):
+            a = replicate_id(ra, k) if k and replicate_id(ra, k) in runs else ra
+            b = replicate_id(rb, k) if k and replicate_id(rb, k) in runs else rb
+            if k and a == ra and b == rb:
+                continue
+            r = compare(runs, (a, ma), (b, mb), settings, label)
+            rows.append(
+                {
+                    "k": k,
+                    "first": a,
+                    "second": b,
+                    "accuracy": (r.get("accuracy") or {}).get("verdict"),
+                    "accuracy_diff": (r.get("accuracy") or {}).get("diff"),
+                    "answer_loss": (r.get("answer_loss") or {}).get("verdict"),
+                    "answer_loss_diff": (r.get("answer_loss") or {}).get("diff"),
+                }
             )
+        if len(rows) > 1:
+            out[label] = rows
     return out
 
 
@@ -514,6 +588,8 @@ def conclusion(runs: dict[str, dict[str, Any]], pairs: list[dict[str, Any]]) -> 
         "yes": f"Yes, the foveated query beats the static one: {numbers}.",
         "no": f"No, the static query beats the foveated one: {numbers}.",
         "not distinguishable": f"Not distinguishable: {numbers}, an interval that holds 0.",
+        "within training noise": f"Within training noise: {numbers}, an interval that holds 0 once a second "
+        "training run's spread is counted (the evaluation alone would have decided).",
     }[r["verdict"]]
     details = []
     if basis == "accuracy" and primary.get("answer_loss"):
@@ -551,6 +627,24 @@ def conclusion(runs: dict[str, dict[str, Any]], pairs: list[dict[str, Any]]) -> 
     return {"answer": r["verdict"], "basis": basis, "sentence": sentence, "details": " ".join(details)}
 
 
+def replicate_reads(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """For each run with seed replicates: which of them read the pixels in every mode measured."""
+    from fvlm.experiments.matrix import replicate_of
+
+    out: dict[str, dict[str, Any]] = {}
+    for rid, entry in runs.items():
+        base, k = replicate_of(rid)
+        if entry.get("status") != "ok" or not entry.get("pixel"):
+            continue
+        if k or any(replicate_of(r)[0] == rid and replicate_of(r)[1] for r in runs):
+            reads_all = all(run_reads(entry, mode) for mode in entry["pixel"])
+            out.setdefault(base, {"runs": {}})["runs"][rid] = reads_all
+    for record in out.values():
+        record["reading"] = sum(record["runs"].values())
+        record["of"] = len(record["runs"])
+    return out
+
+
 def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
     """Which of the grid's measured cells read the pixels (`reads`, in every mode measured), and a
     sentence on what that means for the scaling answers: a size whose cells do not read has its foveated-vs-baseline comparisons decided by text learning alone.
@@ -562,6 +656,12 @@ def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
     }
     if not cells:
         return None
+    # A cell with seed replicates reads only when every seed of it does: one seed's reading near the
+    # onset is not the config's (a second training run may not read yet).
+    seeds = (evidence.get("replicates") or {}).get("reads") or {}
+    unsure = {rid: seeds[rid] for rid in cells if rid in seeds and 0 < seeds[rid]["reading"] < seeds[rid]["of"]}
+    for rid in unsure:
+        cells[rid] = False
 
     def named(rids: list[str]) -> str:
         # Each with its pixel gain, so that the verdict shows its size: the smallest over the modes
@@ -583,6 +683,13 @@ def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
         return ", ".join(out)
 
     blind = [rid for rid, reads in cells.items() if not reads]
+    split = (
+        " Cells that read on some seeds only count as not reading: "
+        + ", ".join(f"{rid} ({r['reading']} of {r['of']} seeds)" for rid, r in unsure.items())
+        + "."
+        if unsure
+        else ""
+    )
     reading = [rid for rid, reads in cells.items() if reads]
     if not blind:
         sentence = f"Every measured grid cell reads the pixels (answer-token pixel gain): {named(reading)}."
@@ -595,7 +702,8 @@ def grid_reading(evidence: dict[str, Any]) -> dict[str, Any] | None:
         )
         if reading:
             sentence += f" Cells that read them: {named(reading)}."
-    return {"reads_pixels": cells, "sentence": sentence}
+    sentence += split
+    return {"reads_pixels": cells, "sentence": sentence, "split_by_seed": unsure}
 
 
 # ----------------------------------------------------------------------------- collect
@@ -741,8 +849,11 @@ def collect_evidence(
             todo.append(t)
     for t, result in _evaluate_all(todo, settings, jobs if settings.device == "cpu" else 1, log):
         runs[t.run_id] = {**runs[t.run_id], **result}
+    from fvlm.analysis import noise as training
+
     grid = [t.run_id for t in chosen if t.group == "grid"]
-    pairs = comparisons(runs, grid, settings)
+    model = training.add_evidence(training.NoiseModel(), runs)
+    pairs = comparisons(runs, grid, settings, model)
     evidence = {
         "version": VERSION,
         "settings": asdict(settings),
@@ -751,6 +862,11 @@ def collect_evidence(
         "comparisons": pairs,
         "attention": {rid: e["attention"] for rid, e in runs.items() if e.get("attention")},
         "conclusion": conclusion(runs, pairs),
+        "replicates": {
+            "floors": model.floors(),
+            "comparisons": replicate_comparisons(runs, grid, settings),
+            "reads": replicate_reads(runs),
+        },
         "seconds": round(time.perf_counter() - began, 1),
     }
     root.mkdir(parents=True, exist_ok=True)
@@ -854,8 +970,11 @@ def evidence_markdown(evidence: dict[str, Any]) -> str:
         "### Paired differences",
         "",
         "First minus second on the same questions (accuracy) and second minus first on the same val samples "
-        "(answer loss per token): positive = the first is better. Verdict from the analytic interval: yes (the "
-        "first is better), no (the second is), not distinguishable.",
+        "(answer loss per token): positive = the first is better. The analytic interval adds, where seed "
+        "replicates measured it, the training noise of each run compared (t quantile for its degrees of "
+        "freedom; the bootstrap column is the evaluation's alone). Verdict: yes (the first is better), no (the "
+        "second is), within training noise (the evaluation alone would have decided, a second training run "
+        "may not), not distinguishable.",
         "",
         "| comparison | first | second | accuracy diff | 95% (analytic) | 95% (bootstrap) | verdict | "
         "answer-loss diff | 95% (analytic) | verdict |",
@@ -890,6 +1009,7 @@ def evidence_markdown(evidence: dict[str, Any]) -> str:
             )
         o = a["overall"]
         lines.append(f"| all | | {_num(o['fine'], 3)} | {_num(o['static'], 3)} | {_num(o['uniform'], 3)} |")
+    lines += _replicates_markdown(evidence.get("replicates") or {})
     left = [
         f"{rid} ({e.get('reason') or e.get('error') or e['status']})"
         for rid, e in runs.items()
@@ -898,6 +1018,54 @@ def evidence_markdown(evidence: dict[str, Any]) -> str:
     if left:
         lines += ["", f"Not measured: {'; '.join(left)}."]
     return "\n".join(lines) + "\n"
+
+
+def _replicates_markdown(replicates: dict[str, Any]) -> list[str]:
+    """The evidence's part of the report's replication: its noise floors, whether each replicate reads,
+    and each comparison asked again of each replicate."""
+    if not replicates.get("floors"):
+        return [
+            "",
+            "### Replication of the evidence",
+            "",
+            "No seed replicates were measured: the verdicts above rest on the evaluation samples alone (provisional).",
+        ]
+    lines = [
+        "",
+        "### Replication of the evidence",
+        "",
+        "Between-seed standard deviation of each measured quantity (95% interval from its degrees of "
+        "freedom); the paired verdicts above add it to their evaluation noise, once per training run compared.",
+        "",
+        "| place | metric | sd | 95% interval | df | groups |",
+        "|---|---|---|---|---|---|",
+    ]
+    for place, metrics in sorted(replicates["floors"].items()):
+        for metric, f in metrics.items():
+            lines.append(
+                f"| {place} | {metric} | {f['sd']:.4f} | [{f['ci95'][0]:.4f}, {f['ci95'][1]:.4f}] | {f['df']} | "
+                f"{', '.join(f['groups'])} |"
+            )
+    if replicates.get("reads"):
+        lines += ["", "| run | reads the pixels, per seed | reading |", "|---|---|---|"]
+        for base, r in replicates["reads"].items():
+            seeds = ", ".join(f"{rid}: {'yes' if ok else 'no'}" for rid, ok in r["runs"].items())
+            lines.append(f"| {base} | {seeds} | {r['reading']} of {r['of']} |")
+    if replicates.get("comparisons"):
+        lines += [
+            "",
+            "Each comparison asked again with the replicates (k = 0: the runs above), evaluation noise only:",
+            "",
+            "| comparison | k | first | second | accuracy diff | verdict | answer-loss diff | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for label, rows in replicates["comparisons"].items():
+            for r in rows:
+                lines.append(
+                    f"| {label} | {r['k']} | {r['first']} | {r['second']} | {_num(r['accuracy_diff'], 3, True)} | "
+                    f"{r['accuracy'] or 'n/a'} | {_num(r['answer_loss_diff'], 4, True)} | {r['answer_loss'] or 'n/a'} |"
+                )
+    return lines
 
 
 def decisions_summary(evidence: dict[str, Any]) -> dict[str, Any]:
@@ -945,5 +1113,6 @@ def decisions_summary(evidence: dict[str, Any]) -> dict[str, Any]:
             for rid, e in runs.items()
         },
         "settings": evidence["settings"],
+        "replicates": evidence.get("replicates"),
         "file": EVIDENCE_FILE,
     }

@@ -6,6 +6,7 @@ differ from the sweep's base config, and its planned sample count. Nothing here 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,49 @@ class RunSpec:
 
     def overrides(self, base: dict[str, Any]) -> dict[str, Any]:
         return {**base, **self.diff, "run_id": self.run_id, "train.max_samples": self.samples}
+
+
+# Training-noise replicates: a run `<id>.s<k>` is run `<id>` again with only its seed changed (the
+# seed sets the initialisation and, unless data.seed is given, the data order), to seed
+# `seed + offset + REPLICATE_SEED_STRIDE * k`: two main jobs at seed offsets 0 and 1 never share a
+# replicate's seed.
+REPLICATE_SEED_STRIDE = 1000
+REPLICATE_SUFFIX = ".s"
+
+
+def replicate_id(run_id: str, k: int) -> str:
+    return f"{run_id}{REPLICATE_SUFFIX}{k}"
+
+
+def replicate_of(run_id: str) -> tuple[str, int]:
+    """(the run it replicates, k) of a replicate id; (run_id, 0) for a run that is no replicate."""
+    head, sep, k = run_id.rpartition(REPLICATE_SUFFIX)
+    return (head, int(k)) if sep and head and k.isdigit() and int(k) > 0 else (run_id, 0)
+
+
+def seeded(specs: list[RunSpec], seed: int, offset: int) -> list[RunSpec]:
+    """`specs` at a global seed offset: every run's seed is `seed + offset` (nothing changes at 0, so
+    that the folders of a run at offset 0 stay resumable)."""
+    if offset == 0:
+        return specs
+    return [dataclasses.replace(s, diff={**s.diff, "seed": seed + offset}) for s in specs]
+
+
+def replicate_specs(specs: list[RunSpec], counts: dict[str, int], seed: int, offset: int) -> list[RunSpec]:
+    """The replicates of the runs named in `counts` ({run id: extra seeds}), each `<id>.s<k>`."""
+    out = []
+    for spec in specs:
+        for k in range(1, counts.get(spec.run_id, 0) + 1):
+            out.append(
+                dataclasses.replace(
+                    spec,
+                    run_id=replicate_id(spec.run_id, k),
+                    description=f"{spec.description} [training-noise replicate {k}: another seed]",
+                    diff={**spec.diff, "seed": seed + offset + REPLICATE_SEED_STRIDE * k},
+                    meta={**spec.meta, "replicate_of": spec.run_id, "replicate": k},
+                )
+            )
+    return out
 
 
 def split_overrides(items: list[str], sizes: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:

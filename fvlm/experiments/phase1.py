@@ -56,6 +56,7 @@ class Plan:
     folder: Path
     common: dict[str, Any]
     by_size: dict[str, dict[str, Any]]
+    seed_offset: int = 0
 
 
 def plan(
@@ -65,14 +66,24 @@ def plan(
     data: str | None,
     sub_folder: str | None,
     scale: float = 1.0,
+    replicates: int | None = None,
+    seed_offset: int = 0,
 ) -> Plan:
     """A sweep's folder is `out`, else <root>/phase1-<preset>[-x<scale>]/<sub_folder>; phase1's (no
     sub_folder) is `out`, else <root>/phase1-<preset>[-x<scale>]. The root is $FVLM_OUT, else runs.
 
     `scale` multiplies the plan's sample budgets: the ablation budget and the grid's FLOP budgets
     alike, so that C3 stays beside the ablation budget at the smallest size, as the plan places it.
-    A train.max_samples override still sets the ablation budget exactly."""
+    A train.max_samples override still sets the ablation budget exactly.
+
+    `replicates` sets every training-noise replicate count of the preset; `seed_offset` shifts every
+    run's seed (a whole second Phase 1 whose verdicts can be set beside the first), into a folder
+    named -seed<offset>."""
     preset = get_preset(preset_name)
+    if replicates is not None:
+        preset = preset.with_replicates(replicates)
+    if seed_offset < 0:
+        raise UsageError(f"--seed-offset must be >= 0, got {seed_offset}")
     if not (math.isfinite(scale) and scale > 0):
         raise UsageError(f"--scale must be a number > 0, got {scale:g}")
     name = f"phase1-{preset.name}"
@@ -83,6 +94,8 @@ def plan(
             budgets={k: v * scale for k, v in preset.budgets.items()},
         )
         name += f"-x{scale:g}"
+    if seed_offset:
+        name += f"-seed{seed_offset}"
     default = Path(os.environ.get("FVLM_OUT") or "runs") / name
     folder = Path(out) if out else (default / sub_folder if sub_folder else default)
     sizes = tuple(s.label for s in preset.sizes)
@@ -103,7 +116,7 @@ def plan(
         if samples < 1:
             raise UsageError(f"train.max_samples must be >= 1 for a sweep, got {samples}")
         preset = dataclasses.replace(preset, ablation_samples=samples)
-    return Plan(preset, folder, common, by_size)
+    return Plan(preset, folder, common, by_size, seed_offset)
 
 
 def _log(text: str) -> None:
@@ -163,8 +176,37 @@ def _print_matrix(title: str, sweep, preset, jobs: int, measure: bool, as_json: 
                 "flops": e["flops"],
                 "est_seconds": e["seconds"],
                 **({"budget": p.spec.meta["budget"]} if "budget" in p.spec.meta else {}),
+                **({"replicate_of": p.spec.meta["replicate_of"]} if "replicate_of" in p.spec.meta else {}),
             }
         )
+    replicas = [(r, e) for r, e in zip(rows, est["rows"]) if "replicate_of" in r]
+    if replicas:
+        # What the training-noise replicates add to the plan's own runs, in FLOPs and in time.
+        def share(key: str) -> tuple[float, float]:
+            extra = sum(e.get(key) or 0.0 for _, e in replicas)
+            return extra, extra / max(sum(e.get(key) or 0.0 for e in est["rows"]) - extra, 1e-30)
+
+        flops, flops_share = share("flops")
+        seconds, seconds_share = share("seconds")
+        est["replicates"] = {
+            "runs": len(replicas),
+            "flops": flops,
+            "flops_share": flops_share,
+            "run_seconds": seconds,
+            "seconds_share": seconds_share,
+        }
+        if "gpu_hours" in est:
+            est["replicates"]["gpu_hours"] = est["gpu_hours"] * seconds_share / (1 + seconds_share)
+        notes = [
+            *notes,
+            f"training-noise replicates (<run>.s<k>, another seed each): {len(replicas)} runs, "
+            f"{flops:.3g} FLOPs, +{flops_share:.0%} of the plan's runs' FLOPs"
+            + (
+                f", {est['replicates']['gpu_hours']:.1f} GPU-hours (+{seconds_share:.0%})"
+                if "gpu_hours" in est
+                else f", +{seconds_share:.0%} of their run time"
+            ),
+        ]
     record = {
         "sweep": sweep.kind,
         "preset": preset.name,
@@ -200,12 +242,43 @@ def _print_matrix(title: str, sweep, preset, jobs: int, measure: bool, as_json: 
 # ----------------------------------------------------------------------------- ablations
 
 
+def ablation_matrix(
+    preset, base: dict[str, Any], seed_offset: int = 0, freeze_winner: str | None = None
+) -> list[matrix.RunSpec]:
+    """The twelve runs (at the seed offset) and, after them, their training-noise replicates."""
+    seed = int(base.get("seed", 0))
+    specs = matrix.seeded(matrix.ablation_specs(preset, freeze_winner), seed, seed_offset)
+    return specs + matrix.replicate_specs(specs, preset.ablation_replicates, seed, seed_offset)
+
+
+def grid_matrix(
+    preset, base: dict[str, Any], specs: list[matrix.RunSpec], seed_offset: int = 0
+) -> list[matrix.RunSpec]:
+    """The grid's cells (at the seed offset) and the replicates of both arms at the replicate budget."""
+    seed = int(base.get("seed", 0))
+    specs = matrix.seeded(specs, seed, seed_offset)
+    budget = preset.replicate_budget
+    counts = {
+        s.run_id: preset.grid_replicates
+        for s in specs
+        if s.meta.get("budget") == budget and not s.run_id.endswith("-isoflop")
+    }
+    return specs + matrix.replicate_specs(specs, counts, seed, seed_offset)
+
+
 def run_ablations(
-    preset, folder: Path, base: dict[str, Any], jobs: int, retry_failed: bool = False, slurm=None
+    preset,
+    folder: Path,
+    base: dict[str, Any],
+    jobs: int,
+    retry_failed: bool = False,
+    slurm=None,
+    seed_offset: int = 0,
 ) -> dict[str, Any]:
     """Phase 1a with the plan's conditional: F1-F3 (and the runs that do not depend on them) first;
-    when F1 wins the freeze question, LR2-LR4 are skipped. Returns the locked config record."""
-    every = matrix.ablation_specs(preset)
+    when F1 wins the freeze question, LR2-LR4 are skipped. The replicates come last; the locked
+    config is chosen from the twelve alone. Returns the locked config record."""
+    every = ablation_matrix(preset, base, seed_offset)
     first = [s for s in every if s.run_id in ("F1", "F2", "F3", "A1", "A6", "B1")]
     Sweep(folder, "ablations", preset.config, base, first, preset.sample_shape, jobs, _log, slurm).run(retry_failed)
     freeze = decide.freeze_choice(folder, every)
@@ -215,7 +288,7 @@ def run_ablations(
         reason = "skipped: F1 (frozen backbones) won the freeze question, so only the connector LR matters (plan)"
         skipped = {rid: reason for rid in matrix.LR_IDS}
         _log(f"[ablations] LR2, LR3, LR4 {reason}")
-    specs = matrix.ablation_specs(preset, freeze_winner=freeze.get("choice"))
+    specs = ablation_matrix(preset, base, seed_offset, freeze_winner=freeze.get("choice"))
     Sweep(folder, "ablations", preset.config, base, specs, preset.sample_shape, jobs, _log, slurm).run(retry_failed)
     locked = decide.lock(folder, every, skipped)
     _log(
@@ -232,7 +305,7 @@ def dry_run_ablations(plan: Plan, jobs: int, measure: bool, as_json: bool) -> No
         "ablations",
         plan.preset.config,
         base,
-        matrix.ablation_specs(plan.preset),
+        ablation_matrix(plan.preset, base, plan.seed_offset),
         plan.preset.sample_shape,
         jobs,
     )
@@ -243,22 +316,24 @@ def dry_run_ablations(plan: Plan, jobs: int, measure: bool, as_json: bool) -> No
 
 def sweep_ablations(plan: Plan, jobs: int, retry_failed: bool, slurm: SlurmSettings | None) -> dict[str, Any]:
     base = _ablation_base(plan.preset, plan.common, plan.folder)
-    return run_ablations(plan.preset, plan.folder, base, jobs, retry_failed, slurm)
+    return run_ablations(plan.preset, plan.folder, base, jobs, retry_failed, slurm, plan.seed_offset)
 
 
 # ----------------------------------------------------------------------------- scaling
 
 
-def _scaling_sweep(preset, folder, common, by_size, locked, formula, data_root, jobs, slurm=None):
+def _scaling_sweep(preset, folder, common, by_size, locked, formula, data_root, jobs, slurm=None, seed_offset=0):
     common, by_size = _with_backbones(preset, common, by_size, data_root)
     base = _scaling_base(preset, common, locked, data_root)
-    specs = matrix.scaling_specs(preset, base, by_size, formula)
+    specs = grid_matrix(preset, base, matrix.scaling_specs(preset, base, by_size, formula), seed_offset)
     return Sweep(folder, "scaling", preset.config, base, specs, preset.sample_shape, jobs, _log, slurm)
 
 
 def dry_run_scaling(plan: Plan, locked: dict[str, Any], formula: str, jobs: int, measure: bool, as_json: bool) -> None:
     preset = plan.preset
-    sweep = _scaling_sweep(preset, plan.folder, plan.common, plan.by_size, locked, formula, None, jobs)
+    sweep = _scaling_sweep(
+        preset, plan.folder, plan.common, plan.by_size, locked, formula, None, jobs, seed_offset=plan.seed_offset
+    )
     notes = [
         "budgets: "
         + ", ".join(f"{k}={v:.3g}" for k, v in preset.budgets.items())
@@ -277,7 +352,7 @@ def sweep_scaling(
     plan: Plan, locked: dict[str, Any], formula: str, jobs: int, retry_failed: bool, slurm: SlurmSettings | None
 ) -> dict[str, str]:
     sweep = _scaling_sweep(
-        plan.preset, plan.folder, plan.common, plan.by_size, locked, formula, plan.folder, jobs, slurm
+        plan.preset, plan.folder, plan.common, plan.by_size, locked, formula, plan.folder, jobs, slurm, plan.seed_offset
     )
     return sweep.run(retry_failed)
 
@@ -289,9 +364,17 @@ def dry_run_phase1(plan: Plan, formula: str, jobs: int, measure: bool, as_json: 
     preset, root = plan.preset, plan.folder
     base = _ablation_base(preset, plan.common, None)
     abl = Sweep(
-        root / "ablations", "ablations", preset.config, base, matrix.ablation_specs(preset), preset.sample_shape, jobs
+        root / "ablations",
+        "ablations",
+        preset.config,
+        base,
+        ablation_matrix(preset, base, plan.seed_offset),
+        preset.sample_shape,
+        jobs,
     )
-    sca = _scaling_sweep(preset, root / "scaling", plan.common, plan.by_size, {}, formula, None, jobs)
+    sca = _scaling_sweep(
+        preset, root / "scaling", plan.common, plan.by_size, {}, formula, None, jobs, seed_offset=plan.seed_offset
+    )
     notes_s = ["every cell gets the config locked from the ablations (shown here: the F3 baseline)"]
     records = [_print_matrix("phase 1a: fvlm sweep ablations", abl, preset, jobs, measure, as_json, [F1_NOTE])]
     if not as_json:
@@ -313,6 +396,7 @@ def run_phase1(
     formula: str = "exact",
     retry_failed: bool = False,
     slurm=None,
+    seed_offset: int = 0,
 ) -> dict[str, Any]:
     """Ablations -> locked config -> F3 in three modes -> scaling grid -> foveation evidence -> report,
     under `root`."""
@@ -329,9 +413,11 @@ def run_phase1(
     )
     base = _ablation_base(preset, common, root)
     with keep_workers():  # the same worker processes train the three sweeps
-        locked = run_ablations(preset, ablation_dir, base, jobs, retry_failed, slurm)
+        locked = run_ablations(preset, ablation_dir, base, jobs, retry_failed, slurm, seed_offset)
         evaluate_modes(preset, ablation_dir / "F3", base)
-        sweep = _scaling_sweep(preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs, slurm)
+        sweep = _scaling_sweep(
+            preset, scaling_dir, common, by_size, locked["overrides"], formula, root, jobs, slurm, seed_offset
+        )
         sweep.run(retry_failed)
     phase1b_step(preset, scaling_dir, base, _log, jobs if slurm is None else 1)
     evidence = foveation_evidence(preset, root, ablation_dir, scaling_dir, jobs)

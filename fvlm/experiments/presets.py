@@ -9,6 +9,7 @@ from a preset in `fvlm.experiments.matrix`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,13 @@ class Preset:
     # recipe's, else made on first use, under the output folder, and used by every run unless
     # model.llm / model.dino are given. None: the config's.
     tiny_backbones: Any = None
+    # Training-noise replicates (fvlm.analysis.noise): extra seeds of these ablation runs at the
+    # ablation budget, and of both arms (F and B) of every size at one budget of the grid. Every
+    # verdict compares its margin with the between-seed spread they measure; `--replicates N` sets
+    # every count to N.
+    ablation_replicates: dict[str, int] = field(default_factory=dict)
+    grid_replicates: int = 0
+    grid_replicate_budget: str = ""  # "" : the largest budget
     # Overrides of the foveation evidence's sizes (fvlm.experiments.evidence.EvidenceSettings fields:
     # max_samples, max_questions, probe_videos, n_boot, ...); empty: its defaults.
     evidence: dict[str, Any] = field(default_factory=dict)
@@ -67,6 +75,20 @@ class Preset:
     @property
     def backbone_lr(self) -> float:
         return self.connector_lr / 10
+
+    @property
+    def replicate_budget(self) -> str:
+        return self.grid_replicate_budget or max(self.budgets, key=lambda b: self.budgets[b])
+
+    def with_replicates(self, count: int) -> Preset:
+        """The preset with every replicate count set to `count` (0: no replicates)."""
+        if count < 0:
+            raise UsageError(f"--replicates must be >= 0, got {count}")
+        return dataclasses.replace(
+            self,
+            ablation_replicates={rid: count for rid in self.ablation_replicates or {"F3": 0}},
+            grid_replicates=count,
+        )
 
 
 # The plan's 1.7B runs use gradient checkpointing; a smaller micro-batch with more accumulation keeps
@@ -97,6 +119,12 @@ PAPER = Preset(
     scaling_evals=6,
     isoflop_extras=(("S", "C2"), ("S", "C3"), ("M", "C2"), ("M", "C3")),
     sample_shape=(PLAN_FRAMES, PLAN_TEXT_TOKENS),
+    # About a quarter of the plan's GPU-hours (the dry run prices them: 12 of 53): F3, A6 and B1, the
+    # runs the two-pass and efficiency questions and the foveation evidence compare, once more at 1M
+    # samples; both arms of every size once more at C2 (C3 would make it 30%).
+    ablation_replicates={"F3": 1, "A6": 1, "B1": 1},
+    grid_replicates=1,
+    grid_replicate_budget="C2",
 )
 
 # Tiny: the plan's structure with every number shrunk, on backbones pretrained by the project
@@ -170,6 +198,11 @@ TINY = Preset(
     sample_shape=(3, 100),  # the synthetic train mix: 2/3 four-frame videos, 1/6 images; ~100 text tokens
     jobs=2,
     tiny_backbones=Recipe(),
+    # F3 twice more and A6 once (3 degrees of freedom at the ablation budget), and both arms of every
+    # size once more at C4, where the cells start to read and seeds move them most: about 4 minutes
+    # more on 2 cores.
+    ablation_replicates={"F3": 2, "A6": 1},
+    grid_replicates=1,
 )
 
 PRESETS = {p.name: p for p in (TINY, PAPER)}
