@@ -33,7 +33,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "${PIP[@]}" torch
   else
     # The CPU build: an unpinned torch would pull a multi-GB CUDA build onto a machine without a GPU.
-    "${PIP[@]}" torch==2.13.0 "${PINNED[@]}"
+    "${PIP[@]}" torch==2.13.0 "${PINNED[@]}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   fi
 fi
 if [ "$MAIN_JOB_ONLY" = 1 ]; then

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.stats import t as t_dist
 
 from fvlm import run_folder as rf
 from fvlm.analysis.table import Run, Table
@@ -227,17 +228,18 @@ def grad_norm_stability(run: Run) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the questions
 
 
-def _verdict(margin: float, noise: float, eval_noise: float | None = None) -> str:
+def _verdict(margin: float, noise: float, eval_noise: float | None = None, quantile: float = 2.0) -> str:
     """`noise` is the margin's whole noise; `eval_noise` its evaluation part alone, given when the
-    whole includes the training noise of seed replicates. Without it (no replicates) the verdict is
-    the evaluation's alone, and may be overturned by a second training run."""
+    whole includes the training noise of seed replicates, and `quantile` then the t quantile for the
+    whole's few degrees of freedom (a floor from 3 degrees of freedom is itself uncertain). Without
+    replicates the verdict is the evaluation's alone, and may be overturned by a second training run."""
     if not math.isfinite(noise) or noise <= 0:
         return "noise unknown"
-    if margin > 2 * noise:
-        return "clear (margin > 2x noise)"
+    if margin > quantile * noise:
+        return "clear (margin > 2x noise)" if quantile == 2.0 else f"clear (margin > {quantile:.2f}x noise)"
     if eval_noise is not None:
         if margin > 2 * eval_noise:
-            return "within training noise (margin > 2x the eval noise, < 2x eval + training noise)"
+            return f"within training noise (margin > 2x the eval noise, < {quantile:.2f}x eval + training noise)"
         return "within noise"
     if margin > noise:
         return "weak (noise < margin < 2x noise)"
@@ -454,6 +456,12 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
     # A margin compares two runs' values, each read with its own eval noise.
     noise = math.sqrt(winner["noise"] ** 2 + runner_up["noise"] ** 2) if runner_up else math.nan
     eval_noise = math.sqrt(winner["eval_noise"] ** 2 + runner_up["eval_noise"] ** 2) if runner_up and floor else None
+    quantile = 2.0
+    if eval_noise is not None and floor is not None:
+        # Welch-Satterthwaite: the eval part has many degrees of freedom, each run's seed part the floor's.
+        seed_var = 2 * floor["sd"] ** 2
+        df = (eval_noise**2 + seed_var) ** 2 / (2 * floor["sd"] ** 4 / floor["df"])
+        quantile = max(2.0, float(t_dist.ppf(0.975, df)))
     by_best = sorted(eligible, key=lambda s: s["best"])
     result = {
         **_header(question, stats),
@@ -464,7 +472,7 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         "runner_up": runner_up["run"].run_id if runner_up else None,
         "margin": margin,
         "noise": noise,
-        "verdict": _verdict(margin, noise, eval_noise),
+        "verdict": _verdict(margin, noise, eval_noise, quantile),
         "training_noise": floor or "not measured (no seed replicates): the verdict may not survive a second run",
         "winner_at_best": by_best[0]["run"].run_id,
         "margin_at_best": by_best[1]["best"] - by_best[0]["best"] if len(by_best) > 1 else math.nan,
