@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import io
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from fvlm.data.index import IMAGE_EXTS
+from fvlm.model.tokenizer import chat_ids
 
 if TYPE_CHECKING:  # torch is imported where frames are normalised, so that indexing data stays light
     import torch
+    from transformers import PreTrainedTokenizerBase
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -43,7 +45,7 @@ def _fit(img: Image.Image, size: int) -> np.ndarray:
     if (w, h) != (size, size):
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BILINEAR)
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
         left, top = (nw - size) // 2, (nh - size) // 2
         img = img.crop((left, top, left + size, top + size))
     return np.asarray(img)
@@ -62,7 +64,7 @@ def decode_mp4(data: bytes, size: int, fps: float, max_frames: int) -> np.ndarra
     import av
 
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), mode="r") as container:
             stream = container.streams.video[0]
             picked: list[np.ndarray] = []
             next_t = 0.0
@@ -105,7 +107,7 @@ def decode_frames(
     return np.stack([decode_image(parts[n], size) for n in names])
 
 
-def normalise_into(out, frames_uint8: np.ndarray) -> None:
+def normalise_into(out: torch.Tensor, frames_uint8: np.ndarray) -> None:
     """uint8 [T, H, W, 3] -> `out`, a float32 tensor [T, 3, H, W], with ImageNet mean/std, in place:
     one pass over the batch buffer instead of a temporary per step."""
     import torch
@@ -124,12 +126,18 @@ def normalise(frames_uint8: np.ndarray) -> torch.Tensor:
     return out
 
 
-def read_meta(parts: dict[str, bytes]) -> dict:
+def read_meta(parts: dict[str, bytes]) -> dict[str, Any]:
     return json.loads(parts["json"])
 
 
 def encode_dialogue(
-    tokenizer, user: str, assistant: str, *, stage: int, max_tokens: int, end_of_turn_id: int | None
+    tokenizer: PreTrainedTokenizerBase,
+    user: str,
+    assistant: str,
+    *,
+    stage: int,
+    max_tokens: int,
+    end_of_turn_id: int | None,
 ) -> tuple[list[int], list[bool], int]:
     """Chat-template tokens of one user turn and one assistant turn, and which are targets.
 
@@ -139,11 +147,11 @@ def encode_dialogue(
     value is the length before truncation.
     """
     messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    ids = list(tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"])
+    ids = chat_ids(tokenizer, messages)
     if stage == 1:
         mask = [True] * len(ids)
     else:
-        prompt = tokenizer.apply_chat_template(messages[:1], tokenize=True, add_generation_prompt=True)["input_ids"]
+        prompt = chat_ids(tokenizer, messages[:1], add_generation_prompt=True)
         start = len(prompt)
         if list(ids[:start]) != list(prompt):
             raise SampleError("template_mismatch")

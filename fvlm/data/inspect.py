@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
+from fvlm.config import RunConfig
 from fvlm.data.decode import SampleError
 from fvlm.data.index import KINDS
 from fvlm.data.loader import load_index, sample_reader
@@ -20,6 +22,62 @@ from fvlm.data.schedule import TrainSchedule, source_probabilities
 from fvlm.errors import UsageError
 
 TOKEN_BIN = 16
+
+
+class SkippedSample(TypedDict):
+    shard: str
+    key: str
+    reason: str
+
+
+class TokenLengths(TypedDict):
+    """Text lengths in tokens before truncation; `histogram` counts them in bins of TOKEN_BIN."""
+
+    min: int
+    mean: float
+    p95: int
+    max: int
+    truncated: int
+    histogram: dict[str, int]
+
+
+class MixReport(TypedDict):
+    """The requested mix next to the one `draws` seeded draws of the training stream realise."""
+
+    draws: int
+    requested_by_source: dict[str, float]
+    realised_by_source: dict[str, float]
+    requested_by_kind: dict[str, float]
+    realised_by_kind: dict[str, float]
+
+
+class _SplitCounts(TypedDict):
+    path: str
+    shards: int
+    samples: int
+    by_kind: dict[str, int]
+    by_source: dict[str, int]
+    frames_histogram: dict[str, int]
+    skipped: list[SkippedSample]
+    skipped_by_reason: dict[str, int]
+
+
+class SplitReport(_SplitCounts, total=False):
+    """One split's report: `token_length` when its samples were decoded, `mix` when it holds any."""
+
+    token_length: TokenLengths
+    mix: MixReport
+
+
+class _InspectReport(TypedDict):
+    path: str
+    splits: dict[str, SplitReport]
+
+
+class InspectReport(_InspectReport, total=False):
+    """Every split's report; `requested`: a synthetic set's manifest counts per split and kind."""
+
+    requested: dict[str, dict[str, int]]
 
 
 def split_folders(path: str) -> dict[str, str]:
@@ -30,17 +88,17 @@ def split_folders(path: str) -> dict[str, str]:
     return {"data": path}
 
 
-def inspect_split(spec: str, cfg, *, decode: bool = True, draws: int = 20000) -> dict:
+def inspect_split(spec: str, cfg: RunConfig, *, decode: bool = True, draws: int = 20000) -> SplitReport:
     from fvlm.model.backbones import load_tokenizer
 
     d = cfg.data
     index = load_index(spec, "data inspect")
     reader = sample_reader(cfg, index, load_tokenizer(cfg.model.llm))
-    skipped = [{"shard": s.shard, "key": s.key, "reason": s.reason} for s in index.skips]
-    frames_hist: Counter = Counter()
-    tokens_hist: Counter = Counter()
-    token_lengths = []
-    usable: Counter[str] = Counter()
+    skipped: list[SkippedSample] = [{"shard": s.shard, "key": s.key, "reason": s.reason} for s in index.skips]
+    frames_hist: Counter[int] = Counter()
+    tokens_hist: Counter[int] = Counter()
+    token_lengths: list[int] = []
+    usable: Counter[tuple[str, str]] = Counter()
     for row in range(len(index)):
         if decode:
             try:
@@ -54,7 +112,7 @@ def inspect_split(spec: str, cfg, *, decode: bool = True, draws: int = 20000) ->
         else:
             frames_hist[reader.visual_count(row)] += 1
         usable[(index.source_of(row), index.kind_of(row))] += 1
-    report = {
+    report: SplitReport = {
         "path": spec,
         "shards": len(index.shards),
         "samples": sum(usable.values()),
@@ -93,18 +151,21 @@ def inspect_split(spec: str, cfg, *, decode: bool = True, draws: int = 20000) ->
     return report
 
 
-def inspect_path(path: str, cfg, *, decode: bool = True) -> dict:
+def inspect_path(path: str, cfg: RunConfig, *, decode: bool = True) -> InspectReport:
     folders = split_folders(path)
     if not folders:
         raise UsageError(f"data inspect: no shards under {path}")
-    out = {"path": path, "splits": {name: inspect_split(spec, cfg, decode=decode) for name, spec in folders.items()}}
+    out: InspectReport = {
+        "path": path,
+        "splits": {name: inspect_split(spec, cfg, decode=decode) for name, spec in folders.items()},
+    }
     manifest = Path(path) / "manifest.json"
     if manifest.is_file():
         out["requested"] = json.loads(manifest.read_text())["splits"]
     return out
 
 
-def format_report(report: dict) -> str:
+def format_report(report: InspectReport) -> str:
     lines = [f"{report['path']}"]
     for name, r in report["splits"].items():
         lines.append(f"\n[{name}] {r['samples']} usable samples in {r['shards']} shards")

@@ -27,7 +27,9 @@ import io
 import json
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict, cast
 
 import numpy as np
 from PIL import Image
@@ -67,6 +69,45 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 
 # The white mark of the marked task reaches this many pixels past its object on every side.
 MARK_BORDER = 2
+
+# An object placed in a scene: (colour, shape, side in pixels, x, y of its top-left corner).
+Placed = tuple[str, str, int, int, int]
+# A box an object covers over a clip, (x0, y0, x1, y1) in pixels.
+Box = tuple[int, int, int, int]
+
+
+class SceneObject(TypedDict, total=False):
+    """One object of a sample's scene, as its JSON records it (the keys depend on the task)."""
+
+    colour: str
+    shape: str
+    moves: str | None
+    marked: bool
+    at: str
+
+
+class SampleMeta(TypedDict, total=False):
+    """A sample's JSON: the dialogue, the kind and frame count, and for videos and images the scene
+    (and a video's mover's box per frame); multiple-choice samples add their options and answer."""
+
+    source: str
+    frame_count: int
+    task: str
+    mover_boxes: list[list[float]]
+    scene: list[SceneObject]
+    user: str
+    assistant: str
+    choices: list[str]
+    answer_index: int
+
+
+class PainterStyle(TypedDict, total=False):
+    """The keyword arguments of `_Painter` that shape a scene."""
+
+    background: str
+    object_scale: tuple[float, float]
+    max_objects: int
+    min_objects: int
 
 
 def mark_box(x: int, y: int, d: int) -> tuple[slice, slice]:
@@ -116,7 +157,7 @@ class _Painter:
             shade = rng.integers(70, 160, size=3)
             return np.broadcast_to(shade.astype(np.int16), (size, size, 3)).copy()
         coarse = rng.integers(60, 170, size=(4, 4, 3), dtype=np.uint8)
-        base = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR), dtype=np.int16)
+        base = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR), dtype=np.int16)
         period = rng.integers(3, 7)
         stripes = ((np.arange(size)[:, None] + np.arange(size)[None, :] * rng.integers(0, 2)) // period % 2) * 16 - 8
         return base + stripes[..., None] + rng.integers(-10, 11, size=(size, size, 3), dtype=np.int16)
@@ -126,7 +167,7 @@ class _Painter:
         colours = self.rng.permutation(list(COLOURS))[:n]
         return [(str(c), str(s), int(self.rng.choice(self.sizes))) for c, s in zip(colours, shapes)]
 
-    def place(self, d: int, taken: list[tuple[int, int, int, int]], span: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    def place(self, d: int, taken: list[Box], span: tuple[int, int] = (0, 0)) -> tuple[int, int]:
         """Top-left corner for a d-sized object (moving by `span` in total) clear of `taken` boxes."""
         dx, dy = span
         for _ in range(50):
@@ -161,7 +202,7 @@ def labelled_scene(p: _Painter, marked: bool = False) -> tuple[bytes, np.ndarray
     canvas = p.background()
     labels = np.full((p.size, p.size), -1, dtype=np.int16)
     mark = np.zeros((p.size, p.size), dtype=bool)
-    taken: list = []
+    taken: list[Box] = []
     colour_ids = {c: i for i, c in enumerate(COLOURS)}
     for i, (colour, shape, d) in enumerate(objects):
         x, y = p.place(d, taken)
@@ -191,19 +232,20 @@ def _mc(question: str, options: list[str], answer: int) -> tuple[str, str]:
     return f"{question}\n{listed}", options[answer]
 
 
-def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
+def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], SampleMeta]:
     rng, size = p.rng, p.size
     low = max(p.min_objects, 2 if mc else 1)  # a multiple-choice video needs a static object for its options
     objects = p.layout(int(rng.integers(low, max(low, p.max_objects) + 1)), distinct_shapes=False)
     direction = str(rng.choice(list(DIRECTIONS)))
     travel = round(size * 0.35)
     span = (DIRECTIONS[direction][0] * travel, DIRECTIONS[direction][1] * travel)
-    taken: list = []
+    taken: list[Box] = []
     mover_colour, mover_shape, mover_d = objects[0]
     mx, my = p.place(mover_d, taken, span)
     static = [(c, s, d, *p.place(d, taken)) for c, s, d in objects[1:]]
     background = p.background()
-    jpegs, boxes = [], []
+    jpegs: list[bytes] = []
+    boxes: list[list[float]] = []
     for t in range(frames):
         canvas = background.copy()
         for c, s, d, x, y in static:
@@ -216,7 +258,7 @@ def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
     answer = f"{mover_colour} {mover_shape} {direction}"
     # mover_boxes: the mover's box per frame as shares of the frame side [x0, y0, x1, y1], so that
     # "does the query look at the mover" is measured against where it is, not guessed from pixels.
-    meta = {
+    meta: SampleMeta = {
         "source": "video",
         "frame_count": frames,
         "task": "motion",
@@ -236,7 +278,7 @@ def make_video(p: _Painter, frames: int, mc: bool) -> tuple[list[bytes], dict]:
         options = [options[i] for i in rng.permutation(len(options))]
         right = options.index(answer)
         meta["user"], meta["assistant"] = _mc("Which object moves, and where?", options, right)
-        meta.update(choices=options, answer_index=right)
+        meta["choices"], meta["answer_index"] = options, right
     else:
         meta["user"] = str(rng.choice(VIDEO_PROMPTS))
         meta["assistant"] = f"The {mover_colour} {mover_shape} moves {direction}."
@@ -257,7 +299,9 @@ REVEAL_OBJECTS = 4  # the mover and three others: the four options are the four 
 REVEAL_TRAVEL = 0.0
 
 
-def _crowd(p: _Painter, crowd: int, travel: float, distinct_shapes: bool) -> tuple:
+def _crowd(
+    p: _Painter, crowd: int, travel: float, distinct_shapes: bool
+) -> tuple[list[str], list[str], list[int], str, tuple[int, int], tuple[int, int], list[Placed]]:
     """The scene of the reveal and marked tasks: `crowd` objects of distinct colours (white is kept
     for marking), the first of which (the mover) drifts `travel` of the frame side along one
     direction. Returns (palette, shapes, sizes, direction, span, the mover's first corner (x, y), the
@@ -273,13 +317,15 @@ def _crowd(p: _Painter, crowd: int, travel: float, distinct_shapes: bool) -> tup
     direction = str(rng.choice(list(DIRECTIONS)))
     step = round(p.size * travel)
     span = (DIRECTIONS[direction][0] * step, DIRECTIONS[direction][1] * step)
-    taken: list = []
+    taken: list[Box] = []
     mover = p.place(sizes[0], taken, span)
-    others = [(palette[i], shapes[i], sizes[i], *p.place(sizes[i], taken)) for i in range(1, crowd)]
+    others: list[Placed] = [(palette[i], shapes[i], sizes[i], *p.place(sizes[i], taken)) for i in range(1, crowd)]
     return palette, shapes, sizes, direction, span, mover, others
 
 
-def _colour_question(meta: dict, p: _Painter, mc: bool, palette: list[str], prompts: tuple, sentence: str) -> None:
+def _colour_question(
+    meta: SampleMeta, p: _Painter, mc: bool, palette: list[str], prompts: tuple[str, ...], sentence: str
+) -> None:
     """Adds the question of the reveal and marked tasks, the mover's colour (palette[0]), to `meta`.
     As multiple choice it asks prompts[0], and the options are the palette's first four colours in
     random order: the colours on screen, and colours that are not when fewer than four objects are.
@@ -287,7 +333,7 @@ def _colour_question(meta: dict, p: _Painter, mc: bool, palette: list[str], prom
     if mc:
         options = [palette[i] for i in p.rng.permutation(4)]
         meta["user"], meta["assistant"] = _mc(prompts[0], options, options.index(palette[0]))
-        meta.update(choices=options, answer_index=options.index(palette[0]))
+        meta["choices"], meta["answer_index"] = options, options.index(palette[0])
     else:
         meta["user"] = str(p.rng.choice(prompts))
         meta["assistant"] = sentence
@@ -295,7 +341,7 @@ def _colour_question(meta: dict, p: _Painter, mc: bool, palette: list[str], prom
 
 def make_reveal_video(
     p: _Painter, frames: int, mc: bool, crowd: int | None = None, travel: float = REVEAL_TRAVEL
-) -> tuple[list[bytes], dict]:
+) -> tuple[list[bytes], SampleMeta]:
     """A video where the first frame says where to look and the later frames say what is there.
 
     Frame 0 shows the mover alone, painted white. From frame 1 on it has its real colour and `crowd`
@@ -318,7 +364,8 @@ def make_reveal_video(
     palette, shapes, sizes, direction, span, (mx, my), others = _crowd(p, crowd, travel, distinct_shapes=False)
     colours = palette[:crowd]
     background = p.background()
-    jpegs, boxes = [], []
+    jpegs: list[bytes] = []
+    boxes: list[list[float]] = []
     for t in range(frames):
         canvas = background.copy()
         f = t / max(1, frames - 1)
@@ -329,7 +376,7 @@ def make_reveal_video(
         p.paint(canvas, "white" if t == 0 else colours[0], shapes[0], sizes[0], x, y)
         boxes.append([round(v / size, 4) for v in (x, y, x + sizes[0], y + sizes[0])])
         jpegs.append(p.finish(canvas))
-    meta = {
+    meta: SampleMeta = {
         "source": "video",
         "frame_count": frames,
         "task": "reveal",
@@ -355,7 +402,9 @@ def _marked_crowd(p: _Painter) -> int:
     return int(p.rng.integers(min(max(p.min_objects, 1), MARKED_OBJECTS), min(p.max_objects, MARKED_OBJECTS) + 1))
 
 
-def _paint_marked(p: _Painter, canvas: np.ndarray, others: list, colour: str, shape: str, d: int, x: int, y: int):
+def _paint_marked(
+    p: _Painter, canvas: np.ndarray, others: list[Placed], colour: str, shape: str, d: int, x: int, y: int
+) -> None:
     """Paints a marked scene onto `canvas`: the white mark (a little larger than the object), the
     other objects, then the marked object of side d at (x, y) on the mark."""
     canvas[mark_box(x, y, d)] = COLOURS["white"]
@@ -366,7 +415,7 @@ def _paint_marked(p: _Painter, canvas: np.ndarray, others: list, colour: str, sh
 
 def make_marked_video(
     p: _Painter, frames: int, mc: bool, crowd: int | None = None, travel: float = MARKED_TRAVEL
-) -> tuple[list[bytes], dict]:
+) -> tuple[list[bytes], SampleMeta]:
     """A video where the answer is one object's colour, and a white mark says which object.
 
     `crowd` objects of distinct shapes and distinct colours (white excluded); the first, the mover,
@@ -390,7 +439,8 @@ def make_marked_video(
     palette, shapes, sizes, direction, span, (mx, my), others = _crowd(p, crowd, travel, distinct_shapes=True)
     colours = palette[:crowd]
     background = p.background()
-    jpegs, boxes = [], []
+    jpegs: list[bytes] = []
+    boxes: list[list[float]] = []
     d = sizes[0]
     for t in range(frames):
         canvas = background.copy()
@@ -399,7 +449,7 @@ def make_marked_video(
         _paint_marked(p, canvas, others, colours[0], shapes[0], d, x, y)
         boxes.append([round(v / size, 4) for v in (x, y, x + d, y + d)])
         jpegs.append(p.finish(canvas))
-    meta = {
+    meta: SampleMeta = {
         "source": "video",
         "frame_count": frames,
         "task": "marked",
@@ -413,15 +463,20 @@ def make_marked_video(
     return jpegs, meta
 
 
-VIDEO_TASKS = {"motion": make_video, "reveal": make_reveal_video, "marked": make_marked_video}
+# The makers share (painter, frames, mc); the reveal and marked tasks also take `crowd` and `travel`.
+VIDEO_TASKS: dict[str, Callable[..., tuple[list[bytes], SampleMeta]]] = {
+    "motion": make_video,
+    "reveal": make_reveal_video,
+    "marked": make_marked_video,
+}
 
 
-def make_image(p: _Painter, mc: bool) -> tuple[bytes, dict]:
+def make_image(p: _Painter, mc: bool) -> tuple[bytes, SampleMeta]:
     rng, size = p.rng, p.size
     low = min(p.min_objects, 4)  # four distinct shapes at most
     objects = p.layout(int(rng.integers(low, max(low, min(p.max_objects, 4)) + 1)), distinct_shapes=True)
     canvas = p.background()
-    taken: list = []
+    taken: list[Box] = []
     placed = [(c, s, d, *p.place(d, taken)) for c, s, d in objects]
     for obj in placed:
         p.paint(canvas, *obj)
@@ -437,7 +492,7 @@ def make_image(p: _Painter, mc: bool) -> tuple[bytes, dict]:
     else:
         user, short, answer = f"Where is the {colour} {shape}?", where, f"At the {where}."
         wrong = [f"{v} {h}" for v in ("top", "bottom") for h in ("left", "right")]
-    meta = {
+    meta: SampleMeta = {
         "source": "image",
         "frame_count": 1,
         "scene": [
@@ -452,7 +507,7 @@ def make_image(p: _Painter, mc: bool) -> tuple[bytes, dict]:
     if mc:
         options, right = _choices(rng, short, wrong)
         meta["user"], meta["assistant"] = _mc(user, options, right)
-        meta.update(choices=options, answer_index=right)
+        meta["choices"], meta["answer_index"] = options, right
     else:
         meta["user"], meta["assistant"] = user, answer
     return p.finish(canvas), meta
@@ -461,7 +516,7 @@ def make_image(p: _Painter, mc: bool) -> tuple[bytes, dict]:
 MARKED_IMAGE_PROMPTS = ("What colour is the marked object?", "Describe the marked object.", "Describe the picture.", "")
 
 
-def make_marked_image(p: _Painter, mc: bool, crowd: int | None = None) -> tuple[bytes, dict]:
+def make_marked_image(p: _Painter, mc: bool, crowd: int | None = None) -> tuple[bytes, SampleMeta]:
     """A still of the marked task: `crowd` objects of distinct shapes and colours (drawn from the
     painter's counts, at most four, when None), the first on a white mark, and the question asks its
     colour; as multiple choice the options are the colours on screen (plus colours that are not,
@@ -478,7 +533,7 @@ def make_marked_image(p: _Painter, mc: bool, crowd: int | None = None) -> tuple[
     d = sizes[0]
     canvas = p.background()
     _paint_marked(p, canvas, others, palette[0], shapes[0], d, x, y)
-    meta = {
+    meta: SampleMeta = {
         "source": "image",
         "frame_count": 1,
         "task": "marked",
@@ -488,10 +543,11 @@ def make_marked_image(p: _Painter, mc: bool, crowd: int | None = None) -> tuple[
     return p.finish(canvas), meta
 
 
-IMAGE_TASKS = {"named": make_image, "marked": make_marked_image}
+# The makers share (painter, mc); the marked task also takes `crowd`.
+IMAGE_TASKS: dict[str, Callable[..., tuple[bytes, SampleMeta]]] = {"named": make_image, "marked": make_marked_image}
 
 
-def make_text(rng: np.random.Generator) -> dict:
+def make_text(rng: np.random.Generator) -> SampleMeta:
     kind = int(rng.integers(5))
     if kind == 0:
         a, b = (int(v) for v in rng.integers(0, 50, size=2))
@@ -513,26 +569,29 @@ def make_text(rng: np.random.Generator) -> dict:
 class _ShardWriter:
     def __init__(self, folder: Path, prefix: str):
         self.folder, self.prefix = folder, prefix
-        self.count, self.shard, self.tar = 0, 0, None
+        self.count, self.shard = 0, 0
+        self.tar: tarfile.TarFile | None = None
         folder.mkdir(parents=True, exist_ok=True)
 
-    def _add(self, name: str, data: bytes) -> None:
+    @staticmethod
+    def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644
-        self.tar.addfile(info, io.BytesIO(data))
+        tar.addfile(info, io.BytesIO(data))
 
-    def write(self, key: str, meta: dict, images: list[bytes] | None = None, image: bytes | None = None) -> None:
+    def write(self, key: str, meta: SampleMeta, images: list[bytes] | None = None, image: bytes | None = None) -> None:
         if self.tar is None or self.count % SAMPLES_PER_SHARD == 0:
             self.close()
             self.tar = tarfile.open(
                 self.folder / f"{self.prefix}-{self.shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT
             )
             self.shard += 1
-        self._add(f"{key}.json", json.dumps(meta).encode())
+        tar = self.tar
+        self._add(tar, f"{key}.json", json.dumps(meta).encode())
         for t, frame in enumerate(images or []):
-            self._add(f"{key}.{t:03d}.jpg", frame)
+            self._add(tar, f"{key}.{t:03d}.jpg", frame)
         if image is not None:
-            self._add(f"{key}.jpg", image)
+            self._add(tar, f"{key}.jpg", image)
         self.count += 1
 
     def close(self) -> None:
@@ -552,7 +611,7 @@ def _write_split(
     frames: int,
     size: int,
     mc_fraction: float,
-    painter: dict | None = None,
+    painter: PainterStyle | None = None,
     video_task: str = "motion",
     image_task: str = "named",
 ) -> dict[str, int]:
@@ -560,7 +619,7 @@ def _write_split(
     order = [("video", i) for i in range(videos)] + [("image", i) for i in range(images)]
     order += [("text", i) for i in range(texts)]
     order = [order[i] for i in rng.permutation(len(order))]
-    painter = _Painter(size, rng, **(painter or {}))
+    scene_painter = _Painter(size, rng, **(painter or {}))
     writer = _ShardWriter(folder, split)
     counts = {"video": 0, "image": 0, "text": 0, "multiple_choice": 0}
     for kind, i in order:
@@ -570,11 +629,11 @@ def _write_split(
             # The bench asks every reveal and marked question with the full crowd (see their makers).
             crowds = {"reveal": REVEAL_OBJECTS, "marked": MARKED_OBJECTS}
             full = {"crowd": crowds[video_task]} if video_task in crowds and split == "bench" else {}
-            jpegs, meta = VIDEO_TASKS[video_task](painter, frames, mc, **full)
+            jpegs, meta = VIDEO_TASKS[video_task](scene_painter, frames, mc, **full)
             writer.write(key, meta, images=jpegs)
         elif kind == "image":
             full = {"crowd": MARKED_OBJECTS} if image_task == "marked" and split == "bench" else {}
-            jpeg, meta = IMAGE_TASKS[image_task](painter, mc, **full)
+            jpeg, meta = IMAGE_TASKS[image_task](scene_painter, mc, **full)
             writer.write(key, meta, image=jpeg)
         else:
             writer.write(key, make_text(rng))
@@ -584,8 +643,74 @@ def _write_split(
     return counts
 
 
+class SceneKnobs(TypedDict, total=False):
+    """The scene knobs of `generate_synthetic` (`synth_params` leaves out those at their defaults)."""
+
+    mc_fraction: float
+    min_objects: int
+    max_objects: int
+    object_scale: tuple[float, float]
+    background: str
+    video_task: str
+    image_task: str
+
+
+class SynthParams(SceneKnobs):
+    """The keyword arguments of `generate_synthetic` that a data config asks for."""
+
+    videos: int
+    images: int
+    texts: int
+    frames: int
+    size: int
+    seed: int
+    val: int
+    probe: int
+    bench: int
+
+
+class ManifestParams(TypedDict):
+    videos: int
+    images: int
+    texts: int
+    frames: int
+    size: int
+    seed: int
+    val: int
+    probe: int
+    bench: int
+    mc_fraction: float
+    background: str
+    object_scale: list[float]
+    max_objects: int
+    min_objects: int
+    video_task: str
+    image_task: str
+
+
+class Manifest(TypedDict):
+    """manifest.json: the parameters, the samples written per split and kind, and the time taken."""
+
+    generator_version: int
+    params: ManifestParams
+    splits: dict[str, dict[str, int]]
+    samples: int
+    seconds: float
+    samples_per_sec: float
+
+
+class _SplitSettings(TypedDict):
+    """What every split of one set shares (`_write_split`'s keyword arguments)."""
+
+    frames: int
+    size: int
+    painter: PainterStyle
+    video_task: str
+    image_task: str
+
+
 def generate_synthetic(
-    out_dir,
+    out_dir: str | Path,
     *,
     videos: int,
     images: int,
@@ -603,7 +728,7 @@ def generate_synthetic(
     min_objects: int = 3,
     video_task: str = "motion",
     image_task: str = "named",
-) -> dict:
+) -> Manifest:
     """Writes train/, val/, probe/ and bench/ shard folders plus manifest.json under `out_dir`.
 
     val keeps the train mix of kinds; probe holds `probe` plain videos for attention heatmaps;
@@ -615,9 +740,10 @@ def generate_synthetic(
     began = time.perf_counter()
     total = max(1, videos + images + texts)
     val_counts = [round(val * n / total) for n in (videos, images)]
-    style = {
+    style: PainterStyle = {
         "background": background,
-        "object_scale": tuple(object_scale),
+        # The painter reads the two numbers only, whatever the sequence they come in.
+        "object_scale": object_scale,
         "max_objects": max_objects,
         "min_objects": min_objects,
     }
@@ -625,7 +751,13 @@ def generate_synthetic(
         raise ValueError(f"video_task must be one of {sorted(VIDEO_TASKS)}, got {video_task!r}")
     if image_task not in IMAGE_TASKS:
         raise ValueError(f"image_task must be one of {sorted(IMAGE_TASKS)}, got {image_task!r}")
-    common = {"frames": frames, "size": size, "painter": style, "video_task": video_task, "image_task": image_task}
+    common: _SplitSettings = {
+        "frames": frames,
+        "size": size,
+        "painter": style,
+        "video_task": video_task,
+        "image_task": image_task,
+    }
     splits = {
         "train": _write_split(
             out / "train", "train", seed, videos=videos, images=images, texts=texts, mc_fraction=mc_fraction, **common
@@ -654,7 +786,7 @@ def generate_synthetic(
     }
     seconds = time.perf_counter() - began
     samples = sum(c[k] for c in splits.values() for k in ("video", "image", "text"))
-    manifest = {
+    manifest: Manifest = {
         "generator_version": GENERATOR_VERSION,
         "params": {
             "videos": videos,
@@ -683,8 +815,8 @@ def generate_synthetic(
     return manifest
 
 
-def synth_params(d: DataConfig, seed: int) -> dict:
-    params = {
+def synth_params(d: DataConfig, seed: int) -> SynthParams:
+    params: SynthParams = {
         "videos": d.synth_videos,
         "images": d.synth_images,
         "texts": d.synth_texts,
@@ -695,16 +827,17 @@ def synth_params(d: DataConfig, seed: int) -> dict:
         "probe": 10,
         "bench": 200,
     }
-    scene = {
+    scale = d.synth_object_scale  # [min, max] (`validate` checks that it holds two numbers)
+    scene: SceneKnobs = {
         "mc_fraction": d.synth_mc_fraction,
         "min_objects": d.synth_min_objects,
         "max_objects": d.synth_max_objects,
-        "object_scale": tuple(d.synth_object_scale),
+        "object_scale": (scale[0], scale[1]),
         "background": d.synth_background,
         "video_task": d.synth_video_task,
         "image_task": d.synth_image_task,
     }
-    defaults = {
+    defaults: SceneKnobs = {
         "mc_fraction": 0.0,
         "min_objects": 3,
         "max_objects": 5,
@@ -714,8 +847,9 @@ def synth_params(d: DataConfig, seed: int) -> dict:
         "image_task": "named",
     }
     # Knobs at their defaults stay out, so that sets generated before the knobs existed keep their folder.
-    params.update({k: v for k, v in scene.items() if v != defaults[k]})
-    return params
+    changed = {k: v for k, v in scene.items() if v != defaults.get(k)}
+    # The comprehension over the knobs loses their per-key types; it keeps SceneKnobs' keys and values.
+    return cast(SynthParams, {**params, **changed})
 
 
 def ensure_synthetic(data: DataConfig, seed: int, out_dir: str | Path) -> dict[str, str]:

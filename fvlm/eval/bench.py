@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fvlm.config import RunConfig
 from fvlm.errors import UsageError
 from fvlm.eval.media import check_visual_path, load_visual
 from fvlm.eval.scoring import Question
@@ -43,7 +44,7 @@ class VisualSettings:
     image_frames: int
 
     @classmethod
-    def from_config(cls, cfg) -> VisualSettings:
+    def from_config(cls, cfg: RunConfig) -> VisualSettings:
         d = cfg.data
         return cls(cfg.model.image_size, d.max_frames, d.fps, d.replicate_image_frames)
 
@@ -106,7 +107,7 @@ def read_shard_bench(spec: str, settings: VisualSettings) -> list[Question]:
     from fvlm.data.loader import load_index
 
     index = load_index(spec, "--bench")
-    questions = []
+    questions: list[Question] = []
     for row in range(len(index)):
         shard = index.shards[index.shard_id[row]]
         start, end = int(index.start[row]), int(index.end[row])
@@ -133,7 +134,7 @@ def read_shard_bench(spec: str, settings: VisualSettings) -> list[Question]:
 # ----------------------------------------------------------------------------- JSONL
 
 
-def _answer_index(answer, options: list[str], where: str) -> int:
+def _answer_index(answer: object, options: list[str], where: str) -> int:
     if isinstance(answer, bool):
         raise UsageError(f"{where}: 'answer' must be a letter, an option index or an option's text")
     if isinstance(answer, int):
@@ -155,12 +156,13 @@ def _answer_index(answer, options: list[str], where: str) -> int:
 def _strip_letters(options: list[str]) -> list[str]:
     """Video-MME style options carry their own letters ("A. ..."); the prompt adds them again."""
     prefixes = [_LETTER_PREFIX.match(o) for o in options]
-    if all(m and m.group(1) == LETTERS[i] for i, m in enumerate(prefixes)):
-        return [o[m.end() :].strip() for o, m in zip(options, prefixes)]
+    lettered = [m for i, m in enumerate(prefixes) if m and m.group(1) == LETTERS[i]]
+    if len(lettered) == len(options):
+        return [o[m.end() :].strip() for o, m in zip(options, lettered)]
     return options
 
 
-def parse_jsonl_entry(entry, where: str, base: Path) -> tuple[Path, str, list[str], int, str]:
+def parse_jsonl_entry(entry: object, where: str, base: Path) -> tuple[Path, str, list[str], int, str]:
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: expected a JSON object")
     unknown = sorted(set(entry) - JSONL_FIELDS)
@@ -198,7 +200,7 @@ def read_jsonl_bench(path: str | Path, settings: VisualSettings) -> list[Questio
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such benchmark file")
-    questions = []
+    questions: list[Question] = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 
 from fvlm import run_folder as rf
-from fvlm.config import config_from_dict, load_config, parse_overrides
+from fvlm.config import ModelConfig, RunConfig, config_from_dict, load_config, parse_overrides
 from fvlm.data.loader import build_loader, split_path
 from fvlm.errors import UsageError, read_json, read_yaml
 from fvlm.eval import paired
@@ -27,14 +28,22 @@ from fvlm.eval.looks import attention_record, draw, save_npz
 from fvlm.eval.paired import MODES_ORDER
 from fvlm.eval.scoring import Question, encode_question, frames_batch, score_batch, summarise
 from fvlm.model.build import load_model
+from fvlm.model.vlm import Batch, VisualBlock, VLMBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Per-sample losses, mode summaries and a checkpoint's eval.json entry are JSON-like records that
+# `fvlm analyze`, the evidence and the milestones read by key: they are plain dicts of str keys.
+Record = dict[str, Any]
 
 
 @dataclass
 class Checkpoint:
     folder: Path
     run_dir: Path | None
-    step: int | None
-    meta: dict
+    step: int | None  # None: a saved model outside a run
+    meta: dict[str, Any]
 
 
 def _checkpoint(folder: Path, run_dir: Path | None) -> Checkpoint:
@@ -64,11 +73,12 @@ def find_checkpoints(target: str | Path, all_checkpoints: bool = False) -> list[
     ]
     if not found:
         raise UsageError(f"{path}: neither a run folder with complete checkpoints nor a saved model")
-    found.sort(key=lambda c: c.step)
+    # A run's checkpoints all have a step (their folder is named by it).
+    found.sort(key=lambda c: -1 if c.step is None else c.step)
     return found if all_checkpoints else found[-1:]
 
 
-def run_config(ckpt: Checkpoint, model_cfg, overrides: list[str]):
+def run_config(ckpt: Checkpoint, model_cfg: ModelConfig, overrides: list[str]) -> RunConfig:
     """The run's resolved config (its data settings decide how frames and text are prepared), from
     the run's config.yaml or the checkpoint's meta.json, with `key=value` overrides and the saved
     model's own model config. Synthetic data resolves beside the run, where training generated it."""
@@ -104,7 +114,7 @@ def run_config(ckpt: Checkpoint, model_cfg, overrides: list[str]):
     return cfg
 
 
-def resolve_modes(requested: list[str] | None, model) -> tuple[str, ...]:
+def resolve_modes(requested: list[str] | None, model: VLMBase) -> tuple[str, ...]:
     available = model.supported_modes
     if not requested:
         return tuple(m for m in MODES_ORDER if m in available)
@@ -116,12 +126,19 @@ def resolve_modes(requested: list[str] | None, model) -> tuple[str, ...]:
     return tuple(requested)
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _to(batch: Batch, device: str | torch.device) -> Batch:
+    # A comprehension over a TypedDict's items gives a plain dict: it has the batch's keys.
+    return cast(Batch, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
 
 
 @torch.no_grad()
-def sample_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_control: bool = True) -> dict:
+def sample_losses(
+    model: VLMBase,
+    batches: Iterable[Batch],
+    modes: tuple[str, ...],
+    device: str | torch.device = "cpu",
+    blank_control: bool = True,
+) -> Record:
     """The answer targets' loss per validation sample, in loader order, the same samples for every
     mode and DINO once per sample (all modes' visual blocks come from one pass):
     {"keys": [sample key, ...], "modes": {mode: {"loss_sum": float64 [N], "tokens": int64 [N],
@@ -131,14 +148,14 @@ def sample_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_co
 
     The blank-frame control scores the same samples with every frame replaced by the normalised
     mean (flat grey), frame count and masks unchanged."""
-    keys: list = []
-    kinds: list = []
+    keys: list[str | None] = []
+    kinds: list[str | None] = []
     names = ("loss_sum", "tokens", "loss_sum_blank") if blank_control else ("loss_sum", "tokens")
-    parts = {m: {name: [] for name in names} for m in modes}
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {m: {name: [] for name in names} for m in modes}
     for batch in batches:
         batch = _to(batch, device)
         blocks = model.visual_blocks(batch, modes)
-        grey = (
+        grey: dict[str, VisualBlock] = (
             model.visual_blocks({**batch, "frames": torch.zeros_like(batch["frames"])}, modes) if blank_control else {}
         )
         for mode in modes:
@@ -168,7 +185,7 @@ def sample_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_co
     }
 
 
-def summarise_losses(per_sample: dict) -> dict:
+def summarise_losses(per_sample: Record) -> dict[str, Record]:
     """`sample_losses` -> {mode: {loss, n, tokens[, loss_blank_frames, pixel_gain]}}: token-weighted
     validation loss per mode (every answer token counts once, whatever sample it is in)."""
     out: dict[str, dict[str, Any]] = {}
@@ -194,7 +211,13 @@ def summarise_losses(per_sample: dict) -> dict:
     return out
 
 
-def mode_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_control: bool = True) -> dict:
+def mode_losses(
+    model: VLMBase,
+    batches: Iterable[Batch],
+    modes: tuple[str, ...],
+    device: str | torch.device = "cpu",
+    blank_control: bool = True,
+) -> dict[str, Record]:
     """Token-weighted validation loss of the answer targets per mode, the same samples for every mode
     and DINO once per sample (`sample_losses`, aggregated by `summarise_losses`).
 
@@ -205,7 +228,7 @@ def mode_losses(model, batches, modes: tuple[str, ...], device="cpu", blank_cont
     return summarise_losses(sample_losses(model, batches, modes, device, blank_control))
 
 
-def mode_gaps(losses: dict) -> dict:
+def mode_gaps(losses: dict[str, Record]) -> dict[str, float]:
     """Loss differences of every ordered pair (a positive gap: the second mode is better)."""
     present = [m for m in MODES_ORDER if m in losses]
     return {
@@ -215,24 +238,24 @@ def mode_gaps(losses: dict) -> dict:
 
 @torch.no_grad()
 def run_benchmark(
-    model,
-    tokenizer,
+    model: VLMBase,
+    tokenizer: PreTrainedTokenizerBase,
     questions: list[Question],
     modes: tuple[str, ...],
     *,
     batch_size: int = 8,
-    device="cpu",
+    device: str | torch.device = "cpu",
     score: str = "mean",
     grey_control: bool = True,
-    raw: dict | None = None,
-) -> dict:
+    raw: dict[str, Any] | None = None,
+) -> dict[str, Record]:
     """{mode: accuracy summary} for one benchmark. With `grey_control` the same questions are also
     scored with every frame flat grey (the normalised mean; frame count unchanged), under
     `grey_frames`: with balanced options that is chance, and the gap to it is what the pixels bring.
     `raw`, when given, receives every question's option scores: {"scores": {mode: [...]}, "grey": ...}."""
     encoded = [encode_question(tokenizer, q) for q in questions]
-    scores = {m: [] for m in modes}
-    grey = {m: [] for m in modes}
+    scores: dict[str, list[np.ndarray]] = {m: [] for m in modes}
+    grey: dict[str, list[np.ndarray]] = {m: [] for m in modes}
     for start in range(0, len(questions), batch_size):
         chunk = slice(start, start + batch_size)
         frames, frame_mask = frames_batch([q.frames() for q in questions[chunk]])
@@ -267,9 +290,9 @@ def evaluate_checkpoint(
     batch_size: int,
     device: str,
     score: str,
-    log=print,
+    log: Callable[[str], object] = print,
     log_samples: Path | None = None,
-) -> dict:
+) -> Record:
     """One checkpoint: validation loss per mode with the blank-frame control and the mode gaps with
     their paired intervals (`gap_intervals`), each benchmark's accuracy per mode with the grey-frame
     control and the paired accuracy differences between modes (`bench_differences`). With
@@ -282,7 +305,7 @@ def evaluate_checkpoint(
         raise UsageError(f"{ckpt.folder}: no tokenizer saved with the model")
     cfg = run_config(ckpt, model.cfg, overrides)
     chosen = resolve_modes(modes, model)
-    entry = {
+    entry: Record = {
         "run_id": cfg.run_id if ckpt.run_dir is not None else ckpt.folder.name,
         "step": ckpt.step,
         "samples_seen": ckpt.meta.get("samples_seen"),
@@ -307,10 +330,11 @@ def evaluate_checkpoint(
         names = ["synthetic_mc"]
     else:
         names = [bench_name(b) for b in benches]
-    entry["bench"], entry["bench_differences"], records = {}, {}, []
+    records: list[dict[str, Any]] = []
+    entry["bench"], entry["bench_differences"] = {}, {}
     for name, spec in zip(names, benches):
         questions = read_bench(spec, settings)
-        raw: dict = {}
+        raw: dict[str, Any] = {}
         entry["bench"][name] = run_benchmark(
             model, tokenizer, questions, chosen, batch_size=batch_size, device=device, score=score, raw=raw
         )
@@ -324,11 +348,11 @@ def evaluate_checkpoint(
     return entry
 
 
-def _num(value, digits: int = 4) -> str:
+def _num(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def format_entry(entry: dict) -> str:
+def format_entry(entry: Record) -> str:
     """The markdown table of one checkpoint: losses per mode, then accuracy per benchmark and mode."""
     lines = [f"## {entry['run_id']} @ step {entry['step']}", ""]
     if entry["modes"]:
@@ -381,7 +405,7 @@ def format_entry(entry: dict) -> str:
     return "\n".join(lines)
 
 
-def _interval(paired_result: dict | None, digits: int = 4) -> str:
+def _interval(paired_result: Record | None, digits: int = 4) -> str:
     """' [lo, hi]' from a paired difference's bootstrap interval (clustered by video where questions
     share one), or nothing."""
     if not paired_result:
@@ -390,7 +414,7 @@ def _interval(paired_result: dict | None, digits: int = 4) -> str:
     return f" [{_num(lo, digits)}, {_num(hi, digits)}]"
 
 
-def write_results(entries: list[dict], out: Path) -> Path:
+def write_results(entries: list[Record], out: Path) -> Path:
     """eval.json (latest entry at the top level, every entry under `steps` when there are several,
     and the latest checkpoint's paired accuracy differences from each earlier one under
     `checkpoint_differences`) and eval.md."""
@@ -461,7 +485,7 @@ def draw_probe_attention(
     device: str,
     gif: bool = False,
     layer: int | None = None,
-) -> dict:
+) -> Record:
     """Pictures of the first `videos` probe videos of the run's data, plus the arrays behind them."""
     model, tokenizer = load_model(ckpt.folder, device=device)
     model.eval()
@@ -473,10 +497,11 @@ def draw_probe_attention(
     save_npz(record, record.path)
     looked = draw(record, out, gif=gif, layer=layer)
     tracked = [v for v in looked.values() if v["fine_on_mover"] is not None]
-    summary = {"videos": looked, "npz": str(record.path)}
+    summary: Record = {"videos": looked, "npz": str(record.path)}
     if tracked:
         for name in ("coarse_on_mover", "fine_on_mover", "mover_area"):
-            summary[f"mean_{name}"] = sum(v[name] for v in tracked) / len(tracked)
+            # A video whose fine query's share is measured has all three (two frames or more, the mover in view).
+            summary[f"mean_{name}"] = sum(cast("list[float]", [v[name] for v in tracked])) / len(tracked)
         print(
             f"attention on the moving object (share of patch mass, {len(tracked)} videos): static query "
             f"{summary['mean_coarse_on_mover']:.3f}, fine query {summary['mean_fine_on_mover']:.3f} "

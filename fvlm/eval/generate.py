@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
+import numpy as np
 import torch
 
 from fvlm.errors import UsageError
 from fvlm.eval.media import check_visual_path, load_visual
+from fvlm.model.tokenizer import chat_ids
+from fvlm.model.vlm import Batch, VLMBase
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def generate_text(
-    model,
-    tokenizer,
-    frames_uint8,
+    model: VLMBase,
+    tokenizer: PreTrainedTokenizerBase,
+    frames_uint8: np.ndarray | None,
     prompt: str,
     *,
     mode: str,
     max_new_tokens: int,
     temperature: float,
     seed: int,
-    device,
+    device: str | torch.device,
 ) -> str:
     """Greedy (temperature 0) or sampled continuation of the prompt after the visual block (none when
     `frames_uint8` is None: a text-only question); the LLM runs with a KV cache. Stops at the
@@ -29,13 +37,13 @@ def generate_text(
     from fvlm.eval.scoring import end_of_turn_id
 
     messages = [{"role": "user", "content": prompt}]
-    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"])
+    ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
     if frames_uint8 is None:
         size = model.cfg.image_size
         frames = torch.zeros(1, 0, 3, size, size, device=device)
     else:
         frames = normalise(frames_uint8)[None].to(device)
-    batch = {
+    batch: Batch = {
         "frames": frames,
         "frame_mask": torch.ones(1, frames.shape[1], dtype=torch.bool, device=device),
         "input_ids": torch.tensor([ids], device=device),
@@ -43,7 +51,7 @@ def generate_text(
     }
     generator = torch.Generator(device=device).manual_seed(seed)
     end = end_of_turn_id(tokenizer)
-    new = model.generate(
+    new: list[int] = model.generate(
         batch,
         mode=mode,
         max_new_tokens=max_new_tokens,
@@ -54,7 +62,8 @@ def generate_text(
     )[0].tolist()
     if end in new:
         new = new[: new.index(end)]
-    return tokenizer.decode(new, skip_special_tokens=True)
+    # One sequence of ids decodes to one string (transformers types the result as str | list[str]).
+    return cast(str, tokenizer.decode(new, skip_special_tokens=True))
 
 
 def default_prompt(path: Path) -> str:
@@ -63,7 +72,7 @@ def default_prompt(path: Path) -> str:
     return DEFAULT_PROMPTS["image" if check_visual_path(path) == "image" else "video"]
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
     from fvlm.eval.evaluate import find_checkpoints, run_config
     from fvlm.model.build import load_model
 
@@ -73,10 +82,12 @@ def cmd_generate(args) -> int:
     model.eval()
     if tokenizer is None:
         raise UsageError(f"{ckpt.folder}: no tokenizer saved with the model")
-    mode = args.mode or ("autoregressive" if "autoregressive" in model.supported_modes else model.default_mode)
+    mode: str = args.mode or ("autoregressive" if "autoregressive" in model.supported_modes else model.default_mode)
     if mode not in model.supported_modes:
         raise UsageError(f"--mode: this model has no '{mode}' mode (available: {', '.join(model.supported_modes)})")
-    frames, prompt, media = None, args.prompt, None
+    frames: np.ndarray | None = None
+    prompt: str = args.prompt
+    media: Path | None = None
     if args.media is not None:
         cfg = run_config(ckpt, model.cfg, [])
         media = Path(args.media).expanduser()
@@ -104,7 +115,7 @@ def cmd_generate(args) -> int:
         from fvlm.data.decode import normalise
         from fvlm.eval.looks import attention_record, draw
 
-        batch = {
+        batch: Batch = {
             "frames": normalise(frames)[None].to(device),
             "frame_mask": torch.ones(1, frames.shape[0], dtype=torch.bool, device=device),
         }

@@ -6,7 +6,9 @@ position, since the background and the other objects do not move)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -14,6 +16,33 @@ import torch
 from fvlm.analysis.attention_maps import AttentionRecord, patch_map, render_video
 from fvlm.data.loader import boxes_array
 from fvlm.errors import UsageError
+from fvlm.model.vlm import VLMBase
+
+
+class LookSummary(TypedDict):
+    """One video's attention picture and how much of each query's patch attention is on the mover
+    (None where it cannot be measured), next to the mover's share of the patches."""
+
+    png: str
+    coarse_on_mover: float | None
+    fine_on_mover: float | None
+    mover_area: float | None
+
+
+class _AttentionArrays(TypedDict):
+    coarse_attn: np.ndarray
+    frames: np.ndarray
+    frame_mask: np.ndarray
+    grid: np.ndarray
+    keys: np.ndarray
+    step: np.ndarray
+
+
+class AttentionArrays(_AttentionArrays, total=False):
+    """The arrays of an attention .npz (training's attention/step_NNNNNNN.npz, `fvlm eval`'s)."""
+
+    fine_attn: np.ndarray
+    mover_boxes: np.ndarray
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -25,27 +54,32 @@ def to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def attention_record(model, batch: dict, keys: list[str], step: int, path: Path) -> AttentionRecord:
+def attention_record(
+    model: VLMBase, batch: Mapping[str, Any], keys: list[str], step: int | None, path: Path
+) -> AttentionRecord:
     """Coarse attention from the static query and fine attention from the model's inference mode
-    (autoregressive: each query chosen by the LLM's state after the previous fine token)."""
+    (autoregressive: each query chosen by the LLM's state after the previous fine token). Of the
+    batch it reads the frames, their mask and the mover's boxes (when the data has them)."""
+    frames: torch.Tensor = batch["frames"]
+    frame_mask: torch.Tensor = batch["frame_mask"]
     modes = [m for m in ("coarse_only", "autoregressive") if m in model.supported_modes]
-    blocks = model.visual_blocks(batch, tuple(modes))
+    blocks = model.visual_blocks({"frames": frames, "frame_mask": frame_mask}, tuple(modes))
     if "coarse" not in blocks["coarse_only"][2]:
         raise UsageError("attention pictures: this model has no query (multi-token baseline)")
     coarse = blocks["coarse_only"][2]["coarse"]
     fine = blocks["autoregressive"][2]["fine"] if "autoregressive" in blocks else None
-    size = batch["frames"].shape[-1]
+    size = frames.shape[-1]
     patch = model.encoder.patch_size
     return AttentionRecord(
         coarse=coarse.float().cpu().numpy(),
         fine=None if fine is None else fine.float().cpu().numpy(),
-        frames=to_uint8(batch["frames"]),
-        frame_mask=batch["frame_mask"].cpu().numpy().astype(bool),
+        frames=to_uint8(frames),
+        frame_mask=frame_mask.cpu().numpy().astype(bool),
         grid=(size // patch, size // patch),
         keys=list(keys),
         step=int(step or 0),
         path=path,
-        mover_boxes=boxes_array(batch.get("mover_boxes") or [], batch["frame_mask"].shape[1]),
+        mover_boxes=boxes_array(batch.get("mover_boxes") or [], frame_mask.shape[1]),
     )
 
 
@@ -87,7 +121,7 @@ def mover_shares(record: AttentionRecord, video: int, which: str = "fine") -> li
     if len(frame_ids) < 2:
         return None
     movers = mover_patches(record.frames[video, frame_ids], record.grid, boxes=_boxes(record, video, frame_ids))
-    rows = []
+    rows: list[tuple[int, float, float]] = []
     for mover, t in zip(movers, frame_ids):
         patches = patch_map(attn[video, t], record.grid)
         if mover.any() and patches.sum() > 0:
@@ -101,10 +135,10 @@ def mover_share(record: AttentionRecord, video: int, which: str = "fine") -> flo
     return float(np.mean([share for _, share, _ in rows])) if rows else None
 
 
-def draw(record: AttentionRecord, out: Path, gif: bool = False, layer: int | None = None) -> dict:
+def draw(record: AttentionRecord, out: Path, gif: bool = False, layer: int | None = None) -> dict[str, LookSummary]:
     """One PNG (and GIF) per video; returns {key: {png, coarse_on_mover, fine_on_mover, mover_area}}."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = {}
+    summary: dict[str, LookSummary] = {}
     for video, key in enumerate(record.keys):
         name = key.replace("/", "_")
         png = render_video(
@@ -131,7 +165,7 @@ def draw(record: AttentionRecord, out: Path, gif: bool = False, layer: int | Non
 
 def save_npz(record: AttentionRecord, path: Path) -> Path:
     """The same arrays training writes to attention/step_NNNNNNN.npz, so `fvlm analyze` can redraw them."""
-    arrays = {
+    arrays: AttentionArrays = {
         "coarse_attn": record.coarse.astype(np.float32),
         "frames": record.frames,
         "frame_mask": record.frame_mask,

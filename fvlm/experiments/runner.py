@@ -26,11 +26,13 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import SpawnContext
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import IO, Any, Protocol
 
 import yaml
 
@@ -44,6 +46,16 @@ from fvlm.experiments.slurm import SlurmSettings
 from fvlm.model.flops import estimate_flops
 
 FINISHED = ("completed", "diverged", "failed")
+
+
+class Started(Protocol):
+    """Records that a run started (`pid`: the worker process that trains it, when not this one)."""
+
+    def __call__(self, run_id: str, pid: int | None = None) -> None: ...
+
+
+# Records that a run ended: (run id, status, error or None, seconds it took in this sweep).
+Finished = Callable[[str, str, str | None, float], None]
 
 
 def diff_text(diff: dict[str, Any]) -> str:
@@ -115,7 +127,7 @@ class Sweep:
         self.base, self.specs, self.jobs = base, specs, max(1, jobs)
         self.log = log or (lambda text: print(text, flush=True))
         self.state_path = self.folder / rf.SWEEP_STATE
-        self._lock_file = None  # the open rf.SWEEP_LOCK while run() holds it
+        self._lock_file: IO[str] | None = None  # the open rf.SWEEP_LOCK while run() holds it
         self.planned = [self._plan(spec) for spec in specs]  # every config validated before anything runs
 
     # ------------------------------------------------------------------ planning
@@ -182,7 +194,8 @@ class Sweep:
         try:
             return self._run(retry_failed)
         finally:
-            self._lock_file.close()  # releases the lock
+            if self._lock_file is not None:
+                self._lock_file.close()  # releases the lock
             self._lock_file = None
 
     def _run(self, retry_failed: bool) -> dict[str, str]:
@@ -262,7 +275,7 @@ class Sweep:
             text += f" (fine {final['val_loss_fine']:.4f}, coarse {final['val_loss_coarse']:.4f})"
         return text
 
-    def _run_inline(self, todo: list[Planned], started, finished) -> bool:
+    def _run_inline(self, todo: list[Planned], started: Started, finished: Finished) -> bool:
         from fvlm.training.trainer import train  # imports torch, which `fvlm --help` should not wait for
 
         for p in todo:
@@ -283,7 +296,7 @@ class Sweep:
                 return True
         return False
 
-    def _run_workers(self, todo: list[Planned], started, finished) -> bool:
+    def _run_workers(self, todo: list[Planned], started: Started, finished: Finished) -> bool:
         """Up to `jobs` runs side by side in spawned worker processes. A worker trains the runs it is
         handed one after another, so torch, transformers and the decoded samples are loaded once per
         worker and not once per run (7-8 s of every tiny run when each had a process of its own).
@@ -295,7 +308,7 @@ class Sweep:
         tiny main job: 33 s less over its three sweeps, 2 workers, against the plan's order)."""
         stop = {"requested": False}
 
-        def request_stop(signum, frame):
+        def request_stop(signum: int, frame: FrameType | None) -> None:
             if stop["requested"] and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             stop["requested"] = True
@@ -325,7 +338,7 @@ class Sweep:
                     stop["forwarded"] = True
                     for worker, _ in busy.values():
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(worker.proc.pid, signal.SIGTERM)
+                            os.kill(worker.pid, signal.SIGTERM)
                 wait([w.conn for w, _ in busy.values()] + [w.proc.sentinel for w, _ in busy.values()], timeout=1.0)
                 for run_id, (worker, began) in list(busy.items()):
                     result = worker.result()
@@ -342,14 +355,15 @@ class Sweep:
                 signal.signal(sig, handler)
         return stop["requested"]
 
-    def _run_slurm(self, todo: list[Planned], state: dict, finished) -> bool:
+    def _run_slurm(self, todo: list[Planned], state: dict[str, Any], finished: Finished) -> bool:
         """Submits each run as a SLURM job (re-attaching to one an earlier sweep process left queued or
         running) and waits for all of them. Ctrl-C stops the waiting, not the jobs."""
         settings = self.slurm
+        assert settings is not None  # `_run` sends the runs to SLURM only when the sweep has its settings
         ex = slurm.executor(self.folder, settings)
         configs = self.folder / "configs"
         configs.mkdir(parents=True, exist_ok=True)
-        began = {}
+        began: dict[str, float] = {}
         for p in todo:
             rid, record = p.spec.run_id, state["runs"][p.spec.run_id]
             job = slurm.attach(self.folder, record.get("job_id"), settings)
@@ -388,7 +402,7 @@ class Sweep:
             return True
         return False
 
-    def _run_torchrun(self, todo: list[Planned], gpus: int, started, finished) -> bool:
+    def _run_torchrun(self, todo: list[Planned], gpus: int, started: Started, finished: Finished) -> bool:
         configs = self.folder / "configs"
         configs.mkdir(parents=True, exist_ok=True)
         for p in todo:
@@ -495,7 +509,7 @@ _KEPT: list[_Worker] | None = None
 
 
 @contextlib.contextmanager
-def keep_workers():
+def keep_workers() -> Iterator[None]:
     """Within it, the workers a sweep leaves idle wait for the next sweep in this process instead of
     exiting, and exit when it ends (or fails). `fvlm phase1` runs its three sweeps inside one: each
     new worker costs its import of torch and transformers and a first pass that decodes the train
@@ -538,11 +552,13 @@ class _Worker:
 
     spawned = 0  # numbers the workers' process names
 
-    def __init__(self, context):
+    def __init__(self, context: SpawnContext):
         _Worker.spawned += 1
         self.conn, child = context.Pipe()
         self.proc = context.Process(target=_worker_main, args=(child,), name=f"fvlm-worker-{_Worker.spawned}")
         self.proc.start()
+        assert self.proc.pid is not None  # a started process has its id
+        self.pid: int = self.proc.pid
         child.close()  # the child holds its end; the parent's copy would keep the pipe open
 
     def result(self) -> tuple[str, str | None] | None:
@@ -556,6 +572,7 @@ class _Worker:
             return None
         self.proc.join()
         code = self.proc.exitcode
+        assert code is not None  # a joined process has its exit code
         cause = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         hint = " (SIGKILL is what the kernel's out-of-memory killer sends)" if code == -signal.SIGKILL else ""
         return "failed", f"worker process died: {cause}{hint}"
@@ -571,7 +588,7 @@ class _Worker:
         self.conn.close()
 
 
-def _worker_main(conn) -> None:
+def _worker_main(conn: Connection) -> None:
     """A worker's loop: (config, log path) in, (status, error) out, until None or the sweep is gone."""
     _worker_init()
     while True:

@@ -34,9 +34,9 @@ class FlopReport:
     per_sample: float
     breakdown: dict[str, float]
     params: dict[str, int]
-    tokens_per_sample: int
+    tokens_per_sample: float  # a mean sample's (frames and text tokens may be means)
     formula: str
-    shape: dict[str, int] = field(default_factory=dict)
+    shape: dict[str, float] = field(default_factory=dict)
     recompute: float = 0.0  # forward work gradient checkpointing repeats in the backward pass
 
     def samples_for(self, budget: float) -> int:
@@ -114,13 +114,14 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
 
 def estimate_flops(
     cfg: ModelConfig,
-    frames: int,
-    text_tokens: int,
-    loss_tokens: int | None = None,
+    frames: float,
+    text_tokens: float,
+    loss_tokens: float | None = None,
     formula: str = "exact",
     coarse_text_loss: bool | None = None,
 ) -> FlopReport:
-    """FLOPs of one training sample with `frames` frames and `text_tokens` text tokens.
+    """FLOPs of one training sample with `frames` frames and `text_tokens` text tokens (means over
+    many samples are welcome: the count is then that of the mean shape).
 
     `loss_tokens` (default: all text tokens) sets how many positions get logits.
     `coarse_text_loss` includes the coarse text CE pass; by default it is counted only when it

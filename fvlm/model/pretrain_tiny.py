@@ -40,10 +40,25 @@ import io
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
+
+from fvlm.model.tokenizer import chat_ids
+
+if TYPE_CHECKING:  # torch and transformers are imported where the models are trained
+    import torch
+    from torch import nn
+    from transformers import Dinov2Model, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+# Where progress lines go (print, or a worker's flushed print).
+Log = Callable[[str], object]
+# The vision encoder's acceptance numbers (`probe_dino`): accuracies, their chance levels, the patch
+# counts the probe was fitted and scored on, and the attention masses of `place_query_mass`.
+ProbeReport = dict[str, float]
 
 # Seed-stream tags: the generator's splits use [seed, sum(ord(split name))] (< 1,000), so these
 # streams never meet train, val, probe or bench.
@@ -108,6 +123,14 @@ class Recipe:
 # ----------------------------------------------------------------------------- vision
 
 
+def _patch_size(dino: Dinov2Model) -> int:
+    """The encoder's patch side (a DINOv2 config may also give a (height, width) pair; ours are square)."""
+    patch = dino.config.patch_size
+    if not isinstance(patch, int):
+        raise ValueError(f"expected a square patch size, got {patch}")
+    return patch
+
+
 def _patch_blocks(maps: np.ndarray, patch: int) -> np.ndarray:
     """Per-pixel maps [N, S, S] -> each patch's pixels [N, P, patch * patch] (patches in row order)."""
     n, size, _ = maps.shape
@@ -149,7 +172,7 @@ def _neighbour_labels(colour: np.ndarray, grid: int) -> np.ndarray:
     return out.reshape(n, grid * grid, len(NEIGHBOURS))
 
 
-def _frames(rng: np.random.Generator, recipe: Recipe, n: int):
+def _frames(rng: np.random.Generator, recipe: Recipe, n: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """n labelled frames: normalised pixels [n, 3, S, S], per-pixel object maps and mark maps."""
     from PIL import Image
 
@@ -159,7 +182,7 @@ def _frames(rng: np.random.Generator, recipe: Recipe, n: int):
     painter = _Painter(
         recipe.image_size,
         rng,
-        object_scale=tuple(recipe.object_scale),
+        object_scale=recipe.object_scale,
         max_objects=recipe.max_objects,
         min_objects=recipe.min_objects,
     )
@@ -180,22 +203,23 @@ def _patch_marks(marks: np.ndarray, patch: int) -> np.ndarray:
     return (_patch_blocks(marks.astype(np.float32), patch).mean(-1) >= MIN_MARK).astype(np.int64)
 
 
-def _part_weights(labels, layers: int):
+def _part_weights(labels: torch.Tensor, layers: int) -> torch.Tensor:
     """Per-label weights that make a sum of per-patch losses the mean over the object patches
     (label > 0) plus the mean over the background patches (label 0), per layer; ignored labels
     (-100) and an empty part weigh 0."""
     objects, background = labels > 0, labels == 0
+
     per_layer = lambda part: part / (part.sum() / layers).clamp(min=1)  # noqa: E731
     return per_layer(objects) + per_layer(background)
 
 
-def _weighted_ce(logits, labels, weight):
+def _weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     import torch.nn.functional as F
 
     return (F.cross_entropy(logits, labels, reduction="none") * weight).sum()
 
 
-def _dino_outputs(dino, frames):
+def _dino_outputs(dino: Dinov2Model, frames: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(the normalised patch tokens after every layer, CLS dropped: what the deep query and a linear
     probe read, [layers][N, P, D]; the final CLS token [N, D])."""
     out = dino(pixel_values=frames, output_hidden_states=True)
@@ -222,7 +246,7 @@ def _present(maps: np.ndarray, classes: int) -> np.ndarray:
     return out
 
 
-def pretrain_dino(recipe: Recipe, log=print):
+def pretrain_dino(recipe: Recipe, log: Log = print) -> tuple[Dinov2Model, ProbeReport]:
     """A tiny Dinov2Model trained on per-patch colour and shape; returns (model, probe report)."""
     import torch
     from torch import nn
@@ -320,7 +344,7 @@ def pretrain_dino(recipe: Recipe, log=print):
     return dino, probe_dino(dino, recipe)
 
 
-def probe_dino(dino, recipe: Recipe, steps: int = 300) -> dict:
+def probe_dino(dino: Dinov2Model, recipe: Recipe, steps: int = 300) -> ProbeReport:
     """The acceptance check: a linear probe on the *frozen* final patch tokens, fitted on one set of
     held-out frames and scored on another, reads the colour and the shape of the object under each
     object patch (background patches left out, so chance is 1/8 and 1/4)."""
@@ -330,8 +354,9 @@ def probe_dino(dino, recipe: Recipe, steps: int = 300) -> dict:
     from fvlm.data.synth import COLOURS, SHAPES
 
     rng = np.random.default_rng([recipe.seed, _PROBE_STREAM])
-    patch = dino.config.patch_size
-    sets, raw = [], []
+    patch = _patch_size(dino)
+    sets: list[tuple[torch.Tensor, ...]] = []
+    raw: list[tuple[torch.Tensor, np.ndarray]] = []
     for _ in range(2):
         frames, maps, _ = _frames(rng, recipe, recipe.probe_frames)
         raw.append((frames, maps))
@@ -344,13 +369,13 @@ def probe_dino(dino, recipe: Recipe, steps: int = 300) -> dict:
         sets.append((feats[keep], colour[keep] - 1, shape[keep] - 1, index // grid, index % grid))
     (x_fit, *fit), (x_test, *test) = sets
     torch.manual_seed(recipe.seed)
-    report = {"patches_fit": int(len(x_fit)), "patches_test": int(len(x_test))}
+    report: ProbeReport = {"patches_fit": int(len(x_fit)), "patches_test": int(len(x_test))}
     targets = (("colour", len(COLOURS)), ("shape", len(SHAPES)), ("row", grid), ("column", grid))
     for (name, classes), y_fit, y_test in zip(targets, fit, test):
         probe = nn.Linear(x_fit.shape[1], classes)
         opt = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
 
-        def closure():
+        def closure() -> torch.Tensor:
             opt.zero_grad()
             loss = nn.functional.cross_entropy(probe(x_fit), y_fit) + 1e-4 * probe.weight.pow(2).sum()
             loss.backward()
@@ -375,7 +400,13 @@ def _largest_object(maps: np.ndarray, patch: int) -> np.ndarray:
     return out
 
 
-def place_query_mass(dino, fit: tuple, test: tuple, seed: int = 0, steps: int = 300) -> dict:
+def place_query_mass(
+    dino: Dinov2Model,
+    fit: tuple[torch.Tensor, np.ndarray],
+    test: tuple[torch.Tensor, np.ndarray],
+    seed: int = 0,
+    steps: int = 300,
+) -> dict[str, float]:
     """What the fine query needs of the encoder: can a query *told where an object is* put its attention
     there? A linear map from the object's grid row and column (one-hot each) to a deep query is fitted
     on one set of frames to maximise the attention mass on the object's patches (mean over layers and
@@ -384,11 +415,11 @@ def place_query_mass(dino, fit: tuple, test: tuple, seed: int = 0, steps: int = 
     import torch
     import torch.nn.functional as F
 
-    from fvlm.model.encoder import DinoEncoder, cls_embedding
+    from fvlm.model.encoder import DinoEncoder, PatchCache, cls_embedding
 
     encoder = DinoEncoder(dino)
-    patch = dino.config.patch_size
-    prepared = []
+    patch = _patch_size(dino)
+    prepared: list[tuple[PatchCache, torch.Tensor, torch.Tensor]] = []
     for frames, maps in (fit, test):
         target = torch.from_numpy(_largest_object(maps, patch))
         keep = target.any(-1)
@@ -402,7 +433,7 @@ def place_query_mass(dino, fit: tuple, test: tuple, seed: int = 0, steps: int = 
             cache = encoder.encode_patches(frames[keep], cache_kv=True, need_features=False)
         prepared.append((cache, place, target))
 
-    def mass(cache, queries, target):
+    def mass(cache: PatchCache, queries: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _, weights = encoder.deep_query(cache, queries)  # [N, layers, heads, 1 + P]
         return (weights[..., 1:] * target[:, None, None, :]).sum(-1).mean((1, 2))
 
@@ -443,7 +474,7 @@ def world_dialogues(seed: int, n: int, image_size: int = 32, video_task: str = "
 
     rng = np.random.default_rng([seed, _TEXT_STREAM])
     painter = _Painter(image_size, rng, min_objects=2, max_objects=5)
-    out = []
+    out: list[tuple[str, str]] = []
     for _ in range(n):
         kind = rng.random()
         mc = bool(rng.random() < 0.5)
@@ -457,12 +488,12 @@ def world_dialogues(seed: int, n: int, image_size: int = 32, video_task: str = "
     return out
 
 
-def _encode(tok, user: str, assistant: str | None = None) -> list[int]:
+def _encode(tok: PreTrainedTokenizerBase, user: str, assistant: str | None = None) -> list[int]:
     turns = [{"role": "user", "content": user}] + ([{"role": "assistant", "content": assistant}] if assistant else [])
-    return list(tok.apply_chat_template(turns, tokenize=True, add_generation_prompt=assistant is None)["input_ids"])
+    return chat_ids(tok, turns, add_generation_prompt=assistant is None)
 
 
-def _packed(rows: list[list[int]], pad: int):
+def _packed(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packs dialogues into as few rows as the longest one's width allows (first fit, longest first):
     (token ids, position ids, labels), each [rows, width]. Positions restart at 0 for every dialogue,
     which makes transformers' attention block-diagonal (no dialogue sees another), and the first token
@@ -492,7 +523,9 @@ def _packed(rows: list[list[int]], pad: int):
     return ids, positions, labels
 
 
-def pretrain_llm(shape: str, dialogues: list[tuple[str, str]], recipe: Recipe, log=print):
+def pretrain_llm(
+    shape: str, dialogues: list[tuple[str, str]], recipe: Recipe, log: Log = print
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A LlamaForCausalLM of a tiny shape trained on every token of the world's chat dialogues."""
     import torch
     from torch import nn
@@ -534,7 +567,7 @@ def pretrain_llm(shape: str, dialogues: list[tuple[str, str]], recipe: Recipe, l
     return model, tok
 
 
-def held_out_loss(model, tok, dialogues: list[tuple[str, str]]) -> float:
+def held_out_loss(model: PreTrainedModel, tok: PreTrainedTokenizerBase, dialogues: list[tuple[str, str]]) -> float:
     """Mean per-token loss of the assistant turns (answers only) on dialogues the model never saw."""
     import torch
 
@@ -562,7 +595,7 @@ SAVED_DTYPE = "float16"
 SHIPPED = Path(__file__).resolve().parent.parent / "assets"
 
 
-def round_weights(model) -> None:
+def round_weights(model: nn.Module) -> None:
     """Rounds every floating weight of `model` in place to what a SAVED_DTYPE file holds."""
     import torch
 
@@ -573,13 +606,33 @@ def round_weights(model) -> None:
                 tensor.copy_(tensor.to(dtype))
 
 
-def _save(model, folder: Path) -> None:
+def _save(model: PreTrainedModel, folder: Path) -> None:
     import torch
 
     model.to(getattr(torch, SAVED_DTYPE)).save_pretrained(str(folder))
 
 
-def _make_one(job: str, out: str, recipe: Recipe, dialogues: list[tuple[str, str]] | None = None) -> dict:
+class BackboneReport(TypedDict, total=False):
+    """One backbone's line of backbones.json: the encoder's probe, or an LLM's held-out answer loss."""
+
+    probe: ProbeReport
+    answer_loss_held_out: float
+    parameters: int
+    seconds: float
+
+
+class BackbonesReport(TypedDict):
+    """backbones.json: the recipe and its digest, each backbone's report, the time it all took."""
+
+    recipe: dict[str, Any]
+    digest: str
+    dino_probe: ProbeReport
+    dino: BackboneReport
+    llms: dict[str, BackboneReport]
+    seconds: float
+
+
+def _make_one(job: str, out: str, recipe: Recipe, dialogues: list[tuple[str, str]] | None = None) -> BackboneReport:
     """One backbone into out/<job>: the vision encoder, or one LLM shape trained on `dialogues` (the
     last 200 held out) (run in a worker process)."""
     import torch
@@ -600,7 +653,7 @@ def _make_one(job: str, out: str, recipe: Recipe, dialogues: list[tuple[str, str
     if dialogues is None:
         raise ValueError(f"{job}: an LLM job needs the dialogues")
     model, tok = pretrain_llm(job, dialogues[:-200], recipe, log)
-    report = {
+    report: BackboneReport = {
         "answer_loss_held_out": round(held_out_loss(model, tok, dialogues[-200:]), 4),
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds": round(time.perf_counter() - began, 1),
@@ -615,7 +668,9 @@ def _dialogues(recipe: Recipe) -> list[tuple[str, str]]:
     return world_dialogues(recipe.seed, recipe.dialogues + 200, video_task=recipe.video_task)
 
 
-def make_tiny_backbones(out_dir, recipe: Recipe | None = None, log=print, workers: int = 2) -> dict:
+def make_tiny_backbones(
+    out_dir: str | Path, recipe: Recipe | None = None, log: Log = print, workers: int = 2
+) -> BackbonesReport:
     """Writes tiny-dino/ and tiny-llm*/ (each a Hugging Face folder) plus backbones.json under out_dir.
     The four models train in `workers` single-threaded processes; each is a function of the seed
     alone, so the result does not depend on how they are scheduled."""
@@ -652,7 +707,7 @@ def make_tiny_backbones(out_dir, recipe: Recipe | None = None, log=print, worker
     llms = {job: r for job, r in results.items() if job != "tiny-dino"}
     for shape, r in llms.items():
         log(f"  {shape}: answer loss on 200 held-out dialogues {r['answer_loss_held_out']:.3f} nats/token")
-    report = {
+    report: BackbonesReport = {
         "recipe": asdict(recipe),
         "digest": recipe.digest(),
         "dino_probe": probe,
@@ -671,7 +726,7 @@ def shipped_backbones(recipe: Recipe) -> Path | None:
     return folder if (folder / "backbones.json").is_file() else None
 
 
-def ensure_tiny_backbones(root, recipe: Recipe | None = None, log=print) -> Path:
+def ensure_tiny_backbones(root: str | Path, recipe: Recipe | None = None, log: Log = print) -> Path:
     """The folder holding the tiny pretrained backbones under `root`, cached by recipe digest (like the
     synthetic data): copied from the repo when it ships that recipe's backbones (the tiny preset's do),
     made here otherwise (about 5 minutes on 2 cores). Two processes racing both build; the first

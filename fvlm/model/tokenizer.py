@@ -9,6 +9,10 @@ real backbones the same way.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
 CHAT_TEMPLATE = (
@@ -19,7 +23,7 @@ VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
 
 
 @lru_cache(maxsize=1)
-def byte_tokenizer():
+def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A transformers fast tokenizer over bytes; `len(tok) == VOCAB_SIZE`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
@@ -38,3 +42,13 @@ def byte_tokenizer():
         pad_token="<|pad|>",
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def chat_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, add_generation_prompt: bool = False
+) -> list[int]:
+    """The token ids of `messages` rendered through the tokenizer's chat template."""
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    # With tokenize=True and the default return_dict=True the result is a BatchEncoding; transformers
+    # types the return value as the union of every combination of those flags.
+    return list(cast("BatchEncoding", encoded)["input_ids"])

@@ -11,9 +11,9 @@ are targets.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,36 @@ from torch import nn
 from fvlm.config import ModelConfig
 from fvlm.model.encoder import DinoEncoder, PatchCache, ShallowQuery, attention_entropy, cls_embedding
 
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+
 MODES = ("coarse_fine", "coarse_only", "autoregressive")
+
+
+class Batch(TypedDict, total=False):
+    """The batch contract above. The model reads the tensors; the loader adds each sample's key,
+    source and kind, and a video's mover box per frame ([x0, y0, x1, y1] as shares of the frame
+    side; None for a sample without), which evaluation and the attention pictures read."""
+
+    frames: torch.Tensor
+    frame_mask: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    keys: list[str]
+    sources: list[str]
+    kinds: list[str]
+    mover_boxes: list[list[list[float]] | None]
+
+
+# A mode's visual block: (tokens [B, T, D_llm], frame_mask [B, T], the query attention by pass,
+# {"coarse"|"fine": [B, T, layers, heads, 1 + P]}; empty without a query).
+VisualBlock = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+# The shallow query's keys and values of every frame's tokens, each [N, heads, 1 + P, head_dim].
+KV = tuple[torch.Tensor, torch.Tensor]
+# One DINO pass over a batch's valid frames, as the queries read it: the patch cache, and the
+# shallow query's keys and values (None for the deep query, which reads the cache's own).
+Prepared = tuple[PatchCache, KV | None]
 
 
 @dataclass
@@ -71,6 +100,23 @@ class VLMBase(nn.Module):
         self.dino_to_llm = nn.Linear(self.dino_dim, self.llm_dim)
         self.visual_scale = cfg.visual_scale
 
+    # ------------------------------------------------------------------ what each architecture provides
+    @property
+    def default_mode(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def supported_modes(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def visual_tokens(self, batch: Batch, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visual block a mode feeds the LLM: (tokens [B, T * tokens per frame, D_llm], their mask)."""
+        raise NotImplementedError
+
+    def visual_blocks(self, batch: Batch, modes: tuple[str, ...]) -> dict[str, VisualBlock]:
+        """Every requested mode's visual block from one DINO pass."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ groups and freezing
     def param_groups(self, trainable_only: bool = True) -> dict[str, list[nn.Parameter]]:
         """Parameters by group (by default the trainable ones only). Everything not inside a backbone
@@ -99,7 +145,9 @@ class VLMBase(nn.Module):
     def encode_frames(self, frames: torch.Tensor, frame_mask: torch.Tensor, deep_query: bool) -> PatchCache:
         """DINO over the valid frames only (padded frames cost nothing), in batch-major order."""
         valid = frames[frame_mask]
-        context = nullcontext() if self.dino_trainable and torch.is_grad_enabled() else torch.no_grad()
+        context: AbstractContextManager[Any] = (
+            nullcontext() if self.dino_trainable and torch.is_grad_enabled() else torch.no_grad()
+        )
         with context:
             return self.encoder.encode_patches(valid, cache_kv=deep_query, need_features=not deep_query)
 
@@ -116,7 +164,13 @@ class VLMBase(nn.Module):
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(input_ids)
 
-    def run_llm(self, embeds, mask, position_ids=None, cache=None):
+    def run_llm(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
         position_ids = _positions(mask)[:, -embeds.shape[1] :] if position_ids is None else position_ids
         out = self.llm.model(
             inputs_embeds=embeds,
@@ -127,7 +181,44 @@ class VLMBase(nn.Module):
         )
         return out.last_hidden_state
 
-    def text_loss(self, hidden, mask, input_ids, loss_mask, per_sample: bool = False):
+    @overload
+    def text_loss(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        per_sample: Literal[False] = False,
+    ) -> tuple[torch.Tensor, int]: ...
+
+    @overload
+    def text_loss(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        per_sample: Literal[True],
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @overload
+    def text_loss(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        per_sample: bool = False,
+    ) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor]: ...
+
+    def text_loss(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        per_sample: bool = False,
+    ) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor]:
         """CE of the text targets given hidden states over [visual block + text]: (mean CE, targets).
 
         A target's predictor is the nearest real position before it (padded frames are skipped).
@@ -155,7 +246,19 @@ class VLMBase(nn.Module):
         # With no targets the sum is 0 and the loss 0.0, still connected to the weights.
         return losses.sum() / torch.sym_max(n, 1), n
 
-    def loss_over(self, visual, visual_mask, batch, per_sample: bool = False):
+    @overload
+    def loss_over(
+        self, visual: torch.Tensor, visual_mask: torch.Tensor, batch: Batch, per_sample: Literal[False] = False
+    ) -> tuple[torch.Tensor, int]: ...
+
+    @overload
+    def loss_over(
+        self, visual: torch.Tensor, visual_mask: torch.Tensor, batch: Batch, per_sample: Literal[True]
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def loss_over(
+        self, visual: torch.Tensor, visual_mask: torch.Tensor, batch: Batch, per_sample: bool = False
+    ) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor]:
         """text_loss of the batch's text after a visual block (per sample with `per_sample`)."""
         embeds = torch.cat([visual, self.embed_text(batch["input_ids"])], dim=1)
         mask = torch.cat([visual_mask.long(), batch["attention_mask"].long()], dim=1)
@@ -165,14 +268,14 @@ class VLMBase(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        batch,
+        batch: Batch,
         mode: str | None = None,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         eos_token_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
-    ):
+    ) -> torch.Tensor:
         """Continues each sample's prompt (`input_ids`, padded) after its visual tokens.
         Greedy when temperature is 0. Returns new token ids [B, n <= max_new_tokens] (eos after the end)."""
         visual, visual_mask = self.visual_tokens(batch, mode or self.default_mode)
@@ -181,7 +284,8 @@ class VLMBase(nn.Module):
         mask = torch.cat([visual_mask.long(), text_mask], dim=1)
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         cache = self._new_cache() if use_cache else None
-        step_embeds, new_tokens = embeds, []
+        step_embeds = embeds
+        new_tokens: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
             hidden = self.run_llm(step_embeds, mask, cache=cache)
             logits = self.llm.lm_head(hidden[:, -1]).float()
@@ -201,7 +305,7 @@ class VLMBase(nn.Module):
                 break
         return torch.stack(new_tokens, dim=1)
 
-    def _new_cache(self):
+    def _new_cache(self) -> DynamicCache:
         from transformers import DynamicCache
 
         return DynamicCache(config=self.llm.config)
@@ -214,9 +318,11 @@ class MultiTokenVLM(VLMBase):
 
     def __init__(self, cfg: ModelConfig, llm: Any, dino: Any):
         super().__init__(cfg, llm, dino)
+        if cfg.tokens_per_frame is None:
+            raise ValueError("the multi-token baseline needs model.tokens_per_frame (config validation sets it)")
         self.k = round(cfg.tokens_per_frame**0.5)
 
-    def visual_tokens(self, batch, mode=None):
+    def visual_tokens(self, batch: Batch, mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         frames, frame_mask = batch["frames"], batch["frame_mask"]
         b, t = frame_mask.shape
         per_frame = self.k * self.k
@@ -224,6 +330,7 @@ class MultiTokenVLM(VLMBase):
             empty = frames.new_zeros(b, t * per_frame, self.llm_dim)
             return empty, frame_mask.repeat_interleave(per_frame, dim=1)
         cache = self.encode_frames(frames, frame_mask, deep_query=False)
+        assert cache.features is not None  # encoded for features (no deep query)
         patches = cache.features[:, 1:]
         grid = patches.transpose(1, 2).reshape(patches.shape[0], self.dino_dim, *cache.grid)
         pooled = F.adaptive_avg_pool2d(grid, self.k).flatten(2).transpose(1, 2)
@@ -232,13 +339,15 @@ class MultiTokenVLM(VLMBase):
 
     supported_modes = ("coarse_only",)
 
-    def visual_blocks(self, batch, modes):
+    def visual_blocks(self, batch: Batch, modes: tuple[str, ...]) -> dict[str, VisualBlock]:
         """Same contract as FoveatedVLM.visual_blocks; the pooled grid has no query, hence no attention."""
         _check_modes(self, modes)
         tokens, mask = self.visual_tokens(batch)
         return {mode: (tokens, mask, {}) for mode in modes}
 
-    def forward(self, batch, mode: str | None = None, compute_coarse: bool = True, return_attention: bool = False):
+    def forward(
+        self, batch: Batch, mode: str | None = None, compute_coarse: bool = True, return_attention: bool = False
+    ) -> VLMOutput:
         visual, visual_mask = self.visual_tokens(batch)
         loss, n = self.loss_over(visual, visual_mask, batch)
         return VLMOutput(loss=loss, n_tokens=n, loss_coarse=loss.detach())
@@ -278,21 +387,25 @@ class FoveatedVLM(VLMBase):
         return "coarse_only" if self.cfg.coarse_only else "coarse_fine"
 
     # ------------------------------------------------------------------ queries over frames
-    def _prepare(self, frames, frame_mask):
+    def _prepare(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> Prepared:
         cache = self.encode_frames(frames, frame_mask, deep_query=self.cfg.deep_query)
-        kv = self.shallow.project_kv(cache.features) if self.shallow is not None else None
+        kv = None
+        if self.shallow is not None:
+            assert cache.features is not None  # encoded for features (the shallow query has no deep cache)
+            kv = self.shallow.project_kv(cache.features)
         return cache, kv
 
-    def _read(self, cache: PatchCache, kv, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, cache: PatchCache, kv: KV | None, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [N, query_dim] for the N frames of `cache` -> (LLM tokens [N, D_llm], attention)."""
         q = self.query_proj(queries)
         if self.shallow is None:
             token, weights = self.encoder.deep_query(cache, q)
         else:
+            assert kv is not None  # `_prepare` projects the keys and values for the shallow query
             token, weights = self.shallow(kv, q)
         return self.project(token), weights
 
-    def _coarse(self, prepared, frame_mask):
+    def _coarse(self, prepared: Prepared, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache, kv = prepared
         tokens, weights = self._read(cache, kv, self.q_static.expand(cache.num_frames, -1))
         return self._scatter(tokens, frame_mask), self._scatter(weights, frame_mask)
@@ -305,7 +418,9 @@ class FoveatedVLM(VLMBase):
         return torch.cat([first, from_llm], dim=1)[frame_mask]
 
     # ------------------------------------------------------------------ the three modes
-    def forward(self, batch, mode: str | None = None, compute_coarse: bool = True, return_attention: bool = False):
+    def forward(
+        self, batch: Batch, mode: str | None = None, compute_coarse: bool = True, return_attention: bool = False
+    ) -> VLMOutput:
         mode = mode or self.default_mode
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -323,11 +438,11 @@ class FoveatedVLM(VLMBase):
             return self._autoregressive(batch, prepared, return_attention)
         return self._coarse_fine(batch, prepared, compute_coarse, return_attention)
 
-    def _coarse_fine(self, batch, prepared, compute_coarse, return_attention):
+    def _coarse_fine(self, batch: Batch, prepared: Prepared, compute_coarse: bool, return_attention: bool) -> VLMOutput:
         frame_mask = batch["frame_mask"]
         coarse, coarse_attn = self._coarse(prepared, frame_mask)
         lam = self.cfg.lambda_coarse
-        loss_coarse = None
+        loss_coarse: torch.Tensor | None = None
         if lam > 0:
             # The coarse loss is trained: one pass over [coarse tokens + text] gives both the query
             # states and the coarse loss, with gradient through both.
@@ -357,23 +472,30 @@ class FoveatedVLM(VLMBase):
                         loss_coarse, _ = self.loss_over(coarse.detach(), frame_mask, batch)
         fine, fine_attn = self._fine(prepared, coarse_hidden, frame_mask)
         loss_fine, n = self.loss_over(fine, frame_mask, batch)
-        loss = loss_fine + lam * loss_coarse if lam > 0 else loss_fine
+        # With lam > 0 the coarse loss was computed above, with its gradient.
+        loss = loss_fine + lam * loss_coarse if lam > 0 and loss_coarse is not None else loss_fine
         attn = {"coarse": coarse_attn, "fine": fine_attn}
         return self._output(loss, n, loss_fine, loss_coarse, attn, return_attention)
 
-    def _fine(self, prepared, coarse_hidden: torch.Tensor, frame_mask: torch.Tensor):
+    def _fine(
+        self, prepared: Prepared, coarse_hidden: torch.Tensor, frame_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fine read of every frame at once, each with the query from the LLM's state after the
         previous coarse token: (fine tokens [B, T, D_llm], attention [B, T, layers, heads, 1 + P])."""
         cache, kv = prepared
         tokens, weights = self._read(cache, kv, self._next_queries(coarse_hidden, frame_mask))
         return self._scatter(tokens, frame_mask), self._scatter(weights, frame_mask)
 
-    def _autoregressive(self, batch, prepared, return_attention, use_cache: bool = True):
+    def _autoregressive(
+        self, batch: Batch, prepared: Prepared, return_attention: bool, use_cache: bool = True
+    ) -> VLMOutput:
         fine, weights = self._sequential_fine(batch["frame_mask"], prepared, use_cache)
         loss, n = self.loss_over(fine, batch["frame_mask"], batch)
         return self._output(loss, n, loss, None, {"fine": weights}, return_attention)
 
-    def _sequential_fine(self, frame_mask, prepared, use_cache: bool = True):
+    def _sequential_fine(
+        self, frame_mask: torch.Tensor, prepared: Prepared, use_cache: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Frame by frame: each fine token is read with the query from the LLM's state after the
         previous fine token (not from a coarse pass), as at inference on a stream.
         Returns (fine tokens [B, T, D_llm], attention [B, T, layers, heads, 1 + P])."""
@@ -383,7 +505,8 @@ class FoveatedVLM(VLMBase):
         frame_index[frame_mask] = torch.arange(int(frame_mask.sum()), device=frame_mask.device)
         llm_cache = self._new_cache() if use_cache else None
         query = self.q_init.expand(b, -1)
-        tokens, weights_all = [], []
+        tokens: list[torch.Tensor] = []
+        weights_all: list[torch.Tensor] = []
         for step in range(t):
             valid = frame_mask[:, step]
             rows = frame_index[valid, step]
@@ -403,12 +526,12 @@ class FoveatedVLM(VLMBase):
     def supported_modes(self) -> tuple[str, ...]:
         return ("coarse_only",) if self.cfg.coarse_only else MODES
 
-    def visual_tokens(self, batch, mode: str):
+    def visual_tokens(self, batch: Batch, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The visual block a mode feeds the LLM (for generation and evaluation)."""
         tokens, mask, _ = self.visual_blocks(batch, (mode,))[mode]
         return tokens, mask
 
-    def visual_blocks(self, batch, modes):
+    def visual_blocks(self, batch: Batch, modes: tuple[str, ...]) -> dict[str, VisualBlock]:
         """Every requested mode's visual block from ONE DINO pass (evaluation compares modes on the same
         samples): {mode: (tokens [B, T, D_llm], frame_mask, attention {"coarse"|"fine": [B, T, layers,
         heads, 1 + P]})}. coarse_only and coarse_fine share the coarse read."""
@@ -418,7 +541,7 @@ class FoveatedVLM(VLMBase):
             empty = batch["frames"].new_zeros(*frame_mask.shape, self.llm_dim)
             return {mode: (empty, frame_mask, {}) for mode in modes}
         prepared = self._prepare(batch["frames"], frame_mask)
-        blocks = {}
+        blocks: dict[str, VisualBlock] = {}
         if "coarse_only" in modes or "coarse_fine" in modes:
             coarse, coarse_attn = self._coarse(prepared, frame_mask)
         for mode in modes:
@@ -432,7 +555,7 @@ class FoveatedVLM(VLMBase):
                 blocks[mode] = (tokens, frame_mask, {"fine": weights})
         return blocks
 
-    def _text_only(self, batch):
+    def _text_only(self, batch: Batch) -> VLMOutput:
         b = batch["input_ids"].shape[0]
         empty = self.q_static.new_zeros(b, 0, self.llm_dim)
         loss, n = self.loss_over(empty, batch["frame_mask"][:, :0], batch)
@@ -442,7 +565,15 @@ class FoveatedVLM(VLMBase):
         fine = None if self.cfg.coarse_only else loss
         return VLMOutput(loss=loss, n_tokens=n, loss_fine=fine, loss_coarse=loss.detach())
 
-    def _output(self, loss, n, loss_fine, loss_coarse, attn, return_attention):
+    def _output(
+        self,
+        loss: torch.Tensor,
+        n: int,
+        loss_fine: torch.Tensor | None,
+        loss_coarse: torch.Tensor | None,
+        attn: dict[str, torch.Tensor],
+        return_attention: bool,
+    ) -> VLMOutput:
         key = "fine" if "fine" in attn else "coarse"
         return VLMOutput(
             loss=loss,
@@ -454,7 +585,7 @@ class FoveatedVLM(VLMBase):
         )
 
 
-def _check_modes(model, modes) -> None:
+def _check_modes(model: VLMBase, modes: tuple[str, ...]) -> None:
     for mode in modes:
         if mode not in model.supported_modes:
             raise ValueError(f"mode {mode!r} is not available for this model (available: {model.supported_modes})")

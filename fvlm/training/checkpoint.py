@@ -16,11 +16,13 @@ inside it, and a folder without it is never read.
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +45,11 @@ from fvlm.run_folder import (
     write_json,
 )
 from fvlm.training.dist import Dist
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from fvlm.model.vlm import VLMBase
 
 
 def eval_steps(total_steps: int, eval_every: int) -> list[int]:
@@ -74,11 +81,14 @@ def resolve_weights(path: str) -> Path:
     raise UsageError(f"train.init_from: no such run or checkpoint folder: {folder}")
 
 
-def rng_state() -> dict:
+def rng_state() -> dict[str, Any]:
     """Every RNG's state as tensors and plain Python values only, so that it loads with
     `torch.load(weights_only=True)`: numpy's key array becomes a tensor."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
+    # legacy=True is the default; numpy's stubs type the call without it as returning the dict form.
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)  # the global generator is MT19937, whose legacy state is this tuple
+    kind, keys, pos, has_gauss, cached = legacy
+    state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
@@ -88,7 +98,7 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     if isinstance(keys, torch.Tensor):
@@ -99,7 +109,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _torch_save(obj, path: Path) -> None:
+def _torch_save(obj: object, path: Path) -> None:
     """torch.save, with a failed write (disk full, file size limit) raised as the OSError it is:
     PyTorch's zip writer reports one as a RuntimeError about stream positions."""
     try:
@@ -115,12 +125,12 @@ def save_checkpoint(
     step: int,
     dist: Dist,
     *,
-    model,
-    tokenizer,
-    meta: dict,
-    optimizer=None,
-    trainer_state: dict | None = None,
-    rank_state: dict | None = None,
+    model: VLMBase,
+    tokenizer: PreTrainedTokenizerBase | None,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
     """Collective: every rank calls it (each writes its own rank file); rank 0 writes the rest.
     Without an optimizer it writes the weights only (a milestone, for evaluation)."""
@@ -152,17 +162,17 @@ class ProcessCountMismatch(UsageError):
     """A readable checkpoint written by another number of processes: every older one is too."""
 
 
-def _numpy_array_globals() -> list:
+def _numpy_array_globals() -> list[Any]:
     """What numpy arrays pickle into: checkpoints written before the RNG state went to tensors hold
     numpy's key array. Allowing these rebuilds arrays and dtypes, and nothing that can run code."""
     try:
-        from numpy._core.multiarray import _reconstruct
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def load_data(path: Path):
+def load_data(path: Path) -> Any:
     """A checkpoint file's tensors and plain containers, and nothing else: a file that asks to build
     any other object (which is how a pickle runs code) is refused with a one-line error. Run folders
     travel between people and clusters; loading one must never execute what it holds."""
@@ -181,7 +191,9 @@ def load_data(path: Path):
         ) from None
 
 
-def load_checkpoint(folder: Path, dist: Dist, *, model, optimizer) -> tuple[dict, dict, dict]:
+def load_checkpoint(
+    folder: Path, dist: Dist, *, model: VLMBase, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Restores weights and optimizer in place; returns (trainer state, this rank's state, meta)."""
     from safetensors.torch import load_model as load_safetensors
 

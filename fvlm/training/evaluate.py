@@ -8,10 +8,11 @@ out the lambda-weighted coarse term, so runs with different lambda_coarse stay c
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -21,9 +22,14 @@ from fvlm.data.decode import MEAN, STD
 from fvlm.data.loader import boxes_array
 from fvlm.training.dist import Dist
 
+_Batch = TypeVar("_Batch", bound=Mapping[str, Any])
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+def to_device(batch: _Batch, device: torch.device) -> _Batch:
+    """A batch (the model's Batch, or a plain dict) with its tensors on `device`: the same keys."""
+    return cast(
+        _Batch, {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    )
 
 
 @dataclass

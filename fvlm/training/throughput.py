@@ -11,6 +11,10 @@ otherwise leaves MFU blank, because a number against the wrong peak is worse tha
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fvlm.config import ModelConfig
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a piece of the device name torch reports.
 # Checked in order: the first match wins, so the PCIe H100 comes before the generic H100 (SXM).
@@ -59,7 +63,7 @@ class Interval:
         self.data_wait += data_wait
         self.steps += 1
 
-    def row(self, model_cfg, peak: float | None, world_size: int) -> dict:
+    def row(self, model_cfg: ModelConfig, peak: float | None, world_size: int) -> dict[str, float | None]:
         """The steps.csv throughput columns for this interval."""
         from fvlm.model.flops import estimate_flops
 
@@ -74,7 +78,7 @@ class Interval:
                 loss_tokens=self.loss_tokens / self.samples,
             ).per_sample
             flops = per_sample * self.samples / seconds
-        row = {
+        row: dict[str, float | None] = {
             "throughput_samples_sec": self.samples / seconds,
             "tokens_per_sec": (visual + self.text_tokens) / seconds,
             "visual_tokens_per_sec": visual / seconds,

@@ -23,9 +23,12 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ from fvlm.data.loader import build_loader, split_path
 from fvlm.errors import UsageError
 from fvlm.model.build import build_model, build_tokenizer, compile_model
 from fvlm.model.flops import estimate_flops
+from fvlm.model.vlm import Batch
 from fvlm.training import checkpoint as ckpt
 from fvlm.training.dist import Dist, init_distributed, shutdown
 from fvlm.training.divergence import DivergenceGuard
@@ -49,9 +53,17 @@ from fvlm.training.throughput import Interval, peak_flops
 # convergence_step: the first eval point within this relative distance of the best val loss.
 CONVERGENCE_TOLERANCE = 0.01
 GIB = 2**30
+# A signal's handler as `signal.signal` takes and returns it.
+SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 
 
-def train(cfg: RunConfig) -> dict:
+class ParamCounts(TypedDict):
+    total: int
+    trainable: int
+    by_group: dict[str, int]
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
     """Runs (or resumes, or reports the already finished) run of `cfg`; returns its run summary."""
     dist = init_distributed()
     try:
@@ -62,7 +74,7 @@ def train(cfg: RunConfig) -> dict:
 
 
 @contextmanager
-def _run_lock(run_dir: Path, take: bool):
+def _run_lock(run_dir: Path, take: bool) -> Iterator[None]:
     """One training process per run folder: a second `fvlm train` on it (which would interleave its
     logs and checkpoints with the first's) is refused at once. The lock is an flock on
     <run>/.train.lock (rf.TRAIN_LOCK), released when the process ends, however it ends."""
@@ -109,10 +121,12 @@ class StepTally:
     stop: float = 0.0  # 1 on a rank asked to stop (SIGTERM, Ctrl-C)
 
 
-def _parse_row(row: dict) -> dict:
+def _parse_row(row: dict[str, str]) -> dict[str, Any]:
     """A CSV row back to numbers (empty cells are unmeasured values)."""
-    parsed = {k: (float(v) if v else None) for k, v in row.items() if k != "run_id"}
-    parsed["step"] = int(parsed["step"])
+    parsed: dict[str, float | None] = {k: (float(v) if v else None) for k, v in row.items() if k != "run_id"}
+    step = parsed["step"]
+    assert step is not None  # every row has its step
+    parsed["step"] = int(step)
     return {"run_id": row["run_id"], **parsed}
 
 
@@ -134,10 +148,10 @@ class Trainer:
         self.wall_time_before = 0.0
         self.divergence = DivergenceGuard(cfg.train.divergence_factor)
         self.skipped_steps = 0
-        self.best: dict = {}
-        self.history: list[dict] = []
-        self.last_row: dict | None = None
-        self.saved_meta: dict = {}
+        self.best: dict[str, Any] = {}  # the metrics row of the best evaluation so far
+        self.history: list[dict[str, Any]] = []  # the metrics rows of this run
+        self.last_row: dict[str, Any] | None = None  # the latest steps.csv row
+        self.saved_meta: dict[str, Any] = {}
         self.last_saved_step = -1
         self.last_eval_step = -1
         self.stop_requested = False
@@ -165,10 +179,10 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         return cuda and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager[Any]:
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
-    def _inspect_run_dir(self) -> tuple[Path | None, dict | None]:
+    def _inspect_run_dir(self) -> tuple[Path | None, dict[str, Any] | None]:
         """(checkpoint to resume from, summary of a run that already finished)."""
         changed = rf.settings_changed(self.run_dir, self.cfg)
         if changed is None:
@@ -303,7 +317,9 @@ class Trainer:
 
     def _open_outputs(self) -> None:
         cfg = self.cfg
-        self.steps_log = self.metrics_log = self.wandb = None
+        self.steps_log: CsvLog | None = None
+        self.metrics_log: CsvLog | None = None
+        self.wandb: Wandb | None = None
         self.progress = Progress(self.total_steps, self.step, enabled=self.dist.is_main)
         if not self.dist.is_main:
             return
@@ -348,7 +364,7 @@ class Trainer:
         ]
         self.progress.message("\n".join(lines))
 
-    def _param_counts(self) -> dict:
+    def _param_counts(self) -> ParamCounts:
         by_group = {
             group: sum(p.numel() for p in params)
             for group, params in self.model.param_groups(trainable_only=False).items()
@@ -360,7 +376,7 @@ class Trainer:
         }
 
     # ------------------------------------------------------------------ the run
-    def run(self) -> dict:
+    def run(self) -> dict[str, Any]:
         if self.finished is not None:
             if self.dist.is_main:
                 print(
@@ -382,13 +398,13 @@ class Trainer:
                 signal.signal(sig, handler)
         return self._finish(status, None)
 
-    def _install_signal_handlers(self) -> dict:
+    def _install_signal_handlers(self) -> dict[signal.Signals, SignalHandler]:
         """SIGTERM and the first Ctrl-C ask the loop to stop at the end of the current step (with a
         checkpoint); a second Ctrl-C interrupts at once."""
         if threading.current_thread() is not threading.main_thread():
             return {}
 
-        def request_stop(signum, frame):
+        def request_stop(signum: int, frame: FrameType | None) -> None:
             if self.stop_requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.stop_requested = True
@@ -505,7 +521,7 @@ class Trainer:
                 return "interrupted"
         return "completed"
 
-    def _forward_backward(self, micro: list[dict], compute_coarse: bool) -> StepTally:
+    def _forward_backward(self, micro: list[Batch], compute_coarse: bool) -> StepTally:
         """Backpropagates each micro-batch's token-sum loss; returns this rank's tally of the step."""
         tally = StepTally()
         for batch in micro:
@@ -546,7 +562,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def _gpu_memory(self) -> dict:
+    def _gpu_memory(self) -> dict[str, float]:
         if self.dist.device.type != "cuda":
             return {"gpu_mem_allocated_gb": 0.0, "gpu_mem_reserved_gb": 0.0}
         return {
@@ -635,7 +651,8 @@ class Trainer:
         self.history.append(row)
         if metrics["val_loss"] is not None and (not self.best or metrics["val_loss"] < self.best["val_loss"]):
             self.best = dict(row)
-        self.metrics_log.write(row)
+        if self.metrics_log is not None:  # opened on the main process, which alone gets here
+            self.metrics_log.write(row)
         if self.wandb is not None:
             self.wandb.log(row, "eval")
         # The checkpoint of this step was written before its evaluation; its meta now learns the result.
@@ -649,7 +666,7 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ the end
-    def _finish(self, status: str, error: str | None) -> dict:
+    def _finish(self, status: str, error: str | None) -> dict[str, Any]:
         summary = self._summary(status, error)
         if self.dist.is_main:
             rf.write_summary(self.run_dir, summary)
@@ -675,7 +692,7 @@ class Trainer:
             self.cfg.model, frames=mean["frames"], text_tokens=mean["text_tokens"], loss_tokens=mean["loss_tokens"]
         ).per_sample
 
-    def _throughput(self, flops_per_sample: float | None) -> dict:
+    def _throughput(self, flops_per_sample: float | None) -> dict[str, str | float | None]:
         """Over this session's training time (a resumed run counts its own steps only)."""
         seconds = self.timing["train"]
         session = {k: self.seen[k] - self.seen_at_start[k] for k in self.seen}
@@ -699,7 +716,7 @@ class Trainer:
             "data_wait_fraction": self.timing["data_wait"] / seconds,
         }
 
-    def _summary(self, status: str, error: str | None) -> dict:
+    def _summary(self, status: str, error: str | None) -> dict[str, Any]:
         best_val = self.best.get("val_loss")
         convergence_step = None
         if best_val is not None:
@@ -711,7 +728,7 @@ class Trainer:
         params = self._param_counts()
         flops_per_sample = self._flops_per_sample()
         wall = self.wall_time()
-        summary = {
+        summary: dict[str, Any] = {
             "run_id": self.cfg.run_id,
             "status": status,
             "git_commit": git_commit(),
