@@ -18,10 +18,6 @@ from fvlm.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Files being rewritten elsewhere that still hold text the diary check refuses. The check skips
-# them; empty this set once they are rewritten, so that they are checked like every other file.
-PENDING_REWRITE = {"README.md", "benchmarks/RESULTS.md"}
-
 # What reads as a work diary rather than as documentation: a numbered session or round of work
 # ("sessions" with a range included), and a heading that starts with a date.
 DIARY_PATTERNS = (
@@ -84,8 +80,6 @@ def diary_hits(name: str, text: str) -> list[str]:
 def test_no_file_reads_as_a_work_diary():
     hits = []
     for name in _repo_files():
-        if name in PENDING_REWRITE:
-            continue
         text = _text(ROOT / name)
         if text is not None:
             hits += diary_hits(name, text)
@@ -104,11 +98,6 @@ def test_the_diary_check_finds_what_it_is_meant_to():
         ]
     )
     assert [hit.split(":")[1] for hit in diary_hits("x.md", text)] == ["1", "2", "3", "4"]
-
-
-def test_pending_rewrites_are_files_of_the_repo():
-    # A stale entry would hide nothing, but would say something that is not so.
-    assert all((ROOT / name).is_file() for name in PENDING_REWRITE)
 
 
 # ----------------------------------------------------------------------------- commands
