@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from scipy.stats import t as t_dist
@@ -118,6 +118,71 @@ def members(question: Question, table: Table) -> list[Run]:
     return [r for r in table.runs.values() if plan_id(r) in question.roles]
 
 
+# ----------------------------------------------------------------------------- records
+
+
+class Falling(TypedDict):
+    """`still_falling`'s record: the smoothed curve's drop over its last fifth against its noise."""
+
+    drop_last_fifth: float
+    noise: float
+    falling: bool
+    samples: float
+
+
+class GradStability(TypedDict):
+    """`grad_norm_stability`'s record."""
+
+    stable: bool | None  # None: too few logged grad norms to judge
+    source: str | None  # the file the norms came from (steps.csv or metrics.csv); None when unjudged
+    reason: str
+
+
+class _CurveStatRequired(TypedDict):
+    run: Run
+    x_end: float
+    noise: float
+    unstable: str | None
+    best: float
+    best_x: float
+    final: float
+
+
+class CurveStat(_CurveStatRequired, total=False):
+    """One run's row of a question (an answer's `rows`): its curve's end, best and final values as
+    `answer` reads them, then (added as the comparison proceeds) its values at the common x and,
+    with seed replicates, its noise split into the eval part and the training floor's sd."""
+
+    at_common: float
+    smoothed: float
+    eval_noise: float
+    seed_sd: float
+
+
+class AblationRow(TypedDict):
+    """One row of ablation_table.csv (ABLATION_COLUMNS)."""
+
+    question: str
+    run_id: str
+    role: str
+    status: str
+    n_points: int
+    common_x_axis: str
+    common_x: float | None
+    val_loss_at_common: float
+    smoothed_at_common: float
+    best_val_loss: float
+    best_at: float
+    final_val_loss: float
+    final_at: float
+    noise_sd: float
+    unstable: str
+    winner: bool
+    margin: float | None
+    noise: float | None
+    verdict: str
+
+
 # ----------------------------------------------------------------------------- curve statistics
 
 
@@ -158,7 +223,7 @@ def smoothed_at(run: Run, target: float, axis: str) -> float:
     return float(np.polyval(coef, math.log(target)))
 
 
-def still_falling(run: Run) -> dict[str, float] | None:
+def still_falling(run: Run) -> Falling | None:
     """Drop of the smoothed curve over the last fifth of its samples, against twice its noise."""
     fit = tail_fit(run)
     if not fit:
@@ -184,7 +249,7 @@ def instability(run: Run) -> str | None:
     return None
 
 
-def grad_norm_stability(run: Run) -> dict[str, Any]:
+def grad_norm_stability(run: Run) -> GradStability:
     """{"stable": True | False | None, "reason": str, "source": where the norms came from}; None when
     the run logged too few finite-or-not gradient norms to judge."""
     source, norms = rf.STEPS, (run.steps or {}).get("grad_norm")
@@ -246,7 +311,7 @@ def _verdict(margin: float, noise: float, eval_noise: float | None = None, quant
     return "within noise"
 
 
-def _with_training_noise(table: Table, stats: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _with_training_noise(table: Table, stats: list[CurveStat]) -> dict[str, Any] | None:
     """Adds to each row its val loss's training noise (the seed replicates' floor, fvlm.analysis.noise)
     and makes its `noise` the sum of the two: `eval_noise` keeps the curve's own. Returns the floor
     used (a record for decisions.json), or None when no replicate measured one."""
@@ -303,7 +368,7 @@ def _widened(paired: dict[str, Any], floor: dict[str, Any] | None) -> dict[str, 
     return {**paired, "ci95_bootstrap": judged["ci95"] if f else paired["ci95_bootstrap"], "judged": judged}
 
 
-def _by_source(question: Question, stats: list[dict[str, Any]], floor: dict[str, Any] | None = None) -> dict[str, Any]:
+def _by_source(question: Question, stats: list[CurveStat], floor: dict[str, Any] | None = None) -> dict[str, Any]:
     kinds = SOURCE_KINDS[question.id]
     lacking = [s["run"].run_id for s in stats if not s["run"].sources]
     if lacking:
@@ -316,12 +381,12 @@ def _by_source(question: Question, stats: list[dict[str, Any]], floor: dict[str,
         )
     runs = {s["run"].run_id: s["run"] for s in stats}
     if question.id == "image_handling":
-        totals = {}
+        totals: dict[str, float] = {}
         for rid, run in runs.items():
             losses = _kind_losses(run, "image")
             tokens = sum(t for _, t in losses.values())
             totals[rid] = sum(v * t for v, t in losses.values()) / tokens if tokens else math.nan
-        ranked = sorted((r for r in totals if math.isfinite(totals[r])), key=totals.get)
+        ranked = sorted((r for r in totals if math.isfinite(totals[r])), key=lambda r: totals[r])
         if len(ranked) < 2:
             return _unknown(question, stats, "fewer than two A8 runs scored image samples")
         winner, runner_up = ranked[0], ranked[1]
@@ -379,7 +444,7 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
     runs = members(question, table)
     if len(runs) < 2:
         return None
-    stats = []
+    stats: list[CurveStat] = []
     for run in runs:
         x, y = _curve(run, question.axis)
         if not len(x):
@@ -424,7 +489,7 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         )
     score = {s["run"].run_id: s["smoothed"] for s in stats}
     eligible = [s for s in stats if not s["unstable"]] or stats
-    grad = {}
+    grad: dict[str, GradStability] = {}
     if question.id == "freeze":
         # The plan's rule: the lowest val loss among runs with stable grad norms.
         grad = {s["run"].run_id: grad_norm_stability(s["run"]) for s in stats}
@@ -441,7 +506,7 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
             return _unknown(question, stats, "no run has stable grad norms", grad_norms=grad)
     ranked = sorted(eligible, key=lambda s: score[s["run"].run_id])
     winner, runner_up = ranked[0], (ranked[1] if len(ranked) > 1 else None)
-    finished = {}
+    finished: dict[str, Any] = {}
     if question.axis == "flops":
         finished = _finished_points(stats, score)
         if finished.get("unmatched"):
@@ -463,7 +528,7 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         df = (eval_noise**2 + seed_var) ** 2 / (2 * floor["sd"] ** 4 / floor["df"])
         quantile = max(2.0, float(t_dist.ppf(0.975, df)))
     by_best = sorted(eligible, key=lambda s: s["best"])
-    result = {
+    result: dict[str, Any] = {
         **_header(question, stats),
         "metric": "val_loss (smoothed)",
         "axis": question.axis,
@@ -508,7 +573,7 @@ def provisional_text(unchecked: list[dict[str, Any]]) -> str:
     return "provisional: " + "; ".join(parts)
 
 
-def _header(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any]:
+def _header(question: Question, stats: list[CurveStat]) -> dict[str, Any]:
     """The fields every answer starts with: the question and the runs it was asked of."""
     return {
         "id": question.id,
@@ -519,7 +584,7 @@ def _header(question: Question, stats: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _unknown(question: Question, stats: list[dict[str, Any]], why: str, **extra: Any) -> dict[str, Any]:
+def _unknown(question: Question, stats: list[CurveStat], why: str, **extra: Any) -> dict[str, Any]:
     """A question whose runs are there but whose decision needs an input they lack."""
     return {
         **_header(question, stats),
@@ -541,7 +606,7 @@ def _unknown(question: Question, stats: list[dict[str, Any]], why: str, **extra:
 MATCHED_FLOPS = 1.1
 
 
-def _finished_points(stats: list[dict[str, Any]], score: dict[str, float]) -> dict[str, Any]:
+def _finished_points(stats: list[CurveStat], score: dict[str, float]) -> dict[str, Any]:
     """The efficiency question at finished points: each run's smoothed loss where its schedule ended.
     Decided when the FLOPs match, or when the cheaper run is also at least as good (it wins with
     less compute), which includes ending higher by less than the two runs' combined eval noise: a
@@ -551,7 +616,7 @@ def _finished_points(stats: list[dict[str, Any]], score: dict[str, float]) -> di
     cheap, dear = sorted(stats, key=lambda s: s["x_end"])[:2]
     ratio = dear["x_end"] / cheap["x_end"]
     ids = cheap["run"].run_id, dear["run"].run_id
-    record = {"flops_at_finish": {s["run"].run_id: s["x_end"] for s in stats}, "flops_ratio": ratio}
+    record: dict[str, Any] = {"flops_at_finish": {s["run"].run_id: s["x_end"] for s in stats}, "flops_ratio": ratio}
     if ratio <= MATCHED_FLOPS:
         return {**record, "note": f"; matched finished points ({ratio:.2f}x FLOPs)"}
     behind = score[ids[0]] - score[ids[1]]
@@ -581,7 +646,7 @@ def _last_finite(values: np.ndarray) -> float | None:
 
 def answer_all(table: Table) -> list[dict[str, Any]]:
     """One record per plan question; a question without its runs is reported as missing."""
-    out = []
+    out: list[dict[str, Any]] = []
     for question in QUESTIONS:
         result = answer(question, table)
         if result is None:
@@ -627,8 +692,8 @@ ABLATION_COLUMNS = (
 )
 
 
-def table_rows(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
+def table_rows(answers: list[dict[str, Any]]) -> list[AblationRow]:
+    rows: list[AblationRow] = []
     for result in answers:
         for s in result.get("rows", []):
             run = s["run"]

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from fvlm.errors import UsageError
 from fvlm.eval.stats import N_BOOT
 
+if TYPE_CHECKING:  # imported when the analysis runs: `fvlm --help` stays quick
+    from fvlm.experiments.schedule import ScheduleInputs
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+class Decisions(TypedDict):
+    """decisions.json: the records of the report's decisions, in the report's order."""
+
+    questions: list[dict[str, Any]]  # each ablation answer's decision_keys
+    go_no_go: list[dict[str, str]]  # report.go_no_go
+    decision2: list[dict[str, str]]  # report.decision2
+    decision3: dict[str, Any]  # fvlm.experiments.schedule.decision3
+    foveated_vs_baseline: dict[str, Any]  # fvlm.analysis.compare.without_draws
+    replication: dict[str, Any]  # fvlm.analysis.noise.replication
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "analyze",
         help="fits, ablation table, figures, export and decision report from runs or an export",
@@ -107,7 +121,7 @@ def analyze(
     globs: list[str] | None,
     n_boot: int = N_BOOT,
     seed: int = 0,
-    schedule=None,
+    schedule: ScheduleInputs | None = None,
     reading: dict[str, bool] | None = None,
     jobs: int = 1,
 ) -> dict[str, Any]:
@@ -169,7 +183,7 @@ def analyze(
         "provisional",
         "unchecked",
     )
-    decisions = {
+    decisions: Decisions = {
         "questions": [{k: a[k] for k in decision_keys if k in a} for a in answers],
         "go_no_go": checklist,
         "decision2": report.decision2(data, fits, comparison),

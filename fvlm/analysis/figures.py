@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,7 +18,12 @@ from fvlm.analysis.attention_maps import load_attention, render_video
 from fvlm.analysis.fits import budget_label, predict_data_scaling, predict_joint
 from fvlm.analysis.table import Run, Table
 
-STYLE = {
+if TYPE_CHECKING:  # pyplot and its classes are imported when a figure is drawn (_use_agg)
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.typing import RcKeyType
+
+STYLE: dict[RcKeyType, object] = {
     "figure.figsize": (6.4, 4.2),
     "figure.dpi": 100,
     "savefig.dpi": 150,
@@ -47,28 +52,35 @@ class Context:
     comparison: dict[str, Any] | None = None  # fvlm.analysis.compare.compare_cells
 
 
-def _plt():
+def _use_agg() -> None:
+    """Draws with the Agg backend (no display) and STYLE. Every function that imports pyplot calls it
+    first: pyplot is imported only once a figure is drawn, and on Agg."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plt.rcParams.update(STYLE)
-    return plt
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path)
-    _plt().close(fig)
+    _use_agg()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
     return path
 
 
-def _colors(n: int) -> list:
-    cmap = _plt().get_cmap("tab10" if n <= 10 else "tab20")
+def _colors(n: int) -> list[tuple[float, float, float, float]]:
+    _use_agg()
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _curves(ax, runs: list[Run], y: str = "val_loss", labels: dict[str, str] | None = None) -> None:
+def _curves(ax: Axes, runs: list[Run], y: str = "val_loss", labels: dict[str, str] | None = None) -> None:
     for color, run in zip(_colors(len(runs)), runs):
         x, v = run.col("samples_seen"), run.col(y)
         keep = np.isfinite(x) & np.isfinite(v)
@@ -96,7 +108,9 @@ def fig1_foveated_vs_alternatives(ctx: Context) -> Path | str:
     runs = _by_plan_id(ctx.table, ("F3", "A6", "A1", "B1"))
     if not any(ablations.plan_id(r) == "F3" for r in runs) or len(runs) < 2:
         return "needs F3 and at least one of A6, A1, B1"
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots()
     _curves(ax, runs, labels=_labels(runs))
     ax.set_title("Fig 1: two-pass foveated vs coarse-only, shallow and multi-token")
@@ -115,7 +129,9 @@ def fig2_loss_ratio(ctx: Context) -> Path | str:
     # The plan draws F3's ratio; other runs are shown only when F3 is absent.
     f3 = [s for s in series if ablations.plan_id(s[0]) == "F3"]
     series = f3 or series
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots()
     for color, (run, step, ratio, kind) in zip(_colors(len(series)), series):
         keep = np.isfinite(ratio)
@@ -142,7 +158,9 @@ def fig3_token_efficiency(ctx: Context) -> Path | str:
     same_data = [c for c in cells if c.get("same_data")]
     if not same_data and not matched:
         return "needs the scaling grid's foveated and multi-token cells (<size>-<budget>-F and -B)"
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2 if matched else 1, figsize=(12 if matched else 6.4, 4.5), squeeze=False)
     right = axes[0, -1]
     if matched:
@@ -210,7 +228,9 @@ def fig5_freeze(ctx: Context) -> Path | str:
     runs = _by_plan_id(ctx.table, ("F1", "F2", "F3"))
     if len(runs) < 2:
         return "needs at least two of F1, F2, F3"
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     has_grad = any(np.isfinite(r.col("grad_norm")).any() for r in runs)
     fig, axes = plt.subplots(1, 2 if has_grad else 1, figsize=(11 if has_grad else 6.4, 4.2), squeeze=False)
     _curves(axes[0, 0], runs, labels=_labels(runs))
@@ -235,7 +255,9 @@ def fig6_attention_entropy(ctx: Context) -> Path | str:
         )
         if g
     ]
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False, sharey=True)
     for ax, (title, group) in zip(axes[0], groups):
         _curves(ax, group, y="attention_entropy", labels=_labels(group))
@@ -246,16 +268,23 @@ def fig6_attention_entropy(ctx: Context) -> Path | str:
     return _save(fig, ctx.out / "fig6_attention_entropy.png")
 
 
+def _eval_modes(run: Run) -> dict[str, Any]:
+    """The per-mode results of a run's eval/eval.json (none without one)."""
+    return (run.eval_result or {}).get("modes") or {}
+
+
 def fig7_eval_modes(ctx: Context) -> Path | str:
-    runs = [r for r in ctx.table.runs.values() if r.eval_result and r.eval_result.get("modes")]
+    runs = [r for r in ctx.table.runs.values() if _eval_modes(r)]
     if not runs:
         return "no run has eval/eval.json (fvlm eval)"
     modes = ["coarse_only", "coarse_fine", "autoregressive"]
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots()
     width = 0.8 / len(modes)
     for i, (mode, color) in enumerate(zip(modes, _colors(len(modes)))):
-        values = [r.eval_result["modes"].get(mode, {}).get("loss", np.nan) for r in runs]
+        values = [_eval_modes(r).get(mode, {}).get("loss", np.nan) for r in runs]
         ax.bar(np.arange(len(runs)) + i * width, values, width, color=color, label=mode)
     ax.set_xticks(np.arange(len(runs)) + width * (len(modes) - 1) / 2, [r.run_id for r in runs], rotation=20)
     ax.set_ylabel("eval loss")
@@ -268,7 +297,9 @@ def fig8_scaling(ctx: Context) -> Path | str:
     runs = [r for r in ctx.fit_runs if r.flops_per_sample]
     if len({r.model_size for r in runs}) < 2:
         return "needs fit runs of at least two model sizes"
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots()
     sizes = sorted({r.model_size for r in runs}, key=lambda s: min(r.params or 0 for r in runs if r.model_size == s))
     colors = dict(zip(sizes, _colors(len(sizes))))
@@ -299,7 +330,9 @@ def scaling_isoflop(ctx: Context) -> Path | str:
     budgets = {k: b for k, b in ctx.fits.get("iso_flop", {}).get("budgets", {}).items() if "parabola" in b}
     if not budgets:
         return "needs 3 or more model sizes at one FLOP budget"
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots()
     for color, (label, budget) in zip(_colors(len(budgets)), budgets.items()):
         entries = [e for e in ctx.fits["iso_flop"]["entries"] if e["run_id"] in budget["runs"]]
@@ -327,7 +360,9 @@ def scaling_foveated_vs_baseline(ctx: Context) -> Path | str:
     runs = [r for r in grid if r.arch in ("foveated", "multi_token") and r.flops_per_sample and r.n_points]
     if {r.arch for r in runs} != {"foveated", "multi_token"}:
         return "needs both foveated and multi-token runs with FLOPs"
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots()
     sizes = sorted({r.model_size for r in runs}, key=lambda s: min(r.params or 0 for r in runs if r.model_size == s))
     colors = dict(zip(sizes, _colors(len(sizes))))
@@ -357,7 +392,9 @@ def scaling_data_curves(ctx: Context) -> Path | str:
     per_size = ctx.fits.get("per_size_fits", {})
     if not ctx.fit_runs:
         return "no fit runs selected"
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots()
     sizes = sorted({r.model_size for r in ctx.fit_runs})
     colors = dict(zip(sizes, _colors(len(sizes))))
@@ -373,7 +410,8 @@ def scaling_data_curves(ctx: Context) -> Path | str:
     for size in sizes:
         fit = per_size.get(size)
         if fit:
-            d = np.geomspace(*fit["D_range"], 200)
+            lo, hi = fit["D_range"]
+            d = np.geomspace(lo, hi, 200)
             label = (
                 f"{size}: {fit['E']:.3f} + {fit['a']:.3g}/D^{fit['b']:.3f}"
                 if fit["identified"]
@@ -402,7 +440,9 @@ def scaling_compute_optimal(ctx: Context) -> Path | str:
     law = iso.get("N_star_of_C")
     if not law:
         return "needs interior iso-FLOP minima at 2 or more budgets (3+ sizes each)"
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots()
     budgets = [b for b in iso["budgets"].values() if "N_star" in b]
     c = np.array([b["C"] for b in budgets])
@@ -434,7 +474,9 @@ def scaling_law_plot(ctx: Context) -> Path | str:
     if not per_size:
         return "no size had enough fit points (3+) for L(D)"
     joint = ctx.fits.get("joint_chinchilla_fit") or {}
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, (ax, res_ax) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     colors = dict(zip(per_size, _colors(len(per_size))))
     for size, fit in per_size.items():
@@ -442,7 +484,8 @@ def scaling_law_plot(ctx: Context) -> Path | str:
         d = np.concatenate([r.col("samples_seen") for r in runs])
         loss = np.concatenate([r.col("val_loss") for r in runs])
         ax.plot(d, loss, ".", color=colors[size], alpha=0.5, ms=4)
-        grid = np.geomspace(*fit["D_range"], 200)
+        lo, hi = fit["D_range"]
+        grid = np.geomspace(lo, hi, 200)
         label = (
             f"{size} per-size LS: E={fit['E']:.3f}, b={fit['b']:.3f}, RMSE={fit['rmse']:.4f}"
             if fit["identified"]
@@ -476,7 +519,9 @@ def convergence_all(ctx: Context) -> Path | str:
     runs = [r for r in ctx.table.runs.values() if ablations.plan_id(r)]
     if not runs:
         return "no ablation runs (F1..D1) found"
-    plt = _plt()
+    _use_agg()
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 4.8))
     _curves(ax, runs, labels=_labels(runs))
     ax.legend(ncol=2, fontsize=6)
@@ -504,7 +549,7 @@ FIGURES: tuple[tuple[str, Callable[[Context], Path | str]], ...] = (
 
 def draw_all(ctx: Context) -> list[tuple[str, Path | None, str]]:
     """(title, path or None, reason when absent) for every figure."""
-    out = []
+    out: list[tuple[str, Path | None, str]] = []
     for title, draw in FIGURES:
         result = draw(ctx)
         out.append((title, result, "") if isinstance(result, Path) else (title, None, result))

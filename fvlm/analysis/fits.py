@@ -13,10 +13,10 @@ import contextlib
 import math
 import multiprocessing
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from scipy import optimize
@@ -46,6 +46,53 @@ CHINCHILLA_REFERENCE = {
 }
 
 
+# ----------------------------------------------------------------------------- records
+
+
+class Identification(TypedDict):
+    """Whether a fit's numbers can be read as a result (`identification`)."""
+
+    identified: bool
+    not_identified_because: list[str]
+
+
+class DataScalingParams(TypedDict):
+    """The least-squares L(D) = E + a / D^b of one set of points."""
+
+    E: float
+    a: float
+    b: float
+    sse: float
+    rmse: float
+    n_points: int
+    b_at_bound: bool
+
+
+class DataScalingFit(DataScalingParams, Identification):
+    """`fit_data_scaling`'s record: the fit and whether it is identified."""
+
+
+class BootstrapResult(TypedDict):
+    """`bootstrap`'s record: per key its percentile 95% interval (None with under 10 refits that
+    had a value), and how the resamples were drawn."""
+
+    ci95: dict[str, list[float] | None]
+    unit: str  # "runs" or "points"
+    n_resamples: int
+    note: str
+
+
+class IsoFlopEntry(TypedDict):
+    """One run's finished point, for the iso-FLOP fits (`iso_flop`'s entries)."""
+
+    run_id: str
+    arch: str
+    N: float
+    D: float
+    C: float
+    loss: float
+
+
 # ----------------------------------------------------------------------------- identification
 
 
@@ -56,8 +103,8 @@ PLATEAU_AT_ZERO = 1e-3
 
 
 def identification(
-    fit: dict[str, Any], bounds: dict[str, tuple[float, float]], converged: bool, lowest_loss: float | None = None
-) -> dict[str, Any]:
+    fit: Mapping[str, Any], bounds: dict[str, tuple[float, float]], converged: bool, lowest_loss: float | None = None
+) -> Identification:
     """Whether a fit's numbers can be read as a result: not when the optimiser did not converge, when an
     exponent sits at the bound of its search range (the data would have it go further: the law's
     shape is not pinned down), when a plateau E (or a per-size E + A/N^alpha) is below zero, which
@@ -83,7 +130,7 @@ def identification(
     return {"identified": not reasons, "not_identified_because": reasons}
 
 
-def not_identified_text(fit: dict[str, Any]) -> str:
+def not_identified_text(fit: Mapping[str, Any]) -> str:
     return "not identified (" + "; ".join(fit["not_identified_because"]) + ")"
 
 
@@ -107,7 +154,7 @@ def _profile_sse(x: np.ndarray, loss: np.ndarray, b: np.ndarray) -> tuple[np.nda
     return intercept, slope, np.maximum(lc @ lc - slope * szy, 0.0)
 
 
-def fit_data_scaling(samples: np.ndarray, loss: np.ndarray) -> dict[str, float]:
+def fit_data_scaling(samples: np.ndarray, loss: np.ndarray) -> DataScalingFit:
     """Global least-squares fit of L(D) = E + a / D^b. Needs at least 3 points."""
     samples = np.asarray(samples, float)
     loss = np.asarray(loss, float)
@@ -125,7 +172,7 @@ def fit_data_scaling(samples: np.ndarray, loss: np.ndarray) -> dict[str, float]:
     e, a_scaled, _ = (float(v[0]) for v in _profile_sse(x, loss, np.array([b])))
     resid = loss - e - a_scaled * x**-b
     sse_best = float(resid @ resid)  # from the residuals themselves, free of Syy - Szy^2/Szz's cancellation
-    fit = {
+    params: DataScalingParams = {
         "E": e,
         "a": a_scaled * d0**b,
         "b": b,
@@ -134,11 +181,10 @@ def fit_data_scaling(samples: np.ndarray, loss: np.ndarray) -> dict[str, float]:
         "n_points": int(len(loss)),
         "b_at_bound": bool(b >= EXPONENT_MAX - 1e-6 or b <= 1e-3 + 1e-9),
     }
-    fit.update(identification(fit, {"b": (1e-3, EXPONENT_MAX)}, bool(res.success)))
-    return fit
+    return {**params, **identification(params, {"b": (1e-3, EXPONENT_MAX)}, bool(res.success))}
 
 
-def predict_data_scaling(fit: dict[str, float], samples: np.ndarray | float) -> np.ndarray:
+def predict_data_scaling(fit: DataScalingParams, samples: np.ndarray | float) -> np.ndarray:
     return fit["E"] + fit["a"] / np.asarray(samples, float) ** fit["b"]
 
 
@@ -338,14 +384,16 @@ def fit_joint_huber(
     bounds = [(None, None)] * (len(axes) - 2) + [(None, None), (0.0, EXPONENT_MAX)]
     if identifiable:
         bounds = [(None, None)] * 3 + [(0.0, EXPONENT_MAX)] * 2
-    best = None
+    best: optimize.OptimizeResult | None = None
     for start in starts:
         res = optimize.minimize(objective, start, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": 500})
         if best is None or res.fun < best.fun:
             best = res
+    assert best is not None, "no start to fit from: n_starts = 0 and no extra_starts"
     theta = best.x
     pred = np.exp(logsumexp(terms(theta), axis=1))
     resid = data.loss - pred
+    record: dict[str, Any]  # _joint_record's keys, then the Huber fit's own (method, objective, theta, ...)
     if identifiable:
         e, a, b, alpha, beta = (float(v) for v in theta)
         record = {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta, "E_by_size": None}
@@ -424,7 +472,7 @@ _POOL_JOBS = 1
 
 
 @contextlib.contextmanager
-def refits_in_processes(jobs: int):
+def refits_in_processes(jobs: int) -> Iterator[None]:
     """Within it, `bootstrap` refits its resamples in `jobs` spawned processes (fit functions must
     then be picklable: module-level functions or partials of them). The resamples are drawn as
     before, so the intervals are the same as on one process. Almost all of an analysis is these
@@ -441,7 +489,9 @@ def refits_in_processes(jobs: int):
             _POOL, _POOL_JOBS = None, 1
 
 
-def _refit(fit: Callable[[np.ndarray], dict[str, Any]], keys: list[str], resamples: list[np.ndarray]) -> list[list]:
+def _refit(
+    fit: Callable[[np.ndarray], Mapping[str, Any]], keys: list[str], resamples: list[np.ndarray]
+) -> list[list[float | None]]:
     """fit(idx)[key] for each resample, as floats (None where the fit has no value)."""
     rows = []
     for idx in resamples:
@@ -452,12 +502,12 @@ def _refit(fit: Callable[[np.ndarray], dict[str, Any]], keys: list[str], resampl
 
 def bootstrap(
     run_index: np.ndarray,
-    fit: Callable[[np.ndarray], dict[str, Any]],
+    fit: Callable[[np.ndarray], Mapping[str, Any]],
     keys: list[str],
     n_boot: int,
     seed: int,
     strata: np.ndarray | None = None,
-) -> dict[str, Any]:
+) -> BootstrapResult:
     """Percentile 95% intervals of fit(idx)[key] over resamples of whole runs or of points.
 
     Resampling happens within each stratum (model size), so no resample loses a size; runs are the
@@ -483,7 +533,7 @@ def bootstrap(
         chunk = -(-len(resamples) // (4 * _POOL_JOBS))
         futures = [_POOL.submit(_refit, fit, keys, resamples[i : i + chunk]) for i in range(0, len(resamples), chunk)]
         values = [row for future in futures for row in future.result()]
-    draws = {k: [row[i] for row in values if row[i] is not None] for i, k in enumerate(keys)}
+    draws = {k: [v for row in values if (v := row[i]) is not None] for i, k in enumerate(keys)}
     intervals = {
         k: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= 10 else None)
         for k, v in draws.items()
@@ -544,10 +594,10 @@ def budget_label(run_id: str) -> str | None:
     return match.group(1) if match else None
 
 
-def group_budgets(entries: list[dict[str, Any]], by_label: bool = True) -> dict[str, list[dict[str, Any]]]:
+def group_budgets(entries: list[IsoFlopEntry], by_label: bool = True) -> dict[str, list[IsoFlopEntry]]:
     """Runs grouped by FLOP budget: the plan's C1..C4 label in the run id, else (or with
     by_label=False) by total FLOPs (runs within a factor 1.5 of each other share a budget)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[str, list[IsoFlopEntry]] = {}
     unlabeled = []
     for entry in entries:
         label = budget_label(entry["run_id"]) if by_label else None
@@ -556,7 +606,7 @@ def group_budgets(entries: list[dict[str, Any]], by_label: bool = True) -> dict[
         elif entry.get("C"):
             unlabeled.append(entry)
     unlabeled.sort(key=lambda e: e["C"])
-    cluster: list[dict[str, Any]] = []
+    cluster: list[IsoFlopEntry] = []
     for entry in unlabeled:
         if cluster and entry["C"] > 1.5 * cluster[0]["C"]:
             groups[f"{cluster[0]['C']:.2g}"] = cluster
@@ -567,7 +617,7 @@ def group_budgets(entries: list[dict[str, Any]], by_label: bool = True) -> dict[
     return groups
 
 
-def iso_flop(entries: list[dict[str, Any]], by_label: bool = True) -> dict[str, Any]:
+def iso_flop(entries: list[IsoFlopEntry], by_label: bool = True) -> dict[str, Any]:
     """Parabola of final loss in log10 N per budget, its minimum N*, D* = C / FLOPs-per-sample(N*),
     and power laws N*(C), D*(C) across budgets. entries: run_id, N, C, D, loss. by_label=False groups
     by the FLOPs actually spent (the baseline's iso-sample cells spend more than their label says)."""

@@ -12,7 +12,7 @@ import numpy as np
 from fvlm import run_folder as rf
 from fvlm.analysis import ablations
 from fvlm.analysis.fits import not_identified_text, predict_data_scaling
-from fvlm.analysis.table import Table
+from fvlm.analysis.table import Run, Table
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -44,8 +44,8 @@ def _two_pass(answers: list[dict[str, Any]]) -> tuple[str, str]:
 
 def _converged(table: Table, answers: list[dict[str, Any]]) -> tuple[str, str]:
     runs = {rid for a in answers for rid in a.get("runs", []) if a["winner"] is not None}
-    checks = {rid: ablations.still_falling(table.runs[rid]) for rid in sorted(runs)}
-    checks = {k: v for k, v in checks.items() if v}
+    judged = {rid: ablations.still_falling(table.runs[rid]) for rid in sorted(runs)}
+    checks = {k: v for k, v in judged.items() if v}
     if not checks:
         return "unknown", "no ablation run has enough eval points to judge its tail"
     falling = {k: v for k, v in checks.items() if v["falling"]}
@@ -269,7 +269,7 @@ def decision2(table: Table, fits: dict[str, Any], comparison: dict[str, Any]) ->
     elif len(identified) >= 2:
         d_common = min(f["D_range"][1] for f in identified.values())
         preds = {s: float(predict_data_scaling(f, d_common)) for s, f in identified.items()}
-        best = min(preds, key=preds.get)
+        best = min(preds, key=lambda s: preds[s])
         answer = (
             f"no iso-FLOP minimum (fewer than 3 sizes per budget). At matched data D = {d_common:.3g} the "
             f"per-size fits give " + ", ".join(f"{s}: {v:.4f}" for s, v in preds.items()) + f" -> {best} lowest"
@@ -345,7 +345,7 @@ def _milestone_evals(table: Table) -> list[str]:
     """The three-mode evaluation of the best Phase 1b run's checkpoints (fvlm.experiments.milestones):
     one row per kept checkpoint, with the mode gaps and their paired 95% intervals."""
     lines = ["", "## Three-mode evaluation: best Phase 1b checkpoint and kept milestones", ""]
-    evaluated = [r for r in table.runs.values() if len((r.eval_result or {}).get("steps") or []) > 1]
+    evaluated = [r for r in table.runs.values() if len(_eval_steps(r)) > 1]
     grid = [r for r in table.runs.values() if r.config is not None and re.match(r".+-C\d+-F$", r.run_id)]
     if not evaluated:
         if not grid:
@@ -359,7 +359,7 @@ def _milestone_evals(table: Table) -> list[str]:
         "|---|---|---|" + "---|" * len(MODE_NAMES) + "---|",
     ]
     for run in evaluated:
-        for entry in run.eval_result["steps"]:
+        for entry in _eval_steps(run):
             losses = " | ".join(_fmt((entry["modes"].get(m) or {}).get("loss")) for m in MODE_NAMES)
             gaps = "; ".join(
                 f"{k.replace('_minus_', ' − ')} {v['diff']:+.4f} [{v['ci95_bootstrap'][0]:+.4f}, "
@@ -374,6 +374,11 @@ def _milestone_evals(table: Table) -> list[str]:
 
 
 MODE_NAMES = ("coarse_only", "coarse_fine", "autoregressive")
+
+
+def _eval_steps(run: Run) -> list[dict[str, Any]]:
+    """The per-checkpoint entries of a run's eval/eval.json (none without one)."""
+    return (run.eval_result or {}).get("steps") or []
 
 
 def _cell_table(comparison: dict[str, Any]) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -13,6 +13,35 @@ from fvlm.analysis.table import Run
 from fvlm.eval.stats import N_BOOT
 
 USABLE_STATUS = ("completed", "unknown", "interrupted")
+
+
+class BootstrapSummary(TypedDict):
+    """How a fit's intervals were drawn (fits.bootstrap's record without its intervals)."""
+
+    unit: str
+    n_resamples: int
+    note: str
+
+
+class PerSizeFit(fits.DataScalingFit):
+    """One model size's L(D) fit in scaling_fits.json's `per_size_fits`: the fit, then its runs,
+    intervals and plateau."""
+
+    N: float | None
+    runs: list[str]
+    n_runs: int
+    D_range: list[float]
+    ci95: dict[str, list[float] | None]
+    bootstrap: BootstrapSummary
+    eval_noise: float
+    D_plateau: float | None
+    form: str
+
+
+def _params(run: Run) -> float:
+    """The parameter count of a run from those already filtered to runs that have one."""
+    assert run.params is not None, f"{run.run_id}: no parameter count (callers keep only runs with one)"
+    return run.params
 
 
 def _points(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -27,7 +56,7 @@ def _points(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 # The bootstrap refits: module-level, so that `fits.refits_in_processes` can send them to its processes.
-def _data_scaling_refit(d: np.ndarray, loss: np.ndarray, idx: np.ndarray) -> dict[str, Any]:
+def _data_scaling_refit(d: np.ndarray, loss: np.ndarray, idx: np.ndarray) -> fits.DataScalingFit:
     return fits.fit_data_scaling(d[idx], loss[idx])
 
 
@@ -40,8 +69,8 @@ def _huber_refit(data: fits.JointData, start: np.ndarray, idx: np.ndarray) -> di
     return fits.fit_joint_huber(data.take(idx), n_starts=0, extra_starts=[start])
 
 
-def per_size(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any]:
-    out = {}
+def per_size(runs: list[Run], n_boot: int, seed: int) -> dict[str, PerSizeFit]:
+    out: dict[str, PerSizeFit] = {}
     sizes = sorted({r.model_size for r in runs}, key=lambda s: min(r.params or 0 for r in runs if r.model_size == s))
     for size in sizes:
         group = [r for r in runs if r.model_size == size]
@@ -52,22 +81,22 @@ def per_size(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any]:
         boot = fits.bootstrap(run_idx, partial(_data_scaling_refit, d, loss), ["E", "a", "b"], n_boot, seed)
         noises = np.array([ablations.run_noise(r) for r in group])
         noise = float(np.median(noises[np.isfinite(noises)])) if np.isfinite(noises).any() else math.nan
-        fit.update(
-            N=float(group[0].params) if group[0].params else None,
-            runs=[r.run_id for r in group],
-            n_runs=len(group),
-            D_range=[float(d.min()), float(d.max())],
-            ci95=boot["ci95"],
-            bootstrap={"unit": boot["unit"], "n_resamples": boot["n_resamples"], "note": boot["note"]},
-            eval_noise=noise,
-            D_plateau=plateau_samples(fit, noise) if fit["identified"] else None,
-            form="L(D) = E + a / D^b, D = samples seen",
-        )
-        out[size] = fit
+        out[size] = {
+            **fit,
+            "N": float(group[0].params) if group[0].params else None,
+            "runs": [r.run_id for r in group],
+            "n_runs": len(group),
+            "D_range": [float(d.min()), float(d.max())],
+            "ci95": boot["ci95"],
+            "bootstrap": {"unit": boot["unit"], "n_resamples": boot["n_resamples"], "note": boot["note"]},
+            "eval_noise": noise,
+            "D_plateau": plateau_samples(fit, noise) if fit["identified"] else None,
+            "form": "L(D) = E + a / D^b, D = samples seen",
+        }
     return out
 
 
-def plateau_samples(fit: dict[str, Any], noise: float) -> float | None:
+def plateau_samples(fit: fits.DataScalingParams, noise: float) -> float | None:
     """Samples beyond which doubling D gains less than the eval noise, by the fitted law:
     a/D^b (1 - 2^-b) = noise."""
     if not (math.isfinite(noise) and noise > 0 and fit["a"] > 0 and fit["b"] > 0):
@@ -81,8 +110,8 @@ def joint(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any] | None:
     if len(usable) < 1:
         return None
     d, loss, run_idx = _points(usable)
-    n = np.array([usable[i].params for i in run_idx], float)
-    labels = sorted({r.model_size for r in usable}, key=lambda s: min(r.params for r in usable if r.model_size == s))
+    n = np.array([_params(usable[i]) for i in run_idx], float)
+    labels = sorted({r.model_size for r in usable}, key=lambda s: min(_params(r) for r in usable if r.model_size == s))
     size_idx = np.array([labels.index(usable[i].model_size) for i in run_idx])
     data = fits.JointData(n, d, loss, size_idx, run_idx, labels)
     if len(loss) < 5:
@@ -96,7 +125,7 @@ def joint(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any] | None:
     least_squares.update(ci95=ls_boot["ci95"])
     huber.update(ci95=hub_boot["ci95"])
     identifiable = data.n_sizes >= 3
-    record = {
+    record: dict[str, Any] = {
         key: huber[key]
         for key in ("E", "A", "B", "alpha", "beta", "E_by_size", "rmse", "identified", "not_identified_because")
     }
@@ -120,8 +149,8 @@ def joint(runs: list[Run], n_boot: int, seed: int) -> dict[str, Any] | None:
     return record
 
 
-def iso_flop_entries(runs: list[Run]) -> list[dict[str, Any]]:
-    entries = []
+def iso_flop_entries(runs: list[Run]) -> list[fits.IsoFlopEntry]:
+    entries: list[fits.IsoFlopEntry] = []
     for run in runs:
         if not run.flops_per_sample or run.status not in USABLE_STATUS or not run.params:
             continue

@@ -14,12 +14,15 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fvlm import run_folder as rf
 from fvlm.errors import UsageError, read_json, read_text, read_yaml
+
+if TYPE_CHECKING:  # noise imports this module's Table at run time: only the type is needed here
+    from fvlm.analysis.noise import NoiseModel
 
 # The export format (docs/scaling_data_export.md).
 EVAL_POINT_COLUMNS = (
@@ -103,7 +106,7 @@ class Table:
     notes: list[str] = field(default_factory=list)
     # The training-noise model of these runs' seed replicates (fvlm.analysis.noise.from_table), made
     # on first use.
-    noise_model: Any = field(default=None, repr=False, compare=False)
+    noise_model: NoiseModel | None = field(default=None, repr=False, compare=False)
 
     def add(self, run: Run) -> None:
         if run.run_id in self.runs:
@@ -115,12 +118,16 @@ class Table:
             return list(self.runs.values())
         return [r for r in self.runs.values() if any(fnmatch.fnmatchcase(r.run_id, g) for g in globs)]
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[dict[str, str | float]]:
         """The eval points as one flat list of records (one per run and eval), in export columns."""
         out = []
         for run in self.runs.values():
             for i in range(run.n_points):
-                row = {"model_size": run.model_size, "run_id": run.run_id, "lr_schedule": run.lr_schedule}
+                row: dict[str, str | float] = {
+                    "model_size": run.model_size,
+                    "run_id": run.run_id,
+                    "lr_schedule": run.lr_schedule,
+                }
                 for name in EVAL_POINT_COLUMNS[3:]:
                     row[name] = float(run.col(name)[i])
                 out.append(row)
@@ -146,7 +153,7 @@ def size_label(params: float) -> str:
     return f"{params / 1e6:.3g}M"
 
 
-def _number(text: str, path: Path, column: str, row: int) -> float:
+def _number(text: str | None, path: Path, column: str, row: int) -> float:
     if text is None or text.strip() == "":
         return math.nan
     try:
@@ -313,7 +320,8 @@ def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> Non
     # LLM and DINO are the same size even though their connectors differ.
     by_group = (raw or {}).get("params", {}).get("by_group") or {}
     backbone_params = (by_group.get("llm", 0) + by_group.get("dino", 0)) or params
-    size = size_label(named_params or backbone_params) if (named_params or backbone_params) else "unknown"
+    size_params = named_params or backbone_params
+    size = size_label(size_params) if size_params else "unknown"
     status = (raw or {}).get("status") or sweep_status or "unknown"
     if raw is None:
         table.notes.append(f"{summary_path} is absent: run '{run_id}' treated as unfinished ({status})")
@@ -408,8 +416,8 @@ def load(paths: list[str]) -> Table:
         if kind:
             readers[kind](folder, table)
             continue
-        children = [(c, _kind(c)) for c in sorted(folder.iterdir()) if c.is_dir()]
-        children = [(c, k) for c, k in children if k]
+        kinds = [(c, _kind(c)) for c in sorted(folder.iterdir()) if c.is_dir()]
+        children = [(c, k) for c, k in kinds if k]
         if not children:
             raise UsageError(
                 f"{folder}: not a run, sweep or export folder (no {rf.METRICS}, {rf.SWEEP_CSV} or all_eval_points.csv in it or its sub-folders)"

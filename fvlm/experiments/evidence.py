@@ -28,16 +28,22 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fvlm import run_folder as rf
 from fvlm.errors import UsageError
 from fvlm.eval.stats import N_BOOT, paired_difference
+
+if TYPE_CHECKING:  # torch and transformers are imported only when a run is measured
+    from transformers import PreTrainedTokenizerBase
+
+    from fvlm.config import RunConfig
+    from fvlm.model.vlm import VLMBase
 
 EVIDENCE_FILE = "evidence.json"
 # Bumped whenever what is measured changes, so that an older evidence.json is not reused.
@@ -90,7 +96,7 @@ class EvidenceSettings:
 # ----------------------------------------------------------------------------- statistics
 
 
-def verdict(interval) -> str:
+def verdict(interval: Sequence[float | None]) -> str:
     """'yes' when the whole interval is above 0 (the first one is better), 'no' when it is below 0
     (the second one is better), 'not distinguishable' when it holds 0 (or was not measured)."""
     lo, hi = interval
@@ -194,11 +200,11 @@ def targets(
 # ----------------------------------------------------------------------------- one run
 
 
-def _rounded(values, digits: int = 6) -> list:
+def _rounded(values: Iterable[float], digits: int = 6) -> list[float]:
     return [round(float(v), digits) for v in values]
 
 
-def _pixel_rows(per_sample: dict, settings: EvidenceSettings) -> dict[str, Any]:
+def _pixel_rows(per_sample: dict[str, Any], settings: EvidenceSettings) -> dict[str, Any]:
     """Per mode: the token-weighted answer loss with real and grey frames (as `fvlm eval` reports
     them) and the standard error of the gain from the per-sample differences."""
     from fvlm.eval.evaluate import summarise_losses
@@ -247,7 +253,9 @@ def run_reads(entry: dict[str, Any], mode: str) -> bool:
     return reads(entry["pixel"][mode], _bench_row(entry, mode))
 
 
-def _attention(model, cfg, tokenizer, settings: EvidenceSettings, step) -> dict[str, Any]:
+def _attention(
+    model: VLMBase, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, settings: EvidenceSettings, step: int | None
+) -> dict[str, Any]:
     """Per frame index t, over the probe videos: the mean share of the fine (autoregressive) and the
     static (coarse) query's patch attention on the mover's patches, and the mover's share of the
     patches (= what uniform attention would put on it)."""
@@ -277,7 +285,7 @@ def _attention(model, cfg, tokenizer, settings: EvidenceSettings, step) -> dict[
                 if which == "coarse":  # the static query sees every frame: one area per (video, frame)
                     cell["uniform"].append(area)
 
-    def mean(values):
+    def mean(values: list[float]) -> float | None:
         return float(np.mean(values)) if values else None
 
     frames = [
@@ -744,7 +752,17 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _evaluate_all(todo: list[Target], settings: EvidenceSettings, jobs: int, log: Callable[[str], None], evaluate=None):
+# What measures one run: evaluate_run, or a stand-in in tests.
+Evaluate = Callable[[Target, EvidenceSettings, Callable[[str], None]], dict[str, Any]]
+
+
+def _evaluate_all(
+    todo: list[Target],
+    settings: EvidenceSettings,
+    jobs: int,
+    log: Callable[[str], None],
+    evaluate: Evaluate | None = None,
+) -> Iterator[tuple[Target, dict[str, Any]]]:
     """(target, measurements or failure record) for each target, in `todo`'s order. One run's failure
     is recorded; the others and the report go on. With jobs > 1 at most `jobs` runs are in flight:
     a worker process that dies (killed, out of memory) fails the runs in flight beside it (the pool
@@ -854,7 +872,7 @@ def collect_evidence(
     grid = [t.run_id for t in chosen if t.group == "grid"]
     model = training.add_evidence(training.NoiseModel(), runs)
     pairs = comparisons(runs, grid, settings, model)
-    evidence = {
+    evidence: dict[str, Any] = {
         "version": VERSION,
         "settings": asdict(settings),
         "runs": runs,
@@ -879,13 +897,13 @@ def collect_evidence(
 # ----------------------------------------------------------------------------- report
 
 
-def _num(value, digits: int = 4, sign: bool = False) -> str:
+def _num(value: float | None, digits: int = 4, sign: bool = False) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
-def _ci(interval, digits: int = 4, sign: bool = False) -> str:
+def _ci(interval: Sequence[float | None] | None, digits: int = 4, sign: bool = False) -> str:
     if not interval:
         return "n/a"
     return f"[{_num(interval[0], digits, sign)}, {_num(interval[1], digits, sign)}]"
