@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "fvlm.experiments.cli",
     "fvlm.eval.cli",
     "fvlm.analysis.cli",
+    "fvlm.export.cli",
 )
 
 
