@@ -27,7 +27,7 @@ from torch import nn
 from fvlm import run_folder as rf
 from fvlm.errors import UsageError
 from fvlm.export.remote import configuration_fvlm, modeling_fvlm
-from fvlm.model.vlm import FoveatedVLM, MultiTokenVLM
+from fvlm.model.vlm import Batch, FoveatedVLM, MultiTokenVLM
 
 # The two architectures fvlm builds (`fvlm.model.build.assemble`).
 VLM = FoveatedVLM | MultiTokenVLM
@@ -136,7 +136,7 @@ def preprocessor_config(image_size: int) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- checks
 
 
-def probe_batch(model: VLM, tokenizer: Any, frames: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+def probe_batch(model: VLM, tokenizer: Any, frames: int = 3, seed: int = 0) -> Batch:
     """Two samples: random frames (the second with its last frame padded) and two prompts of different
     lengths (the shorter padded on the right, as fvlm's batches are)."""
     generator = torch.Generator().manual_seed(seed)
@@ -162,7 +162,7 @@ def _chat_ids(tokenizer: Any, prompt: str) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def hf_inputs(batch: dict[str, torch.Tensor], per_frame: int, frame_token_id: int) -> dict[str, torch.Tensor]:
+def hf_inputs(batch: Batch, per_frame: int, frame_token_id: int) -> dict[str, torch.Tensor]:
     """An fvlm batch in the exported model's layout: frame slots (one per visual token) before the text."""
     slots = batch["frame_mask"].long().repeat_interleave(per_frame, dim=1)
     return {
@@ -173,7 +173,7 @@ def hf_inputs(batch: dict[str, torch.Tensor], per_frame: int, frame_token_id: in
 
 
 @torch.no_grad()
-def fvlm_logits(model: VLM, batch: dict[str, torch.Tensor], mode: str) -> torch.Tensor:
+def fvlm_logits(model: VLM, batch: Batch, mode: str) -> torch.Tensor:
     """fvlm's own logits over [visual block + text] in a mode: what the exported model must reproduce."""
     visual, visual_mask = model.visual_tokens(batch, mode)
     embeds = torch.cat([visual, model.embed_text(batch["input_ids"])], dim=1)
@@ -182,7 +182,7 @@ def fvlm_logits(model: VLM, batch: dict[str, torch.Tensor], mode: str) -> torch.
 
 
 @torch.no_grad()
-def max_logit_difference(model: VLM, hf: Any, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+def max_logit_difference(model: VLM, hf: Any, batch: Batch) -> dict[str, float]:
     """Per mode, the largest |fvlm logit - exported logit| over the attended positions of the batch."""
     config = hf.config
     inputs = hf_inputs(batch, config.tokens_per_frame, config.frame_token_id)
