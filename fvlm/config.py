@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from fvlm.errors import UsageError
+from fvlm.errors import LimitError, UsageError, parse_yaml, read_yaml, yaml_problem
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -276,9 +276,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             raise UsageError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except LimitError as exc:
+            raise UsageError(f"override '{key.strip()}': {yaml_problem(exc)}") from None
         pairs.append((key.strip(), value))
     return pairs
 
@@ -326,11 +328,7 @@ def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dic
     if path.resolve() in seen:
         raise UsageError(f"{path}: 'base:' chain loops back on itself")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); config files are UTF-8 YAML") from None
+        data = read_yaml(path) or {}
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
     if not isinstance(data, dict):

@@ -8,22 +8,26 @@ The tar reader is our own (about 60 lines) rather than `tarfile`, because it mus
 after a header with a bad checksum it re-synchronises on the next valid header, and a member whose
 data runs past the end of the file is reported as truncated instead of ending the scan.
 Samples that are broken in a way the headers and JSON already reveal (invalid JSON, missing or
-mismatched frames, empty answer, truncated member) are left out of the index and recorded as
-skips; damage that only decoding reveals is caught by the loader.
+mismatched frames, empty answer, truncated member, JSON nested or sized past the limits of
+fvlm.errors) are left out of the index and recorded as skips; damage that only decoding reveals
+is caught by the loader.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fvlm.errors import LimitError, parse_json
+
 BLOCK = 512
 KINDS = ("video", "image", "text")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# A sample's JSON is a few hundred bytes of dialogue; one past this size is skipped unread.
+MAX_SAMPLE_JSON_BYTES = 1 << 20
 _FRAME_EXT = re.compile(r"^(\d+)\.(jpg|jpeg|png|webp)$")
 
 
@@ -237,11 +241,15 @@ def _validate(read_at, path, key, members, problems, skips):
     if "json" not in exts:
         return skip("missing_json")
     meta_member = members[exts.index("json")]
+    if meta_member.size > MAX_SAMPLE_JSON_BYTES:
+        return skip("json_too_large")  # not even read: its size comes from the header
     try:
-        meta = json.loads(read_at(meta_member.data_offset, meta_member.size))
+        meta = parse_json(read_at(meta_member.data_offset, meta_member.size))
         if not isinstance(meta, dict):
             raise ValueError
-    except (ValueError, UnicodeDecodeError):
+    except LimitError:
+        return skip("json_too_deep")
+    except ValueError:  # also UnicodeDecodeError
         return skip("invalid_json")
     if not isinstance(meta.get("assistant"), str) or not isinstance(meta.get("user", ""), str):
         return skip("invalid_json")

@@ -14,10 +14,8 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-import yaml
-
 from fvlm.data.index import SourceSpec
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_yaml
 
 _GLOB_CHARS = set("*?[")
 
@@ -41,9 +39,9 @@ def _shards_of(item: str, base: Path | None, what: str) -> list[str]:
 
 def _read_mix(path: Path, what: str) -> list[SourceSpec]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{what}: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = read_yaml(path)
+    except UsageError as exc:
+        raise UsageError(f"{what}: {exc}") from None
     entries = data.get("sources") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not entries:
         raise UsageError(f"{what}: mix file {path} needs a 'sources:' mapping of name -> {{path, weight}}")

@@ -141,16 +141,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def read_locked(path: Path) -> dict[str, Any]:
-    from fvlm.errors import UsageError
+    from fvlm.errors import UsageError, read_json
 
     if path.is_dir():
         path = path / "locked_config.json"
     if not path.is_file():
         raise UsageError(f"--winner {path}: file not found (an ablation sweep writes locked_config.json)")
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--winner {path}: not valid JSON ({exc.msg})") from None
-    if not isinstance(record.get("overrides"), dict):
+        record = read_json(path)
+    except UsageError as exc:
+        raise UsageError(f"--winner {exc}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("overrides"), dict):
         raise UsageError(f"--winner {path}: missing field 'overrides'")
     return record

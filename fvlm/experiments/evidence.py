@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from fvlm import run_folder as rf
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, parse_json
 from fvlm.eval.stats import N_BOOT, paired_difference
 
 EVIDENCE_FILE = "evidence.json"
@@ -717,7 +717,9 @@ def collect_evidence(
     previous: dict[str, Any] = {}
     if path.is_file():
         try:
-            previous = json.loads(path.read_text())
+            previous = parse_json(path.read_bytes())
+            if not isinstance(previous, dict):
+                raise ValueError
         except (OSError, ValueError):
             previous = {}
     same_settings = previous.get("version") == VERSION and previous.get("settings") == asdict(settings)

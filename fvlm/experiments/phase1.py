@@ -27,7 +27,7 @@ from typing import Any
 
 from fvlm import run_folder as rf
 from fvlm.analysis.cli import analyze
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_json
 from fvlm.experiments import decide, matrix, runner
 from fvlm.experiments.estimate import estimate, fmt_seconds
 from fvlm.experiments.evidence import (
@@ -429,7 +429,7 @@ def write_report(
         reading=grid["reads_pixels"] if grid is not None else None,
         jobs=jobs,
     )
-    decisions = json.loads((tmp / "decisions.json").read_text())
+    decisions = read_json(tmp / "decisions.json")
     decisions["locked_config"] = locked
     if evidence is not None:
         decisions["foveation_evidence"] = decisions_summary(evidence)

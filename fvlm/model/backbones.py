@@ -10,10 +10,9 @@ Nothing is ever downloaded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_json
 
 SHAPES_DIR = Path(__file__).parent / "shapes"
 _ALIASES = {("llm", "tiny"): "tiny-llm", ("dino", "tiny"): "tiny-dino"}
@@ -49,7 +48,7 @@ def backbone_config(spec: str, kind: str):
 
     shape = _shape_file(spec, kind)
     if shape is not None:
-        data = json.loads(shape.read_text())
+        data = read_json(shape)
         model_type = data.pop("model_type")
         return AutoConfig.for_model(model_type, **data)
     path = Path(spec).expanduser()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fvlm.config import ModelConfig
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_json
 from fvlm.model.backbones import load_backbone, load_tokenizer
 from fvlm.model.vlm import FoveatedVLM, MultiTokenVLM, VLMBase
 from fvlm.run_folder import MODEL_CONFIG, MODEL_FILE
@@ -108,8 +108,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     for name in (MODEL_FILE, MODEL_CONFIG):
         if not (folder / name).is_file():
             raise UsageError(f"{folder}: not a saved fvlm model (missing {name})")
+    meta = read_json(folder / MODEL_CONFIG)
     try:
-        meta = json.loads((folder / MODEL_CONFIG).read_text())
         cfg = ModelConfig(**meta["model"])
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(

@@ -16,7 +16,6 @@ inside it, and a folder without it is never read.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_json
 from fvlm.model.build import save_model
 from fvlm.run_folder import (
     META,
@@ -195,7 +194,7 @@ def load_checkpoint(folder: Path, dist: Dist, *, model, optimizer) -> tuple[dict
     optimizer.load_state_dict(load_data(folder / OPTIMIZER))
     trainer_state = load_data(folder / TRAINER)
     rank_state = load_data(own_rank)
-    meta = json.loads((folder / META).read_text())
+    meta = read_json(folder / META)
     return trainer_state, rank_state, meta
 
 
