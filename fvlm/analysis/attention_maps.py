@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fvlm import atomic
 from fvlm.errors import UsageError
 
 
@@ -160,7 +161,7 @@ def render_video(
     fig.suptitle(f"{record.keys[video]} @ step {record.step}: {which}; {scale}", fontsize=10)
     fig.tight_layout()
     out_png = Path(out_png)
-    fig.savefig(out_png, dpi=130)
+    atomic.save_figure(fig, out_png, dpi=130)
     plt.close(fig)
 
     if gif_path is not None:
@@ -173,5 +174,6 @@ def render_video(
                 for name, _ in passes
             ]
             images.append(Image.fromarray((np.concatenate(tiles, axis=1) * 255).astype(np.uint8)))
-        images[0].save(gif_path, save_all=True, append_images=images[1:], duration=500, loop=0)
+        with atomic.replacing(gif_path, "wb") as handle:
+            images[0].save(handle, format="GIF", save_all=True, append_images=images[1:], duration=500, loop=0)
     return out_png

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fvlm import atomic
 from fvlm.errors import UsageError
 from fvlm.eval.stats import N_BOOT
 
@@ -86,7 +87,6 @@ def analyze(
     jobs: int = 1,
 ) -> dict[str, Any]:
     import csv
-    import json
     import math
 
     from fvlm.analysis import ablations, compare, figures, report, scaling, table
@@ -109,9 +109,9 @@ def analyze(
     drawn = figures.draw_all(ctx)
 
     table.write_export_csvs(data, out)
-    (out / "scaling_fits.json").write_text(json.dumps(_jsonable(fits), indent=2) + "\n")
+    atomic.write_json(out / "scaling_fits.json", _jsonable(fits), indent=2)
 
-    with (out / "ablation_table.csv").open("w", newline="") as handle:
+    with atomic.replacing(out / "ablation_table.csv", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=ablations.ABLATION_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for row in ablations.table_rows(answers):
@@ -144,7 +144,7 @@ def analyze(
         "decision3": decision3(fit_runs, fits, schedule or ScheduleInputs(), [Path(p) for p in paths]),
         "foveated_vs_baseline": compare.without_draws(comparison),
     }
-    (out / "decisions.json").write_text(json.dumps(_jsonable(decisions), indent=2) + "\n")
+    atomic.write_json(out / "decisions.json", _jsonable(decisions), indent=2)
     report.write_report(
         out / "report.md",
         data,

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fvlm import atomic
 from fvlm.analysis import ablations
 from fvlm.analysis.attention_maps import load_attention, render_video
 from fvlm.analysis.fits import budget_label, predict_data_scaling, predict_joint
@@ -58,7 +59,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path)
+    atomic.save_figure(fig, path)
     _plt().close(fig)
     return path
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fvlm import atomic
 from fvlm import run_folder as rf
 from fvlm.errors import UsageError, read_json, read_text, read_yaml
 
@@ -270,12 +271,12 @@ def _format_cell(value: Any) -> str:
 
 def write_export_csvs(table: Table, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "all_eval_points.csv").open("w", newline="") as handle:
+    with atomic.replacing(folder / "all_eval_points.csv", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(EVAL_POINT_COLUMNS)
         for row in table.rows():
             writer.writerow([_format_cell(row[c]) for c in EVAL_POINT_COLUMNS])
-    with (folder / "run_summaries.csv").open("w", newline="") as handle:
+    with atomic.replacing(folder / "run_summaries.csv", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(RUN_SUMMARY_COLUMNS)
         for run in table.runs.values():

@@ -7,7 +7,6 @@ describes the latest one at its top level and lists every checkpoint's entry und
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fvlm import atomic
 from fvlm import run_folder as rf
 from fvlm.config import config_from_dict, load_config, parse_overrides
 from fvlm.data.loader import build_loader, split_path
@@ -399,8 +399,8 @@ def write_results(entries: list[dict], out: Path) -> Path:
     if len(entries) > 1:
         result["steps"] = entries
         result["checkpoint_differences"] = [paired.checkpoint_differences(entries[-1], e) for e in entries[:-1]]
-    (out / rf.EVAL_JSON).write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
-    (out / rf.EVAL_MD).write_text("# Evaluation\n\n" + "\n".join(format_entry(e) for e in entries))
+    atomic.write_json(out / rf.EVAL_JSON, result, indent=1, allow_nan=True)
+    atomic.write_text(out / rf.EVAL_MD, "# Evaluation\n\n" + "\n".join(format_entry(e) for e in entries))
     return out / rf.EVAL_JSON
 
 

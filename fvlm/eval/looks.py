@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fvlm import atomic
 from fvlm.analysis.attention_maps import AttentionRecord, patch_map, render_video
 from fvlm.data.loader import boxes_array
 from fvlm.errors import UsageError
@@ -143,5 +144,6 @@ def save_npz(record: AttentionRecord, path: Path) -> Path:
         arrays["fine_attn"] = record.fine.astype(np.float32)
     if record.mover_boxes is not None:
         arrays["mover_boxes"] = record.mover_boxes.astype(np.float32)
-    np.savez_compressed(path, **arrays)
+    with atomic.replacing(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
     return path

@@ -14,11 +14,11 @@ the grid trains the foveated model as designed and B1's architecture as its base
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from fvlm import atomic
 from fvlm.analysis import ablations
 from fvlm.analysis.table import Table, load
 from fvlm.experiments.matrix import RunSpec
@@ -126,7 +126,7 @@ def lock(folder: Path, specs: list[RunSpec], skipped: dict[str, str] | None = No
         "skipped_runs": skipped or {},
         "reported_not_adopted": ["deep_query (A1)", "two_pass (A6)", "efficiency (B1)"],
     }
-    (folder / "locked_config.json").write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+    atomic.write_json(folder / "locked_config.json", _jsonable(record), indent=2)
     return record
 
 

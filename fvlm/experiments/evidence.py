@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from fvlm import atomic
 from fvlm import run_folder as rf
 from fvlm.errors import UsageError, parse_json
 from fvlm.eval.stats import N_BOOT, paired_difference
@@ -615,9 +615,7 @@ def _dumps(value: Any, level: int = 0) -> str:
 
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     """Written beside and renamed over: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(_dumps(data) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, _dumps(data) + "\n")
 
 
 def _failed(run_id: str, exc: BaseException, log: Callable[[str], None]) -> dict[str, Any]:

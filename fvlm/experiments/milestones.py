@@ -15,12 +15,12 @@ the evaluation as missing.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fvlm import atomic
 from fvlm import run_folder as rf
 from fvlm.errors import parse_json
 
@@ -83,9 +83,7 @@ def evaluate_sources(
         "tokens": arrays["tokens"].tolist(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(out)
+    atomic.write_json(out, record)
     log(f"[sources] {cfg.run_id} step {ckpt.step}: per-sample val loss ({mode}) -> {out}")
     return out
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from fvlm import atomic
 from fvlm.config import ModelConfig
 from fvlm.errors import UsageError, read_json
 from fvlm.model.backbones import load_backbone, load_tokenizer
@@ -88,7 +89,7 @@ def save_model(model: VLMBase, folder: str | Path, tokenizer=None) -> Path:
         "llm_config": model.llm.config.to_dict(),
         "dino_config": model.encoder.dino.config.to_dict(),
     }
-    (folder / MODEL_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
+    atomic.write_text(folder / MODEL_CONFIG, json.dumps(meta, indent=1, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
     return folder

@@ -16,12 +16,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
-import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fvlm import atomic
 from fvlm.errors import UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -158,7 +158,7 @@ def import_llm(src: str, out: str, dtype: str = "auto") -> dict:
                 f"{source.label}: the written folder's logits differ from the source's by {difference:.3g}"
             )
         report["max_logit_difference"] = difference
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        atomic.write_json(tmp / PROVENANCE_FILE, report, indent=1)
         if out_path.exists():
             out_path.rmdir()
         tmp.rename(out_path)

@@ -45,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fvlm import atomic
+
 # Seed-stream tags: the generator's splits use [seed, sum(ord(split name))] (< 1,000), so these
 # streams never meet train, val, probe or bench.
 _DINO_STREAM, _PROBE_STREAM, _TEXT_STREAM = 1_000_003, 1_000_033, 1_000_037
@@ -660,7 +662,7 @@ def make_tiny_backbones(out_dir, recipe: Recipe | None = None, log=print, worker
         "llms": llms,
         "seconds": round(time.perf_counter() - began, 1),
     }
-    (out / "backbones.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic.write_json(out / "backbones.json", report, indent=2)
     log(f"  backbones made in {report['seconds']:.0f} s")
     return report
 
