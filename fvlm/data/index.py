@@ -9,8 +9,8 @@ after a header with a bad checksum it re-synchronises on the next valid header, 
 data runs past the end of the file is reported as truncated instead of ending the scan.
 Samples that are broken in a way the headers and JSON already reveal (invalid JSON, missing or
 mismatched frames, empty answer, truncated member, JSON nested or sized past the limits of
-fvlm.errors) are left out of the index and recorded as skips; damage that only decoding reveals
-is caught by the loader.
+fvlm.errors, a video or image sample without frames) are left out of the index and recorded as
+skips; damage that only decoding reveals is caught by the loader.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fvlm.errors import LimitError, parse_json
 BLOCK = 512
 KINDS = ("video", "image", "text")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VISUAL_KINDS = ("video", "image")
 # A sample's JSON is a few hundred bytes of dialogue; one past this size is skipped unread.
 MAX_SAMPLE_JSON_BYTES = 1 << 20
 _FRAME_EXT = re.compile(r"^(\d+)\.(jpg|jpeg|png|webp)$")
@@ -213,7 +214,7 @@ def _scan_shard(path: str, source: str, sources: list[str], rows: list, skips: l
             # shard is listed, so say why it gave nothing.
             skips.append(Skip(path, "@0", "empty_shard"))
         for key, members, problems in groups:
-            row = _validate(read_at, path, key, members, problems, skips)
+            row = _validate(read_at, path, key, members, problems, skips, source)
             if row is None:
                 continue
             meta_source, kind, count = row
@@ -231,7 +232,7 @@ def _scan_shard(path: str, source: str, sources: list[str], rows: list, skips: l
             )
 
 
-def _validate(read_at, path, key, members, problems, skips):
+def _validate(read_at, path, key, members, problems, skips, source=""):
     def skip(reason):
         skips.append(Skip(path, key, reason))
 
@@ -262,6 +263,11 @@ def _validate(read_at, path, key, members, problems, skips):
     if kind == "text" and isinstance(declared, int) and declared > 0:
         # It says it has frames and none came with it: trained on, it would teach the answer from text alone.
         return skip("frames_missing")
+    named = source or meta.get("source")
+    if kind == "text" and named in VISUAL_KINDS:
+        # A "video" or "image" with no frame at all (frame_count 0, or none given) is no text sample
+        # either: its answer is about pictures it does not have.
+        return skip(f"{named}_without_frames")
     if kind == "video" and "mp4" not in exts and declared is not None and declared != count:
         return skip("frame_count_mismatch")
     return str(meta.get("source") or kind), kind, count
