@@ -17,6 +17,8 @@ the patch attention mass (1 - CLS share). `renormalise=True` divides by that mas
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,21 @@ def load_attention(path: Path | str) -> AttentionRecord:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: file not found")
+    try:
+        return _read_npz(path)
+    except UsageError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        # A pickle (refused: allow_pickle=False), a file that is not a zip, a member cut short.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UsageError(f"{path}: not a readable attention .npz ({reason})") from None
+
+
+def _read_npz(path: Path) -> AttentionRecord:
+    with path.open("rb") as handle:
+        magic = handle.read(2)
+    if magic != b"PK":  # np.load would take any other file for a pickle or a bare .npy
+        raise UsageError(f"{path}: not a readable attention .npz (not a zip archive)")
     with np.load(path, allow_pickle=False) as data:
         for key in ("coarse_attn", "frames", "frame_mask", "grid", "keys", "step"):
             if key not in data:

@@ -13,7 +13,7 @@ import torch
 from fvlm import atomic
 from fvlm.config import ModelConfig
 from fvlm.errors import UsageError, read_json
-from fvlm.model.backbones import load_backbone, load_tokenizer
+from fvlm.model.backbones import load_backbone, load_tokenizer, tokenizer_from_folder
 from fvlm.model.vlm import FoveatedVLM, MultiTokenVLM, VLMBase
 from fvlm.run_folder import MODEL_CONFIG, MODEL_FILE
 
@@ -101,7 +101,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
-        AutoTokenizer,
         Dinov2Model,
     )
 
@@ -137,5 +136,5 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
         ) from None
     tokenizer = None
     if (folder / TOKENIZER_DIR).is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+        tokenizer = tokenizer_from_folder(str(folder / TOKENIZER_DIR), str(folder))
     return model.to(device), tokenizer
