@@ -192,3 +192,26 @@ def read_yaml(path) -> Any:
         return parse_yaml(read_text(path))
     except (yaml.YAMLError, LimitError) as exc:
         raise UsageError(f"{path}: {yaml_problem(exc)}") from None
+
+
+def not_empty(args: Any, *names: str) -> None:
+    """Refuses a string argument given as empty (`--out ''`): it would silently mean the current
+    folder, or nothing. Arguments left out (None) are fine. `names` are argparse dests of options
+    ("out" for --out), or positional arguments in capitals ("OUT" for the dest "out")."""
+    for name in names:
+        value = getattr(args, name.lower(), None)
+        if isinstance(value, str) and not value.strip():
+            label = name if name.isupper() else f"--{name.replace('_', '-')}"
+            raise UsageError(f"{label} must not be empty")
+
+
+def check_folder_path(path: str | Path, what: str) -> Path:
+    """`path` as a folder to write into, made or not: refused when it, or the nearest part of it that
+    exists, is a file (writing would fail later, naming some path inside it)."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise UsageError(f"{what} {path}: {part} exists and is not a folder")
+            break
+    return path

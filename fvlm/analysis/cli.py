@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fvlm import atomic
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, check_folder_path, not_empty
 from fvlm.eval.stats import N_BOOT
 
 
@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
-        "--fit-runs", default="", help="comma-separated run-id globs used for the scaling fits (default: every run)"
+        "--fit-runs", help="comma-separated run-id globs used for the scaling fits (default: every run)"
     )
     parser.add_argument(
         "--bootstrap",
@@ -56,7 +56,17 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise UsageError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     if args.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
-    globs = [g.strip() for g in args.fit_runs.split(",") if g.strip()]
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    not_empty(args, "out")
+    check_folder_path(args.out, "--out")
+    if any(not p.strip() for p in args.paths):
+        raise UsageError("PATH must not be empty")
+    globs = []
+    if args.fit_runs is not None:
+        globs = [g.strip() for g in args.fit_runs.split(",") if g.strip()]
+        if not globs:
+            raise UsageError("--fit-runs: no run-id glob given (leave --fit-runs out to fit every run)")
     from fvlm.experiments.schedule import parse_inputs
 
     schedule = parse_inputs(args.schedule)

@@ -429,6 +429,8 @@ def evaluate_run(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = list(overrides or [])
     checkpoints = find_checkpoints(target, all_checkpoints)
+    if attention and layer is not None:
+        check_layer(checkpoints[-1].folder, layer)
     first = checkpoints[0]
     out = Path(out) if out else rf.eval_dir(first.run_dir or first.folder)
     entries = [
@@ -451,6 +453,22 @@ def evaluate_run(
             checkpoints[-1], overrides, attention, out / rf.ATTENTION, device, gif=gif, layer=layer
         )
     return write_results(entries, out)
+
+
+def check_layer(folder: Path, layer: int) -> None:
+    """Refuses --layer past the query's attention layers (every DINO layer for the deep query, one
+    for the shallow), before any evaluation runs."""
+    path = folder / rf.MODEL_CONFIG
+    meta = read_json(path)
+    try:
+        deep = meta["model"].get("deep_query", True)
+        layers = int(meta["dino_config"]["num_hidden_layers"]) if deep else 1
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UsageError(f"{path}: missing field 'dino_config.num_hidden_layers'") from None
+    if not 0 <= layer < layers:
+        raise UsageError(
+            f"--layer {layer}: the model's query attends through {layers} DINO layer(s) (0 to {layers - 1})"
+        )
 
 
 def draw_probe_attention(

@@ -104,6 +104,9 @@ def mover_share(record: AttentionRecord, video: int, which: str = "fine") -> flo
 
 def draw(record: AttentionRecord, out: Path, gif: bool = False, layer: int | None = None) -> dict:
     """One PNG (and GIF) per video; returns {key: {png, coarse_on_mover, fine_on_mover, mover_area}}."""
+    layers = record.coarse.shape[2]
+    if layer is not None and not 0 <= layer < layers:
+        raise UsageError(f"--layer {layer}: the attention has {layers} layer(s) (0 to {layers - 1})")
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
     for video, key in enumerate(record.keys):

@@ -44,6 +44,8 @@ from fvlm.experiments.slurm import SlurmSettings
 from fvlm.model.backbones import shape_folder_name
 from fvlm.model.pretrain_tiny import ensure_tiny_backbones
 
+# The largest --scale: the paper preset's million samples per ablation become a billion.
+MAX_SCALE = 1000.0
 F1_NOTE = "if F1 (frozen backbones) wins the freeze question, LR2, LR3 and LR4 are skipped"
 
 
@@ -73,8 +75,8 @@ def plan(
     alike, so that C3 stays beside the ablation budget at the smallest size, as the plan places it.
     A train.max_samples override still sets the ablation budget exactly."""
     preset = get_preset(preset_name)
-    if not (math.isfinite(scale) and scale > 0):
-        raise UsageError(f"--scale must be a number > 0, got {scale:g}")
+    if not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+        raise UsageError(f"--scale must be a number > 0 and at most {MAX_SCALE:g}, got {scale:g}")
     name = f"phase1-{preset.name}"
     if scale != 1:
         preset = dataclasses.replace(
