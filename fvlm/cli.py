@@ -101,6 +101,7 @@ MEMORY_HINTS = {
     "eval": "lower --batch-size or data.max_frames (data.max_frames=N after the run folder)",
     "generate": "lower --frames",
     "flops": "lower --frames or --text-tokens",
+    "data": "lower --size, --frames or the sample counts (data synth); model.image_size or data.max_frames (data inspect)",
 }
 
 

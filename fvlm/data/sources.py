@@ -15,6 +15,7 @@ import glob
 from pathlib import Path
 
 from fvlm.data.index import SourceSpec
+from fvlm.data.synth import MANIFEST, unfinished_set_of
 from fvlm.errors import UsageError, read_yaml
 
 _GLOB_CHARS = set("*?[")
@@ -32,6 +33,13 @@ def _shards_of(item: str, base: Path | None, what: str) -> list[str]:
         found = [str(path)]
     else:
         raise UsageError(f"{what}: no such file or folder: {path}")
+    for folder in {path, *(Path(s).parent for s in found)}:
+        unfinished = unfinished_set_of(folder)
+        if unfinished is not None:
+            raise UsageError(
+                f"{what}: {unfinished} is a synthetic set that `fvlm data synth` never finished "
+                f"(no {MANIFEST}); run `fvlm data synth {unfinished}` again to start it over"
+            )
     if not found:
         raise UsageError(f"{what}: no .tar shards in {path}")
     return found
