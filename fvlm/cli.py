@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fvlm: interrupted", file=sys.stderr)
         return 130
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
+        # A path the user gave that holds a file where a folder must go, or the reverse: their input.
+        print(f"fvlm: error: {_wrong_kind_of_path(exc)}", file=sys.stderr)
+        return 2
     except OSError as exc:
         # Faults of the machine rather than of the input: a full disk, a read-only folder, no permission.
         if exc.errno not in ENVIRONMENT_ERRNOS:
@@ -98,7 +102,17 @@ MEMORY_HINTS = {
     "eval": "lower --batch-size or data.max_frames (data.max_frames=N after the run folder)",
     "generate": "lower --frames",
     "flops": "lower --frames or --text-tokens",
+    "data": "lower --size, --frames or the sample counts (data synth); model.image_size or data.max_frames (data inspect)",
 }
+
+
+def _wrong_kind_of_path(exc: OSError) -> str:
+    where = exc.filename if exc.filename is not None else "a path"
+    if isinstance(exc, FileExistsError):
+        return f"{where}: exists and is not a folder (choose a new path)"
+    if isinstance(exc, NotADirectoryError):
+        return f"{where}: not a folder (a file stands where the path needs a folder)"
+    return f"{where}: is a folder, not a file"
 
 
 def _out_of_memory(exc: BaseException) -> bool:

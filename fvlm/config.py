@@ -19,9 +19,13 @@ from typing import Any, Literal
 
 import yaml
 
-from fvlm.errors import UsageError
+from fvlm.errors import LimitError, UsageError, parse_yaml, read_yaml, yaml_problem
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# Bounds of the synthetic set's frames (data.synth_size, data.synth_frames and `fvlm data synth`'s
+# --size and --frames): past them a set no longer fits in memory while it is painted.
+SYNTH_SIZES = (16, 1024)
+SYNTH_MAX_FRAMES = 256
 
 
 @dataclass
@@ -222,6 +226,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise UsageError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
+        if isinstance(value, float) and not math.isfinite(value):
+            # int() of an infinity raises OverflowError, of NaN ValueError: neither is an integer.
+            raise UsageError(f"{where}: expected an integer, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise UsageError(f"{where}: expected an integer, got {value!r}")
         return int(value)
@@ -276,9 +283,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             raise UsageError(f"override '{item}' is not of the form key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except LimitError as exc:
+            raise UsageError(f"override '{key.strip()}': {yaml_problem(exc)}") from None
         pairs.append((key.strip(), value))
     return pairs
 
@@ -326,11 +335,7 @@ def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dic
     if path.resolve() in seen:
         raise UsageError(f"{path}: 'base:' chain loops back on itself")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); config files are UTF-8 YAML") from None
+        data = read_yaml(path) or {}
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
     if not isinstance(data, dict):
@@ -395,6 +400,10 @@ def validate(cfg: RunConfig) -> None:
     if not cfg.run_id or any(c in cfg.run_id for c in "/\\\0") or cfg.run_id in (".", ".."):
         # A run id is one folder inside out_dir: ".." would write beside it, "." into it.
         raise UsageError(f"run_id must be a plain folder name (not '.', '..', no '/' or '\\'), got {cfg.run_id!r}")
+    for name in ("out_dir", "model.llm", "model.dino", "data.train", "data.val", "data.probe", "train.wandb_project"):
+        # An empty path would mean the current folder (out_dir=) or nothing at all; say so instead.
+        if not str(_lookup(cfg, name)).strip():
+            raise UsageError(f"{name} must not be empty")
     if m.tokens_per_frame is None:
         m.tokens_per_frame = 1 if m.arch == "foveated" else 16
     if m.arch == "foveated" and m.tokens_per_frame != 1:
@@ -430,6 +439,12 @@ def validate(cfg: RunConfig) -> None:
     _positive(d.max_text_tokens, "data.max_text_tokens")
     _positive(d.num_workers, "data.num_workers", allow_zero=True)
     _positive(d.max_batch_frames, "data.max_batch_frames", allow_zero=True)
+    for name in ("synth_videos", "synth_images", "synth_texts", "synth_val"):
+        _positive(getattr(d, name), f"data.{name}", allow_zero=True)
+    if not 1 <= d.synth_frames <= SYNTH_MAX_FRAMES:
+        raise UsageError(f"data.synth_frames must be in [1, {SYNTH_MAX_FRAMES}], got {d.synth_frames}")
+    if not SYNTH_SIZES[0] <= d.synth_size <= SYNTH_SIZES[1]:
+        raise UsageError(f"data.synth_size must be in [{SYNTH_SIZES[0]}, {SYNTH_SIZES[1]}] pixels, got {d.synth_size}")
     if not 0 <= d.synth_mc_fraction <= 1:
         raise UsageError(f"data.synth_mc_fraction must be in [0, 1], got {d.synth_mc_fraction}")
     if not 1 <= d.synth_min_objects <= d.synth_max_objects:

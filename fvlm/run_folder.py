@@ -22,10 +22,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from fvlm import atomic
 from fvlm.config import RunConfig, load_config
 from fvlm.errors import UsageError, read_json
 
@@ -156,17 +156,8 @@ RESUMABLE_CHANGES = {
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Replace-by-rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tmp.open("w") as f:
-            f.write(json.dumps(obj, indent=1, default=str))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full, kill) leaves no temporary file behind
-        raise
+    """Replace-by-rename (fvlm.atomic), so a reader never sees half a file."""
+    atomic.write_text(path, json.dumps(obj, indent=1, default=str))
 
 
 def csv_cell(value: Any, significant: int | None = None) -> str:
@@ -281,13 +272,11 @@ def sweep_row(
 
 def write_sweep_csv(folder: Path, rows: list[dict[str, Any]]) -> None:
     """sweep.csv, replaced by rename; numbers to 6 significant digits (people read this table)."""
-    tmp = Path(folder) / (SWEEP_CSV + ".tmp")
-    with tmp.open("w", newline="") as handle:
+    with atomic.replacing(Path(folder) / SWEEP_CSV, newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=SWEEP_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: csv_cell(v, significant=6) for k, v in row.items()})
-    os.replace(tmp, Path(folder) / SWEEP_CSV)
 
 
 def metric_row(step_row: dict[str, Any], **values: Any) -> dict[str, Any]:
@@ -326,7 +315,7 @@ def settings_changed(run_dir: Path, cfg: RunConfig) -> list[str] | None:
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:
-    (Path(run_dir) / CONFIG).write_text(cfg.to_yaml())
+    atomic.write_text(Path(run_dir) / CONFIG, cfg.to_yaml())
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -17,11 +17,14 @@ the patch attention mass (1 - CLS share). `renormalise=True` divides by that mas
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fvlm import atomic
 from fvlm.errors import UsageError
 
 
@@ -44,6 +47,21 @@ def load_attention(path: Path | str) -> AttentionRecord:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: file not found")
+    try:
+        return _read_npz(path)
+    except UsageError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        # A pickle (refused: allow_pickle=False), a file that is not a zip, a member cut short.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UsageError(f"{path}: not a readable attention .npz ({reason})") from None
+
+
+def _read_npz(path: Path) -> AttentionRecord:
+    with path.open("rb") as handle:
+        magic = handle.read(2)
+    if magic != b"PK":  # np.load would take any other file for a pickle or a bare .npy
+        raise UsageError(f"{path}: not a readable attention .npz (not a zip archive)")
     with np.load(path, allow_pickle=False) as data:
         for key in ("coarse_attn", "frames", "frame_mask", "grid", "keys", "step"):
             if key not in data:
@@ -160,7 +178,7 @@ def render_video(
     fig.suptitle(f"{record.keys[video]} @ step {record.step}: {which}; {scale}", fontsize=10)
     fig.tight_layout()
     out_png = Path(out_png)
-    fig.savefig(out_png, dpi=130)
+    atomic.save_figure(fig, out_png, dpi=130)
     plt.close(fig)
 
     if gif_path is not None:
@@ -173,5 +191,6 @@ def render_video(
                 for name, _ in passes
             ]
             images.append(Image.fromarray((np.concatenate(tiles, axis=1) * 255).astype(np.uint8)))
-        images[0].save(gif_path, save_all=True, append_images=images[1:], duration=500, loop=0)
+        with atomic.replacing(gif_path, "wb") as handle:
+            images[0].save(handle, format="GIF", save_all=True, append_images=images[1:], duration=500, loop=0)
     return out_png

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from fvlm.errors import UsageError
+from fvlm import atomic
+from fvlm.errors import UsageError, check_folder_path, not_empty
 from fvlm.eval.stats import N_BOOT
 
 if TYPE_CHECKING:  # imported when the analysis runs: `fvlm --help` stays quick
@@ -41,7 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "side by side and count contradictions (with --out: also side_by_side.md / .json there)",
     )
     parser.add_argument(
-        "--fit-runs", default="", help="comma-separated run-id globs used for the scaling fits (default: every run)"
+        "--fit-runs", help="comma-separated run-id globs used for the scaling fits (default: every run)"
     )
     parser.add_argument(
         "--bootstrap",
@@ -79,7 +80,17 @@ def run_analyze(args: argparse.Namespace) -> int:
         raise UsageError(f"--bootstrap must be >= 1, got {args.bootstrap}")
     if args.jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {args.jobs}")
-    globs = [g.strip() for g in args.fit_runs.split(",") if g.strip()]
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    not_empty(args, "out")
+    check_folder_path(args.out, "--out")
+    if any(not p.strip() for p in args.paths):
+        raise UsageError("PATH must not be empty")
+    globs = []
+    if args.fit_runs is not None:
+        globs = [g.strip() for g in args.fit_runs.split(",") if g.strip()]
+        if not globs:
+            raise UsageError("--fit-runs: no run-id glob given (leave --fit-runs out to fit every run)")
     from fvlm.experiments.schedule import parse_inputs
 
     schedule = parse_inputs(args.schedule)
@@ -126,7 +137,6 @@ def analyze(
     jobs: int = 1,
 ) -> dict[str, Any]:
     import csv
-    import json
     import math
 
     from fvlm.analysis import ablations, compare, figures, noise, report, scaling, table
@@ -151,9 +161,9 @@ def analyze(
     drawn = figures.draw_all(ctx)
 
     table.write_export_csvs(data, out)
-    (out / "scaling_fits.json").write_text(json.dumps(_jsonable(fits), indent=2) + "\n")
+    atomic.write_json(out / "scaling_fits.json", _jsonable(fits), indent=2)
 
-    with (out / "ablation_table.csv").open("w", newline="") as handle:
+    with atomic.replacing(out / "ablation_table.csv", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=ablations.ABLATION_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for row in ablations.table_rows(answers):
@@ -191,7 +201,7 @@ def analyze(
         "foveated_vs_baseline": compare.without_draws(comparison),
         "replication": noise.replication(data, answers, comparison),
     }
-    (out / "decisions.json").write_text(json.dumps(_jsonable(decisions), indent=2) + "\n")
+    atomic.write_json(out / "decisions.json", _jsonable(decisions), indent=2)
     report.write_report(
         out / "report.md",
         data,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fvlm import atomic
 from fvlm.analysis import ablations
 from fvlm.analysis.attention_maps import load_attention, render_video
 from fvlm.analysis.fits import budget_label, predict_data_scaling, predict_joint
@@ -64,7 +65,7 @@ def _use_agg() -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path)
+    atomic.save_figure(fig, path)
     _use_agg()
     import matplotlib.pyplot as plt
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from fvlm import atomic
 from fvlm import run_folder as rf
 from fvlm.analysis import ablations
 from fvlm.analysis.fits import not_identified_text, predict_data_scaling
@@ -567,4 +568,4 @@ def write_report(
     absent = [(t, r) for t, p, r in figures if p is None]
     if absent:
         lines += ["Absent (their data is not in the inputs):", ""] + [f"- {t}: {r}" for t, r in absent] + [""]
-    path.write_text("\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")

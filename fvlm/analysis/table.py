@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fvlm import atomic
 from fvlm import run_folder as rf
 from fvlm.errors import UsageError, read_json, read_text, read_yaml
 
@@ -162,17 +163,34 @@ def _number(text: str | None, path: Path, column: str, row: int) -> float:
         raise UsageError(f"{path}: column '{column}' row {row}: not a number: {text!r}") from None
 
 
-def read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+def read_csv(path: Path, required: tuple[str, ...], table: Table | None = None) -> list[dict[str, str]]:
+    """The rows of a CSV file with the `required` columns. A row with more or fewer fields than the
+    header is damage, refused with its line number; except, given the `table` to note it in, a last
+    row cut short, which is what a run killed while appending to its log leaves (dropped, noted)."""
     if not path.is_file():
         raise UsageError(f"{path}: file not found")
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    header = reader.fieldnames or []
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    header = next(reader, None) or []
     missing = [c for c in required if c not in header]
     if missing:
         raise UsageError(
             f"{path}: missing column '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
-    return list(reader)
+    rows, damaged = [], []
+    for fields in reader:
+        if len(fields) == len(header):
+            rows.append(dict(zip(header, fields)))
+        elif fields:
+            damaged.append((reader.line_num, len(fields)))
+    if not damaged:
+        return rows
+    line, count = damaged[0]
+    torn_tail = len(damaged) == 1 and line == reader.line_num and count < len(header)
+    if torn_tail and table is not None:
+        table.notes.append(f"{path}: its last row (line {line}) is cut short; left out")
+        return rows
+    more = f"; {len(damaged)} damaged rows in all" if len(damaged) > 1 else ""
+    raise UsageError(f"{path}: line {line} has {count} fields where the header has {len(header)}{more}")
 
 
 def _columns(rows: list[dict[str, str]], names: tuple[str, ...] | list[str], path: Path) -> dict[str, np.ndarray]:
@@ -280,12 +298,12 @@ def _format_cell(value: Any) -> str:
 
 def write_export_csvs(table: Table, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "all_eval_points.csv").open("w", newline="") as handle:
+    with atomic.replacing(folder / "all_eval_points.csv", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(EVAL_POINT_COLUMNS)
         for row in table.rows():
             writer.writerow([_format_cell(row[c]) for c in EVAL_POINT_COLUMNS])
-    with (folder / "run_summaries.csv").open("w", newline="") as handle:
+    with atomic.replacing(folder / "run_summaries.csv", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(RUN_SUMMARY_COLUMNS)
         for run in table.runs.values():
@@ -304,7 +322,7 @@ def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> Non
         raise UsageError(f"{config_path}: file not found")
     config = read_yaml(config_path) or {}
     metrics_path = folder / rf.METRICS
-    rows = read_csv(metrics_path, rf.METRIC_COLUMNS)
+    rows = read_csv(metrics_path, rf.METRIC_COLUMNS, table)
     numeric = [c for c in rf.METRIC_COLUMNS if c != "run_id"]
     points = _columns(rows, numeric, metrics_path)
     order = np.argsort(points["step"], kind="stable")
@@ -338,7 +356,7 @@ def read_run(folder: Path, table: Table, sweep_status: str | None = None) -> Non
     steps = None
     steps_path = folder / rf.STEPS
     if steps_path.is_file():
-        step_rows = read_csv(steps_path, rf.STEP_COLUMNS_REQUIRED)
+        step_rows = read_csv(steps_path, rf.STEP_COLUMNS_REQUIRED, table)
         steps = _columns(step_rows, [c for c in rf.STEP_COLUMNS_REQUIRED if c != "run_id"], steps_path)
 
     eval_result = None

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from fvlm import overrides
-from fvlm.config import DataConfig
-from fvlm.errors import UsageError
+from fvlm.config import SYNTH_MAX_FRAMES, SYNTH_SIZES, DataConfig
+from fvlm.errors import UsageError, not_empty
 
 _DEFAULTS = DataConfig()
 
@@ -17,7 +17,12 @@ def register(sub) -> None:
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
 
     synth = data_sub.add_parser("synth", help="write the synthetic dataset as WebDataset shards")
-    synth.add_argument("out", metavar="OUT", help="output folder (train/, val/, probe/, bench/, manifest.json)")
+    synth.add_argument(
+        "out",
+        metavar="OUT",
+        help="output folder (train/, val/, probe/, bench/, manifest.json); a set that an earlier run left unfinished "
+        "is started over",
+    )
     synth.add_argument("--videos", type=int, default=_DEFAULTS.synth_videos)
     synth.add_argument("--images", type=int, default=_DEFAULTS.synth_images)
     synth.add_argument("--texts", type=int, default=_DEFAULTS.synth_texts)
@@ -82,24 +87,27 @@ def register(sub) -> None:
 
 
 def cmd_synth(args) -> int:
-    from fvlm.data.synth import generate_synthetic
+    from fvlm.data.synth import finish_output, generate_synthetic, prepare_output
 
     for name in ("videos", "images", "texts", "val", "probe", "bench"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0")
     if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
-    if args.frames < 1 or args.size < 16:
-        raise UsageError("--frames must be >= 1 and --size >= 16")
-    if not 0.0 <= args.mc_fraction <= 1.0:
+    if not 1 <= args.frames <= SYNTH_MAX_FRAMES:
+        raise UsageError(f"--frames must be in [1, {SYNTH_MAX_FRAMES}], got {args.frames}")
+    if not SYNTH_SIZES[0] <= args.size <= SYNTH_SIZES[1]:
+        raise UsageError(f"--size must be in [{SYNTH_SIZES[0]}, {SYNTH_SIZES[1]}] pixels, got {args.size}")
+    if not 0.0 <= args.mc_fraction <= 1.0:  # also false for NaN
         raise UsageError("--mc-fraction must be between 0 and 1")
     if not 1 <= args.min_objects <= args.max_objects:
         raise UsageError("--min-objects must be >= 1 and <= --max-objects")
     if not 0 < args.object_scale[0] <= args.object_scale[1] <= 0.5:
         raise UsageError("--object-scale MIN MAX must satisfy 0 < MIN <= MAX <= 0.5")
+    not_empty(args, "OUT")
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"{out} is not empty; choose a new folder")
+    if prepare_output(out):
+        print(f"{out}: an earlier `fvlm data synth` did not finish this set; starting it over")
     manifest = generate_synthetic(
         out,
         videos=args.videos,
@@ -119,6 +127,7 @@ def cmd_synth(args) -> int:
         video_task=args.video_task,
         image_task=args.image_task,
     )
+    finish_output(out)
     for split, counts in manifest["splits"].items():
         print(f"{split:<6} " + ", ".join(f"{k} {n}" for k, n in counts.items()))
     print(

@@ -4,13 +4,13 @@ normalised as DINOv2 expects) and chat-template tokens with a loss mask."""
 from __future__ import annotations
 
 import io
-import json
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from fvlm.data.index import IMAGE_EXTS
+from fvlm.errors import parse_json
 from fvlm.model.tokenizer import chat_ids
 
 if TYPE_CHECKING:  # torch is imported where frames are normalised, so that indexing data stays light
@@ -127,7 +127,14 @@ def normalise(frames_uint8: np.ndarray) -> torch.Tensor:
 
 
 def read_meta(parts: dict[str, bytes]) -> dict[str, Any]:
-    return json.loads(parts["json"])
+    """A sample's JSON, which the index already found to be a JSON object within the limits."""
+    try:
+        meta = parse_json(parts["json"])
+    except ValueError:
+        raise SampleError("invalid_json") from None
+    if not isinstance(meta, dict):
+        raise SampleError("invalid_json")
+    return meta
 
 
 def encode_dialogue(

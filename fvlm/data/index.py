@@ -8,22 +8,27 @@ The tar reader is our own (about 60 lines) rather than `tarfile`, because it mus
 after a header with a bad checksum it re-synchronises on the next valid header, and a member whose
 data runs past the end of the file is reported as truncated instead of ending the scan.
 Samples that are broken in a way the headers and JSON already reveal (invalid JSON, missing or
-mismatched frames, empty answer, truncated member) are left out of the index and recorded as
+mismatched frames, empty answer, truncated member, JSON nested or sized past the limits of
+fvlm.errors, a video or image sample without frames) are left out of the index and recorded as
 skips; damage that only decoding reveals is caught by the loader.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fvlm.errors import LimitError, parse_json
+
 BLOCK = 512
 KINDS = ("video", "image", "text")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VISUAL_KINDS = ("video", "image")
+# A sample's JSON is a few hundred bytes of dialogue; one past this size is skipped unread.
+MAX_SAMPLE_JSON_BYTES = 1 << 20
 _FRAME_EXT = re.compile(r"^(\d+)\.(jpg|jpeg|png|webp)$")
 
 
@@ -209,7 +214,7 @@ def _scan_shard(path: str, source: str, sources: list[str], rows: list, skips: l
             # shard is listed, so say why it gave nothing.
             skips.append(Skip(path, "@0", "empty_shard"))
         for key, members, problems in groups:
-            row = _validate(read_at, path, key, members, problems, skips)
+            row = _validate(read_at, path, key, members, problems, skips, source)
             if row is None:
                 continue
             meta_source, kind, count = row
@@ -227,7 +232,7 @@ def _scan_shard(path: str, source: str, sources: list[str], rows: list, skips: l
             )
 
 
-def _validate(read_at, path, key, members, problems, skips):
+def _validate(read_at, path, key, members, problems, skips, source=""):
     def skip(reason):
         skips.append(Skip(path, key, reason))
 
@@ -237,11 +242,15 @@ def _validate(read_at, path, key, members, problems, skips):
     if "json" not in exts:
         return skip("missing_json")
     meta_member = members[exts.index("json")]
+    if meta_member.size > MAX_SAMPLE_JSON_BYTES:
+        return skip("json_too_large")  # not even read: its size comes from the header
     try:
-        meta = json.loads(read_at(meta_member.data_offset, meta_member.size))
+        meta = parse_json(read_at(meta_member.data_offset, meta_member.size))
         if not isinstance(meta, dict):
             raise ValueError
-    except (ValueError, UnicodeDecodeError):
+    except LimitError:
+        return skip("json_too_deep")
+    except ValueError:  # also UnicodeDecodeError
         return skip("invalid_json")
     if not isinstance(meta.get("assistant"), str) or not isinstance(meta.get("user", ""), str):
         return skip("invalid_json")
@@ -254,6 +263,11 @@ def _validate(read_at, path, key, members, problems, skips):
     if kind == "text" and isinstance(declared, int) and declared > 0:
         # It says it has frames and none came with it: trained on, it would teach the answer from text alone.
         return skip("frames_missing")
+    named = source or meta.get("source")
+    if kind == "text" and named in VISUAL_KINDS:
+        # A "video" or "image" with no frame at all (frame_count 0, or none given) is no text sample
+        # either: its answer is about pictures it does not have.
+        return skip(f"{named}_without_frames")
     if kind == "video" and "mp4" not in exts and declared is not None and declared != count:
         return skip("frame_count_mismatch")
     return str(meta.get("source") or kind), kind, count

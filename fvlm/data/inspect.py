@@ -7,7 +7,6 @@ requested mix next to the mix a seeded stream actually realises, and every skipp
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import TypedDict
@@ -19,7 +18,7 @@ from fvlm.data.decode import SampleError
 from fvlm.data.index import KINDS
 from fvlm.data.loader import load_index, sample_reader
 from fvlm.data.schedule import TrainSchedule, source_probabilities
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_json
 
 TOKEN_BIN = 16
 
@@ -161,7 +160,10 @@ def inspect_path(path: str, cfg: RunConfig, *, decode: bool = True) -> InspectRe
     }
     manifest = Path(path) / "manifest.json"
     if manifest.is_file():
-        out["requested"] = json.loads(manifest.read_text())["splits"]
+        requested = read_json(manifest)
+        if not isinstance(requested, dict) or not isinstance(requested.get("splits"), dict):
+            raise UsageError(f"{manifest}: missing field 'splits'")
+        out["requested"] = requested["splits"]
     return out
 
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-import yaml
-
 from fvlm.data.index import SourceSpec
-from fvlm.errors import UsageError
+from fvlm.data.synth import MANIFEST, unfinished_set_of
+from fvlm.errors import UsageError, read_yaml
 
 _GLOB_CHARS = set("*?[")
 
@@ -34,6 +33,13 @@ def _shards_of(item: str, base: Path | None, what: str) -> list[str]:
         found = [str(path)]
     else:
         raise UsageError(f"{what}: no such file or folder: {path}")
+    for folder in {path, *(Path(s).parent for s in found)}:
+        unfinished = unfinished_set_of(folder)
+        if unfinished is not None:
+            raise UsageError(
+                f"{what}: {unfinished} is a synthetic set that `fvlm data synth` never finished "
+                f"(no {MANIFEST}); run `fvlm data synth {unfinished}` again to start it over"
+            )
     if not found:
         raise UsageError(f"{what}: no .tar shards in {path}")
     return found
@@ -41,9 +47,9 @@ def _shards_of(item: str, base: Path | None, what: str) -> list[str]:
 
 def _read_mix(path: Path, what: str) -> list[SourceSpec]:
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{what}: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = read_yaml(path)
+    except UsageError as exc:
+        raise UsageError(f"{what}: {exc}") from None
     entries = data.get("sources") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not entries:
         raise UsageError(f"{what}: mix file {path} needs a 'sources:' mapping of name -> {{path, weight}}")

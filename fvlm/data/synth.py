@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from typing import TypedDict, cast
 import numpy as np
 from PIL import Image
 
+from fvlm import atomic
 from fvlm.cache import build_once
 from fvlm.config import DataConfig
 
@@ -42,6 +44,13 @@ from fvlm.config import DataConfig
 # 5: the reveal task's mover stays put
 GENERATOR_VERSION = 5
 SAMPLES_PER_SHARD = 256
+SPLITS = ("train", "val", "probe", "bench")
+# A finished set holds MANIFEST, written last. `fvlm data synth OUT` first writes UNFINISHED into
+# OUT, so that a set it never finished (killed, a full disk) is known as its own: a rerun starts it
+# over, and readers refuse it rather than train on part of it. A folder without either file is
+# someone's own data and is read as it is.
+MANIFEST = "manifest.json"
+UNFINISHED = ".fvlm-synth-unfinished"
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -571,6 +580,7 @@ class _ShardWriter:
         self.folder, self.prefix = folder, prefix
         self.count, self.shard = 0, 0
         self.tar: tarfile.TarFile | None = None
+        self.path = folder
         folder.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
@@ -580,24 +590,33 @@ class _ShardWriter:
         tar.addfile(info, io.BytesIO(data))
 
     def write(self, key: str, meta: SampleMeta, images: list[bytes] | None = None, image: bytes | None = None) -> None:
-        if self.tar is None or self.count % SAMPLES_PER_SHARD == 0:
-            self.close()
-            self.tar = tarfile.open(
-                self.folder / f"{self.prefix}-{self.shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT
-            )
-            self.shard += 1
-        tar = self.tar
-        self._add(tar, f"{key}.json", json.dumps(meta).encode())
-        for t, frame in enumerate(images or []):
-            self._add(tar, f"{key}.{t:03d}.jpg", frame)
-        if image is not None:
-            self._add(tar, f"{key}.jpg", image)
+        try:
+            if self.tar is None or self.count % SAMPLES_PER_SHARD == 0:
+                self.close()
+                self.path = self.folder / f"{self.prefix}-{self.shard:05d}.tar"
+                self.tar = tarfile.open(self.path, "w", format=tarfile.USTAR_FORMAT)
+                self.shard += 1
+            tar = self.tar
+            self._add(tar, f"{key}.json", json.dumps(meta).encode())
+            for t, frame in enumerate(images or []):
+                self._add(tar, f"{key}.{t:03d}.jpg", frame)
+            if image is not None:
+                self._add(tar, f"{key}.jpg", image)
+        except OSError as exc:
+            if exc.filename is None:  # tarfile's write() names no file; the shard it was writing is the one
+                raise atomic.naming(exc, self.path) from exc
+            raise
         self.count += 1
 
     def close(self) -> None:
         if self.tar is not None:
-            self.tar.close()
-            self.tar = None
+            tar, self.tar = self.tar, None
+            try:
+                tar.close()
+            except OSError as exc:
+                if exc.filename is None:
+                    raise atomic.naming(exc, self.path) from exc
+                raise
 
 
 def _write_split(
@@ -811,7 +830,7 @@ def generate_synthetic(
         "seconds": round(seconds, 3),
         "samples_per_sec": round(samples / max(seconds, 1e-9), 1),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic.write_json(out / MANIFEST, manifest, indent=2)
     return manifest
 
 
@@ -858,7 +877,7 @@ def ensure_synthetic(data: DataConfig, seed: int, out_dir: str | Path) -> dict[s
     params = synth_params(data, seed)
     digest = hashlib.sha256(json.dumps([GENERATOR_VERSION, params], sort_keys=True).encode()).hexdigest()[:10]
     root = build_once(
-        Path(out_dir) / "data" / f"synth-{digest}", "manifest.json", lambda tmp: generate_synthetic(tmp, **params)
+        Path(out_dir) / "data" / f"synth-{digest}", MANIFEST, lambda tmp: generate_synthetic(tmp, **params)
     )
     paths = {split: str(root / split) for split in ("train", "val", "probe", "bench")}
     for split in ("train", "val", "probe"):
@@ -866,3 +885,67 @@ def ensure_synthetic(data: DataConfig, seed: int, out_dir: str | Path) -> dict[s
         if configured != "synthetic":
             paths[split] = configured
     return paths
+
+
+# ----------------------------------------------------------------------------- `fvlm data synth OUT`
+
+
+def is_unfinished(folder: Path) -> bool:
+    """A set `fvlm data synth` started in `folder` and never finished."""
+    return (folder / UNFINISHED).is_file() and not (folder / MANIFEST).is_file()
+
+
+def unfinished_set_of(path: Path) -> Path | None:
+    """The unfinished set that `path` (the set's folder, a split folder or a shard in one) belongs to."""
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent):
+        if is_unfinished(folder):
+            return folder
+    return None
+
+
+def looks_like_old_unfinished_set(folder: Path) -> bool:
+    """Split folders of shards named as this module names them, and no manifest: what a set that an
+    fvlm older than UNFINISHED was stopped in looks like (only used to word a refusal)."""
+    entries = list(folder.iterdir())
+    return (
+        not (folder / MANIFEST).exists()
+        and bool(entries)
+        and all(e.is_dir() and e.name in SPLITS for e in entries)
+        and all(s.name.startswith(f"{e.name}-") and s.suffix == ".tar" for e in entries for s in e.iterdir())
+    )
+
+
+def prepare_output(out: Path) -> bool:
+    """Makes `out` ready for a new set and marks it as unfinished; True when it starts over a set an
+    earlier `fvlm data synth` left unfinished. A finished set, a file, or a folder holding anything
+    else is refused: its contents are not ours to replace."""
+    from fvlm.errors import UsageError, check_folder_path
+
+    check_folder_path(out, "OUT")
+    restart = out.is_dir() and is_unfinished(out)
+    if restart:
+        # Only what this module writes: the split folders and the manifest's temporary file.
+        for split in SPLITS:
+            shutil.rmtree(out / split, ignore_errors=True)
+        for tmp in out.glob(f".{MANIFEST}.*.tmp"):
+            tmp.unlink()
+    elif out.is_dir() and any(out.iterdir()):
+        if (out / MANIFEST).is_file():
+            raise UsageError(f"{out} already holds a finished synthetic set ({MANIFEST}); choose a new folder")
+        if looks_like_old_unfinished_set(out):
+            raise UsageError(
+                f"{out} looks like a synthetic set an older fvlm never finished (no {MANIFEST}); "
+                "remove it or choose a new folder"
+            )
+        raise UsageError(f"{out} is not empty; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(
+        out / UNFINISHED, "fvlm data synth is writing this set; it is finished once manifest.json exists\n"
+    )
+    return restart
+
+
+def finish_output(out: Path) -> None:
+    """After the manifest is written: the set is finished, its marker goes."""
+    (out / UNFINISHED).unlink(missing_ok=True)

@@ -13,7 +13,6 @@ Malformed entries are a UsageError naming the file and line (or shard and sample
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fvlm.config import RunConfig
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, json_problem, parse_json, read_text
 from fvlm.eval.media import check_visual_path, load_visual
 from fvlm.eval.scoring import Question
 
@@ -102,7 +101,7 @@ def parse_mc_sample(user: str, assistant: str, where: str) -> tuple[list[str], i
 
 
 def read_shard_bench(spec: str, settings: VisualSettings) -> list[Question]:
-    from fvlm.data.decode import read_meta
+    from fvlm.data.decode import SampleError, read_meta
     from fvlm.data.index import read_sample
     from fvlm.data.loader import load_index
 
@@ -113,7 +112,10 @@ def read_shard_bench(spec: str, settings: VisualSettings) -> list[Question]:
         start, end = int(index.start[row]), int(index.end[row])
         key, parts = read_sample(shard, start, end)
         where = f"{shard}: sample {key}"
-        meta = read_meta(parts)
+        try:
+            meta = read_meta(parts)
+        except SampleError as exc:
+            raise UsageError(f"{where}: cannot read ({exc.reason})") from None
         options, answer = parse_mc_sample(str(meta.get("user") or ""), str(meta.get("assistant") or ""), where)
         kind = index.kind_of(row)
         questions.append(
@@ -201,14 +203,14 @@ def read_jsonl_bench(path: str | Path, settings: VisualSettings) -> list[Questio
     if not path.is_file():
         raise UsageError(f"{path}: no such benchmark file")
     questions: list[Question] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{where}: not valid JSON ({exc.msg})") from None
+            entry = parse_json(line)
+        except ValueError as exc:
+            raise UsageError(f"{where}: {json_problem(exc)}") from None
         video, question, options, answer, category = parse_jsonl_entry(entry, where, path.parent)
         questions.append(
             Question(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from fvlm import overrides
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, check_folder_path, not_empty
 
 MODES_HELP = "comma-separated: coarse_only,coarse_fine,autoregressive (default: every mode the model has)"
 
@@ -101,8 +103,15 @@ def register(sub) -> None:
 def _cmd_generate(args) -> int:
     from fvlm.eval.generate import cmd_generate
 
-    if args.max_new_tokens < 1 or args.temperature < 0 or (args.frames is not None and args.frames < 1):
-        raise UsageError("--max-new-tokens and --frames must be >= 1, --temperature >= 0")
+    if args.max_new_tokens < 1 or (args.frames is not None and args.frames < 1):
+        raise UsageError("--max-new-tokens and --frames must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):  # NaN fails every comparison
+        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    not_empty(args, "prompt", "attention", "device")
+    if args.attention:
+        check_folder_path(args.attention, "--attention")
     if args.media is None and args.prompt is None:
         raise UsageError("give a VIDEO_OR_IMAGE, or a --prompt to answer from text alone")
     if args.media is None and args.attention:
@@ -115,8 +124,22 @@ def cmd_eval(args) -> int:
 
     if args.batch_size < 1 or args.max_samples < 0 or args.attention < 0:
         raise UsageError("--batch-size must be >= 1; --max-samples and --attention >= 0")
+    if args.layer is not None:
+        if not args.attention:
+            raise UsageError("--layer picks the DINO layer of the attention pictures: give --attention N too")
+        if args.layer < 0:
+            raise UsageError(f"--layer must be >= 0, got {args.layer}")
+    not_empty(args, "data", "out", "device")
+    if any(not b.strip() for b in args.bench):
+        raise UsageError("--bench: an empty file name")
+    if args.out:
+        check_folder_path(args.out, "--out")
     _, items = overrides.from_args(args, "eval", config=False)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
+    modes = None
+    if args.modes is not None:
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        if not modes:
+            raise UsageError("--modes: no mode given (leave --modes out for every mode the model has)")
     path = evaluate_run(
         args.target,
         out=args.out,

@@ -7,7 +7,6 @@ describes the latest one at its top level and lists every checkpoint's entry und
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
+from fvlm import atomic
 from fvlm import run_folder as rf
 from fvlm.config import ModelConfig, RunConfig, config_from_dict, load_config, parse_overrides
 from fvlm.data.loader import build_loader, split_path
@@ -423,8 +423,8 @@ def write_results(entries: list[Record], out: Path) -> Path:
     if len(entries) > 1:
         result["steps"] = entries
         result["checkpoint_differences"] = [paired.checkpoint_differences(entries[-1], e) for e in entries[:-1]]
-    (out / rf.EVAL_JSON).write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
-    (out / rf.EVAL_MD).write_text("# Evaluation\n\n" + "\n".join(format_entry(e) for e in entries))
+    atomic.write_json(out / rf.EVAL_JSON, result, indent=1, allow_nan=True)
+    atomic.write_text(out / rf.EVAL_MD, "# Evaluation\n\n" + "\n".join(format_entry(e) for e in entries))
     return out / rf.EVAL_JSON
 
 
@@ -453,6 +453,8 @@ def evaluate_run(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = list(overrides or [])
     checkpoints = find_checkpoints(target, all_checkpoints)
+    if attention and layer is not None:
+        check_layer(checkpoints[-1].folder, layer)
     first = checkpoints[0]
     out = Path(out) if out else rf.eval_dir(first.run_dir or first.folder)
     entries = [
@@ -475,6 +477,22 @@ def evaluate_run(
             checkpoints[-1], overrides, attention, out / rf.ATTENTION, device, gif=gif, layer=layer
         )
     return write_results(entries, out)
+
+
+def check_layer(folder: Path, layer: int) -> None:
+    """Refuses --layer past the query's attention layers (every DINO layer for the deep query, one
+    for the shallow), before any evaluation runs."""
+    path = folder / rf.MODEL_CONFIG
+    meta = read_json(path)
+    try:
+        deep = meta["model"].get("deep_query", True)
+        layers = int(meta["dino_config"]["num_hidden_layers"]) if deep else 1
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UsageError(f"{path}: missing field 'dino_config.num_hidden_layers'") from None
+    if not 0 <= layer < layers:
+        raise UsageError(
+            f"--layer {layer}: the model's query attends through {layers} DINO layer(s) (0 to {layers - 1})"
+        )
 
 
 def draw_probe_attention(

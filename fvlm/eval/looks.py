@@ -13,6 +13,7 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 
+from fvlm import atomic
 from fvlm.analysis.attention_maps import AttentionRecord, patch_map, render_video
 from fvlm.data.loader import boxes_array
 from fvlm.errors import UsageError
@@ -137,6 +138,9 @@ def mover_share(record: AttentionRecord, video: int, which: str = "fine") -> flo
 
 def draw(record: AttentionRecord, out: Path, gif: bool = False, layer: int | None = None) -> dict[str, LookSummary]:
     """One PNG (and GIF) per video; returns {key: {png, coarse_on_mover, fine_on_mover, mover_area}}."""
+    layers = record.coarse.shape[2]
+    if layer is not None and not 0 <= layer < layers:
+        raise UsageError(f"--layer {layer}: the attention has {layers} layer(s) (0 to {layers - 1})")
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, LookSummary] = {}
     for video, key in enumerate(record.keys):
@@ -177,5 +181,6 @@ def save_npz(record: AttentionRecord, path: Path) -> Path:
         arrays["fine_attn"] = record.fine.astype(np.float32)
     if record.mover_boxes is not None:
         arrays["mover_boxes"] = record.mover_boxes.astype(np.float32)
-    np.savez_compressed(path, **arrays)
+    with atomic.replacing(path, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
     return path

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fvlm import atomic
 from fvlm.eval.stats import paired_difference
 
 # The order tables and pairs use: from the cheapest mode to the streaming one.
@@ -115,7 +116,7 @@ def sample_records(
 
 def write_samples(path: Path, records: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
+    with atomic.replacing(path) as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
     return path

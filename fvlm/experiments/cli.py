@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, check_folder_path, not_empty
 from fvlm.experiments import phase1
 from fvlm.experiments.decide import read_locked
 from fvlm.experiments.presets import Preset
@@ -113,9 +113,8 @@ def register(sub) -> None:
 
 
 def _slurm(args) -> SlurmSettings | None:
-    """The SLURM settings of `--launcher slurm`, or None for the local launcher."""
-    if args.launcher != "slurm":
-        return None
+    """The SLURM settings of `--launcher slurm`, or None for the local launcher. The --slurm-* values
+    are checked either way: a bad one is a mistake whatever the launcher."""
     settings = SlurmSettings(
         partition=args.slurm_partition,
         gpus_per_node=args.slurm_gpus,
@@ -127,6 +126,8 @@ def _slurm(args) -> SlurmSettings | None:
         mem_gb=args.slurm_mem_gb,
     )
     settings.validate()
+    if args.launcher != "slurm":
+        return None
     if not args.dry_run:
         try:
             import submitit  # noqa: F401  (optional dependency: only checked for)
@@ -144,6 +145,10 @@ def _jobs(args, preset: Preset) -> int:
 
 
 def _plan(args, sub_folder: str | None) -> phase1.Plan:
+    not_empty(args, "preset", "out", "data")
+    if args.out:
+        check_folder_path(args.out, "--out")
+    _slurm(args)  # the SLURM flags are checked before anything is planned
     return phase1.plan(
         args.preset, args.out, args.overrides, args.data, sub_folder, args.scale, args.replicates, args.seed_offset
     )

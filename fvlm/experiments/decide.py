@@ -14,11 +14,11 @@ the grid trains the foveated model as designed and B1's architecture as its base
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
+from fvlm import atomic
 from fvlm.analysis import ablations
 from fvlm.analysis.table import Table, load
 from fvlm.experiments.matrix import RunSpec
@@ -130,7 +130,7 @@ def lock(folder: Path, specs: list[RunSpec], skipped: dict[str, str] | None = No
         "reported_not_adopted": ["deep_query (A1)", "two_pass (A6)", "efficiency (B1)"],
         "rests_on_provisional": [c["question"] for c in choices if c.get("provisional")],
     }
-    (folder / "locked_config.json").write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+    atomic.write_json(folder / "locked_config.json", _jsonable(record), indent=2)
     return record
 
 
@@ -145,16 +145,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def read_locked(path: Path) -> dict[str, Any]:
-    from fvlm.errors import UsageError
+    from fvlm.errors import UsageError, read_json
 
     if path.is_dir():
         path = path / "locked_config.json"
     if not path.is_file():
         raise UsageError(f"--winner {path}: file not found (an ablation sweep writes locked_config.json)")
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--winner {path}: not valid JSON ({exc.msg})") from None
-    if not isinstance(record.get("overrides"), dict):
+        record = read_json(path)
+    except UsageError as exc:
+        raise UsageError(f"--winner {exc}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("overrides"), dict):
         raise UsageError(f"--winner {path}: missing field 'overrides'")
     return record

@@ -19,6 +19,7 @@ from typing import Any
 
 from fvlm import run_folder as rf
 from fvlm.config import RunConfig
+from fvlm.errors import parse_json, parse_yaml
 from fvlm.experiments.presets import Preset
 
 # Per run, on top of training: building the model and loaders and writing the last files.
@@ -51,8 +52,8 @@ def measured_mfu(
         return found
     if bench_file.is_file():
         try:
-            records = json.loads(bench_file.read_text())
-        except json.JSONDecodeError:
+            records = parse_json(bench_file.read_bytes())
+        except ValueError:
             records = []
         for r in records if isinstance(records, list) else []:
             if isinstance(r, dict) and r.get("mfu") and gpu_kind(str(r.get("device", ""))) == kind:
@@ -60,10 +61,10 @@ def measured_mfu(
     for folder in folders:
         for summary_path in sorted(Path(folder).glob("*/run_summary.json")):
             try:
-                summary = json.loads(summary_path.read_text())
+                summary = parse_json(summary_path.read_bytes())
                 rate = summary.get("throughput") or {}
                 model = _saved_model(summary_path.parent)
-            except (json.JSONDecodeError, OSError, AttributeError):
+            except (ValueError, OSError, AttributeError):
                 continue
             if model and rate.get("mfu") and gpu_kind(str(rate.get("device", ""))) == kind:
                 found[model] = (float(rate["mfu"]), f"run {summary_path.parent.name} ({rate['device']})")
@@ -74,8 +75,8 @@ def _saved_model(run_dir: Path) -> tuple[str, str] | None:
     import yaml
 
     try:
-        model = (yaml.safe_load((run_dir / rf.CONFIG).read_text()) or {}).get("model") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
+        model = (parse_yaml((run_dir / rf.CONFIG).read_text(encoding="utf-8")) or {}).get("model") or {}
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
         return None
     return (Path(str(model.get("llm", ""))).name, str(model.get("arch", "foveated"))) if model else None
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fvlm import atomic
 from fvlm import run_folder as rf
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, parse_json
 from fvlm.eval.stats import N_BOOT, paired_difference
 
 if TYPE_CHECKING:  # torch and transformers are imported only when a run is measured
@@ -731,9 +731,7 @@ def _dumps(value: Any, level: int = 0) -> str:
 
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     """Written beside and renamed over: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(_dumps(data) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, _dumps(data) + "\n")
 
 
 def _failed(run_id: str, exc: BaseException, log: Callable[[str], None]) -> dict[str, Any]:
@@ -843,7 +841,9 @@ def collect_evidence(
     previous: dict[str, Any] = {}
     if path.is_file():
         try:
-            previous = json.loads(path.read_text())
+            previous = parse_json(path.read_bytes())
+            if not isinstance(previous, dict):
+                raise ValueError
         except (OSError, ValueError):
             previous = {}
     same_settings = previous.get("version") == VERSION and previous.get("settings") == asdict(settings)

@@ -15,13 +15,23 @@ the evaluation as missing.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fvlm import atomic
 from fvlm import run_folder as rf
+from fvlm.errors import parse_json
+
+
+def _readable_json(path: Path) -> dict[str, Any] | None:
+    """An earlier result of this module, or None when it cannot be read (then it is made again)."""
+    try:
+        data = parse_json(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _device() -> str:
@@ -52,7 +62,7 @@ def evaluate_sources(
         ckpt = find_checkpoints(run_dir)[-1]
     except UsageError:
         return None
-    if out.is_file() and json.loads(out.read_text()).get("step") == ckpt.step:
+    if out.is_file() and (_readable_json(out) or {}).get("step") == ckpt.step:
         return out
     device = device or _device()
     model, tokenizer = load_model(ckpt.folder, device=device)
@@ -73,9 +83,7 @@ def evaluate_sources(
         "tokens": arrays["tokens"].tolist(),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    tmp.replace(out)
+    atomic.write_json(out, record)
     log(f"[sources] {cfg.run_id} step {ckpt.step}: per-sample val loss ({mode}) -> {out}")
     return out
 
@@ -102,12 +110,16 @@ def best_phase1b_run(scaling_dir: Path) -> tuple[Path, int] | None:
     best = None
     for summary_path in sorted(Path(scaling_dir).glob("*-C*-F/run_summary.json")):
         try:
-            summary = json.loads(summary_path.read_text())
-        except (OSError, json.JSONDecodeError):
+            summary = parse_json(summary_path.read_bytes())
+        except (OSError, ValueError):
             continue
-        loss = summary.get("best_val_loss")
-        if summary.get("status") == "completed" and isinstance(loss, (int, float)) and (best is None or loss < best[0]):
-            best = (loss, summary_path.parent, summary.get("best_val_step"))
+        if not isinstance(summary, dict):
+            continue
+        loss, step = summary.get("best_val_loss"), summary.get("best_val_step")
+        if summary.get("status") != "completed" or not isinstance(loss, (int, float)) or not isinstance(step, int):
+            continue
+        if best is None or loss < best[0]:
+            best = (loss, summary_path.parent, step)
     return (best[1], best[2]) if best else None
 
 
@@ -134,9 +146,9 @@ def evaluate_phase1b(
     out = rf.eval_dir(run_dir)
     checkpoints = find_checkpoints(run_dir, all_checkpoints=True)
     steps = [c.step for c in checkpoints]
-    if (out / rf.EVAL_JSON).is_file():
-        done = json.loads((out / rf.EVAL_JSON).read_text())
-        if [e.get("step") for e in done.get("steps", [done])] == steps:
+    done = _readable_json(out / rf.EVAL_JSON) if (out / rf.EVAL_JSON).is_file() else None
+    if done is not None:
+        if [e.get("step") if isinstance(e, dict) else None for e in done.get("steps", [done])] == steps:
             return out / rf.EVAL_JSON
     device = device or _device()
     evaluate = partial(_milestone_entry, bench=bench, max_samples=max_samples, batch_size=batch_size, device=device)

@@ -27,7 +27,7 @@ from typing import Any
 
 from fvlm import run_folder as rf
 from fvlm.analysis.cli import analyze
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_json
 from fvlm.experiments import decide, matrix, runner
 from fvlm.experiments.estimate import estimate, fmt_seconds
 from fvlm.experiments.evidence import (
@@ -44,6 +44,8 @@ from fvlm.experiments.slurm import SlurmSettings
 from fvlm.model.backbones import shape_folder_name
 from fvlm.model.pretrain_tiny import ensure_tiny_backbones
 
+# The largest --scale: the paper preset's million samples per ablation become a billion.
+MAX_SCALE = 1000.0
 F1_NOTE = "if F1 (frozen backbones) wins the freeze question, LR2, LR3 and LR4 are skipped"
 
 
@@ -84,8 +86,8 @@ def plan(
         preset = preset.with_replicates(replicates)
     if seed_offset < 0:
         raise UsageError(f"--seed-offset must be >= 0, got {seed_offset}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise UsageError(f"--scale must be a number > 0, got {scale:g}")
+    if not (math.isfinite(scale) and 0 < scale <= MAX_SCALE):
+        raise UsageError(f"--scale must be a number > 0 and at most {MAX_SCALE:g}, got {scale:g}")
     name = f"phase1-{preset.name}"
     if scale != 1:
         preset = dataclasses.replace(
@@ -515,7 +517,7 @@ def write_report(
         reading=grid["reads_pixels"] if grid is not None else None,
         jobs=jobs,
     )
-    decisions = json.loads((tmp / "decisions.json").read_text())
+    decisions = read_json(tmp / "decisions.json")
     decisions["locked_config"] = locked
     if evidence is not None:
         decisions["foveation_evidence"] = decisions_summary(evidence)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
-import json
 import multiprocessing
 import os
 import signal
@@ -36,6 +35,7 @@ from typing import IO, Any, Protocol
 
 import yaml
 
+from fvlm import atomic
 from fvlm import run_folder as rf
 from fvlm.config import RunConfig, config_from_dict, load_config
 from fvlm.data.synth import ensure_synthetic
@@ -168,9 +168,7 @@ class Sweep:
         return state
 
     def _save_state(self, state: dict[str, Any]) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1, default=str) + "\n")
-        os.replace(tmp, self.state_path)
+        atomic.write_json(self.state_path, state, indent=1, default=str)
 
     def check_existing(self) -> None:
         """A run folder that holds different settings is refused before anything runs."""
@@ -373,7 +371,7 @@ class Sweep:
                 )
             else:
                 path = configs / f"{rid}.yaml"
-                path.write_text(yaml.safe_dump(p.cfg.to_dict(), sort_keys=False))
+                atomic.write_text(path, yaml.safe_dump(p.cfg.to_dict(), sort_keys=False))
                 job = ex.submit(
                     slurm.TrainJob(
                         str(path), str(self.folder / rid / rf.TRAIN_LOG), settings.gpus_per_node, settings.nodes
@@ -407,7 +405,7 @@ class Sweep:
         configs.mkdir(parents=True, exist_ok=True)
         for p in todo:
             path = configs / f"{p.spec.run_id}.yaml"
-            path.write_text(yaml.safe_dump(p.cfg.to_dict(), sort_keys=False))
+            atomic.write_text(path, yaml.safe_dump(p.cfg.to_dict(), sort_keys=False))
             started(p.spec.run_id)
             began = time.perf_counter()
             command = [

@@ -61,9 +61,16 @@ class SlurmSettings:
     poll_sec: float = 30.0
 
     def validate(self) -> None:
-        for name in ("gpus_per_node", "nodes", "time_min", "cpus_per_gpu"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--slurm-{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        flags = {"gpus_per_node": "gpus", "time_min": "time", "mem_gb": "mem-gb"}
+        for name in ("gpus_per_node", "nodes", "time_min", "cpus_per_gpu", "mem_gb"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                flag = flags.get(name, name.replace("_", "-"))
+                raise UsageError(f"--slurm-{flag} must be >= 1, got {value}")
+        for name in ("partition", "account", "qos"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise UsageError(f"--slurm-{name} must not be empty (leave it out for the cluster's default)")
         if self.cluster not in ("slurm", "local"):
             raise UsageError(f"slurm cluster must be 'slurm' or 'local', got {self.cluster!r}")
 

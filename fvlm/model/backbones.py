@@ -10,10 +10,9 @@ Nothing is ever downloaded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_json
 
 SHAPES_DIR = Path(__file__).parent / "shapes"
 _ALIASES = {("llm", "tiny"): "tiny-llm", ("dino", "tiny"): "tiny-dino"}
@@ -49,7 +48,7 @@ def backbone_config(spec: str, kind: str):
 
     shape = _shape_file(spec, kind)
     if shape is not None:
-        data = json.loads(shape.read_text())
+        data = read_json(shape)
         model_type = data.pop("model_type")
         return AutoConfig.for_model(model_type, **data)
     path = Path(spec).expanduser()
@@ -57,9 +56,9 @@ def backbone_config(spec: str, kind: str):
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise UsageError(f"model.{kind}: {path} has no config.json (not a Hugging Face model folder)")
-            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         elif _looks_like_hub_id(spec):
-            config = AutoConfig.from_pretrained(spec, local_files_only=True)
+            config = AutoConfig.from_pretrained(spec, local_files_only=True, trust_remote_code=False)
         else:
             raise UsageError(
                 f"model.{kind}: '{spec}' is neither a folder nor a shape name ({', '.join(shape_names())})"
@@ -96,13 +95,48 @@ def load_backbone(spec: str, kind: str, attn_implementation: str = "sdpa"):
     if is_shape_name(spec, kind):
         config._attn_implementation = attn_implementation
         return auto_class.from_config(config, attn_implementation=attn_implementation), False
+    import pickle
+
     try:
         model = auto_class.from_pretrained(
-            _local_or_hub(spec), local_files_only=True, attn_implementation=attn_implementation, dtype="float32"
+            _local_or_hub(spec),
+            local_files_only=True,
+            trust_remote_code=False,
+            attn_implementation=attn_implementation,
+            dtype="float32",
         )
+    except pickle.UnpicklingError:
+        # torch (weights_only) refused a pickled weights file that asks to build more than tensors.
+        raise UsageError(
+            f"model.{kind}: {pickled_weights(spec)}: refused to load: the pickle holds more than tensors "
+            "(a pickle can run code); give safetensors weights"
+        ) from None
     except (OSError, ValueError) as exc:
-        raise UsageError(f"model.{kind}: cannot load weights from '{spec}' ({str(exc).splitlines()[0]})") from None
+        raise UsageError(f"model.{kind}: cannot load weights from '{spec}' ({_first_line(exc)})") from None
     return model, True
+
+
+def pickled_weights(folder: str | Path) -> str:
+    """The pickled weights file of a model folder (what torch's weights-only loading refuses), for a
+    message; the folder itself when it holds none by the usual names."""
+    found = sorted(Path(folder).expanduser().glob("*.bin")) + sorted(Path(folder).expanduser().glob("*.pt"))
+    return str(found[0]) if found else str(folder)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def tokenizer_from_folder(folder: str, what: str):
+    """transformers' tokenizer of a local folder; one that it cannot load, or that asks to run code of
+    its own (`auto_map`: never run), is a one-line error naming `what`."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"{what}: cannot load a tokenizer from '{folder}' ({_first_line(exc)})") from None
 
 
 def load_llm(spec: str, attn_implementation: str = "sdpa"):
@@ -112,16 +146,11 @@ def load_llm(spec: str, attn_implementation: str = "sdpa"):
 
 def load_tokenizer(spec: str):
     """The LLM folder's tokenizer; the project's byte-level tokenizer for shape names."""
-    from transformers import AutoTokenizer
-
     from fvlm.model.tokenizer import byte_tokenizer
 
     if is_shape_name(spec, "llm"):
         return byte_tokenizer()
-    try:
-        tok = AutoTokenizer.from_pretrained(_local_or_hub(spec), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"model.llm: cannot load a tokenizer from '{spec}' ({str(exc).splitlines()[0]})") from None
+    tok = tokenizer_from_folder(_local_or_hub(spec), "model.llm")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:

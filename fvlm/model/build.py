@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
+from fvlm import atomic
 from fvlm.config import ModelConfig
-from fvlm.errors import UsageError
-from fvlm.model.backbones import load_backbone, load_tokenizer
+from fvlm.errors import UsageError, read_json
+from fvlm.model.backbones import load_backbone, load_tokenizer, tokenizer_from_folder
 from fvlm.model.vlm import FoveatedVLM, MultiTokenVLM, VLMBase
 from fvlm.run_folder import MODEL_CONFIG, MODEL_FILE
 
@@ -88,7 +89,7 @@ def save_model(model: VLMBase, folder: str | Path, tokenizer=None) -> Path:
         "llm_config": model.llm.config.to_dict(),
         "dino_config": model.encoder.dino.config.to_dict(),
     }
-    (folder / MODEL_CONFIG).write_text(json.dumps(meta, indent=1, default=str))
+    atomic.write_text(folder / MODEL_CONFIG, json.dumps(meta, indent=1, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
     return folder
@@ -100,7 +101,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
-        AutoTokenizer,
         Dinov2Model,
     )
 
@@ -108,8 +108,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
     for name in (MODEL_FILE, MODEL_CONFIG):
         if not (folder / name).is_file():
             raise UsageError(f"{folder}: not a saved fvlm model (missing {name})")
+    meta = read_json(folder / MODEL_CONFIG)
     try:
-        meta = json.loads((folder / MODEL_CONFIG).read_text())
         cfg = ModelConfig(**meta["model"])
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(
@@ -136,5 +136,5 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu"):
         ) from None
     tokenizer = None
     if (folder / TOKENIZER_DIR).is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+        tokenizer = tokenizer_from_folder(str(folder / TOKENIZER_DIR), str(folder))
     return model.to(device), tokenizer

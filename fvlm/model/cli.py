@@ -6,7 +6,7 @@ import json
 import math
 
 from fvlm import overrides
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, check_folder_path, not_empty
 from fvlm.model.pretrain_tiny import Recipe
 
 PAPER_SIZES = {"135M": "smollm2-135m", "360M": "smollm2-360m", "1.7B": "smollm2-1.7b"}
@@ -114,8 +114,11 @@ def run(args) -> int:
         if not (math.isfinite(budget) and budget > 0):
             raise UsageError(f"--budget must be a positive number of FLOPs (like 1e18), got {budget}")
     budgets = {f"{b:.3g}": b for b in args.budget} if args.budget else dict(PLAN_BUDGETS)
-    frames = args.frames or cfg.data.max_frames
-    text = args.text_tokens or cfg.data.max_text_tokens
+    for flag, value in (("--frames", args.frames), ("--text-tokens", args.text_tokens)):
+        if value is not None and value < 1:  # 0 is no count at all, not "the default"
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    frames = args.frames if args.frames is not None else cfg.data.max_frames
+    text = args.text_tokens if args.text_tokens is not None else cfg.data.max_text_tokens
     result = {"config": _report(cfg.model, frames, text, args.flops_formula, budgets, args.measure)}
 
     # The plan's three sizes with DINOv2-small at its sample shape (~500 tokens), both architectures.
@@ -175,7 +178,9 @@ def cmd_pretrain_tiny(args) -> int:
 
     from fvlm.model.pretrain_tiny import make_tiny_backbones
 
+    not_empty(args, "OUT")
     out = Path(args.out)
+    check_folder_path(out, "OUT")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out}: exists and is not empty (choose a new folder)")
     if not 0 <= args.seed < 2**32:
@@ -202,6 +207,7 @@ def cmd_pretrain_tiny(args) -> int:
 def cmd_import(args) -> int:
     from fvlm.model.importer import import_llm
 
+    not_empty(args, "SRC", "OUT")
     report = import_llm(args.src, args.out, dtype=args.dtype)
     print(
         f"wrote {args.out}: {report['architecture']}, {report['parameters']:,} parameters, {report['dtype']}, "

@@ -16,12 +16,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
-import json
 import shutil
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fvlm import atomic
 from fvlm.errors import UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -34,6 +35,12 @@ CHECK_CHAT = [
 # Float32 logits of the same weights computed by two loads agree to rounding; anything larger means
 # the weights, the config or the tokenizer did not survive the round trip.
 MAX_LOGIT_DIFFERENCE = 1e-3
+# A GGUF header: magic, version, tensor count, metadata entry count. Each tensor's description takes
+# at least 24 bytes (name length, dimension count, type, offset) and each metadata entry 13 (key
+# length, value type, a one-byte value).
+GGUF_HEADER = struct.Struct("<4sIQQ")
+GGUF_MIN_TENSOR_INFO = 24
+GGUF_MIN_ENTRY = 13
 
 
 @dataclass
@@ -62,19 +69,50 @@ def resolve_source(src: str) -> Source:
     raise UsageError(f"{path}: no such file or folder")
 
 
+def check_gguf_header(path: Path) -> None:
+    """Refuses a GGUF file whose header counts more tensors or metadata entries than its size can
+    hold, before a reader believes the counts (and loops, or allocates, for 10**12 of them)."""
+    with path.open("rb") as handle:
+        head = handle.read(GGUF_HEADER.size)
+    if len(head) < GGUF_HEADER.size or head[:4] != b"GGUF":
+        raise UsageError(f"{path}: not a GGUF file (no GGUF header)")
+    _, version, tensors, entries = GGUF_HEADER.unpack(head)
+    size = path.stat().st_size
+    if version < 2 or tensors * GGUF_MIN_TENSOR_INFO + entries * GGUF_MIN_ENTRY > size:
+        raise UsageError(
+            f"{path}: damaged GGUF header (version {version}, {tensors} tensors and {entries} metadata "
+            f"entries claimed in a file of {size} bytes)"
+        )
+
+
 def _load(source: Source, dtype: str):
     """(model, tokenizer) as transformers loads them; a source it cannot read is a one-line error."""
+    import pickle
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from fvlm.model.backbones import pickled_weights
+
+    if source.gguf_file:
+        check_gguf_header(source.folder / source.gguf_file)
     extra = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     # GGUF tensors are dequantised to float32 unless told otherwise; a folder keeps its own dtype.
     load_dtype = "float32" if dtype == "auto" and source.gguf_file else dtype
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.folder), local_files_only=True, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(source.folder), local_files_only=True, dtype=load_dtype, **extra
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(source.folder), local_files_only=True, trust_remote_code=False, **extra
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.folder), local_files_only=True, trust_remote_code=False, dtype=load_dtype, **extra
+        )
+    except pickle.UnpicklingError:
+        # torch (weights_only) refused a pickled weights file that asks to build more than tensors.
+        raise UsageError(
+            f"{pickled_weights(source.folder)}: refused to load: the pickle holds more than tensors "
+            "(a pickle can run code)"
+        ) from None
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as exc:
+        # struct.error: a GGUF file cut short.
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UsageError(f"{source.label}: transformers cannot load it as a causal language model ({reason})") from None
     if not tokenizer.chat_template:
@@ -158,7 +196,7 @@ def import_llm(src: str, out: str, dtype: str = "auto") -> dict:
                 f"{source.label}: the written folder's logits differ from the source's by {difference:.3g}"
             )
         report["max_logit_difference"] = difference
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        atomic.write_json(tmp / PROVENANCE_FILE, report, indent=1)
         if out_path.exists():
             out_path.rmdir()
         tmp.rename(out_path)

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
+from fvlm import atomic
 from fvlm.model.tokenizer import chat_ids
 
 if TYPE_CHECKING:  # torch and transformers are imported where the models are trained
@@ -715,7 +716,7 @@ def make_tiny_backbones(
         "llms": llms,
         "seconds": round(time.perf_counter() - began, 1),
     }
-    (out / "backbones.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic.write_json(out / "backbones.json", report, indent=2)
     log(f"  backbones made in {report['seconds']:.0f} s")
     return report
 

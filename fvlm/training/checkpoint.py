@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import importlib
-import json
 import os
 import random
 import shutil
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, read_json
 from fvlm.model.build import save_model
 from fvlm.run_folder import (
     META,
@@ -207,7 +206,7 @@ def load_checkpoint(
     optimizer.load_state_dict(load_data(folder / OPTIMIZER))
     trainer_state = load_data(folder / TRAINER)
     rank_state = load_data(own_rank)
-    meta = json.loads((folder / META).read_text())
+    meta = read_json(folder / META)
     return trainer_state, rank_state, meta
 
 

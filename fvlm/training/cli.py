@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from fvlm import overrides
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, check_folder_path
 
 
 def register(sub) -> None:
@@ -29,6 +29,7 @@ def cmd_train(args) -> int:
 
     config, items = overrides.from_args(args, "train")
     cfg = load_config(config, items)
+    check_folder_path(cfg.out_dir, "out_dir")
     if args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     if args.nproc > 1:

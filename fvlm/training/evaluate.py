@@ -7,7 +7,6 @@ out the lambda-weighted coarse term, so runs with different lambda_coarse stay c
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import torch
 
+from fvlm import atomic
 from fvlm import run_folder as rf
 from fvlm.data.decode import MEAN, STD
 from fvlm.data.loader import boxes_array
@@ -155,8 +155,6 @@ def save_probe_attention(
         arrays["mover_boxes"] = boxes
     path = rf.attention_file(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    with atomic.replacing(path, "wb") as f:
         np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
     return path

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from fvlm.errors import UsageError
+from fvlm import atomic
+from fvlm.errors import UsageError, decode_lines
 from fvlm.run_folder import csv_cell
 
 
@@ -30,35 +31,30 @@ class CsvLog:
         self.path = Path(path)
         self.columns = columns
         kept: list[list[str]] = []
+        # Lines that are not UTF-8 text (a damaged tail) are dropped like rows cut short; counted here.
+        self.damaged_lines = 0
         if keep_until_step is not None and self.path.is_file():
-            with self.path.open(newline="") as f:
-                reader = csv.reader(f)
-                header = next(reader, None) or []
-                if "step" in header:
-                    # Whole rows only (a row cut short by a kill mid-write is dropped); a log written
-                    # with other columns (an older fvlm) keeps its values under the current ones.
-                    at = header.index("step")
-                    kept = [
-                        [dict(zip(header, row)).get(c, "") for c in columns]
-                        for row in reader
-                        if len(row) == len(header) and _step(row, at) <= keep_until_step
-                    ]
+            lines = decode_lines(self.path.read_bytes())
+            self.damaged_lines = lines.count(None)
+            reader = csv.reader(line for line in lines if line is not None)
+            header = next(reader, None) or []
+            if "step" in header:
+                # Whole rows only (a row cut short by a kill mid-write is dropped); a log written
+                # with other columns (an older fvlm) keeps its values under the current ones.
+                at = header.index("step")
+                kept = [
+                    [dict(zip(header, row)).get(c, "") for c in columns]
+                    for row in reader
+                    if len(row) == len(header) and _step(row, at) <= keep_until_step
+                ]
         self.kept_rows = [dict(zip(columns, row)) for row in kept]
         # The kept rows go to a temporary file that replaces the log in one rename: a kill at any
         # moment leaves either the old log or the new one, never an emptied one.
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        try:
-            with tmp.open("w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(columns)
-                writer.writerows(kept)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        self._file = self.path.open("a", newline="")
+        with atomic.replacing(self.path, newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows(kept)
+        self._file = self.path.open("a", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
 
     def write(self, row: dict) -> None:

@@ -344,6 +344,9 @@ class Trainer:
             rf.METRIC_COLUMNS,
             keep - 1 if keep is not None and self._eval_pending() else keep,
         )
+        for log in (self.steps_log, self.metrics_log):
+            if log.damaged_lines:
+                print(f"fvlm: {log.path}: dropped {log.damaged_lines} line(s) that are not UTF-8 text", flush=True)
         self.history = [_parse_row(row) for row in self.metrics_log.kept_rows]
         if self.steps_log.kept_rows:
             self.last_row = _parse_row(self.steps_log.kept_rows[-1])
