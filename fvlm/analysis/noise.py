@@ -282,9 +282,21 @@ def replication(table: Any, answers: list[dict[str, Any]], comparison: dict[str,
             if not any(replicate_of(rid)[0] in members for rid in table.runs if replicate_of(rid)[1] == k):
                 continue  # none of its runs has a replicate k: the same answer again
             again = ablations.answer(question, view) or {}
-            record = out["questions"].setdefault(question.id, {"winner": first.get("winner"), "replicates": []})
+            record = out["questions"].setdefault(
+                question.id,
+                {"winner": first.get("winner"), "provisional": bool(first.get("provisional")), "replicates": []},
+            )
+            # A replicate answers the same question only by the same rule: one that had to fall back to
+            # a weaker measurement (a replicate has no per-kind losses, say) is shown, not counted.
+            comparable = again.get("winner") is not None and bool(again.get("provisional")) == record["provisional"]
             record["replicates"].append(
-                {"k": k, "winner": again.get("winner"), "margin": again.get("margin"), "verdict": again.get("verdict")}
+                {
+                    "k": k,
+                    "winner": again.get("winner"),
+                    "margin": again.get("margin"),
+                    "verdict": again.get("verdict"),
+                    "counted": comparable,
+                }
             )
         cells = compare.compare_cells(view, n_boot=200, seed=k)
         for cell in cells["cells"]:
@@ -301,8 +313,9 @@ def replication(table: Any, answers: list[dict[str, Any]], comparison: dict[str,
             )
             record["replicates"].append({"k": k, "advantage": same.get("advantage"), "verdict": same.get("verdict")})
     for record in out["questions"].values():
-        record["of"] = len(record["replicates"])
-        record["agree"] = sum(r["winner"] == record["winner"] for r in record["replicates"])
+        counted = [r for r in record["replicates"] if r["counted"]]
+        record["of"] = len(counted)
+        record["agree"] = sum(r["winner"] == record["winner"] for r in counted)
     for record in out["cells"].values():
         sign = math.copysign(1, record["advantage"] or 0)
         record["of"] = len(record["replicates"])
@@ -350,9 +363,12 @@ def replication_markdown(record: dict[str, Any]) -> list[str]:
         ]
         for qid, q in record["questions"].items():
             answers = "; ".join(
-                f"{r['k']}: {r['winner']}, {r['margin']:+.4f}"
-                if isinstance(r["margin"], float) and math.isfinite(r["margin"])
-                else f"{r['k']}: {r['winner'] or r['verdict']}"
+                (
+                    f"{r['k']}: {r['winner']}, {r['margin']:+.4f}"
+                    if isinstance(r["margin"], float) and math.isfinite(r["margin"])
+                    else f"{r['k']}: {r['winner'] or r['verdict']}"
+                )
+                + ("" if r["counted"] else " (another rule's answer: not counted)")
                 for r in q["replicates"]
             )
             lines.append(f"| {qid} | {q['winner']} | {answers} | {q['agree']} of {q['of']} |")
