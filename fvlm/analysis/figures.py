@@ -18,6 +18,7 @@ from fvlm.analysis import ablations
 from fvlm.analysis.attention_maps import load_attention, render_video
 from fvlm.analysis.fits import budget_label, predict_data_scaling, predict_joint
 from fvlm.analysis.table import Run, Table
+from fvlm.experiments.matrix import replicate_of
 
 if TYPE_CHECKING:  # pyplot and its classes are imported when a figure is drawn (_use_agg)
     from matplotlib.axes import Axes
@@ -290,7 +291,9 @@ def fig7_eval_modes(ctx: Context) -> Path | str:
     ax.set_xticks(np.arange(len(runs)) + width * (len(modes) - 1) / 2, [r.run_id for r in runs], rotation=20)
     ax.set_ylabel("eval loss")
     ax.set_title("Fig 7: eval modes")
-    ax.legend()
+    # Room above the bars for the legend, which would otherwise sit on the tallest of them.
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.25)
+    ax.legend(ncol=len(modes), loc="upper center")
     return _save(fig, ctx.out / "fig7_eval_modes.png")
 
 
@@ -367,11 +370,13 @@ def scaling_foveated_vs_baseline(ctx: Context) -> Path | str:
     fig, ax = plt.subplots()
     sizes = sorted({r.model_size for r in runs}, key=lambda s: min(r.params or 0 for r in runs if r.model_size == s))
     colors = dict(zip(sizes, _colors(len(sizes))))
+    # Seed replicates (<cell>.s<k>) are drawn as hollow markers beside their cell, not joined into
+    # its line: their spread is the training noise at that budget.
+    labelled = False
     for arch, marker in (("foveated", "o"), ("multi_token", "s")):
         for size in sizes:
-            chosen = sorted(
-                (r for r in runs if r.arch == arch and r.model_size == size), key=lambda r: np.nanmax(r.flops())
-            )
+            mine = [r for r in runs if r.arch == arch and r.model_size == size]
+            chosen = sorted((r for r in mine if not replicate_of(r.run_id)[1]), key=lambda r: np.nanmax(r.flops()))
             if chosen:
                 ax.plot(
                     [np.nanmax(r.flops()) for r in chosen],
@@ -381,6 +386,18 @@ def scaling_foveated_vs_baseline(ctx: Context) -> Path | str:
                     color=colors[size],
                     label=f"{size} {arch}",
                 )
+            replicas = [r for r in mine if replicate_of(r.run_id)[1]]
+            if replicas:
+                ax.plot(
+                    [np.nanmax(r.flops()) for r in replicas],
+                    [r.col("val_loss")[-1] for r in replicas],
+                    marker,
+                    ls="none",
+                    mfc="none",
+                    color=colors[size],
+                    label=None if labelled else "seed replicate (hollow)",
+                )
+                labelled = True
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("final val loss")
