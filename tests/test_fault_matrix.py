@@ -384,6 +384,30 @@ def _torn_row_noted(finished, tmp_path):
     assert "metrics.csv: its last row (line 3) is cut short; left out" in report
 
 
+def export_of_torn_weights(finished, tmp_path):
+    run = _copy_run(finished, tmp_path)
+    weights = run / "checkpoints" / "step_0000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # what a disk that filled up mid-write leaves
+    return ["export", str(run), str(tmp_path / "hf")]
+
+
+def export_of_broken_model_json(finished, tmp_path):
+    run = _copy_run(finished, tmp_path)
+    (run / "checkpoints" / "step_0000004" / "fvlm_model.json").write_text('{"arch":')
+    return ["export", str(run), str(tmp_path / "hf")]
+
+
+def _no_export_left(finished, tmp_path):
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".hf", "hf"))]
+
+
+def side_by_side_of_a_broken_decisions(finished, tmp_path):
+    for name, text in (("a", "{}"), ("b", '{"questions": [')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "decisions.json").write_text(text)
+    return ["analyze", "--side-by-side", str(tmp_path / "a"), str(tmp_path / "b")]
+
+
 def _argv(*argv: str) -> Callable[[Path, Path], list[str]]:
     return lambda finished, tmp_path: list(argv)
 
@@ -455,6 +479,11 @@ CASES = {
     "eval --layer without --attention": Case(_with_run("--layer", "0"), 2, "--layer picks the DINO layer"),
     "export with a row cut in half": Case(cut_export, 2, "all_eval_points.csv: line 3 has"),
     "run log with its last row cut short": Case(torn_metrics_row, 0, "analyzed 1 runs", _torn_row_noted),
+    # what later commands add: an export of a damaged run, outputs set side by side
+    "export of a run whose weights are cut short": Case(export_of_torn_weights, 2, "model.safetensors: unreadable", _no_export_left),
+    "export of a run whose fvlm_model.json is broken": Case(export_of_broken_model_json, 2, "fvlm_model.json: not valid JSON", _no_export_left),
+    "side by side of a broken decisions.json": Case(side_by_side_of_a_broken_decisions, 2, "decisions.json: not a readable decisions.json"),
+    "side by side of one output": Case(lambda f, t: ["analyze", "--side-by-side", str(f)], 2, "needs two or more Phase 1 outputs"),
     # a misleading hint before
     "data synth --size 100000": Case(_argv("data", "synth", "unused", "--size", "100000"), 2, "--size must be in [16, 1024] pixels"),
 }  # fmt: skip

@@ -9,11 +9,10 @@ listed but not counted.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from fvlm.errors import UsageError
+from fvlm.errors import UsageError, json_problem, parse_json, read_text
 
 _AHEAD = {"foveated ahead": "foveated", "baseline ahead": "baseline"}
 
@@ -23,9 +22,12 @@ def _decisions(path: Path) -> dict[str, Any]:
     for candidate in (path, path / "decisions.json", path / "report" / "decisions.json"):
         if candidate.is_file():
             try:
-                return json.loads(candidate.read_text())
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"{candidate}: not a readable decisions.json ({exc})") from None
+                decisions = parse_json(read_text(candidate))
+            except ValueError as exc:
+                raise UsageError(f"{candidate}: not a readable decisions.json ({json_problem(exc)})") from None
+            if not isinstance(decisions, dict):
+                raise UsageError(f"{candidate}: not a readable decisions.json (not a JSON object)")
+            return decisions
     raise UsageError(f"{path}: no decisions.json there (give a Phase 1 output folder or its report folder)")
 
 
