@@ -323,6 +323,18 @@ def replication(table: Any, answers: list[dict[str, Any]], comparison: dict[str,
     return out
 
 
+def floors_table(floors: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """A markdown table of `NoiseModel.floors()`: one row per place and metric."""
+    lines = ["| place | metric | sd | 95% interval | df | groups |", "|---|---|---|---|---|---|"]
+    for place, metrics in sorted(floors.items()):
+        for metric, f in metrics.items():
+            lines.append(
+                f"| {place} | {metric} | {f['sd']:.4f} | [{f['ci95'][0]:.4f}, {f['ci95'][1]:.4f}] | {f['df']} | "
+                f"{', '.join(f['groups'])} |"
+            )
+    return lines
+
+
 def replication_markdown(record: dict[str, Any]) -> list[str]:
     """The report's `## Replication` section from `replication`'s record."""
     lines = [
@@ -344,15 +356,8 @@ def replication_markdown(record: dict[str, Any]) -> list[str]:
     lines += [
         "### Noise floors (between-seed standard deviation, 95% interval from its degrees of freedom)",
         "",
-        "| place | metric | sd | 95% interval | df | groups |",
-        "|---|---|---|---|---|---|",
+        *floors_table(record["floors"]),
     ]
-    for place, metrics in sorted(record["floors"].items()):
-        for metric, f in metrics.items():
-            lines.append(
-                f"| {place} | {metric} | {f['sd']:.4f} | [{f['ci95'][0]:.4f}, {f['ci95'][1]:.4f}] | {f['df']} | "
-                f"{', '.join(f['groups'])} |"
-            )
     if record["questions"]:
         lines += [
             "",

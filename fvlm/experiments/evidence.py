@@ -1041,6 +1041,8 @@ def evidence_markdown(evidence: dict[str, Any]) -> str:
 def _replicates_markdown(replicates: dict[str, Any]) -> list[str]:
     """The evidence's part of the report's replication: its noise floors, whether each replicate reads,
     and each comparison asked again of each replicate."""
+    from fvlm.analysis.noise import floors_table
+
     if not replicates.get("floors"):
         return [
             "",
@@ -1055,15 +1057,8 @@ def _replicates_markdown(replicates: dict[str, Any]) -> list[str]:
         "Between-seed standard deviation of each measured quantity (95% interval from its degrees of "
         "freedom); the paired verdicts above add it to their evaluation noise, once per training run compared.",
         "",
-        "| place | metric | sd | 95% interval | df | groups |",
-        "|---|---|---|---|---|---|",
+        *floors_table(replicates["floors"]),
     ]
-    for place, metrics in sorted(replicates["floors"].items()):
-        for metric, f in metrics.items():
-            lines.append(
-                f"| {place} | {metric} | {f['sd']:.4f} | [{f['ci95'][0]:.4f}, {f['ci95'][1]:.4f}] | {f['df']} | "
-                f"{', '.join(f['groups'])} |"
-            )
     if replicates.get("reads"):
         lines += ["", "| run | reads the pixels, per seed | reading |", "|---|---|---|"]
         for base, r in replicates["reads"].items():
