@@ -1,0 +1,76 @@
+"""benchmarks/step_ops.py's counting: views are not counted, an inserted `.item()` is one host sync,
+a dtype change is one cast, and on the tiny shape coarse_fine runs more aten ops than coarse_only."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_ops.py"
+
+
+def _step_ops():
+    spec = importlib.util.spec_from_file_location("step_ops", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Syncing(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.linear(x).view(2, 8).transpose(0, 1).reshape(-1)  # views only after the linear
+        if y.sum().item() > 1e9:  # the deliberate host sync
+            y = y * 2
+        return y.to(torch.float64).sum()
+
+
+def test_views_are_not_counted_and_an_item_is_one_sync():
+    ops = _step_ops()
+    x = torch.randn(4, 4)
+    with ops.OpCounter() as plain:
+        torch.ones(3).view(3, 1).transpose(0, 1).unsqueeze(0).expand(2, 1, 3)
+    assert plain.total() == 1 and plain.views == 4  # `ones` (one fill); 4 views skipped
+    assert plain.n_syncs() == 0
+
+    module = Syncing()
+    with ops.OpCounter() as counter:
+        module(x)
+    assert counter.n_syncs() == 1
+    (site,) = counter.syncs["forward"]
+    assert site.startswith("_local_scalar_dense") and "test_step_ops.py" in site and ".item()" in site
+    assert sum(counter.casts.values()) == 1  # the float64 copy
+    assert counter.views >= 3
+    assert "view" not in counter.ops["forward"] and "transpose" not in counter.ops["forward"]
+
+
+def test_boolean_mask_gather_is_a_sync_and_an_index_with_integers_is_not():
+    ops = _step_ops()
+    x, mask = torch.randn(4, 3), torch.tensor([True, False, True, True])
+    with ops.OpCounter() as counter:
+        x[mask]
+        x[torch.tensor([0, 2])]
+    assert counter.n_syncs() == 1
+    assert counter.ops["forward"]["index"] == 2
+
+
+def test_tiny_coarse_fine_runs_more_ops_than_coarse_only():
+    ops = _step_ops()
+    batch = ops.make_batch(2, 2, 16, 32)
+    counts = {}
+    for variant in ("coarse_fine", "coarse_only"):
+        _, model = ops.build("tiny", variant, 32)
+        counts[variant] = ops.count_step(model, batch, bf16=False)
+    fine, coarse = counts["coarse_fine"], counts["coarse_only"]
+    assert fine.total() > coarse.total() > 0
+    assert fine.total("backward") > 0 and fine.total("forward") > 0
+    assert fine.n_syncs() > coarse.n_syncs() > 0
+    assert sum(fine.casts.values()) < fine.total()
+    sites = "\n".join(fine.syncs["forward"])
+    assert "fvlm/model/vlm.py" in sites and "nonzero" in sites
