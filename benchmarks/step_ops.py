@@ -155,11 +155,14 @@ class OpCounter(TorchDispatchMode):
         self.casts: collections.Counter = collections.Counter()
         self.syncs: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.views = 0
+        self.no_kernel: collections.Counter = collections.Counter()  # allocations, metadata-only ops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _is_view(func) or func in NO_KERNEL:
+        if _is_view(func):
             self.views += 1
+        elif func in NO_KERNEL:
+            self.no_kernel[str(func.overloadpacket.__name__)] += 1
         else:
             self.ops[self.phase][str(func.overloadpacket.__name__)] += 1
             if _cast(func, args, kwargs):
@@ -349,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "syncs": c.n_syncs(),
                     "syncs_backward": c.n_syncs("backward"),
                     "views_skipped": c.views,
+                    "no_kernel_skipped": dict(c.no_kernel),
                     "top_ops": c.ops["forward"].most_common(5),
                 }
             )
@@ -394,6 +398,11 @@ def print_report(results: dict[str, Any], sync_sites: dict[str, collections.Coun
             print(
                 f"{'':<18} autocast adds {extra:,} casts (issue baseline ~{ISSUE_BASELINE['casts_added_by_autocast']:,})"
             )
+    skipped = ", ".join(
+        f"{row['variant']} {row['precision']} {row['views_skipped']:,} views + {sum(row['no_kernel_skipped'].values()):,}"
+        for row in r["rows"]
+    )
+    print(f"not counted (views; allocation/metadata-only ops, mostly _unsafe_view): {skipped}")
     cf = [row for row in r["rows"] if row["variant"] == "coarse_fine"]
     if cf:
         syncs = cf[0]["syncs"]
