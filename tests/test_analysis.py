@@ -917,6 +917,22 @@ def test_a8_on_image_samples_and_d1_on_video_and_image_samples_or_unknown(tmp_pa
     assert answer(questions["data_mix"], load([str(sweep)]))["winner"] == "D1"
 
 
+@pytest.mark.parametrize("a8b_image, expected", [(-0.10, "A8b"), (-0.004, "A8a")])
+def test_the_lock_keeps_one_frame_images_unless_replication_is_clearly_better(tmp_path, a8b_image, expected):
+    """A8b (replicated frames) is adopted only when clearly better on the image samples; a lead within
+    noise keeps the cheaper one-frame images, so that the locked config does not follow a seed's noise."""
+    from fvlm.experiments import decide
+    from fvlm.experiments.matrix import ablation_specs
+    from fvlm.experiments.presets import TINY
+
+    sweep = ablation_sweep(tmp_path, OFFSETS)
+    _write_sources(sweep / "A8a", {})
+    _write_sources(sweep / "A8b", {"image": a8b_image})
+    choice = decide.choose("image_handling", load([str(sweep)]), {s.run_id: s for s in ablation_specs(TINY)})
+    assert choice["analysis_winner"] == "A8b" and choice["choice"] == expected
+    assert choice["adopted"]["data.replicate_image_frames"] == (1 if expected == "A8a" else TINY.replicate_max)
+
+
 def test_a_sources_file_without_its_fields_is_one_line(tmp_path):
     sweep = ablation_sweep(tmp_path, {"F3": 0.0})
     (sweep / "F3" / "eval").mkdir(exist_ok=True)

@@ -6,7 +6,8 @@ Which questions change the config, and the plan's rule when two runs are within 
   ("F1 ~ F3 -> freeze backbones: simpler, cheaper");
 - learning_rate: the best run's connector LR; LR4 (uniform) when within noise ("simplify");
   not asked when F1 won (the plan skips LR2-LR4 then);
-- image_handling: the better replication of A8a/A8b on the image samples' val loss;
+- image_handling: the better replication of A8a/A8b on the image samples' val loss; A8a (one frame,
+  the cheaper) when the other is not clearly better;
 - data_mix: D1's mix only when it beats F3 on the video samples without losing on the image samples.
 Deep query (A1), two-pass (A6) and the baseline (B1) are measurements of the design, not options:
 the grid trains the foveated model as designed and B1's architecture as its baseline arm.
@@ -80,6 +81,17 @@ def choose(qid: str, table: Table, specs: dict[str, RunSpec]) -> dict[str, Any]:
                 f"D1 beats F3 by {result['margin']:.4g}, not more than the noise {result['noise']:.4g}: keep the mix"
             )
             winner = "F3"
+    if (
+        qid == "image_handling"
+        and winner != "A8a"
+        and "A8a" in result["runs"]
+        and not str(result["verdict"]).startswith("clear")
+    ):
+        # A replication that is not clearly better is not worth its frames: images stay one frame,
+        # as the plan's other tie rules prefer the simpler, cheaper option. Without this the lock
+        # took whichever of A8a/A8b a seed's noise put ahead.
+        reason = f"{winner} is not clearly better ({result['verdict']}); images stay one frame (A8a), the cheaper"
+        winner = "A8a"
     spec = specs.get(winner)
     adopted = {k: v for k, v in (spec.diff if spec else {}).items() if k in KNOBS[qid]}
     if qid == "data_mix" and winner == "F3":
