@@ -674,30 +674,27 @@ class SceneKnobs(TypedDict, total=False):
     image_task: str
 
 
-class SynthParams(SceneKnobs):
+class SetSizes(TypedDict):
+    """How many samples of each kind and split, their frames, size and seed."""
+
+    videos: int
+    images: int
+    texts: int
+    frames: int
+    size: int
+    seed: int
+    val: int
+    probe: int
+    bench: int
+
+
+class SynthParams(SceneKnobs, SetSizes):
     """The keyword arguments of `generate_synthetic` that a data config asks for."""
 
-    videos: int
-    images: int
-    texts: int
-    frames: int
-    size: int
-    seed: int
-    val: int
-    probe: int
-    bench: int
 
+class ManifestParams(SetSizes):
+    """manifest.json's parameters: the sizes and every scene knob, defaults included."""
 
-class ManifestParams(TypedDict):
-    videos: int
-    images: int
-    texts: int
-    frames: int
-    size: int
-    seed: int
-    val: int
-    probe: int
-    bench: int
     mc_fraction: float
     background: str
     object_scale: list[float]
