@@ -255,6 +255,8 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     """Pads and stacks; frames are normalised straight into the batch (samples carry uint8)."""
     import torch
 
+    from fvlm.model.batch_index import build_indices
+
     batch_size = len(samples)
     t_max = max((s["frames"].shape[0] for s in samples), default=0)
     l_max = max((len(s["ids"]) for s in samples), default=0)
@@ -278,6 +280,9 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "loss_mask": loss_mask,
+        # Which frames DINO reads and which tokens are targets, found here on the host so that the
+        # model's step never waits for the device to find them (fvlm.model.batch_index).
+        **build_indices(frame_mask, loss_mask),
         "keys": [s["key"] for s in samples],
         "sources": [s["source"] for s in samples],
         "kinds": [s["kind"] for s in samples],

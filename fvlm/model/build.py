@@ -35,15 +35,16 @@ def assemble(cfg: ModelConfig, llm, dino) -> VLMBase:
 
 
 def compile_model(model: VLMBase, backend: str | object = "inductor") -> VLMBase:
-    """`model.compile` so that a training step is one graph after the text-only check.
+    """Compiles the model's step (`_forward`) into one graph (`fullgraph=True`).
 
-    The valid frames are gathered with a boolean mask and the answer tokens found with `nonzero`:
-    shapes that depend on the data. By default dynamo splits the graph at each of them (a dozen
-    graphs per step) and inductor then failed to compile the pieces (a GPU check on an H200 logged
-    6 failed compiles at the frame scatter). Tracing them as unbacked sizes keeps one graph. Inductor's
-    channels-last layout choice for DINO's patch convolution over a data-dependent number of frames
-    failed its own stride check (torch 2.13, CPU), so that choice is off: it concerns that one
-    convolution. These settings are process-wide, as dynamo's configuration is.
+    A batch from the loader carries its frame and target indices, built on the host
+    (fvlm.model.batch_index), so the step has no data-dependent shape and nothing in it waits for the
+    device. The sizes that change from batch to batch (frames encoded, targets, text length) are
+    marked dynamic by `forward`, so one graph serves them all instead of one compile per size. A batch
+    made without the indices still compiles: the model then finds them with `nonzero`, traced as
+    unbacked sizes. Inductor's channels-last layout choice for DINO's patch convolution over a
+    dynamic number of frames failed its own stride check (torch 2.13, CPU), so that choice is off: it
+    concerns that one convolution. These settings are process-wide, as dynamo's configuration is.
     """
     import torch._dynamo.config
     import torch._inductor.config
@@ -51,7 +52,8 @@ def compile_model(model: VLMBase, backend: str | object = "inductor") -> VLMBase
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     torch._dynamo.config.capture_scalar_outputs = True
     torch._inductor.config.layout_optimization = False
-    model.compile(backend=backend)
+    model._forward = torch.compile(model._forward, backend=backend, fullgraph=True)  # type: ignore[method-assign,arg-type]
+    model.compiled = True
     return model
 
 

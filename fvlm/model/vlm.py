@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fvlm.config import ModelConfig
+from fvlm.model.batch_index import FrameIndex, Targets
 from fvlm.model.encoder import DinoEncoder, PatchCache, ShallowQuery, attention_entropy, cls_embedding
 
 if TYPE_CHECKING:
@@ -38,6 +39,13 @@ class Batch(TypedDict, total=False):
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
+    # Built by the loader's collate on the host (fvlm.model.batch_index); the model finds them itself
+    # when a batch comes without them.
+    frame_rows: torch.Tensor
+    target_rows: torch.Tensor
+    target_cols: torch.Tensor
+    target_weight: torch.Tensor
+    n_targets: int
     keys: list[str]
     sources: list[str]
     kinds: list[str]
@@ -60,6 +68,9 @@ class VLMOutput:
 
     loss: torch.Tensor
     n_tokens: int
+    # The same count on the device, as the step computed it (n_tokens comes from the host's batch
+    # when it says, so that reading it never waits for the device).
+    target_count: torch.Tensor | None = None
     loss_fine: torch.Tensor | None = None
     loss_coarse: torch.Tensor | None = None
     # The query attention (detached) that `attention_entropy` summarises. The entropy is computed only
@@ -99,6 +110,7 @@ class VLMBase(nn.Module):
         self.dino_dim = dino.config.hidden_size
         self.dino_to_llm = nn.Linear(self.dino_dim, self.llm_dim)
         self.visual_scale = cfg.visual_scale
+        self.compiled = False  # set by fvlm.model.build.compile_model
 
     # ------------------------------------------------------------------ what each architecture provides
     @property
@@ -115,6 +127,21 @@ class VLMBase(nn.Module):
 
     def visual_blocks(self, batch: Batch, modes: tuple[str, ...]) -> dict[str, VisualBlock]:
         """Every requested mode's visual block from one DINO pass."""
+        raise NotImplementedError
+
+    def forward(
+        self, batch: Batch, mode: str | None = None, compute_coarse: bool = True, return_attention: bool = False
+    ) -> VLMOutput:
+        """The step's losses in a mode. The work is `_forward` (what `train.compile` compiles: it reads
+        tensors only); the target count is taken here from the host's batch, or counted (a sync)."""
+        if self.compiled:
+            _mark_dynamic(batch)
+        out = self._forward(batch, mode, compute_coarse, return_attention)
+        n = batch.get("n_targets")
+        out.n_tokens = int(n) if n is not None else int(out.target_count) if out.target_count is not None else 0
+        return out
+
+    def _forward(self, batch: Batch, mode: str | None, compute_coarse: bool, return_attention: bool) -> VLMOutput:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ groups and freezing
@@ -142,20 +169,18 @@ class VLMBase(nn.Module):
         return any(p.requires_grad for p in self.encoder.dino.parameters())
 
     # ------------------------------------------------------------------ vision
-    def encode_frames(self, frames: torch.Tensor, frame_mask: torch.Tensor, deep_query: bool) -> PatchCache:
+    def encode_frames(self, frames: torch.Tensor, index: FrameIndex | torch.Tensor, deep_query: bool) -> PatchCache:
         """DINO over the valid frames only (padded frames cost nothing), in batch-major order."""
-        valid = frames[frame_mask]
+        valid = _frame_index(index).gather(frames)
         context: AbstractContextManager[Any] = (
             nullcontext() if self.dino_trainable and torch.is_grad_enabled() else torch.no_grad()
         )
         with context:
             return self.encoder.encode_patches(valid, cache_kv=deep_query, need_features=not deep_query)
 
-    def _scatter(self, values: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    def _scatter(self, values: torch.Tensor, index: FrameIndex | torch.Tensor) -> torch.Tensor:
         """Valid-frame rows [N, ...] back into a padded [B, T, ...] tensor (zeros for padding)."""
-        out = values.new_zeros(*frame_mask.shape, *values.shape[1:])
-        out[frame_mask] = values
-        return out
+        return _frame_index(index).scatter(values)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.dino_to_llm(features) * self.visual_scale
@@ -172,36 +197,16 @@ class VLMBase(nn.Module):
         cache: DynamicCache | None = None,
     ) -> torch.Tensor:
         position_ids = _positions(mask)[:, -embeds.shape[1] :] if position_ids is None else position_ids
+        sdpa = self.llm.config._attn_implementation == "sdpa"
         out = self.llm.model(
             inputs_embeds=embeds,
-            attention_mask=mask.long(),
+            attention_mask=attention_mask_4d(mask, embeds.shape[1], embeds.dtype, sdpa),
             position_ids=position_ids,
             cache=cache,
             use_cache=cache is not None,
         )
         return out.last_hidden_state
 
-    @overload
-    def text_loss(
-        self,
-        hidden: torch.Tensor,
-        mask: torch.Tensor,
-        input_ids: torch.Tensor,
-        loss_mask: torch.Tensor,
-        per_sample: Literal[False] = False,
-    ) -> tuple[torch.Tensor, int]: ...
-
-    @overload
-    def text_loss(
-        self,
-        hidden: torch.Tensor,
-        mask: torch.Tensor,
-        input_ids: torch.Tensor,
-        loss_mask: torch.Tensor,
-        per_sample: Literal[True],
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    @overload
     def text_loss(
         self,
         hidden: torch.Tensor,
@@ -209,61 +214,48 @@ class VLMBase(nn.Module):
         input_ids: torch.Tensor,
         loss_mask: torch.Tensor,
         per_sample: bool = False,
-    ) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor]: ...
+        targets: Targets | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CE of the text targets given hidden states over [visual block + text]: (mean CE, target count).
 
-    def text_loss(
-        self,
-        hidden: torch.Tensor,
-        mask: torch.Tensor,
-        input_ids: torch.Tensor,
-        loss_mask: torch.Tensor,
-        per_sample: bool = False,
-    ) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor]:
-        """CE of the text targets given hidden states over [visual block + text]: (mean CE, targets).
-
-        A target's predictor is the nearest real position before it (padded frames are skipped).
-        Logits are computed for target positions only. With `per_sample` it returns, per sample of
-        the batch, (summed CE [B], target count [B]) instead: what paired comparisons of two models
-        or two inputs on the same samples need.
+        A target's predictor is the nearest real position before it (padded frames are skipped); a
+        target without one does not count. Logits are computed for target positions only. `targets`
+        (the batch's, built on the host) saves finding them in `loss_mask`, which syncs. With
+        `per_sample` it returns, per sample of the batch, (summed CE [B], target count [B]) instead:
+        what paired comparisons of two models or two inputs on the same samples need.
         """
         batch, seq = mask.shape
+        if targets is None:
+            targets = Targets.of_masks(None, loss_mask)
         text_start = seq - input_ids.shape[1]
         arange = torch.arange(seq, device=mask.device).expand(batch, seq)
         last_real = torch.where(mask.bool(), arange, -1).cummax(dim=1).values
         prev_real = torch.cat([last_real.new_full((batch, 1), -1), last_real[:, :-1]], dim=1)
-        targets_at = torch.zeros_like(mask, dtype=torch.bool)
-        targets_at[:, text_start:] = loss_mask.bool()
-        targets_at &= prev_real >= 0
-        rows, cols = targets_at.nonzero(as_tuple=True)
-        n = rows.numel()
-        predictors = hidden[rows, prev_real[rows, cols]]
+        rows, cols = targets.rows, targets.cols
+        predictor_at = prev_real[rows, cols + text_start]
+        weight = targets.weight * (predictor_at >= 0)
+        predictors = hidden[rows, predictor_at.clamp_min(0)]
         logits = self.llm.lm_head(predictors).float()
-        labels = input_ids[rows, cols - text_start]
-        losses = F.cross_entropy(logits, labels, reduction="none")
+        labels = input_ids[rows, cols]
+        losses = F.cross_entropy(logits, labels, reduction="none") * weight
         if per_sample:
-            return losses.new_zeros(batch).index_add_(0, rows, losses), torch.bincount(rows, minlength=batch)
-        # No branch on n: under torch.compile a branch on a data-dependent count splits the graph.
-        # With no targets the sum is 0 and the loss 0.0, still connected to the weights.
-        return losses.sum() / torch.sym_max(n, 1), n
-
-    @overload
-    def loss_over(
-        self, visual: torch.Tensor, visual_mask: torch.Tensor, batch: Batch, per_sample: Literal[False] = False
-    ) -> tuple[torch.Tensor, int]: ...
-
-    @overload
-    def loss_over(
-        self, visual: torch.Tensor, visual_mask: torch.Tensor, batch: Batch, per_sample: Literal[True]
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+            counts = weight.new_zeros(batch).index_add_(0, rows, weight).round().long()
+            return losses.new_zeros(batch).index_add_(0, rows, losses), counts
+        # No branch on the count: under torch.compile a branch on data splits the graph. With no
+        # targets the sum is 0 and the loss 0.0, still connected to the weights.
+        n = weight.sum()
+        return losses.sum() / n.clamp_min(1), n
 
     def loss_over(
         self, visual: torch.Tensor, visual_mask: torch.Tensor, batch: Batch, per_sample: bool = False
-    ) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """text_loss of the batch's text after a visual block (per sample with `per_sample`)."""
         embeds = torch.cat([visual, self.embed_text(batch["input_ids"])], dim=1)
         mask = torch.cat([visual_mask.long(), batch["attention_mask"].long()], dim=1)
         hidden = self.run_llm(embeds, mask)
-        return self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"], per_sample=per_sample)
+        return self.text_loss(
+            hidden, mask, batch["input_ids"], batch["loss_mask"], per_sample=per_sample, targets=_targets(batch)
+        )
 
     @torch.no_grad()
     def generate(
@@ -326,15 +318,16 @@ class MultiTokenVLM(VLMBase):
         frames, frame_mask = batch["frames"], batch["frame_mask"]
         b, t = frame_mask.shape
         per_frame = self.k * self.k
-        if int(frame_mask.sum()) == 0:
+        index = batch_frames(batch)
+        if index.empty:
             empty = frames.new_zeros(b, t * per_frame, self.llm_dim)
             return empty, frame_mask.repeat_interleave(per_frame, dim=1)
-        cache = self.encode_frames(frames, frame_mask, deep_query=False)
+        cache = self.encode_frames(frames, index, deep_query=False)
         assert cache.features is not None  # encoded for features (no deep query)
         patches = cache.features[:, 1:]
         grid = patches.transpose(1, 2).reshape(patches.shape[0], self.dino_dim, *cache.grid)
         pooled = F.adaptive_avg_pool2d(grid, self.k).flatten(2).transpose(1, 2)
-        tokens = self._scatter(self.project(pooled), frame_mask)
+        tokens = self._scatter(self.project(pooled), index)
         return tokens.reshape(b, t * per_frame, self.llm_dim), frame_mask.repeat_interleave(per_frame, dim=1)
 
     supported_modes = ("coarse_only",)
@@ -345,12 +338,10 @@ class MultiTokenVLM(VLMBase):
         tokens, mask = self.visual_tokens(batch)
         return {mode: (tokens, mask, {}) for mode in modes}
 
-    def forward(
-        self, batch: Batch, mode: str | None = None, compute_coarse: bool = True, return_attention: bool = False
-    ) -> VLMOutput:
+    def _forward(self, batch: Batch, mode: str | None, compute_coarse: bool, return_attention: bool) -> VLMOutput:
         visual, visual_mask = self.visual_tokens(batch)
         loss, n = self.loss_over(visual, visual_mask, batch)
-        return VLMOutput(loss=loss, n_tokens=n, loss_coarse=loss.detach())
+        return VLMOutput(loss=loss, n_tokens=0, target_count=n, loss_coarse=loss.detach())
 
 
 class FoveatedVLM(VLMBase):
@@ -387,8 +378,8 @@ class FoveatedVLM(VLMBase):
         return "coarse_only" if self.cfg.coarse_only else "coarse_fine"
 
     # ------------------------------------------------------------------ queries over frames
-    def _prepare(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> Prepared:
-        cache = self.encode_frames(frames, frame_mask, deep_query=self.cfg.deep_query)
+    def _prepare(self, frames: torch.Tensor, index: FrameIndex | torch.Tensor) -> Prepared:
+        cache = self.encode_frames(frames, index, deep_query=self.cfg.deep_query)
         kv = None
         if self.shallow is not None:
             assert cache.features is not None  # encoded for features (the shallow query has no deep cache)
@@ -405,42 +396,45 @@ class FoveatedVLM(VLMBase):
             token, weights = self.shallow(kv, q)
         return self.project(token), weights
 
-    def _coarse(self, prepared: Prepared, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _coarse(self, prepared: Prepared, index: FrameIndex | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = _frame_index(index)
         cache, kv = prepared
         tokens, weights = self._read(cache, kv, self.q_static.expand(cache.num_frames, -1))
-        return self._scatter(tokens, frame_mask), self._scatter(weights, frame_mask)
+        return self._scatter(tokens, index), self._scatter(weights, index)
 
-    def _next_queries(self, hidden: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    def _next_queries(self, hidden: torch.Tensor, index: FrameIndex | torch.Tensor) -> torch.Tensor:
         """Query for frame t from the hidden state after frame t-1; frame 0 uses q_init."""
+        index = _frame_index(index)
         b = hidden.shape[0]
         from_llm = self.llm_to_query(hidden[:, :-1])
         first = self.q_init.expand(b, 1, -1)
-        return torch.cat([first, from_llm], dim=1)[frame_mask]
+        return index.gather(torch.cat([first, from_llm], dim=1))
 
     # ------------------------------------------------------------------ the three modes
-    def forward(
-        self, batch: Batch, mode: str | None = None, compute_coarse: bool = True, return_attention: bool = False
-    ) -> VLMOutput:
+    def _forward(self, batch: Batch, mode: str | None, compute_coarse: bool, return_attention: bool) -> VLMOutput:
         mode = mode or self.default_mode
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if mode != "coarse_only" and self.cfg.coarse_only:
             raise ValueError(f"a model trained coarse-only has no fine pass (mode {mode!r})")
-        frame_mask = batch["frame_mask"]
-        if int(frame_mask.sum()) == 0:
+        index = batch_frames(batch)
+        if index.empty:
             return self._text_only(batch)
-        prepared = self._prepare(batch["frames"], frame_mask)
+        prepared = self._prepare(batch["frames"], index)
         if mode == "coarse_only":
-            coarse, coarse_attn = self._coarse(prepared, frame_mask)
-            loss, n = self.loss_over(coarse, frame_mask, batch)
+            coarse, coarse_attn = self._coarse(prepared, index)
+            loss, n = self.loss_over(coarse, index.mask, batch)
             return self._output(loss, n, None, loss, {"coarse": coarse_attn}, return_attention)
         if mode == "autoregressive":
             return self._autoregressive(batch, prepared, return_attention)
-        return self._coarse_fine(batch, prepared, compute_coarse, return_attention)
+        return self._coarse_fine(batch, prepared, index, compute_coarse, return_attention)
 
-    def _coarse_fine(self, batch: Batch, prepared: Prepared, compute_coarse: bool, return_attention: bool) -> VLMOutput:
-        frame_mask = batch["frame_mask"]
-        coarse, coarse_attn = self._coarse(prepared, frame_mask)
+    def _coarse_fine(
+        self, batch: Batch, prepared: Prepared, index: FrameIndex, compute_coarse: bool, return_attention: bool
+    ) -> VLMOutput:
+        frame_mask = index.mask
+        targets = _targets(batch)
+        coarse, coarse_attn = self._coarse(prepared, index)
         lam = self.cfg.lambda_coarse
         loss_coarse: torch.Tensor | None = None
         if lam > 0:
@@ -450,7 +444,7 @@ class FoveatedVLM(VLMBase):
             mask = torch.cat([frame_mask.long(), batch["attention_mask"].long()], dim=1)
             hidden = self.run_llm(embeds, mask)
             coarse_hidden = hidden[:, : frame_mask.shape[1]]
-            loss_coarse, _ = self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"])
+            loss_coarse, _ = self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"], targets=targets)
         else:
             # Only the states after the visual tokens feed the fine pass, so only they take gradient;
             # the coarse loss is measured without it. The text continues from the visual pass's KV
@@ -467,10 +461,12 @@ class FoveatedVLM(VLMBase):
                         mask = torch.cat([frame_mask.long(), batch["attention_mask"].long()], dim=1)
                         text_hidden = self.run_llm(text_embeds, mask, cache=cache)
                         hidden = torch.cat([coarse_hidden.detach(), text_hidden], dim=1)
-                        loss_coarse, _ = self.text_loss(hidden, mask, batch["input_ids"], batch["loss_mask"])
+                        loss_coarse, _ = self.text_loss(
+                            hidden, mask, batch["input_ids"], batch["loss_mask"], targets=targets
+                        )
                     else:
                         loss_coarse, _ = self.loss_over(coarse.detach(), frame_mask, batch)
-        fine, fine_attn = self._fine(prepared, coarse_hidden, frame_mask)
+        fine, fine_attn = self._fine(prepared, coarse_hidden, index)
         loss_fine, n = self.loss_over(fine, frame_mask, batch)
         # With lam > 0 the coarse loss was computed above, with its gradient.
         loss = loss_fine + lam * loss_coarse if lam > 0 and loss_coarse is not None else loss_fine
@@ -478,13 +474,14 @@ class FoveatedVLM(VLMBase):
         return self._output(loss, n, loss_fine, loss_coarse, attn, return_attention)
 
     def _fine(
-        self, prepared: Prepared, coarse_hidden: torch.Tensor, frame_mask: torch.Tensor
+        self, prepared: Prepared, coarse_hidden: torch.Tensor, index: FrameIndex | torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fine read of every frame at once, each with the query from the LLM's state after the
         previous coarse token: (fine tokens [B, T, D_llm], attention [B, T, layers, heads, 1 + P])."""
+        index = _frame_index(index)
         cache, kv = prepared
-        tokens, weights = self._read(cache, kv, self._next_queries(coarse_hidden, frame_mask))
-        return self._scatter(tokens, frame_mask), self._scatter(weights, frame_mask)
+        tokens, weights = self._read(cache, kv, self._next_queries(coarse_hidden, index))
+        return self._scatter(tokens, index), self._scatter(weights, index)
 
     def _autoregressive(
         self, batch: Batch, prepared: Prepared, return_attention: bool, use_cache: bool = True
@@ -501,8 +498,7 @@ class FoveatedVLM(VLMBase):
         Returns (fine tokens [B, T, D_llm], attention [B, T, layers, heads, 1 + P])."""
         b, t = frame_mask.shape
         cache, kv = prepared
-        frame_index = torch.zeros_like(frame_mask, dtype=torch.long)
-        frame_index[frame_mask] = torch.arange(int(frame_mask.sum()), device=frame_mask.device)
+        frame_index = FrameIndex.of(frame_mask, frame_mask.new_zeros(0, dtype=torch.long)).slot
         llm_cache = self._new_cache() if use_cache else None
         query = self.q_init.expand(b, -1)
         tokens: list[torch.Tensor] = []
@@ -512,8 +508,8 @@ class FoveatedVLM(VLMBase):
             rows = frame_index[valid, step]
             kv_rows = None if kv is None else (kv[0][rows], kv[1][rows])
             token_rows, weight_rows = self._read(cache.select(rows), kv_rows, query[valid])
-            tokens.append(self._scatter(token_rows, valid))
-            weights_all.append(self._scatter(weight_rows, valid))
+            tokens.append(self._scatter(token_rows, valid[:, None])[:, 0])
+            weights_all.append(self._scatter(weight_rows, valid[:, None])[:, 0])
             mask = frame_mask[:, : step + 1]
             if use_cache:
                 hidden = self.run_llm(tokens[-1][:, None], mask, cache=llm_cache)[:, -1]
@@ -536,19 +532,20 @@ class FoveatedVLM(VLMBase):
         samples): {mode: (tokens [B, T, D_llm], frame_mask, attention {"coarse"|"fine": [B, T, layers,
         heads, 1 + P]})}. coarse_only and coarse_fine share the coarse read."""
         _check_modes(self, modes)
-        frame_mask = batch["frame_mask"]
-        if int(frame_mask.sum()) == 0:
+        index = batch_frames(batch)
+        frame_mask = index.mask
+        if index.empty:
             empty = batch["frames"].new_zeros(*frame_mask.shape, self.llm_dim)
             return {mode: (empty, frame_mask, {}) for mode in modes}
-        prepared = self._prepare(batch["frames"], frame_mask)
+        prepared = self._prepare(batch["frames"], index)
         blocks: dict[str, VisualBlock] = {}
         if "coarse_only" in modes or "coarse_fine" in modes:
-            coarse, coarse_attn = self._coarse(prepared, frame_mask)
+            coarse, coarse_attn = self._coarse(prepared, index)
         for mode in modes:
             if mode == "coarse_only":
                 blocks[mode] = (coarse, frame_mask, {"coarse": coarse_attn})
             elif mode == "coarse_fine":
-                fine, fine_attn = self._fine(prepared, self.run_llm(coarse, frame_mask), frame_mask)
+                fine, fine_attn = self._fine(prepared, self.run_llm(coarse, frame_mask), index)
                 blocks[mode] = (fine, frame_mask, {"coarse": coarse_attn, "fine": fine_attn})
             else:
                 tokens, weights = self._sequential_fine(frame_mask, prepared)
@@ -563,12 +560,12 @@ class FoveatedVLM(VLMBase):
         groups = self.param_groups()
         loss = loss + 0.0 * sum(p.sum() for p in groups["connector"] + groups["dino"])
         fine = None if self.cfg.coarse_only else loss
-        return VLMOutput(loss=loss, n_tokens=n, loss_fine=fine, loss_coarse=loss.detach())
+        return VLMOutput(loss=loss, n_tokens=0, target_count=n, loss_fine=fine, loss_coarse=loss.detach())
 
     def _output(
         self,
         loss: torch.Tensor,
-        n: int,
+        n: torch.Tensor,
         loss_fine: torch.Tensor | None,
         loss_coarse: torch.Tensor | None,
         attn: dict[str, torch.Tensor],
@@ -577,12 +574,65 @@ class FoveatedVLM(VLMBase):
         key = "fine" if "fine" in attn else "coarse"
         return VLMOutput(
             loss=loss,
-            n_tokens=n,
+            n_tokens=0,
+            target_count=n,
             loss_fine=None if loss_fine is None else loss_fine.detach(),
             loss_coarse=None if loss_coarse is None else loss_coarse.detach(),
             entropy_weights=attn[key].detach(),
             attention={k: v.detach() for k, v in attn.items()} if return_attention else {},
         )
+
+
+def batch_frames(batch: Batch) -> FrameIndex:
+    """The batch's frame index: from its host-built `frame_rows`, or found from its mask (a sync)."""
+    return FrameIndex.of(batch["frame_mask"], batch.get("frame_rows"))
+
+
+# The sizes that change between batches of one shape bucket: frames encoded, targets, text length.
+_DYNAMIC = (("frame_rows", 0), ("target_rows", 0), ("target_cols", 0), ("target_weight", 0))
+_DYNAMIC_TEXT = (("input_ids", 1), ("attention_mask", 1), ("loss_mask", 1))
+
+
+def _mark_dynamic(batch: Batch) -> None:
+    """Tells torch.compile that these sizes vary, so that it compiles one graph for all of them rather
+    than one per size (a flag on the tensor)."""
+    import torch._dynamo
+
+    if "frame_rows" not in batch:
+        return
+    for key, dim in _DYNAMIC + _DYNAMIC_TEXT:
+        tensor = batch.get(key)
+        if isinstance(tensor, torch.Tensor) and tensor.shape[dim] > 1:
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def _frame_index(index: FrameIndex | torch.Tensor) -> FrameIndex:
+    return index if isinstance(index, FrameIndex) else FrameIndex.of(index)
+
+
+def _targets(batch: Batch) -> Targets | None:
+    """The batch's host-built loss targets; None when it has none (text_loss then finds them)."""
+    if "target_rows" not in batch:
+        return None
+    return Targets(batch["target_rows"], batch["target_cols"], batch["target_weight"])
+
+
+def attention_mask_4d(mask: torch.Tensor, q_len: int, dtype: torch.dtype, boolean: bool) -> torch.Tensor:
+    """[B, 1, q_len, K] from the 2D mask of real positions [B, K], the queries being the last q_len
+    positions: causal, and no real query sees a padded key. Given 4D, transformers uses it as it is,
+    so it never reads the 2D mask's values to decide whether it could skip the mask (a sync per pass).
+    A query with no key to see (a padded slot before any real one; nothing reads its output) sees
+    every key instead, so that softmax has something to normalise. `boolean` for SDPA; otherwise
+    additive, in `dtype`, as the eager attention adds it to its scores."""
+    k_len = mask.shape[1]
+    keys = torch.arange(k_len, device=mask.device)
+    queries = keys[k_len - q_len :]
+    allowed = (keys[None, :] <= queries[:, None])[None, None] & mask.bool()[:, None, None, :]
+    allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    if boolean:
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def _check_modes(model: VLMBase, modes: tuple[str, ...]) -> None:

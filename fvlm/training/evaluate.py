@@ -20,6 +20,7 @@ from fvlm import atomic
 from fvlm import run_folder as rf
 from fvlm.data.decode import MEAN, STD
 from fvlm.data.loader import boxes_array
+from fvlm.model.batch_index import INDEX_KEYS
 from fvlm.training.dist import Dist
 
 _Batch = TypeVar("_Batch", bound=Mapping[str, Any])
@@ -106,7 +107,13 @@ def save_probe_attention(
         if not keep:
             continue
         rows = torch.tensor(keep)
-        sub = {k: (v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in keep]) for k, v in batch.items()}
+        # Per-sample fields only: the batch's frame and target indices describe all of it, and the
+        # model finds the sub-batch's own.
+        sub = {
+            k: (v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in keep])
+            for k, v in batch.items()
+            if k not in INDEX_KEYS
+        }
         with autocast():
             out = model(to_device(sub, device), return_attention=True)
         if not out.attention:
