@@ -13,6 +13,7 @@ SmolVLM2's processor needs torchvision (its video processor) and num2words insta
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,14 +38,16 @@ class TransformersBaseline:
             raise UsageError(f"--baseline {path}: not a transformers model folder (no config.json)")
         try:
             self.processor = AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-            self.model = AutoModelForImageTextToText.from_pretrained(
+            model: Any = AutoModelForImageTextToText.from_pretrained(
                 str(path), local_files_only=True, trust_remote_code=False, dtype="float32"
             )
         except (OSError, ValueError, ImportError, KeyError) as exc:
             raise UsageError(
                 f"--baseline {path}: cannot load an image-text-to-text model ({_first_line(exc)})"
             ) from None
-        self.model.to(device).eval()
+        model.to(torch.device(device))
+        model.eval()
+        self.model = model
         self.device = device
         self.label = f"{self.model.config.model_type}:{path.name}"
         tokenizer = self.processor.tokenizer

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fvlm import atomic
 from fvlm.errors import UsageError, json_problem, read_json
@@ -187,16 +187,19 @@ def cut_clip(source: Path, start: float, end: float, target: Path, frame_fps: fl
     tmp = atomic.temporary_name(target)
     try:
         with av.open(str(tmp), mode="w", format="mp4") as out:
-            stream = None
+            stream: av.VideoStream | None = None
+            width = height = 0
             for image, rate in frames:
                 if stream is None:
-                    stream = out.add_stream(codec, rate=rate)
+                    added = cast("av.VideoStream", out.add_stream(codec, rate=rate))
                     # yuv420p needs even sides: the last odd row/column is dropped.
-                    stream.width, stream.height = image.width // 2 * 2, image.height // 2 * 2
-                    stream.pix_fmt = "yuv420p"
-                pixels = np.asarray(image.convert("RGB"))[: stream.height, : stream.width]
+                    width, height = image.width // 2 * 2, image.height // 2 * 2
+                    added.width, added.height = width, height
+                    added.pix_fmt = "yuv420p"
+                    stream = added
+                pixels = np.asarray(image.convert("RGB"))[:height, :width]
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
-                for packet in stream.encode(frame):
+                for packet in added.encode(frame):
                     out.mux(packet)
                 count += 1
             if stream is not None:
@@ -319,7 +322,8 @@ _SRT_TAG = re.compile(r"<[^>]+>|\{\\[^}]*\}")
 def srt_text(path: Path) -> str:
     """The spoken lines of an .srt file in order, one per cue, markup removed."""
     raw = path.read_bytes().decode("utf-8-sig", errors="replace")
-    cues, current = [], []
+    cues: list[str] = []
+    current: list[str] = []
     for line in raw.splitlines() + [""]:
         stripped = line.strip()
         if not stripped:
@@ -366,12 +370,12 @@ def prepare_videomme(src: Path, out: Path, subtitles: bool = False) -> dict[str,
     for row in rows:
         try:
             video_id = _text(row, "videoID")
-            path = root / "data" / f"{video_id}.mp4"
-            path = path if _usable(path) else media.by_stem(video_id)
+            expected = root / "data" / f"{video_id}.mp4"
+            path = expected if _usable(expected) else media.by_stem(video_id)
             if path is None or not _usable(path):
                 raise Skip("missing_media")
             options = row.get("options")
-            if hasattr(options, "tolist"):
+            if options is not None and hasattr(options, "tolist"):
                 options = options.tolist()
             if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
                 raise Skip("bad_options")
@@ -427,8 +431,8 @@ def prepare_mvbench(src: Path, out: Path) -> dict[str, Any]:
                 if not isinstance(record, dict):
                     raise Skip("bad_record")
                 name = _text(record, "video")
-                path = _video_root(json_file) / folder / name
-                path = path if path.exists() and _usable(path) else media.find(name)
+                expected = _video_root(json_file) / folder / name
+                path = expected if expected.exists() and _usable(expected) else media.find(name)
                 if path is None or not _usable(path):
                     raise Skip("missing_media")
                 options = _candidates(record)
