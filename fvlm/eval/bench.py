@@ -6,7 +6,7 @@ Two inputs, one `Question` list:
 - a JSONL file, one question per line (the format local copies of Video-MME, MVBench and MLVU are
   converted to; see docs/benchmarks.md):
   {"video": path, "question": str, "options": [str, ...], "answer": "B" | 1 | "option text",
-   "category": str (optional), "id": any (optional)}
+   "category": str (optional), "id": any (optional), "subtitles": str (optional)}
   `video` is a video file, a folder of frames, or an image, relative to the JSONL file's folder.
 Malformed entries are a UsageError naming the file and line (or shard and sample key).
 """
@@ -27,7 +27,9 @@ from fvlm.eval.media import check_visual_path, load_visual
 from fvlm.eval.scoring import Question
 
 LETTERS = string.ascii_uppercase
-JSONL_FIELDS = {"video", "question", "options", "answer", "category", "id"}
+JSONL_FIELDS = {"video", "question", "options", "answer", "category", "id", "subtitles"}
+# The instruction lmms-eval adds to multiple-choice video questions (the generation protocol).
+GENERATE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s+(.*\S)\s*$")
 _LETTER_PREFIX = re.compile(r"^\s*\(?([A-Z])[.):]\s*")
 _ANSWER_LETTER = re.compile(r"^\s*\(?([A-Z])\b")
@@ -52,6 +54,16 @@ def mc_prompt(question: str, options: list[str]) -> str:
     """The layout of the synthetic multiple-choice samples, so trained models see a familiar prompt."""
     listed = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
     return f"{question}\n{listed}\nAnswer with the letter."
+
+
+def generate_prompt(question: str, options: list[str]) -> str:
+    """The generation protocol's prompt: the question, the lettered options, lmms-eval's instruction."""
+    listed = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return f"{question}\n{listed}\n{GENERATE_INSTRUCTION}"
+
+
+def with_subtitles(prompt: str, subtitles: str | None) -> str:
+    return f"The video's subtitles:\n{subtitles}\n\n{prompt}" if subtitles else prompt
 
 
 # ----------------------------------------------------------------------------- shards
@@ -164,7 +176,7 @@ def _strip_letters(options: list[str]) -> list[str]:
     return options
 
 
-def parse_jsonl_entry(entry: object, where: str, base: Path) -> tuple[Path, str, list[str], int, str]:
+def parse_jsonl_entry(entry: object, where: str, base: Path) -> tuple[Path, str, list[str], int, str, str | None]:
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: expected a JSON object")
     unknown = sorted(set(entry) - JSONL_FIELDS)
@@ -189,13 +201,16 @@ def parse_jsonl_entry(entry: object, where: str, base: Path) -> tuple[Path, str,
     category = entry.get("category", "all")
     if not isinstance(category, str) or not category:
         raise UsageError(f"{where}: 'category' must be a non-empty string")
+    subtitles = entry.get("subtitles")
+    if subtitles is not None and not isinstance(subtitles, str):
+        raise UsageError(f"{where}: 'subtitles' must be a string")
     video = Path(entry["video"]).expanduser()
     video = video if video.is_absolute() else base / video
     try:
         check_visual_path(video)
     except UsageError as exc:
         raise UsageError(f"{where}: {exc}") from None
-    return video, entry["question"].strip(), options, answer, category
+    return video, entry["question"].strip(), options, answer, category, (subtitles or "").strip() or None
 
 
 def read_jsonl_bench(path: str | Path, settings: VisualSettings) -> list[Question]:
@@ -211,11 +226,12 @@ def read_jsonl_bench(path: str | Path, settings: VisualSettings) -> list[Questio
             entry = parse_json(line)
         except ValueError as exc:
             raise UsageError(f"{where}: {json_problem(exc)}") from None
-        video, question, options, answer, category = parse_jsonl_entry(entry, where, path.parent)
+        video, question, options, answer, category, subtitles = parse_jsonl_entry(entry, where, path.parent)
         questions.append(
             Question(
                 where=where,
-                prompt=mc_prompt(question, options),
+                prompt=with_subtitles(mc_prompt(question, options), subtitles),
+                generate_prompt=with_subtitles(generate_prompt(question, options), subtitles),
                 options=[f"{LETTERS[i]}. {o}" for i, o in enumerate(options)],
                 answer=answer,
                 category=category,

@@ -44,6 +44,23 @@ def register(sub) -> None:
         help="option score: mean (default) or sum of the answer tokens' log-likelihood; both are reported",
     )
     ev.add_argument(
+        "--protocol",
+        choices=("loglik", "generate", "both"),
+        default="loglik",
+        help="how benchmark questions are answered: loglik (default; each option's log-likelihood), "
+        "generate (the model writes an answer after lmms-eval's instruction; its letter is extracted), "
+        "or both, reported side by side",
+    )
+    ev.add_argument("--max-new-tokens", type=int, default=16, help="generated answers' length limit (default 16)")
+    ev.add_argument(
+        "--baseline",
+        nargs="+",
+        default=[],
+        metavar="HF_FOLDER",
+        help="transformers image-text-to-text model folders (e.g. SmolVLM2) to answer the same questions "
+        "under the same protocols; their rows sit beside the checkpoint's",
+    )
+    ev.add_argument(
         "--log-samples",
         action="store_true",
         help="also write every benchmark question's per-option scores (mean and summed answer "
@@ -66,6 +83,22 @@ def register(sub) -> None:
     )
     ev.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     ev.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="benchmarks as released: prepare Video-MME, MVBench, MLVU for fvlm eval")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="ACTION", required=True)
+    prep = bench_sub.add_parser(
+        "prepare",
+        help="read a benchmark's released files into fvlm's benchmark JSONL",
+        description="Reads a local copy of Video-MME (parquet + data/ + subtitle/), MVBench (json/ + video/) "
+        "or MLVU (json/ + video/) and writes OUT/<name>.jsonl for `fvlm eval --bench`, clips cut at their "
+        "start/end with PyAV into OUT/clips/, and OUT/prepare_report.json (written, skipped by reason). "
+        "Nothing is downloaded.",
+    )
+    prep.add_argument("benchmark", choices=("video-mme", "mvbench", "mlvu"))
+    prep.add_argument("src", metavar="SRC", help="the folder the benchmark was downloaded to")
+    prep.add_argument("out", metavar="OUT", help="output folder")
+    prep.add_argument("--subtitles", action="store_true", help="Video-MME: put each video's subtitles in the prompt")
+    prep.set_defaults(func=_cmd_bench_prepare)
 
     gen = sub.add_parser(
         "generate",
@@ -100,6 +133,23 @@ def register(sub) -> None:
     gen.set_defaults(func=_cmd_generate)
 
 
+def _cmd_bench_prepare(args) -> int:
+    from fvlm.eval.prepare import prepare
+
+    check_folder_path(args.out, "OUT")
+    report = prepare(args.benchmark, args.src, args.out, subtitles=args.subtitles)
+    skipped = ", ".join(f"{k} {v}" for k, v in report["skipped"].items()) or "none"
+    print(
+        f"{report['jsonl']}: {report['written']} questions ({len(report['per_category'])} categories); skipped: {skipped}"
+    )
+    if report["open_ended_skipped"]:
+        tasks = ", ".join(f"{k} {v}" for k, v in report["open_ended_skipped"].items())
+        print(f"open-ended questions left out (not multiple choice): {tasks}")
+    if report["clips_cut"] or report["clips_reused"]:
+        print(f"clips: {report['clips_cut']} cut, {report['clips_reused']} already there")
+    return 0
+
+
 def _cmd_generate(args) -> int:
     from fvlm.eval.generate import cmd_generate
 
@@ -122,8 +172,8 @@ def _cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from fvlm.eval.evaluate import evaluate_run
 
-    if args.batch_size < 1 or args.max_samples < 0 or args.attention < 0:
-        raise UsageError("--batch-size must be >= 1; --max-samples and --attention >= 0")
+    if args.batch_size < 1 or args.max_samples < 0 or args.attention < 0 or args.max_new_tokens < 1:
+        raise UsageError("--batch-size and --max-new-tokens must be >= 1; --max-samples and --attention >= 0")
     if args.layer is not None:
         if not args.attention:
             raise UsageError("--layer picks the DINO layer of the attention pictures: give --attention N too")
@@ -156,6 +206,9 @@ def cmd_eval(args) -> int:
         gif=args.gif,
         layer=args.layer,
         log_samples=args.log_samples,
+        protocols=("loglik", "generate") if args.protocol == "both" else (args.protocol,),
+        max_new_tokens=args.max_new_tokens,
+        baselines=args.baseline,
     )
     print(f"wrote {path} and {path.with_name('eval.md')}")
     return 0

@@ -248,18 +248,35 @@ def run_benchmark(
     score: str = "mean",
     grey_control: bool = True,
     raw: dict[str, Any] | None = None,
+    protocols: tuple[str, ...] = ("loglik",),
+    generated: dict[str, Record] | None = None,
+    max_new_tokens: int = 16,
 ) -> dict[str, Record]:
     """{mode: accuracy summary} for one benchmark. With `grey_control` the same questions are also
     scored with every frame flat grey (the normalised mean; frame count unchanged), under
     `grey_frames`: with balanced options that is chance, and the gap to it is what the pixels bring.
-    `raw`, when given, receives every question's option scores: {"scores": {mode: [...]}, "grey": ...}."""
-    encoded = [encode_question(tokenizer, q) for q in questions]
+    `raw`, when given, receives every question's option scores: {"scores": {mode: [...]}, "grey": ...}.
+    With "generate" in `protocols`, the model also answers each question greedily (the same frames,
+    decoded once) and `generated` receives {mode: `summarise_generated`'s summary}; without
+    "loglik" the log-likelihood scores are skipped and the result is empty."""
+    from fvlm.eval.protocol import generate_batch, summarise_generated
+
+    loglik = "loglik" in protocols
+    encoded = [encode_question(tokenizer, q) for q in questions] if loglik else []
     scores: dict[str, list[np.ndarray]] = {m: [] for m in modes}
     grey: dict[str, list[np.ndarray]] = {m: [] for m in modes}
+    responses: dict[str, list[str]] = {m: [] for m in modes}
     for start in range(0, len(questions), batch_size):
         chunk = slice(start, start + batch_size)
         frames, frame_mask = frames_batch([q.frames() for q in questions[chunk]])
         frames, frame_mask = frames.to(device), frame_mask.to(device)
+        if "generate" in protocols:
+            for mode, texts in generate_batch(
+                model, tokenizer, questions[chunk], frames, frame_mask, modes, max_new_tokens
+            ).items():
+                responses[mode].extend(texts)
+        if not loglik:
+            continue
         batch_scores = score_batch(model, encoded[chunk], frames, frame_mask, modes, tokenizer.pad_token_id)
         for mode in modes:
             scores[mode].extend(batch_scores[mode])
@@ -269,6 +286,10 @@ def run_benchmark(
             )
             for mode in modes:
                 grey[mode].extend(grey_scores[mode])
+    if generated is not None and "generate" in protocols:
+        generated.update({mode: summarise_generated(questions, responses[mode]) for mode in modes})
+    if not loglik:
+        return {}
     out = {mode: summarise(questions, scores[mode], score) for mode in modes}
     if raw is not None:
         raw.update(scores=scores, grey=grey if grey_control else None)
@@ -292,12 +313,19 @@ def evaluate_checkpoint(
     score: str,
     log: Callable[[str], object] = print,
     log_samples: Path | None = None,
+    protocols: tuple[str, ...] = ("loglik",),
+    max_new_tokens: int = 16,
+    baselines: list[Any] | None = None,
 ) -> Record:
     """One checkpoint: validation loss per mode with the blank-frame control and the mode gaps with
     their paired intervals (`gap_intervals`), each benchmark's accuracy per mode with the grey-frame
     control and the paired accuracy differences between modes (`bench_differences`). With
     `log_samples` (a folder), every question's option scores and chosen option go to
-    samples_step_NNNNNNN.jsonl there."""
+    samples_step_NNNNNNN.jsonl there. `protocols` ("loglik", "generate") chooses how questions are
+    answered (generated answers go under `generate`); each of `baselines` (`TransformersBaseline`)
+    answers the same questions under the same protocols, under `baselines.<label>`."""
+    from fvlm.eval.baseline import run_baseline
+
     began = time.perf_counter()
     model, tokenizer = load_model(ckpt.folder, device=device)
     model.eval()
@@ -332,14 +360,46 @@ def evaluate_checkpoint(
         names = [bench_name(b) for b in benches]
     records: list[dict[str, Any]] = []
     entry["bench"], entry["bench_differences"] = {}, {}
+    if "generate" in protocols:
+        entry["generate"] = {}
+    if baselines:
+        entry["baselines"] = {b.label: {"bench": {}, "generate": {}} for b in baselines}
     for name, spec in zip(names, benches):
         questions = read_bench(spec, settings)
         raw: dict[str, Any] = {}
+        generated: dict[str, Record] = {}
         entry["bench"][name] = run_benchmark(
-            model, tokenizer, questions, chosen, batch_size=batch_size, device=device, score=score, raw=raw
+            model,
+            tokenizer,
+            questions,
+            chosen,
+            batch_size=batch_size,
+            device=device,
+            score=score,
+            raw=raw,
+            protocols=protocols,
+            generated=generated,
+            max_new_tokens=max_new_tokens,
         )
+        if "generate" in protocols:
+            entry["generate"][name] = generated
         entry["bench_differences"][name] = paired.accuracy_mode_differences(entry["bench"][name])
-        records += paired.sample_records(name, ckpt.step, questions, raw["scores"], raw["grey"], score)
+        if "loglik" in protocols:
+            records += paired.sample_records(name, ckpt.step, questions, raw["scores"], raw["grey"], score)
+        for baseline in baselines or []:
+            loglik, answers = run_baseline(
+                baseline,
+                questions,
+                settings,
+                protocols=protocols,
+                batch_size=batch_size,
+                score=score,
+                max_new_tokens=max_new_tokens,
+            )
+            if loglik is not None:
+                entry["baselines"][baseline.label]["bench"][name] = loglik
+            if answers is not None:
+                entry["baselines"][baseline.label]["generate"][name] = answers
     if log_samples is not None:
         name = f"samples_step_{ckpt.step:07d}.jsonl" if ckpt.step is not None else "samples.jsonl"
         entry["samples_log"] = str(paired.write_samples(Path(log_samples) / name, records))
@@ -402,7 +462,63 @@ def format_entry(entry: Record) -> str:
                 ]
                 lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += format_protocols(entry)
     return "\n".join(lines)
+
+
+def _cell(r: Record | None) -> str:
+    if r is None:
+        return "–"
+    return f"{_num(r['accuracy'], 3)} [{_num(r['ci95'][0], 3)}, {_num(r['ci95'][1], 3)}] (n={r['n']})"
+
+
+def protocol_rows(entry: Record, name: str) -> dict[str, dict[str, Record | None]]:
+    """{row label: {"loglik": summary | None, "generate": summary | None}} of one benchmark: the
+    checkpoint's modes ("fvlm <mode>"), then each baseline."""
+    rows: dict[str, dict[str, Record | None]] = {}
+    loglik = (entry.get("bench") or {}).get(name) or {}
+    generated = (entry.get("generate") or {}).get(name) or {}
+    for mode in [m for m in MODES_ORDER if m in loglik or m in generated]:
+        rows[f"fvlm {mode}"] = {"loglik": loglik.get(mode), "generate": generated.get(mode)}
+    for label, results in (entry.get("baselines") or {}).items():
+        rows[label] = {"loglik": results["bench"].get(name), "generate": results["generate"].get(name)}
+    return rows
+
+
+def format_protocols(entry: Record) -> list[str]:
+    """Both protocols side by side, fvlm's modes and the baselines on the same questions, overall and
+    per category (Video-MME: duration; MVBench, MLVU: task) with the mean over categories."""
+    from fvlm.eval.protocol import macro_accuracy
+
+    if "generate" not in entry and not entry.get("baselines"):
+        return []
+    names = list(entry.get("bench") or {}) or list(entry.get("generate") or {})
+    lines: list[str] = []
+    for name in names:
+        rows = protocol_rows(entry, name)
+        lines += [
+            f"**{name}: both protocols** (log-likelihood of each option; generated answer's letter, greedy)",
+            "",
+            "| model | log-likelihood | generated | no letter | mean over categories (ll / gen) |",
+            "|---|---|---|---|---|",
+        ]
+        for label, r in rows.items():
+            macro = " / ".join(_num(macro_accuracy(x), 3) if x else "–" for x in (r["loglik"], r["generate"]))
+            missing = r["generate"]["no_letter"] if r["generate"] else "–"
+            lines.append(f"| {label} | {_cell(r['loglik'])} | {_cell(r['generate'])} | {missing} | {macro} |")
+        categories = sorted({c for r in rows.values() for x in r.values() if x for c in x["per_category"]})
+        if len(categories) > 1:
+            heads = [f"{label} ({p})" for label in rows for p in ("ll", "gen")]
+            lines += ["", "| category | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+            for c in categories:
+                cells = [
+                    _cell(x["per_category"].get(c)) if x else "–"
+                    for r in rows.values()
+                    for x in (r["loglik"], r["generate"])
+                ]
+                lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def _interval(paired_result: Record | None, digits: int = 4) -> str:
@@ -445,11 +561,17 @@ def evaluate_run(
     gif: bool = False,
     layer: int | None = None,
     log_samples: bool = False,
+    protocols: tuple[str, ...] = ("loglik",),
+    max_new_tokens: int = 16,
+    baselines: list[str] | None = None,
 ) -> Path:
     """`fvlm eval` as a function: every chosen checkpoint of `target` evaluated, attention pictures of
     the first `attention` probe videos, the results written to `out` (default <run>/eval); returns
     the eval.json written. `log_samples` also writes every question's option scores and chosen option
-    (samples_step_NNNNNNN.jsonl in `out`)."""
+    (samples_step_NNNNNNN.jsonl in `out`). `protocols` and `baselines` (transformers model folders):
+    see `evaluate_checkpoint`."""
+    from fvlm.eval.baseline import TransformersBaseline
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = list(overrides or [])
     checkpoints = find_checkpoints(target, all_checkpoints)
@@ -457,6 +579,7 @@ def evaluate_run(
         check_layer(checkpoints[-1].folder, layer)
     first = checkpoints[0]
     out = Path(out) if out else rf.eval_dir(first.run_dir or first.folder)
+    loaded = [TransformersBaseline(folder, device) for folder in baselines or []]
     entries = [
         evaluate_checkpoint(
             ckpt,
@@ -469,6 +592,9 @@ def evaluate_run(
             device=device,
             score=score,
             log_samples=out if log_samples else None,
+            protocols=protocols,
+            max_new_tokens=max_new_tokens,
+            baselines=loaded,
         )
         for ckpt in checkpoints
     ]

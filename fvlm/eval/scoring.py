@@ -28,7 +28,8 @@ class Question:
     """One multiple-choice item. `options` are the full answers as the assistant would write them
     (e.g. "B. blue square"); `frames()` decodes its visual input, uint8 [T, S, S, 3], on demand.
     `video` names the visual input: questions with the same one are resampled together in the
-    accuracy's interval (None: a video of its own)."""
+    accuracy's interval (None: a video of its own). `generate_prompt` is the generation protocol's
+    prompt (lettered options and lmms-eval's instruction; None: `prompt` itself)."""
 
     where: str
     prompt: str
@@ -37,6 +38,7 @@ class Question:
     category: str
     frames: Callable[[], np.ndarray]
     video: str | None = None
+    generate_prompt: str | None = None
 
     @property
     def cluster(self) -> str:

@@ -98,12 +98,13 @@ def load_backbone(spec: str, kind: str, attn_implementation: str = "sdpa"):
     import pickle
 
     try:
-        model = auto_class.from_pretrained(
+        model, info = auto_class.from_pretrained(
             _local_or_hub(spec),
             local_files_only=True,
             trust_remote_code=False,
             attn_implementation=attn_implementation,
             dtype="float32",
+            output_loading_info=True,
         )
     except pickle.UnpicklingError:
         # torch (weights_only) refused a pickled weights file that asks to build more than tensors.
@@ -113,7 +114,62 @@ def load_backbone(spec: str, kind: str, attn_implementation: str = "sdpa"):
         ) from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"model.{kind}: cannot load weights from '{spec}' ({_first_line(exc)})") from None
+    if kind == "dino":
+        check_loading_info(spec, kind, info)
+        image_preprocessing(spec)  # a folder asking for other pixel statistics is refused here
     return model, True
+
+
+def check_loading_info(spec: str, kind: str, info: dict) -> None:
+    """A DINO folder whose weights leave parameters at their random start (missing keys), hold
+    parameters the model does not have (unexpected keys: another architecture, a prefix such as
+    `dinov2.` from a classifier) or of the wrong shape is refused, naming the first few."""
+    problems = []
+    for what in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(what) or [])
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            problems.append(f"{len(keys)} {what.replace('_', ' ')} ({shown})")
+    if problems:
+        raise UsageError(f"model.{kind}: weights in '{spec}' do not match its config: {'; '.join(problems)}")
+
+
+# ImageNet statistics: what DINOv2 was trained with and what fvlm normalises frames with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_preprocessing(spec: str) -> dict:
+    """{"mean", "std", "size", "source"} of a DINO spec, read from its folder's
+    `preprocessor_config.json` (`image_mean`, `image_std`, `crop_size`, as facebook/dinov2-* ship
+    it). Shape names and folders without the file (the shipped tiny backbones) fall back to the
+    ImageNet mean and std and no size, with `source` saying so. fvlm's frames are normalised with
+    the ImageNet statistics, so a folder asking for others is a one-line error rather than a model
+    fed pixels scaled differently from its training; the crop size is reported (frames are sized
+    by `model.image_size`, any multiple of the patch size)."""
+    fallback = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": None, "source": "ImageNet defaults"}
+    if is_shape_name(spec, "dino"):
+        return fallback
+    path = Path(spec).expanduser() / "preprocessor_config.json"
+    if not path.is_file():
+        return {**fallback, "source": f"ImageNet defaults ({path.name} absent)"}
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    out: dict = {"source": str(path)}
+    for key, name, default in (("image_mean", "mean", IMAGENET_MEAN), ("image_std", "std", IMAGENET_STD)):
+        value = data.get(key, default)
+        if not (isinstance(value, list | tuple) and len(value) == 3 and all(isinstance(v, int | float) for v in value)):
+            raise UsageError(f"{path}: '{key}' must be a list of 3 numbers")
+        if any(abs(float(a) - b) > 1e-3 for a, b in zip(value, default)):
+            raise UsageError(
+                f"{path}: '{key}' {list(value)} differs from the ImageNet values fvlm normalises frames with ({list(default)})"
+            )
+        out[name] = tuple(float(v) for v in value)
+    crop = data.get("crop_size")
+    size = crop.get("height") if isinstance(crop, dict) else crop
+    out["size"] = int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    return out
 
 
 def pickled_weights(folder: str | Path) -> str:
