@@ -232,6 +232,7 @@ def _scan_shard(path: str, source: str, sources: list[str], rows: list, skips: l
             rows.append(
                 (
                     key,
+                    meta_source,
                     members[0].header_offset,
                     members[-1].data_offset + members[-1].size,
                     sources.index(name),
@@ -297,24 +298,30 @@ def build_index(specs: list[SourceSpec]) -> DataIndex:
     sources: list[str] = [s.name for s in specs if s.name]
     columns: list[tuple] = []
     keys: list[str] = []
+    named: list[str] = []  # each sample's own `source` (its kind where it names none)
     skips: list[Skip] = []
     notes: list[Skip] = []
     for spec in specs:
         for path in spec.shards:
             rows: list = []
             _scan_shard(path, spec.name, sources, rows, skips, notes)
-            columns.extend((len(shards),) + r[1:] for r in rows)
+            columns.extend((len(shards),) + r[2:] for r in rows)
             keys.extend(r[0] for r in rows)
+            named.extend(r[1] for r in rows)
             shards.append(path)
     table = np.array(columns, dtype=np.int64).reshape(-1, 6)
-    # A sample without frames in a source of videos or images (upstream fVLM's `frame_count: 0`
-    # videos) is no text sample: trained as one, it would teach answers about pictures it lacks and
-    # escape data.text_ratio. Upstream drops these too.
-    kinds = table[:, 4]
-    visual = {int(s): KINDS[int(k)] for s, k in zip(table[:, 3], kinds) if KINDS[int(k)] in VISUAL_KINDS}
-    orphan = np.array([KINDS[int(k)] == "text" and int(s) in visual for s, k in zip(table[:, 3], kinds)], dtype=bool)
+    # A sample without frames whose JSON names a source of videos or images (upstream fVLM's
+    # `frame_count: 0` videos) is no text sample: trained as one, it would teach answers about
+    # pictures it lacks and escape data.text_ratio. Upstream drops these too.
+    visual: dict[str, str] = {}
+    for name, kind in zip(named, table[:, 4], strict=True):
+        if KINDS[int(kind)] in VISUAL_KINDS:
+            visual.setdefault(name, KINDS[int(kind)])
+    orphan = np.array(
+        [KINDS[int(k)] == "text" and n in visual for n, k in zip(named, table[:, 4], strict=True)], dtype=bool
+    )
     for row in np.flatnonzero(orphan):
-        skips.append(Skip(shards[int(table[row, 0])], keys[row], f"{visual[int(table[row, 3])]}_without_frames"))
+        skips.append(Skip(shards[int(table[row, 0])], keys[row], f"{visual[named[row]]}_without_frames"))
     table = table[~orphan]
     prompts = {s.name: s.prompt for s in specs if s.name}
     weights = {s.name: s.weight for s in specs if s.name}
