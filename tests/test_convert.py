@@ -153,6 +153,8 @@ def test_llava_converts_multi_turn_and_counts_every_bad_record(tmp_path, capsys,
     assert Image.open(io.BytesIO(samples["000000000"]["000.jpg"])).size == (32, 32)
     assert json.loads(samples["000000003"]["json"])["source"] == "llava_text"  # text records: their own source
     # inspect reads every converted sample, and the loader sees two turns in the multi-turn one
+    assert main(["data", "inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]["data"]["samples"] == 4
     split = inspect_path(str(out), small_cfg())["splits"]["data"]
     assert split["samples"] == 4 and split["skipped"] == []
     assert split["by_kind"] == {"video": 2, "image": 1, "text": 1}
@@ -202,6 +204,14 @@ def test_killed_conversion_resumes_to_the_same_bytes(tmp_path, capsys, llava, mo
     # other settings into the same folder: refused, naming what changed
     code = main(["data", "convert", "llava", str(src), str(cut), "--media-root", str(media), "--size", "48"])
     assert code == 2 and "size" in capsys.readouterr().err
+
+
+def test_over_length_counted_with_the_tokenizer_s_chat_template(tmp_path, llava):
+    src, media = llava
+    # byte tokenizer: the two-turn dialogue is about 90 tokens, the single-turn ones under 50
+    report = convert(Options("llava", str(src), "llava", str(media), size=32, max_tokens=60), tmp_path, progress=False)
+    assert report["skipped"]["over_length"] == 1 and report["converted"] == 3
+    assert "v_multi" not in {m.get("id") for m in metas(tmp_path)}
 
 
 def test_bad_inputs_exit_2(tmp_path, capsys):

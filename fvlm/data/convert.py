@@ -162,7 +162,7 @@ def _hf_records(src: Path, split: str) -> Iterator[Any]:
         loaded = datasets.load_from_disk(str(src))
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise UsageError(f"{src}: no split '{split}' (has {', '.join(loaded)}); pass --split")
+                raise UsageError(f"{src}: no split '{split}' (has {', '.join(map(str, loaded))}); pass --split")
             loaded = loaded[split]
         stream = loaded.to_iterable_dataset()
     else:
