@@ -70,6 +70,10 @@ class DataConfig:
     max_frames: int = 8
     fps: float = 1.0
     max_text_tokens: int = 128
+    # The system turn before every dialogue: "auto" = upstream fVLM's "You are a helpful AI assistant."
+    # where the chat template would insert a default of its own (SmolLM2), none where it would not (the
+    # tiny byte tokenizer); "" = none; any other text = that text. A sample's own `system` field wins.
+    system_prompt: str = "auto"
     num_workers: int = 0
     # Dynamic batching: cap on the total number of frames in a batch (0 = off).
     max_batch_frames: int = 0

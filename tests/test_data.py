@@ -425,7 +425,6 @@ def damaged_dataset(folder: Path) -> tuple[Path, dict[str, str]]:
     (folder / "b.tar").write_bytes(b[:at] + b"\x00garbage" + b[at + 8 :])
     expected = {
         "badjson": "invalid_json",
-        "gap": "missing_frames",
         "count": "frame_count_mismatch",
         "noframes": "frames_missing",
         "empty": "empty_answer",
@@ -442,19 +441,22 @@ def test_damaged_inputs_are_skipped_counted_and_listed(tmp_path):
     report = inspect_path(str(folder), cfg_for())["splits"]["data"]
     listed = {("@" if s["key"].startswith("@") else s["key"]): s["reason"] for s in report["skipped"]}
     assert listed == expected
-    assert report["samples"] == 6 + 1 + 2  # good videos, text, b0 and b2 around the broken header
+    # good videos, text, the video whose frames have a gap (read as they are, and noted), b0 and b2
+    # around the broken header
+    assert report["samples"] == 6 + 1 + 1 + 2
+    assert report["notes_by_reason"] == {"frame_gap": 1}
     assert report["skipped_by_reason"]["corrupt_header"] == 1
     # evaluation drops the bad sample; training replaces it and keeps batch sizes
     val = build_loader(cfg_for(val=folder), "val", TOK)
     keys = keys_of(list(val))
-    assert "badframe" not in keys and len(keys) == 9 and val.stats["undecodable_frame"] == 1
+    assert "badframe" not in keys and len(keys) == 10 and val.stats["undecodable_frame"] == 1
     assert sum(val.stats.values()) == len(expected)
     assert keys_of(list(val)) == keys  # a second pass repeats the first
     train = build_loader(cfg_for(folder, **{"data.num_workers": 2}), "train", TOK)
     batches = take(train, 12)
     assert all(b["input_ids"].shape[0] == 4 for b in batches)
     assert "badframe" not in keys_of(batches)
-    # 12 batches of 4 from 9 samples: the stream met the bad sample more than once; it counts once.
+    # 12 batches of 4 from 10 samples: the stream met the bad sample more than once; it counts once.
     assert train.stats == val.stats
     resumed = build_loader(cfg_for(folder), "train", TOK)
     resumed.load_state_dict(train.state_dict())

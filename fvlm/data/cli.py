@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fvlm import overrides
 from fvlm.config import SYNTH_MAX_FRAMES, SYNTH_SIZES, DataConfig
+from fvlm.data.convert import DEFAULT_SOURCE, FORMATS
 from fvlm.errors import UsageError, not_empty
 
 _DEFAULTS = DataConfig()
@@ -72,6 +73,45 @@ def register(sub) -> None:
     )
     synth.set_defaults(func=cmd_synth)
 
+    convert = data_sub.add_parser(
+        "convert",
+        help="published datasets (LLaVA-style JSON, Hugging Face datasets, caption tables) -> fvlm shards",
+        description="Converts a dataset in its published format into fvlm's shards; see docs/data.md. "
+        "A rerun with the same options resumes: finished shards (listed in OUT/convert.json) are kept.",
+    )
+    convert.add_argument("format", metavar="FORMAT", choices=FORMATS, help=" | ".join(FORMATS))
+    convert.add_argument(
+        "src", metavar="SRC", help="the annotation file or folder (JSON/JSONL, CSV, caption JSONs, a datasets folder)"
+    )
+    convert.add_argument("out", metavar="OUT", help="output folder: <source>-NNNNN.tar shards and convert.json")
+    convert.add_argument(
+        "--media-root", metavar="DIR", help="folder the records' video/image paths are relative to (default: SRC's)"
+    )
+    convert.add_argument("--workers", type=int, default=0, help="processes decoding media (default: CPUs, at most 8)")
+    convert.add_argument("--source", help="the samples' `source` (default: the format's name)")
+    convert.add_argument("--split", default="train", help="Hugging Face datasets: the split to read (default: train)")
+    convert.add_argument(
+        "--prompt",
+        help="question for records without one (caption sets); default: left empty, so the reader uses the "
+        "source's prompt (upstream fVLM's for openvid and vript)",
+    )
+    convert.add_argument("--size", type=int, default=224, help="frame and image side in pixels (default: 224)")
+    convert.add_argument("--fps", type=float, default=1.0, help="video frames kept per second (default: 1)")
+    convert.add_argument("--max-frames", type=int, default=64, help="most frames per video (default: 64)")
+    convert.add_argument("--keep-mp4", action="store_true", help="store each video's mp4 instead of JPEG frames")
+    convert.add_argument(
+        "--max-tokens",
+        type=int,
+        default=0,
+        help="skip records whose chat-template dialogue is longer (as over_length; default 0: no limit)",
+    )
+    convert.add_argument(
+        "--tokenizer", default="tiny", help="the LLM folder whose tokenizer --max-tokens counts with (default: tiny)"
+    )
+    convert.add_argument("--shard-size", type=int, default=1000, help="records per shard (default: 1000)")
+    convert.add_argument("--json", action="store_true", help="print the report as JSON")
+    convert.set_defaults(func=cmd_convert)
+
     inspect = data_sub.add_parser("inspect", help="counts, mix, lengths and skipped samples of a data path")
     inspect.add_argument("path", metavar="PATH", help="folder, glob, comma list, mix .yaml, or a `data synth` folder")
     overrides.add_arguments(
@@ -134,6 +174,35 @@ def cmd_synth(args) -> int:
         f"wrote {manifest['samples']} samples to {out} in {manifest['seconds']:.1f}s "
         f"({manifest['samples_per_sec']:.0f} samples/s)"
     )
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from fvlm.data.convert import Options, convert, format_report, worker_count
+
+    not_empty(args, "SRC", "OUT")
+    for name, low in (("size", 8), ("max_frames", 1), ("shard_size", 1), ("max_tokens", 0), ("workers", 0)):
+        if getattr(args, name) < low:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {low}")
+    if not 0 < args.fps < float("inf"):
+        raise UsageError("--fps must be a positive number")
+    opts = Options(
+        format=args.format,
+        src=str(Path(args.src).resolve()),
+        source=args.source or DEFAULT_SOURCE[args.format],
+        media_root=str(Path(args.media_root).resolve()) if args.media_root else None,
+        split=args.split,
+        size=args.size,
+        fps=args.fps,
+        max_frames=args.max_frames,
+        keep_mp4=args.keep_mp4,
+        prompt=args.prompt,
+        max_tokens=args.max_tokens,
+        tokenizer=args.tokenizer,
+        shard_size=args.shard_size,
+    )
+    report = convert(opts, Path(args.out), workers=worker_count(args.workers))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 

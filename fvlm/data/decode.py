@@ -24,6 +24,17 @@ DEFAULT_PROMPTS = {
     "image": "Describe this image.",
     "text": "Say something.",
 }
+# Upstream fVLM's prompts for caption sets whose samples leave `user` empty, by the `source` named in
+# the sample's JSON (a mix file's `prompt` takes precedence; other sources fall back to DEFAULT_PROMPTS).
+SOURCE_PROMPTS = {
+    "openvid": "Write a brief caption for this video.",
+    "webvid": "What would be the WebVid caption for this video?",
+    "vript": "Provide a detailed narration of what happens in this video.",
+    "sharegpt4video": "Describe what happens in this video in detail.",
+}
+# The system turn upstream fVLM puts before every dialogue, in place of the default one that
+# SmolLM2's chat template inserts when a dialogue has none ("... named SmolLM, trained by Hugging Face").
+UPSTREAM_SYSTEM_PROMPT = "You are a helpful AI assistant."
 
 
 class SampleError(Exception):
@@ -59,12 +70,13 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         raise SampleError("undecodable_frame") from None
 
 
-def decode_mp4(data: bytes, size: int, fps: float, max_frames: int) -> np.ndarray:
-    """Frames at `fps` (the first at t=0), uniformly thinned to `max_frames`."""
+def decode_mp4(data: bytes | str, size: int, fps: float, max_frames: int) -> np.ndarray:
+    """Frames at `fps` (the first at t=0), uniformly thinned to `max_frames`; `data` is the file's
+    bytes or its path."""
     import av
 
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(io.BytesIO(data) if isinstance(data, bytes) else data, mode="r") as container:
             stream = container.streams.video[0]
             picked: list[np.ndarray] = []
             next_t = 0.0
@@ -137,35 +149,109 @@ def read_meta(parts: dict[str, bytes]) -> dict[str, Any]:
     return meta
 
 
+Turn = tuple[str, str]  # (user, assistant)
+
+
+def dialogue_of(meta: dict[str, Any], parts: dict[str, bytes] | None = None) -> list[Turn]:
+    """The (user, assistant) turns of a sample's JSON; a user left empty is filled in by the reader.
+
+    - `messages`: a list of {role: user|assistant, content} alternating from a user turn to an
+      assistant turn (multi-turn; `user`/`assistant` then repeat its first exchange);
+    - `user` + `assistant`: one exchange (fvlm's and upstream fVLM's unified format);
+    - `caption` or a `.txt` member: a caption-only sample (upstream's older shards): the caption
+      answers an empty user turn.
+    Raises SampleError naming what is missing or malformed; never `invalid_json` for valid JSON.
+    """
+    if "messages" in meta:
+        messages = meta["messages"]
+        if not isinstance(messages, list) or not messages or len(messages) % 2:
+            raise SampleError("bad_field_messages")
+        turns = []
+        for i in range(0, len(messages), 2):
+            user, answer = messages[i], messages[i + 1]
+            ok = all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in (user, answer))
+            if not ok or user.get("role") != "user" or answer.get("role") != "assistant":
+                raise SampleError("bad_field_messages")
+            turns.append((user["content"], answer["content"]))
+    elif "assistant" in meta:
+        if not isinstance(meta["assistant"], str):
+            raise SampleError("bad_field_assistant")
+        turns = [(meta.get("user", ""), meta["assistant"])]
+    elif "caption" in meta:
+        if not isinstance(meta["caption"], str):
+            raise SampleError("bad_field_caption")
+        turns = [("", meta["caption"])]
+    elif parts is not None and "txt" in parts:
+        try:
+            turns = [("", parts["txt"].decode("utf-8"))]
+        except UnicodeDecodeError:
+            raise SampleError("bad_field_txt") from None
+    elif "chosen" in meta or "chosen_assistant" in meta:
+        raise SampleError("preference_pair")  # read by DPO (train.stage=3 with preference data), not here
+    elif "token_ids" in meta or "loss_mask" in meta:
+        # Upstream fVLM's pre-tokenised shards carry ids of one tokenizer and template and no text.
+        raise SampleError("pretokenised_without_text")
+    else:
+        raise SampleError("missing_assistant")
+    if not all(isinstance(user, str) for user, _ in turns):
+        raise SampleError("bad_field_user")
+    if any(not answer.strip() for _, answer in turns):
+        raise SampleError("empty_answer")
+    return turns
+
+
+def template_injects_system(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the chat template writes a system turn of its own into a dialogue that has none
+    (SmolLM2's does; the byte tokenizer's does not)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False)
+    return "system" in str(text)
+
+
+def system_prompt_for(setting: str, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The system turn dialogues get under `data.system_prompt`: "auto" = upstream fVLM's prompt where
+    the template would insert a default one of its own, none where it would not; "" = none (the
+    template's default, if any, stands); any other text = that text."""
+    if setting == "auto":
+        return UPSTREAM_SYSTEM_PROMPT if template_injects_system(tokenizer) else None
+    return setting or None
+
+
 def encode_dialogue(
     tokenizer: PreTrainedTokenizerBase,
-    user: str,
-    assistant: str,
+    turns: list[Turn],
     *,
     stage: int,
     max_tokens: int,
     end_of_turn_id: int | None,
+    system: str | None = None,
 ) -> tuple[list[int], list[bool], int]:
-    """Chat-template tokens of one user turn and one assistant turn, and which are targets.
+    """Chat-template tokens of a dialogue of (user, assistant) turns, and which are targets.
 
-    Stage 1: every token. Stages 2-3: the assistant's content and its end-of-turn token only (not
-    the role header before it, nor the template's trailing newline after it).
+    Stage 1: every token (the system turn too). Stages 2-3: each assistant turn's content and its
+    end-of-turn token only (not the role header before it, nor the template's trailing newline after
+    it). `system`, when given, opens the dialogue as a system turn.
     Right-truncated to `max_tokens`; a result with no target left raises SampleError. The third
     value is the length before truncation.
     """
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     ids = chat_ids(tokenizer, messages)
     if stage == 1:
         mask = [True] * len(ids)
     else:
-        prompt = chat_ids(tokenizer, messages[:1], add_generation_prompt=True)
-        start = len(prompt)
-        if list(ids[:start]) != list(prompt):
-            raise SampleError("template_mismatch")
-        stop = len(ids)
-        if end_of_turn_id is not None and end_of_turn_id in ids[start:]:
-            stop = len(ids) - ids[::-1].index(end_of_turn_id)
-        mask = [start <= i < stop for i in range(len(ids))]
+        mask = [False] * len(ids)
+        first = len(messages) - 2 * len(turns)
+        for t in range(len(turns)):
+            upto = first + 2 * t + 1  # the messages through this turn's user message
+            prompt = chat_ids(tokenizer, messages[:upto], add_generation_prompt=True)
+            through = chat_ids(tokenizer, messages[: upto + 1]) if t < len(turns) - 1 else ids
+            start, stop = len(prompt), len(through)
+            if list(ids[:start]) != list(prompt) or list(ids[:stop]) != list(through):
+                raise SampleError("template_mismatch")
+            if end_of_turn_id is not None and end_of_turn_id in through[start:]:
+                stop = len(through) - list(through[::-1]).index(end_of_turn_id)
+            mask[start:stop] = [True] * (stop - start)
     full_length = len(ids)
     ids, mask = ids[:max_tokens], mask[:max_tokens]
     if not any(mask):

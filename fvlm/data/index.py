@@ -9,8 +9,10 @@ after a header with a bad checksum it re-synchronises on the next valid header, 
 data runs past the end of the file is reported as truncated instead of ending the scan.
 Samples that are broken in a way the headers and JSON already reveal (invalid JSON, missing or
 mismatched frames, empty answer, truncated member, JSON nested or sized past the limits of
-fvlm.errors, a video or image sample without frames) are left out of the index and recorded as
-skips; damage that only decoding reveals is caught by the loader.
+fvlm.errors, a video or image sample without frames, a JSON without dialogue text) are left out of
+the index and recorded as skips; damage that only decoding reveals is caught by the loader.
+Frames numbered with gaps (upstream fVLM's writer leaves one where it dropped a bad JPEG) are read
+as they are, and each such sample is recorded as a note.
 """
 
 from __future__ import annotations
@@ -137,8 +139,8 @@ def classify(exts: list[str]) -> tuple[str | None, int, str | None]:
     if "mp4" in exts:
         return "video", 0, None
     if frames:
-        if frames != list(range(len(frames))):
-            return "video", len(frames), "missing_frames"
+        if len(set(frames)) != len(frames):
+            return "video", len(frames), "duplicate_frames"  # 003.jpg beside 003.png: which one is frame 3?
         return "video", len(frames), None
     if any(e in IMAGE_EXTS for e in exts):
         return "image", 1, None
@@ -168,6 +170,8 @@ class DataIndex:
     kind_id: np.ndarray
     frames: np.ndarray  # visual items declared (0 for text; 0 for .mp4 whose count needs decoding)
     skips: list[Skip] = field(default_factory=list)
+    # Samples kept but worth knowing about, e.g. "frame_gap": frames numbered with gaps, read as they are.
+    notes: list[Skip] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.start)
@@ -182,7 +186,7 @@ class DataIndex:
         return self.sources[self.source_id[row]]
 
 
-def _scan_shard(path: str, source: str, sources: list[str], rows: list, skips: list[Skip]) -> None:
+def _scan_shard(path: str, source: str, sources: list[str], rows: list, skips: list[Skip], notes: list[Skip]) -> None:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
 
@@ -218,11 +222,17 @@ def _scan_shard(path: str, source: str, sources: list[str], rows: list, skips: l
             if row is None:
                 continue
             meta_source, kind, count = row
+            matches = [_FRAME_EXT.match(split_name(m.name)[1]) for m in members]
+            numbers = sorted(int(found.group(1)) for found in matches if found)
+            if numbers and numbers != list(range(len(numbers))):
+                notes.append(Skip(path, key, "frame_gap"))
             name = source or meta_source
             if name not in sources:
                 sources.append(name)
             rows.append(
                 (
+                    key,
+                    meta_source,
                     members[0].header_offset,
                     members[-1].data_offset + members[-1].size,
                     sources.index(name),
@@ -252,10 +262,18 @@ def _validate(read_at, path, key, members, problems, skips, source=""):
         return skip("json_too_deep")
     except ValueError:  # also UnicodeDecodeError
         return skip("invalid_json")
-    if not isinstance(meta.get("assistant"), str) or not isinstance(meta.get("user", ""), str):
-        return skip("invalid_json")
-    if not meta["assistant"].strip():
-        return skip("empty_answer")
+    from fvlm.data.decode import SampleError, dialogue_of  # decode imports this module
+
+    parts = {}
+    if "txt" in exts:
+        txt = members[exts.index("txt")]
+        if txt.size > MAX_SAMPLE_JSON_BYTES:
+            return skip("txt_too_large")
+        parts["txt"] = read_at(txt.data_offset, txt.size)
+    try:
+        dialogue_of(meta, parts)
+    except SampleError as exc:
+        return skip(exc.reason)
     kind, count, problem = classify(exts)
     if problem:
         return skip(problem)
@@ -279,14 +297,32 @@ def build_index(specs: list[SourceSpec]) -> DataIndex:
     shards: list[str] = []
     sources: list[str] = [s.name for s in specs if s.name]
     columns: list[tuple] = []
+    keys: list[str] = []
+    named: list[str] = []  # each sample's own `source` (its kind where it names none)
     skips: list[Skip] = []
+    notes: list[Skip] = []
     for spec in specs:
         for path in spec.shards:
             rows: list = []
-            _scan_shard(path, spec.name, sources, rows, skips)
-            columns.extend((len(shards),) + r for r in rows)
+            _scan_shard(path, spec.name, sources, rows, skips, notes)
+            columns.extend((len(shards),) + r[2:] for r in rows)
+            keys.extend(r[0] for r in rows)
+            named.extend(r[1] for r in rows)
             shards.append(path)
     table = np.array(columns, dtype=np.int64).reshape(-1, 6)
+    # A sample without frames whose JSON names a source of videos or images (upstream fVLM's
+    # `frame_count: 0` videos) is no text sample: trained as one, it would teach answers about
+    # pictures it lacks and escape data.text_ratio. Upstream drops these too.
+    visual: dict[str, str] = {}
+    for name, kind in zip(named, table[:, 4], strict=True):
+        if KINDS[int(kind)] in VISUAL_KINDS:
+            visual.setdefault(name, KINDS[int(kind)])
+    orphan = np.array(
+        [KINDS[int(k)] == "text" and n in visual for n, k in zip(named, table[:, 4], strict=True)], dtype=bool
+    )
+    for row in np.flatnonzero(orphan):
+        skips.append(Skip(shards[int(table[row, 0])], keys[row], f"{visual[named[row]]}_without_frames"))
+    table = table[~orphan]
     prompts = {s.name: s.prompt for s in specs if s.name}
     weights = {s.name: s.weight for s in specs if s.name}
     return DataIndex(
@@ -301,6 +337,7 @@ def build_index(specs: list[SourceSpec]) -> DataIndex:
         kind_id=table[:, 4].astype(np.int8),
         frames=table[:, 5].astype(np.int32),
         skips=skips,
+        notes=notes,
     )
 
 

@@ -62,10 +62,12 @@ class _SplitCounts(TypedDict):
 
 
 class SplitReport(_SplitCounts, total=False):
-    """One split's report: `token_length` when its samples were decoded, `mix` when it holds any."""
+    """One split's report: `token_length` when its samples were decoded, `mix` when it holds any,
+    `notes_by_reason` when samples were kept with a remark (frame_gap: frames numbered with gaps)."""
 
     token_length: TokenLengths
     mix: MixReport
+    notes_by_reason: dict[str, int]
 
 
 class _InspectReport(TypedDict):
@@ -121,6 +123,8 @@ def inspect_split(spec: str, cfg: RunConfig, *, decode: bool = True, draws: int 
         "skipped": skipped,
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)),
     }
+    if index.notes:
+        report["notes_by_reason"] = dict(Counter(n.reason for n in index.notes))
     if token_lengths:
         report["token_length"] = {
             "min": int(min(token_lengths)),
@@ -189,6 +193,8 @@ def format_report(report: InspectReport) -> str:
             lines.append(f"  mix over {m['draws']} seeded draws (requested -> realised):")
             for k in KINDS:
                 lines.append(f"    {k:<6} {m['requested_by_kind'][k]:.3f} -> {m['realised_by_kind'][k]:.3f}")
+        if "notes_by_reason" in r:
+            lines.append(f"  kept with notes: {r['notes_by_reason']}")
         lines.append(f"  skipped:   {len(r['skipped'])}" + (f" {r['skipped_by_reason']}" if r["skipped"] else ""))
         for s in r["skipped"]:
             lines.append(f"    {s['reason']:<22} {s['key']}  ({s['shard']})")

@@ -26,11 +26,14 @@ import numpy as np
 
 from fvlm.data.decode import (
     DEFAULT_PROMPTS,
+    SOURCE_PROMPTS,
     SampleError,
     decode_frames,
+    dialogue_of,
     encode_dialogue,
     normalise_into,
     read_meta,
+    system_prompt_for,
     thinned,
 )
 from fvlm.data.index import KINDS, DataIndex, build_index, read_sample
@@ -88,6 +91,7 @@ class SampleReader:
         max_frames: int,
         fps: float,
         replicate_image_frames: int,
+        system_prompt: str = "auto",
     ):
         self.index = index
         self.tokenizer = tokenizer
@@ -99,13 +103,14 @@ class SampleReader:
         self.replicate_image_frames = replicate_image_frames
         end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.end_of_turn_id = end if isinstance(end, int) and end != tokenizer.unk_token_id else tokenizer.eos_token_id
+        self.system = system_prompt_for(system_prompt, tokenizer)
         self._handles: dict[str, object] = {}
         self._pid = os.getpid()
         # What a decoded sample depends on besides its bytes: the reading settings and the tokenizer.
         template = str(getattr(tokenizer, "chat_template", None))
         self._settings = (
             image_size, stage, max_text_tokens, max_frames, fps, replicate_image_frames,
-            _tokenizer_id(tokenizer), len(tokenizer), template, self.end_of_turn_id,
+            _tokenizer_id(tokenizer), len(tokenizer), template, self.end_of_turn_id, self.system,
         )  # fmt: skip
         self._shard_ids: dict[str, tuple] = {}
 
@@ -164,14 +169,20 @@ class SampleReader:
                 fps=self.fps,
                 replicate_image_frames=self.replicate_image_frames,
             )
-            user = meta.get("user") or index.prompts.get(source) or DEFAULT_PROMPTS[kind]
+            turns = dialogue_of(meta, parts)
+            if not turns[0][0]:  # an empty first question: the source's prompt
+                named = meta.get("source")
+                upstream = SOURCE_PROMPTS.get(named) if isinstance(named, str) else None
+                prompt = index.prompts.get(source) or upstream or DEFAULT_PROMPTS[kind]
+                turns[0] = (prompt, turns[0][1])
+            system = meta.get("system") if isinstance(meta.get("system"), str) else self.system
             ids, mask, full_length = encode_dialogue(
                 self.tokenizer,
-                user,
-                meta["assistant"],
+                turns,
                 stage=self.stage,
                 max_tokens=self.max_text_tokens,
                 end_of_turn_id=self.end_of_turn_id,
+                system=system,
             )
         except SampleError as exc:
             exc.where = (shard, key)
@@ -462,6 +473,7 @@ def sample_reader(cfg, index: DataIndex, tokenizer) -> SampleReader:
         max_frames=d.max_frames,
         fps=d.fps,
         replicate_image_frames=d.replicate_image_frames,
+        system_prompt=d.system_prompt,
     )
 
 
