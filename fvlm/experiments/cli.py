@@ -123,6 +123,7 @@ def register(sub) -> None:
     st.add_argument("--out", help="output folder (default runs/stages-<tiny|size>)")
     st.add_argument("--from-decisions", metavar="PATH", help="Phase 1's decisions.json: locked config, sample counts")
     st.add_argument("--data", help="a folder of one shard folder per dataset, named as the stage mixes name them")
+    st.add_argument("--bench", action="append", default=[], metavar="FILE", help="a benchmark for every stage's eval")
     st.add_argument("--heldout-pairs", metavar="PATH", help="held-out preference pairs for a DPO stage 3")
     for stage in (1, 2, 3):
         st.add_argument(f"--stage{stage}-samples", type=int, metavar="N", help=f"stage {stage}'s sample count")
@@ -237,6 +238,7 @@ def cmd_stages(args) -> int:
         export=args.export,
         dry_run=args.dry_run,
         heldout_pairs=args.heldout_pairs,
+        benches=args.bench,
     )
     if args.dry_run:
         stages.dry_run(pipeline, args.json)

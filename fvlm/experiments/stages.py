@@ -101,6 +101,7 @@ class Pipeline:
     eval_samples: int = 0  # 0: the whole val split
     notes: list[str] = field(default_factory=list)
     heldout_pairs: str | None = None  # held-out preference pairs for a DPO stage
+    benches: list[str] = field(default_factory=list)  # fvlm eval --bench specs for every stage
 
 
 # ----------------------------------------------------------------------------- planning
@@ -185,6 +186,7 @@ def plan(
     export: bool,
     dry_run: bool,
     heldout_pairs: str | None = None,
+    benches: list[str] | None = None,
 ) -> Pipeline:
     common, per_stage = split_stage_overrides(overrides)
     locked: dict[str, Any] = {}
@@ -204,11 +206,11 @@ def plan(
     stages = []
     for stage in STAGES:
         if name == "tiny":
-            config = "tiny"
+            config = str(CONFIG_DIR / "tiny.yaml")
             base = {**TINY_COMMON, **TINY_STAGES[stage]}
             default = TINY_SAMPLES[stage]
         else:
-            config = f"{SIZES[name]}_stage{stage}"
+            config = str(CONFIG_DIR / f"{SIZES[name]}_stage{stage}.yaml")
             base = {}
             default = load_config(config).train.max_samples
         stage_locked = {k: v for k, v in locked.items() if stage == 1 or k not in FREEZE_KEYS}
@@ -227,7 +229,9 @@ def plan(
             for stage, path in write_mixes(Path(data), folder).items():
                 stages[stage - 1].overrides.setdefault("data.train", path)
     eval_samples = int(TINY_COMMON["train.eval_samples"]) if name == "tiny" else 0
-    return Pipeline(name, folder, stages, export or name == "tiny", eval_samples, notes, heldout_pairs)
+    return Pipeline(
+        name, folder, stages, export or name == "tiny", eval_samples, notes, heldout_pairs, list(benches or [])
+    )
 
 
 def stage_config(pipeline: Pipeline, stage: StagePlan, init_from: str = "") -> Any:
@@ -308,9 +312,9 @@ def _evaluate(pipeline: Pipeline, run_dir: Path, checkpoint: Path, benches: list
 
     path = rf.eval_dir(run_dir) / rf.EVAL_JSON
     if path.is_file():
-        entries = read_json(path).get("entries") or []
-        if entries and entries[-1].get("checkpoint") == str(checkpoint):
-            return entries[-1]
+        saved = read_json(path)  # the latest entry at the top level (fvlm.eval.evaluate.write_results)
+        if isinstance(saved, dict) and saved.get("checkpoint") == str(checkpoint):
+            return saved
     _log(f"[stages] evaluating {checkpoint} in every mode")
     evaluate_run(
         checkpoint,
@@ -319,7 +323,7 @@ def _evaluate(pipeline: Pipeline, run_dir: Path, checkpoint: Path, benches: list
         max_samples=pipeline.eval_samples,
         log_samples=True,
     )
-    return read_json(path)["entries"][-1]
+    return read_json(path)
 
 
 def _heldout_margins(cfg: Any, checkpoint: Path, spec: str, run_dir: Path) -> dict[str, Any]:
@@ -396,13 +400,13 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     corrects: list[dict] = []
     init_from = ""
-    benches: list[str] = []
+    benches: list[str] = list(pipeline.benches)
     pairs: dict[str, str] = {}
     for stage in pipeline.stages:
         if pipeline.name == "tiny" and stage.stage == 1:
             cfg1 = stage_config(pipeline, stage)
             paths = ensure_synthetic(cfg1.data, cfg1.data_seed, cfg1.out_dir)
-            benches = [paths["bench"]]
+            benches = benches or [paths["bench"]]
             pairs = {k: paths[k] for k in ("pairs", "pairs_val") if k in paths}
         if pipeline.name == "tiny" and stage.stage == 3 and pairs:
             stage.overrides.setdefault("data.train", pairs["pairs"])

@@ -42,7 +42,7 @@ from fvlm.data.schedule import TrainSchedule, source_probabilities
 from fvlm.errors import UsageError
 from fvlm.model.build import build_model
 from fvlm.model.flops import estimate_flops
-from fvlm.model.vlm import VLMBase
+from fvlm.model.vlm import Batch, VLMBase
 from fvlm.training import checkpoint as ckpt
 from fvlm.training.evaluate import to_device
 from fvlm.training.trainer import StepTally, Trainer, load_init_weights
@@ -77,18 +77,18 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def sequence_logps(model: VLMBase, batch: dict[str, Any], mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model: VLMBase, batch: Any, mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities [B] of the chosen and the rejected answers of a pair batch, both read
     after the same visual block (one DINO pass, in `mode`, default the model's own)."""
     mode = mode or model.default_mode
     tokens, mask, _ = model.visual_blocks(batch, (mode,))[mode]
-    rejected = {
+    rejected: Batch = {
         "input_ids": batch["rejected_input_ids"],
         "attention_mask": batch["rejected_attention_mask"],
         "loss_mask": batch["rejected_loss_mask"],
     }
     chosen_ce, _ = model.loss_over(tokens, mask, batch, per_sample=True)
-    rejected_ce, _ = model.loss_over(tokens, mask, rejected, per_sample=True)  # type: ignore[arg-type]
+    rejected_ce, _ = model.loss_over(tokens, mask, rejected, per_sample=True)
     return -chosen_ce, -rejected_ce
 
 
@@ -102,7 +102,7 @@ class PreferenceReader(SampleReader):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # Decoded samples are cached per process by their settings: a pair is not a plain sample.
-        self._settings = (*self._settings, "preference")
+        self._settings: tuple[Any, ...] = (*self._settings, "preference")
 
     def _decode(self, row: int) -> dict:
         sample = super()._decode(row)
