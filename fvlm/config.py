@@ -100,6 +100,22 @@ class DataConfig:
     # What the synthetic images ask: "named" (the colour, shape or place of an object the question
     # names) or "marked" (the colour of the object on a white mark, among up to three others).
     synth_image_task: Literal["named", "marked"] = "named"
+    # Preference pairs (fvlm.data.synth, for DPO): this many train pairs in <set>/pairs/ and a tenth as
+    # many (at least 16) held out in <set>/pairs_val/; "chosen" is the answer the pixels support.
+    synth_pairs: int = 0
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation (fvlm.training.dpo): every train sample must be a preference
+    pair (docs/design.md §5); the reference model is train.init_from, frozen."""
+
+    enabled: bool = False
+    beta: float = 0.1
+    # sigmoid: -log sigmoid(beta * margin) (Rafailov et al. 2023), with label_smoothing the
+    # conservative variant; ipo: (margin - 1 / (2 beta))^2 (Azar et al. 2023).
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -128,6 +144,7 @@ class TrainConfig:
     # when training in bf16, else MFU stays blank.
     peak_flops: float | None = None
     init_from: str = ""
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     # Stop as diverged when the running loss climbs above this multiple of its lowest level (and far
     # above the loss's step-to-step noise: fvlm/training/divergence.py).
     divergence_factor: float = 5.0
@@ -461,6 +478,16 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError(f"data.synth_object_scale must be [min, max] with 0 < min <= max < 1, got {scale}")
     if t.stage not in (1, 2, 3):
         raise UsageError(f"train.stage must be 1, 2 or 3, got {t.stage}")
+    _positive(d.synth_pairs, "data.synth_pairs", allow_zero=True)
+    _positive(t.dpo.beta, "train.dpo.beta")
+    if not 0 <= t.dpo.label_smoothing < 0.5:
+        raise UsageError(f"train.dpo.label_smoothing must be in [0, 0.5), got {t.dpo.label_smoothing}")
+    if t.dpo.loss == "ipo" and t.dpo.label_smoothing:
+        raise UsageError("train.dpo.label_smoothing applies to train.dpo.loss=sigmoid only")
+    if t.dpo.enabled and not t.init_from:
+        raise UsageError("train.dpo.enabled needs train.init_from (the frozen reference model, e.g. stage 2's result)")
+    if t.dpo.enabled and t.stage == 1:
+        raise UsageError("train.dpo.enabled needs train.stage 2 or 3 (answer tokens only)")
     for name in (
         "batch_size",
         "grad_accum",

@@ -350,19 +350,18 @@ def test_cauldron_smoltalk_and_rlaif_v(tmp_path, capsys, hf_sets):
     samples = samples_of(tmp_path / "p")
     assert sorted(samples["000000000"]) == ["jpg", "json"]
     assert json.loads(samples["000000000"]["json"]) == {
-        "prompt": "What is shown?",
-        "chosen": "A red card.",
+        "user": "What is shown?",
+        "assistant": "A red card.",
         "rejected": "A dog.",
         "source": "rlaif-v",
         "frame_count": 1,
         "id": "1",
         "origin": "RLAIF-V",
     }
-    # inspect reads all three; supervised stages name the preference pairs rather than use them
-    for folder, usable in (("c", 2), ("s", 2), ("p", 0)):
+    # inspect reads all three; a supervised stage reads a preference pair as its chosen answer
+    for folder, usable in (("c", 2), ("s", 2), ("p", 2)):
         split = inspect_path(str(tmp_path / folder), small_cfg())["splits"]["data"]
         assert split["samples"] == usable, folder
-    assert split["skipped_by_reason"] == {"preference_pair": 2}
 
 
 # ----------------------------------------------------------------------------- caption tables

@@ -350,7 +350,9 @@ def _build(opts: Options, record: Any) -> tuple[dict[str, Any], dict[str, bytes]
         if not chosen or not rejected:
             raise Skipped("empty_answer")
         files = _hf_image(opts, record.get("image"))
-        meta = _with_id({"prompt": question, "chosen": chosen, "rejected": rejected}, record, "idx")
+        # The DPO layout (docs/design.md §5): the chosen answer is the sample's answer, so a supervised
+        # stage reading the pair trains on it; DPO also reads `rejected`.
+        meta = _with_id({"user": question, "assistant": chosen, "rejected": rejected}, record, "idx")
         meta.update(source=opts.source, frame_count=1)
         if isinstance(record.get("ds_name"), str):
             meta["origin"] = record["ds_name"]
@@ -392,8 +394,8 @@ def _token_count(opts: Options, meta: dict[str, Any]) -> int:
 
         _tokenizers[opts.tokenizer] = load_tokenizer(opts.tokenizer)
     tok = _tokenizers[opts.tokenizer]
-    if "chosen" in meta:
-        dialogues = [[(meta["prompt"], meta[answer])] for answer in ("chosen", "rejected")]
+    if "rejected" in meta:
+        dialogues = [[(meta["user"], meta[answer])] for answer in ("assistant", "rejected")]
     else:
         dialogues = [dialogue_of(meta)]
     longest = 0
@@ -435,7 +437,7 @@ def convert_shard(opts: Options, out: str, number: int, records: list[Any]) -> d
                 examples.append([first + i, exc.reason])
             continue
         video = "mp4" in files or "000.jpg" in files
-        kinds["preference" if "chosen" in meta else "video" if video else "image" if "jpg" in files else "text"] += 1
+        kinds["preference" if "rejected" in meta else "video" if video else "image" if "jpg" in files else "text"] += 1
         samples.append((f"{first + i:09d}", meta, files))
     entry: dict[str, Any] = {
         "files": {},

@@ -320,6 +320,9 @@ def _worker_init(_):
 class Loader:
     """Iterable over batches with a checkpointable cursor (`state_dict`) and skip counts (`stats`)."""
 
+    # What turns a batch's items into the batch (a subclass may add fields: fvlm.training.dpo).
+    collate_type: type = _Collate
+
     def __init__(
         self,
         reader: SampleReader,
@@ -413,7 +416,7 @@ class Loader:
             _Items(self.reader, substitute=self.train),
             batch_sampler=batches(),
             num_workers=self.num_workers,
-            collate_fn=_Collate(self.pad_id),
+            collate_fn=self.collate_type(self.pad_id),
             worker_init_fn=_worker_init if self.num_workers else None,
         )
         for batch, events in loader:

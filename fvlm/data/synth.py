@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 import time
@@ -45,6 +46,8 @@ from fvlm.config import DataConfig
 GENERATOR_VERSION = 5
 SAMPLES_PER_SHARD = 256
 SPLITS = ("train", "val", "probe", "bench")
+# Preference pairs for DPO, written only when asked for (`pairs` > 0): train and held-out.
+PAIR_SPLITS = ("pairs", "pairs_val")
 # A finished set holds MANIFEST, written last. `fvlm data synth OUT` first writes UNFINISHED into
 # OUT, so that a set it never finished (killed, a full disk) is known as its own: a rerun starts it
 # over, and readers refuse it rather than train on part of it. A folder without either file is
@@ -108,6 +111,7 @@ class SampleMeta(TypedDict, total=False):
     assistant: str
     choices: list[str]
     answer_index: int
+    rejected: str
 
 
 class PainterStyle(TypedDict, total=False):
@@ -575,6 +579,54 @@ def make_text(rng: np.random.Generator) -> SampleMeta:
     return {"user": user, "assistant": answer, "source": "text", "frame_count": 0}
 
 
+def make_pair(p: _Painter, kind: str, frames: int, video_task: str, image_task: str) -> tuple[list[bytes], SampleMeta]:
+    """A preference pair: a caption question about a video or an image (frames, one for an image),
+    "chosen" (the JSON's `assistant`) the answer the pixels support, `rejected` the same sentence
+    with the asked object's colour swapped for another colour on screen (or, alone on screen, any
+    other colour). Only questions whose prompt does not name that colour are asked, so the text
+    alone cannot tell the two apart."""
+    for _ in range(64):
+        if kind == "video":
+            jpegs, meta = VIDEO_TASKS[video_task](p, frames, False)
+        else:
+            jpeg, meta = IMAGE_TASKS[image_task](p, False)
+            jpegs = [jpeg]
+        colour = meta["scene"][0]["colour"]
+        word = re.compile(rf"\b{colour}\b")
+        if word.search(meta["user"]) or not word.search(meta["assistant"]):
+            continue  # the prompt names the colour (or the answer is not about it): ask another
+        on_screen = [o["colour"] for o in meta["scene"][1:] if o["colour"] != colour]
+        others = on_screen or [c for c in COLOURS if c not in (colour, "white")]
+        meta["rejected"] = word.sub(str(p.rng.choice(others)), meta["assistant"])
+        meta["source"] = f"{kind}_pair"
+        return jpegs, meta
+    raise ValueError(f"the {kind} task asks no question about a colour that its prompt leaves unnamed")
+
+
+def _write_pairs(folder: Path, split: str, seed: int, count: int, settings: _SplitSettings) -> dict[str, int]:
+    """`count` preference pairs (half videos, half images) in shards under `folder`."""
+    rng = np.random.default_rng([seed, sum(map(ord, split))])
+    painter = _Painter(settings["size"], rng, **settings["painter"])
+    writer = _ShardWriter(folder, split)
+    counts = {"video": 0, "image": 0}
+    for i in range(count):
+        kind = "video" if i % 2 == 0 else "image"
+        jpegs, meta = make_pair(painter, kind, settings["frames"], settings["video_task"], settings["image_task"])
+        key = f"{split}-{kind}-{i:06d}"
+        if kind == "video":
+            writer.write(key, meta, images=jpegs)
+        else:
+            writer.write(key, meta, image=jpegs[0])
+        counts[kind] += 1
+    writer.close()
+    return counts
+
+
+def held_out_pairs(pairs: int) -> int:
+    """Held-out preference pairs beside `pairs` train pairs: a tenth, at least 16."""
+    return max(16, pairs // 10) if pairs else 0
+
+
 class _ShardWriter:
     def __init__(self, folder: Path, prefix: str):
         self.folder, self.prefix = folder, prefix
@@ -672,6 +724,7 @@ class SceneKnobs(TypedDict, total=False):
     background: str
     video_task: str
     image_task: str
+    pairs: int
 
 
 class SetSizes(TypedDict):
@@ -702,6 +755,7 @@ class ManifestParams(SetSizes):
     min_objects: int
     video_task: str
     image_task: str
+    pairs: int
 
 
 class Manifest(TypedDict):
@@ -744,12 +798,14 @@ def generate_synthetic(
     min_objects: int = 3,
     video_task: str = "motion",
     image_task: str = "named",
+    pairs: int = 0,
 ) -> Manifest:
     """Writes train/, val/, probe/ and bench/ shard folders plus manifest.json under `out_dir`.
 
     val keeps the train mix of kinds; probe holds `probe` plain videos for attention heatmaps;
     bench holds `bench` multiple-choice questions (videos and images, half each). `mc_fraction` of the
     train/val videos and images are asked as multiple choice too (default 0: captions only).
+    `pairs` > 0 also writes preference pairs (`make_pair`) to pairs/ and held-out ones to pairs_val/.
     Returns the manifest: parameters, counts per split and kind, seconds and samples/s.
     """
     out = Path(out_dir)
@@ -800,8 +856,11 @@ def generate_synthetic(
             **common,
         ),
     }
+    if pairs:
+        splits["pairs"] = _write_pairs(out / "pairs", "pairs", seed, pairs, common)
+        splits["pairs_val"] = _write_pairs(out / "pairs_val", "pairs_val", seed, held_out_pairs(pairs), common)
     seconds = time.perf_counter() - began
-    samples = sum(c[k] for c in splits.values() for k in ("video", "image", "text"))
+    samples = sum(c.get(k, 0) for c in splits.values() for k in ("video", "image", "text"))
     manifest: Manifest = {
         "generator_version": GENERATOR_VERSION,
         "params": {
@@ -821,6 +880,7 @@ def generate_synthetic(
             "min_objects": min_objects,
             "video_task": video_task,
             "image_task": image_task,
+            "pairs": pairs,
         },
         "splits": splits,
         "samples": samples,
@@ -852,6 +912,7 @@ def synth_params(d: DataConfig, seed: int) -> SynthParams:
         "background": d.synth_background,
         "video_task": d.synth_video_task,
         "image_task": d.synth_image_task,
+        "pairs": d.synth_pairs,
     }
     defaults: SceneKnobs = {
         "mc_fraction": 0.0,
@@ -861,6 +922,7 @@ def synth_params(d: DataConfig, seed: int) -> SynthParams:
         "background": "texture",
         "video_task": "motion",
         "image_task": "named",
+        "pairs": 0,
     }
     # Knobs at their defaults stay out, so that sets generated before the knobs existed keep their folder.
     changed = {k: v for k, v in scene.items() if v != defaults.get(k)}
@@ -877,6 +939,8 @@ def ensure_synthetic(data: DataConfig, seed: int, out_dir: str | Path) -> dict[s
         Path(out_dir) / "data" / f"synth-{digest}", MANIFEST, lambda tmp: generate_synthetic(tmp, **params)
     )
     paths = {split: str(root / split) for split in ("train", "val", "probe", "bench")}
+    if data.synth_pairs:
+        paths.update({split: str(root / split) for split in PAIR_SPLITS})
     for split in ("train", "val", "probe"):
         configured = getattr(data, split)
         if configured != "synthetic":
@@ -908,7 +972,7 @@ def looks_like_old_unfinished_set(folder: Path) -> bool:
     return (
         not (folder / MANIFEST).exists()
         and bool(entries)
-        and all(e.is_dir() and e.name in SPLITS for e in entries)
+        and all(e.is_dir() and e.name in SPLITS + PAIR_SPLITS for e in entries)
         and all(s.name.startswith(f"{e.name}-") and s.suffix == ".tar" for e in entries for s in e.iterdir())
     )
 
@@ -923,7 +987,7 @@ def prepare_output(out: Path) -> bool:
     restart = out.is_dir() and is_unfinished(out)
     if restart:
         # Only what this module writes: the split folders and the manifest's temporary file.
-        for split in SPLITS:
+        for split in SPLITS + PAIR_SPLITS:
             shutil.rmtree(out / split, ignore_errors=True)
         for tmp in out.glob(f".{MANIFEST}.*.tmp"):
             tmp.unlink()

@@ -111,6 +111,28 @@ def register(sub) -> None:
     p1.add_argument("--flops-formula", choices=("exact", "seed"), default="exact")
     p1.set_defaults(func=cmd_phase1)
 
+    st = sub.add_parser(
+        "stages",
+        help="after Phase 1: stages 1-3 (and DPO) with evaluation, resumable",
+        description="Stage 1 (all-token loss, Sweep 1's freeze), stage 2 (answer only, full unfreeze) and "
+        "stage 3 (answer only or DPO), each from the previous stage's best checkpoint and evaluated in "
+        "three modes; a summary across stages. Re-running resumes (docs/stages.md).",
+    )
+    st.add_argument("--preset", choices=("tiny", "paper"), help="tiny: synthetic data and tiny backbones")
+    st.add_argument("--size", help="paper size: 135m, 360m or 1.7b (default: Decision 3's, else 135m)")
+    st.add_argument("--out", help="output folder (default runs/stages-<tiny|size>)")
+    st.add_argument("--from-decisions", metavar="PATH", help="Phase 1's decisions.json: locked config, sample counts")
+    st.add_argument("--data", help="a folder of one shard folder per dataset, named as the stage mixes name them")
+    st.add_argument("--bench", action="append", default=[], metavar="FILE", help="a benchmark for every stage's eval")
+    st.add_argument("--heldout-pairs", metavar="PATH", help="held-out preference pairs for a DPO stage 3")
+    for stage in (1, 2, 3):
+        st.add_argument(f"--stage{stage}-samples", type=int, metavar="N", help=f"stage {stage}'s sample count")
+    st.add_argument("--export", action="store_true", help="export the last stage (the tiny preset always does)")
+    st.add_argument("--dry-run", action="store_true", help="print the plan and its cost, run nothing")
+    st.add_argument("--json", action="store_true", help="the dry run as JSON")
+    st.add_argument("items", nargs="*", metavar="key=value", help="overrides for every stage; N:key=value for stage N")
+    st.set_defaults(func=cmd_stages)
+
 
 def _slurm(args) -> SlurmSettings | None:
     """The SLURM settings of `--launcher slurm`, or None for the local launcher. The --slurm-* values
@@ -195,4 +217,31 @@ def cmd_phase1(args) -> int:
             _slurm(args),
             plan.seed_offset,
         )
+    return 0
+
+
+def cmd_stages(args) -> int:
+    from fvlm.experiments import stages
+
+    counts = {s: getattr(args, f"stage{s}_samples") for s in (1, 2, 3)}
+    for stage, count in counts.items():
+        if count is not None and count < 1:
+            raise UsageError(f"--stage{stage}-samples must be >= 1, got {count}")
+    pipeline = stages.plan(
+        preset=args.preset,
+        size=args.size,
+        out=args.out,
+        decisions=args.from_decisions,
+        samples=counts,
+        data=args.data,
+        overrides=list(args.items),
+        export=args.export,
+        dry_run=args.dry_run,
+        heldout_pairs=args.heldout_pairs,
+        benches=args.bench,
+    )
+    if args.dry_run:
+        stages.dry_run(pipeline, args.json)
+    else:
+        stages.run(pipeline)
     return 0

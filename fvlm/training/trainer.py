@@ -65,10 +65,15 @@ class ParamCounts(TypedDict):
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Runs (or resumes, or reports the already finished) run of `cfg`; returns its run summary."""
+    trainer_class: type[Trainer] = Trainer
+    if cfg.train.dpo.enabled:
+        from fvlm.training.dpo import DPOTrainer  # imports this module
+
+        trainer_class = DPOTrainer
     dist = init_distributed()
     try:
         with _run_lock(cfg.run_dir, dist.is_main):
-            return Trainer(cfg, dist).run()
+            return trainer_class(cfg, dist).run()
     finally:
         shutdown(dist)
 
@@ -102,6 +107,14 @@ def planned_steps(cfg: RunConfig, world_size: int) -> int:
     return min(s for s in (t.max_steps or None, from_samples) if s)
 
 
+def load_init_weights(model: torch.nn.Module, folder: Path) -> None:
+    """train.init_from's weights (a checkpoint or model folder) into `model`."""
+    try:
+        load_safetensors(model, str(folder / rf.MODEL_FILE))
+    except (RuntimeError, OSError, SafetensorError) as exc:
+        raise UsageError(f"train.init_from: {folder} does not fit this model ({str(exc).splitlines()[0]})") from None
+
+
 @dataclass
 class StepTally:
     """One step's totals on one rank, summed over ranks (`Dist.sum_tally`) before they are used.
@@ -131,6 +144,9 @@ def _parse_row(row: dict[str, str]) -> dict[str, Any]:
 
 
 class Trainer:
+    # Columns a subclass adds to steps.csv after rf.STEP_COLUMNS (filled by `_step_extras`).
+    extra_step_columns: tuple[str, ...] = ()
+
     def __init__(self, cfg: RunConfig, dist: Dist):
         self.cfg = cfg
         self.dist = dist
@@ -226,7 +242,7 @@ class Trainer:
         dist.barrier()
         self.tokenizer = build_tokenizer(cfg.model)
         # Data paths are checked (and indexed) before the model is built: a bad path fails in seconds.
-        self.train_loader = build_loader(cfg, "train", self.tokenizer, rank=dist.rank, world_size=dist.world_size)
+        self.train_loader = self._train_loader()
         build_loader(cfg, "val", self.tokenizer, train=False)
         if cfg.train.probe_videos:
             build_loader(cfg, "probe", self.tokenizer, train=False)
@@ -250,13 +266,11 @@ class Trainer:
         self.model.train()
         self._open_outputs()
 
+    def _train_loader(self) -> Any:
+        return build_loader(self.cfg, "train", self.tokenizer, rank=self.dist.rank, world_size=self.dist.world_size)
+
     def _load_init_weights(self, folder: Path) -> None:
-        try:
-            load_safetensors(self.model, str(folder / rf.MODEL_FILE))
-        except (RuntimeError, OSError, SafetensorError) as exc:
-            raise UsageError(
-                f"train.init_from: {folder} does not fit this model ({str(exc).splitlines()[0]})"
-            ) from None
+        load_init_weights(self.model, folder)
 
     def _restore_newest_readable(self) -> None:
         """Resumes from the newest complete checkpoint that reads back whole, saying which newer ones
@@ -336,7 +350,7 @@ class Trainer:
             )
         rf.write_config(self.run_dir, cfg)
         keep = self.step if self.resume_from is not None else None
-        self.steps_log = CsvLog(self.run_dir / rf.STEPS, rf.STEP_COLUMNS, keep)
+        self.steps_log = CsvLog(self.run_dir / rf.STEPS, rf.STEP_COLUMNS + self.extra_step_columns, keep)
         # A checkpoint whose evaluation never finished is evaluated again before training goes on; a
         # row of that step already in metrics.csv (whole or cut off by the kill) is dropped first.
         self.metrics_log = CsvLog(
@@ -505,6 +519,7 @@ class Trainer:
                     **{f"lr_{g}": lrs[g] for g in GROUPS},
                     **interval.row(self.cfg.model, self.peak_flops, self.dist.world_size),
                     **self._gpu_memory(),
+                    **self._step_extras(tally),
                 }
                 interval = Interval()
                 self.last_row = row
@@ -553,6 +568,10 @@ class Trainer:
                 tally.coarse_sum += float(out.loss_coarse) * n
                 tally.coarse_tokens += n
         return tally
+
+    def _step_extras(self, tally: StepTally) -> dict[str, float | None]:
+        """A subclass's `extra_step_columns` of a logged step, from its (rank-summed) tally."""
+        return {}
 
     def _optimizer_step(self, tokens: float) -> float:
         self.dist.sum_gradients(self.trainable)
