@@ -119,7 +119,9 @@ def main(argv: list[str]) -> dict:
         "command": "benchmarks/bf16_parity.py " + " ".join(argv),
         "runs": {},
     }
-    print(f"[bf16_parity] {args.steps} steps of the tiny preset per precision; {report['cpu']}; reference {precisions[0]}")
+    print(
+        f"[bf16_parity] {args.steps} steps of the tiny preset per precision; {report['cpu']}; reference {precisions[0]}"
+    )
     print(
         f"{'precision':<14} {'final loss':>10} {'smoothed':>9} {'mean |d|':>9} {'max |d|':>9} "
         f"{'final ratio':>11} {'val loss':>9} {'seconds':>8}"
