@@ -2,12 +2,19 @@
 against the baseline the speed issue measured and the issue's targets.
 
     .venv/bin/python benchmarks/step_ops.py [--shape 135m|tiny] [--batch 2] [--frames 4] [--size 56]
-        [--text 64] [--variants coarse_fine,coarse_only,multi_token] [--no-compile] [--no-trainer] [--json PATH]
+        [--text 64] [--variants coarse_fine,coarse_only,multi_token] [--precisions fp32,bf16-autocast,bf16]
+        [--no-compile] [--no-trainer] [--json PATH]
 
 CPU only, random weights (the backbones' layouts via `build_model`, as benchmarks/bench_model.py does).
 A step is forward + backward (`model(batch, compute_coarse=False).loss.backward()`), the optimizer left
-out, once in fp32 and once under bf16 autocast. Every count is exact (no timing), so one step each is
-enough; a warm-up step runs first so that one-time work (lazy buffers, caches) is not counted.
+out, once per precision, named as `train.precision` names them (fvlm/training/precision.py): `fp32`,
+`bf16-autocast` (fp32 weights under bf16 autocast) and `bf16` (the model's parameters in bf16, fp32
+master weights in the optimizer; forward + backward are then the same with the masters left out). Every
+count is exact (no timing), so one step each is enough; a warm-up step runs first so that one-time work
+(lazy buffers, caches) is not counted. The trainer part (below) runs the real trainer step in `fp32`
+and, when `bf16` is among the precisions, in `bf16` too: its optimizer phase then shows what the master
+weights add per step (moving the bf16 gradients into fp32 ones and rounding the updated masters back,
+one multi-tensor copy each).
 
 How each count is defined (`OpCounter`, a TorchDispatchMode):
 - aten ops: every call that reaches the mode, i.e. the ops the dispatcher runs below autograd, after
@@ -18,8 +25,9 @@ How each count is defined (`OpCounter`, a TorchDispatchMode):
   `expand`, `slice`, `detach`), and so are the few ops that only reshape metadata or allocate
   (`NO_KERNEL`: `_unsafe_view`, `empty*`, `lift_fresh`, ...): what is left launches at least one kernel.
   Split into forward (until `backward()` is called) and backward.
-- casts: `_to_copy` whose `dtype` differs from its input's, and `copy_` between tensors of different
-  dtypes (subsets of the aten ops above).
+- casts: `_to_copy` whose `dtype` differs from its input's, and `copy_` or `_foreach_copy_` between
+  tensors of different dtypes (subsets of the aten ops above; a `_foreach_copy_` counts once, however
+  many tensors it converts).
 - host syncs: ops whose output size or value the host needs before it can go on, i.e. that sync a GPU
   with the host (on CPU nothing waits, so they are counted, as the issue does): `_local_scalar_dense`
   (`.item()`, `int()`, `float()`, `bool()` of a tensor), `is_nonzero`, `equal`, `nonzero`,
@@ -46,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # The issue's measurement (B2, T4, 56 px, 135M layout, CPU, eager, forward + backward, no optimizer).
 ISSUE_BASELINE = {
     "aten_ops": {
-        ("coarse_fine", "bf16"): 11_831,
+        ("coarse_fine", "bf16-autocast"): 11_831,
         ("coarse_fine", "fp32"): 9_625,
         ("coarse_only", "fp32"): 4_984,
         ("multi_token", "fp32"): 4_243,
@@ -124,6 +132,8 @@ def _cast(func, args, kwargs) -> bool:
         return dtype is not None and dtype != args[0].dtype
     if func == aten.copy_.default:
         return args[0].dtype != args[1].dtype
+    if func == aten._foreach_copy_.default:
+        return any(a.dtype != b.dtype for a, b in zip(args[0], args[1]))
     return False
 
 
@@ -199,8 +209,16 @@ def build(shape: str, variant: str, size: int):
     return cfg, build_model(cfg).train()
 
 
+def with_masters(model):
+    """The model turned to bf16 parameters with fp32 masters, as train.precision=bf16 does it."""
+    from fvlm.training.precision import MasterWeights
+
+    return MasterWeights(model, [p for params in model.param_groups().values() for p in params])
+
+
 def count_step(model, batch, bf16: bool) -> OpCounter:
-    """One forward + backward under the counter (after one uncounted warm-up step)."""
+    """One forward + backward under the counter (after one uncounted warm-up step); `bf16`: under bf16
+    autocast (a model with bf16 parameters runs without it)."""
 
     def step(counter: OpCounter | None):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -217,12 +235,13 @@ def count_step(model, batch, bf16: bool) -> OpCounter:
     return counter
 
 
-def trainer_syncs(cfg, model, batch) -> dict[str, Any]:
+def trainer_syncs(cfg, model, batch, masters=None) -> dict[str, Any]:
     """Runs the trainer's own `_forward_backward` and `_optimizer_step` (fvlm/training/trainer.py,
     unbound, on a stand-in `self`) under the counter, as a step that logs nothing (compute_coarse
     False); the syncs whose innermost caller is fvlm/training/ (not the model call, not the autograd
     engine) are the trainer's. Reads of the loader's CPU batch before `to_device` are listed apart: on a GPU
-    they do not wait for the device."""
+    they do not wait for the device. With `masters` (a bf16 model's MasterWeights) the step is
+    train.precision=bf16's; the optimizer phase's ops and casts are returned too."""
     from fvlm.config import OptimConfig, load_config
     from fvlm.training.optim import build_optimizer
     from fvlm.training.trainer import Trainer
@@ -231,11 +250,14 @@ def trainer_syncs(cfg, model, batch) -> dict[str, Any]:
     stand_in = SimpleNamespace(
         model=model,
         trainable=trainable,
-        optimizer=build_optimizer(model, OptimConfig()),
+        masters=masters,
+        optimized=masters.masters if masters is not None else trainable,
+        optimizer=build_optimizer(model, OptimConfig(), masters),
         autocast=nullcontext,
         dist=SimpleNamespace(device=torch.device("cpu"), sum_gradients=lambda params: None),
         cfg=load_config(None, {}),
     )
+    stand_in._zero_grad = lambda: Trainer._zero_grad(stand_in)  # type: ignore[arg-type]
     counter = OpCounter()
     with counter:
         tally = Trainer._forward_backward(stand_in, [batch], compute_coarse=False)  # type: ignore[arg-type]
@@ -250,7 +272,17 @@ def trainer_syncs(cfg, model, batch) -> dict[str, Any]:
                 trainer_sites[site] += n
     loader_side = sum(n for s, n in trainer_sites.items() if 'batch["' in s)
     total = sum(trainer_sites.values())
-    return {"total": total, "device": total - loader_side, "loader_batch_reads": loader_side, "sites": trainer_sites}
+    return {
+        "total": total,
+        "device": total - loader_side,
+        "loader_batch_reads": loader_side,
+        "sites": trainer_sites,
+        "step_aten_ops": counter.total(),
+        "step_casts": sum(counter.casts.values()),
+        "optimizer_ops": counter.total("optimizer"),
+        "optimizer_casts": counter.casts["optimizer"],
+        "optimizer_top_ops": counter.ops["optimizer"].most_common(6),
+    }
 
 
 def compile_report(model, batch) -> dict[str, Any]:
@@ -322,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--size", type=int)
     parser.add_argument("--text", type=int)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--precisions", default="fp32,bf16-autocast,bf16", help="of fp32, bf16-autocast, bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile / explain part")
     parser.add_argument("--no-trainer", action="store_true", help="skip the trainer step")
     parser.add_argument("--threads", type=int, default=1)
@@ -335,12 +367,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch = make_batch(b, t, length, size)
     variants = args.variants.split(",")
     precisions = args.precisions.split(",")
+    unknown = set(precisions) - {"fp32", "bf16-autocast", "bf16"}
+    if unknown:
+        parser.error(f"--precisions: unknown {', '.join(sorted(unknown))} (of fp32, bf16-autocast, bf16)")
     results: dict[str, Any] = {"shape": args.shape, "batch": b, "frames": t, "size": size, "text": length, "rows": []}
     sync_sites: dict[str, collections.Counter] = {}
     for variant in variants:
         cfg, model = build(args.shape, variant, size)
         for precision in precisions:
-            c = count_step(model, batch, precision == "bf16")
+            if precision == "bf16":
+                _, bf16_model = build(args.shape, variant, size)
+                masters = with_masters(bf16_model)
+                c = count_step(bf16_model, batch, False)
+            else:
+                c = count_step(model, batch, precision == "bf16-autocast")
             results["rows"].append(
                 {
                     "variant": variant,
@@ -363,9 +403,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if variant == "coarse_fine":
             if not args.no_trainer:
                 results["trainer"] = trainer_syncs(cfg, model, batch)
+                if "bf16" in precisions:
+                    results["trainer_bf16"] = trainer_syncs(cfg, bf16_model, batch, masters)
             if not args.no_compile:
                 results["compile"] = compile_report(model, batch)
         del model
+        if "bf16" in precisions:
+            del bf16_model, masters
     print_report(results, sync_sites)
     if args.json:
         serial = json.loads(
@@ -381,22 +425,23 @@ def print_report(results: dict[str, Any], sync_sites: dict[str, collections.Coun
     r = results
     print(f"[step_ops] shape {r['shape']}: B{r['batch']} T{r['frames']} {r['size']}px text {r['text']}, CPU, eager,")
     print("  forward+backward per step (optimizer left out); baseline = the speed issue's measurement (B2 T4 56px)")
-    head = f"{'variant':<12} {'prec':<5} {'aten ops':>9} {'fwd':>7} {'bwd':>7} {'casts':>6} {'syncs':>6}"
+    head = f"{'variant':<12} {'prec':<13} {'aten ops':>9} {'fwd':>7} {'bwd':>7} {'casts':>6} {'syncs':>6}"
     print(head + f" {'issue baseline':>15} {'vs baseline':>11} {'target':>7} {'vs target':>9}")
     fp32 = {row["variant"]: row for row in r["rows"] if row["precision"] == "fp32"}
     for row in r["rows"]:
         key = (row["variant"], row["precision"])
         base = ISSUE_BASELINE["aten_ops"].get(key)
-        target = ISSUE_TARGETS["aten_ops_bf16_coarse_fine"] if key == ("coarse_fine", "bf16") else None
+        bf16_row = key in (("coarse_fine", "bf16"), ("coarse_fine", "bf16-autocast"))
+        target = ISSUE_TARGETS["aten_ops_bf16_coarse_fine"] if bf16_row else None
         print(
-            f"{row['variant']:<12} {row['precision']:<5} {row['aten_ops']:>9,} {row['forward']:>7,} "
+            f"{row['variant']:<12} {row['precision']:<13} {row['aten_ops']:>9,} {row['forward']:>7,} "
             f"{row['backward']:>7,} {row['casts']:>6,} {row['syncs']:>6} {_n(base):>15} "
             f"{ratio(row['aten_ops'], base):>11} {_n(target):>7} {ratio(row['aten_ops'], target):>9}"
         )
-        if row["precision"] == "bf16" and row["variant"] in fp32:
+        if row["precision"] == "bf16-autocast" and row["variant"] in fp32:
             extra = row["casts"] - fp32[row["variant"]]["casts"]
             print(
-                f"{'':<18} autocast adds {extra:,} casts (issue baseline ~{ISSUE_BASELINE['casts_added_by_autocast']:,})"
+                f"{'':<26} autocast adds {extra:,} casts (issue baseline ~{ISSUE_BASELINE['casts_added_by_autocast']:,})"
             )
     skipped = ", ".join(
         f"{row['variant']} {row['precision']} {row['views_skipped']:,} views + {sum(row['no_kernel_skipped'].values()):,}"
@@ -424,6 +469,15 @@ def print_report(results: dict[str, Any], sync_sites: dict[str, collections.Coun
                 f"host syncs per coarse_fine step, model + trainer: {cf[0]['syncs'] + tr['device']}"
                 f" (+{tr['loader_batch_reads']} CPU batch reads; issue baseline {ISSUE_BASELINE['host_syncs_step']})"
             )
+    if "trainer_bf16" in r and "trainer" in r:
+        fp, bf = r["trainer"], r["trainer_bf16"]
+        print(
+            "trainer step (forward + backward + optimizer, 1 micro-batch), fp32 -> bf16 with fp32 masters:"
+            f" {fp['step_aten_ops']:,} -> {bf['step_aten_ops']:,} aten ops, {fp['step_casts']} -> {bf['step_casts']}"
+            f" casts; optimizer phase {fp['optimizer_ops']} -> {bf['optimizer_ops']} ops"
+            f" ({bf['optimizer_casts']} casts: {', '.join(f'{k} {n}' for k, n in bf['optimizer_top_ops'])});"
+            f" trainer syncs {fp['device']} -> {bf['device']}"
+        )
     if "compile" in r:
         c = r["compile"]
         print(f"torch.compile(fullgraph=True): {c['fullgraph']}   (issue baseline: {ISSUE_BASELINE['fullgraph']})")

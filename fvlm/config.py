@@ -136,7 +136,10 @@ class TrainConfig:
     # Probe videos whose raw encoder attention is saved at every eval point (0 = none).
     probe_videos: int = 10
     grad_clip: float = 1.0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # bf16: bf16 parameters (no per-op weight casts) with fp32 master weights in the optimizer;
+    # bf16-autocast: fp32 parameters under torch.autocast; auto: bf16 on a CUDA device, else fp32.
+    # Checkpoints hold fp32 weights in every mode (fvlm/training/precision.py).
+    precision: Literal["auto", "fp32", "bf16", "bf16-autocast"] = "auto"
     compile: bool = False
     # Intra-op threads on CPU (0 = torch's default); small models on busy cores run faster with 1.
     cpu_threads: int = 0

@@ -74,3 +74,34 @@ def test_tiny_coarse_fine_runs_more_ops_than_coarse_only():
     assert sum(fine.casts.values()) < fine.total()
     sites = "\n".join(fine.syncs["forward"])
     assert "fvlm/model/vlm.py" in sites and "nonzero" in sites
+
+
+def test_bf16_weights_cast_no_weight_where_autocast_casts_every_one():
+    """train.precision=bf16 (bf16 parameters, fp32 masters) against bf16-autocast on the tiny shape:
+    fewer ops and casts, and no cast reads a parameter."""
+    ops = _step_ops()
+    batch = ops.make_batch(2, 2, 16, 32)
+    _, model = ops.build("tiny", "coarse_fine", 32)
+    autocast = ops.count_step(model, batch, bf16=True)
+    ops.with_masters(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    params = {p.data_ptr() for p in model.parameters()}
+
+    class WeightCasts(ops.OpCounter):
+        weight_casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if ops._cast(func, args, kwargs or {}) and args[0].data_ptr() in params:
+                self.weight_casts += 1
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    model.zero_grad(set_to_none=True)
+    ops.count_step(model, batch, bf16=False)  # warm-up
+    with WeightCasts() as bf16:
+        loss = model(batch, compute_coarse=False).loss
+        bf16.phase = "backward"
+        loss.backward()
+    assert bf16.weight_casts == 0
+    casts, autocast_casts = sum(bf16.casts.values()), sum(autocast.casts.values())
+    assert 0 < casts < autocast_casts / 2
+    assert bf16.total() < autocast.total()

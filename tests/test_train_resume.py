@@ -145,6 +145,24 @@ def test_a_kill_inside_an_evaluation_write_is_evaluated_again_on_resume(out_dir,
                     assert (a[key] == b[key]).all(), (name, key)
 
 
+def test_bf16_master_weights_resume_exactly(out_dir):
+    """train.precision=bf16 (bf16 weights, fp32 masters): the checkpoint holds the masters, so a run
+    killed and resumed continues exactly as the uninterrupted one, to the last bit of every logged loss."""
+    bf16 = [*RESUME, "train.precision=bf16"]
+    run(command(out_dir, "bf16-uninterrupted", *bf16))
+    cmd = command(out_dir, "bf16-killed", *bf16)
+    code, _ = start_and_signal(cmd, out_dir / "bf16-killed" / "checkpoints" / "step_0000004", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert "resuming at step" in run(cmd).stderr
+    reference, resumed = out_dir / "bf16-uninterrupted", out_dir / "bf16-killed"
+    assert_same_rows(by_step(reference / "steps.csv"), by_step(resumed / "steps.csv"), COMPARED, 0.0)
+    assert_same_rows(
+        by_step(reference / "metrics.csv"), by_step(resumed / "metrics.csv"), ("val_loss", "val_loss_coarse"), 0.0
+    )
+    summary = json.loads((reference / "run_summary.json").read_text())
+    assert summary["throughput"]["precision"] == "bf16"
+
+
 def test_sigterm_checkpoints_marks_interrupted_and_resumes(out_dir, reference):
     cmd = command(out_dir, "terminated", *RESUME)
     code, err = start_and_signal(cmd, out_dir / "terminated" / "checkpoints" / "step_0000004", signal.SIGTERM)

@@ -86,6 +86,7 @@ def measure_samples_per_sec(cfg: RunConfig, frames: int, text: int, steps: int =
     import torch
 
     from fvlm.model.build import build_model
+    from fvlm.training import precision as prec
     from fvlm.training.optim import build_optimizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,7 +97,10 @@ def measure_samples_per_sec(cfg: RunConfig, frames: int, text: int, steps: int =
         torch.manual_seed(0)
         model = build_model(cfg.model).to(device)
         model.train()
-        optimizer = build_optimizer(model, cfg.optim)
+        mode = prec.resolve(cfg.train.precision, device)
+        trainable = [p for params in model.param_groups().values() for p in params]
+        masters = prec.MasterWeights(model, trainable) if mode == "bf16" else None
+        optimizer = build_optimizer(model, cfg.optim, masters)
         b, size = cfg.train.batch_size, cfg.model.image_size
         batch = {
             "frames": torch.randn(b, frames, 3, size, size, device=device),
@@ -105,13 +109,16 @@ def measure_samples_per_sec(cfg: RunConfig, frames: int, text: int, steps: int =
             "attention_mask": torch.ones(b, text, dtype=torch.long, device=device),
             "loss_mask": torch.ones(b, text, dtype=torch.bool, device=device),
         }
-        bf16 = device.type == "cuda" and cfg.train.precision in ("auto", "bf16")
 
         def step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with prec.autocast(mode, device):
                 loss = model(batch, compute_coarse=False).loss
             loss.backward()
+            if masters is not None:
+                masters.accumulate_grads()
             optimizer.step()
+            if masters is not None:
+                masters.publish()
             optimizer.zero_grad(set_to_none=True)
 
         step()  # warm-up
@@ -128,7 +135,11 @@ def measure_samples_per_sec(cfg: RunConfig, frames: int, text: int, steps: int =
 
 
 def _model_key(cfg: RunConfig) -> str:
-    return json.dumps([cfg.model.__dict__, cfg.train.batch_size, cfg.train.cpu_threads], sort_keys=True, default=str)
+    return json.dumps(
+        [cfg.model.__dict__, cfg.train.batch_size, cfg.train.cpu_threads, cfg.train.precision],
+        sort_keys=True,
+        default=str,
+    )
 
 
 def estimate(

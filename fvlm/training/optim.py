@@ -16,18 +16,23 @@ import math
 import torch
 
 from fvlm.config import OptimConfig
+from fvlm.training.precision import MasterWeights
 
 GROUPS = ("connector", "dino", "llm")
 
 
-def build_optimizer(model, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model, cfg: OptimConfig, masters: MasterWeights | None = None) -> torch.optim.AdamW:
     """One AdamW param group per (model group, decay or not). Weight decay applies to matrices only:
-    decaying norms, biases and the learned query vectors would just pull them towards zero."""
+    decaying norms, biases and the learned query vectors would just pull them towards zero. With
+    `masters` (train.precision=bf16) it updates each parameter's fp32 master in the parameter's place:
+    the same groups in the same order, so the optimizer state is the same as an fp32 run's."""
     peaks = cfg.peak_lrs()
     param_groups = []
     for name, params in model.param_groups().items():
         for decay in (True, False):
             chosen = [p for p in params if (p.ndim >= 2) == decay]
+            if masters is not None:
+                chosen = [masters.master_of(p) for p in chosen]
             if chosen:
                 param_groups.append(
                     {

@@ -43,6 +43,7 @@ from fvlm.model.build import build_model, build_tokenizer, compile_model
 from fvlm.model.flops import estimate_flops
 from fvlm.model.vlm import Batch
 from fvlm.training import checkpoint as ckpt
+from fvlm.training import precision as prec
 from fvlm.training.dist import Dist, init_distributed, shutdown
 from fvlm.training.divergence import DivergenceGuard
 from fvlm.training.evaluate import save_probe_attention, to_device, validate
@@ -154,7 +155,9 @@ class Trainer:
         self.total_steps = planned_steps(cfg, dist.world_size)
         # The plan's intermediate checkpoints (data-scaling curves): evaluation steps, never pruned.
         self.milestones = ckpt.milestone_steps(self.total_steps, cfg.train.eval_every, cfg.train.keep_milestones)
-        self.bf16 = self._precision()
+        self.precision = self._precision()  # fp32, bf16 (bf16 weights, fp32 masters) or bf16-autocast
+        self.bf16 = self.precision != "fp32"
+        self.masters: prec.MasterWeights | None = None
         self.resume_from, self.finished = self._inspect_run_dir()
         self.step = 0
         self.samples_seen = 0
@@ -183,20 +186,26 @@ class Trainer:
         self._setup()
 
     # ------------------------------------------------------------------ setup
-    def _precision(self) -> bool:
-        precision = self.cfg.train.precision
+    def _precision(self) -> str:
         cuda = self.dist.device.type == "cuda"
-        if precision == "bf16" and not cuda:
-            raise UsageError("train.precision=bf16 needs a CUDA device (use auto or fp32 on CPU)")
         if not cuda and self.cfg.train.cpu_threads:
             torch.set_num_threads(self.cfg.train.cpu_threads)
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        return cuda and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+        return prec.resolve(self.cfg.train.precision, self.dist.device)
 
     def autocast(self) -> AbstractContextManager[Any]:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        return prec.autocast(self.precision, self.dist.device)
+
+    def _fp32_view(self) -> AbstractContextManager[Any]:
+        """The model with fp32 weights, for saving and loading them (the masters under bf16)."""
+        return self.masters.fp32_view() if self.masters is not None else nullcontext()
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            self.masters.zero_grad()
 
     def _inspect_run_dir(self) -> tuple[Path | None, dict[str, Any] | None]:
         """(checkpoint to resume from, summary of a run that already finished)."""
@@ -254,7 +263,11 @@ class Trainer:
         groups = self.model.param_groups()
         self.trainable = [p for params in groups.values() for p in params]
         self.trainable_groups = {name for name, params in groups.items() if params}
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        if self.precision == "bf16":
+            self.masters = prec.MasterWeights(self.model, self.trainable)
+        # What the optimizer updates, and where its gradients are: the parameters, or their masters.
+        self.optimized = self.masters.masters if self.masters is not None else list(self.trainable)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.masters)
         self._build_loader = build_loader
         if self.resume_from is not None:
             self._restore_newest_readable()
@@ -308,9 +321,10 @@ class Trainer:
         )
 
     def _restore(self, folder: Path) -> None:
-        trainer_state, rank_state, meta = ckpt.load_checkpoint(
-            folder, self.dist, model=self.model, optimizer=self.optimizer
-        )
+        with self._fp32_view():
+            trainer_state, rank_state, meta = ckpt.load_checkpoint(
+                folder, self.dist, model=self.model, optimizer=self.optimizer
+            )
         if meta.get("world_size", 1) != self.dist.world_size:
             raise ckpt.ProcessCountMismatch(
                 f"{folder} was written by {meta.get('world_size')} processes; resume with as many"
@@ -371,7 +385,7 @@ class Trainer:
         params = self._param_counts()
         lines = [
             f"fvlm train: {self.run_dir} ({'resuming at step ' + str(self.step) if self.step else 'new run'})",
-            f"  device {self.dist.device} x{self.dist.world_size}, {'bf16' if self.bf16 else 'fp32'}",
+            f"  device {self.dist.device} x{self.dist.world_size}, {self._precision_name()}",
             f"  params {params['total']:,} total, {params['trainable']:,} trainable; "
             + ", ".join(f"{g} {n:,}" for g, n in params["by_group"].items()),
             f"  {self.total_steps} steps x {t.batch_size} x {t.grad_accum} accum x {self.dist.world_size} ranks"
@@ -380,6 +394,9 @@ class Trainer:
             f"{cfg.optim.schedule}; trainable groups: {', '.join(sorted(self.trainable_groups))}",
         ]
         self.progress.message("\n".join(lines))
+
+    def _precision_name(self) -> str:
+        return "bf16 (fp32 master weights)" if self.precision == "bf16" else self.precision
 
     def _param_counts(self) -> ParamCounts:
         by_group = {
@@ -469,7 +486,7 @@ class Trainer:
             tally = self.dist.sum_tally(local)
             tokens, oom = tally.tokens, tally.out_of_memory
             if oom or tokens == 0:
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 self.skipped_steps += 1
                 self.progress.message(
                     f"fvlm train: skipped a step ({'out of memory' if oom else 'no target tokens'})"
@@ -554,8 +571,10 @@ class Trainer:
                     out = self.model(batch, compute_coarse=compute_coarse)
                 n = out.n_tokens
                 (out.loss * n).backward()
+                if self.masters is not None:
+                    self.masters.accumulate_grads()  # summed over micro-batches in fp32
             except torch.cuda.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 torch.cuda.empty_cache()
                 tally.out_of_memory = 1.0
                 continue
@@ -574,14 +593,18 @@ class Trainer:
         return {}
 
     def _optimizer_step(self, tokens: float) -> float:
-        self.dist.sum_gradients(self.trainable)
-        grads = [p.grad for p in self.trainable if p.grad is not None]
+        """On the fp32 gradients (the masters' under bf16): sum over ranks, divide by the step's
+        token count, clip, update; under bf16 the updated masters are then rounded into the model."""
+        self.dist.sum_gradients(self.optimized)
+        grads = [p.grad for p in self.optimized if p.grad is not None]
         torch._foreach_div_(grads, tokens)
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.optimized, max_norm))
         if math.isfinite(grad_norm):
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            if self.masters is not None:
+                self.masters.publish()
+        self._zero_grad()
         return grad_norm
 
     def _gpu_memory(self) -> dict[str, float]:
@@ -617,17 +640,18 @@ class Trainer:
             "best": self.best,
             "config": self.cfg.to_dict(),
         }
-        ckpt.save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.dist,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            meta=self.saved_meta,
-            optimizer=self.optimizer,
-            trainer_state=trainer_state,
-            rank_state=rank_state,
-        )
+        with self._fp32_view():
+            ckpt.save_checkpoint(
+                self.run_dir,
+                self.step,
+                self.dist,
+                model=self.model,
+                tokenizer=self.tokenizer,
+                meta=self.saved_meta,
+                optimizer=self.optimizer,
+                trainer_state=trainer_state,
+                rank_state=rank_state,
+            )
         self.last_saved_step = self.step
         if self.dist.is_main:
             ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self._always_kept())
@@ -732,7 +756,7 @@ class Trainer:
             "mfu": flops / (self.peak_flops * self.dist.world_size) if flops and self.peak_flops else None,
             "device": self.device_name,
             "world_size": self.dist.world_size,
-            "precision": "bf16" if self.bf16 else "fp32",
+            "precision": self.precision,
             "peak_flops": self.peak_flops,
             "peak_source": self.peak_source,
             "data_wait_fraction": self.timing["data_wait"] / seconds,
