@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fvlm.model.batch_index import build_indices
+
 # The issue's measurement (B2, T4, 56 px, 135M layout, CPU, eager, forward + backward, no optimizer).
 ISSUE_BASELINE = {
     "aten_ops": {
@@ -189,15 +191,46 @@ class OpCounter(TorchDispatchMode):
         return sum(sum(c.values()) for p, c in self.syncs.items() if phase in (None, p))
 
 
-def make_batch(b: int, t: int, length: int, size: int) -> dict[str, torch.Tensor]:
+def make_batch(b: int, t: int, length: int, size: int, indices: bool = True) -> dict[str, Any]:
+    """The issue's batch (every frame and token real, every token a target), with the frame and
+    target indices the loader's collate builds on the host (`indices=False`: a batch without them,
+    as before collate built them; the model then finds them itself)."""
     g = torch.Generator().manual_seed(0)
-    return {
+    batch: dict[str, Any] = {
         "frames": torch.randn(b, t, 3, size, size, generator=g),
         "frame_mask": torch.ones(b, t, dtype=torch.bool),
         "input_ids": torch.randint(4, 250, (b, length), generator=g),
         "attention_mask": torch.ones(b, length, dtype=torch.long),
         "loss_mask": torch.ones(b, length, dtype=torch.bool),
     }
+    if indices:
+        batch.update(build_indices(batch["frame_mask"], batch["loss_mask"]))
+    return batch
+
+
+def loader_batches(n: int, b: int, t: int, length: int, size: int, seed: int = 1) -> list[dict[str, Any]]:
+    """`n` batches of one shape bucket (B, T, text length) with different content, as the loader's
+    collate makes them: each sample a random number of real frames (valid first) and of text tokens
+    (right-padded), targets a random run of its text."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        frames_per = torch.randint(1, t + 1, (b,), generator=g)
+        text_per = torch.randint(length // 2, length + 1, (b,), generator=g)
+        frame_mask = torch.arange(t)[None, :] < frames_per[:, None]
+        attention_mask = (torch.arange(length)[None, :] < text_per[:, None]).long()
+        start = torch.randint(1, length // 2, (b,), generator=g)
+        loss_mask = attention_mask.bool() & (torch.arange(length)[None, :] >= start[:, None])
+        batch: dict[str, Any] = {
+            "frames": torch.randn(b, t, 3, size, size, generator=g) * frame_mask[:, :, None, None, None],
+            "frame_mask": frame_mask,
+            "input_ids": torch.randint(4, 250, (b, length), generator=g) * attention_mask,
+            "attention_mask": attention_mask,
+            "loss_mask": loss_mask,
+        }
+        batch.update(build_indices(frame_mask, loss_mask))
+        batches.append(batch)
+    return batches
 
 
 def build(shape: str, variant: str, size: int):
@@ -285,14 +318,22 @@ def trainer_syncs(cfg, model, batch, masters=None) -> dict[str, Any]:
     }
 
 
-def compile_report(model, batch) -> dict[str, Any]:
-    """`torch.compile(fullgraph=True)` (dynamo only, backend "eager": the graph breaks are dynamo's),
-    then `torch._dynamo.explain` for the graph count, then recompiles over a second batch with one
-    frame masked out."""
+def compile_report(model, batch, others: list[dict[str, Any]]) -> dict[str, Any]:
+    """What `train.compile` compiles (the model's `_forward`, fvlm.model.build.compile_model):
+    `fullgraph=True` (dynamo only, backend "eager": the graph breaks are dynamo's), then
+    `torch._dynamo.explain` for the graph count, then the graphs compiled over `others` (batches of
+    one bucket with other content: frames, text lengths and targets) after the first batch."""
+    import copy
+
     import torch._dynamo
 
+    from fvlm.model.build import compile_model
+    from fvlm.model.vlm import mark_dynamic
+
     def forward(b):
-        return model(b, compute_coarse=False).loss
+        return model._forward(b, None, False, False).loss
+
+    mark_dynamic(batch)  # as the model's forward does before a compiled step
 
     out: dict[str, Any] = {}
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
@@ -322,15 +363,14 @@ def compile_report(model, batch) -> dict[str, Any]:
         compiles += 1
         return gm.forward
 
-    compiled = torch.compile(forward, backend=counting_backend)
-    compiled(batch)
+    compiled = compile_model(copy.deepcopy(model), backend=counting_backend)
+    compiled(batch, compute_coarse=False)
     first = compiles
-    other = dict(batch, frame_mask=batch["frame_mask"].clone())
-    other["frame_mask"][0, -1] = False
-    compiled(batch)
-    compiled(other)
+    for other in others:
+        compiled(other, compute_coarse=False)
     out["graphs_first_call"] = first
     out["recompiles"] = compiles - first
+    out["recompile_batches"] = len(others)
     out["seconds"] = round(time.perf_counter() - start, 1)
     torch._dynamo.reset()
     return out
@@ -357,6 +397,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--precisions", default="fp32,bf16-autocast,bf16", help="of fp32, bf16-autocast, bf16")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile / explain part")
     parser.add_argument("--no-trainer", action="store_true", help="skip the trainer step")
+    parser.add_argument(
+        "--no-indices", action="store_true", help="batches without the host-built indices (the model finds them)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -364,13 +407,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shape = SHAPES[args.shape]
     b, t = args.batch or shape["batch"], args.frames or shape["frames"]
     size, length = args.size or shape["size"], args.text or shape["text"]
-    batch = make_batch(b, t, length, size)
+    batch = make_batch(b, t, length, size, indices=not args.no_indices)
     variants = args.variants.split(",")
     precisions = args.precisions.split(",")
     unknown = set(precisions) - {"fp32", "bf16-autocast", "bf16"}
     if unknown:
         parser.error(f"--precisions: unknown {', '.join(sorted(unknown))} (of fp32, bf16-autocast, bf16)")
-    results: dict[str, Any] = {"shape": args.shape, "batch": b, "frames": t, "size": size, "text": length, "rows": []}
+    results: dict[str, Any] = {
+        "shape": args.shape,
+        "batch": b,
+        "frames": t,
+        "size": size,
+        "text": length,
+        "host_indices": not args.no_indices,
+        "rows": [],
+    }
     sync_sites: dict[str, collections.Counter] = {}
     for variant in variants:
         cfg, model = build(args.shape, variant, size)
@@ -406,7 +457,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if "bf16" in precisions:
                     results["trainer_bf16"] = trainer_syncs(cfg, bf16_model, batch, masters)
             if not args.no_compile:
-                results["compile"] = compile_report(model, batch)
+                others = loader_batches(20, b, t, length, size)
+                if args.no_indices:
+                    others = [{k: v for k, v in o.items() if k in batch} for o in others]
+                results["compile"] = compile_report(model, batch, others)
         del model
         if "bf16" in precisions:
             del bf16_model, masters
@@ -424,6 +478,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def print_report(results: dict[str, Any], sync_sites: dict[str, collections.Counter]) -> None:
     r = results
     print(f"[step_ops] shape {r['shape']}: B{r['batch']} T{r['frames']} {r['size']}px text {r['text']}, CPU, eager,")
+    indices = "built on the host, as the loader's collate does" if r["host_indices"] else "left to the model"
+    print(f"  frame and target indices {indices}")
     print("  forward+backward per step (optimizer left out); baseline = the speed issue's measurement (B2 T4 56px)")
     head = f"{'variant':<12} {'prec':<13} {'aten ops':>9} {'fwd':>7} {'bwd':>7} {'casts':>6} {'syncs':>6}"
     print(head + f" {'issue baseline':>15} {'vs baseline':>11} {'target':>7} {'vs target':>9}")
@@ -483,8 +539,9 @@ def print_report(results: dict[str, Any], sync_sites: dict[str, collections.Coun
         print(f"torch.compile(fullgraph=True): {c['fullgraph']}   (issue baseline: {ISSUE_BASELINE['fullgraph']})")
         print(
             f"dynamo explain: {c['graphs']} graphs, {c['graph_breaks']} graph breaks (target {ISSUE_TARGETS['graphs']}"
-            f" graph); first call compiled {c['graphs_first_call']} graphs, recompiles over a same-shape batch and a"
-            f" batch with one frame masked out: {c['recompiles']}  [{c['seconds']}s]"
+            f" graph); first call compiled {c['graphs_first_call']} graphs, recompiles over"
+            f" {c['recompile_batches']} more batches of the bucket (other frames, text lengths, targets):"
+            f" {c['recompiles']}  [{c['seconds']}s]"
         )
         for reason in c["break_reasons"]:
             print(f"    break: {reason}")

@@ -154,6 +154,18 @@ class SampleReader:
             _decoded_bytes += size
         return dict(sample)
 
+    def dialogue(self, meta: dict, parts: dict[str, bytes] | None, kind: str, source: str) -> tuple[list, str | None]:
+        """A sample's turns, its first question filled in when empty (the source's prompt), and its
+        system prompt."""
+        turns = dialogue_of(meta, parts)
+        if not turns[0][0]:  # an empty first question: the source's prompt
+            named = meta.get("source")
+            upstream = SOURCE_PROMPTS.get(named) if isinstance(named, str) else None
+            prompt = self.index.prompts.get(source) or upstream or DEFAULT_PROMPTS[kind]
+            turns[0] = (prompt, turns[0][1])
+        system = meta.get("system") if isinstance(meta.get("system"), str) else self.system
+        return turns, system
+
     def _decode(self, row: int) -> dict:
         index = self.index
         shard = index.shards[index.shard_id[row]]
@@ -169,13 +181,7 @@ class SampleReader:
                 fps=self.fps,
                 replicate_image_frames=self.replicate_image_frames,
             )
-            turns = dialogue_of(meta, parts)
-            if not turns[0][0]:  # an empty first question: the source's prompt
-                named = meta.get("source")
-                upstream = SOURCE_PROMPTS.get(named) if isinstance(named, str) else None
-                prompt = index.prompts.get(source) or upstream or DEFAULT_PROMPTS[kind]
-                turns[0] = (prompt, turns[0][1])
-            system = meta.get("system") if isinstance(meta.get("system"), str) else self.system
+            turns, system = self.dialogue(meta, parts, kind, source)
             ids, mask, full_length = encode_dialogue(
                 self.tokenizer,
                 turns,

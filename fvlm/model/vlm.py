@@ -135,7 +135,7 @@ class VLMBase(nn.Module):
         """The step's losses in a mode. The work is `_forward` (what `train.compile` compiles: it reads
         tensors only); the target count is taken here from the host's batch, or counted (a sync)."""
         if self.compiled:
-            _mark_dynamic(batch)
+            mark_dynamic(batch)
         out = self._forward(batch, mode, compute_coarse, return_attention)
         n = batch.get("n_targets")
         out.n_tokens = int(n) if n is not None else int(out.target_count) if out.target_count is not None else 0
@@ -593,7 +593,7 @@ _DYNAMIC = (("frame_rows", 0), ("target_rows", 0), ("target_cols", 0), ("target_
 _DYNAMIC_TEXT = (("input_ids", 1), ("attention_mask", 1), ("loss_mask", 1))
 
 
-def _mark_dynamic(batch: Batch) -> None:
+def mark_dynamic(batch: Batch) -> None:
     """Tells torch.compile that these sizes vary, so that it compiles one graph for all of them rather
     than one per size (a flag on the tensor)."""
     import torch._dynamo
