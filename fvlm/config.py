@@ -117,6 +117,10 @@ class TrainConfig:
     probe_videos: int = 10
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # How gradients meet across processes (torchrun, --nproc): DistributedDataParallel, or FSDP2
+    # (fully_shard: weights, gradients and optimizer state sharded over ranks, for the larger LLMs).
+    # One process ignores it.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     compile: bool = False
     # Intra-op threads on CPU (0 = torch's default); small models on busy cores run faster with 1.
     cpu_threads: int = 0

@@ -45,6 +45,7 @@ from fvlm.model.vlm import Batch
 from fvlm.training import checkpoint as ckpt
 from fvlm.training.dist import Dist, init_distributed, shutdown
 from fvlm.training.divergence import DivergenceGuard
+from fvlm.training.engine import Engine, target_tokens
 from fvlm.training.evaluate import save_probe_attention, to_device, validate
 from fvlm.training.logs import CsvLog, Progress, Wandb, git_commit
 from fvlm.training.optim import GROUPS, apply_lrs, build_optimizer, group_lrs
@@ -234,7 +235,9 @@ class Trainer:
         if init_weights is not None:
             self._load_init_weights(init_weights)
         self.model.to(dist.device)
-        dist.broadcast_model(self.model)
+        # DDP or FSDP2 over several processes. FSDP2 replaces the parameters by shards, so the
+        # parameter lists and the optimizer are taken after it.
+        self.engine = Engine(self.model, dist, cfg.train.distributed)
         groups = self.model.param_groups()
         self.trainable = [p for params in groups.values() for p in params]
         self.trainable_groups = {name for name, params in groups.items() if params}
@@ -295,7 +298,7 @@ class Trainer:
 
     def _restore(self, folder: Path) -> None:
         trainer_state, rank_state, meta = ckpt.load_checkpoint(
-            folder, self.dist, model=self.model, optimizer=self.optimizer
+            folder, self.dist, model=self.model, optimizer=self.optimizer, engine=self.engine
         )
         if meta.get("world_size", 1) != self.dist.world_size:
             raise ckpt.ProcessCountMismatch(
@@ -525,26 +528,38 @@ class Trainer:
         return "completed"
 
     def _forward_backward(self, micro: list[Batch], compute_coarse: bool) -> StepTally:
-        """Backpropagates each micro-batch's token-sum loss; returns this rank's tally of the step."""
+        """Backpropagates each micro-batch's token-sum loss; returns this rank's tally of the step.
+        Gradients meet across ranks in the last micro-batch's backward; before it the ranks agree
+        whether the step is skipped (no target tokens anywhere, or a rank out of memory), and if it
+        is no rank runs it (fvlm/training/engine.py)."""
         tally = StepTally()
         for batch in micro:
             tally.samples += batch["input_ids"].shape[0]
             tally.frames += int(batch["frame_mask"].sum())
             tally.text_tokens += int(batch["attention_mask"].sum())
+            tally.tokens += target_tokens(batch)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            if last:
+                tokens, out_of_memory = self.dist.all_sum([tally.tokens, tally.out_of_memory])
+                if out_of_memory or not tokens:
+                    break  # skipped by every rank; the gradients so far never left this rank
             if tally.out_of_memory:
-                continue  # keep pulling this step's batches so every rank's data stream stays in step
+                continue
             try:
                 batch = to_device(batch, self.dist.device)
-                with self.autocast():
-                    out = self.model(batch, compute_coarse=compute_coarse)
-                n = out.n_tokens
-                (out.loss * n).backward()
+                with nullcontext() if last else self.engine.no_sync():
+                    with self.autocast():
+                        out = self.engine(batch, compute_coarse=compute_coarse)
+                    n = out.n_tokens
+                    (out.loss * n).backward()
             except torch.cuda.OutOfMemoryError:
+                if self.dist.enabled and (last or self.engine.sharded):
+                    raise  # the other ranks are inside a collective this rank can no longer join
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
                 tally.out_of_memory = 1.0
                 continue
-            tally.tokens += n
             tally.loss_sum += float(out.loss.detach()) * n
             if out.loss_fine is not None:
                 tally.fine_sum += float(out.loss_fine) * n
@@ -555,11 +570,10 @@ class Trainer:
         return tally
 
     def _optimizer_step(self, tokens: float) -> float:
-        self.dist.sum_gradients(self.trainable)
-        grads = [p.grad for p in self.trainable if p.grad is not None]
+        grads = [p.grad for p in self.trainable if p.grad is not None]  # summed over ranks by the engine
         torch._foreach_div_(grads, tokens)
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        grad_norm = self.engine.clip_grad_norm(self.trainable, max_norm)
         if math.isfinite(grad_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -588,6 +602,9 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
         }
         rank_state = {"rng": ckpt.rng_state(), "data": self.train_loader.state_dict()}
+        # Collectives under FSDP2 (the shards gathered whole); the module and optimizer themselves otherwise.
+        weights = self.engine.full_model_state()
+        optimizer_state = self.engine.optimizer_state(self.optimizer)
         self.saved_meta = {
             "step": self.step,
             "samples_seen": self.samples_seen,
@@ -605,7 +622,8 @@ class Trainer:
             model=self.model,
             tokenizer=self.tokenizer,
             meta=self.saved_meta,
-            optimizer=self.optimizer,
+            optimizer_state=optimizer_state,
+            weights=weights,
             trainer_state=trainer_state,
             rank_state=rank_state,
         )
@@ -630,11 +648,19 @@ class Trainer:
                 world_size=self.dist.world_size,
                 max_samples=t.eval_samples,
             )
-            metrics = validate(self.model, val_loader, self.dist, self.autocast)
-            if self.dist.is_main and t.probe_videos:
+            metrics = validate(self.model, val_loader, self.dist, self.autocast, lockstep=self.engine.sharded)
+            # Under FSDP2 every rank runs the probe's forwards (they gather the weights); rank 0 writes.
+            if (self.dist.is_main or self.engine.sharded) and t.probe_videos:
                 probe_loader = self._build_loader(cfg, "probe", self.tokenizer, train=False, max_samples=t.probe_videos)
                 save_probe_attention(
-                    self.model, probe_loader, t.probe_videos, self.step, self.run_dir, self.dist.device, self.autocast
+                    self.model,
+                    probe_loader,
+                    t.probe_videos,
+                    self.step,
+                    self.run_dir,
+                    self.dist.device,
+                    self.autocast,
+                    write=self.dist.is_main,
                 )
         self.dist.barrier()
         self.last_eval_step = self.step
