@@ -224,6 +224,8 @@ def trainer_syncs(cfg, model, batch) -> dict[str, Any]:
     engine) are the trainer's. Reads of the loader's CPU batch before `to_device` are listed apart: on a GPU
     they do not wait for the device."""
     from fvlm.config import OptimConfig, load_config
+    from fvlm.training.dist import Dist
+    from fvlm.training.engine import Engine
     from fvlm.training.optim import build_optimizer
     from fvlm.training.trainer import Trainer
 
@@ -233,7 +235,8 @@ def trainer_syncs(cfg, model, batch) -> dict[str, Any]:
         trainable=trainable,
         optimizer=build_optimizer(model, OptimConfig()),
         autocast=nullcontext,
-        dist=SimpleNamespace(device=torch.device("cpu"), sum_gradients=lambda params: None),
+        dist=Dist(),
+        engine=Engine(model, Dist()),
         cfg=load_config(None, {}),
     )
     counter = OpCounter()
@@ -246,7 +249,7 @@ def trainer_syncs(cfg, model, batch) -> dict[str, Any]:
     for sites in counter.syncs.values():
         for site, n in sites.items():
             innermost = site.split(" @ ", 1)[1].split(" <- ")[0]
-            if innermost.startswith("fvlm/training/") and "self.model(" not in innermost:
+            if innermost.startswith("fvlm/training/") and "self.engine(" not in innermost:
                 trainer_sites[site] += n
     loader_side = sum(n for s, n in trainer_sites.items() if 'batch["' in s)
     total = sum(trainer_sites.values())

@@ -87,21 +87,17 @@ class Engine:
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         self.dist.broadcast_model(model)  # fully_shard keeps each rank's own slice: start from rank 0's
-        # Each LLM decoder layer is its own unit (gathered for its forward, freed after); the rest
-        # (embeddings, head, DINO, connector) is the root unit. DINO is not split because a
-        # text-only batch never calls its layers, and a unit every rank must gather cannot be skipped.
-        llm: Any = getattr(model, "llm", None)
-        layer_types = set(getattr(llm, "_no_split_modules", None) or ())
-        if llm is not None:
-            for sub in llm.modules():
-                if type(sub).__name__ in layer_types:
-                    fully_shard(sub)
-        fully_shard(model)
-        for sub in model.modules():
-            if isinstance(sub, FSDPModule):
-                # A plain SUM: no division, and no PREMUL_SUM (which gloo lacks).
-                sub.set_gradient_divide_factor(1.0)
-                sub.set_force_sum_reduction_for_comms(True)
+        # The whole model is one unit: its weights are gathered once per forward and its gradients
+        # reduce-scattered once per backward. Smaller units (each LLM decoder layer) would gather a
+        # different number of times on different ranks: a forward runs the LLM once for a text-only
+        # batch and twice (coarse and fine pass) for one with frames, and ranks whose collectives do
+        # not pair up hang. What FSDP2 saves here is the memory of AdamW's moments and of the
+        # gradients between steps (both sharded), not that of the weights during a step.
+        sharded = fully_shard(model)
+        assert isinstance(sharded, FSDPModule)
+        # A plain SUM: no division, and no PREMUL_SUM (which gloo lacks).
+        sharded.set_gradient_divide_factor(1.0)
+        sharded.set_force_sum_reduction_for_comms(True)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._forward(*args, **kwargs)
