@@ -545,7 +545,7 @@ class Trainer:
                 if out_of_memory or not tokens:
                     break  # skipped by every rank; the gradients so far never left this rank
             if tally.out_of_memory:
-                continue
+                continue  # an earlier micro-batch ran out of memory: the step is skipped
             try:
                 batch = to_device(batch, self.dist.device)
                 with nullcontext() if last else self.engine.no_sync():
