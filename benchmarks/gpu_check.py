@@ -12,9 +12,10 @@ sample; each size's shipped config, so its per-GPU batch and gradient checkpoint
 2. `torch.compile` on vs off (135M foveated);
 3. bf16 vs fp32 loss parity over a few steps from the same weights and batches;
 4. data-loader throughput at 224 px with 0, 2 and 4 workers (synthetic shards written to a temp folder);
-5. the manual gradient all-reduce the trainer uses (sum after backward, one bucketed collective)
-   against DDP's overlapped one, in 2 processes: NCCL on 2 GPUs if visible, else gloo on the CPU at
-   the reduced shapes (that checks the code path only).
+5. a manual gradient all-reduce (sum after backward, flat buckets: what the trainer did before it
+   used DDP) against the trainer's DDP engine (fvlm/training/engine.py: all-reduce overlapped with
+   backward), in 2 processes: NCCL on 2 GPUs if visible, else gloo on the CPU at the reduced shapes
+   (that checks the code path only).
 
 It writes DIR/gpu_check.json and DIR/gpu_check.md (default DIR: benchmarks/gpu_check/<device>), and on
 a GPU records the measured MFU of each shape in benchmarks/mfu_measured.json, which
@@ -243,10 +244,31 @@ def check_loader(plan, log) -> list[dict]:
     return rows
 
 
+MANUAL_BUCKET = 1 << 24  # elements per flat all-reduce of the manual baseline
+
+
+def _sum_gradients(params: list) -> None:
+    """The manual baseline: every `.grad` summed over ranks after backward, in flat buckets."""
+    import torch.distributed as dist
+
+    buckets: list[list] = [[]]
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        if sum(g.numel() for g in buckets[-1]) >= MANUAL_BUCKET:
+            buckets.append([])
+        buckets[-1].append(param.grad)
+    for grads in buckets:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
 def _allreduce_worker(rank: int, world: int, port: int, plan: dict, mode: str, steps: int, queue) -> None:
     import torch.distributed as dist
 
     from fvlm.training.dist import Dist
+    from fvlm.training.engine import Engine
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = torch.cuda.device_count() >= world
@@ -261,13 +283,7 @@ def _allreduce_worker(rank: int, world: int, port: int, plan: dict, mode: str, s
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    ddp = (
-        torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[rank] if cuda else None, find_unused_parameters=True
-        )
-        if mode == "ddp"
-        else None
-    )
+    ddp = Engine(model, Dist(rank=rank, world_size=world, local_rank=rank, device=device)) if mode == "ddp" else None
     batch = make_batch(cfg.train.batch_size, plan, device, seed=rank)
     times = []
     for i in range(steps + 1):
@@ -277,7 +293,7 @@ def _allreduce_worker(rank: int, world: int, port: int, plan: dict, mode: str, s
             loss = (ddp or model)(batch, compute_coarse=False).loss
         loss.backward()
         if mode == "manual":
-            Dist(rank=rank, world_size=world, device=device).sum_gradients(params)
+            _sum_gradients(params)
         for p in params:
             p.grad = None
         sync(device)

@@ -276,6 +276,8 @@ def trainer_syncs(cfg, model, batch, masters=None) -> dict[str, Any]:
     they do not wait for the device. With `masters` (a bf16 model's MasterWeights) the step is
     train.precision=bf16's; the optimizer phase's ops and casts are returned too."""
     from fvlm.config import OptimConfig, load_config
+    from fvlm.training.dist import Dist
+    from fvlm.training.engine import Engine
     from fvlm.training.optim import build_optimizer
     from fvlm.training.trainer import Trainer
 
@@ -287,7 +289,8 @@ def trainer_syncs(cfg, model, batch, masters=None) -> dict[str, Any]:
         optimized=masters.masters if masters is not None else trainable,
         optimizer=build_optimizer(model, OptimConfig(), masters),
         autocast=nullcontext,
-        dist=SimpleNamespace(device=torch.device("cpu"), sum_gradients=lambda params: None),
+        dist=Dist(),
+        engine=Engine(model, Dist()),
         cfg=load_config(None, {}),
     )
     stand_in._zero_grad = lambda: Trainer._zero_grad(stand_in)  # type: ignore[arg-type]
@@ -301,7 +304,7 @@ def trainer_syncs(cfg, model, batch, masters=None) -> dict[str, Any]:
     for sites in counter.syncs.values():
         for site, n in sites.items():
             innermost = site.split(" @ ", 1)[1].split(" <- ")[0]
-            if innermost.startswith("fvlm/training/") and "self.model(" not in innermost:
+            if innermost.startswith("fvlm/training/") and "self.engine(" not in innermost:
                 trainer_sites[site] += n
     loader_side = sum(n for s, n in trainer_sites.items() if 'batch["' in s)
     total = sum(trainer_sites.values())

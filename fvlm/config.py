@@ -140,6 +140,10 @@ class TrainConfig:
     # bf16-autocast: fp32 parameters under torch.autocast; auto: bf16 on a CUDA device, else fp32.
     # Checkpoints hold fp32 weights in every mode (fvlm/training/precision.py).
     precision: Literal["auto", "fp32", "bf16", "bf16-autocast"] = "auto"
+    # How gradients meet across processes (torchrun, --nproc): DistributedDataParallel, or FSDP2
+    # (fully_shard: weights, gradients and optimizer state sharded over ranks, for the larger LLMs).
+    # One process ignores it.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     compile: bool = False
     # Intra-op threads on CPU (0 = torch's default); small models on busy cores run faster with 1.
     cpu_threads: int = 0

@@ -7,6 +7,7 @@ from fvlm.config import load_config
 from fvlm.model.batch_index import build_indices
 from fvlm.model.build import build_model, compile_model, load_model, save_model
 from fvlm.model.encoder import query_attention
+from fvlm.training.engine import target_tokens
 
 S = 64  # tiny image size; DINO patch 8 -> 8x8 grid
 
@@ -292,6 +293,20 @@ def test_no_loss_tokens_gives_zero_not_nan():
     batch["loss_mask"] = torch.zeros_like(batch["loss_mask"])
     out = model(batch)
     assert out.n_tokens == 0 and out.loss.item() == 0.0
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.arch=multi_token"], ["model.coarse_only=true"]])
+def test_target_tokens_from_the_cpu_batch_equal_the_forwards_count(overrides):
+    """The trainer agrees across ranks on a step's target tokens before any forward (engine.py)."""
+    model = tiny(*overrides)
+    for valid in [(4, 2), (3, 0), (0, 0)]:
+        batch = make_batch(valid=valid, seed=sum(valid))
+        batch["attention_mask"][0, :2] = 0  # padding before the text: its first real token has no predictor
+        batch["loss_mask"] = batch["attention_mask"].bool() & (torch.arange(12) % 3 != 1)
+        batch["loss_mask"][1, 0] = True  # the first position: counted only after a real frame
+        with torch.no_grad():
+            n = model(batch).n_tokens
+        assert target_tokens(batch) == n > 0, valid
 
 
 def _grad_names(model):

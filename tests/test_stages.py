@@ -55,7 +55,7 @@ def test_paper_stage_configs_load_with_the_stage_rules(size):
     tok = byte_tokenizer()
     masks = {
         s: encode_dialogue(
-            tok, "Describe it.", "A red square.", stage=c.train.stage, max_tokens=512, end_of_turn_id=None
+            tok, [("Describe it.", "A red square.")], stage=c.train.stage, max_tokens=512, end_of_turn_id=None
         )[1]
         for s, c in cfgs.items()
     }

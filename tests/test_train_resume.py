@@ -1,11 +1,12 @@
 """Runs compared with runs: killed (SIGKILL) and resumed vs uninterrupted, SIGTERM then resumed,
-and DDP on 2 CPU processes (gloo) vs 1 process with twice the accumulation. Each run is a real
-`fvlm train` subprocess."""
+2 CPU processes (gloo; DDP and FSDP2) vs 1 process with twice the accumulation, and steps skipped
+by every rank together. Each run is a real `fvlm train` subprocess."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
+from safetensors import safe_open
 from test_train import SMALL, read_csv
+
+from fvlm.model.build import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -177,24 +182,122 @@ def test_sigterm_checkpoints_marks_interrupted_and_resumes(out_dir, reference):
     assert_same_rows(by_step(reference / "steps.csv"), by_step(out_dir / "terminated" / "steps.csv"), COMPARED, 1e-6)
 
 
-def test_ddp_on_two_processes_equals_one_process_with_twice_the_accumulation(out_dir):
-    common = ["train.max_steps=5", "train.log_every=1", "train.eval_every=5", "train.batch_size=2"]
-    run(command(out_dir, "single", *common, "train.grad_accum=2"))
-    ddp = command(out_dir, "ddp", *common, "train.grad_accum=1")
-    ddp.insert(ddp.index("tiny"), "--nproc=2")
-    run(ddp)
-    single, both = by_step(out_dir / "single" / "steps.csv"), by_step(out_dir / "ddp" / "steps.csv")
+# The multi-process runs: 2 processes x 2 micro-batches against 1 process x 4 (the last micro-batch of
+# a step reduces gradients inside its backward, the first under no_sync), through each engine.
+ACCUM = ["train.max_steps=5", "train.log_every=1", "train.eval_every=5", "train.save_every=2", "train.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def accumulated(out_dir):
+    run(command(out_dir, "single", *ACCUM, "train.grad_accum=4"))
+    return out_dir / "single"
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_twice_the_accumulation(out_dir, accumulated, engine):
+    cmd = command(out_dir, engine, *ACCUM, "train.grad_accum=2", f"train.distributed={engine}")
+    cmd.insert(cmd.index("tiny"), "--nproc=2")
+    run(cmd)
+    single, both = by_step(accumulated / "steps.csv"), by_step(out_dir / engine / "steps.csv")
     assert_same_rows(single, both, COMPARED, 1e-5)
     assert_same_rows(
-        by_step(out_dir / "single" / "metrics.csv"),
-        by_step(out_dir / "ddp" / "metrics.csv"),
-        ("val_loss", "val_loss_coarse"),
+        by_step(accumulated / "metrics.csv"),
+        by_step(out_dir / engine / "metrics.csv"),
+        ("val_loss", "val_loss_coarse", "attention_entropy"),
         1e-5,
     )
-    assert int(both[5]["samples_seen"]) == 5 * 2 * 2
-    meta = json.loads((out_dir / "ddp" / "checkpoints" / "step_0000005" / "meta.json").read_text())
-    assert meta["world_size"] == 2
-    assert sorted(p.name for p in (out_dir / "ddp" / "checkpoints" / "step_0000005").glob("rank_*.pt")) == [
-        "rank_0.pt",
-        "rank_1.pt",
-    ]
+    assert int(both[5]["samples_seen"]) == 5 * 2 * 2 * 2
+    last = out_dir / engine / "checkpoints" / "step_0000005"
+    assert json.loads((last / "meta.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in last.glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
+    # The checkpoint is the one a single process writes: the same weight names and values, the same
+    # optimizer state layout (parameters numbered in group order), and it opens as a model folder.
+    theirs, ours = accumulated / "checkpoints" / "step_0000005", last
+    with safe_open(theirs / "model.safetensors", "pt") as a, safe_open(ours / "model.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in a.keys():
+            assert torch.allclose(a.get_tensor(key), b.get_tensor(key), atol=1e-5), key
+    opt_a, opt_b = (torch.load(f / "optimizer.pt", weights_only=True) for f in (theirs, ours))
+    assert opt_a["param_groups"] == opt_b["param_groups"]
+    assert sorted(opt_a["state"]) == sorted(opt_b["state"])
+    for index, state in opt_a["state"].items():
+        for key, value in state.items():
+            assert torch.allclose(value, opt_b["state"][index][key], atol=1e-5, rtol=1e-4), (index, key)
+    load_model(ours)
+    # Resuming from the step-4 checkpoint (weights, optimizer and data cursor into the engine)
+    # reproduces step 5.
+    shutil.rmtree(last)
+    (out_dir / engine / "run_summary.json").unlink()
+    resumed = run(cmd)
+    assert "resuming at step 4" in resumed.stderr
+    assert_same_rows(both, by_step(out_dir / engine / "steps.csv"), COMPARED, 1e-7)
+
+
+# Runs `fvlm train` with a step whose odd global micro-batches hold no target tokens (attempt 1: in
+# 2 processes, none on rank 1), one with none anywhere (attempt 2) and an out-of-memory error in
+# global micro-batch 1 (attempt 3: rank 1's first). Global micro-batch g is micro-batch g // world of
+# rank g % world: the loader deals consecutive stream positions to the ranks in turn, so one process
+# with 4 micro-batches and 2 processes with 2 each see the same events on the same samples.
+SKIPPING = """
+import os, sys, torch
+from fvlm.training import trainer
+RANK, WORLD = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+forward_backward = trainer.Trainer._forward_backward
+attempts = []
+
+class OutOfMemoryAt:
+    def __init__(self, engine, index):
+        self.engine, self.index, self.calls = engine, index, 0
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls - 1 == self.index:
+            raise torch.cuda.OutOfMemoryError("injected")
+        return self.engine(*args, **kwargs)
+
+def silence(batch):
+    # The batch without targets, its host-built indices rebuilt as the collate would.
+    from fvlm.model.batch_index import build_indices
+    quiet = torch.zeros_like(batch["loss_mask"])
+    return {**batch, "loss_mask": quiet, **build_indices(batch["frame_mask"], quiet)}
+
+def patched(self, micro, compute_coarse):
+    attempt, n = len(attempts), len(micro)
+    attempts.append(1)
+    rows = [i * WORLD + RANK for i in range(n)]
+    if attempt in (1, 2):
+        silent = [g % 2 == 1 or attempt == 2 for g in rows]
+        micro = [silence(b) if s else b for b, s in zip(micro, silent)]
+    engine = self.engine
+    if attempt == 3 and 1 in rows:
+        self.engine = OutOfMemoryAt(engine, rows.index(1))
+    try:
+        return forward_backward(self, micro, compute_coarse)
+    finally:
+        self.engine = engine
+
+trainer.Trainer._forward_backward = patched
+from fvlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_skipped_step_is_skipped_by_every_rank(out_dir, tmp_path):
+    script = tmp_path / "skipping.py"
+    script.write_text(SKIPPING)
+    common = ["train.max_steps=4", "train.log_every=1", "train.eval_every=4", "train.batch_size=2"]
+    single = [sys.executable, str(script), *command(out_dir, "skips-single", *common, "train.grad_accum=4")[3:]]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    both = [*torchrun, str(script), *command(out_dir, "skips-ddp", *common, "train.grad_accum=2")[3:]]
+    for cmd in (single, both):
+        done = run(cmd)
+        assert done.stderr.count("skipped a step (no target tokens)") == 1, done.stderr[-2000:]
+        assert done.stderr.count("skipped a step (out of memory)") == 1, done.stderr[-2000:]
+    a, b = by_step(out_dir / "skips-single" / "steps.csv"), by_step(out_dir / "skips-ddp" / "steps.csv")
+    assert sorted(a) == [1, 2, 3, 4]
+    assert_same_rows(a, b, COMPARED, 1e-5)
+    # 4 steps taken over 6 attempts: the skipped attempts' samples are not counted, but consumed.
+    assert int(b[4]["samples_seen"]) == 4 * 8
+    state = torch.load(out_dir / "skips-ddp" / "checkpoints" / "step_0000004" / "trainer.pt", weights_only=True)
+    assert state["skipped_steps"] == 2

@@ -68,16 +68,22 @@ def build_tokenizer(cfg: ModelConfig):
     return load_tokenizer(cfg.llm)
 
 
-def save_model(model: VLMBase, folder: str | Path, tokenizer=None) -> Path:
+def save_model(
+    model: VLMBase, folder: str | Path, tokenizer=None, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
     """Weights (safetensors), the fvlm model config and both backbone configs, and the tokenizer:
-    everything needed to rebuild the model without the original backbone folders."""
+    everything needed to rebuild the model without the original backbone folders. `state_dict`
+    (the full weights of a model sharded over processes) is written in place of `model`'s own."""
     from safetensors import SafetensorError
     from safetensors.torch import save_model as save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        save_safetensors(model, str(folder / MODEL_FILE))
+        if state_dict is None:
+            save_safetensors(model, str(folder / MODEL_FILE))
+        else:
+            _save_state_dict(model, state_dict, folder / MODEL_FILE)
     except SafetensorError as exc:
         # safetensors reports a failed write (disk full, file too large) as its own error type with
         # "(os error N)" in the text; as an OSError it reaches the user as the environment fault it is.
@@ -95,6 +101,24 @@ def save_model(model: VLMBase, folder: str | Path, tokenizer=None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
     return folder
+
+
+def _save_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """What safetensors' `save_model` writes for `model`, from a separate state dict: a weight tied
+    to others (the LLM's head and embeddings) once, under the first of its names in sorted order."""
+    from safetensors.torch import save_file
+
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    metadata = {}
+    state = dict(state_dict)
+    for group in names.values():
+        kept, *removed = sorted(group)
+        for name in removed:
+            metadata[name] = kept
+            state.pop(name, None)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=metadata or None)
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu"):

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from fvlm.model.vlm import VLMBase
+    from fvlm.training.engine import Engine
 
 
 def eval_steps(total_steps: int, eval_every: int) -> list[int]:
@@ -130,9 +131,15 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict[str, Any] | None = None,
     rank_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Collective: every rank calls it (each writes its own rank file); rank 0 writes the rest.
-    Without an optimizer it writes the weights only (a milestone, for evaluation)."""
+    Without an optimizer (or its `optimizer_state`) it writes the weights only (a milestone, for
+    evaluation). `weights`, when given, are the model's full state dict (gathered from FSDP2
+    shards), written in place of the module's own."""
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     final = checkpoint_folder(run_dir, step)
     tmp = final.with_name(f".tmp_{final.name}")
     if dist.is_main:
@@ -140,12 +147,12 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    if optimizer is not None:
+    if optimizer_state is not None:
         _torch_save(rank_state, rank_file(tmp, dist.rank))
     if dist.is_main:
-        save_model(model, tmp, tokenizer)
-        if optimizer is not None:
-            _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
+        save_model(model, tmp, tokenizer, state_dict=weights)
+        if optimizer_state is not None:
+            _torch_save(optimizer_state, tmp / OPTIMIZER)
             _torch_save(trainer_state, tmp / TRAINER)
     dist.barrier()
     if dist.is_main:
@@ -191,9 +198,11 @@ def load_data(path: Path) -> Any:
 
 
 def load_checkpoint(
-    folder: Path, dist: Dist, *, model: VLMBase, optimizer: torch.optim.Optimizer
+    folder: Path, dist: Dist, *, model: VLMBase, optimizer: torch.optim.Optimizer, engine: Engine | None = None
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Restores weights and optimizer in place; returns (trainer state, this rank's state, meta)."""
+    """Restores weights and optimizer in place; returns (trainer state, this rank's state, meta).
+    With an FSDP2 `engine` the full weights and optimizer state are loaded into its shards."""
+    from safetensors.torch import load_file
     from safetensors.torch import load_model as load_safetensors
 
     own_rank = rank_file(folder, dist.rank)
@@ -202,8 +211,12 @@ def load_checkpoint(
             f"{folder}: written by a run with a different number of processes "
             f"(no {own_rank.name}); resume with the same number"
         )
-    load_safetensors(model, str(folder / MODEL_FILE), device=str(next(model.parameters()).device))
-    optimizer.load_state_dict(load_data(folder / OPTIMIZER))
+    if engine is not None and engine.sharded:
+        engine.load_model_state(load_file(folder / MODEL_FILE))
+        engine.load_optimizer_state(optimizer, load_data(folder / OPTIMIZER))
+    else:
+        load_safetensors(model, str(folder / MODEL_FILE), device=str(next(model.parameters()).device))
+        optimizer.load_state_dict(load_data(folder / OPTIMIZER))
     trainer_state = load_data(folder / TRAINER)
     rank_state = load_data(own_rank)
     meta = read_json(folder / META)

@@ -1,11 +1,6 @@
-"""Process group setup for `torchrun` (NCCL on GPU, gloo on CPU) and the few collectives training uses.
-
-Gradients are summed across ranks once per optimizer step, after every micro-batch of every rank
-has finished, rather than by DistributedDataParallel's hooks inside backward. That ordering is what
-lets the ranks agree, before any gradient collective, on whether a step is kept: a rank that ran out
-of memory, or a step whose batches hold no target tokens, is skipped by every rank together (with
-DDP's hooks, the other ranks would already be waiting inside backward). The price is no overlap of
-communication with backward, paid once per `grad_accum` micro-batches.
+"""Process group setup for `torchrun` (NCCL on GPU, gloo on CPU) and the few small collectives
+training uses (sums of tallies, barriers). Gradients meet across ranks through DDP or FSDP2
+(fvlm/training/engine.py).
 """
 
 from __future__ import annotations
@@ -22,8 +17,6 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 T = TypeVar("T", bound="DataclassInstance")
-
-BUCKET_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -54,28 +47,17 @@ class Dist:
         return tensor.tolist()
 
     def sum_tally(self, tally: T) -> T:
-        """A dataclass of numbers summed over ranks field by field (in one all-reduce)."""
+        """A dataclass of numbers summed over ranks field by field (the host numbers in one all-reduce).
+        Fields holding device tensors (a step's loss sums, read only when logged) are summed on the
+        device, in place: nothing waits for them here."""
         names = [f.name for f in dataclasses.fields(tally)]
-        summed = self.all_sum([float(getattr(tally, name)) for name in names])
-        return dataclasses.replace(tally, **dict(zip(names, summed)))
-
-    def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Sums `.grad` over ranks in flat buckets. A parameter without a gradient on this rank
-        contributes zeros, so every rank flattens the same layout."""
-        if not self.enabled:
-            return
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for param in params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            bucket.append(param.grad)
-            size += param.numel()
-            if size >= BUCKET_ELEMENTS:
-                _reduce_bucket(bucket)
-                bucket, size = [], 0
-        if bucket:
-            _reduce_bucket(bucket)
+        on_host = [n for n in names if not isinstance(getattr(tally, n), torch.Tensor)]
+        if self.enabled:
+            for name in names:
+                if name not in on_host:
+                    torch_dist.all_reduce(getattr(tally, name))
+        summed = self.all_sum([float(getattr(tally, name)) for name in on_host])
+        return dataclasses.replace(tally, **dict(zip(on_host, summed)))
 
     def broadcast_model(self, model: torch.nn.Module) -> None:
         """Rank 0's weights everywhere, so ranks cannot start from different initialisations."""
@@ -83,15 +65,6 @@ class Dist:
             return
         for tensor in list(model.parameters()) + list(model.buffers()):
             torch_dist.broadcast(tensor.data, src=0)
-
-
-def _reduce_bucket(grads: list[torch.Tensor]) -> None:
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch_dist.all_reduce(flat)
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
 
 
 def init_distributed() -> Dist:

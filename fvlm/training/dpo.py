@@ -231,6 +231,10 @@ class DPOTrainer(Trainer):
     extra_step_columns = DPO_COLUMNS
 
     def _setup(self) -> None:
+        if self.dist.enabled:
+            # The pair losses come from the model's own passes (visual_blocks, loss_over), not from
+            # its forward, so DDP's hooks would never sum the gradients over ranks.
+            raise UsageError("train.dpo runs in one process (no torchrun / --nproc) for now")
         super()._setup()
         self.reference = load_reference(self.cfg, self.dist.device)
 
@@ -266,8 +270,10 @@ class DPOTrainer(Trainer):
                         dpo.label_smoothing,
                     )
                 losses.sum().backward()
+                if self.masters is not None:
+                    self.masters.accumulate_grads()  # train.precision=bf16: into the fp32 masters
             except torch.cuda.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 torch.cuda.empty_cache()
                 tally.out_of_memory = 1.0
                 continue

@@ -7,7 +7,7 @@ out the lambda-weighted coarse term, so runs with different lambda_coarse stay c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,16 +51,40 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _in_lockstep(loader: Iterable[_Batch], dist: Dist) -> Iterator[tuple[_Batch, bool]]:
+    """(batch, counted) until every rank is out of batches: a rank that runs out first repeats its
+    last batch, uncounted, so that every rank runs as many forwards (FSDP2's are collectives)."""
+    batches = iter(loader)
+    last = None
+    while True:
+        batch = next(batches, None)
+        if not dist.all_sum([float(batch is not None)])[0]:
+            return
+        if batch is not None:
+            last = batch
+            yield batch, True
+        elif last is None:
+            raise RuntimeError(
+                f"rank {dist.rank} has no validation batch: train.eval_samples is below the process count"
+            )
+        else:
+            yield last, False
+
+
 @torch.no_grad()
-def validate(model, loader, dist: Dist, autocast: Callable[[], AbstractContextManager]) -> dict:
-    """Token-weighted means over this rank's share of the val split, summed over ranks."""
+def validate(model, loader, dist: Dist, autocast: Callable[[], AbstractContextManager], lockstep: bool = False) -> dict:
+    """Token-weighted means over this rank's share of the val split, summed over ranks. With
+    `lockstep` (a model sharded over ranks) every rank runs the same number of forwards."""
     was_training = model.training
     model.eval()
     local = ValTally()
-    for batch in loader:
+    batches = _in_lockstep(loader, dist) if lockstep else ((batch, True) for batch in loader)
+    for batch, counted in batches:
         batch = to_device(batch, dist.device)
         with autocast():
             out = model(batch, compute_coarse=True)
+        if not counted:
+            continue
         n = out.n_tokens
         local.tokens += n
         if out.loss_fine is not None:
@@ -95,10 +119,12 @@ def save_probe_attention(
     run_dir: Path,
     device: torch.device,
     autocast: Callable[[], AbstractContextManager],
+    write: bool = True,
 ) -> Path | None:
     """The encoder query's attention over [CLS + patches] for the first `n_videos` probe videos,
     per layer and head, as `attention/step_NNNNNNN.npz` (the heatmap figure's input). Returns
-    None for a model without a query (the multi-token baseline)."""
+    None for a model without a query (the multi-token baseline). Without `write` it runs the
+    forwards only (a rank of a sharded model, whose forwards the writing rank needs)."""
     was_training = model.training
     model.eval()
     videos: list[dict] = []
@@ -133,7 +159,7 @@ def save_probe_attention(
         if len(videos) >= n_videos:
             break
     model.train(was_training)
-    if not videos:
+    if not videos or not write:
         return None
     n_frames = max(len(v["mask"]) for v in videos)
     size = videos[0]["frames"].shape[-1]

@@ -46,6 +46,7 @@ from fvlm.training import checkpoint as ckpt
 from fvlm.training import precision as prec
 from fvlm.training.dist import Dist, init_distributed, shutdown
 from fvlm.training.divergence import DivergenceGuard
+from fvlm.training.engine import Engine, target_tokens
 from fvlm.training.evaluate import save_probe_attention, to_device, validate
 from fvlm.training.logs import CsvLog, Progress, Wandb, git_commit
 from fvlm.training.optim import GROUPS, apply_lrs, build_optimizer, group_lrs
@@ -120,19 +121,39 @@ def load_init_weights(model: torch.nn.Module, folder: Path) -> None:
 class StepTally:
     """One step's totals on one rank, summed over ranks (`Dist.sum_tally`) before they are used.
     Losses are token sums (mean x tokens): divided by the summed token count they give the mean over
-    every target token of the step."""
+    every target token of the step. The loss sums are device tensors in the base trainer (summed on
+    the device, read only when a step is logged or saved: `Trainer._settle`), numbers otherwise."""
 
     tokens: float = 0.0
-    loss_sum: float = 0.0
-    fine_sum: float = 0.0  # loss_fine x tokens, over the micro-batches that measured it
+    loss_sum: float | torch.Tensor = 0.0
+    fine_sum: float | torch.Tensor = 0.0  # loss_fine x tokens, over the micro-batches that measured it
     fine_tokens: float = 0.0
-    coarse_sum: float = 0.0
+    coarse_sum: float | torch.Tensor = 0.0
     coarse_tokens: float = 0.0
     samples: float = 0.0
     frames: float = 0.0
     text_tokens: float = 0.0
     out_of_memory: float = 0.0  # 1 on a rank where a micro-batch ran out of memory
     stop: float = 0.0  # 1 on a rank asked to stop (SIGTERM, Ctrl-C)
+
+
+@dataclass
+class Pending:
+    """A step taken whose numbers have not been read yet (see `Trainer._settle`)."""
+
+    step: int
+    tally: StepTally
+    grad_norm: torch.Tensor
+
+
+@dataclass
+class Settled:
+    """The numbers of the newest settled step."""
+
+    train_loss: float
+    grad_norm: float
+    loss_fine: float | None
+    loss_coarse: float | None
 
 
 def _parse_row(row: dict[str, str]) -> dict[str, Any]:
@@ -167,6 +188,7 @@ class Trainer:
         self.wall_time_before = 0.0
         self.divergence = DivergenceGuard(cfg.train.divergence_factor)
         self.skipped_steps = 0
+        self._pending: list[Pending] = []  # steps taken, their losses not read yet
         self.best: dict[str, Any] = {}  # the metrics row of the best evaluation so far
         self.history: list[dict[str, Any]] = []  # the metrics rows of this run
         self.last_row: dict[str, Any] | None = None  # the latest steps.csv row
@@ -259,11 +281,20 @@ class Trainer:
         if init_weights is not None:
             self._load_init_weights(init_weights)
         self.model.to(dist.device)
-        dist.broadcast_model(self.model)
+        # DDP or FSDP2 over several processes. FSDP2 replaces the parameters by shards, so the
+        # parameter lists and the optimizer are taken after it.
+        self.engine = Engine(self.model, dist, cfg.train.distributed)
         groups = self.model.param_groups()
         self.trainable = [p for params in groups.values() for p in params]
         self.trainable_groups = {name for name, params in groups.items() if params}
         if self.precision == "bf16":
+            if self.engine.sharded:
+                # FSDP2 shards the parameters as DTensors; masters of them are not built (its own
+                # MixedPrecisionPolicy would be the way there).
+                raise UsageError(
+                    "train.precision=bf16 (bf16 weights, fp32 masters) does not combine with"
+                    " train.distributed=fsdp yet; use train.precision=bf16-autocast or fp32"
+                )
             self.masters = prec.MasterWeights(self.model, self.trainable)
         # What the optimizer updates, and where its gradients are: the parameters, or their masters.
         self.optimized = self.masters.masters if self.masters is not None else list(self.trainable)
@@ -323,7 +354,7 @@ class Trainer:
     def _restore(self, folder: Path) -> None:
         with self._fp32_view():
             trainer_state, rank_state, meta = ckpt.load_checkpoint(
-                folder, self.dist, model=self.model, optimizer=self.optimizer
+                folder, self.dist, model=self.model, optimizer=self.optimizer, engine=self.engine
             )
         if meta.get("world_size", 1) != self.dist.world_size:
             raise ckpt.ProcessCountMismatch(
@@ -493,16 +524,9 @@ class Trainer:
                     f" on {'some rank' if self.dist.enabled else 'this process'}"
                 )
                 continue
-            train_loss = tally.loss_sum / tokens
-            if self.divergence.diverged(train_loss):
-                self.progress.message(
-                    f"fvlm train: diverged at step {next_step} (loss {train_loss:.4g}; {self.divergence.describe()})"
-                )
-                return "diverged"
-            grad_norm = self._optimizer_step(tokens)
-            if not math.isfinite(grad_norm):
-                self.progress.message(f"fvlm train: diverged at step {next_step} (gradient norm {grad_norm})")
-                return "diverged"
+            # Nothing here reads the device: the step's losses and gradient norm are read (and the
+            # divergence guard fed) only where a step is logged or saved, for every step since.
+            self._pending.append(Pending(next_step, tally, self._optimizer_step(tokens)))
             self.step = next_step
             self.samples_seen += int(tally.samples)
             for key, value in (("frames", tally.frames), ("text_tokens", tally.text_tokens), ("loss_tokens", tokens)):
@@ -518,21 +542,26 @@ class Trainer:
                 seconds=elapsed,
                 data_wait=data_wait,
             )
+            finished = self._finished()
+            evaluate = self.step % t.eval_every == 0 or finished
+            save = evaluate or self.step % t.save_every == 0 or bool(tally.stop)
             row = None
-            if logged:
+            settled = self._settle() if logged or save else None
+            if (logged or save) and settled is None:
+                return "diverged"
+            if logged and settled is not None:
                 log_began = time.perf_counter()
-                loss_fine = tally.fine_sum / tally.fine_tokens if tally.fine_tokens else None
-                loss_coarse = tally.coarse_sum / tally.coarse_tokens if tally.coarse_tokens else None
+                loss_fine, loss_coarse = settled.loss_fine, settled.loss_coarse
                 row = {
                     "run_id": self.cfg.run_id,
                     "step": self.step,
                     "samples_seen": self.samples_seen,
                     "wall_time_sec": round(self.wall_time(), 3),
-                    "train_loss": train_loss,
+                    "train_loss": settled.train_loss,
                     "loss_fine": loss_fine,
                     "loss_coarse": loss_coarse,
                     "loss_ratio": loss_fine / loss_coarse if loss_fine is not None and loss_coarse else None,
-                    "grad_norm": grad_norm,
+                    "grad_norm": settled.grad_norm,
                     **{f"lr_{g}": lrs[g] for g in GROUPS},
                     **interval.row(self.cfg.model, self.peak_flops, self.dist.world_size),
                     **self._gpu_memory(),
@@ -546,9 +575,7 @@ class Trainer:
                     self.wandb.log(row, "train")
                 self.timing["log"] += time.perf_counter() - log_began
             self.progress.update(self.step, row)
-            finished = self._finished()
-            evaluate = self.step % t.eval_every == 0 or finished
-            if evaluate or self.step % t.save_every == 0 or tally.stop:
+            if save:
                 self._save()
             if evaluate:
                 self._evaluate()
@@ -557,34 +584,53 @@ class Trainer:
         return "completed"
 
     def _forward_backward(self, micro: list[Batch], compute_coarse: bool) -> StepTally:
-        """Backpropagates each micro-batch's token-sum loss; returns this rank's tally of the step."""
-        tally = StepTally()
+        """Backpropagates each micro-batch's token-sum loss; returns this rank's tally of the step.
+        Gradients meet across ranks in the last micro-batch's backward; before it the ranks agree
+        whether the step is skipped (no target tokens anywhere, or a rank out of memory), and if it
+        is no rank runs it (fvlm/training/engine.py)."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        # The loss sums live on the device from the start, on every rank alike (sum_tally all-reduces
+        # device fields as such, so a rank that ran no micro-batch must hold them too).
+        tally = StepTally(loss_sum=zero, fine_sum=zero.clone(), coarse_sum=zero.clone())
         for batch in micro:
             tally.samples += batch["input_ids"].shape[0]
             tally.frames += int(batch["frame_mask"].sum())
             tally.text_tokens += int(batch["attention_mask"].sum())
+            tally.tokens += target_tokens(batch)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            if last:
+                tokens, out_of_memory = self.dist.all_sum([tally.tokens, tally.out_of_memory])
+                if out_of_memory or not tokens:
+                    break  # skipped by every rank; the gradients so far never left this rank
             if tally.out_of_memory:
-                continue  # keep pulling this step's batches so every rank's data stream stays in step
+                continue  # an earlier micro-batch ran out of memory: the step is skipped
             try:
                 batch = to_device(batch, self.dist.device)
-                with self.autocast():
-                    out = self.model(batch, compute_coarse=compute_coarse)
-                n = out.n_tokens
-                (out.loss * n).backward()
+                # Under bf16 with fp32 masters each micro-batch's gradients move to the masters, so
+                # they must be summed over ranks by then: every micro-batch's backward syncs.
+                sync = last or self.masters is not None
+                with nullcontext() if sync else self.engine.no_sync():
+                    with self.autocast():
+                        out = self.engine(batch, compute_coarse=compute_coarse)
+                    n = out.n_tokens
+                    (out.loss * n).backward()
                 if self.masters is not None:
                     self.masters.accumulate_grads()  # summed over micro-batches in fp32
             except torch.cuda.OutOfMemoryError:
+                if self.dist.enabled and (last or self.engine.sharded or self.masters is not None):
+                    raise  # the other ranks are inside a collective this rank can no longer join
                 self._zero_grad()
                 torch.cuda.empty_cache()
                 tally.out_of_memory = 1.0
                 continue
-            tally.tokens += n
-            tally.loss_sum += float(out.loss.detach()) * n
+            # Summed on the device: reading a loss here would make the host wait for the step.
+            tally.loss_sum = tally.loss_sum + out.loss.detach().double() * n
             if out.loss_fine is not None:
-                tally.fine_sum += float(out.loss_fine) * n
+                tally.fine_sum = tally.fine_sum + out.loss_fine.double() * n
                 tally.fine_tokens += n
             if out.loss_coarse is not None:
-                tally.coarse_sum += float(out.loss_coarse) * n
+                tally.coarse_sum = tally.coarse_sum + out.loss_coarse.double() * n
                 tally.coarse_tokens += n
         return tally
 
@@ -592,20 +638,65 @@ class Trainer:
         """A subclass's `extra_step_columns` of a logged step, from its (rank-summed) tally."""
         return {}
 
-    def _optimizer_step(self, tokens: float) -> float:
-        """On the fp32 gradients (the masters' under bf16): sum over ranks, divide by the step's
-        token count, clip, update; under bf16 the updated masters are then rounded into the model."""
-        self.dist.sum_gradients(self.optimized)
+    def _optimizer_step(self, tokens: float) -> torch.Tensor:
+        """On the fp32 gradients (the masters' under bf16), already summed over ranks by the engine:
+        divide by the step's token count (a host number), clip, update; under bf16 the updated
+        masters are then rounded into the model. Returns the gradient norm as a device tensor.
+
+        A non-finite norm leaves the weights and the optimizer's state as they were. The fused AdamW
+        is told so on the device (its `found_inf`, as a gradient scaler tells it), so the host never
+        waits for the norm; the run is then stopped as diverged when the step is settled."""
         grads = [p.grad for p in self.optimized if p.grad is not None]
         torch._foreach_div_(grads, tokens)
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.optimized, max_norm))
-        if math.isfinite(grad_norm):
+        grad_norm = self.engine.clip_grad_norm(self.optimized, max_norm)
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()  # type: ignore[attr-defined]
             self.optimizer.step()
-            if self.masters is not None:
-                self.masters.publish()
+        elif bool(torch.isfinite(grad_norm)):  # the unfused optimizers have no found_inf: a sync
+            self.optimizer.step()
+        if self.masters is not None:
+            self.masters.publish()  # unchanged masters after a skipped update: the same weights
         self._zero_grad()
         return grad_norm
+
+    def _settle(self) -> Settled | None:
+        """Reads the losses and gradient norms of the steps since the last read (one wait for the
+        device) and folds each step's loss into the divergence guard, in order. Returns the newest
+        step's numbers, or None when a step diverged (said on the console)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return None
+        device = pending[0].grad_norm.device
+
+        def value(x: float | torch.Tensor) -> torch.Tensor:
+            return torch.as_tensor(x, dtype=torch.float64, device=device).reshape(())
+
+        rows = [
+            torch.stack(
+                [value(p.tally.loss_sum), value(p.tally.fine_sum), value(p.tally.coarse_sum), value(p.grad_norm)]
+            )
+            for p in pending
+        ]
+        settled = None
+        for p, (loss_sum, fine_sum, coarse_sum, grad_norm) in zip(pending, torch.stack(rows).tolist()):
+            t = p.tally
+            train_loss = loss_sum / t.tokens
+            if not math.isfinite(grad_norm):
+                self.progress.message(f"fvlm train: diverged at step {p.step} (gradient norm {grad_norm})")
+                return None
+            if self.divergence.diverged(train_loss):
+                self.progress.message(
+                    f"fvlm train: diverged at step {p.step} (loss {train_loss:.4g}; {self.divergence.describe()})"
+                )
+                return None
+            settled = Settled(
+                train_loss=train_loss,
+                grad_norm=grad_norm,
+                loss_fine=fine_sum / t.fine_tokens if t.fine_tokens else None,
+                loss_coarse=coarse_sum / t.coarse_tokens if t.coarse_tokens else None,
+            )
+        return settled
 
     def _gpu_memory(self) -> dict[str, float]:
         if self.dist.device.type != "cuda":
@@ -641,6 +732,9 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
         with self._fp32_view():
+            # Collectives under FSDP2 (the shards gathered whole); the module and optimizer themselves otherwise.
+            weights = self.engine.full_model_state()
+            optimizer_state = self.engine.optimizer_state(self.optimizer)
             ckpt.save_checkpoint(
                 self.run_dir,
                 self.step,
@@ -648,7 +742,8 @@ class Trainer:
                 model=self.model,
                 tokenizer=self.tokenizer,
                 meta=self.saved_meta,
-                optimizer=self.optimizer,
+                optimizer_state=optimizer_state,
+                weights=weights,
                 trainer_state=trainer_state,
                 rank_state=rank_state,
             )
@@ -673,11 +768,19 @@ class Trainer:
                 world_size=self.dist.world_size,
                 max_samples=t.eval_samples,
             )
-            metrics = validate(self.model, val_loader, self.dist, self.autocast)
-            if self.dist.is_main and t.probe_videos:
+            metrics = validate(self.model, val_loader, self.dist, self.autocast, lockstep=self.engine.sharded)
+            # Under FSDP2 every rank runs the probe's forwards (they gather the weights); rank 0 writes.
+            if (self.dist.is_main or self.engine.sharded) and t.probe_videos:
                 probe_loader = self._build_loader(cfg, "probe", self.tokenizer, train=False, max_samples=t.probe_videos)
                 save_probe_attention(
-                    self.model, probe_loader, t.probe_videos, self.step, self.run_dir, self.dist.device, self.autocast
+                    self.model,
+                    probe_loader,
+                    t.probe_videos,
+                    self.step,
+                    self.run_dir,
+                    self.dist.device,
+                    self.autocast,
+                    write=self.dist.is_main,
                 )
         self.dist.barrier()
         self.last_eval_step = self.step
