@@ -97,7 +97,7 @@ def test_scaling_grid_is_24_cells_plus_isoflop_extras(capsys, preset):
     p = TINY if preset == "tiny" else PAPER
     # Both arms of every size once more at the replicate budget.
     replicates = sorted(r["run_id"] for r in record["runs"] if "replicate_of" in r)
-    assert replicates == sorted(f"{s}-{p.replicate_budget}-{a}.s1" for s in "SML" for a in "FB")
+    assert replicates == sorted(f"{s}-{b}-{a}.s1" for s in "SML" for b in p.replicate_budgets for a in "FB")
     for s in "SML":
         for c, budget in p.budgets.items():
             fov, base = runs[f"{s}-{c}-F"], runs[f"{s}-{c}-B"]

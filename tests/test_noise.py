@@ -54,6 +54,24 @@ def test_a_cell_without_replicates_uses_its_sizes_then_the_pooled_floor():
     assert model.floor("pixel_gain", "F3") is None  # nothing measured it
 
 
+def test_a_cell_between_replicated_budgets_takes_the_larger_floor_around_it():
+    """Early in training seeds scatter far more: a cell between the replicated C1 and C4 takes C1's
+    floor if larger, whichever side it is on; below or above every replicated budget, the nearest."""
+    model = noise.NoiseModel()
+    for rid, value in (("L-C1-F", 0.40), ("L-C1-F.s1", 0.60), ("L-C4-F", 0.10), ("L-C4-F.s1", 0.11)):
+        model.add("val_loss", rid, value)
+    early, late = model.floor("val_loss", "L-C1-B"), model.floor("val_loss", "L-C4-B")
+    assert early is not None and late is not None and early.sd > 10 * late.sd
+    for cell in ("L-C2-F", "L-C3-B"):
+        between = model.floor("val_loss", cell)
+        assert between is not None and between.sd == pytest.approx(early.sd)
+        assert "L-C1 and L-C4" in between.source and "L-C1's" in between.source
+    model.add("val_loss", "L-C2-F", 0.3)
+    model.add("val_loss", "L-C2-F.s1", 0.301)  # C2 measured small: C3 now sits between C2 and C4
+    c3 = model.floor("val_loss", "L-C3-F")
+    assert c3 is not None and c3.sd == pytest.approx(late.sd) and "L-C2 and L-C4" in c3.source
+
+
 def test_a_margin_inside_seed_noise_is_within_training_noise():
     floor = noise.Floor(sd=0.01, df=4, groups=["F3"], source="test")
     # The evaluation alone decides (0.012 against a s.e. of 0.002) ...
@@ -87,7 +105,7 @@ def test_the_paper_dry_run_lists_and_prices_the_replicates(capsys):
     assert [r["run_id"] for r in ablations["runs"] if "replicate_of" in r] == [
         f"{rid}.s1" for rid in PAPER.ablation_replicates
     ]
-    assert len([r for r in grid["runs"] if "replicate_of" in r]) == 2 * len(PAPER.sizes)
+    assert len([r for r in grid["runs"] if "replicate_of" in r]) == 2 * len(PAPER.sizes) * len(PAPER.replicate_budgets)
     hours = [s["estimate"]["replicates"]["gpu_hours"] for s in record["sweeps"]]
     total = sum(s["estimate"]["gpu_hours"] for s in record["sweeps"])
     assert 0.15 < sum(hours) / (total - sum(hours)) < 0.35  # about a quarter of the plan's

@@ -42,9 +42,9 @@ def test_phase1_end_to_end_and_rerun_resumes(tmp_path):
     assert set(ablations) >= {"F1", "F2", "F3", "A1", "A6", "B1", "A8a", "A8b", "D1"}
     assert set(ablations.values()) <= {"completed", "diverged"}
     scaling = _statuses(root / "scaling" / "sweep.csv")
-    # The 28 cells, and one seed replicate of both arms of each size at the largest budget.
-    assert len(scaling) == 28 + 6 and set(scaling.values()) == {"completed"}
-    assert {"S-C4-F.s1", "S-C4-B.s1", "L-C4-F.s1"} <= set(scaling) and "F3.s1" in ablations
+    # The 28 cells, and one seed replicate of both arms of each size at the smallest and the largest budget.
+    assert len(scaling) == 28 + 12 and set(scaling.values()) == {"completed"}
+    assert {"S-C4-F.s1", "S-C4-B.s1", "L-C4-F.s1", "L-C1-B.s1"} <= set(scaling) and "F3.s1" in ablations
 
     locked = json.loads((root / "ablations" / "locked_config.json").read_text())
     assert [c["question"] for c in locked["choices"]] == ["freeze", "learning_rate", "image_handling", "data_mix"]
@@ -64,8 +64,8 @@ def test_phase1_end_to_end_and_rerun_resumes(tmp_path):
     assert "foveation_evidence" in decisions and "## Foveation evidence" in (root / "report" / "report.md").read_text()
     # The replicates measured the training noise, and the report says what each replicate answered.
     replication = decisions["replication"]
-    assert {"ablation", "S-C4", "M-C4", "L-C4"} <= set(replication["floors"])
-    assert set(replication["cells"]) == {"S-C4-F", "M-C4-F", "L-C4-F"}
+    assert {"ablation", "S-C1", "S-C4", "M-C4", "L-C1", "L-C4"} <= set(replication["floors"])
+    assert set(replication["cells"]) == {f"{s}-{c}-F" for s in "SML" for c in ("C1", "C4")}
     assert "## Replication" in (root / "report" / "report.md").read_text()
     assert decisions["foveation_evidence"]["replicates"]["reads"]["F3"]["of"] == 2
     assert {q["id"] for q in decisions["questions"]} >= {"freeze", "two_pass", "efficiency"}

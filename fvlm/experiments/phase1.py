@@ -256,14 +256,14 @@ def ablation_matrix(
 def grid_matrix(
     preset, base: dict[str, Any], specs: list[matrix.RunSpec], seed_offset: int = 0
 ) -> list[matrix.RunSpec]:
-    """The grid's cells (at the seed offset) and the replicates of both arms at the replicate budget."""
+    """The grid's cells (at the seed offset) and the replicates of both arms at the replicate budgets."""
     seed = int(base.get("seed", 0))
     specs = matrix.seeded(specs, seed, seed_offset)
-    budget = preset.replicate_budget
+    budgets = preset.replicate_budgets
     counts = {
         s.run_id: preset.grid_replicates
         for s in specs
-        if s.meta.get("budget") == budget and not s.run_id.endswith("-isoflop")
+        if s.meta.get("budget") in budgets and not s.run_id.endswith("-isoflop")
     }
     return specs + matrix.replicate_specs(specs, counts, seed, seed_offset)
 
