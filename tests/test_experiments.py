@@ -567,3 +567,23 @@ def test_an_idle_worker_outlives_a_late_sigterm_and_exits_when_closed():
     began = time.time()
     worker.close()
     assert worker.proc.exitcode == 0 and time.time() - began < 30
+
+
+@pytest.mark.parametrize(("behind", "locked"), [(1.1, "LR4"), (2.0, "LR4"), (3.0, "LR3")])
+def test_the_plans_tie_rule_gives_way_only_to_a_clear_winner(monkeypatch, behind, locked):
+    """LR4 (uniform) is kept unless LR3 is clearly ahead of it, by the verdicts' own multiple of the
+    noise: at one noise the lock flipped between two runs of the same seeds on two CPUs."""
+    from types import SimpleNamespace
+
+    noise = 0.01
+    rows = [
+        {"run": SimpleNamespace(run_id=rid), "smoothed": value, "noise": noise}
+        for rid, value in (("LR3", 0.10), ("LR4", 0.10 + behind * noise * 2**0.5), ("F3", 0.2))
+    ]
+    result = {"winner": "LR3", "runs": ["F3", "LR3", "LR4"], "unstable": {}, "rows": rows, "quantile": 2.3}
+    result.update(common_x=6000.0, margin=0.005, noise=noise, verdict="within noise")
+    monkeypatch.setattr(decide.ablations, "answer", lambda question, table: result)
+    specs = {s.run_id: s for s in matrix.ablation_specs(TINY, "F3")}
+    choice = decide.choose("learning_rate", None, specs)  # type: ignore[arg-type]
+    assert choice["choice"] == locked
+    assert choice["adopted"] == {"optim.lr_connector": specs[locked].diff["optim.lr_connector"]}

@@ -538,6 +538,7 @@ def answer(question: Question, table: Table) -> dict[str, Any] | None:
         "margin": margin,
         "noise": noise,
         "verdict": _verdict(margin, noise, eval_noise, quantile),
+        "quantile": quantile,  # how many noises make a margin clear (the plan's tie rules use it too)
         "training_noise": floor or "not measured (no seed replicates): the verdict may not survive a second run",
         "winner_at_best": by_best[0]["run"].run_id,
         "margin_at_best": by_best[1]["best"] - by_best[0]["best"] if len(by_best) > 1 else math.nan,
