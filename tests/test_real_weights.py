@@ -32,7 +32,8 @@ GGUF = Path(
 )
 PARAMETERS = 134_515_008
 VOCABULARY = 49_152
-SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+# data.system_prompt=auto: upstream fVLM's system turn in place of the one SmolLM2's template inserts.
+SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n"
 PARAGRAPH = (
     "The river runs past the old mill and under a stone bridge before it reaches the town. In spring the "
     "water rises and the fields along its banks turn green. Children walk to school on the path beside the "
