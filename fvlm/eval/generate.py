@@ -11,6 +11,7 @@ import torch
 
 from fvlm.errors import UsageError
 from fvlm.eval.media import check_visual_path, load_visual
+from fvlm.model.backbones import model_pixel_stats
 from fvlm.model.tokenizer import chat_ids
 from fvlm.model.vlm import Batch, VLMBase
 
@@ -32,7 +33,7 @@ def generate_text(
 ) -> str:
     """Greedy (temperature 0) or sampled continuation of the prompt after the visual block (none when
     `frames_uint8` is None: a text-only question); the LLM runs with a KV cache. Stops at the
-    end-of-turn token."""
+    end-of-turn token. Frames are normalised with the model's own mean and std."""
     from fvlm.data.decode import normalise
     from fvlm.eval.scoring import end_of_turn_id
 
@@ -42,7 +43,7 @@ def generate_text(
         size = model.cfg.image_size
         frames = torch.zeros(1, 0, 3, size, size, device=device)
     else:
-        frames = normalise(frames_uint8)[None].to(device)
+        frames = normalise(frames_uint8, model_pixel_stats(model))[None].to(device)
     batch: Batch = {
         "frames": frames,
         "frame_mask": torch.ones(1, frames.shape[1], dtype=torch.bool, device=device),
@@ -116,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from fvlm.eval.looks import attention_record, draw
 
         batch: Batch = {
-            "frames": normalise(frames)[None].to(device),
+            "frames": normalise(frames, model_pixel_stats(model))[None].to(device),
             "frame_mask": torch.ones(1, frames.shape[0], dtype=torch.bool, device=device),
         }
         out = Path(args.attention)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fvlm.errors import UsageError
+from fvlm.model.backbones import IMAGENET, PixelStats
 
 SCORE_KINDS = ("mean", "sum")
 
@@ -79,8 +80,11 @@ def encode_question(tokenizer, question: Question) -> Encoded:
     return Encoded(prompt, options)
 
 
-def frames_batch(frames_list: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [T_i, S, S, 3] per question -> normalised frames [Q, T, 3, S, S] and frame_mask [Q, T]."""
+def frames_batch(
+    frames_list: list[np.ndarray], pixel_stats: PixelStats = IMAGENET
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [T_i, S, S, 3] per question -> frames [Q, T, 3, S, S] normalised with the DINO's mean and
+    std (`pixel_stats`: the model's, `fvlm.model.backbones.model_pixel_stats`) and frame_mask [Q, T]."""
     from fvlm.data.decode import normalise
 
     t_max = max(f.shape[0] for f in frames_list)
@@ -88,7 +92,7 @@ def frames_batch(frames_list: list[np.ndarray]) -> tuple[torch.Tensor, torch.Ten
     frames = torch.zeros(len(frames_list), t_max, 3, size, size)
     mask = torch.zeros(len(frames_list), t_max, dtype=torch.bool)
     for q, f in enumerate(frames_list):
-        frames[q, : f.shape[0]] = normalise(f)
+        frames[q, : f.shape[0]] = normalise(f, pixel_stats)
         mask[q, : f.shape[0]] = True
     return frames, mask
 

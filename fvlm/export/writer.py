@@ -27,6 +27,7 @@ from torch import nn
 from fvlm import run_folder as rf
 from fvlm.errors import UsageError
 from fvlm.export.remote import configuration_fvlm, modeling_fvlm
+from fvlm.model.backbones import IMAGENET, PixelStats, model_pixel_stats
 from fvlm.model.vlm import Batch, FoveatedVLM, MultiTokenVLM
 
 # The two architectures fvlm builds (`fvlm.model.build.assemble`).
@@ -112,10 +113,13 @@ def generation_config(tokenizer: Any, max_new_tokens: int = 64):
     )
 
 
-def preprocessor_config(image_size: int) -> dict[str, Any]:
+def preprocessor_config(image_size: int, pixel_stats: PixelStats = IMAGENET) -> dict[str, Any]:
     """DINOv2's image processor (BitImageProcessor) set to fvlm's frame preparation: the shorter side
-    to `image_size` (bilinear), a centre crop to a square, /255, ImageNet mean and std."""
-    from fvlm.data.decode import MEAN, STD
+    to `image_size` (bilinear), a centre crop to a square, /255, the model's mean and std (ImageNet's
+    unless its DINO folder named others)."""
+    from fvlm.data.decode import stats_arrays
+
+    mean, std = stats_arrays(pixel_stats)
 
     return {
         "image_processor_type": "BitImageProcessor",
@@ -128,8 +132,8 @@ def preprocessor_config(image_size: int) -> dict[str, Any]:
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": [round(float(x), 6) for x in MEAN],
-        "image_std": [round(float(x), 6) for x in STD],
+        "image_mean": [round(float(x), 6) for x in mean],
+        "image_std": [round(float(x), 6) for x in std],
     }
 
 
@@ -240,7 +244,8 @@ def export_model(target: str | Path, out: str | Path) -> dict[str, Any]:
         for source in REMOTE_FILES:
             shutil.copyfile(source, tmp / source.name)
         save_tokenizer(tokenizer, tmp)
-        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(cfg.model.image_size), indent=2))
+        preprocessor = preprocessor_config(cfg.model.image_size, model_pixel_stats(model))
+        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
         # The written folder, loaded back (the weights as stored, the config as parsed), against fvlm.
         with _quiet_transformers():
             loaded = modeling_fvlm.FvlmForCausalLM.from_pretrained(
