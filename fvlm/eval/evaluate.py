@@ -115,6 +115,14 @@ def run_config(ckpt: Checkpoint, model_cfg: ModelConfig, overrides: list[str]) -
     return cfg
 
 
+def run_system_prompt(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The system turn the run's training put before every dialogue (its `data.system_prompt`, read
+    from the run's saved config): evaluation asks its questions after the same one."""
+    from fvlm.data.decode import system_prompt_for
+
+    return system_prompt_for(cfg.data.system_prompt, tokenizer)
+
+
 def resolve_modes(requested: list[str] | None, model: VLMBase) -> tuple[str, ...]:
     available = model.supported_modes
     if not requested:
@@ -252,6 +260,7 @@ def run_benchmark(
     protocols: tuple[str, ...] = ("loglik",),
     generated: dict[str, Record] | None = None,
     max_new_tokens: int = 16,
+    system: str | None = None,
 ) -> dict[str, Record]:
     """{mode: accuracy summary} for one benchmark. With `grey_control` the same questions are also
     scored with every frame flat grey (the normalised mean; frame count unchanged), under
@@ -259,12 +268,13 @@ def run_benchmark(
     `raw`, when given, receives every question's option scores: {"scores": {mode: [...]}, "grey": ...}.
     With "generate" in `protocols`, the model also answers each question greedily (the same frames,
     decoded once) and `generated` receives {mode: `summarise_generated`'s summary}; without
-    "loglik" the log-likelihood scores are skipped and the result is empty. Frames are normalised
-    with the model's own mean and std, as its training batches were."""
+    "loglik" the log-likelihood scores are skipped and the result is empty. Every prompt opens with
+    `system` (the run's system turn, `run_system_prompt`), and frames are normalised with the model's
+    own mean and std, as its training batches were."""
     from fvlm.eval.protocol import generate_batch, summarise_generated
 
     loglik = "loglik" in protocols
-    encoded = [encode_question(tokenizer, q) for q in questions] if loglik else []
+    encoded = [encode_question(tokenizer, q, system) for q in questions] if loglik else []
     pixel_stats = model_pixel_stats(model)
     scores: dict[str, list[np.ndarray]] = {m: [] for m in modes}
     grey: dict[str, list[np.ndarray]] = {m: [] for m in modes}
@@ -275,7 +285,7 @@ def run_benchmark(
         frames, frame_mask = frames.to(device), frame_mask.to(device)
         if "generate" in protocols:
             for mode, texts in generate_batch(
-                model, tokenizer, questions[chunk], frames, frame_mask, modes, max_new_tokens
+                model, tokenizer, questions[chunk], frames, frame_mask, modes, max_new_tokens, system
             ).items():
                 responses[mode].extend(texts)
         if not loglik:
@@ -389,6 +399,7 @@ def evaluate_checkpoint(
             protocols=protocols,
             generated=generated,
             max_new_tokens=max_new_tokens,
+            system=run_system_prompt(cfg, tokenizer),
         )
         if "generate" in protocols:
             entry["generate"][name] = generated

@@ -30,15 +30,16 @@ def generate_text(
     temperature: float,
     seed: int,
     device: str | torch.device,
+    system: str | None = None,
 ) -> str:
     """Greedy (temperature 0) or sampled continuation of the prompt after the visual block (none when
     `frames_uint8` is None: a text-only question); the LLM runs with a KV cache. Stops at the
-    end-of-turn token. Frames are normalised with the model's own mean and std."""
+    end-of-turn token. `system`: the run's system turn (`run_system_prompt`), before the prompt as
+    training put it before every dialogue; frames are normalised with the model's own mean and std."""
     from fvlm.data.decode import normalise
-    from fvlm.eval.scoring import end_of_turn_id
+    from fvlm.eval.scoring import end_of_turn_id, question_messages
 
-    messages = [{"role": "user", "content": prompt}]
-    ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
+    ids = chat_ids(tokenizer, question_messages(prompt, system), add_generation_prompt=True)
     if frames_uint8 is None:
         size = model.cfg.image_size
         frames = torch.zeros(1, 0, 3, size, size, device=device)
@@ -74,7 +75,7 @@ def default_prompt(path: Path) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from fvlm.eval.evaluate import find_checkpoints, run_config
+    from fvlm.eval.evaluate import find_checkpoints, run_config, run_system_prompt
     from fvlm.model.build import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,8 +90,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     frames: np.ndarray | None = None
     prompt: str = args.prompt
     media: Path | None = None
+    cfg = run_config(ckpt, model.cfg, [])
     if args.media is not None:
-        cfg = run_config(ckpt, model.cfg, [])
         media = Path(args.media).expanduser()
         frames = load_visual(
             media,
@@ -110,6 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         device=device,
+        system=run_system_prompt(cfg, tokenizer),
     )
     print(text)
     if args.attention and frames is not None and media is not None:

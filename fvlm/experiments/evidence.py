@@ -316,7 +316,14 @@ def evaluate_run(target: Target, settings: EvidenceSettings, log: Callable[[str]
 
     from fvlm.data.loader import build_loader, split_path
     from fvlm.eval.bench import VisualSettings, read_bench
-    from fvlm.eval.evaluate import find_checkpoints, resolve_modes, run_benchmark, run_config, sample_losses
+    from fvlm.eval.evaluate import (
+        find_checkpoints,
+        resolve_modes,
+        run_benchmark,
+        run_config,
+        run_system_prompt,
+        sample_losses,
+    )
     from fvlm.model.backbones import model_pixel_stats
     from fvlm.model.build import load_model
 
@@ -375,6 +382,7 @@ def evaluate_run(target: Target, settings: EvidenceSettings, log: Callable[[str]
                     batch_size=settings.batch_size,
                     device=settings.device,
                     score=settings.score,
+                    system=run_system_prompt(cfg, tokenizer),
                 )
                 keep = ("accuracy", "ci95", "chance", "n", "correct", "grey_frames")
                 entry["bench"] = {

@@ -188,6 +188,7 @@ def build_preference_loader(
         max_frames=d.max_frames,
         fps=d.fps,
         replicate_image_frames=d.replicate_image_frames,
+        system_prompt=d.system_prompt,
     )
     if batch_size is None:
         batch_size = cfg.train.batch_size if train else cfg.train.eval_batch_size
