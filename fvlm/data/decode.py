@@ -11,14 +11,17 @@ from PIL import Image
 
 from fvlm.data.index import IMAGE_EXTS
 from fvlm.errors import parse_json
+from fvlm.model.backbones import IMAGENET, PixelStats
 from fvlm.model.tokenizer import chat_ids
 
 if TYPE_CHECKING:  # torch is imported where frames are normalised, so that indexing data stays light
     import torch
     from transformers import PreTrainedTokenizerBase
 
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# ImageNet's mean and std, what frames are normalised with unless the DINO folder's
+# preprocessor_config.json names others (`fvlm.model.backbones.pixel_stats`).
+MEAN = np.array(IMAGENET.mean, dtype=np.float32)
+STD = np.array(IMAGENET.std, dtype=np.float32)
 DEFAULT_PROMPTS = {
     "video": "Describe what happens in this video.",
     "image": "Describe this image.",
@@ -119,23 +122,35 @@ def decode_frames(
     return np.stack([decode_image(parts[n], size) for n in names])
 
 
-def normalise_into(out: torch.Tensor, frames_uint8: np.ndarray) -> None:
-    """uint8 [T, H, W, 3] -> `out`, a float32 tensor [T, 3, H, W], with ImageNet mean/std, in place:
-    one pass over the batch buffer instead of a temporary per step."""
+def stats_arrays(stats: PixelStats) -> tuple[np.ndarray, np.ndarray]:
+    """float32 mean and std, [3] each (ImageNet's are MEAN and STD)."""
+    return np.array(stats.mean, dtype=np.float32), np.array(stats.std, dtype=np.float32)
+
+
+def normalise_into(out: torch.Tensor, frames_uint8: np.ndarray, stats: PixelStats = IMAGENET) -> None:
+    """uint8 [T, H, W, 3] -> `out`, a float32 tensor [T, 3, H, W], with the DINO's mean/std (`stats`,
+    ImageNet's by default), in place: one pass over the batch buffer instead of a temporary per step."""
     import torch
 
+    mean, std = stats_arrays(stats)
     out.copy_(torch.from_numpy(np.ascontiguousarray(frames_uint8.transpose(0, 3, 1, 2))))  # bytes move fastest
-    out.mul_(torch.from_numpy(1.0 / (255.0 * STD)).view(3, 1, 1)).sub_(torch.from_numpy(MEAN / STD).view(3, 1, 1))
+    out.mul_(torch.from_numpy(1.0 / (255.0 * std)).view(3, 1, 1)).sub_(torch.from_numpy(mean / std).view(3, 1, 1))
 
 
-def normalise(frames_uint8: np.ndarray) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> a new float32 tensor [T, 3, H, W], normalised as DINOv2 expects."""
+def normalise(frames_uint8: np.ndarray, stats: PixelStats = IMAGENET) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> a new float32 tensor [T, 3, H, W], normalised as the DINO expects."""
     import torch
 
     t, h, w, _ = frames_uint8.shape
     out = torch.empty(t, 3, h, w, dtype=torch.float32)
-    normalise_into(out, frames_uint8)
+    normalise_into(out, frames_uint8, stats)
     return out
+
+
+def pixels_of(frames: np.ndarray, stats: PixelStats = IMAGENET) -> np.ndarray:
+    """Normalised frames [..., H, W, 3] (channels last) back to RGB in [0, 1], float32."""
+    mean, std = stats_arrays(stats)
+    return frames * std + mean
 
 
 def read_meta(parts: dict[str, bytes]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from fvlm.data.schedule import TrainSchedule, source_probabilities
 from fvlm.data.sources import resolve_sources
 from fvlm.data.synth import ensure_synthetic
 from fvlm.errors import UsageError
+from fvlm.model.backbones import IMAGENET, PixelStats, spec_pixel_stats
 
 log = logging.getLogger("fvlm.data")
 SPLITS = ("train", "val", "probe", "bench")
@@ -268,8 +269,9 @@ def _empty(*shape, dtype):
     return torch.tensor([], dtype=dtype).set_(storage).view(*shape)
 
 
-def collate(samples: list[dict], pad_id: int) -> dict:
-    """Pads and stacks; frames are normalised straight into the batch (samples carry uint8)."""
+def collate(samples: list[dict], pad_id: int, pixel_stats: PixelStats = IMAGENET) -> dict:
+    """Pads and stacks; frames are normalised straight into the batch (samples carry uint8) with the
+    DINO's mean and std."""
     import torch
 
     from fvlm.model.batch_index import build_indices
@@ -285,7 +287,7 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     loss_mask = torch.zeros(batch_size, l_max, dtype=torch.bool)
     for b, s in enumerate(samples):
         t, n = s["frames"].shape[0], len(s["ids"])
-        normalise_into(frames[b, :t], s["frames"])
+        normalise_into(frames[b, :t], s["frames"], pixel_stats)
         frames[b, t:] = 0
         frame_mask[b, :t] = True
         input_ids[b, :n] = torch.tensor(s["ids"], dtype=torch.long)
@@ -308,13 +310,14 @@ def collate(samples: list[dict], pad_id: int) -> dict:
 
 
 class _Collate:
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, pixel_stats: PixelStats = IMAGENET):
         self.pad_id = pad_id
+        self.pixel_stats = pixel_stats
 
     def __call__(self, items):
         samples = [s for s, _ in items if s is not None]
         events = [e for _, ev in items for e in ev]
-        return collate(samples, self.pad_id), events
+        return collate(samples, self.pad_id, self.pixel_stats), events
 
 
 def _worker_init(_):
@@ -343,6 +346,7 @@ class Loader:
         schedule: TrainSchedule | None,
         max_samples: int | None,
         pad_id: int,
+        pixel_stats: PixelStats = IMAGENET,
     ):
         self.reader = reader
         self.train = train
@@ -354,6 +358,7 @@ class Loader:
         self.max_batch_frames = max_batch_frames
         self.schedule = schedule
         self.pad_id = pad_id
+        self.pixel_stats = pixel_stats
         self.position = 0  # train: next stream position; eval: samples of this rank yielded in this pass
         # Skips found while indexing, plus the distinct samples that decoding turned out to be bad (a
         # bad sample met again in a later epoch or pass is not counted again).
@@ -422,7 +427,7 @@ class Loader:
             _Items(self.reader, substitute=self.train),
             batch_sampler=batches(),
             num_workers=self.num_workers,
-            collate_fn=self.collate_type(self.pad_id),
+            collate_fn=self.collate_type(self.pad_id, self.pixel_stats),
             worker_init_fn=_worker_init if self.num_workers else None,
         )
         for batch, events in loader:
@@ -496,10 +501,13 @@ def build_loader(
     train: bool | None = None,
     batch_size: int | None = None,
     max_samples: int | None = None,
+    pixel_stats: PixelStats | None = None,
 ) -> Loader:
     """A Loader for `split` (train|val|probe|bench). `train` (default: split == "train") makes it an
     endless seeded mixture stream; otherwise each sample of this rank comes once, in index order
-    (the first `max_samples` of the split, when given, dealt round-robin over ranks).
+    (the first `max_samples` of the split, when given, dealt round-robin over ranks). Frames are
+    normalised with `pixel_stats`: a loaded model's own (`model_pixel_stats`, what evaluation passes),
+    by default those of the `model.dino` folder the model is built from.
     Raises UsageError for a missing path, a path without shards, or a mix naming a missing source."""
     train = split == "train" if train is None else train
     d = cfg.data
@@ -525,4 +533,5 @@ def build_loader(
         schedule=schedule,
         max_samples=max_samples,
         pad_id=tokenizer.pad_token_id,
+        pixel_stats=pixel_stats if pixel_stats is not None else spec_pixel_stats(cfg.model.dino),
     )

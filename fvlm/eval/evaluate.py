@@ -27,6 +27,7 @@ from fvlm.eval.bench import VisualSettings, bench_name, read_bench
 from fvlm.eval.looks import attention_record, draw, save_npz
 from fvlm.eval.paired import MODES_ORDER
 from fvlm.eval.scoring import Question, encode_question, frames_batch, score_batch, summarise
+from fvlm.model.backbones import model_pixel_stats
 from fvlm.model.build import load_model
 from fvlm.model.vlm import Batch, VisualBlock, VLMBase
 
@@ -112,6 +113,14 @@ def run_config(ckpt: Checkpoint, model_cfg: ModelConfig, overrides: list[str]) -
         cfg.out_dir = str(ckpt.run_dir.parent)
     cfg.model = model_cfg
     return cfg
+
+
+def run_system_prompt(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The system turn the run's training put before every dialogue (its `data.system_prompt`, read
+    from the run's saved config): evaluation asks its questions after the same one."""
+    from fvlm.data.decode import system_prompt_for
+
+    return system_prompt_for(cfg.data.system_prompt, tokenizer)
 
 
 def resolve_modes(requested: list[str] | None, model: VLMBase) -> tuple[str, ...]:
@@ -251,6 +260,7 @@ def run_benchmark(
     protocols: tuple[str, ...] = ("loglik",),
     generated: dict[str, Record] | None = None,
     max_new_tokens: int = 16,
+    system: str | None = None,
 ) -> dict[str, Record]:
     """{mode: accuracy summary} for one benchmark. With `grey_control` the same questions are also
     scored with every frame flat grey (the normalised mean; frame count unchanged), under
@@ -258,21 +268,24 @@ def run_benchmark(
     `raw`, when given, receives every question's option scores: {"scores": {mode: [...]}, "grey": ...}.
     With "generate" in `protocols`, the model also answers each question greedily (the same frames,
     decoded once) and `generated` receives {mode: `summarise_generated`'s summary}; without
-    "loglik" the log-likelihood scores are skipped and the result is empty."""
+    "loglik" the log-likelihood scores are skipped and the result is empty. Every prompt opens with
+    `system` (the run's system turn, `run_system_prompt`), and frames are normalised with the model's
+    own mean and std, as its training batches were."""
     from fvlm.eval.protocol import generate_batch, summarise_generated
 
     loglik = "loglik" in protocols
-    encoded = [encode_question(tokenizer, q) for q in questions] if loglik else []
+    encoded = [encode_question(tokenizer, q, system) for q in questions] if loglik else []
+    pixel_stats = model_pixel_stats(model)
     scores: dict[str, list[np.ndarray]] = {m: [] for m in modes}
     grey: dict[str, list[np.ndarray]] = {m: [] for m in modes}
     responses: dict[str, list[str]] = {m: [] for m in modes}
     for start in range(0, len(questions), batch_size):
         chunk = slice(start, start + batch_size)
-        frames, frame_mask = frames_batch([q.frames() for q in questions[chunk]])
+        frames, frame_mask = frames_batch([q.frames() for q in questions[chunk]], pixel_stats)
         frames, frame_mask = frames.to(device), frame_mask.to(device)
         if "generate" in protocols:
             for mode, texts in generate_batch(
-                model, tokenizer, questions[chunk], frames, frame_mask, modes, max_new_tokens
+                model, tokenizer, questions[chunk], frames, frame_mask, modes, max_new_tokens, system
             ).items():
                 responses[mode].extend(texts)
         if not loglik:
@@ -346,7 +359,13 @@ def evaluate_checkpoint(
         if data:
             cfg.data.val = data
         loader = build_loader(
-            cfg, "val", tokenizer, train=False, batch_size=batch_size, max_samples=max_samples or None
+            cfg,
+            "val",
+            tokenizer,
+            train=False,
+            batch_size=batch_size,
+            max_samples=max_samples or None,
+            pixel_stats=model_pixel_stats(model),
         )
         per_sample = sample_losses(model, loader, chosen, device)
         entry["modes"] = summarise_losses(per_sample)
@@ -380,6 +399,7 @@ def evaluate_checkpoint(
             protocols=protocols,
             generated=generated,
             max_new_tokens=max_new_tokens,
+            system=run_system_prompt(cfg, tokenizer),
         )
         if "generate" in protocols:
             entry["generate"][name] = generated
@@ -634,7 +654,16 @@ def draw_probe_attention(
     model, tokenizer = load_model(ckpt.folder, device=device)
     model.eval()
     cfg = run_config(ckpt, model.cfg, overrides)
-    batch = next(iter(build_loader(cfg, "probe", tokenizer, train=False, batch_size=videos, max_samples=videos)))
+    loader = build_loader(
+        cfg,
+        "probe",
+        tokenizer,
+        train=False,
+        batch_size=videos,
+        max_samples=videos,
+        pixel_stats=model_pixel_stats(model),
+    )
+    batch = next(iter(loader))
     batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
     out.mkdir(parents=True, exist_ok=True)
     record = attention_record(model, batch, batch["keys"], ckpt.step, out / "attention.npz")

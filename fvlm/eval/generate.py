@@ -11,6 +11,7 @@ import torch
 
 from fvlm.errors import UsageError
 from fvlm.eval.media import check_visual_path, load_visual
+from fvlm.model.backbones import model_pixel_stats
 from fvlm.model.tokenizer import chat_ids
 from fvlm.model.vlm import Batch, VLMBase
 
@@ -29,20 +30,21 @@ def generate_text(
     temperature: float,
     seed: int,
     device: str | torch.device,
+    system: str | None = None,
 ) -> str:
     """Greedy (temperature 0) or sampled continuation of the prompt after the visual block (none when
     `frames_uint8` is None: a text-only question); the LLM runs with a KV cache. Stops at the
-    end-of-turn token."""
+    end-of-turn token. `system`: the run's system turn (`run_system_prompt`), before the prompt as
+    training put it before every dialogue; frames are normalised with the model's own mean and std."""
     from fvlm.data.decode import normalise
-    from fvlm.eval.scoring import end_of_turn_id
+    from fvlm.eval.scoring import end_of_turn_id, question_messages
 
-    messages = [{"role": "user", "content": prompt}]
-    ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
+    ids = chat_ids(tokenizer, question_messages(prompt, system), add_generation_prompt=True)
     if frames_uint8 is None:
         size = model.cfg.image_size
         frames = torch.zeros(1, 0, 3, size, size, device=device)
     else:
-        frames = normalise(frames_uint8)[None].to(device)
+        frames = normalise(frames_uint8, model_pixel_stats(model))[None].to(device)
     batch: Batch = {
         "frames": frames,
         "frame_mask": torch.ones(1, frames.shape[1], dtype=torch.bool, device=device),
@@ -73,7 +75,7 @@ def default_prompt(path: Path) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from fvlm.eval.evaluate import find_checkpoints, run_config
+    from fvlm.eval.evaluate import find_checkpoints, run_config, run_system_prompt
     from fvlm.model.build import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,8 +90,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     frames: np.ndarray | None = None
     prompt: str = args.prompt
     media: Path | None = None
+    cfg = run_config(ckpt, model.cfg, [])
     if args.media is not None:
-        cfg = run_config(ckpt, model.cfg, [])
         media = Path(args.media).expanduser()
         frames = load_visual(
             media,
@@ -109,6 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         device=device,
+        system=run_system_prompt(cfg, tokenizer),
     )
     print(text)
     if args.attention and frames is not None and media is not None:
@@ -116,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from fvlm.eval.looks import attention_record, draw
 
         batch: Batch = {
-            "frames": normalise(frames)[None].to(device),
+            "frames": normalise(frames, model_pixel_stats(model))[None].to(device),
             "frame_mask": torch.ones(1, frames.shape[0], dtype=torch.bool, device=device),
         }
         out = Path(args.attention)

@@ -17,6 +17,7 @@ from fvlm import atomic
 from fvlm.analysis.attention_maps import AttentionRecord, patch_map, render_video
 from fvlm.data.loader import boxes_array
 from fvlm.errors import UsageError
+from fvlm.model.backbones import IMAGENET, PixelStats, model_pixel_stats
 from fvlm.model.vlm import VLMBase
 
 
@@ -46,12 +47,12 @@ class AttentionArrays(_AttentionArrays, total=False):
     mover_boxes: np.ndarray
 
 
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """Normalised frames [..., 3, S, S] back to uint8 [..., S, S, 3] for drawing."""
-    from fvlm.data.decode import MEAN, STD
+def to_uint8(frames: torch.Tensor, pixel_stats: PixelStats = IMAGENET) -> np.ndarray:
+    """Frames [..., 3, S, S] normalised with `pixel_stats` back to uint8 [..., S, S, 3] for drawing."""
+    from fvlm.data.decode import pixels_of
 
     x = frames.detach().float().cpu().movedim(-3, -1).numpy()
-    return np.clip((x * STD + MEAN) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(pixels_of(x, pixel_stats) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 @torch.no_grad()
@@ -74,7 +75,7 @@ def attention_record(
     return AttentionRecord(
         coarse=coarse.float().cpu().numpy(),
         fine=None if fine is None else fine.float().cpu().numpy(),
-        frames=to_uint8(frames),
+        frames=to_uint8(frames, model_pixel_stats(model)),
         frame_mask=frame_mask.cpu().numpy().astype(bool),
         grid=(size // patch, size // patch),
         keys=list(keys),

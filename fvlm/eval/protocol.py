@@ -102,14 +102,15 @@ def generate_batch(
     frame_mask: torch.Tensor,
     modes: tuple[str, ...],
     max_new_tokens: int,
+    system: str | None = None,
 ) -> dict[str, list[str]]:
     """Greedy answers of an fvlm model to a batch of questions, per mode, through
-    `VLMBase.generate` (prompts right-padded; it left-aligns them)."""
-    from fvlm.eval.scoring import _pad, end_of_turn_id
+    `VLMBase.generate` (prompts right-padded; it left-aligns them), after the run's system turn."""
+    from fvlm.eval.scoring import _pad, end_of_turn_id, question_messages
     from fvlm.model.tokenizer import chat_ids
 
     prompts = [
-        chat_ids(tokenizer, [{"role": "user", "content": q.generate_prompt or q.prompt}], add_generation_prompt=True)
+        chat_ids(tokenizer, question_messages(q.generate_prompt or q.prompt, system), add_generation_prompt=True)
         for q in questions
     ]
     ids, mask = _pad(prompts, tokenizer.pad_token_id, frames.device)

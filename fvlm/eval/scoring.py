@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fvlm.errors import UsageError
+from fvlm.model.backbones import IMAGENET, PixelStats
 
 SCORE_KINDS = ("mean", "sum")
 
@@ -56,16 +57,26 @@ def end_of_turn_id(tokenizer) -> int | None:
     return end if isinstance(end, int) and end != tokenizer.unk_token_id else tokenizer.eos_token_id
 
 
-def encode_question(tokenizer, question: Question) -> Encoded:
+def question_messages(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    """A question as the chat messages training's dialogues open with: the run's system turn (what
+    `data.system_prompt` gave its samples, `fvlm.data.decode.system_prompt_for`), then the user turn."""
+    system_turn = [{"role": "system", "content": system}] if system is not None else []
+    return system_turn + [{"role": "user", "content": prompt}]
+
+
+def encode_question(tokenizer, question: Question, system: str | None = None) -> Encoded:
     """Prompt ids (through the assistant header) and each option's answer ids, cut from the full
-    chat-template dialogue so that the tokens are the ones training saw."""
-    user = [{"role": "user", "content": question.prompt}]
-    prompt = list(tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True)["input_ids"])
+    chat-template dialogue so that the tokens are the ones training saw (`system`: the run's system
+    turn, as training put it before every dialogue)."""
+    from fvlm.model.tokenizer import chat_ids
+
+    user = question_messages(question.prompt, system)
+    prompt = chat_ids(tokenizer, user, add_generation_prompt=True)
     end = end_of_turn_id(tokenizer)
     options = []
     for option in question.options:
         dialogue = user + [{"role": "assistant", "content": option}]
-        ids = list(tokenizer.apply_chat_template(dialogue, tokenize=True)["input_ids"])
+        ids = chat_ids(tokenizer, dialogue)
         if ids[: len(prompt)] != prompt:
             raise UsageError(
                 f"{question.where}: the tokenizer's chat template does not extend the prompt with the answer"
@@ -79,8 +90,11 @@ def encode_question(tokenizer, question: Question) -> Encoded:
     return Encoded(prompt, options)
 
 
-def frames_batch(frames_list: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [T_i, S, S, 3] per question -> normalised frames [Q, T, 3, S, S] and frame_mask [Q, T]."""
+def frames_batch(
+    frames_list: list[np.ndarray], pixel_stats: PixelStats = IMAGENET
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 [T_i, S, S, 3] per question -> frames [Q, T, 3, S, S] normalised with the DINO's mean and
+    std (`pixel_stats`: the model's, `fvlm.model.backbones.model_pixel_stats`) and frame_mask [Q, T]."""
     from fvlm.data.decode import normalise
 
     t_max = max(f.shape[0] for f in frames_list)
@@ -88,7 +102,7 @@ def frames_batch(frames_list: list[np.ndarray]) -> tuple[torch.Tensor, torch.Ten
     frames = torch.zeros(len(frames_list), t_max, 3, size, size)
     mask = torch.zeros(len(frames_list), t_max, dtype=torch.bool)
     for q, f in enumerate(frames_list):
-        frames[q, : f.shape[0]] = normalise(f)
+        frames[q, : f.shape[0]] = normalise(f, pixel_stats)
         mask[q, : f.shape[0]] = True
     return frames, mask
 

@@ -261,6 +261,7 @@ def _attention(
     patches (= what uniform attention would put on it)."""
     from fvlm.data.loader import build_loader
     from fvlm.eval.looks import attention_record, mover_shares
+    from fvlm.model.backbones import model_pixel_stats
 
     batch = next(
         iter(
@@ -271,6 +272,7 @@ def _attention(
                 train=False,
                 batch_size=settings.probe_videos,
                 max_samples=settings.probe_videos,
+                pixel_stats=model_pixel_stats(model),
             )
         )
     )
@@ -314,7 +316,15 @@ def evaluate_run(target: Target, settings: EvidenceSettings, log: Callable[[str]
 
     from fvlm.data.loader import build_loader, split_path
     from fvlm.eval.bench import VisualSettings, read_bench
-    from fvlm.eval.evaluate import find_checkpoints, resolve_modes, run_benchmark, run_config, sample_losses
+    from fvlm.eval.evaluate import (
+        find_checkpoints,
+        resolve_modes,
+        run_benchmark,
+        run_config,
+        run_system_prompt,
+        sample_losses,
+    )
+    from fvlm.model.backbones import model_pixel_stats
     from fvlm.model.build import load_model
 
     began = time.perf_counter()
@@ -337,7 +347,13 @@ def evaluate_run(target: Target, settings: EvidenceSettings, log: Callable[[str]
     }
     with torch.no_grad():
         loader = build_loader(
-            cfg, "val", tokenizer, train=False, batch_size=settings.batch_size, max_samples=settings.max_samples
+            cfg,
+            "val",
+            tokenizer,
+            train=False,
+            batch_size=settings.batch_size,
+            max_samples=settings.max_samples,
+            pixel_stats=model_pixel_stats(model),
         )
         per_sample = sample_losses(model, loader, modes, settings.device)
         entry["pixel"] = _pixel_rows(per_sample, settings)
@@ -366,6 +382,7 @@ def evaluate_run(target: Target, settings: EvidenceSettings, log: Callable[[str]
                     batch_size=settings.batch_size,
                     device=settings.device,
                     score=settings.score,
+                    system=run_system_prompt(cfg, tokenizer),
                 )
                 keep = ("accuracy", "ci95", "chance", "n", "correct", "grey_frames")
                 entry["bench"] = {

@@ -55,6 +55,7 @@ def evaluate_sources(
     from fvlm.data.loader import build_loader
     from fvlm.errors import UsageError
     from fvlm.eval.evaluate import find_checkpoints, run_config, sample_losses
+    from fvlm.model.backbones import model_pixel_stats
     from fvlm.model.build import load_model
 
     out = rf.sources_file(run_dir)
@@ -69,7 +70,15 @@ def evaluate_sources(
     model.eval()
     cfg = run_config(ckpt, model.cfg, [])
     mode = model.supported_modes[-1] if "coarse_fine" not in model.supported_modes else "coarse_fine"
-    loader = build_loader(cfg, "val", tokenizer, train=False, batch_size=batch_size, max_samples=max_samples or None)
+    loader = build_loader(
+        cfg,
+        "val",
+        tokenizer,
+        train=False,
+        batch_size=batch_size,
+        max_samples=max_samples or None,
+        pixel_stats=model_pixel_stats(model),
+    )
     with torch.no_grad():
         per_sample = sample_losses(model, loader, (mode,), device, blank_control=False)
     arrays = per_sample["modes"][mode]

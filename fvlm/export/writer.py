@@ -27,6 +27,7 @@ from torch import nn
 from fvlm import run_folder as rf
 from fvlm.errors import UsageError
 from fvlm.export.remote import configuration_fvlm, modeling_fvlm
+from fvlm.model.backbones import IMAGENET, PixelStats, model_pixel_stats
 from fvlm.model.vlm import Batch, FoveatedVLM, MultiTokenVLM
 
 # The two architectures fvlm builds (`fvlm.model.build.assemble`).
@@ -112,10 +113,13 @@ def generation_config(tokenizer: Any, max_new_tokens: int = 64):
     )
 
 
-def preprocessor_config(image_size: int) -> dict[str, Any]:
+def preprocessor_config(image_size: int, pixel_stats: PixelStats = IMAGENET) -> dict[str, Any]:
     """DINOv2's image processor (BitImageProcessor) set to fvlm's frame preparation: the shorter side
-    to `image_size` (bilinear), a centre crop to a square, /255, ImageNet mean and std."""
-    from fvlm.data.decode import MEAN, STD
+    to `image_size` (bilinear), a centre crop to a square, /255, the model's mean and std (ImageNet's
+    unless its DINO folder named others)."""
+    from fvlm.data.decode import stats_arrays
+
+    mean, std = stats_arrays(pixel_stats)
 
     return {
         "image_processor_type": "BitImageProcessor",
@@ -128,9 +132,21 @@ def preprocessor_config(image_size: int) -> dict[str, Any]:
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": [round(float(x), 6) for x in MEAN],
-        "image_std": [round(float(x), 6) for x in STD],
+        "image_mean": [round(float(x), 6) for x in mean],
+        "image_std": [round(float(x), 6) for x in std],
     }
+
+
+def with_default_system(template: str, system: str) -> str:
+    """A chat template that puts `system` before a dialogue that opens without a system turn (as the
+    run's training put `data.system_prompt` before every dialogue), then renders as `template` does:
+    a prompt built through the exported tokenizer starts as fvlm's training samples did."""
+    literal = json.dumps(system)  # a Jinja string literal: the same escapes as JSON's
+    return (
+        "{%- if not messages or messages[0]['role'] != 'system' -%}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages -%}}"
+        "{%- endif %}" + template
+    )
 
 
 # ----------------------------------------------------------------------------- checks
@@ -200,7 +216,7 @@ def max_logit_difference(model: VLM, hf: Any, batch: Batch) -> dict[str, float]:
 
 def export_model(target: str | Path, out: str | Path) -> dict[str, Any]:
     """Writes the exported folder OUT for a run folder, checkpoint or saved model; returns a report."""
-    from fvlm.eval.evaluate import find_checkpoints, run_config
+    from fvlm.eval.evaluate import find_checkpoints, run_config, run_system_prompt
     from fvlm.export.card import model_card
     from fvlm.model.build import load_model
 
@@ -239,8 +255,9 @@ def export_model(target: str | Path, out: str | Path) -> dict[str, Any]:
             hf.save_pretrained(str(tmp))
         for source in REMOTE_FILES:
             shutil.copyfile(source, tmp / source.name)
-        save_tokenizer(tokenizer, tmp)
-        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(cfg.model.image_size), indent=2))
+        save_tokenizer(tokenizer, tmp, system=run_system_prompt(cfg, tokenizer))
+        preprocessor = preprocessor_config(cfg.model.image_size, model_pixel_stats(model))
+        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
         # The written folder, loaded back (the weights as stored, the config as parsed), against fvlm.
         with _quiet_transformers():
             loaded = modeling_fvlm.FvlmForCausalLM.from_pretrained(
@@ -275,10 +292,17 @@ def export_model(target: str | Path, out: str | Path) -> dict[str, Any]:
     return report
 
 
-def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+def save_tokenizer(tokenizer: Any, folder: Path, system: str | None = None) -> None:
     """The tokenizer and its chat template, without the loading options of this machine that
-    transformers writes into tokenizer_config.json (`local_files_only` would follow it to the Hub)."""
-    tokenizer.save_pretrained(str(folder))
+    transformers writes into tokenizer_config.json (`local_files_only` would follow it to the Hub).
+    With `system` (the run's system turn), the saved template opens a dialogue without one with it."""
+    template = tokenizer.chat_template
+    if system is not None and isinstance(template, str):
+        tokenizer.chat_template = with_default_system(template, system)
+    try:
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        tokenizer.chat_template = template
     path = folder / "tokenizer_config.json"
     if path.is_file():
         settings = json.loads(path.read_text())

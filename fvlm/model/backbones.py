@@ -10,7 +10,9 @@ Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from fvlm.errors import UsageError, read_json
 
@@ -116,7 +118,11 @@ def load_backbone(spec: str, kind: str, attn_implementation: str = "sdpa"):
         raise UsageError(f"model.{kind}: cannot load weights from '{spec}' ({_first_line(exc)})") from None
     if kind == "dino":
         check_loading_info(spec, kind, info)
-        image_preprocessing(spec)  # a folder asking for other pixel statistics is refused here
+        prep = image_preprocessing(spec)
+        if prep["file"] is not None:
+            # The folder's pixel statistics travel with the model (saved with it, exported with it);
+            # a DINO config without them means ImageNet's (`pixel_stats`).
+            model.config.image_mean, model.config.image_std = list(prep["mean"]), list(prep["std"])
     return model, True
 
 
@@ -134,42 +140,108 @@ def check_loading_info(spec: str, kind: str, info: dict) -> None:
         raise UsageError(f"model.{kind}: weights in '{spec}' do not match its config: {'; '.join(problems)}")
 
 
-# ImageNet statistics: what DINOv2 was trained with and what fvlm normalises frames with.
+# ImageNet statistics: what DINOv2 was trained with, and what frames are normalised with for a DINO
+# that names no others (shape names, the shipped tiny backbones, folders without a preprocessor file).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESSOR_FILE = "preprocessor_config.json"
+log = logging.getLogger("fvlm.model")
 
 
-def image_preprocessing(spec: str) -> dict:
-    """{"mean", "std", "size", "source"} of a DINO spec, read from its folder's
-    `preprocessor_config.json` (`image_mean`, `image_std`, `crop_size`, as facebook/dinov2-* ship
-    it). Shape names and folders without the file (the shipped tiny backbones) fall back to the
-    ImageNet mean and std and no size, with `source` saying so. fvlm's frames are normalised with
-    the ImageNet statistics, so a folder asking for others is a one-line error rather than a model
-    fed pixels scaled differently from its training; the crop size is reported (frames are sized
-    by `model.image_size`, any multiple of the patch size)."""
-    fallback = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": None, "source": "ImageNet defaults"}
+class PixelStats(NamedTuple):
+    """The per-channel mean and std (of RGB in [0, 1]) a DINO's frames are normalised with."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+IMAGENET = PixelStats(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _preprocessor_path(spec: str) -> Path:
+    """Where a folder or cached hub id keeps its preprocessor_config.json (it may not exist)."""
+    path = Path(spec).expanduser()
+    if not path.is_dir() and _looks_like_hub_id(spec):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, PREPROCESSOR_FILE)
+        if isinstance(cached, str):
+            return Path(cached)
+    return path / PREPROCESSOR_FILE
+
+
+def _three_numbers(data: dict, key: str, default: tuple[float, ...], path: Path, positive: bool) -> tuple[float, ...]:
+    value = data.get(key, default)
+    ok = isinstance(value, list | tuple) and len(value) == 3
+    ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    if not ok or (positive and any(v <= 0 for v in value)):
+        raise UsageError(f"{path}: '{key}' must be a list of 3 {'positive ' if positive else ''}numbers")
+    return tuple(float(v) for v in value)
+
+
+def image_preprocessing(spec: str) -> dict[str, Any]:
+    """{"mean", "std", "size", "source", "file"} of a DINO spec, read from its folder's (or cached hub
+    id's) `preprocessor_config.json` (`image_mean`, `image_std`, `crop_size`, as facebook/dinov2-*
+    ship it). Shape names and folders without the file (the shipped tiny backbones) fall back to the
+    ImageNet mean and std and no size, `file` None and `source` saying so. Frames are normalised with
+    this mean and std in training and evaluation alike (`load_backbone` keeps them on the DINO's
+    config, so a saved model carries them); the crop size is compared with `model.image_size` by
+    `check_crop_size`."""
+    fallback = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": None, "source": "ImageNet defaults", "file": None}
     if is_shape_name(spec, "dino"):
         return fallback
-    path = Path(spec).expanduser() / "preprocessor_config.json"
+    path = _preprocessor_path(spec)
     if not path.is_file():
         return {**fallback, "source": f"ImageNet defaults ({path.name} absent)"}
     data = read_json(path)
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a JSON object")
-    out: dict = {"source": str(path)}
-    for key, name, default in (("image_mean", "mean", IMAGENET_MEAN), ("image_std", "std", IMAGENET_STD)):
-        value = data.get(key, default)
-        if not (isinstance(value, list | tuple) and len(value) == 3 and all(isinstance(v, int | float) for v in value)):
-            raise UsageError(f"{path}: '{key}' must be a list of 3 numbers")
-        if any(abs(float(a) - b) > 1e-3 for a, b in zip(value, default)):
-            raise UsageError(
-                f"{path}: '{key}' {list(value)} differs from the ImageNet values fvlm normalises frames with ({list(default)})"
-            )
-        out[name] = tuple(float(v) for v in value)
     crop = data.get("crop_size")
     size = crop.get("height") if isinstance(crop, dict) else crop
-    out["size"] = int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
-    return out
+    return {
+        "mean": _three_numbers(data, "image_mean", IMAGENET_MEAN, path, positive=False),
+        "std": _three_numbers(data, "image_std", IMAGENET_STD, path, positive=True),
+        "size": int(size) if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None,
+        "source": str(path),
+        "file": path,
+    }
+
+
+def spec_pixel_stats(spec: str) -> PixelStats:
+    """The mean and std frames are normalised with for a `model.dino` spec (ImageNet's by default)."""
+    prep = image_preprocessing(spec)
+    return PixelStats(prep["mean"], prep["std"])
+
+
+def pixel_stats(dino_config: Any) -> PixelStats:
+    """The mean and std a built DINO's frames are normalised with: those `load_backbone` copied onto
+    its config from the folder's preprocessor_config.json (saved with the model), else ImageNet's."""
+    mean, std = getattr(dino_config, "image_mean", None), getattr(dino_config, "image_std", None)
+    if mean is None or std is None:
+        return IMAGENET
+    return PixelStats(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def model_pixel_stats(model: Any) -> PixelStats:
+    """`pixel_stats` of an fvlm model's DINO."""
+    return pixel_stats(model.encoder.dino.config)
+
+
+def check_crop_size(spec: str, image_size: int) -> None:
+    """A DINO folder whose preprocessor crops to another size than `model.image_size` is trained and
+    evaluated at `model.image_size` (DINOv2 interpolates its position embeddings to any grid): one
+    warning line says so."""
+    prep = image_preprocessing(spec)
+    size = prep["size"]
+    if size is not None and size != image_size:
+        log.warning(
+            "fvlm: warning: model.dino: %s crops to %d px but model.image_size is %d: frames are resized "
+            "and centre-cropped to %d px and DINO's position embeddings interpolated to that grid",
+            prep["source"],
+            size,
+            image_size,
+            image_size,
+        )
 
 
 def pickled_weights(folder: str | Path) -> str:

@@ -13,7 +13,7 @@ import torch
 from fvlm import atomic
 from fvlm.config import ModelConfig
 from fvlm.errors import UsageError, read_json
-from fvlm.model.backbones import load_backbone, load_tokenizer, tokenizer_from_folder
+from fvlm.model.backbones import check_crop_size, load_backbone, load_tokenizer, tokenizer_from_folder
 from fvlm.model.vlm import FoveatedVLM, MultiTokenVLM, VLMBase
 from fvlm.run_folder import MODEL_CONFIG, MODEL_FILE
 
@@ -61,6 +61,7 @@ def build_model(cfg: ModelConfig) -> VLMBase:
     """Backbones from their specs (pretrained folders or random shapes) plus a fresh connector."""
     llm, _ = load_backbone(cfg.llm, "llm", cfg.attn_implementation)
     dino, _ = load_backbone(cfg.dino, "dino", cfg.attn_implementation)
+    check_crop_size(cfg.dino, cfg.image_size)
     return assemble(cfg, llm, dino)
 
 

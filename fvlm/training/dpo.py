@@ -40,6 +40,7 @@ from fvlm.data.index import read_sample
 from fvlm.data.loader import Loader, SampleReader, collate, load_index, split_path
 from fvlm.data.schedule import TrainSchedule, source_probabilities
 from fvlm.errors import UsageError
+from fvlm.model.backbones import IMAGENET, PixelStats, spec_pixel_stats
 from fvlm.model.build import build_model
 from fvlm.model.flops import estimate_flops
 from fvlm.model.vlm import Batch, VLMBase
@@ -135,13 +136,14 @@ class PreferenceReader(SampleReader):
 class _PairCollate:
     """The chosen answers as an ordinary batch, plus the rejected answers' padded tensors."""
 
-    def __init__(self, pad_id: int):
+    def __init__(self, pad_id: int, pixel_stats: PixelStats = IMAGENET):
         self.pad_id = pad_id
+        self.pixel_stats = pixel_stats
 
     def __call__(self, items: list) -> tuple[dict, list]:
         samples = [s for s, _ in items if s is not None]
         events = [e for _, ev in items for e in ev]
-        batch = collate(samples, self.pad_id)
+        batch = collate(samples, self.pad_id, self.pixel_stats)
         length = max((len(s["rejected_ids"]) for s in samples), default=0)
         ids = torch.full((len(samples), length), self.pad_id, dtype=torch.long)
         attention = torch.zeros(len(samples), length, dtype=torch.long)
@@ -186,6 +188,7 @@ def build_preference_loader(
         max_frames=d.max_frames,
         fps=d.fps,
         replicate_image_frames=d.replicate_image_frames,
+        system_prompt=d.system_prompt,
     )
     if batch_size is None:
         batch_size = cfg.train.batch_size if train else cfg.train.eval_batch_size
@@ -201,6 +204,7 @@ def build_preference_loader(
         schedule=schedule,
         max_samples=max_samples,
         pad_id=tokenizer.pad_token_id,
+        pixel_stats=spec_pixel_stats(cfg.model.dino),
     )
 
 
