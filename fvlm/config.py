@@ -116,6 +116,10 @@ class DPOConfig:
     # conservative variant; ipo: (margin - 1 / (2 beta))^2 (Azar et al. 2023).
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0
+    # Adds sft_weight x the chosen answer's mean per-token NLL to each pair's loss (the "DPO + SFT"
+    # regulariser, RPO: Pang et al. 2024), so the chosen answers' log-probabilities do not fall.
+    # 0 is plain DPO.
+    sft_weight: float = 0.0
 
 
 @dataclass
@@ -489,6 +493,8 @@ def validate(cfg: RunConfig) -> None:
     _positive(t.dpo.beta, "train.dpo.beta")
     if not 0 <= t.dpo.label_smoothing < 0.5:
         raise UsageError(f"train.dpo.label_smoothing must be in [0, 0.5), got {t.dpo.label_smoothing}")
+    if not (math.isfinite(t.dpo.sft_weight) and t.dpo.sft_weight >= 0):
+        raise UsageError(f"train.dpo.sft_weight must be a finite number >= 0, got {t.dpo.sft_weight}")
     if t.dpo.loss == "ipo" and t.dpo.label_smoothing:
         raise UsageError("train.dpo.label_smoothing applies to train.dpo.loss=sigmoid only")
     if t.dpo.enabled and not t.init_from:

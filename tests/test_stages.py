@@ -90,7 +90,7 @@ def test_stage_overrides_and_decisions(tmp_path):
             }
         )
     )
-    pipeline = stages.plan(
+    kwargs = dict(
         preset=None,
         size=None,
         out=str(tmp_path / "s"),
@@ -101,6 +101,8 @@ def test_stage_overrides_and_decisions(tmp_path):
         export=False,
         dry_run=True,
     )
+    pipeline = stages.plan(**kwargs)
+    assert [s.run_id for s in stages.plan(**{**kwargs, "variant": "b"}).stages] == ["stage1", "stage2", "stage3-b"]
     assert pipeline.name == "360m"
     assert [s.samples for s in pipeline.stages] == [2_000_000, 300_000, 1234]
     cfgs = [stages.stage_config(pipeline, s, "x" if s.stage > 1 else "") for s in pipeline.stages]
@@ -111,6 +113,8 @@ def test_stage_overrides_and_decisions(tmp_path):
         stages.split_stage_overrides(["3:train.init_from=x"])
     with pytest.raises(UsageError, match="stage must be"):
         stages.split_stage_overrides(["4:train.batch_size=2"])
+    with pytest.raises(UsageError, match="--variant"):
+        stages.plan(**{**kwargs, "variant": "../x"})
 
 
 # ----------------------------------------------------------------------------- the DPO loss
@@ -138,6 +142,29 @@ def test_dpo_loss_equals_the_published_formulas():
     assert dpo.dpo_loss(pc, pc, pc, pc, beta)[0].tolist() == pytest.approx([math.log(2)] * 4)
 
 
+def test_dpo_sft_term_equals_the_formula():
+    """RPO's loss: DPO's plus alpha x the chosen answer's mean per-token NLL, and its gradient."""
+    pc = torch.tensor([-3.0, -7.5, -2.0, -10.0], requires_grad=True)
+    pr = torch.tensor([-4.0, -6.0, -9.0, -10.5])
+    rc = torch.tensor([-3.5, -7.0, -2.5, -9.0])
+    rr = torch.tensor([-3.5, -6.5, -8.0, -11.0])
+    tokens = torch.tensor([3, 5, 1, 8])
+    beta, alpha = 0.3, 0.7
+    losses, _, _ = dpo.dpo_loss(pc, pr, rc, rr, beta)
+    total, nll = dpo.with_sft_term(losses, pc, tokens, alpha)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    for i in range(4):
+        h = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        nll_i = -pc[i].item() / tokens[i].item()
+        assert nll[i].item() == pytest.approx(nll_i, rel=1e-6)
+        assert total[i].item() == pytest.approx(-math.log(sig(beta * h)) + alpha * nll_i, rel=1e-6)
+        # d total / d log pi(c) = -beta (1 - sigmoid(beta h)) - alpha / |c|
+        grad = torch.autograd.grad(total[i], pc, retain_graph=True)[0]
+        assert grad[i].item() == pytest.approx(-beta * (1 - sig(beta * h)) - alpha / tokens[i].item(), rel=1e-5)
+    # Weight 0 is plain DPO, the same tensor.
+    assert dpo.with_sft_term(losses, pc, tokens, 0.0)[0] is losses
+
+
 def test_dpo_config_validation():
     with pytest.raises(UsageError, match="train.init_from"):
         load_config("tiny", ["train.dpo.enabled=true", "train.stage=3"])
@@ -145,6 +172,8 @@ def test_dpo_config_validation():
         load_config("tiny", ["train.dpo.loss=ipo", "train.dpo.label_smoothing=0.1"])
     with pytest.raises(UsageError, match="train.dpo.beta"):
         load_config("tiny", ["train.dpo.beta=0"])
+    with pytest.raises(UsageError, match="train.dpo.sft_weight"):
+        load_config("tiny", ["train.dpo.sft_weight=-1"])
 
 
 # ----------------------------------------------------------------------------- DPO training
@@ -177,6 +206,9 @@ def _common(out: Path) -> dict:
     }
 
 
+SFT_WEIGHT = 0.5
+
+
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory):
     """Stage-2 SFT on captions, then DPO on synthetic pairs with the SFT model as the reference."""
@@ -198,6 +230,7 @@ def dpo_run(tmp_path_factory):
             "train.init_from": str(sft.run_dir),
             "train.dpo.enabled": True,
             "train.dpo.beta": 0.5,
+            "train.dpo.sft_weight": SFT_WEIGHT,
             "optim.lr_connector": 3e-3,
             "optim.lr_llm": 1e-3,
             "optim.lr_dino": 3e-4,
@@ -233,9 +266,12 @@ def test_dpo_logs_rewards_and_raises_the_held_out_margin(dpo_run):
     assert dpo_run["summary"]["status"] == "completed"
     rows = (cfg.run_dir / rf.STEPS).read_text().splitlines()
     header = rows[0].split(",")
-    assert header[-4:] == list(dpo.DPO_COLUMNS)
+    assert header[-len(dpo.DPO_COLUMNS) :] == list(dpo.DPO_COLUMNS)
     first = dict(zip(header, rows[1].split(",")))
-    assert float(first["train_loss"]) == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
+    # Policy == reference at step 1: DPO's log 2, plus the weighted NLL of the chosen answers.
+    nll = float(first["dpo_chosen_nll"])
+    assert nll > 0
+    assert float(first["train_loss"]) == pytest.approx(math.log(2) + SFT_WEIGHT * nll, abs=1e-4)
     assert float(first["dpo_reward_margin"]) == pytest.approx(0.0, abs=1e-4)
     loader = dpo.build_preference_loader(cfg, dpo_run["paths"]["pairs_val"], trainer.tokenizer, train=False)
     rewards = dpo.preference_rewards(trainer.model, trainer.reference, loader, cfg.train.dpo.beta)
@@ -300,7 +336,10 @@ def test_tiny_stages_run_resume_and_export(tmp_path, capsys):
         assert set(modes) == {"coarse_only", "coarse_fine", "autoregressive"}
         assert all(len(m["ci95"]) == 2 for m in modes.values())
     assert set(rows[1]["vs_previous_stage"]["bench"]) == {"coarse_only", "coarse_fine", "autoregressive"}
-    assert rows[2]["dpo_heldout"]["n"] == 16
+    held = rows[2]["dpo_heldout"]
+    assert held["n"] == 16
+    assert held["mean_chosen_reward"] - held["mean_rejected_reward"] == pytest.approx(held["mean_margin"], abs=1e-9)
+    assert held["chosen_ci95"][0] <= held["mean_chosen_reward"] <= held["chosen_ci95"][1]
     assert max(record["export"]["max_logit_difference"].values()) <= 1e-5
     assert (out / "export" / "config.json").is_file()
     md = (out / "stages.md").read_text()
@@ -311,6 +350,18 @@ def test_tiny_stages_run_resume_and_export(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("already finished") == 3 and "evaluating" not in printed
     assert json.loads((out / "stages.json").read_text())["stages"] == rows
+    # A variant: another stage 3 beside it on the same stages 1-2, which are neither trained nor
+    # evaluated again.
+    capsys.readouterr()
+    assert main([*argv, "--variant", "rpo", "3:train.dpo.sft_weight=1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("already finished") == 2 and printed.count("[stages] evaluating") == 1
+    variant = json.loads((out / "stages-rpo.json").read_text())["stages"]
+    assert variant[:2] == rows[:2] and variant[2]["run_id"] == "stage3-rpo"
+    assert variant[2]["init_from"] == rows[1]["checkpoint"] and variant[2]["checkpoint"] != rows[2]["checkpoint"]
+    assert read_yaml(out / "stage3-rpo" / rf.CONFIG)["train"]["dpo"]["sft_weight"] == 1
+    assert (out / "stages-rpo.md").is_file() and (out / "export-rpo" / "config.json").is_file()
+    assert json.loads((out / "stages.json").read_text())["stages"] == rows  # the first stage 3's, untouched
 
 
 def test_stages_dry_run_prices_the_pipeline(capsys):

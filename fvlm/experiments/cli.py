@@ -127,6 +127,12 @@ def register(sub) -> None:
     st.add_argument("--heldout-pairs", metavar="PATH", help="held-out preference pairs for a DPO stage 3")
     for stage in (1, 2, 3):
         st.add_argument(f"--stage{stage}-samples", type=int, metavar="N", help=f"stage {stage}'s sample count")
+    st.add_argument(
+        "--variant",
+        metavar="NAME",
+        default="",
+        help="run stage 3 as stage3-NAME on the same stages 1-2 (summary stages-NAME.md): compares stage-3 settings",
+    )
     st.add_argument("--export", action="store_true", help="export the last stage (the tiny preset always does)")
     st.add_argument("--dry-run", action="store_true", help="print the plan and its cost, run nothing")
     st.add_argument("--json", action="store_true", help="the dry run as JSON")
@@ -239,6 +245,7 @@ def cmd_stages(args) -> int:
         dry_run=args.dry_run,
         heldout_pairs=args.heldout_pairs,
         benches=args.bench,
+        variant=args.variant,
     )
     if args.dry_run:
         stages.dry_run(pipeline, args.json)

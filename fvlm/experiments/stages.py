@@ -9,6 +9,8 @@ only, or DPO against the frozen stage-2 model) run in order under one folder:
     <out>/mixes/stageN.yaml        the stage mix files pointed at --data (paper preset with --data)
     <out>/export/                  `fvlm export` of the last stage (tiny preset, or --export)
     <out>/stages.json, stages.md   the summary across stages, rewritten after every stage
+    <out>/stage3-NAME/, stages-NAME.json, stages-NAME.md, export-NAME/   with --variant NAME: another
+                                   stage 3 on the same stages 1-2 (to compare stage-3 settings)
 
 Each stage starts from the previous stage's best checkpoint (lowest val loss). A rerun of the same
 command skips finished stages and resumes an interrupted one exactly (the trainer resumes a run
@@ -64,15 +66,19 @@ TINY_COMMON: dict[str, Any] = {
 TINY_STAGES: dict[int, dict[str, Any]] = {
     1: {"train.stage": 1, "data.synth_mc_fraction": 0.0, "data.synth_pairs": 600, "train.eval_every": 100},
     2: {"train.stage": 2, "data.synth_mc_fraction": 1.0, "train.eval_every": 100},
+    # DPO at learning rates 10x below stage 2's, plain (no SFT term): chosen from a sweep of learning
+    # rate, beta, sft_weight and length (benchmarks/RESULTS.md, "DPO in stage 3"). At stage 2's rates
+    # the policy over-optimises: the held-out chosen answers lose ~70 nats and the bench falls 0.3.
     3: {
         "train.stage": 3,
         "data.synth_mc_fraction": 1.0,
         "train.eval_every": 50,
         "train.dpo.enabled": True,
         "train.dpo.beta": 0.5,
-        "optim.lr_connector": 3e-3,
-        "optim.lr_dino": 3e-4,
-        "optim.lr_llm": 1e-3,
+        "train.dpo.sft_weight": 0.0,
+        "optim.lr_connector": 1e-3,
+        "optim.lr_dino": 1e-4,
+        "optim.lr_llm": 1e-4,
         "optim.warmup_ratio": 0.0,
     },
 }
@@ -102,6 +108,11 @@ class Pipeline:
     notes: list[str] = field(default_factory=list)
     heldout_pairs: str | None = None  # held-out preference pairs for a DPO stage
     benches: list[str] = field(default_factory=list)  # fvlm eval --bench specs for every stage
+    variant: str = ""  # a stage 3 of its own (stage3-<variant>/) on the shared stages 1-2
+
+    def named(self, stem: str) -> str:
+        """A stage-3 output's name: `stem`, or `stem-<variant>` for a variant."""
+        return f"{stem}-{self.variant}" if self.variant else stem
 
 
 # ----------------------------------------------------------------------------- planning
@@ -187,7 +198,10 @@ def plan(
     dry_run: bool,
     heldout_pairs: str | None = None,
     benches: list[str] | None = None,
+    variant: str = "",
 ) -> Pipeline:
+    if variant and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", variant):
+        raise UsageError(f"--variant must be letters, digits, '.', '_' or '-', got {variant!r}")
     common, per_stage = split_stage_overrides(overrides)
     locked: dict[str, Any] = {}
     decided: dict[int, int | None] = {s: None for s in STAGES}
@@ -221,7 +235,8 @@ def plan(
         if stage > 1:
             for key in FREEZE_KEYS:
                 stage_overrides.setdefault(key, False)
-        stages.append(StagePlan(stage, f"stage{stage}", config, stage_overrides, int(count)))
+        run_id = f"stage{stage}-{variant}" if variant and stage == STAGES[-1] else f"stage{stage}"
+        stages.append(StagePlan(stage, run_id, config, stage_overrides, int(count)))
     if data and name != "tiny":
         if dry_run:
             notes.append(f"--data {data}: the stage mixes would point at its dataset folders")
@@ -230,7 +245,7 @@ def plan(
                 stages[stage - 1].overrides.setdefault("data.train", path)
     eval_samples = int(TINY_COMMON["train.eval_samples"]) if name == "tiny" else 0
     return Pipeline(
-        name, folder, stages, export or name == "tiny", eval_samples, notes, heldout_pairs, list(benches or [])
+        name, folder, stages, export or name == "tiny", eval_samples, notes, heldout_pairs, list(benches or []), variant
     )
 
 
@@ -331,7 +346,7 @@ def _heldout_margins(cfg: Any, checkpoint: Path, spec: str, run_dir: Path) -> di
     import torch
 
     from fvlm.model.build import load_model
-    from fvlm.training.dpo import build_preference_loader, load_reference, margin_summary, preference_rewards
+    from fvlm.training.dpo import build_preference_loader, load_reference, preference_rewards, reward_summary
 
     path = rf.eval_dir(run_dir) / "dpo_heldout.json"
     if path.is_file():
@@ -342,7 +357,7 @@ def _heldout_margins(cfg: Any, checkpoint: Path, spec: str, run_dir: Path) -> di
     reference = load_reference(cfg, torch.device("cpu"))
     loader = build_preference_loader(cfg, spec, tokenizer, what="held-out pairs", train=False, batch_size=16)
     rewards = preference_rewards(policy, reference, loader, cfg.train.dpo.beta)
-    result = {"checkpoint": str(checkpoint), "pairs": spec, **margin_summary(rewards["margin"])}
+    result = {"checkpoint": str(checkpoint), "pairs": spec, **reward_summary(rewards)}
     atomic.write_json(path, result, indent=1)
     return result
 
@@ -447,10 +462,10 @@ def run(pipeline: Pipeline) -> dict[str, Any]:
         init_from = str(checkpoint)
     result: dict[str, Any] = {"pipeline": pipeline.name, "out": str(pipeline.out), "stages": rows}
     if pipeline.export and rows:
-        result["export"] = _export(Path(rows[-1]["checkpoint"]), pipeline.out / "export")
+        result["export"] = _export(Path(rows[-1]["checkpoint"]), pipeline.out / pipeline.named("export"))
     result["seconds"] = time.perf_counter() - began
     write_summary(pipeline, rows, result.get("export"), result["seconds"])
-    _log(f"[stages] done: {pipeline.out / 'stages.md'}")
+    _log(f"[stages] done: {pipeline.out / (pipeline.named('stages') + '.md')}")
     return result
 
 
@@ -511,7 +526,13 @@ def summary_markdown(rows: list[dict[str, Any]], export: dict[str, Any] | None =
                 "",
                 f"DPO (stage {r['stage']}), {h['n']} held-out pairs against the stage-{r['stage'] - 1} reference: "
                 f"mean reward margin {_num(h['mean_margin'], 3)} {_ci(h['ci95'])} (t interval), "
-                f"reward accuracy {_num(h['reward_accuracy'], 3)}.",
+                f"reward accuracy {_num(h['reward_accuracy'], 3)}"
+                + (
+                    f"; chosen reward {_num(h['mean_chosen_reward'], 3)} {_ci(h.get('chosen_ci95'))}, "
+                    f"rejected {_num(h['mean_rejected_reward'], 3)} {_ci(h.get('rejected_ci95'))}."
+                    if "mean_chosen_reward" in h
+                    else "."
+                ),
             ]
     if export:
         worst = max(export.get("max_logit_difference", {}).values(), default=None)
@@ -526,5 +547,6 @@ def write_summary(
     pipeline: Pipeline, rows: list[dict[str, Any]], export: dict | None = None, seconds: float | None = None
 ) -> None:
     record = {"pipeline": pipeline.name, "stages": rows, "export": export, "seconds": seconds}
-    atomic.write_json(pipeline.out / "stages.json", record, indent=1, default=str)
-    atomic.write_text(pipeline.out / "stages.md", summary_markdown(rows, export))
+    stem = pipeline.named("stages")
+    atomic.write_json(pipeline.out / f"{stem}.json", record, indent=1, default=str)
+    atomic.write_text(pipeline.out / f"{stem}.md", summary_markdown(rows, export))

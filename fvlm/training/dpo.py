@@ -14,6 +14,9 @@ answers, h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r))):
 - sigmoid (Rafailov et al. 2023): -log sigmoid(beta h); with label smoothing e the conservative
   form -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h);
 - ipo (Azar et al. 2023): (h - 1 / (2 beta))^2 over summed log-probabilities.
+With train.dpo.sft_weight alpha > 0, each pair's loss gains alpha x the chosen answer's mean per-token
+negative log-likelihood under the policy, -log pi(c) / |c| (the "DPO + SFT" regulariser of Pang et
+al. 2024, RPO): it keeps the chosen answers' log-probabilities from falling while the margin grows.
 Implicit rewards are beta x the log-ratios; the reward margin is their difference (beta h) and the
 reward accuracy the share of pairs with a positive margin.
 
@@ -48,7 +51,13 @@ from fvlm.training import checkpoint as ckpt
 from fvlm.training.evaluate import to_device
 from fvlm.training.trainer import StepTally, Trainer, load_init_weights
 
-DPO_COLUMNS = ("dpo_chosen_logp", "dpo_rejected_logp", "dpo_reward_margin", "dpo_reward_accuracy")
+DPO_COLUMNS = (
+    "dpo_chosen_logp",
+    "dpo_rejected_logp",
+    "dpo_reward_margin",
+    "dpo_reward_accuracy",
+    "dpo_chosen_nll",
+)
 REJECTED_KEYS = ("rejected_input_ids", "rejected_attention_mask", "rejected_loss_mask")
 
 
@@ -78,9 +87,19 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def sequence_logps(model: VLMBase, batch: Any, mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities [B] of the chosen and the rejected answers of a pair batch, both read
-    after the same visual block (one DINO pass, in `mode`, default the model's own)."""
+def with_sft_term(
+    losses: torch.Tensor, policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor, sft_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair losses [B] plus sft_weight x the chosen answer's mean per-token NLL under the policy,
+    -policy_chosen / chosen_tokens (RPO's regulariser), and that NLL [B] (detached). An answer
+    without a target token counts one, so its NLL is 0."""
+    nll = -policy_chosen / chosen_tokens.clamp_min(1).to(policy_chosen.dtype)
+    total = losses + sft_weight * nll if sft_weight else losses
+    return total, nll.detach()
+
+
+def pair_logps(model: VLMBase, batch: Any, mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sequence_logps`, plus the chosen answers' target token counts [B]."""
     mode = mode or model.default_mode
     tokens, mask, _ = model.visual_blocks(batch, (mode,))[mode]
     rejected: Batch = {
@@ -88,9 +107,16 @@ def sequence_logps(model: VLMBase, batch: Any, mode: str | None = None) -> tuple
         "attention_mask": batch["rejected_attention_mask"],
         "loss_mask": batch["rejected_loss_mask"],
     }
-    chosen_ce, _ = model.loss_over(tokens, mask, batch, per_sample=True)
+    chosen_ce, chosen_tokens = model.loss_over(tokens, mask, batch, per_sample=True)
     rejected_ce, _ = model.loss_over(tokens, mask, rejected, per_sample=True)
-    return -chosen_ce, -rejected_ce
+    return -chosen_ce, -rejected_ce, chosen_tokens
+
+
+def sequence_logps(model: VLMBase, batch: Any, mode: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities [B] of the chosen and the rejected answers of a pair batch, both read
+    after the same visual block (one DINO pass, in `mode`, default the model's own)."""
+    chosen, rejected, _ = pair_logps(model, batch, mode)
+    return chosen, rejected
 
 
 # ----------------------------------------------------------------------------- data
@@ -220,6 +246,7 @@ class DPOTally(StepTally):
     rejected_logp_sum: float = 0.0
     margin_sum: float = 0.0
     correct: float = 0.0
+    nll_sum: float = 0.0  # the chosen answers' mean per-token NLLs
 
 
 def load_reference(cfg: Any, device: torch.device) -> VLMBase:
@@ -263,7 +290,7 @@ class DPOTrainer(Trainer):
                 with self.autocast():
                     with torch.no_grad():
                         ref_chosen, ref_rejected = sequence_logps(self.reference, batch)
-                    chosen, rejected = sequence_logps(self.model, batch)
+                    chosen, rejected, chosen_tokens = pair_logps(self.model, batch)
                     losses, chosen_reward, rejected_reward = dpo_loss(
                         chosen.float(),
                         rejected.float(),
@@ -273,6 +300,7 @@ class DPOTrainer(Trainer):
                         dpo.loss,
                         dpo.label_smoothing,
                     )
+                    losses, nll = with_sft_term(losses, chosen.float(), chosen_tokens, dpo.sft_weight)
                 losses.sum().backward()
                 if self.masters is not None:
                     self.masters.accumulate_grads()  # train.precision=bf16: into the fp32 masters
@@ -289,12 +317,13 @@ class DPOTrainer(Trainer):
             tally.rejected_logp_sum += float(rejected.detach().sum())
             tally.margin_sum += float(margins.sum())
             tally.correct += float((margins > 0).sum())
+            tally.nll_sum += float(nll.sum())
         return tally
 
     def _step_extras(self, tally: StepTally) -> dict[str, float | None]:
         assert isinstance(tally, DPOTally)  # made by this class's _forward_backward
         n = tally.pairs
-        values = (tally.chosen_logp_sum, tally.rejected_logp_sum, tally.margin_sum, tally.correct)
+        values = (tally.chosen_logp_sum, tally.rejected_logp_sum, tally.margin_sum, tally.correct, tally.nll_sum)
         return {c: (v / n if n else None) for c, v in zip(DPO_COLUMNS, values)}
 
     def _flops_per_sample(self) -> float | None:
@@ -332,18 +361,36 @@ def preference_rewards(
     return {"chosen": chosen_all, "rejected": rejected_all, "margin": chosen_all - rejected_all}
 
 
+def mean_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, list[float]]:
+    """The mean and its t interval (NaN where there are too few values)."""
+    n = len(values)
+    mean = float(np.mean(values)) if n else math.nan
+    interval = [math.nan, math.nan]
+    if n >= 2:
+        sem = float(np.std(values, ddof=1)) / math.sqrt(n)
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sem
+        interval = [mean - half, mean + half]
+    return mean, interval
+
+
 def margin_summary(margins: np.ndarray, confidence: float = 0.95) -> dict[str, Any]:
     """Mean reward margin over held-out pairs with a t interval, and the reward accuracy."""
     n = len(margins)
-    mean = float(np.mean(margins)) if n else math.nan
-    interval = [math.nan, math.nan]
-    if n >= 2:
-        sem = float(np.std(margins, ddof=1)) / math.sqrt(n)
-        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sem
-        interval = [mean - half, mean + half]
+    mean, interval = mean_interval(margins, confidence)
     return {
         "n": n,
         "mean_margin": mean,
         "ci95": interval,
         "reward_accuracy": float(np.mean(margins > 0)) if n else math.nan,
     }
+
+
+def reward_summary(rewards: dict[str, np.ndarray]) -> dict[str, Any]:
+    """`margin_summary` of `preference_rewards`' margins, plus the mean chosen and rejected rewards
+    with t intervals: a negative chosen reward means the chosen answers became less likely than
+    under the reference (the margin then grew only by pushing the rejected ones down faster)."""
+    out = margin_summary(rewards["margin"])
+    for key in ("chosen", "rejected"):
+        mean, interval = mean_interval(rewards[key])
+        out[f"mean_{key}_reward"], out[f"{key}_ci95"] = mean, interval
+    return out
