@@ -59,22 +59,26 @@ def end_of_turn_id(tokenizer) -> int | None:
 def encode_question(tokenizer, question: Question) -> Encoded:
     """Prompt ids (through the assistant header) and each option's answer ids, cut from the full
     chat-template dialogue so that the tokens are the ones training saw."""
-    user = [{"role": "user", "content": question.prompt}]
+    return encode_answers(tokenizer, question.prompt, question.options, question.where)
+
+
+def encode_answers(tokenizer, prompt_text: str, answers: list[str], where: str) -> Encoded:
+    """`encode_question` for a prompt and its candidate answers given as text (`where` names them in
+    errors)."""
+    user = [{"role": "user", "content": prompt_text}]
     prompt = list(tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True)["input_ids"])
     end = end_of_turn_id(tokenizer)
     options = []
-    for option in question.options:
+    for option in answers:
         dialogue = user + [{"role": "assistant", "content": option}]
         ids = list(tokenizer.apply_chat_template(dialogue, tokenize=True)["input_ids"])
         if ids[: len(prompt)] != prompt:
-            raise UsageError(
-                f"{question.where}: the tokenizer's chat template does not extend the prompt with the answer"
-            )
+            raise UsageError(f"{where}: the tokenizer's chat template does not extend the prompt with the answer")
         answer = ids[len(prompt) :]
         if end is not None and end in answer:
             answer = answer[: answer.index(end) + 1]
         if not answer:
-            raise UsageError(f"{question.where}: option {option!r} has no answer tokens")
+            raise UsageError(f"{where}: option {option!r} has no answer tokens")
         options.append(answer)
     return Encoded(prompt, options)
 
