@@ -72,7 +72,7 @@ def choose(qid: str, table: Table, specs: dict[str, RunSpec]) -> dict[str, Any]:
         noise = math.sqrt(best_noise**2 + alt_noise**2)
         # By the verdicts' own standard: the preferred run gives way only to a winner clearly ahead
         # of it. A one-noise threshold flipped the lock between two runs of the same seeds on two
-        # CPUs (LR4 0.94 and 1.1 noises behind LR3), though neither margin meant anything.
+        # CPUs (LR4 0.94 and 1.23 noises behind LR3), though neither margin meant anything.
         quantile = float(result.get("quantile", 2.0))
         if math.isfinite(noise) and alt - best <= quantile * noise:
             reason = (
