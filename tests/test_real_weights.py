@@ -344,3 +344,61 @@ def _logits(model, batch) -> torch.Tensor:
     embeds = torch.cat([visual, model.embed_text(batch["input_ids"])], dim=1)
     mask = torch.cat([visual_mask.long(), batch["attention_mask"]], dim=1)
     return model.llm.lm_head(model.run_llm(embeds, mask))
+
+
+def test_an_export_on_the_real_llm_gives_fvlm_logits_in_a_process_without_fvlm(folder, tmp_path):
+    """`fvlm export` of a foveated model on the real SmolLM2-135M (tiny DINO, random connector): a
+    fresh interpreter that cannot import fvlm loads it with transformers alone and gives fvlm's logits
+    and greedy tokens in every mode (the machinery of tests/test_export.py)."""
+    import subprocess
+    import sys
+
+    from test_export import DIALOGUES, FRAME_MASK, LOADER, _batch, _chat, _until_end
+
+    from fvlm.eval.scoring import end_of_turn_id
+    from fvlm.export import writer
+    from fvlm.model.build import build_model, build_tokenizer, save_model
+    from fvlm.model.pretrain_tiny import Recipe, shipped_backbones
+
+    tiny = shipped_backbones(Recipe())
+    assert tiny is not None
+    overrides = {"model.llm": str(folder), "model.dino": str(tiny / "tiny-dino"), "model.image_size": 32}
+    cfg = load_config(None, {**overrides, "model.visual_scale": 0.5})
+    torch.manual_seed(0)
+    model, tokenizer = build_model(cfg.model).eval(), build_tokenizer(cfg.model)
+    with torch.no_grad():
+        model.llm_to_query.weight.normal_(0.0, 0.5)  # so the fine queries depend on the LLM
+    out = tmp_path / "isolated" / "export-real"
+    assert main(["export", str(save_model(model, tmp_path / "saved", tokenizer)), str(out)]) == 0
+    batch = _batch(tokenizer, [_chat(tokenizer, u, a) for u, a in DIALOGUES])
+    inputs = writer.hf_inputs(batch, writer.tokens_per_frame(model), tokenizer.pad_token_id)
+    labels = torch.where(batch["loss_mask"], batch["input_ids"], -100)
+    slots = torch.full((2, inputs["input_ids"].shape[1] - labels.shape[1]), -100)
+    new_tokens = 4
+    case = {
+        "folder": out.name,
+        "inputs": inputs,
+        "labels": torch.cat([slots, labels], dim=1),
+        "prompts": [u for u, _ in DIALOGUES],
+        "frame_mask": FRAME_MASK,
+        "new_tokens": new_tokens,
+    }
+    torch.save({"real": case}, out.parent / "cases.pt")
+    (out.parent / "load.py").write_text(LOADER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-I", "load.py"], cwd=out.parent, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and "loaded without fvlm" in done.stdout, done.stderr[-3000:]
+    found = torch.load(out.parent / "results.pt")["real"]
+    assert found["modes"] == ["coarse_fine", "coarse_only", "autoregressive"]
+    attended = inputs["attention_mask"].bool()
+    end = end_of_turn_id(tokenizer)
+    prompts = _batch(tokenizer, [_chat(tokenizer, u) for u, _ in DIALOGUES])
+    for mode, theirs in found["per_mode"].items():
+        difference = float((writer.fvlm_logits(model, batch, mode) - theirs["logits"])[attended].abs().max())
+        assert difference <= 1e-5, (mode, difference)
+        generated = model.generate(prompts, mode=mode, max_new_tokens=new_tokens, eos_token_id=end)
+        for row in range(2):
+            assert _until_end(theirs["generated"][row].tolist(), end) == _until_end(generated[row].tolist(), end)

@@ -197,10 +197,17 @@ class VLMBase(nn.Module):
         cache: DynamicCache | None = None,
     ) -> torch.Tensor:
         position_ids = _positions(mask)[:, -embeds.shape[1] :] if position_ids is None else position_ids
-        sdpa = self.llm.config._attn_implementation == "sdpa"
+        if cache is None:
+            # The training step's path: a 4D mask, so that transformers never reads the mask's values.
+            sdpa = self.llm.config._attn_implementation == "sdpa"
+            attention: torch.Tensor = attention_mask_4d(mask, embeds.shape[1], embeds.dtype, sdpa)
+        else:
+            # Cached passes (generation, the autoregressive mode, a logged step's coarse loss) are not
+            # compiled and may sync: transformers builds the mask itself, as the exported model's does.
+            attention = mask.long()
         out = self.llm.model(
             inputs_embeds=embeds,
-            attention_mask=attention_mask_4d(mask, embeds.shape[1], embeds.dtype, sdpa),
+            attention_mask=attention,
             position_ids=position_ids,
             cache=cache,
             use_cache=cache is not None,
