@@ -1,6 +1,6 @@
 """The GPU check: everything the plan's runs need to know about a GPU, measured in a few minutes.
 
-    python benchmarks/gpu_check.py [--out DIR] [--sizes 135m,360m,1.7b] [--steps N] [--no-record]
+    python benchmarks/gpu_check.py [--out DIR] [--sizes 135m,360m,1.7b] [--steps N] [--dense] [--no-record]
     python benchmarks/gpu_check.py --reduced [--out DIR]      # the CPU-sized version CI runs
 
 On one H100/H200 it takes about 5-8 minutes. With random weights of the paper shapes (SmolLM2
@@ -9,13 +9,21 @@ sample; each size's shipped config, so its per-GPU batch and gradient checkpoint
 
 1. step time, MFU and peak memory of a training step (forward, backward, AdamW) for the foveated
    model (coarse_fine), coarse-only and the 16-token multi-token baseline, in bf16;
-2. `torch.compile` on vs off (135M foveated);
+2. `torch.compile` on vs off (135M foveated), with dynamo's graph and recompile counts;
 3. bf16 vs fp32 loss parity over a few steps from the same weights and batches;
 4. data-loader throughput at 224 px with 0, 2 and 4 workers (synthetic shards written to a temp folder);
 5. a manual gradient all-reduce (sum after backward, flat buckets: what the trainer did before it
    used DDP) against the trainer's DDP engine (fvlm/training/engine.py: all-reduce overlapped with
    backward), in 2 processes: NCCL on 2 GPUs if visible, else gloo on the CPU at the reduced shapes
    (that checks the code path only).
+
+Steps 1 and 2 run on padded batches shaped like the loader's: each sample a random number of real
+frames (1..16, valid first), a random text length (right-padded), targets a random run of its text,
+and the frame and target indices of fvlm.model.batch_index that the sync-free step uses; each timed
+step gets a different batch, so the compiled step sees changing sizes. Their MFU counts each
+sample's real frames and targets. `--dense` adds rows (and a compile comparison) on all-ones
+batches, every frame and token real, as the check ran before; MFU recorded for the cost estimate
+comes from the padded rows.
 
 It writes DIR/gpu_check.json and DIR/gpu_check.md (default DIR: benchmarks/gpu_check/<device>), and on
 a GPU records the measured MFU of each shape in benchmarks/mfu_measured.json, which
@@ -38,6 +46,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,8 +54,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from fvlm.config import load_config  # noqa: E402
+from fvlm.model.batch_index import build_indices  # noqa: E402
 from fvlm.model.build import build_model, compile_model  # noqa: E402
 from fvlm.model.flops import estimate_flops  # noqa: E402
+from fvlm.training.evaluate import to_device  # noqa: E402
 from fvlm.training.optim import build_optimizer  # noqa: E402
 from fvlm.training.throughput import peak_flops  # noqa: E402
 
@@ -101,13 +112,68 @@ def make_batch(b: int, plan: dict, device, seed: int = 0) -> dict:
     }
 
 
+def padded_batches(n: int, b: int, plan: dict, device, seed: int = 0) -> list[dict]:
+    """`n` batches as the loader's collate makes them: each sample a random number of real frames
+    (1..T, valid first, the rest zero), a random text length (T/2..N tokens, right-padded), targets a
+    random run of its text, and the host-side indices of fvlm.model.batch_index (what the trainer's
+    sync-free step uses)."""
+    g = torch.Generator().manual_seed(seed)
+    size, t, length = plan["image"], plan["frames"], plan["text"]
+    batches = []
+    for _ in range(n):
+        frames_per = torch.randint(1, t + 1, (b,), generator=g)
+        text_per = torch.randint(length // 2, length + 1, (b,), generator=g)
+        frame_mask = torch.arange(t)[None, :] < frames_per[:, None]
+        attention_mask = (torch.arange(length)[None, :] < text_per[:, None]).long()
+        start = torch.randint(1, length // 2, (b,), generator=g)
+        loss_mask = attention_mask.bool() & (torch.arange(length)[None, :] >= start[:, None])
+        batch: dict[str, Any] = {
+            "frames": torch.randn(b, t, 3, size, size, generator=g) * frame_mask[:, :, None, None, None],
+            "frame_mask": frame_mask,
+            "input_ids": torch.randint(4, 250, (b, length), generator=g) * attention_mask,
+            "attention_mask": attention_mask,
+            "loss_mask": loss_mask,
+        }
+        batch.update(build_indices(frame_mask, loss_mask))
+        batches.append(to_device(batch, device))
+    return batches
+
+
+def step_batches(kind: str, n: int, b: int, plan: dict, device) -> list[dict]:
+    """The batches a timed run cycles through: `padded` (realistic, distinct) or `dense` (one all-ones batch)."""
+    return padded_batches(n, b, plan, device) if kind == "padded" else [make_batch(b, plan, device)]
+
+
+def batch_stats(batches: list[dict]) -> dict:
+    """How much of the batches is real: fraction of frames, text tokens and target tokens."""
+    frames = sum(int(x["frame_mask"].sum()) for x in batches) / sum(x["frame_mask"].numel() for x in batches)
+    text = sum(int(x["attention_mask"].sum()) for x in batches) / sum(x["attention_mask"].numel() for x in batches)
+    targets = sum(int(x["loss_mask"].sum()) for x in batches) / sum(x["loss_mask"].numel() for x in batches)
+    return {"real_frames": frames, "real_text": text, "real_targets": targets, "distinct_batches": len(batches)}
+
+
+def batch_flops(cfg, batches: list[dict], plan: dict) -> float:
+    """Training FLOPs of one batch, averaged over `batches`: each sample at its own real frames and
+    targets (the LLM runs over the padded text length)."""
+    total = 0.0
+    for batch in batches:
+        frames = batch["frame_mask"].sum(1).tolist()
+        targets = batch["loss_mask"].sum(1).tolist()
+        total += sum(
+            estimate_flops(cfg.model, frames=f, text_tokens=plan["text"], loss_tokens=max(n, 1)).per_sample
+            for f, n in zip(frames, targets)
+        )
+    return total / len(batches)
+
+
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def train_steps(cfg, batch, device, bf16: bool, steps: int, compile_backend: str | None = None, seed: int = 0):
-    """(median seconds per step, losses, peak GiB): forward + backward + AdamW on one fixed batch."""
+def train_steps(cfg, batches, device, bf16: bool, steps: int, compile_backend: str | None = None, seed: int = 0):
+    """(median seconds per step, losses, peak GiB): forward + backward + AdamW, step i on
+    `batches[i % len(batches)]`."""
     torch.manual_seed(seed)
     model = build_model(cfg.model).to(device)
     model.train()
@@ -121,7 +187,7 @@ def train_steps(cfg, batch, device, bf16: bool, steps: int, compile_backend: str
         sync(device)
         began = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(batch, compute_coarse=cfg.model.lambda_coarse > 0).loss
+            loss = model(batches[i % len(batches)], compute_coarse=cfg.model.lambda_coarse > 0).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -136,56 +202,83 @@ def train_steps(cfg, batch, device, bf16: bool, steps: int, compile_backend: str
     return statistics.median(times), losses, peak
 
 
-def check_steps(plan, device, bf16, peak, log) -> list[dict]:
+def check_steps(plan, device, bf16, peak, log, kinds=("padded",)) -> list[dict]:
     rows = []
     for size, name in plan["configs"].items():
-        for variant, overrides in VARIANTS.items():
-            cfg = run_config(name, plan, overrides)
-            b = cfg.train.batch_size
-            flops = estimate_flops(cfg.model, frames=plan["frames"], text_tokens=plan["text"]).per_sample * b
-            try:
-                seconds, _, memory = train_steps(cfg, make_batch(b, plan, device), device, bf16, plan["steps"])
-            except torch.cuda.OutOfMemoryError:
-                rows.append({"size": size, "variant": variant, "batch": b, "error": "out of memory"})
-                torch.cuda.empty_cache()
-                continue
-            row = {
-                "size": size,
-                "variant": variant,
-                "llm": cfg.model.llm,
-                "arch": cfg.model.arch,
-                "batch": b,
-                "checkpointing": cfg.model.gradient_checkpointing,
-                "step_sec": seconds,
-                "samples_per_sec": b / seconds,
-                "flops_per_sec": flops / seconds,
-                "mfu": flops / seconds / peak if peak else None,
-                "peak_mem_gib": memory,
-            }
-            rows.append(row)
-            log(
-                f"  step {size:>5} {variant:<12} batch {b:>3}: {seconds * 1e3:8.1f} ms, "
-                f"{row['samples_per_sec']:7.1f} samples/s, MFU {_pct(row['mfu'])}, peak {_gib(memory)}"
-            )
+        for kind in kinds:
+            for variant, overrides in VARIANTS.items():
+                cfg = run_config(name, plan, overrides)
+                b = cfg.train.batch_size
+                try:
+                    batches = step_batches(kind, plan["steps"] + 1, b, plan, device)
+                    if kind == "dense":
+                        flops = (
+                            estimate_flops(cfg.model, frames=plan["frames"], text_tokens=plan["text"]).per_sample * b
+                        )
+                    else:
+                        flops = batch_flops(cfg, batches, plan)
+                    seconds, _, memory = train_steps(cfg, batches, device, bf16, plan["steps"])
+                except torch.cuda.OutOfMemoryError:
+                    rows.append(
+                        {"size": size, "variant": variant, "batches": kind, "batch": b, "error": "out of memory"}
+                    )
+                    torch.cuda.empty_cache()
+                    continue
+                row = {
+                    "size": size,
+                    "variant": variant,
+                    "batches": kind,
+                    **batch_stats(batches),
+                    "llm": cfg.model.llm,
+                    "arch": cfg.model.arch,
+                    "batch": b,
+                    "checkpointing": cfg.model.gradient_checkpointing,
+                    "step_sec": seconds,
+                    "samples_per_sec": b / seconds,
+                    "flops_per_sec": flops / seconds,
+                    "mfu": flops / seconds / peak if peak else None,
+                    "peak_mem_gib": memory,
+                }
+                rows.append(row)
+                log(
+                    f"  step {size:>5} {variant:<12} {kind:<6} batch {b:>3}: {seconds * 1e3:8.1f} ms, "
+                    f"{row['samples_per_sec']:7.1f} samples/s, MFU {_pct(row['mfu'])}, peak {_gib(memory)}"
+                )
     return rows
 
 
-def check_compile(plan, device, bf16, log) -> dict:
+def check_compile(plan, device, bf16, log, kind: str = "padded") -> dict:
+    """Eager vs compiled step (first size, foveated) on `kind` batches, with dynamo's graph counts
+    over the compiled run (a padded batch's frame and target counts vary, so shapes change)."""
+    from torch._dynamo.utils import counters
+
     name = next(iter(plan["configs"].values()))
     cfg = run_config(name, plan, {})
-    batch = make_batch(cfg.train.batch_size, plan, device)
-    eager, _, _ = train_steps(cfg, batch, device, bf16, plan["steps"])
+    batches = step_batches(kind, plan["steps"] + 1, cfg.train.batch_size, plan, device)
+    eager, _, _ = train_steps(cfg, batches, device, bf16, plan["steps"])
+    torch._dynamo.reset()
+    counters.clear()
     try:
-        compiled, _, _ = train_steps(cfg, batch, device, bf16, plan["steps"], compile_backend=plan["compile_backend"])
+        compiled, _, _ = train_steps(cfg, batches, device, bf16, plan["steps"], compile_backend=plan["compile_backend"])
     except Exception as exc:  # a compiler failure is a result to report, not a reason to stop the check
         log(f"  torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-        return {"eager_step_sec": eager, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    log(f"  compile: eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms ({eager / compiled:.2f}x)")
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return {"batches": kind, "eager_step_sec": eager, "error": error}
+    graphs = int(counters["stats"]["unique_graphs"])
+    recompiles = max(graphs - 1, 0)  # `_forward` compiles as one full graph: each more graph is a recompile
+    log(
+        f"  compile ({kind}): eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms ({eager / compiled:.2f}x); "
+        f"{graphs} graphs ({recompiles} recompiles) over {len(batches)} steps"
+    )
     return {
         "backend": plan["compile_backend"],
+        "batches": kind,
+        "steps": len(batches),
         "eager_step_sec": eager,
         "compiled_step_sec": compiled,
         "speedup": eager / compiled,
+        "unique_graphs": graphs,
+        "recompiles": recompiles,
     }
 
 
@@ -193,7 +286,7 @@ def check_parity(plan, device, log) -> dict:
     """The same weights and batch trained in fp32 and in bf16 autocast: per-step relative loss gap."""
     name = next(iter(plan["configs"].values()))
     cfg = run_config(name, plan, {})
-    batch = make_batch(cfg.train.batch_size, plan, device, seed=1)
+    batch = [make_batch(cfg.train.batch_size, plan, device, seed=1)]
     _, fp32, _ = train_steps(cfg, batch, device, False, plan["parity_steps"], seed=1)
     _, bf16, _ = train_steps(cfg, batch, device, True, plan["parity_steps"], seed=1)  # CPU autocast has bf16 too
     gaps = [abs(a - b) / abs(a) for a, b in zip(fp32, bf16)]
@@ -359,27 +452,33 @@ def markdown(report: dict) -> str:
         "",
         f"torch {report['torch']}, {report['precision']}, peak {report['peak_source']}; {report['seconds']:.0f} s",
         "",
-        "| size | variant | batch | step (ms) | samples/s | MFU | peak memory |",
-        "|---|---|---|---|---|---|---|",
+        "Batches: `padded` are shaped like the loader's (random real frames per sample, valid first;"
+        " random text lengths, right-padded; the batch indices of fvlm.model.batch_index), their MFU"
+        " counted on each sample's real frames and targets; `dense` are all real (every mask all ones).",
+        "",
+        "| size | variant | batches | real frames / text | batch | step (ms) | samples/s | MFU | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["steps"]:
+        head = f"| {r['size']} | {r['variant']} | {r['batches']} |"
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['variant']} | {r['batch']} | {r['error']} | | | |")
+            lines.append(f"{head} | {r['batch']} | {r['error']} | | | |")
         else:
             lines.append(
-                f"| {r['size']} | {r['variant']} | {r['batch']} | {r['step_sec'] * 1e3:.1f} | "
+                f"{head} {r['real_frames']:.0%} / {r['real_text']:.0%} | {r['batch']} | {r['step_sec'] * 1e3:.1f} | "
                 f"{r['samples_per_sec']:.1f} | {_pct(r['mfu']).strip()} | {_gib(r['peak_mem_gib'])} |"
             )
-    c = report["compile"]
     lines += ["", "| check | result |", "|---|---|"]
-    lines.append(
-        f"| torch.compile, {c.get('backend', '?')} backend (step, eager / compiled) | "
-        + (
-            f"{c['eager_step_sec'] * 1e3:.1f} / {c['compiled_step_sec'] * 1e3:.1f} ms ({c['speedup']:.2f}x) |"
-            if "speedup" in c
-            else f"failed: {c['error']} |"
+    for c in report["compile"]:
+        lines.append(
+            f"| torch.compile, {c.get('backend', '?')} backend, {c['batches']} batches (step, eager / compiled) | "
+            + (
+                f"{c['eager_step_sec'] * 1e3:.1f} / {c['compiled_step_sec'] * 1e3:.1f} ms ({c['speedup']:.2f}x); "
+                f"{c['unique_graphs']} graphs ({c['recompiles']} recompiles) over {c['steps']} steps |"
+                if "speedup" in c
+                else f"failed: {c['error']} |"
+            )
         )
-    )
     p = report["parity"]
     lines.append(
         f"| bf16 vs fp32 loss, max relative gap over {len(p['fp32_losses'])} steps | {p['max_relative_gap']:.4f} |"
@@ -407,7 +506,7 @@ def record_mfu(report: dict, path: Path) -> None:
             "measured": report["date"],
         }
         for r in report["steps"]
-        if r.get("mfu") and r["variant"] != "coarse_only"
+        if r.get("mfu") and r["variant"] != "coarse_only" and r["batches"] == "padded"
     ]
     keys = {(r["device"], r["llm"], r["arch"]) for r in fresh}
     records = [r for r in records if (r.get("device"), r.get("llm"), r.get("arch")) not in keys] + fresh
@@ -420,6 +519,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--sizes", help="comma-separated subset of 135m,360m,1.7b")
     parser.add_argument("--steps", type=int, help="timed steps per measurement")
+    parser.add_argument(
+        "--dense", action="store_true", help="also time all-ones batches (every frame and token real), for comparison"
+    )
     parser.add_argument("--no-record", action="store_true", help="do not update benchmarks/mfu_measured.json")
     args = parser.parse_args(argv)
     plan = dict(REDUCED if args.reduced else FULL)
@@ -439,6 +541,7 @@ def main(argv=None) -> int:
     peak, source = peak_flops(None, name if cuda else None, bf16)
     out = args.out or HERE / "gpu_check" / name.replace(" ", "_")
     out.mkdir(parents=True, exist_ok=True)
+    kinds = ("padded", "dense") if args.dense else ("padded",)
     began = time.perf_counter()
     log = lambda text: print(text, flush=True)  # noqa: E731
     log(f"GPU check on {name} ({'reduced' if args.reduced else 'full'}), peak {source}")
@@ -451,12 +554,13 @@ def main(argv=None) -> int:
         "peak_flops": peak,
         "peak_source": source,
         "plan": {k: v for k, v in plan.items() if k != "configs"} | {"configs": plan["configs"]},
+        "batches": list(kinds),
     }
     # The JSON is rewritten after each part, so that a check cut short by a machine's time limit still
     # leaves what it measured.
     parts = {
-        "steps": lambda: check_steps(plan, device, bf16, peak, log),
-        "compile": lambda: check_compile(plan, device, bf16, log),
+        "steps": lambda: check_steps(plan, device, bf16, peak, log, kinds),
+        "compile": lambda: [check_compile(plan, device, bf16, log, kind) for kind in kinds],
         "parity": lambda: check_parity(plan, device, log),
         "loader": lambda: check_loader(plan, log),
         "allreduce": lambda: check_allreduce(plan, log),

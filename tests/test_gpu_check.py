@@ -19,7 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 def test_reduced_gpu_check_measures_everything(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--reduced", "--out", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--reduced", "--dense", "--out", str(tmp_path)],
         env=env,
         capture_output=True,
         text=True,
@@ -28,14 +28,24 @@ def test_reduced_gpu_check_measures_everything(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["device"] == "cpu" and report["reduced"] and report["peak_flops"] is None
-    assert {(r["size"], r["variant"]) for r in report["steps"]} == {
-        ("tiny", "coarse_fine"),
-        ("tiny", "coarse_only"),
-        ("tiny", "multi_token"),
+    assert report["batches"] == ["padded", "dense"]
+    assert {(r["size"], r["variant"], r["batches"]) for r in report["steps"]} == {
+        ("tiny", variant, kind)
+        for variant in ("coarse_fine", "coarse_only", "multi_token")
+        for kind in ("padded", "dense")
     }
     for row in report["steps"]:
         assert row["step_sec"] > 0 and row["flops_per_sec"] > 0 and row["mfu"] is None
-    assert report["compile"]["compiled_step_sec"] > 0
+        if row["batches"] == "padded":  # distinct loader-like batches, with padding in frames and text
+            assert row["distinct_batches"] > 1 and row["real_frames"] < 1 and row["real_text"] < 1
+        else:
+            assert row["distinct_batches"] == 1 and row["real_frames"] == row["real_text"] == 1
+    # Padded batches carry fewer real frames, so fewer FLOPs per step than the dense ones.
+    work = {r["batches"]: r["flops_per_sec"] * r["step_sec"] for r in report["steps"] if r["variant"] == "coarse_fine"}
+    assert work["padded"] < work["dense"]
+    assert [c["batches"] for c in report["compile"]] == ["padded", "dense"]
+    for c in report["compile"]:
+        assert c["compiled_step_sec"] > 0 and c["unique_graphs"] >= 1 and c["recompiles"] >= 0
     parity = report["parity"]
     assert len(parity["fp32_losses"]) == len(parity["bf16_losses"]) > 1
     assert parity["max_relative_gap"] < 0.05
@@ -44,4 +54,5 @@ def test_reduced_gpu_check_measures_everything(tmp_path):
     )
     assert report["allreduce"]["backend"].startswith("gloo") and report["allreduce"]["manual_over_ddp"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
-    assert "| tiny | multi_token |" in table and "all-reduce" in table
+    assert "| tiny | multi_token | padded |" in table and "| tiny | multi_token | dense |" in table
+    assert "padded batches" in table and "all-reduce" in table
