@@ -268,12 +268,13 @@ def check_compile(plan, device, bf16, log, kind: str = "padded") -> dict:
     recompiles = max(graphs - 1, 0)  # `_forward` compiles as one full graph: each more graph is a recompile
     log(
         f"  compile ({kind}): eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms ({eager / compiled:.2f}x); "
-        f"{graphs} graphs ({recompiles} recompiles) over {len(batches)} steps"
+        f"{graphs} graphs ({recompiles} recompiles), {len(batches)} distinct batches over {plan['steps'] + 1} steps"
     )
     return {
         "backend": plan["compile_backend"],
         "batches": kind,
-        "steps": len(batches),
+        "steps": plan["steps"] + 1,
+        "distinct_batches": len(batches),
         "eager_step_sec": eager,
         "compiled_step_sec": compiled,
         "speedup": eager / compiled,
@@ -474,7 +475,8 @@ def markdown(report: dict) -> str:
             f"| torch.compile, {c.get('backend', '?')} backend, {c['batches']} batches (step, eager / compiled) | "
             + (
                 f"{c['eager_step_sec'] * 1e3:.1f} / {c['compiled_step_sec'] * 1e3:.1f} ms ({c['speedup']:.2f}x); "
-                f"{c['unique_graphs']} graphs ({c['recompiles']} recompiles) over {c['steps']} steps |"
+                f"{c['unique_graphs']} graphs ({c['recompiles']} recompiles), {c['distinct_batches']} distinct batches "
+                f"over {c['steps']} steps |"
                 if "speedup" in c
                 else f"failed: {c['error']} |"
             )

@@ -46,6 +46,7 @@ def test_reduced_gpu_check_measures_everything(tmp_path):
     assert [c["batches"] for c in report["compile"]] == ["padded", "dense"]
     for c in report["compile"]:
         assert c["compiled_step_sec"] > 0 and c["unique_graphs"] >= 1 and c["recompiles"] >= 0
+        assert c["distinct_batches"] == (c["steps"] if c["batches"] == "padded" else 1)
     parity = report["parity"]
     assert len(parity["fp32_losses"]) == len(parity["bf16_losses"]) > 1
     assert parity["max_relative_gap"] < 0.05
