@@ -54,6 +54,9 @@ class ModelConfig:
     image_size: int = 224
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # Targets per chunk of the text loss's lm_head + cross-entropy (fvlm.model.chunked_ce): at most
+    # [ce_chunk, vocab] fp32 logits live at once instead of all targets'. 0 = one F.cross_entropy over all.
+    ce_chunk: int = 0
 
 
 @dataclass
@@ -451,6 +454,7 @@ def validate(cfg: RunConfig) -> None:
     _positive(m.lambda_coarse, "model.lambda_coarse", allow_zero=True)
     _positive(m.visual_scale, "model.visual_scale")
     _positive(m.image_size, "model.image_size")
+    _positive(m.ce_chunk, "model.ce_chunk", allow_zero=True)
     if m.query_dim is not None:
         _positive(m.query_dim, "model.query_dim")
     if m.query_init == "cls" and m.query_dim is not None:

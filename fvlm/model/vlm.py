@@ -21,6 +21,7 @@ from torch import nn
 
 from fvlm.config import ModelConfig
 from fvlm.model.batch_index import FrameIndex, Targets
+from fvlm.model.chunked_ce import chunked_cross_entropy
 from fvlm.model.encoder import DinoEncoder, PatchCache, ShallowQuery, attention_entropy, cls_embedding
 
 if TYPE_CHECKING:
@@ -242,9 +243,13 @@ class VLMBase(nn.Module):
         predictor_at = prev_real[rows, cols + text_start]
         weight = targets.weight * (predictor_at >= 0)
         predictors = hidden[rows, predictor_at.clamp_min(0)]
-        logits = self.llm.lm_head(predictors).float()
         labels = input_ids[rows, cols]
-        losses = F.cross_entropy(logits, labels, reduction="none") * weight
+        if self.cfg.ce_chunk > 0:
+            head = self.llm.lm_head
+            ce = chunked_cross_entropy(predictors, head.weight, head.bias, labels, self.cfg.ce_chunk)
+        else:
+            ce = F.cross_entropy(self.llm.lm_head(predictors).float(), labels, reduction="none")
+        losses = ce * weight
         if per_sample:
             counts = weight.new_zeros(batch).index_add_(0, rows, weight).round().long()
             return losses.new_zeros(batch).index_add_(0, rows, losses), counts
