@@ -56,6 +56,7 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     # Targets per chunk of the text loss's lm_head + cross-entropy (fvlm.model.chunked_ce): at most
     # [ce_chunk, vocab] fp32 logits live at once instead of all targets'. 0 = one F.cross_entropy over all.
+    # Compiled, each distinct ceil(targets / ce_chunk) is one more graph.
     ce_chunk: int = 0
 
 

@@ -121,3 +121,35 @@ def test_compiles_fullgraph_with_equal_losses_and_gradients():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_model_with_ce_chunk_matches_eager_in_one_graph_per_chunk_count():
+    """train.compile with ce_chunk: the same chunk count reuses the graph; losses and gradients are eager's."""
+    import copy
+
+    import torch._dynamo
+
+    from fvlm.model.build import compile_model
+
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    eager = tiny("model.ce_chunk=5").train()
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compile_model(compiled, backend=counting_backend)
+    for step in range(2):
+        batch = make_batch(seed=step, indices=True)
+        outs = [model(batch) for model in (eager, compiled)]
+        for out in outs:
+            out.loss.backward()
+        torch.testing.assert_close(outs[1].loss, outs[0].loss)
+        for a, b in zip(eager.parameters(), compiled.parameters()):
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+                a.grad = b.grad = None
+    torch._dynamo.reset()
+    assert len(graphs) == 1

@@ -8,9 +8,12 @@ each chunk's logits again. The matmul runs in the inputs' dtype, as `lm_head` do
 softmax and the weight/bias gradient sums in fp32. A weight shared with the embeddings (tied) gets
 this gradient added to its other ones by autograd, as usual.
 
-Under torch.compile the chunk loop is unrolled: the number of chunks, ceil(M / chunk), becomes part
-of the graph, so a new target count M that changes it recompiles (or with dynamic shapes guards on
-it). Labels must be valid class indices (no ignore_index).
+Under torch.compile (fullgraph) the chunk loop is unrolled: the number of chunks, ceil(M / chunk),
+is part of the graph, so each distinct count compiles once (dynamo's recompile limit, 8 by default,
+caps how many; pick `chunk` so that few counts occur). M must be a size known on the host, as it is
+for a batch with its host-built indices (fvlm.model.batch_index, what the loader gives); a batch
+without them has an unbacked target count, on which the loop cannot be traced, and dynamo raises.
+Labels must be valid class indices (no ignore_index).
 """
 
 from __future__ import annotations
