@@ -46,7 +46,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -54,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from fvlm.config import load_config  # noqa: E402
-from fvlm.model.batch_index import build_indices  # noqa: E402
+from fvlm.model.batch_index import random_padded_batch  # noqa: E402
 from fvlm.model.build import build_model, compile_model  # noqa: E402
 from fvlm.model.flops import estimate_flops  # noqa: E402
 from fvlm.training.evaluate import to_device  # noqa: E402
@@ -119,24 +118,7 @@ def padded_batches(n: int, b: int, plan: dict, device, seed: int = 0) -> list[di
     sync-free step uses)."""
     g = torch.Generator().manual_seed(seed)
     size, t, length = plan["image"], plan["frames"], plan["text"]
-    batches = []
-    for _ in range(n):
-        frames_per = torch.randint(1, t + 1, (b,), generator=g)
-        text_per = torch.randint(length // 2, length + 1, (b,), generator=g)
-        frame_mask = torch.arange(t)[None, :] < frames_per[:, None]
-        attention_mask = (torch.arange(length)[None, :] < text_per[:, None]).long()
-        start = torch.randint(1, length // 2, (b,), generator=g)
-        loss_mask = attention_mask.bool() & (torch.arange(length)[None, :] >= start[:, None])
-        batch: dict[str, Any] = {
-            "frames": torch.randn(b, t, 3, size, size, generator=g) * frame_mask[:, :, None, None, None],
-            "frame_mask": frame_mask,
-            "input_ids": torch.randint(4, 250, (b, length), generator=g) * attention_mask,
-            "attention_mask": attention_mask,
-            "loss_mask": loss_mask,
-        }
-        batch.update(build_indices(frame_mask, loss_mask))
-        batches.append(to_device(batch, device))
-    return batches
+    return [to_device(random_padded_batch(g, b, t, length, size), device) for _ in range(n)]
 
 
 def step_batches(kind: str, n: int, b: int, plan: dict, device) -> list[dict]:

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fvlm.model.batch_index import build_indices
+from fvlm.model.batch_index import build_indices, random_padded_batch
 
 # The issue's measurement (B2, T4, 56 px, 135M layout, CPU, eager, forward + backward, no optimizer).
 ISSUE_BASELINE = {
@@ -213,24 +213,7 @@ def loader_batches(n: int, b: int, t: int, length: int, size: int, seed: int = 1
     collate makes them: each sample a random number of real frames (valid first) and of text tokens
     (right-padded), targets a random run of its text."""
     g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n):
-        frames_per = torch.randint(1, t + 1, (b,), generator=g)
-        text_per = torch.randint(length // 2, length + 1, (b,), generator=g)
-        frame_mask = torch.arange(t)[None, :] < frames_per[:, None]
-        attention_mask = (torch.arange(length)[None, :] < text_per[:, None]).long()
-        start = torch.randint(1, length // 2, (b,), generator=g)
-        loss_mask = attention_mask.bool() & (torch.arange(length)[None, :] >= start[:, None])
-        batch: dict[str, Any] = {
-            "frames": torch.randn(b, t, 3, size, size, generator=g) * frame_mask[:, :, None, None, None],
-            "frame_mask": frame_mask,
-            "input_ids": torch.randint(4, 250, (b, length), generator=g) * attention_mask,
-            "attention_mask": attention_mask,
-            "loss_mask": loss_mask,
-        }
-        batch.update(build_indices(frame_mask, loss_mask))
-        batches.append(batch)
-    return batches
+    return [random_padded_batch(g, b, t, length, size) for _ in range(n)]
 
 
 def build(shape: str, variant: str, size: int):

@@ -167,6 +167,17 @@ class SampleReader:
         system = meta.get("system") if isinstance(meta.get("system"), str) else self.system
         return turns, system
 
+    def encode(self, turns: list, system: str | None) -> tuple[list[int], list[bool], int]:
+        """`encode_dialogue` with this reader's stage, length limit and end-of-turn token."""
+        return encode_dialogue(
+            self.tokenizer,
+            turns,
+            stage=self.stage,
+            max_tokens=self.max_text_tokens,
+            end_of_turn_id=self.end_of_turn_id,
+            system=system,
+        )
+
     def _decode(self, row: int) -> dict:
         index = self.index
         shard = index.shards[index.shard_id[row]]
@@ -182,15 +193,7 @@ class SampleReader:
                 fps=self.fps,
                 replicate_image_frames=self.replicate_image_frames,
             )
-            turns, system = self.dialogue(meta, parts, kind, source)
-            ids, mask, full_length = encode_dialogue(
-                self.tokenizer,
-                turns,
-                stage=self.stage,
-                max_tokens=self.max_text_tokens,
-                end_of_turn_id=self.end_of_turn_id,
-                system=system,
-            )
+            ids, mask, full_length = self.encode(*self.dialogue(meta, parts, kind, source))
         except SampleError as exc:
             exc.where = (shard, key)
             raise

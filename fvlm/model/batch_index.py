@@ -23,6 +23,7 @@ promise, the model's own check makes a wrong promise harmless).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -135,3 +136,24 @@ class Targets:
         counted = loss_mask.bool() if frame_mask is None else counted_targets(frame_mask, loss_mask)
         rows, cols = counted.nonzero(as_tuple=True)
         return Targets(rows, cols, torch.ones(rows.shape[0], device=loss_mask.device))
+
+
+def random_padded_batch(g: torch.Generator, b: int, t: int, length: int, size: int) -> dict[str, Any]:
+    """A batch shaped as the loader's collate makes them, with random content (benchmarks): each
+    sample a random number of real frames (1..t, valid first, the rest zero), a random text length
+    (length/2..length, right-padded), targets a random run of its text, and the indices above."""
+    frames_per = torch.randint(1, t + 1, (b,), generator=g)
+    text_per = torch.randint(length // 2, length + 1, (b,), generator=g)
+    frame_mask = torch.arange(t)[None, :] < frames_per[:, None]
+    attention_mask = (torch.arange(length)[None, :] < text_per[:, None]).long()
+    start = torch.randint(1, length // 2, (b,), generator=g)
+    loss_mask = attention_mask.bool() & (torch.arange(length)[None, :] >= start[:, None])
+    batch: dict[str, Any] = {
+        "frames": torch.randn(b, t, 3, size, size, generator=g) * frame_mask[:, :, None, None, None],
+        "frame_mask": frame_mask,
+        "input_ids": torch.randint(4, 250, (b, length), generator=g) * attention_mask,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+    }
+    batch.update(build_indices(frame_mask, loss_mask))
+    return batch

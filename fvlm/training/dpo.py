@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from fvlm.data.decode import SampleError, encode_dialogue, read_meta
+from fvlm.data.decode import SampleError, read_meta
 from fvlm.data.index import read_sample
 from fvlm.data.loader import Loader, SampleReader, collate, load_index, split_path
 from fvlm.data.schedule import TrainSchedule, source_probabilities
@@ -144,14 +144,7 @@ class PreferenceReader(SampleReader):
             turns, system = self.dialogue(meta, parts, index.kind_of(row), index.source_of(row))
             # The same prompt and system turn as the chosen answer, the last answer swapped.
             turns[-1] = (turns[-1][0], rejected)
-            ids, mask, _ = encode_dialogue(
-                self.tokenizer,
-                turns,
-                stage=self.stage,
-                max_tokens=self.max_text_tokens,
-                end_of_turn_id=self.end_of_turn_id,
-                system=system,
-            )
+            ids, mask, _ = self.encode(turns, system)
         except SampleError as exc:
             exc.where = (shard, key)
             raise
