@@ -71,6 +71,28 @@ def test_query_attention_matches_sdpa():
     assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-6)
 
 
+@pytest.mark.parametrize("overrides", [(), ("model.deep_query=false",)])
+def test_a_training_step_skips_the_query_weights_and_computes_the_same_losses(overrides):
+    """A training step never reads the query's attention weights, so its reads run fused without
+    them; asking for them (as evaluation and the pictures do) changes no loss and no gradient."""
+    model = tiny("model.query_init=random", *overrides)
+    model.train()
+    batch = make_batch(indices=True)
+    plain = model(batch, compute_coarse=True)
+    assert plain.entropy_weights is None and plain.attention == {}
+    plain_grads = _grads(model, plain.loss)
+    asked = model(batch, compute_coarse=True, return_attention=True)
+    assert set(asked.attention) == {"coarse", "fine"} and asked.attention_entropy is not None
+    asked_grads = _grads(model, asked.loss)
+    assert torch.allclose(plain.loss, asked.loss, atol=1e-6)
+    assert torch.allclose(plain.loss_coarse, asked.loss_coarse, atol=1e-6)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grad, asked_grads[name], atol=1e-6), name
+    model.eval()
+    with torch.no_grad():
+        assert model(batch).attention_entropy is not None  # evaluation reads the entropy
+
+
 def test_dino_runs_once_per_frame_in_coarse_fine():
     model = tiny()
     batch = make_batch(valid=(4, 2))
@@ -164,6 +186,72 @@ def test_padded_frames_do_not_change_losses(arch_overrides):
         assert torch.allclose(a.loss, b.loss, atol=1e-5), mode
         if a.loss_coarse is not None:
             assert torch.allclose(a.loss_coarse, b.loss_coarse, atol=1e-5), mode
+
+
+def _masked_llm(model, embeds, mask):
+    """The LLM over [B, L] rows with padding anywhere, through transformers' own SDPA mask (what the
+    uncached passes ran before they were packed)."""
+    from fvlm.model.attention import sdpa_view
+    from fvlm.model.vlm import _positions
+
+    llm = model.llm.model
+    saved = llm.config
+    llm.config = sdpa_view(saved)  # the same attention function; transformers builds the mask
+    try:
+        return llm(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=_positions(mask)).last_hidden_state
+    finally:
+        llm.config = saved
+
+
+def test_packed_llm_pass_equals_the_masked_pass_with_its_gradients():
+    """Rows padded in the middle (padded frames before the text) and at the end: packing the real
+    tokens to the front and running without a mask gives every real position the masked pass's
+    hidden state, and the same gradients; padded inputs get none."""
+    model = tiny()
+    assert model.packed_attention
+    g = torch.Generator().manual_seed(3)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1, 0], [1, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0, 0]])
+    embeds = torch.randn(3, 8, model.llm_dim, generator=g)
+    weights = torch.randn(3, 8, model.llm_dim, generator=g) * mask[..., None]
+    outs, grads = [], []
+    for run in (lambda e: model.run_llm(e, mask), lambda e: _masked_llm(model, e, mask)):
+        e = embeds.clone().requires_grad_(True)
+        hidden = run(e)
+        (hidden * weights).sum().backward()
+        outs.append(hidden * mask[..., None])
+        grads.append(e.grad)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    assert torch.count_nonzero(grads[0][mask == 0]) == 0
+
+
+def test_uncached_passes_call_sdpa_without_a_mask_and_cached_ones_as_transformers_does(monkeypatch):
+    """A training step's LLM passes give SDPA no mask (causal, grouped-query heads natively: no
+    key/value copies); a cached pass gets the mask transformers' plain SDPA model builds."""
+    import torch.nn.functional as F
+
+    model = tiny("model.query_init=random")
+    model.train()
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.shape[1], k.shape[1], attn_mask is None, kwargs.get("is_causal"), kwargs.get("enable_gqa")))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    batch = make_batch(indices=True)
+    model(batch, compute_coarse=False).loss.backward()
+    heads, kv_heads = model.llm.config.num_attention_heads, model.llm.config.num_key_value_heads
+    assert kv_heads < heads
+    llm_calls = [c for c in calls if c[:2] == (heads, kv_heads)]
+    assert len(llm_calls) == 2 * model.llm.config.num_hidden_layers  # the coarse and the fine pass
+    assert all(c[2:] == (True, True, True) for c in llm_calls)
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        model.generate(batch, max_new_tokens=2)
+    assert any(not c[2] for c in calls)  # the cached prefill of the padded prompts is masked
 
 
 def test_single_sample_loss_equals_batched():

@@ -54,14 +54,19 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(n, s, h * hd)
 
 
-def query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query per frame over its keys; explicit softmax so the weights are free to return.
 
     q: [N, heads, 1, hd]; k, v: [N, heads, S, hd] -> (out [N, heads, 1, hd], weights [N, heads, S]).
+    Without `weights` it is SDPA's one fused call, and the weights are None.
     """
+    if not weights:
+        return F.scaled_dot_product_attention(q, k, v), None
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    weights = scores.softmax(dim=-1)
-    return torch.matmul(weights, v), weights.squeeze(-2)
+    probs = scores.softmax(dim=-1)
+    return torch.matmul(probs, v), probs.squeeze(-2)
 
 
 def cls_embedding(dino: Any) -> torch.Tensor:
@@ -115,19 +120,23 @@ class DinoEncoder(nn.Module):
             hidden = layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(hidden)))) + hidden
         return PatchCache(self.dino.layernorm(hidden), keys, values, grid)
 
-    def deep_query(self, cache: PatchCache, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """query [N, D] (already in DINO width) -> (token [N, D], attention [N, layers, heads, 1 + P])."""
+    def deep_query(
+        self, cache: PatchCache, query: torch.Tensor, weights: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """query [N, D] (already in DINO width) -> (token [N, D], attention [N, layers, heads, 1 + P];
+        None without `weights`)."""
         hidden = query.unsqueeze(1)
         weights_per_layer = []
         for layer, k, v in zip(self.dino.encoder.layer, cache.keys, cache.values):
             attn = layer.attention
             q = _split_heads(attn.q_proj(layer.norm1(hidden)), self.num_heads)
-            out, weights = query_attention(q, k, v)
+            out, layer_weights = query_attention(q, k, v, weights)
             hidden = layer.layer_scale1(attn.o_proj(_merge_heads(out))) + hidden
             hidden = layer.layer_scale2(layer.mlp(layer.norm2(hidden))) + hidden
-            weights_per_layer.append(weights)
+            if layer_weights is not None:
+                weights_per_layer.append(layer_weights)
         token = self.dino.layernorm(hidden).squeeze(1)
-        return token, torch.stack(weights_per_layer, dim=1)
+        return token, torch.stack(weights_per_layer, dim=1) if weights else None
 
 
 class ShallowQuery(nn.Module):
@@ -145,10 +154,12 @@ class ShallowQuery(nn.Module):
     def project_kv(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _split_heads(self.k(features), self.heads), _split_heads(self.v(features), self.heads)
 
-    def forward(self, kv: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, kv: tuple[torch.Tensor, torch.Tensor], query: torch.Tensor, weights: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         q = _split_heads(self.q(query.unsqueeze(1)), self.heads)
-        out, weights = query_attention(q, *kv)
-        return self.o(_merge_heads(out)).squeeze(1), weights.unsqueeze(1)
+        out, attention = query_attention(q, *kv, weights=weights)
+        return self.o(_merge_heads(out)).squeeze(1), None if attention is None else attention.unsqueeze(1)
 
 
 def attention_entropy(weights: torch.Tensor) -> torch.Tensor:

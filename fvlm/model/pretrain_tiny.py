@@ -436,6 +436,7 @@ def place_query_mass(
 
     def mass(cache: PatchCache, queries: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _, weights = encoder.deep_query(cache, queries)  # [N, layers, heads, 1 + P]
+        assert weights is not None  # asked for (the default)
         return (weights[..., 1:] * target[:, None, None, :]).sum(-1).mean((1, 2))
 
     torch.manual_seed(seed)

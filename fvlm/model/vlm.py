@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fvlm.config import ModelConfig
+from fvlm.model.attention import cached_mask, run_packed, sdpa_view, use_packed_sdpa
 from fvlm.model.batch_index import FrameIndex, Targets
 from fvlm.model.chunked_ce import chunked_cross_entropy
 from fvlm.model.encoder import DinoEncoder, PatchCache, ShallowQuery, attention_entropy, cls_embedding
@@ -106,6 +107,10 @@ class VLMBase(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.llm: Any = llm  # a transformers causal LM: its attributes are not typed through nn.Module
+        # Uncached passes pack each row's real tokens to the front and run without a mask
+        # (fvlm/model/attention.py); an eager-attention LLM keeps masked passes.
+        self.packed_attention = use_packed_sdpa(llm)
+        self._mask_config = sdpa_view(llm.config) if self.packed_attention else None
         self.encoder = DinoEncoder(dino)
         self.llm_dim = llm.config.hidden_size
         self.dino_dim = dino.config.hidden_size
@@ -197,14 +202,20 @@ class VLMBase(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: DynamicCache | None = None,
     ) -> torch.Tensor:
+        if cache is None and position_ids is None and self.packed_attention:
+            # The training step's path: no mask, nothing for transformers to read or build.
+            return run_packed(self.llm, embeds, mask)
         position_ids = _positions(mask)[:, -embeds.shape[1] :] if position_ids is None else position_ids
+        attention: torch.Tensor | None
         if cache is None:
-            # The training step's path: a 4D mask, so that transformers never reads the mask's values.
+            # An eager-attention LLM: a 4D mask, so that transformers never reads the mask's values.
             sdpa = self.llm.config._attn_implementation == "sdpa"
-            attention: torch.Tensor = attention_mask_4d(mask, embeds.shape[1], embeds.dtype, sdpa)
-        else:
+            attention = attention_mask_4d(mask, embeds.shape[1], embeds.dtype, sdpa)
+        elif self.packed_attention:
             # Cached passes (generation, the autoregressive mode, a logged step's coarse loss) are not
-            # compiled and may sync: transformers builds the mask itself, as the exported model's does.
+            # compiled and may sync: transformers' own SDPA mask, as the exported model builds it.
+            attention = cached_mask(self._mask_config, embeds, mask, cache)
+        else:
             attention = mask.long()
         out = self.llm.model(
             inputs_embeds=embeds,
@@ -398,21 +409,26 @@ class FoveatedVLM(VLMBase):
             kv = self.shallow.project_kv(cache.features)
         return cache, kv
 
-    def _read(self, cache: PatchCache, kv: KV | None, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries [N, query_dim] for the N frames of `cache` -> (LLM tokens [N, D_llm], attention)."""
+    def _read(
+        self, cache: PatchCache, kv: KV | None, queries: torch.Tensor, weights: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """queries [N, query_dim] for the N frames of `cache` -> (LLM tokens [N, D_llm], attention;
+        None without `weights`: then each read is one fused attention call)."""
         q = self.query_proj(queries)
         if self.shallow is None:
-            token, weights = self.encoder.deep_query(cache, q)
+            token, attention = self.encoder.deep_query(cache, q, weights)
         else:
             assert kv is not None  # `_prepare` projects the keys and values for the shallow query
-            token, weights = self.shallow(kv, q)
-        return self.project(token), weights
+            token, attention = self.shallow(kv, q, weights)
+        return self.project(token), attention
 
-    def _coarse(self, prepared: Prepared, index: FrameIndex | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _coarse(
+        self, prepared: Prepared, index: FrameIndex | torch.Tensor, weights: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         index = _frame_index(index)
         cache, kv = prepared
-        tokens, weights = self._read(cache, kv, self.q_static.expand(cache.num_frames, -1))
-        return self._scatter(tokens, index), self._scatter(weights, index)
+        tokens, attention = self._read(cache, kv, self.q_static.expand(cache.num_frames, -1), weights)
+        return self._scatter(tokens, index), None if attention is None else self._scatter(attention, index)
 
     def _next_queries(self, hidden: torch.Tensor, index: FrameIndex | torch.Tensor) -> torch.Tensor:
         """Query for frame t from the hidden state after frame t-1; frame 0 uses q_init."""
@@ -433,20 +449,29 @@ class FoveatedVLM(VLMBase):
         if index.empty:
             return self._text_only(batch)
         prepared = self._prepare(batch["frames"], index)
+        # The query's attention weights are read by evaluation (the entropy) and the attention
+        # pictures, never by a training step: there each read is one fused attention call instead.
+        weights = return_attention or not (self.training and torch.is_grad_enabled())
         if mode == "coarse_only":
-            coarse, coarse_attn = self._coarse(prepared, index)
+            coarse, coarse_attn = self._coarse(prepared, index, weights)
             loss, n = self.loss_over(coarse, index.mask, batch)
             return self._output(loss, n, None, loss, {"coarse": coarse_attn}, return_attention)
         if mode == "autoregressive":
             return self._autoregressive(batch, prepared, return_attention)
-        return self._coarse_fine(batch, prepared, index, compute_coarse, return_attention)
+        return self._coarse_fine(batch, prepared, index, compute_coarse, return_attention, weights)
 
     def _coarse_fine(
-        self, batch: Batch, prepared: Prepared, index: FrameIndex, compute_coarse: bool, return_attention: bool
+        self,
+        batch: Batch,
+        prepared: Prepared,
+        index: FrameIndex,
+        compute_coarse: bool,
+        return_attention: bool,
+        weights: bool = True,
     ) -> VLMOutput:
         frame_mask = index.mask
         targets = _targets(batch)
-        coarse, coarse_attn = self._coarse(prepared, index)
+        coarse, coarse_attn = self._coarse(prepared, index, weights)
         lam = self.cfg.lambda_coarse
         loss_coarse: torch.Tensor | None = None
         if lam > 0:
@@ -478,7 +503,7 @@ class FoveatedVLM(VLMBase):
                         )
                     else:
                         loss_coarse, _ = self.loss_over(coarse.detach(), frame_mask, batch)
-        fine, fine_attn = self._fine(prepared, coarse_hidden, index)
+        fine, fine_attn = self._fine(prepared, coarse_hidden, index, weights)
         loss_fine, n = self.loss_over(fine, frame_mask, batch)
         # With lam > 0 the coarse loss was computed above, with its gradient.
         loss = loss_fine + lam * loss_coarse if lam > 0 and loss_coarse is not None else loss_fine
@@ -486,14 +511,15 @@ class FoveatedVLM(VLMBase):
         return self._output(loss, n, loss_fine, loss_coarse, attn, return_attention)
 
     def _fine(
-        self, prepared: Prepared, coarse_hidden: torch.Tensor, index: FrameIndex | torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, prepared: Prepared, coarse_hidden: torch.Tensor, index: FrameIndex | torch.Tensor, weights: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fine read of every frame at once, each with the query from the LLM's state after the
-        previous coarse token: (fine tokens [B, T, D_llm], attention [B, T, layers, heads, 1 + P])."""
+        previous coarse token: (fine tokens [B, T, D_llm], attention [B, T, layers, heads, 1 + P] or
+        None without `weights`)."""
         index = _frame_index(index)
         cache, kv = prepared
-        tokens, weights = self._read(cache, kv, self._next_queries(coarse_hidden, index))
-        return self._scatter(tokens, index), self._scatter(weights, index)
+        tokens, attention = self._read(cache, kv, self._next_queries(coarse_hidden, index), weights)
+        return self._scatter(tokens, index), None if attention is None else self._scatter(attention, index)
 
     def _autoregressive(
         self, batch: Batch, prepared: Prepared, return_attention: bool, use_cache: bool = True
@@ -521,7 +547,7 @@ class FoveatedVLM(VLMBase):
             kv_rows = None if kv is None else (kv[0][rows], kv[1][rows])
             token_rows, weight_rows = self._read(cache.select(rows), kv_rows, query[valid])
             tokens.append(self._scatter(token_rows, valid[:, None])[:, 0])
-            weights_all.append(self._scatter(weight_rows, valid[:, None])[:, 0])
+            weights_all.append(self._scatter(_asked(weight_rows), valid[:, None])[:, 0])
             mask = frame_mask[:, : step + 1]
             if use_cache:
                 hidden = self.run_llm(tokens[-1][:, None], mask, cache=llm_cache)[:, -1]
@@ -555,10 +581,10 @@ class FoveatedVLM(VLMBase):
             coarse, coarse_attn = self._coarse(prepared, index)
         for mode in modes:
             if mode == "coarse_only":
-                blocks[mode] = (coarse, frame_mask, {"coarse": coarse_attn})
+                blocks[mode] = (coarse, frame_mask, {"coarse": _asked(coarse_attn)})
             elif mode == "coarse_fine":
                 fine, fine_attn = self._fine(prepared, self.run_llm(coarse, frame_mask), index)
-                blocks[mode] = (fine, frame_mask, {"coarse": coarse_attn, "fine": fine_attn})
+                blocks[mode] = (fine, frame_mask, {"coarse": _asked(coarse_attn), "fine": _asked(fine_attn)})
             else:
                 tokens, weights = self._sequential_fine(frame_mask, prepared)
                 blocks[mode] = (tokens, frame_mask, {"fine": weights})
@@ -580,18 +606,19 @@ class FoveatedVLM(VLMBase):
         n: torch.Tensor,
         loss_fine: torch.Tensor | None,
         loss_coarse: torch.Tensor | None,
-        attn: dict[str, torch.Tensor],
+        attn: dict[str, torch.Tensor | None],
         return_attention: bool,
     ) -> VLMOutput:
-        key = "fine" if "fine" in attn else "coarse"
+        kept = {k: v.detach() for k, v in attn.items() if v is not None}
+        key = "fine" if "fine" in kept else "coarse"
         return VLMOutput(
             loss=loss,
             n_tokens=0,
             target_count=n,
             loss_fine=None if loss_fine is None else loss_fine.detach(),
             loss_coarse=None if loss_coarse is None else loss_coarse.detach(),
-            entropy_weights=attn[key].detach(),
-            attention={k: v.detach() for k, v in attn.items()} if return_attention else {},
+            entropy_weights=kept.get(key),
+            attention=kept if return_attention else {},
         )
 
 
@@ -616,6 +643,12 @@ def mark_dynamic(batch: Batch) -> None:
         tensor = batch.get(key)
         if isinstance(tensor, torch.Tensor) and tensor.shape[dim] > 1:
             torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def _asked(weights: torch.Tensor | None) -> torch.Tensor:
+    """Attention weights a read was asked for (reads return them unless told not to)."""
+    assert weights is not None
+    return weights
 
 
 def _frame_index(index: FrameIndex | torch.Tensor) -> FrameIndex:
