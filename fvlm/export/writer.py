@@ -190,11 +190,14 @@ def hf_inputs(batch: Batch, per_frame: int, frame_token_id: int) -> dict[str, to
 
 @torch.no_grad()
 def fvlm_logits(model: VLM, batch: Batch, mode: str) -> torch.Tensor:
-    """fvlm's own logits over [visual block + text] in a mode: what the exported model must reproduce."""
+    """fvlm's own logits over [visual block + text] in a mode: what the exported model must reproduce.
+    The last pass goes through an empty cache, so that it attends with transformers' own mask as the
+    exported model does (fvlm's uncached passes run packed and unmasked: the same values up to kernel
+    rounding, which over a real LLM's 30 layers reaches the check's tolerance)."""
     visual, visual_mask = model.visual_tokens(batch, mode)
     embeds = torch.cat([visual, model.embed_text(batch["input_ids"])], dim=1)
     mask = torch.cat([visual_mask.long(), batch["attention_mask"].long()], dim=1)
-    return model.llm.lm_head(model.run_llm(embeds, mask)).float()
+    return model.llm.lm_head(model.run_llm(embeds, mask, cache=model._new_cache())).float()
 
 
 @torch.no_grad()
