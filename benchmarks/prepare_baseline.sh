@@ -7,8 +7,8 @@ usage() {
 Usage: benchmarks/prepare_baseline.sh [REF] [DIR]
 
 Exports the fvlm/ package of git ref REF (default: origin/main, else main) with `git archive` into
-DIR (default: gpu_baseline, at the repository's root), with a marker file .fvlm-baseline naming the
-ref and commit, and prints the command that measures it beside the working tree's code:
+DIR (default: gpu_baseline; a relative DIR is taken from the repository's root), with a marker file
+.fvlm-baseline naming the ref and commit, and prints the command that measures it beside the working tree's code:
 
     python benchmarks/gpu_check.py --sizes 135m --dense --parts steps,compile --no-record --baseline DIR
 
