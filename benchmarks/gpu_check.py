@@ -1,6 +1,7 @@
 """The GPU check: everything the plan's runs need to know about a GPU, measured in a few minutes.
 
     python benchmarks/gpu_check.py [--out DIR] [--sizes 135m,360m,1.7b] [--steps N] [--dense] [--no-record]
+                                   [--parts steps,compile,...] [--baseline OLD_CHECKOUT]
     python benchmarks/gpu_check.py --reduced [--out DIR]      # the CPU-sized version CI runs
 
 On one H100/H200 it takes about 5-8 minutes. With random weights of the paper shapes (SmolLM2
@@ -31,6 +32,17 @@ a GPU records the measured MFU of each shape in benchmarks/mfu_measured.json, wh
 counter's training FLOPs (fvlm.model.flops) over step time, against the bf16 dense peak of the
 device (fvlm.training.throughput.BF16_PEAKS); goal: >= 40% at 135M on an H100-class GPU.
 
+`--baseline DIR` measures part 1 (and part 2, when it runs) a second time with another checkout's
+code: DIR holds an `fvlm/` package, which a child process imports in place of this tree's (DIR first
+on PYTHONPATH) while timing with this script's code, on the same batches (made here, with the same
+seeds, and handed over in a file) and the same GPU, right after this tree's rows. Where the old code
+cannot take the batches' index keys, it is timed without them; where it cannot run at all, the
+report says why. gpu_check.md then has a table of old and new samples/s and MFU per shape (both MFUs
+count the same FLOPs: this tree's counter on the same batches). `benchmarks/prepare_baseline.sh
+[REF]` exports a commit's `fvlm/` into `gpu_baseline/` (untracked, not ignored, so the device
+machine's copy of the tree carries it; delete it after the run) and prints the command to run.
+`--parts` runs a subset of the parts (steps,compile,parity,loader,allreduce), to spend less GPU time.
+
 `--reduced` runs the same code on tiny shapes at 32 px on the CPU in under a minute, so that the
 script cannot rot between GPU sessions; its numbers mean nothing.
 """
@@ -39,9 +51,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,15 +64,16 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+WORKER_FLAG = "--baseline-worker"
+# A baseline worker (see --baseline) imports the other checkout's fvlm, which its parent put first on
+# PYTHONPATH; everyone else imports this tree's. The worker needs only the three imports below from
+# fvlm (the rest are imported where used), so that an older fvlm can be measured too.
+if WORKER_FLAG not in sys.argv:
+    sys.path.insert(0, str(HERE.parent))
 
 from fvlm.config import load_config  # noqa: E402
-from fvlm.model.batch_index import random_padded_batch  # noqa: E402
-from fvlm.model.build import build_model, compile_model  # noqa: E402
-from fvlm.model.flops import estimate_flops  # noqa: E402
-from fvlm.training.evaluate import to_device  # noqa: E402
+from fvlm.model.build import build_model  # noqa: E402
 from fvlm.training.optim import build_optimizer  # noqa: E402
-from fvlm.training.throughput import peak_flops  # noqa: E402
 
 FULL = {
     "configs": {"135m": "paper_135m", "360m": "paper_360m", "1.7b": "paper_1.7b"},
@@ -111,19 +126,30 @@ def make_batch(b: int, plan: dict, device, seed: int = 0) -> dict:
     }
 
 
-def padded_batches(n: int, b: int, plan: dict, device, seed: int = 0) -> list[dict]:
-    """`n` batches as the loader's collate makes them: each sample a random number of real frames
-    (1..T, valid first, the rest zero), a random text length (T/2..N tokens, right-padded), targets a
-    random run of its text, and the host-side indices of fvlm.model.batch_index (what the trainer's
-    sync-free step uses)."""
+def padded_batches(n: int, b: int, plan: dict, seed: int = 0) -> list[dict]:
+    """`n` batches (on the CPU) as the loader's collate makes them: each sample a random number of real
+    frames (1..T, valid first, the rest zero), a random text length (T/2..N tokens, right-padded),
+    targets a random run of its text, and the host-side indices of fvlm.model.batch_index (what the
+    trainer's sync-free step uses)."""
+    from fvlm.model.batch_index import random_padded_batch
+
     g = torch.Generator().manual_seed(seed)
     size, t, length = plan["image"], plan["frames"], plan["text"]
-    return [to_device(random_padded_batch(g, b, t, length, size), device) for _ in range(n)]
+    return [random_padded_batch(g, b, t, length, size) for _ in range(n)]
+
+
+def host_batches(kind: str, n: int, b: int, plan: dict) -> list[dict]:
+    """The batches a timed run cycles through, on the CPU: `padded` (realistic, distinct) or `dense`
+    (one all-ones batch)."""
+    return padded_batches(n, b, plan) if kind == "padded" else [make_batch(b, plan, "cpu")]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def step_batches(kind: str, n: int, b: int, plan: dict, device) -> list[dict]:
-    """The batches a timed run cycles through: `padded` (realistic, distinct) or `dense` (one all-ones batch)."""
-    return padded_batches(n, b, plan, device) if kind == "padded" else [make_batch(b, plan, device)]
+    return [to_device(x, device) for x in host_batches(kind, n, b, plan)]
 
 
 def batch_stats(batches: list[dict]) -> dict:
@@ -137,6 +163,8 @@ def batch_stats(batches: list[dict]) -> dict:
 def batch_flops(cfg, batches: list[dict], plan: dict) -> float:
     """Training FLOPs of one batch, averaged over `batches`: each sample at its own real frames and
     targets (the LLM runs over the padded text length)."""
+    from fvlm.model.flops import estimate_flops
+
     total = 0.0
     for batch in batches:
         frames = batch["frame_mask"].sum(1).tolist()
@@ -160,6 +188,8 @@ def train_steps(cfg, batches, device, bf16: bool, steps: int, compile_backend: s
     model = build_model(cfg.model).to(device)
     model.train()
     if compile_backend:
+        from fvlm.model.build import compile_model
+
         compile_model(model, backend=compile_backend)
     optimizer = build_optimizer(model, cfg.optim)
     losses, times = [], []
@@ -184,73 +214,95 @@ def train_steps(cfg, batches, device, bf16: bool, steps: int, compile_backend: s
     return statistics.median(times), losses, peak
 
 
+def step_jobs(plan: dict, kinds) -> list[tuple]:
+    """(size, config name, batches kind, variant, overrides) of each row of part 1, in order."""
+    return [
+        (size, name, kind, variant, overrides)
+        for size, name in plan["configs"].items()
+        for kind in kinds
+        for variant, overrides in VARIANTS.items()
+    ]
+
+
+def step_flops(cfg, kind: str, batches: list[dict], plan: dict) -> float:
+    """Training FLOPs of one step: every frame and token of a dense batch, each sample's real ones of a padded one."""
+    if kind == "dense":
+        from fvlm.model.flops import estimate_flops
+
+        return estimate_flops(cfg.model, frames=plan["frames"], text_tokens=plan["text"]).per_sample * len(
+            batches[0]["input_ids"]
+        )
+    return batch_flops(cfg, batches, plan)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _step_line(who: str, r: dict) -> str:
+    head = f"  {who}step {r['size']:>5} {r['variant']:<12} {r['batches']:<6} batch {r['batch']:>3}:"
+    if "error" in r:
+        return f"{head} {r['error']}"
+    return (
+        f"{head} {r['step_sec'] * 1e3:8.1f} ms, {r['samples_per_sec']:7.1f} samples/s, MFU {_pct(r['mfu'])}, "
+        f"peak {_gib(r['peak_mem_gib'])}"
+    )
+
+
 def check_steps(plan, device, bf16, peak, log, kinds=("padded",)) -> list[dict]:
     rows = []
-    for size, name in plan["configs"].items():
-        for kind in kinds:
-            for variant, overrides in VARIANTS.items():
-                cfg = run_config(name, plan, overrides)
-                b = cfg.train.batch_size
-                try:
-                    batches = step_batches(kind, plan["steps"] + 1, b, plan, device)
-                    if kind == "dense":
-                        flops = (
-                            estimate_flops(cfg.model, frames=plan["frames"], text_tokens=plan["text"]).per_sample * b
-                        )
-                    else:
-                        flops = batch_flops(cfg, batches, plan)
-                    seconds, _, memory = train_steps(cfg, batches, device, bf16, plan["steps"])
-                except torch.cuda.OutOfMemoryError:
-                    rows.append(
-                        {"size": size, "variant": variant, "batches": kind, "batch": b, "error": "out of memory"}
-                    )
-                    torch.cuda.empty_cache()
-                    continue
-                row = {
-                    "size": size,
-                    "variant": variant,
-                    "batches": kind,
-                    **batch_stats(batches),
-                    "llm": cfg.model.llm,
-                    "arch": cfg.model.arch,
-                    "batch": b,
-                    "checkpointing": cfg.model.gradient_checkpointing,
-                    "step_sec": seconds,
-                    "samples_per_sec": b / seconds,
-                    "flops_per_sec": flops / seconds,
-                    "mfu": flops / seconds / peak if peak else None,
-                    "peak_mem_gib": memory,
-                }
-                rows.append(row)
-                log(
-                    f"  step {size:>5} {variant:<12} {kind:<6} batch {b:>3}: {seconds * 1e3:8.1f} ms, "
-                    f"{row['samples_per_sec']:7.1f} samples/s, MFU {_pct(row['mfu'])}, peak {_gib(memory)}"
-                )
+    for size, name, kind, variant, overrides in step_jobs(plan, kinds):
+        cfg = run_config(name, plan, overrides)
+        b = cfg.train.batch_size
+        try:
+            batches = step_batches(kind, plan["steps"] + 1, b, plan, device)
+            flops = step_flops(cfg, kind, batches, plan)
+            seconds, losses, memory = train_steps(cfg, batches, device, bf16, plan["steps"])
+        except torch.cuda.OutOfMemoryError:
+            rows.append({"size": size, "variant": variant, "batches": kind, "batch": b, "error": "out of memory"})
+            torch.cuda.empty_cache()
+            continue
+        row = {
+            "size": size,
+            "variant": variant,
+            "batches": kind,
+            **batch_stats(batches),
+            "llm": cfg.model.llm,
+            "arch": cfg.model.arch,
+            "batch": b,
+            "checkpointing": cfg.model.gradient_checkpointing,
+            "step_sec": seconds,
+            "samples_per_sec": b / seconds,
+            "flops_per_sec": flops / seconds,
+            "mfu": flops / seconds / peak if peak else None,
+            "peak_mem_gib": memory,
+            "losses": losses,
+        }
+        rows.append(row)
+        log(_step_line("", row))
     return rows
 
 
-def check_compile(plan, device, bf16, log, kind: str = "padded") -> dict:
-    """Eager vs compiled step (first size, foveated) on `kind` batches, with dynamo's graph counts
-    over the compiled run (a padded batch's frame and target counts vary, so shapes change)."""
+def compare_compile(cfg, batches, device, bf16, plan, log, kind: str, who: str = "") -> dict:
+    """Eager vs compiled step of `cfg` cycling through `batches`, with dynamo's graph counts over the
+    compiled run (a padded batch's frame and target counts vary, so shapes change)."""
     from torch._dynamo.utils import counters
 
-    name = next(iter(plan["configs"].values()))
-    cfg = run_config(name, plan, {})
-    batches = step_batches(kind, plan["steps"] + 1, cfg.train.batch_size, plan, device)
     eager, _, _ = train_steps(cfg, batches, device, bf16, plan["steps"])
     torch._dynamo.reset()
     counters.clear()
     try:
         compiled, _, _ = train_steps(cfg, batches, device, bf16, plan["steps"], compile_backend=plan["compile_backend"])
     except Exception as exc:  # a compiler failure is a result to report, not a reason to stop the check
-        log(f"  torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
-        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        return {"batches": kind, "eager_step_sec": eager, "error": error}
+        log(f"  {who}torch.compile failed: {_one_line(exc)}")
+        return {"batches": kind, "eager_step_sec": eager, "error": _one_line(exc)}
     graphs = int(counters["stats"]["unique_graphs"])
     recompiles = max(graphs - 1, 0)  # `_forward` compiles as one full graph: each more graph is a recompile
     log(
-        f"  compile ({kind}): eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms ({eager / compiled:.2f}x); "
-        f"{graphs} graphs ({recompiles} recompiles), {len(batches)} distinct batches over {plan['steps'] + 1} steps"
+        f"  {who}compile ({kind}): eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms "
+        f"({eager / compiled:.2f}x); {graphs} graphs ({recompiles} recompiles), {len(batches)} distinct batches "
+        f"over {plan['steps'] + 1} steps"
     )
     return {
         "backend": plan["compile_backend"],
@@ -263,6 +315,236 @@ def check_compile(plan, device, bf16, log, kind: str = "padded") -> dict:
         "unique_graphs": graphs,
         "recompiles": recompiles,
     }
+
+
+def check_compile(plan, device, bf16, log, kind: str = "padded") -> dict:
+    """Eager vs compiled step (first size, foveated) on `kind` batches."""
+    cfg = run_config(next(iter(plan["configs"].values())), plan, {})
+    batches = step_batches(kind, plan["steps"] + 1, cfg.train.batch_size, plan, device)
+    return compare_compile(cfg, batches, device, bf16, plan, log, kind)
+
+
+# ----------------------------------------------------------------------------- the baseline
+
+# The keys of a batch before fvlm.model.batch_index: what an old model is timed on when it fails on more.
+PLAIN_KEYS = ("frames", "frame_mask", "input_ids", "attention_mask", "loss_mask")
+MARKER = ".fvlm-baseline"  # written by benchmarks/prepare_baseline.sh: the ref and commit exported
+
+
+def code_version(folder: Path) -> str | None:
+    """The commit of a checkout: the export marker of prepare_baseline.sh, else git's HEAD, else None."""
+    marker = folder / MARKER
+    if marker.is_file():
+        fields = dict(line.split(": ", 1) for line in marker.read_text().splitlines() if ": " in line)
+        if "commit" in fields:
+            return f"{fields['commit'][:12]} ({fields.get('ref', '?')})"
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--", "fvlm"], capture_output=True)
+    return done.stdout.strip() + (" with uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def _without_index_keys(batches: list[dict]) -> list[dict]:
+    return [{k: v for k, v in batch.items() if k in PLAIN_KEYS} for batch in batches]
+
+
+def _run_old(run, batches: list[dict], state: dict):
+    """`run(batches)` with the old code: on the full batches, or, where it fails on them, on the same
+    batches without the keys it may not know (said once in `state['notes']`; later runs skip them)."""
+    if not state["strip"]:
+        try:
+            return run(batches)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            extra = sorted(set(batches[0]) - set(PLAIN_KEYS))
+            if not extra:
+                raise
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            try:
+                done = run(_without_index_keys(batches))
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception:
+                raise exc from None  # the keys were not the trouble: report the first failure
+            state["strip"] = True
+            state["notes"].append(
+                f"the baseline failed on batches with {', '.join(extra)} ({_one_line(exc)}); "
+                "it was timed on the same batches without those keys"
+            )
+            return done
+    return run(_without_index_keys(batches))
+
+
+def _foreign_modules(home: Path) -> list[str]:
+    """The fvlm modules loaded from outside `home`: an editable install's import hook can fill in a
+    module the baseline lacks with another checkout's."""
+    return sorted(
+        f"{name} ({module.__file__})"
+        for name, module in list(sys.modules.items())
+        if (name == "fvlm" or name.startswith("fvlm."))
+        and getattr(module, "__file__", None)
+        and not Path(module.__file__).resolve().is_relative_to(home)
+    )
+
+
+def baseline_worker(spec_path: Path) -> int:
+    """The child process of --baseline: times the jobs of `spec_path` with the fvlm found first on
+    PYTHONPATH (the baseline's), writing what it measured to the spec's `out` after each job."""
+    import fvlm
+
+    spec = json.loads(spec_path.read_text())
+    plan, bf16, device = spec["plan"], spec["bf16"], torch.device(spec["device"])
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    home = Path(fvlm.__file__).resolve().parent
+    if not home.is_relative_to(Path(spec["baseline"]).resolve()):
+        print(f"fvlm was imported from {home}, not from the baseline {spec['baseline']}", file=sys.stderr)
+        return 2
+    if _foreign_modules(home):
+        print(f"not the baseline's: {', '.join(_foreign_modules(home))}", file=sys.stderr)
+        return 2
+    state: dict = {"strip": False, "notes": []}
+    if importlib.util.find_spec("fvlm.model.batch_index") is None:
+        state["notes"].append(
+            "the baseline has no fvlm.model.batch_index: the batches' index keys mean nothing to it "
+            "(its model finds frames and targets from the masks)"
+        )
+    result: dict = {"fvlm": str(home), "notes": state["notes"], "steps": [], "compile": []}
+    out = Path(spec["out"])
+
+    def save() -> None:
+        out.with_suffix(".tmp").write_text(json.dumps(result, default=str))
+        os.replace(out.with_suffix(".tmp"), out)
+
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    for job in spec["steps"]:
+        row = {k: job[k] for k in ("size", "variant", "batches", "batch")}
+        try:
+            cfg = run_config(job["config"], plan, job["overrides"])
+            batches = [to_device(b, device) for b in torch.load(job["file"])]
+            seconds, losses, memory = _run_old(
+                lambda bs: train_steps(cfg, bs, device, bf16, plan["steps"]), batches, state
+            )
+            row |= {"step_sec": seconds, "losses": losses, "peak_mem_gib": memory}
+            row |= {"samples_per_sec": job["batch"] / seconds, "flops_per_sec": job["flops"] / seconds}
+            row["mfu"] = job["flops"] / seconds / spec["peak"] if spec["peak"] else None
+        except torch.cuda.OutOfMemoryError:
+            row["error"] = "out of memory"
+            torch.cuda.empty_cache()
+        except Exception as exc:  # old code that cannot run a shape is a result, not a reason to stop
+            row["error"] = _one_line(exc)
+        result["steps"].append(row)
+        save()
+        log(_step_line("baseline ", row))
+    for job in spec["compile"]:
+        try:
+            import fvlm.model.build
+
+            if not hasattr(fvlm.model.build, "compile_model"):
+                raise RuntimeError("the baseline has no fvlm.model.build.compile_model")
+            cfg = run_config(job["config"], plan, job["overrides"])
+            batches = [to_device(b, device) for b in torch.load(job["file"])]
+            kind = job["batches"]
+            found = _run_old(
+                lambda bs: compare_compile(cfg, bs, device, bf16, plan, log, kind, "baseline "), batches, state
+            )
+        except Exception as exc:
+            found = {"batches": job["batches"], "error": _one_line(exc)}
+            log(f"  baseline compile ({job['batches']}): {found['error']}")
+        result["compile"].append(found)
+        save()
+    if _foreign_modules(home):
+        result["notes"].append(f"its rows mix in code from outside the baseline: {', '.join(_foreign_modules(home))}")
+        save()
+    return 0
+
+
+def check_baseline(plan, device, bf16, peak, log, kinds, parts, baseline: Path, new: dict) -> dict:
+    """Part 1 (and 2) again with the fvlm of `baseline`, in a child process, on the same batches:
+    made here as for this tree's rows and handed over in files."""
+    found: dict = {"dir": str(baseline), "commit": code_version(baseline), "notes": [], "steps": [], "compile": []}
+    log(f"  baseline: {baseline} ({found['commit'] or 'commit unknown'})")
+    with tempfile.TemporaryDirectory() as tmp:
+        files: dict = {}
+
+        def batch_file(size: str, kind: str, b: int) -> tuple[str, list[dict]]:
+            if (size, kind, b) not in files:
+                batches = host_batches(kind, plan["steps"] + 1, b, plan)
+                path = Path(tmp) / f"batches-{size}-{kind}-{b}.pt"
+                torch.save(batches, path)
+                files[size, kind, b] = (str(path), batches)
+            return files[size, kind, b]
+
+        steps, compiles = [], []
+        for size, name, kind, variant, overrides in step_jobs(plan, kinds) if "steps" in parts else []:
+            cfg = run_config(name, plan, overrides)
+            b = cfg.train.batch_size
+            path, batches = batch_file(size, kind, b)
+            flops = step_flops(cfg, kind, batches, plan)
+            steps.append(
+                {
+                    "size": size,
+                    "variant": variant,
+                    "batches": kind,
+                    "batch": b,
+                    "config": name,
+                    # The old config may have another batch size: the same batches need this one.
+                    "overrides": {**overrides, "train.batch_size": b},
+                    "file": path,
+                    "flops": flops,
+                }
+            )
+        for kind in kinds if "compile" in parts else []:
+            size, name = next(iter(plan["configs"].items()))
+            b = run_config(name, plan, {}).train.batch_size
+            compiles.append(
+                {
+                    "batches": kind,
+                    "config": name,
+                    "overrides": {"train.batch_size": b},
+                    "file": batch_file(size, kind, b)[0],
+                }
+            )
+        out = Path(tmp) / "result.json"
+        spec = {
+            "baseline": str(baseline),
+            "plan": plan,
+            "bf16": bf16,
+            "peak": peak,
+            "device": device.type,
+            "steps": steps,
+            "compile": compiles,
+            "out": str(out),
+        }
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec, default=str))
+        path = os.pathsep.join([str(baseline.resolve()), *filter(None, [os.environ.get("PYTHONPATH")])])
+        done = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), WORKER_FLAG, str(Path(tmp) / "spec.json")],
+            env={**os.environ, "PYTHONPATH": path},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if out.is_file():
+            found |= json.loads(out.read_text())
+        if done.returncode != 0:
+            tail = [line for line in done.stderr.strip().splitlines() if line.strip()]
+            found["error"] = f"the baseline's process exited with {done.returncode}: {tail[-1] if tail else ''}"
+            log(f"  baseline: {found['error']}")
+    fresh = {(r["size"], r["variant"], r["batches"]): r for r in new.get("steps", [])}
+    for row in found["steps"]:
+        mine = fresh.get((row["size"], row["variant"], row["batches"]), {})
+        if "samples_per_sec" in row and "samples_per_sec" in mine:
+            row["new_over_old"] = mine["samples_per_sec"] / row["samples_per_sec"]
+    return found
 
 
 def check_parity(plan, device, log) -> dict:
@@ -442,7 +724,7 @@ def markdown(report: dict) -> str:
         "| size | variant | batches | real frames / text | batch | step (ms) | samples/s | MFU | peak memory |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["steps"]:
+    for r in report.get("steps", []):
         head = f"| {r['size']} | {r['variant']} | {r['batches']} |"
         if "error" in r:
             lines.append(f"{head} | {r['batch']} | {r['error']} | | | |")
@@ -452,7 +734,7 @@ def markdown(report: dict) -> str:
                 f"{r['samples_per_sec']:.1f} | {_pct(r['mfu']).strip()} | {_gib(r['peak_mem_gib'])} |"
             )
     lines += ["", "| check | result |", "|---|---|"]
-    for c in report["compile"]:
+    for c in report.get("compile", []):
         lines.append(
             f"| torch.compile, {c.get('backend', '?')} backend, {c['batches']} batches (step, eager / compiled) | "
             + (
@@ -463,18 +745,71 @@ def markdown(report: dict) -> str:
                 else f"failed: {c['error']} |"
             )
         )
-    p = report["parity"]
-    lines.append(
-        f"| bf16 vs fp32 loss, max relative gap over {len(p['fp32_losses'])} steps | {p['max_relative_gap']:.4f} |"
-    )
-    for r in report["loader"]:
+    if "parity" in report:
+        p = report["parity"]
+        lines.append(
+            f"| bf16 vs fp32 loss, max relative gap over {len(p['fp32_losses'])} steps | {p['max_relative_gap']:.4f} |"
+        )
+    for r in report.get("loader", []):
         lines.append(f"| loader, {r['workers']} workers | {r['samples_per_sec']:.1f} samples/s |")
-    a = report["allreduce"]
-    lines.append(
-        f"| gradient all-reduce on {a['backend']}: manual / DDP step | {a['manual_step_sec'] * 1e3:.1f} / "
-        f"{a['ddp_step_sec'] * 1e3:.1f} ms ({a['manual_over_ddp']:.2f}x) |"
-    )
+    if "allreduce" in report:
+        a = report["allreduce"]
+        lines.append(
+            f"| gradient all-reduce on {a['backend']}: manual / DDP step | {a['manual_step_sec'] * 1e3:.1f} / "
+            f"{a['ddp_step_sec'] * 1e3:.1f} ms ({a['manual_over_ddp']:.2f}x) |"
+        )
+    if "baseline" in report:
+        lines += baseline_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def _compile_cell(c: dict | None) -> str:
+    if c is None:
+        return "not run"
+    if "speedup" not in c:
+        return f"failed: {c['error']}"
+    return (
+        f"{c['eager_step_sec'] * 1e3:.1f} / {c['compiled_step_sec'] * 1e3:.1f} ms ({c['speedup']:.2f}x), "
+        f"{c['unique_graphs']} graphs"
+    )
+
+
+def baseline_markdown(report: dict) -> list[str]:
+    """The side-by-side table of --baseline: old code's rows against this tree's."""
+    old = report["baseline"]
+    lines = [
+        "",
+        "## Old code against new",
+        "",
+        f"Old: `{old['dir']}` (commit {old['commit'] or 'unknown'}); new: this tree (commit "
+        f"{report.get('commit') or 'unknown'}). Same batches, same device, one after the other; both MFUs count "
+        "this tree's FLOPs of the same batches.",
+    ]
+    notes = old["notes"] + ([old["error"]] if "error" in old else [])
+    lines += [""] + [f"- {note}" for note in notes] if notes else []
+    lines += [
+        "",
+        "| size | variant | batches | old samples/s | new samples/s | new / old | old MFU | new MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    fresh = {(r["size"], r["variant"], r["batches"]): r for r in report.get("steps", [])}
+    for r in old["steps"]:
+        new = fresh.get((r["size"], r["variant"], r["batches"]), {})
+        cells = [
+            f"{r['samples_per_sec']:.1f}" if "samples_per_sec" in r else r.get("error", "n/a"),
+            f"{new['samples_per_sec']:.1f}" if "samples_per_sec" in new else new.get("error", "n/a"),
+            f"{r['new_over_old']:.2f}x" if "new_over_old" in r else "n/a",
+            _pct(r.get("mfu")).strip(),
+            _pct(new.get("mfu")).strip(),
+        ]
+        lines.append(f"| {r['size']} | {r['variant']} | {r['batches']} | " + " | ".join(cells) + " |")
+    if old["compile"]:
+        lines += ["", "| torch.compile (step, eager / compiled) | old | new |", "|---|---|---|"]
+        fresh_compile = {c["batches"]: c for c in report.get("compile", [])}
+        for c in old["compile"]:
+            cells = [_compile_cell(c), _compile_cell(fresh_compile.get(c["batches"]))]
+            lines.append(f"| {c['batches']} batches | " + " | ".join(cells) + " |")
+    return lines
 
 
 def record_mfu(report: dict, path: Path) -> None:
@@ -497,7 +832,13 @@ def record_mfu(report: dict, path: Path) -> None:
     path.write_text(json.dumps(records, indent=1) + "\n")
 
 
+PARTS = ("steps", "compile", "parity", "loader", "allreduce")
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [WORKER_FLAG]:
+        return baseline_worker(Path(argv[1]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reduced", action="store_true", help="tiny shapes on the CPU (what CI runs)")
     parser.add_argument("--out", type=Path)
@@ -507,7 +848,25 @@ def main(argv=None) -> int:
         "--dense", action="store_true", help="also time all-ones batches (every frame and token real), for comparison"
     )
     parser.add_argument("--no-record", action="store_true", help="do not update benchmarks/mfu_measured.json")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default: all)"
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="another checkout (a folder holding fvlm/): time the steps (and compile) with its code too, "
+        "side by side (see benchmarks/prepare_baseline.sh)",
+    )
     args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    if set(parts) - set(PARTS):
+        parser.error(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; choose from {','.join(PARTS)}")
+    if args.baseline is not None:
+        if not (args.baseline / "fvlm" / "__init__.py").is_file():
+            parser.error(f"--baseline {args.baseline}: no fvlm/__init__.py there (see benchmarks/prepare_baseline.sh)")
+        if not {"steps", "compile"} & set(parts):
+            parser.error("--baseline times the steps and compile parts: --parts has neither")
     plan = dict(REDUCED if args.reduced else FULL)
     if args.sizes:
         unknown = set(args.sizes.split(",")) - set(plan["configs"])
@@ -520,6 +879,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda:
         torch.set_num_threads(1)
+    from fvlm.training.throughput import peak_flops
+
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     bf16 = cuda and torch.cuda.is_bf16_supported()
     peak, source = peak_flops(None, name if cuda else None, bf16)
@@ -533,28 +894,33 @@ def main(argv=None) -> int:
         "device": name,
         "reduced": args.reduced,
         "torch": torch.__version__,
+        "commit": code_version(HERE.parent),
         "date": time.strftime("%Y-%m-%d"),
         "precision": "bf16 autocast" if bf16 else "fp32",
         "peak_flops": peak,
         "peak_source": source,
         "plan": {k: v for k, v in plan.items() if k != "configs"} | {"configs": plan["configs"]},
         "batches": list(kinds),
+        "parts": parts,
     }
     # The JSON is rewritten after each part, so that a check cut short by a machine's time limit still
     # leaves what it measured.
-    parts = {
+    checks = {
         "steps": lambda: check_steps(plan, device, bf16, peak, log, kinds),
         "compile": lambda: [check_compile(plan, device, bf16, log, kind) for kind in kinds],
+        "baseline": lambda: check_baseline(plan, device, bf16, peak, log, kinds, parts, args.baseline, report),
         "parity": lambda: check_parity(plan, device, log),
         "loader": lambda: check_loader(plan, log),
         "allreduce": lambda: check_allreduce(plan, log),
     }
-    for part, check in parts.items():
+    for part, check in checks.items():
+        if part not in parts and not (part == "baseline" and args.baseline is not None):
+            continue
         report[part] = check()
         report["seconds"] = time.perf_counter() - began
         (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "gpu_check.md").write_text(markdown(report))
-    if cuda and not args.no_record:
+    if cuda and not args.no_record and "steps" in parts:
         record_mfu(report, HERE / "mfu_measured.json")
     log(f"wrote {out / 'gpu_check.json'} and gpu_check.md in {report['seconds']:.0f} s")
     return 0

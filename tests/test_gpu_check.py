@@ -5,9 +5,12 @@ next time a GPU is at hand."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -57,3 +60,126 @@ def test_reduced_gpu_check_measures_everything(tmp_path):
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| tiny | multi_token | padded |" in table and "| tiny | multi_token | dense |" in table
     assert "padded batches" in table and "all-reduce" in table
+
+
+# ----------------------------------------------------------------------------- --baseline
+
+ROOT = SCRIPT.parents[1]
+PREPARE = ROOT / "benchmarks" / "prepare_baseline.sh"
+ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--reduced", *args],
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """The fvlm/ of this checkout's HEAD, exported by benchmarks/prepare_baseline.sh (git archive)."""
+    if not all(shutil.which(tool) for tool in ("git", "bash", "tar")) or not (ROOT / ".git").exists():
+        pytest.skip("needs git, bash, tar and this checkout's .git")
+    folder = tmp_path_factory.mktemp("baseline") / "head"
+    done = subprocess.run(["bash", str(PREPARE), "HEAD", str(folder)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"--baseline {folder}" in done.stdout and f"rm -rf {folder}" in done.stdout
+    assert "outside the repository" in done.stderr  # a temp folder does not travel to the device machine
+    marker = dict(line.split(": ", 1) for line in (folder / ".fvlm-baseline").read_text().splitlines())
+    assert marker["ref"] == "HEAD" and marker["commit"] == _git("rev-parse", "HEAD")
+    assert (folder / "fvlm" / "__init__.py").is_file() and not (folder / "tests").exists()
+    return folder
+
+
+def _old_and_new(report: dict) -> list[tuple[dict, dict]]:
+    new = {(r["size"], r["variant"], r["batches"]): r for r in report["steps"]}
+    return [(old, new[old["size"], old["variant"], old["batches"]]) for old in report["baseline"]["steps"]]
+
+
+def test_baseline_runs_beside_this_tree_on_the_same_batches(exported, tmp_path):
+    done = _check("--parts", "steps,compile", "--baseline", str(exported), "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "parity" not in report and "loader" not in report  # --parts
+    old = report["baseline"]
+    assert Path(old["fvlm"]) == exported / "fvlm"  # the child imported the export, not this tree
+    assert old["commit"].startswith(_git("rev-parse", "--short=12", "HEAD")) and "error" not in old
+    pairs = _old_and_new(report)
+    assert [(o["variant"], o["batches"]) for o, _ in pairs] == [
+        (v, "padded") for v in ("coarse_fine", "coarse_only", "multi_token")
+    ]
+    for o, n in pairs:
+        assert math.isfinite(o["samples_per_sec"]) and o["samples_per_sec"] > 0 and o["new_over_old"] > 0
+        assert o["new_over_old"] == pytest.approx(n["samples_per_sec"] / o["samples_per_sec"])
+        if not _git("status", "--porcelain", "--", "fvlm"):  # same code, weights and batches: same losses
+            assert o["losses"] == pytest.approx(n["losses"], rel=1e-5)
+    (c,) = old["compile"]
+    assert c["batches"] == "padded" and c["compiled_step_sec"] > 0 and c["unique_graphs"] >= 1
+    table = (tmp_path / "gpu_check.md").read_text().split("## Old code against new")[1]
+    assert str(exported) in table and "| old samples/s | new samples/s | new / old | old MFU | new MFU |" in table
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 3
+    for row in rows:
+        old_rate, new_rate, ratio = (float(cell.strip().rstrip("x")) for cell in row[3:6])
+        assert old_rate > 0 and new_rate > 0 and ratio == pytest.approx(new_rate / old_rate, rel=0.02)
+
+
+def test_old_code_that_refuses_the_index_keys_is_timed_without_them(exported, tmp_path):
+    """A baseline whose model takes only the masks: timed on the same batches without their index
+    keys, which the model then finds from the masks itself (so the losses stay this tree's)."""
+    old = shutil.copytree(exported, tmp_path / "old")
+    build = old / "fvlm" / "model" / "build.py"
+    build.write_text(
+        build.read_text()
+        + textwrap.dedent(
+            """
+            _build_model = build_model
+
+
+            def build_model(*args, **kwargs):
+                model = _build_model(*args, **kwargs)
+                forward = model.forward
+
+                def masks_only(batch, *rest, **options):
+                    extra = set(batch) - {"frames", "frame_mask", "input_ids", "attention_mask", "loss_mask"}
+                    if extra:
+                        raise KeyError(f"unknown batch keys {sorted(extra)}")
+                    return forward(batch, *rest, **options)
+
+                model.forward = masks_only
+                return model
+            """
+        )
+    )
+    done = _check("--parts", "steps", "--baseline", str(old), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    (note,) = report["baseline"]["notes"]
+    assert "frame_rows" in note and "unknown batch keys" in note and "without those keys" in note
+    for o, n in _old_and_new(report):
+        assert o["samples_per_sec"] > 0 and "error" not in o
+        if not _git("status", "--porcelain", "--", "fvlm"):
+            assert o["losses"] == pytest.approx(n["losses"], rel=1e-4)
+    assert note in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
+def test_a_baseline_that_cannot_run_is_reported_not_fatal(exported, tmp_path):
+    old = shutil.copytree(exported, tmp_path / "old")
+    (old / "fvlm" / "config.py").unlink()
+    done = _check("--parts", "compile", "--baseline", str(old), "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["compile"][0]["compiled_step_sec"] > 0  # this tree's part still measured
+    assert "fvlm.config" in report["baseline"]["error"] and report["baseline"]["compile"] == []
+    assert report["baseline"]["error"] in (tmp_path / "out" / "gpu_check.md").read_text()
+    # A folder without an fvlm package is bad input: one line, exit code 2.
+    done = _check("--baseline", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "--baseline" in done.stderr and "fvlm/__init__.py" in done.stderr
