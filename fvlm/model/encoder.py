@@ -74,7 +74,9 @@ def normalise_pixels(pixels: torch.Tensor, stats: PixelStats, dtype: torch.dtype
     return _affine(pixels, pixel_affine(stats), dtype)
 
 
-def _affine(pixels: torch.Tensor, affine: tuple[tuple[float, ...], tuple[float, ...]], dtype: torch.dtype):
+def _affine(
+    pixels: torch.Tensor, affine: tuple[tuple[float, ...], tuple[float, ...]], dtype: torch.dtype
+) -> torch.Tensor:
     # The constants are Python numbers, not tensors: nothing is copied to the device (no sync), and a
     # compiled graph holds them as constants.
     scale, shift = affine
