@@ -1,4 +1,4 @@
-"""Data pipeline throughput: decode + resize + normalise + tokenise + collate, in frames/s.
+"""Data pipeline throughput: decode + resize + tokenise + collate, in frames/s.
 
 Writes 224 px JPEG video shards with the synthetic generator, then times the training loader with
 0 and N workers side by side in one process (goal: >= 1,000 frames/s with 2 workers, so that
@@ -6,6 +6,13 @@ loading never holds a step back), and the per-core cost in CPU seconds, which st
 other jobs share the machine.
 
     .venv/bin/python benchmarks/bench_data.py [--workers 2] [--videos 160] [--batches 60]
+
+`--collate-only` measures the collate step alone instead, at the paper's micro-batch (8 samples of
+16 frames at 224 px): the bytes a step sends to the device with uint8 frames (what the training
+loader sends; the model normalises them) against float32 ones (normalised on the host, as before),
+and the time to collate a batch each way, interleaved in one run on one thread (as a worker runs).
+
+    .venv/bin/python benchmarks/bench_data.py --collate-only [--repeats 30]
 """
 
 from __future__ import annotations
@@ -53,6 +60,45 @@ def frames_per_cpu_second(cfg, samples: int = 80) -> float:
     return frames / (time.process_time() - began)
 
 
+def collate_cost(batch_size: int, frames: int, size: int, repeats: int) -> None:
+    """Bytes per micro-batch and collate time per batch, uint8 frames against host-normalised float32."""
+    import statistics
+
+    import numpy as np
+    import torch
+
+    from fvlm.data.loader import collate
+
+    torch.set_num_threads(1)
+    g = np.random.default_rng(0)
+    samples = [
+        {
+            "frames": g.integers(0, 256, (frames, size, size, 3), dtype=np.uint8),
+            "ids": [int(v) for v in g.integers(4, 250, 128)],
+            "mask": [i >= 32 for i in range(128)],
+            "key": f"s{i}",
+            "source": "synthetic",
+            "kind": "video",
+        }
+        for i in range(batch_size)
+    ]
+    times: dict[bool, list[float]] = {False: [], True: []}
+    nbytes = {}
+    for _ in range(repeats):
+        for raw in (False, True):
+            began = time.perf_counter()
+            batch = collate(samples, 0, raw_frames=raw)
+            times[raw].append(time.perf_counter() - began)
+            nbytes[raw] = batch["frames"].nbytes
+    print(f"micro-batch {batch_size} x {frames} frames x {size} px, collate on one thread, {repeats} batches each way")
+    for raw, name in ((False, "float32, normalised on the host"), (True, "uint8, normalised by the model")):
+        ms = sorted(1000 * t for t in times[raw])
+        print(
+            f"  frames {name}: {nbytes[raw] / 2**20:.1f} MiB per micro-batch; collate median "
+            f"{statistics.median(ms):.1f} ms (fastest {ms[0]:.1f}, slowest {ms[-1]:.1f})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -61,7 +107,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--collate-only", action="store_true", help="bytes and collate time, uint8 vs float32")
+    parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
+    if args.collate_only:
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+        print(f"load average before timing: {os.getloadavg()[0]:.1f}")
+        collate_cost(8, 16, 224, args.repeats)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         manifest = generate_synthetic(
             tmp,
@@ -98,7 +151,7 @@ def main() -> None:
             fps = frames_per_second(cfg, args.batches)
             print(
                 f"workers={workers}: {fps:,.0f} frames/s at {args.size}px "
-                f"(batch {args.batch_size} x {args.frames} frames, decode+resize+normalise+tokenise+collate)"
+                f"(batch {args.batch_size} x {args.frames} frames, decode+resize+tokenise+collate, uint8 frames)"
             )
         per_core = frames_per_cpu_second(cfg)
         print(

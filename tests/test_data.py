@@ -173,7 +173,9 @@ def test_batch_contract(synth):
     cfg = cfg_for(synth / "train")
     (batch,) = take(build_loader(cfg, "train", TOK), 1)
     b, t = batch["frames"].shape[:2]
-    assert batch["frames"].shape == (b, t, 3, 32, 32) and batch["frames"].dtype == torch.float32
+    # Training frames travel as uint8 pixels (the model normalises them), padding frames zero.
+    assert batch["frames"].shape == (b, t, 3, 32, 32) and batch["frames"].dtype == torch.uint8
+    assert not batch["frames"][~batch["frame_mask"]].any() and batch["frames"][batch["frame_mask"]].any()
     assert batch["frame_mask"].dtype == torch.bool and batch["frame_mask"].shape == (b, t)
     for name, dtype in (("input_ids", torch.long), ("attention_mask", torch.long), ("loss_mask", torch.bool)):
         assert batch[name].dtype == dtype and batch[name].shape == batch["input_ids"].shape
@@ -266,6 +268,38 @@ def test_mp4_sampled_at_fps_and_capped(tmp_path):
     assert batch["frames"].shape[1] == 5
     brightness = batch["frames"][0].mean(dim=(1, 2, 3))
     assert torch.all(brightness[1:] > brightness[:-1])  # evenly thinned, in temporal order
+
+
+def test_training_uint8_frames_normalise_on_the_device_to_the_host_normalised_frames(synth, monkeypatch):
+    """Through worker processes (shared-memory batches) and pinning as a CUDA run asks for: the
+    training loader's uint8 frames, normalised as the model does, are the float frames the same
+    loader made on the host before."""
+    from fvlm.model.backbones import IMAGENET
+    from fvlm.model.encoder import normalise_pixels
+
+    real = torch.utils.data.DataLoader
+    asked: list[bool] = []
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["pin_memory"])
+        kwargs["pin_memory"] = False  # this machine may have no accelerator to pin for
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", spy)
+    cfg = cfg_for(synth / "train", **{"data.num_workers": 2})
+    raw = take(build_loader(cfg, "train", TOK, pin_memory=True), 3)
+    host_loader = build_loader(cfg, "train", TOK)
+    host_loader.raw_frames = False
+    host = take(host_loader, 3)
+    assert asked == [True, False]
+    for a, b in zip(raw, host):
+        assert a["keys"] == b["keys"] and torch.equal(a["frame_mask"], b["frame_mask"])
+        assert a["frames"].dtype == torch.uint8 and b["frames"].dtype == torch.float32
+        valid = a["frame_mask"]
+        assert torch.equal(normalise_pixels(a["frames"][valid], IMAGENET, torch.float32), b["frames"][valid])
+        assert not a["frames"][~valid].any() and not b["frames"][~valid].any()
+    val = list(build_loader(cfg_for(val=synth / "val"), "val", TOK))[0]
+    assert val["frames"].dtype == torch.float32  # evaluation batches stay normalised on the host
 
 
 # ----------------------------------------------------------------------------- order, resume, DDP

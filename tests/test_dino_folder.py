@@ -207,13 +207,16 @@ def test_a_folders_mean_and_std_normalise_training_batches_and_evaluation_alike(
          "train.batch_size": 1},
     )  # fmt: skip
     tok = byte_tokenizer()
-    train_frames = next(iter(build_loader(cfg, "train", tok)))["frames"][0, 0]
+    raw = next(iter(build_loader(cfg, "train", tok)))["frames"][0, 0]  # uint8: the model normalises it
+    assert torch.equal(raw, torch.tensor(COLOUR, dtype=torch.uint8)[:, None, None].expand(3, 28, 28))
+    model = build_model(cfg.model)
+    train_frames = model.encoder.normalise(raw[None])[0]
     expected = (torch.tensor(COLOUR) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
     assert torch.allclose(train_frames, expected[:, None, None].expand(3, 28, 28), atol=1e-5)
     imagenet = (torch.tensor(COLOUR) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert not torch.allclose(train_frames[:, 0, 0], imagenet, atol=0.1)
 
-    save_model(build_model(cfg.model), tmp_path / "model", tok)
+    save_model(model, tmp_path / "model", tok)
     loaded, _ = load_model(tmp_path / "model")  # the statistics travel with the saved model, not the folder
     assert model_pixel_stats(loaded) == PixelStats(tuple(MEAN), tuple(STD))
     (tmp_path / "bench.jsonl").write_text(

@@ -11,7 +11,7 @@ from PIL import Image
 
 from fvlm.data.index import IMAGE_EXTS
 from fvlm.errors import parse_json
-from fvlm.model.backbones import IMAGENET, PixelStats
+from fvlm.model.backbones import IMAGENET, PixelStats, pixel_affine
 from fvlm.model.tokenizer import chat_ids
 
 if TYPE_CHECKING:  # torch is imported where frames are normalised, so that indexing data stays light
@@ -132,9 +132,10 @@ def normalise_into(out: torch.Tensor, frames_uint8: np.ndarray, stats: PixelStat
     ImageNet's by default), in place: one pass over the batch buffer instead of a temporary per step."""
     import torch
 
-    mean, std = stats_arrays(stats)
+    scale, shift = pixel_affine(stats)  # what the model applies to uint8 frames on the device, too
     out.copy_(torch.from_numpy(np.ascontiguousarray(frames_uint8.transpose(0, 3, 1, 2))))  # bytes move fastest
-    out.mul_(torch.from_numpy(1.0 / (255.0 * std)).view(3, 1, 1)).sub_(torch.from_numpy(mean / std).view(3, 1, 1))
+    out.mul_(torch.tensor(scale, dtype=torch.float32).view(3, 1, 1))
+    out.sub_(torch.tensor(shift, dtype=torch.float32).view(3, 1, 1))
 
 
 def normalise(frames_uint8: np.ndarray, stats: PixelStats = IMAGENET) -> torch.Tensor:
@@ -145,6 +146,24 @@ def normalise(frames_uint8: np.ndarray, stats: PixelStats = IMAGENET) -> torch.T
     out = torch.empty(t, 3, h, w, dtype=torch.float32)
     normalise_into(out, frames_uint8, stats)
     return out
+
+
+def grey_frames(frames: torch.Tensor) -> torch.Tensor:
+    """Frames like `frames` (normalised float, or a training batch's uint8) with every pixel flat grey
+    in the model's input: normalised zeros, the DINO's mean colour. Always float, which the model takes
+    as normalised: uint8 cannot hold the mean (ImageNet's red is 123.675 of 255)."""
+    import torch
+
+    dtype = frames.dtype if frames.is_floating_point() else torch.float32
+    return torch.zeros(frames.shape, dtype=dtype, device=frames.device)
+
+
+def uint8_pixels(frames: np.ndarray, stats: PixelStats = IMAGENET) -> np.ndarray:
+    """Batch frames [..., H, W, 3] (channels last) as uint8 RGB for drawing: uint8 ones as they are,
+    normalised ones back through `pixels_of`, rounded."""
+    if frames.dtype == np.uint8:
+        return frames
+    return np.clip(np.rint(pixels_of(frames, stats) * 255.0), 0, 255).astype(np.uint8)
 
 
 def pixels_of(frames: np.ndarray, stats: PixelStats = IMAGENET) -> np.ndarray:

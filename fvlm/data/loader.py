@@ -272,9 +272,11 @@ def _empty(*shape, dtype):
     return torch.tensor([], dtype=dtype).set_(storage).view(*shape)
 
 
-def collate(samples: list[dict], pad_id: int, pixel_stats: PixelStats = IMAGENET) -> dict:
-    """Pads and stacks; frames are normalised straight into the batch (samples carry uint8) with the
-    DINO's mean and std."""
+def collate(samples: list[dict], pad_id: int, pixel_stats: PixelStats = IMAGENET, raw_frames: bool = False) -> dict:
+    """Pads and stacks. Frames: with `raw_frames`, the samples' uint8 pixels as they are, channels
+    first (a quarter of float32's bytes; the model normalises them on its device, `encode_frames`);
+    otherwise normalised straight into a float32 batch with the DINO's mean and std. Padding frames
+    are zero either way."""
     import torch
 
     from fvlm.model.batch_index import build_indices
@@ -283,14 +285,17 @@ def collate(samples: list[dict], pad_id: int, pixel_stats: PixelStats = IMAGENET
     t_max = max((s["frames"].shape[0] for s in samples), default=0)
     l_max = max((len(s["ids"]) for s in samples), default=0)
     size = samples[0]["frames"].shape[1] if samples else 0
-    frames = _empty(batch_size, t_max, 3, size, size, dtype=torch.float32)
+    frames = _empty(batch_size, t_max, 3, size, size, dtype=torch.uint8 if raw_frames else torch.float32)
     frame_mask = torch.zeros(batch_size, t_max, dtype=torch.bool)
     input_ids = torch.full((batch_size, l_max), pad_id, dtype=torch.long)
     attention_mask = torch.zeros(batch_size, l_max, dtype=torch.long)
     loss_mask = torch.zeros(batch_size, l_max, dtype=torch.bool)
     for b, s in enumerate(samples):
         t, n = s["frames"].shape[0], len(s["ids"])
-        normalise_into(frames[b, :t], s["frames"], pixel_stats)
+        if raw_frames:
+            frames[b, :t] = torch.from_numpy(s["frames"]).permute(0, 3, 1, 2)
+        else:
+            normalise_into(frames[b, :t], s["frames"], pixel_stats)
         frames[b, t:] = 0
         frame_mask[b, :t] = True
         input_ids[b, :n] = torch.tensor(s["ids"], dtype=torch.long)
@@ -313,14 +318,15 @@ def collate(samples: list[dict], pad_id: int, pixel_stats: PixelStats = IMAGENET
 
 
 class _Collate:
-    def __init__(self, pad_id: int, pixel_stats: PixelStats = IMAGENET):
+    def __init__(self, pad_id: int, pixel_stats: PixelStats = IMAGENET, raw_frames: bool = False):
         self.pad_id = pad_id
         self.pixel_stats = pixel_stats
+        self.raw_frames = raw_frames
 
     def __call__(self, items):
         samples = [s for s, _ in items if s is not None]
         events = [e for _, ev in items for e in ev]
-        return collate(samples, self.pad_id, self.pixel_stats), events
+        return collate(samples, self.pad_id, self.pixel_stats, self.raw_frames), events
 
 
 def _worker_init(_):
@@ -350,6 +356,8 @@ class Loader:
         max_samples: int | None,
         pad_id: int,
         pixel_stats: PixelStats = IMAGENET,
+        raw_frames: bool | None = None,
+        pin_memory: bool = False,
     ):
         self.reader = reader
         self.train = train
@@ -362,6 +370,11 @@ class Loader:
         self.schedule = schedule
         self.pad_id = pad_id
         self.pixel_stats = pixel_stats
+        # Training batches carry uint8 frames that the model normalises (see `collate`); evaluation
+        # batches keep normalised float frames, which their readers (pictures, grey frames) expect.
+        self.raw_frames = train if raw_frames is None else raw_frames
+        # Page-locked batches (a CUDA device's): the host->device copy can then overlap the step.
+        self.pin_memory = pin_memory
         self.position = 0  # train: next stream position; eval: samples of this rank yielded in this pass
         # Skips found while indexing, plus the distinct samples that decoding turned out to be bad (a
         # bad sample met again in a later epoch or pass is not counted again).
@@ -430,8 +443,9 @@ class Loader:
             _Items(self.reader, substitute=self.train),
             batch_sampler=batches(),
             num_workers=self.num_workers,
-            collate_fn=self.collate_type(self.pad_id, self.pixel_stats),
+            collate_fn=self.collate_type(self.pad_id, self.pixel_stats, self.raw_frames),
             worker_init_fn=_worker_init if self.num_workers else None,
+            pin_memory=self.pin_memory,
         )
         for batch, events in loader:
             self.position = positions.pop(0)
@@ -505,12 +519,15 @@ def build_loader(
     batch_size: int | None = None,
     max_samples: int | None = None,
     pixel_stats: PixelStats | None = None,
+    pin_memory: bool = False,
 ) -> Loader:
     """A Loader for `split` (train|val|probe|bench). `train` (default: split == "train") makes it an
     endless seeded mixture stream; otherwise each sample of this rank comes once, in index order
-    (the first `max_samples` of the split, when given, dealt round-robin over ranks). Frames are
-    normalised with `pixel_stats`: a loaded model's own (`model_pixel_stats`, what evaluation passes),
-    by default those of the `model.dino` folder the model is built from.
+    (the first `max_samples` of the split, when given, dealt round-robin over ranks). A training
+    loader's frames are uint8, normalised by the model; an evaluation loader's are normalised here
+    with `pixel_stats`: a loaded model's own (`model_pixel_stats`, what evaluation passes), by
+    default those of the `model.dino` folder the model is built from. `pin_memory`: batches in
+    page-locked memory (for a CUDA device).
     Raises UsageError for a missing path, a path without shards, or a mix naming a missing source."""
     train = split == "train" if train is None else train
     d = cfg.data
@@ -537,4 +554,5 @@ def build_loader(
         max_samples=max_samples,
         pad_id=tokenizer.pad_token_id,
         pixel_stats=pixel_stats if pixel_stats is not None else spec_pixel_stats(cfg.model.dino),
+        pin_memory=pin_memory,
     )

@@ -20,6 +20,7 @@ import torch
 from fvlm import atomic
 from fvlm import run_folder as rf
 from fvlm.config import ModelConfig, RunConfig, config_from_dict, load_config, parse_overrides
+from fvlm.data.decode import grey_frames
 from fvlm.data.loader import build_loader, split_path
 from fvlm.errors import UsageError, read_json, read_yaml
 from fvlm.eval import paired
@@ -165,7 +166,7 @@ def sample_losses(
         batch = _to(batch, device)
         blocks = model.visual_blocks(batch, modes)
         grey: dict[str, VisualBlock] = (
-            model.visual_blocks({**batch, "frames": torch.zeros_like(batch["frames"])}, modes) if blank_control else {}
+            model.visual_blocks({**batch, "frames": grey_frames(batch["frames"])}, modes) if blank_control else {}
         )
         for mode in modes:
             visual, visual_mask, _ = blocks[mode]

@@ -48,9 +48,12 @@ class AttentionArrays(_AttentionArrays, total=False):
 
 
 def to_uint8(frames: torch.Tensor, pixel_stats: PixelStats = IMAGENET) -> np.ndarray:
-    """Frames [..., 3, S, S] normalised with `pixel_stats` back to uint8 [..., S, S, 3] for drawing."""
+    """Frames [..., 3, S, S] normalised with `pixel_stats` (or uint8 already) as uint8 [..., S, S, 3]
+    for drawing."""
     from fvlm.data.decode import pixels_of
 
+    if frames.dtype == torch.uint8:
+        return frames.detach().cpu().movedim(-3, -1).numpy()
     x = frames.detach().float().cpu().movedim(-3, -1).numpy()
     return np.clip(pixels_of(x, pixel_stats) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 

@@ -158,6 +158,18 @@ class PixelStats(NamedTuple):
 IMAGENET = PixelStats(IMAGENET_MEAN, IMAGENET_STD)
 
 
+def pixel_affine(stats: PixelStats) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per channel (scale, shift) such that a normalised value is `uint8 value * scale - shift`, both
+    float32 values (computed in float32, as frames always were). The one formula both the host
+    (`fvlm.data.decode.normalise_into`) and the model (`fvlm.model.encoder.normalise_pixels`) apply,
+    so that the two give the same bits in fp32."""
+    import numpy as np
+
+    mean, std = np.array(stats.mean, dtype=np.float32), np.array(stats.std, dtype=np.float32)
+    scale = np.float32(1.0) / (np.float32(255.0) * std)
+    return tuple(float(v) for v in scale), tuple(float(v) for v in mean / std)
+
+
 def _preprocessor_path(spec: str) -> Path:
     """Where a folder or cached hub id keeps its preprocessor_config.json (it may not exist)."""
     path = Path(spec).expanduser()

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fvlm.model.backbones import PixelStats, pixel_affine, pixel_stats
+
 
 @dataclass
 class PatchCache:
@@ -69,6 +71,24 @@ def query_attention(
     return torch.matmul(probs, v), probs.squeeze(-2)
 
 
+def normalise_pixels(pixels: torch.Tensor, stats: PixelStats, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 RGB [..., 3, H, W] -> frames normalised with `stats`, in `dtype`, on the pixels' device.
+
+    float32 arithmetic with the host's constants (`pixel_affine`), rounded once to `dtype`: the same
+    values as frames normalised on the host and cast by DINO's patch embedding."""
+    return _affine(pixels, pixel_affine(stats), dtype)
+
+
+def _affine(
+    pixels: torch.Tensor, affine: tuple[tuple[float, ...], tuple[float, ...]], dtype: torch.dtype
+) -> torch.Tensor:
+    # The constants are Python numbers, not tensors: nothing is copied to the device (no sync), and a
+    # compiled graph holds them as constants.
+    scale, shift = affine
+    x = pixels.to(torch.float32)
+    return torch.stack([x.select(-3, c) * scale[c] - shift[c] for c in range(3)], dim=-3).to(dtype)
+
+
 def cls_embedding(dino: Any) -> torch.Tensor:
     """DINO's CLS token as it enters the first layer (its embedding plus its position embedding): where
     every query starts under `model.query_init=cls`, so that it first repeats DINO's CLS computation."""
@@ -87,10 +107,27 @@ class DinoEncoder(nn.Module):
         self.num_heads = dino.config.num_attention_heads
         self.patch_size = dino.config.patch_size
         self.num_layers = dino.config.num_hidden_layers
+        # The mean and std its frames are normalised with, read once: `normalise` runs under
+        # torch.compile, which should neither trace a transformers config nor numpy.
+        self.pixel_stats = pixel_stats(dino.config)
         # Counts patch encodings (frames), so tests and benchmarks can check DINO runs once per frame.
         # Not counted inside torch.compile: dynamo treats a module's int attribute as a constant, and
         # a count that changes every step would recompile the model until dynamo gives up.
         self.frames_encoded = 0
+
+    @property
+    def pixel_stats(self) -> PixelStats:
+        return self._pixel_stats
+
+    @pixel_stats.setter
+    def pixel_stats(self, stats: PixelStats) -> None:
+        self._pixel_stats = stats
+        self._pixel_affine = pixel_affine(stats)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB [N, 3, H, W] -> normalised frames in the dtype of DINO's patch embedding (the
+        model's compute dtype: bf16 weights in bf16 runs; fp32, which autocast then casts, otherwise)."""
+        return _affine(pixels, self._pixel_affine, self.dino.embeddings.patch_embeddings.projection.weight.dtype)
 
     def encode_patches(self, pixels: torch.Tensor, cache_kv: bool = True, need_features: bool = True) -> PatchCache:
         """pixels [N, 3, H, W] -> PatchCache. DINO's own forward, keeping each layer's K/V.

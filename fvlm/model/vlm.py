@@ -4,9 +4,10 @@ Sequence layout for the LLM: one block of visual tokens (frames in order; padded
 of attention) followed by the chat-template text. Positions count real tokens only, so padding a
 sample with extra frames changes nothing about it.
 
-Batch contract (from fvlm.data): frames [B, T, 3, S, S] normalised, frame_mask [B, T] (valid
-frames first), input_ids / attention_mask / loss_mask [B, L]; loss_mask marks the text tokens that
-are targets.
+Batch contract (from fvlm.data): frames [B, T, 3, S, S], either normalised (float) or raw RGB
+(uint8, what the training loader sends: the model normalises the valid ones on the device with its
+DINO's mean and std), frame_mask [B, T] (valid frames first), input_ids / attention_mask /
+loss_mask [B, L]; loss_mask marks the text tokens that are targets.
 """
 
 from __future__ import annotations
@@ -176,8 +177,11 @@ class VLMBase(nn.Module):
 
     # ------------------------------------------------------------------ vision
     def encode_frames(self, frames: torch.Tensor, index: FrameIndex | torch.Tensor, deep_query: bool) -> PatchCache:
-        """DINO over the valid frames only (padded frames cost nothing), in batch-major order."""
+        """DINO over the valid frames only (padded frames cost nothing), in batch-major order. uint8
+        frames (raw pixels, as the training loader sends them) are normalised here, valid ones only."""
         valid = _frame_index(index).gather(frames)
+        if valid.dtype == torch.uint8:
+            valid = self.encoder.normalise(valid)
         context: AbstractContextManager[Any] = (
             nullcontext() if self.dino_trainable and torch.is_grad_enabled() else torch.no_grad()
         )

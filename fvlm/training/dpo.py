@@ -155,14 +155,15 @@ class PreferenceReader(SampleReader):
 class _PairCollate:
     """The chosen answers as an ordinary batch, plus the rejected answers' padded tensors."""
 
-    def __init__(self, pad_id: int, pixel_stats: PixelStats = IMAGENET):
+    def __init__(self, pad_id: int, pixel_stats: PixelStats = IMAGENET, raw_frames: bool = False):
         self.pad_id = pad_id
         self.pixel_stats = pixel_stats
+        self.raw_frames = raw_frames
 
     def __call__(self, items: list) -> tuple[dict, list]:
         samples = [s for s, _ in items if s is not None]
         events = [e for _, ev in items for e in ev]
-        batch = collate(samples, self.pad_id, self.pixel_stats)
+        batch = collate(samples, self.pad_id, self.pixel_stats, self.raw_frames)
         length = max((len(s["rejected_ids"]) for s in samples), default=0)
         ids = torch.full((len(samples), length), self.pad_id, dtype=torch.long)
         attention = torch.zeros(len(samples), length, dtype=torch.long)
@@ -191,6 +192,7 @@ def build_preference_loader(
     train: bool = True,
     batch_size: int | None = None,
     max_samples: int | None = None,
+    pin_memory: bool = False,
 ) -> PreferenceLoader:
     """Like `fvlm.data.loader.build_loader`, over the preference pairs at `spec` (a path spec)."""
     d = cfg.data
@@ -224,6 +226,7 @@ def build_preference_loader(
         max_samples=max_samples,
         pad_id=tokenizer.pad_token_id,
         pixel_stats=spec_pixel_stats(cfg.model.dino),
+        pin_memory=pin_memory,
     )
 
 
@@ -265,7 +268,12 @@ class DPOTrainer(Trainer):
     def _train_loader(self) -> Any:
         spec = split_path(self.cfg, "train")
         return build_preference_loader(
-            self.cfg, spec, self.tokenizer, rank=self.dist.rank, world_size=self.dist.world_size
+            self.cfg,
+            spec,
+            self.tokenizer,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            pin_memory=self.dist.device.type == "cuda",
         )
 
     def _forward_backward(self, micro: list, compute_coarse: bool) -> StepTally:

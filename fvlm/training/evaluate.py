@@ -18,7 +18,7 @@ import torch
 
 from fvlm import atomic
 from fvlm import run_folder as rf
-from fvlm.data.decode import pixels_of
+from fvlm.data.decode import uint8_pixels
 from fvlm.data.loader import boxes_array
 from fvlm.model.backbones import model_pixel_stats
 from fvlm.model.batch_index import INDEX_KEYS
@@ -173,10 +173,9 @@ def save_probe_attention(
             out[i, : len(video[name])] = video[name]
         return out
 
-    pixels = pixels_of(stack("frames").transpose(0, 1, 3, 4, 2), model_pixel_stats(model))
     arrays: dict[str, Any] = {
         "coarse_attn": stack("coarse").astype(np.float32),
-        "frames": np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8),
+        "frames": uint8_pixels(stack("frames").transpose(0, 1, 3, 4, 2), model_pixel_stats(model)),
         "frame_mask": stack("mask").astype(bool),
         "grid": np.array([size // patch, size // patch], dtype=np.int64),
         "keys": np.array([v["key"] for v in videos]),

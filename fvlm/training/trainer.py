@@ -311,7 +311,14 @@ class Trainer:
         self._open_outputs()
 
     def _train_loader(self) -> Any:
-        return build_loader(self.cfg, "train", self.tokenizer, rank=self.dist.rank, world_size=self.dist.world_size)
+        return build_loader(
+            self.cfg,
+            "train",
+            self.tokenizer,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            pin_memory=self.dist.device.type == "cuda",  # with to_device's non_blocking copy
+        )
 
     def _load_init_weights(self, folder: Path) -> None:
         load_init_weights(self.model, folder)
