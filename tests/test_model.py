@@ -254,6 +254,35 @@ def test_uncached_passes_call_sdpa_without_a_mask_and_cached_ones_as_transformer
     assert any(not c[2] for c in calls)  # the cached prefill of the padded prompts is masked
 
 
+def test_the_llms_norms_are_torch_rms_norm_with_the_same_weights_and_values():
+    """The LLM's RMSNorms are PyTorch's (one fused kernel each way on a GPU) over the very weight
+    Parameters transformers made: same names in the state dict, same values as transformers' norm
+    (bit for bit in fp32, within one bf16 rounding in bf16), same gradients."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    model = tiny()
+    norms = [m for m in model.llm.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert len(norms) == 2 * model.llm.config.num_hidden_layers + 1
+    assert not any(isinstance(m, LlamaRMSNorm) for m in model.llm.modules())
+    names = {n for n, _ in model.llm.named_parameters()}
+    assert {"model.layers.0.input_layernorm.weight", "model.norm.weight"} <= names
+    g = torch.Generator().manual_seed(0)
+    for dtype, atol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        norm = norms[0].to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5)
+        reference = LlamaRMSNorm(norm.weight.shape[0], eps=norm.eps).to(dtype)
+        reference.weight = norm.weight
+        x = (torch.randn(3, 5, norm.weight.shape[0], generator=g) * 3).to(dtype)
+        ours, theirs = norm(x.clone().requires_grad_()), reference(x.clone().requires_grad_())
+        assert torch.allclose(ours.float(), theirs.float(), atol=atol, rtol=atol)
+        if dtype == torch.float32:
+            assert torch.equal(ours, theirs)
+        grad_ours = torch.autograd.grad(ours.sum(), norm.weight)[0]
+        grad_theirs = torch.autograd.grad(theirs.sum(), reference.weight)[0]
+        assert torch.allclose(grad_ours.float(), grad_theirs.float(), atol=atol * 30, rtol=atol)
+
+
 def test_single_sample_loss_equals_batched():
     model = tiny()
     batch = make_batch(valid=(4, 2))

@@ -25,6 +25,7 @@ from fvlm.model.attention import cached_mask, run_packed, sdpa_view, use_packed_
 from fvlm.model.batch_index import FrameIndex, Targets
 from fvlm.model.chunked_ce import chunked_cross_entropy
 from fvlm.model.encoder import DinoEncoder, PatchCache, ShallowQuery, attention_entropy, cls_embedding
+from fvlm.model.fused import use_torch_rms_norm
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -111,6 +112,7 @@ class VLMBase(nn.Module):
         # Uncached passes pack each row's real tokens to the front and run without a mask
         # (fvlm/model/attention.py); an eager-attention LLM keeps masked passes.
         self.packed_attention = use_packed_sdpa(llm)
+        use_torch_rms_norm(llm)  # one fused kernel each way on a GPU (fvlm/model/fused.py)
         self._mask_config = sdpa_view(llm.config) if self.packed_attention else None
         self.encoder = DinoEncoder(dino)
         self.llm_dim = llm.config.hidden_size
