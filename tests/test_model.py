@@ -189,18 +189,13 @@ def test_padded_frames_do_not_change_losses(arch_overrides):
 
 
 def _masked_llm(model, embeds, mask):
-    """The LLM over [B, L] rows with padding anywhere, through transformers' own SDPA mask (what the
-    uncached passes ran before they were packed)."""
-    from fvlm.model.attention import sdpa_view
+    """The LLM over [B, L] rows with padding anywhere, given the 2D padding mask: transformers builds
+    its own SDPA mask (what the uncached passes ran before they were packed)."""
     from fvlm.model.vlm import _positions
 
-    llm = model.llm.model
-    saved = llm.config
-    llm.config = sdpa_view(saved)  # the same attention function; transformers builds the mask
-    try:
-        return llm(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=_positions(mask)).last_hidden_state
-    finally:
-        llm.config = saved
+    return model.llm.model(
+        inputs_embeds=embeds, attention_mask=mask.long(), position_ids=_positions(mask)
+    ).last_hidden_state
 
 
 def test_packed_llm_pass_equals_the_masked_pass_with_its_gradients():
@@ -252,6 +247,22 @@ def test_uncached_passes_call_sdpa_without_a_mask_and_cached_ones_as_transformer
     with torch.no_grad():
         model.generate(batch, max_new_tokens=2)
     assert any(not c[2] for c in calls)  # the cached prefill of the padded prompts is masked
+
+
+def test_the_llm_called_directly_with_a_padding_mask_still_masks():
+    """Under fvlm's attention name, a 2D padding mask given to the LLM itself (transformers' own
+    generate, a user's call) is honoured as plain SDPA honours it: left padding changes nothing."""
+    model = tiny()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(4, 260, (1, 6), generator=g)
+    padded = torch.cat([torch.full((1, 3), model.llm.config.pad_token_id), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone = model.llm(ids).logits[:, -1]
+        left_padded = model.llm(padded, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0)).logits[
+            :, -1
+        ]
+    assert torch.allclose(alone, left_padded, atol=1e-5)
 
 
 def test_the_llms_norms_are_torch_rms_norm_with_the_same_weights_and_values():

@@ -12,15 +12,15 @@ the caller's layout. Positions then count real tokens only, as before; a real qu
 real keys before it, so every real position's output is the masked pass's. The padding at each row's
 end computes something nobody reads.
 
-The LLM runs under its own attention name, FVLM_SDPA: transformers' SDPA function, registered under a
-name that has no mask builder, so transformers passes no mask unless it is handed a 4D one. Cached
-passes (generation, scoring) build transformers' own SDPA mask from their 2D mask (`cached_mask`), so
-they compute exactly what a plain SDPA model (the export) computes.
+The LLM runs under its own attention name, FVLM_SDPA: transformers' SDPA attention with a mask
+builder that is transformers' SDPA one, except for an empty [B, 0] mask, which `run_packed` passes
+to say "packed rows: causal, no mask". Every other call (generation, scoring, the LLM used directly
+with a 2D padding mask) gets exactly the mask plain SDPA would build. Passing no mask at all would
+not do: transformers would then look for packed sequences in the position ids, which reads them.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -28,24 +28,29 @@ import torch
 FVLM_SDPA = "fvlm_sdpa"
 
 
+def _mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' SDPA mask builder, but None (causal, no mask) for run_packed's empty mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    attention_mask = kwargs.get("attention_mask")
+    if attention_mask is not None and attention_mask.shape[-1] == 0:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 def use_packed_sdpa(llm: Any) -> bool:
     """Switches an LLM that uses SDPA to FVLM_SDPA (registered once per process). Returns whether it
     did: an LLM with another attention (eager) keeps it and the masked passes."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
 
     if llm.config._attn_implementation not in ("sdpa", FVLM_SDPA):
         return False
     AttentionInterface.register(FVLM_SDPA, sdpa_attention_forward)
+    AttentionMaskInterface.register(FVLM_SDPA, _mask)
     llm.set_attn_implementation(FVLM_SDPA)
     return llm.config._attn_implementation == FVLM_SDPA
-
-
-def sdpa_view(config: Any) -> Any:
-    """A shallow copy of an LLM config that names plain SDPA, for building transformers' own masks."""
-    view = copy.copy(config)
-    view._attn_implementation_internal = "sdpa"
-    return view
 
 
 def packing_order(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,13 +70,6 @@ def run_packed(llm: Any, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     """The LLM's last hidden states [B, L, D] over `embeds` [B, L, D] whose real positions `mask`
     [B, L] marks, in the caller's layout (see the module docstring)."""
     order, inverse = packing_order(mask)
-    out = llm.model(inputs_embeds=_rows(embeds, order), attention_mask=None, use_cache=False)
+    packed_rows = mask.new_ones(mask.shape[0], 0, dtype=torch.bool)  # the empty mask: no mask at all
+    out = llm.model(inputs_embeds=_rows(embeds, order), attention_mask=packed_rows, use_cache=False)
     return _rows(out.last_hidden_state, inverse)
-
-
-def cached_mask(config: Any, embeds: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor | None:
-    """The mask transformers' SDPA path would build for a cached pass (None where it relies on
-    SDPA's `is_causal`), from the 2D mask of real positions over cache + new tokens."""
-    from transformers.masking_utils import create_causal_mask
-
-    return create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=mask.long(), cache=cache)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fvlm.config import ModelConfig
-from fvlm.model.attention import cached_mask, run_packed, sdpa_view, use_packed_sdpa
+from fvlm.model.attention import run_packed, use_packed_sdpa
 from fvlm.model.batch_index import FrameIndex, Targets
 from fvlm.model.chunked_ce import chunked_cross_entropy
 from fvlm.model.encoder import DinoEncoder, PatchCache, ShallowQuery, attention_entropy, cls_embedding
@@ -113,7 +113,6 @@ class VLMBase(nn.Module):
         # (fvlm/model/attention.py); an eager-attention LLM keeps masked passes.
         self.packed_attention = use_packed_sdpa(llm)
         use_torch_rms_norm(llm)  # one fused kernel each way on a GPU (fvlm/model/fused.py)
-        self._mask_config = sdpa_view(llm.config) if self.packed_attention else None
         self.encoder = DinoEncoder(dino)
         self.llm_dim = llm.config.hidden_size
         self.dino_dim = dino.config.hidden_size
@@ -212,16 +211,13 @@ class VLMBase(nn.Module):
             # The training step's path: no mask, nothing for transformers to read or build.
             return run_packed(self.llm, embeds, mask)
         position_ids = _positions(mask)[:, -embeds.shape[1] :] if position_ids is None else position_ids
-        attention: torch.Tensor | None
         if cache is None:
             # An eager-attention LLM: a 4D mask, so that transformers never reads the mask's values.
             sdpa = self.llm.config._attn_implementation == "sdpa"
             attention = attention_mask_4d(mask, embeds.shape[1], embeds.dtype, sdpa)
-        elif self.packed_attention:
-            # Cached passes (generation, the autoregressive mode, a logged step's coarse loss) are not
-            # compiled and may sync: transformers' own SDPA mask, as the exported model builds it.
-            attention = cached_mask(self._mask_config, embeds, mask, cache)
         else:
+            # Cached passes (generation, the autoregressive mode, a logged step's coarse loss) are not
+            # compiled and may sync: transformers builds the mask itself, as the exported model's does.
             attention = mask.long()
         out = self.llm.model(
             inputs_embeds=embeds,
