@@ -9,7 +9,9 @@ On one H100/H200 it takes about 5-8 minutes. With random weights of the paper sh
 sample; each size's shipped config, so its per-GPU batch and gradient checkpointing) it measures:
 
 1. step time, MFU and peak memory of a training step (forward, backward, AdamW) for the foveated
-   model (coarse_fine), coarse-only and the 16-token multi-token baseline, in bf16;
+   model (coarse_fine), coarse-only and the 16-token multi-token baseline, in bf16 as the trainer
+   runs it (bf16 weights, fp32 masters; `--precision bf16-autocast`: the older autocast mode), with
+   the GPU kernels (and copies) one step launches, counted by torch.profiler;
 2. `torch.compile` on vs off (135M foveated), with dynamo's graph and recompile counts;
 3. bf16 vs fp32 loss parity over a few steps from the same weights and batches;
 4. data-loader throughput at 224 px with 0, 2 and 4 workers (synthetic shards written to a temp folder);
@@ -181,37 +183,63 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def train_steps(cfg, batches, device, bf16: bool, steps: int, compile_backend: str | None = None, seed: int = 0):
-    """(median seconds per step, losses, peak GiB): forward + backward + AdamW, step i on
-    `batches[i % len(batches)]`."""
+def train_steps(cfg, batches, device, precision: str, steps: int, compile_backend: str | None = None, seed: int = 0):
+    """(median seconds per step, losses, peak GiB, GPU kernels per step): forward + backward + AdamW,
+    step i on `batches[i % len(batches)]`. `precision` as `train.precision` names it: `bf16` (bf16
+    weights, fp32 masters in the optimizer: what the trainer runs on a GPU), `bf16-autocast` or
+    `fp32`. Kernels: the GPU kernels and copies of one more step, counted by torch.profiler (None on
+    a CPU); with one graph and fused kernels this is what a launch-bound step pays for."""
     torch.manual_seed(seed)
     model = build_model(cfg.model).to(device)
     model.train()
+    masters = None
+    if precision == "bf16":
+        from fvlm.training.precision import MasterWeights  # an old baseline without it cannot run bf16
+
+        masters = MasterWeights(model, [p for p in model.parameters() if p.requires_grad])
     if compile_backend:
         from fvlm.model.build import compile_model
 
         compile_model(model, backend=compile_backend)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, masters) if masters is not None else build_optimizer(model, cfg.optim)
     losses, times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+    def step(batch) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+            loss = model(batch, compute_coarse=cfg.model.lambda_coarse > 0).loss
+        loss.backward()
+        if masters is not None:
+            masters.accumulate_grads()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if masters is not None:
+            masters.publish()
+        return loss
+
     for i in range(steps + 1):  # the first is a warm-up (and, compiled, the compilation)
         sync(device)
         began = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(batches[i % len(batches)], compute_coarse=cfg.model.lambda_coarse > 0).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = step(batches[i % len(batches)])
         sync(device)
         if i:
             times.append(time.perf_counter() - began)
         losses.append(loss.item())
+    kernels = None
+    if device.type == "cuda":
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step(batches[(steps + 1) % len(batches)])
+            sync(device)
+        kernels = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del model, optimizer
+    model = optimizer = masters = None  # frees the step's memory (the closure above holds these names)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return statistics.median(times), losses, peak
+    return statistics.median(times), losses, peak, kernels
 
 
 def step_jobs(plan: dict, kinds) -> list[tuple]:
@@ -250,7 +278,7 @@ def _step_line(who: str, r: dict) -> str:
     )
 
 
-def check_steps(plan, device, bf16, peak, log, kinds=("padded",)) -> list[dict]:
+def check_steps(plan, device, precision, peak, log, kinds=("padded",)) -> list[dict]:
     rows = []
     for size, name, kind, variant, overrides in step_jobs(plan, kinds):
         cfg = run_config(name, plan, overrides)
@@ -258,7 +286,7 @@ def check_steps(plan, device, bf16, peak, log, kinds=("padded",)) -> list[dict]:
         try:
             batches = step_batches(kind, plan["steps"] + 1, b, plan, device)
             flops = step_flops(cfg, kind, batches, plan)
-            seconds, losses, memory = train_steps(cfg, batches, device, bf16, plan["steps"])
+            seconds, losses, memory, kernels = train_steps(cfg, batches, device, precision, plan["steps"])
         except torch.cuda.OutOfMemoryError:
             rows.append({"size": size, "variant": variant, "batches": kind, "batch": b, "error": "out of memory"})
             torch.cuda.empty_cache()
@@ -277,6 +305,7 @@ def check_steps(plan, device, bf16, peak, log, kinds=("padded",)) -> list[dict]:
             "flops_per_sec": flops / seconds,
             "mfu": flops / seconds / peak if peak else None,
             "peak_mem_gib": memory,
+            "gpu_kernels_per_step": kernels,
             "losses": losses,
         }
         rows.append(row)
@@ -284,16 +313,18 @@ def check_steps(plan, device, bf16, peak, log, kinds=("padded",)) -> list[dict]:
     return rows
 
 
-def compare_compile(cfg, batches, device, bf16, plan, log, kind: str, who: str = "") -> dict:
+def compare_compile(cfg, batches, device, precision, plan, log, kind: str, who: str = "") -> dict:
     """Eager vs compiled step of `cfg` cycling through `batches`, with dynamo's graph counts over the
     compiled run (a padded batch's frame and target counts vary, so shapes change)."""
     from torch._dynamo.utils import counters
 
-    eager, _, _ = train_steps(cfg, batches, device, bf16, plan["steps"])
+    eager, _, _, eager_kernels = train_steps(cfg, batches, device, precision, plan["steps"])
     torch._dynamo.reset()
     counters.clear()
     try:
-        compiled, _, _ = train_steps(cfg, batches, device, bf16, plan["steps"], compile_backend=plan["compile_backend"])
+        compiled, _, _, compiled_kernels = train_steps(
+            cfg, batches, device, precision, plan["steps"], compile_backend=plan["compile_backend"]
+        )
     except Exception as exc:  # a compiler failure is a result to report, not a reason to stop the check
         log(f"  {who}torch.compile failed: {_one_line(exc)}")
         return {"batches": kind, "eager_step_sec": eager, "error": _one_line(exc)}
@@ -314,14 +345,16 @@ def compare_compile(cfg, batches, device, bf16, plan, log, kind: str, who: str =
         "speedup": eager / compiled,
         "unique_graphs": graphs,
         "recompiles": recompiles,
+        "eager_gpu_kernels_per_step": eager_kernels,
+        "compiled_gpu_kernels_per_step": compiled_kernels,
     }
 
 
-def check_compile(plan, device, bf16, log, kind: str = "padded") -> dict:
+def check_compile(plan, device, precision, log, kind: str = "padded") -> dict:
     """Eager vs compiled step (first size, foveated) on `kind` batches."""
     cfg = run_config(next(iter(plan["configs"].values())), plan, {})
     batches = step_batches(kind, plan["steps"] + 1, cfg.train.batch_size, plan, device)
-    return compare_compile(cfg, batches, device, bf16, plan, log, kind)
+    return compare_compile(cfg, batches, device, precision, plan, log, kind)
 
 
 # ----------------------------------------------------------------------------- the baseline
@@ -402,7 +435,7 @@ def baseline_worker(spec_path: Path) -> int:
     import fvlm
 
     spec = json.loads(spec_path.read_text())
-    plan, bf16, device = spec["plan"], spec["bf16"], torch.device(spec["device"])
+    plan, precision, device = spec["plan"], spec["precision"], torch.device(spec["device"])
     if device.type == "cpu":
         torch.set_num_threads(1)
     home = Path(fvlm.__file__).resolve().parent
@@ -431,10 +464,10 @@ def baseline_worker(spec_path: Path) -> int:
         try:
             cfg = run_config(job["config"], plan, job["overrides"])
             batches = [to_device(b, device) for b in torch.load(job["file"])]
-            seconds, losses, memory = _run_old(
-                lambda bs: train_steps(cfg, bs, device, bf16, plan["steps"]), batches, state
+            seconds, losses, memory, kernels = _run_old(
+                lambda bs: train_steps(cfg, bs, device, precision, plan["steps"]), batches, state
             )
-            row |= {"step_sec": seconds, "losses": losses, "peak_mem_gib": memory}
+            row |= {"step_sec": seconds, "losses": losses, "peak_mem_gib": memory, "gpu_kernels_per_step": kernels}
             row |= {"samples_per_sec": job["batch"] / seconds, "flops_per_sec": job["flops"] / seconds}
             row["mfu"] = job["flops"] / seconds / spec["peak"] if spec["peak"] else None
         except torch.cuda.OutOfMemoryError:
@@ -455,7 +488,7 @@ def baseline_worker(spec_path: Path) -> int:
             batches = [to_device(b, device) for b in torch.load(job["file"])]
             kind = job["batches"]
             found = _run_old(
-                lambda bs: compare_compile(cfg, bs, device, bf16, plan, log, kind, "baseline "), batches, state
+                lambda bs: compare_compile(cfg, bs, device, precision, plan, log, kind, "baseline "), batches, state
             )
         except Exception as exc:
             found = {"batches": job["batches"], "error": _one_line(exc)}
@@ -468,7 +501,7 @@ def baseline_worker(spec_path: Path) -> int:
     return 0
 
 
-def check_baseline(plan, device, bf16, peak, log, kinds, parts, baseline: Path, new: dict) -> dict:
+def check_baseline(plan, device, precision, peak, log, kinds, parts, baseline: Path, new: dict) -> dict:
     """Part 1 (and 2) again with the fvlm of `baseline`, in a child process, on the same batches:
     made here as for this tree's rows and handed over in files."""
     found: dict = {"dir": str(baseline), "commit": code_version(baseline), "notes": [], "steps": [], "compile": []}
@@ -518,7 +551,7 @@ def check_baseline(plan, device, bf16, peak, log, kinds, parts, baseline: Path, 
         spec = {
             "baseline": str(baseline),
             "plan": plan,
-            "bf16": bf16,
+            "precision": precision,
             "peak": peak,
             "device": device.type,
             "steps": steps,
@@ -547,16 +580,18 @@ def check_baseline(plan, device, bf16, peak, log, kinds, parts, baseline: Path, 
     return found
 
 
-def check_parity(plan, device, log) -> dict:
-    """The same weights and batch trained in fp32 and in bf16 autocast: per-step relative loss gap."""
+def check_parity(plan, device, precision: str, log) -> dict:
+    """The same weights and batch trained in fp32 and in the check's bf16 mode (bf16 autocast on a
+    CPU, which has it too): per-step relative loss gap."""
     name = next(iter(plan["configs"].values()))
     cfg = run_config(name, plan, {})
     batch = [make_batch(cfg.train.batch_size, plan, device, seed=1)]
-    _, fp32, _ = train_steps(cfg, batch, device, False, plan["parity_steps"], seed=1)
-    _, bf16, _ = train_steps(cfg, batch, device, True, plan["parity_steps"], seed=1)  # CPU autocast has bf16 too
+    mode = precision if precision != "fp32" else "bf16-autocast"
+    _, fp32, _, _ = train_steps(cfg, batch, device, "fp32", plan["parity_steps"], seed=1)
+    _, bf16, _, _ = train_steps(cfg, batch, device, mode, plan["parity_steps"], seed=1)
     gaps = [abs(a - b) / abs(a) for a, b in zip(fp32, bf16)]
-    log(f"  bf16 vs fp32 loss: max relative gap {max(gaps):.4f} over {len(gaps)} steps")
-    return {"fp32_losses": fp32, "bf16_losses": bf16, "max_relative_gap": max(gaps)}
+    log(f"  {mode} vs fp32 loss: max relative gap {max(gaps):.4f} over {len(gaps)} steps")
+    return {"mode": mode, "fp32_losses": fp32, "bf16_losses": bf16, "max_relative_gap": max(gaps)}
 
 
 def check_loader(plan, log) -> list[dict]:
@@ -711,6 +746,10 @@ def _gib(v):
     return "n/a" if v is None else f"{v:.1f} GiB"
 
 
+def _count(v):
+    return "n/a" if v is None else f"{v:,}"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# GPU check: {report['device']} ({'reduced, CPU' if report['reduced'] else 'full'})",
@@ -721,17 +760,19 @@ def markdown(report: dict) -> str:
         " random text lengths, right-padded; the batch indices of fvlm.model.batch_index), their MFU"
         " counted on each sample's real frames and targets; `dense` are all real (every mask all ones).",
         "",
-        "| size | variant | batches | real frames / text | batch | step (ms) | samples/s | MFU | peak memory |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | variant | batches | real frames / text | batch | step (ms) | samples/s | MFU | peak memory"
+        " | GPU kernels / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.get("steps", []):
         head = f"| {r['size']} | {r['variant']} | {r['batches']} |"
         if "error" in r:
-            lines.append(f"{head} | {r['batch']} | {r['error']} | | | |")
+            lines.append(f"{head} | {r['batch']} | {r['error']} | | | | |")
         else:
             lines.append(
                 f"{head} {r['real_frames']:.0%} / {r['real_text']:.0%} | {r['batch']} | {r['step_sec'] * 1e3:.1f} | "
-                f"{r['samples_per_sec']:.1f} | {_pct(r['mfu']).strip()} | {_gib(r['peak_mem_gib'])} |"
+                f"{r['samples_per_sec']:.1f} | {_pct(r['mfu']).strip()} | {_gib(r['peak_mem_gib'])} | "
+                f"{_count(r.get('gpu_kernels_per_step'))} |"
             )
     lines += ["", "| check | result |", "|---|---|"]
     for c in report.get("compile", []):
@@ -740,7 +781,8 @@ def markdown(report: dict) -> str:
             + (
                 f"{c['eager_step_sec'] * 1e3:.1f} / {c['compiled_step_sec'] * 1e3:.1f} ms ({c['speedup']:.2f}x); "
                 f"{c['unique_graphs']} graphs ({c['recompiles']} recompiles), {c['distinct_batches']} distinct batches "
-                f"over {c['steps']} steps |"
+                f"over {c['steps']} steps; GPU kernels per step {_count(c.get('eager_gpu_kernels_per_step'))} / "
+                f"{_count(c.get('compiled_gpu_kernels_per_step'))} |"
                 if "speedup" in c
                 else f"failed: {c['error']} |"
             )
@@ -748,7 +790,8 @@ def markdown(report: dict) -> str:
     if "parity" in report:
         p = report["parity"]
         lines.append(
-            f"| bf16 vs fp32 loss, max relative gap over {len(p['fp32_losses'])} steps | {p['max_relative_gap']:.4f} |"
+            f"| {p.get('mode', 'bf16')} vs fp32 loss, max relative gap over {len(p['fp32_losses'])} steps | "
+            f"{p['max_relative_gap']:.4f} |"
         )
     for r in report.get("loader", []):
         lines.append(f"| loader, {r['workers']} workers | {r['samples_per_sec']:.1f} samples/s |")
@@ -849,6 +892,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no-record", action="store_true", help="do not update benchmarks/mfu_measured.json")
     parser.add_argument(
+        "--precision",
+        choices=("bf16", "bf16-autocast"),
+        default="bf16",
+        help="bf16 mode on a GPU (train.precision's names; default bf16: bf16 weights with fp32 masters, "
+        "what the trainer runs); a CPU runs fp32",
+    )
+    parser.add_argument(
         "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)} (default: all)"
     )
     parser.add_argument(
@@ -883,6 +933,7 @@ def main(argv=None) -> int:
 
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     bf16 = cuda and torch.cuda.is_bf16_supported()
+    precision = args.precision if bf16 else "fp32"
     peak, source = peak_flops(None, name if cuda else None, bf16)
     out = args.out or HERE / "gpu_check" / name.replace(" ", "_")
     out.mkdir(parents=True, exist_ok=True)
@@ -896,7 +947,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "commit": code_version(HERE.parent),
         "date": time.strftime("%Y-%m-%d"),
-        "precision": "bf16 autocast" if bf16 else "fp32",
+        "precision": precision,
         "peak_flops": peak,
         "peak_source": source,
         "plan": {k: v for k, v in plan.items() if k != "configs"} | {"configs": plan["configs"]},
@@ -906,10 +957,10 @@ def main(argv=None) -> int:
     # The JSON is rewritten after each part, so that a check cut short by a machine's time limit still
     # leaves what it measured.
     checks = {
-        "steps": lambda: check_steps(plan, device, bf16, peak, log, kinds),
-        "compile": lambda: [check_compile(plan, device, bf16, log, kind) for kind in kinds],
-        "baseline": lambda: check_baseline(plan, device, bf16, peak, log, kinds, parts, args.baseline, report),
-        "parity": lambda: check_parity(plan, device, log),
+        "steps": lambda: check_steps(plan, device, precision, peak, log, kinds),
+        "compile": lambda: [check_compile(plan, device, precision, log, kind) for kind in kinds],
+        "baseline": lambda: check_baseline(plan, device, precision, peak, log, kinds, parts, args.baseline, report),
+        "parity": lambda: check_parity(plan, device, precision, log),
         "loader": lambda: check_loader(plan, log),
         "allreduce": lambda: check_allreduce(plan, log),
     }

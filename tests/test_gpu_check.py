@@ -183,3 +183,26 @@ def test_a_baseline_that_cannot_run_is_reported_not_fatal(exported, tmp_path):
     # A folder without an fvlm package is bad input: one line, exit code 2.
     done = _check("--baseline", str(tmp_path), "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and "--baseline" in done.stderr and "fvlm/__init__.py" in done.stderr
+
+
+def test_the_checks_bf16_step_is_the_trainers_and_tracks_fp32():
+    """The step the GPU check times under `bf16` is the trainer's: bf16 weights, fp32 masters in the
+    optimizer (a CPU runs it too); its losses track the fp32 step's from the same weights and batch,
+    and the GPU kernel count is None off a GPU."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    plan = dict(check.REDUCED)
+    cfg = check.run_config("tiny", plan, {})
+    batch = [check.make_batch(2, plan, torch.device("cpu"), seed=1)]
+    runs = {p: check.train_steps(cfg, batch, torch.device("cpu"), p, 3, seed=1) for p in ("fp32", "bf16")}
+    for seconds, losses, memory, kernels in runs.values():
+        assert seconds > 0 and len(losses) == 4 and all(math.isfinite(x) for x in losses)
+        assert memory is None and kernels is None
+    fp32, bf16 = runs["fp32"][1], runs["bf16"][1]
+    assert fp32[-1] < fp32[0] and bf16[-1] < bf16[0]  # both train
+    assert fp32 != bf16 and all(abs(a - b) / abs(a) < 0.05 for a, b in zip(fp32, bf16))  # bf16 weights, close
