@@ -111,3 +111,25 @@ def pytest_runtest_call(item):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     return (yield from _fail_on_deprecated_calls())
+
+
+def eager_and_compiled(model):
+    """(model, a deep copy compiled as `train.compile` compiles it, the list of graphs dynamo hands
+    the copy's backend). The backend only records each graph and runs it as it is: inductor would get
+    the same graphs, and take minutes of C++ to build them."""
+    import copy
+
+    import torch._dynamo
+
+    from fvlm.model.build import compile_model
+
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compile_model(compiled, backend=counting_backend)
+    return model, compiled, graphs

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import eager_and_compiled
 from test_model import make_batch, tiny
 
 from fvlm.config import load_config
@@ -125,22 +126,7 @@ def test_compiles_fullgraph_with_equal_losses_and_gradients():
 
 def test_a_compiled_model_with_ce_chunk_matches_eager_in_one_graph_per_chunk_count():
     """train.compile with ce_chunk: the same chunk count reuses the graph; losses and gradients are eager's."""
-    import copy
-
-    import torch._dynamo
-
-    from fvlm.model.build import compile_model
-
-    graphs = []
-
-    def counting_backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    eager = tiny("model.ce_chunk=5").train()
-    compiled = copy.deepcopy(eager)
-    torch._dynamo.reset()
-    compile_model(compiled, backend=counting_backend)
+    eager, compiled, graphs = eager_and_compiled(tiny("model.ce_chunk=5").train())
     for step in range(2):
         batch = make_batch(seed=step, indices=True)
         outs = [model(batch) for model in (eager, compiled)]

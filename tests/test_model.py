@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import eager_and_compiled
 
 from fvlm.config import load_config
 from fvlm.model.batch_index import build_indices
@@ -106,20 +107,7 @@ def test_a_compiled_model_trains_step_after_step_without_recompiling():
     frame counter or a float entropy in the forward made it recompile every step until it gave up
     and ran eagerly. The backend here only counts the graphs it is given and runs them as they are
     (inductor would get the same graphs, and take minutes of C++ to build them)."""
-    import copy
-
-    import torch._dynamo
-
-    graphs = []
-
-    def counting_backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    eager = tiny().train()
-    compiled = copy.deepcopy(eager)
-    torch._dynamo.reset()
-    compile_model(compiled, backend=counting_backend)
+    eager, compiled, graphs = eager_and_compiled(tiny().train())
     per_step = []
     for step in range(3):
         batch = make_batch(seed=step, indices=True)  # new frames and text every step, the same shapes

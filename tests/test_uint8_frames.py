@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import eager_and_compiled
 
 from fvlm.config import load_config
 from fvlm.data.decode import grey_frames, normalise_into, uint8_pixels
@@ -15,7 +16,7 @@ from fvlm.eval.evaluate import sample_losses
 from fvlm.eval.looks import to_uint8
 from fvlm.model.backbones import IMAGENET, PixelStats, model_pixel_stats
 from fvlm.model.batch_index import build_indices
-from fvlm.model.build import build_model, compile_model
+from fvlm.model.build import build_model
 from fvlm.model.encoder import normalise_pixels
 
 S = 64  # tiny image size; DINO patch 8
@@ -131,20 +132,7 @@ def test_a_folders_statistics_normalise_uint8_frames_on_the_device(tmp_path):
 def test_a_compiled_step_on_uint8_frames_is_one_graph_and_equals_eager():
     """The normalisation adds nothing data-dependent: one graph for every step (as with float frames),
     and the losses and gradients of eager float frames."""
-    import copy
-
-    import torch._dynamo
-
-    graphs = []
-
-    def counting_backend(graph, example_inputs):
-        graphs.append(graph)
-        return graph.forward
-
-    eager = tiny().train()
-    compiled = copy.deepcopy(eager)
-    torch._dynamo.reset()
-    compile_model(compiled, backend=counting_backend)
+    eager, compiled, graphs = eager_and_compiled(tiny().train())
     per_step = []
     for step in range(3):
         raw, normalised = batch_pair(seed=step, valid=((4, 2), (3, 3), (4, 1))[step])
