@@ -43,7 +43,10 @@ report says why. gpu_check.md then has a table of old and new samples/s and MFU 
 count the same FLOPs: this tree's counter on the same batches). `benchmarks/prepare_baseline.sh
 [REF]` exports a commit's `fvlm/` into `gpu_baseline/` (untracked, not ignored, so the device
 machine's copy of the tree carries it; delete it after the run) and prints the command to run.
-`--parts` runs a subset of the parts (steps,compile,parity,loader,allreduce), to spend less GPU time.
+`--parts` runs a subset of the parts (steps,compile,cudagraphs,parity,loader,allreduce), to spend
+less GPU time. `cudagraphs` times the 135M foveated step eager, compiled and compiled into CUDA graphs
+(`train.cuda_graphs`) on batches padded to the shape ladder (`train.static_shapes`), the same steps
+from the same weights in each mode, and reports how far their losses drift apart.
 
 `--reduced` runs the same code on tiny shapes at 32 px on the CPU in under a minute, so that the
 script cannot rot between GPU sessions; its numbers mean nothing.
@@ -128,15 +131,18 @@ def make_batch(b: int, plan: dict, device, seed: int = 0) -> dict:
     }
 
 
-def padded_batches(n: int, b: int, plan: dict, seed: int = 0) -> list[dict]:
+def padded_batches(n: int, b: int, plan: dict, seed: int = 0, static: bool = False) -> list[dict]:
     """`n` batches (on the CPU) as the loader's collate makes them: each sample a random number of real
     frames (1..T, valid first, the rest zero), a random text length (T/2..N tokens, right-padded),
     targets a random run of its text, and the host-side indices of fvlm.model.batch_index (what the
-    trainer's sync-free step uses)."""
+    trainer's sync-free step uses); `static`: the frame and target lists padded to the shape ladder
+    (`train.static_shapes`; frames and text are padded to T and N already)."""
     from fvlm.model.batch_index import random_padded_batch
 
     g = torch.Generator().manual_seed(seed)
     size, t, length = plan["image"], plan["frames"], plan["text"]
+    if static:
+        return [random_padded_batch(g, b, t, length, size, static=True) for _ in range(n)]
     return [random_padded_batch(g, b, t, length, size) for _ in range(n)]
 
 
@@ -183,12 +189,24 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def train_steps(cfg, batches, device, precision: str, steps: int, compile_backend: str | None = None, seed: int = 0):
+def train_steps(
+    cfg,
+    batches,
+    device,
+    precision: str,
+    steps: int,
+    compile_backend: str | None = None,
+    seed: int = 0,
+    cuda_graphs: bool = False,
+    warmup: int = 1,
+):
     """(median seconds per step, losses, peak GiB, GPU kernels per step): forward + backward + AdamW,
-    step i on `batches[i % len(batches)]`. `precision` as `train.precision` names it: `bf16` (bf16
-    weights, fp32 masters in the optimizer: what the trainer runs on a GPU), `bf16-autocast` or
-    `fp32`. Kernels: the GPU kernels and copies of one more step, counted by torch.profiler (None on
-    a CPU); with one graph and fused kernels this is what a launch-bound step pays for."""
+    step i on `batches[i % len(batches)]`, the first `warmup` steps untimed (compilation; with
+    `cuda_graphs` each shape is run once, then captured, then replayed). `precision` as
+    `train.precision` names it: `bf16` (bf16 weights, fp32 masters in the optimizer: what the trainer
+    runs on a GPU), `bf16-autocast` or `fp32`. Kernels: the GPU kernels and copies of one more step,
+    counted by torch.profiler (None on a CPU); with one graph and fused kernels this is what a
+    launch-bound step pays for."""
     torch.manual_seed(seed)
     model = build_model(cfg.model).to(device)
     model.train()
@@ -200,7 +218,10 @@ def train_steps(cfg, batches, device, precision: str, steps: int, compile_backen
     if compile_backend:
         from fvlm.model.build import compile_model
 
-        compile_model(model, backend=compile_backend)
+        if cuda_graphs:
+            compile_model(model, backend=compile_backend, cuda_graphs=True)
+        else:
+            compile_model(model, backend=compile_backend)
     optimizer = build_optimizer(model, cfg.optim, masters) if masters is not None else build_optimizer(model, cfg.optim)
     losses, times = [], []
     if device.type == "cuda":
@@ -212,18 +233,22 @@ def train_steps(cfg, batches, device, precision: str, steps: int, compile_backen
         loss.backward()
         if masters is not None:
             masters.accumulate_grads()
+        elif cuda_graphs:
+            from fvlm.training.trainer import own_gradients
+
+            own_gradients([p for p in model.parameters() if p.requires_grad])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if masters is not None:
             masters.publish()
         return loss
 
-    for i in range(steps + 1):  # the first is a warm-up (and, compiled, the compilation)
+    for i in range(warmup + steps):
         sync(device)
         began = time.perf_counter()
         loss = step(batches[i % len(batches)])
         sync(device)
-        if i:
+        if i >= warmup:
             times.append(time.perf_counter() - began)
         losses.append(loss.item())
     kernels = None
@@ -232,7 +257,7 @@ def train_steps(cfg, batches, device, precision: str, steps: int, compile_backen
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step(batches[(steps + 1) % len(batches)])
+            step(batches[(warmup + steps) % len(batches)])
             sync(device)
         kernels = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -355,6 +380,48 @@ def check_compile(plan, device, precision, log, kind: str = "padded") -> dict:
     cfg = run_config(next(iter(plan["configs"].values())), plan, {})
     batches = step_batches(kind, plan["steps"] + 1, cfg.train.batch_size, plan, device)
     return compare_compile(cfg, batches, device, precision, plan, log, kind)
+
+
+def check_cuda_graphs(plan, device, precision, log) -> dict:
+    """train.cuda_graphs: the step (first size, foveated) eager, compiled, and compiled into CUDA graphs
+    (compile's "reduce-overhead"), on padded batches whose frame and target lists are on the shape
+    ladder (`train.static_shapes`). Every mode runs the same steps from the same weights, so the
+    losses must agree (bf16 rounding apart); warm-up covers each shape's run, capture and first
+    replay. On a CPU the CUDA graph row is left out (nothing to capture)."""
+    from torch._dynamo.utils import counters
+
+    cfg = run_config(next(iter(plan["configs"].values())), plan, {})
+    batches = [to_device(x, device) for x in padded_batches(plan["steps"] + 1, cfg.train.batch_size, plan, static=True)]
+    shapes = len({(x["frame_rows"].shape[0], x["target_rows"].shape[0]) for x in batches})
+    warmup = 1 + 2 * len(batches)  # the same for every mode: the same training trajectory
+    modes = {"eager": {}, "compiled": {"compile_backend": plan["compile_backend"]}}
+    if device.type == "cuda":
+        modes["cuda_graphs"] = {"compile_backend": plan["compile_backend"], "cuda_graphs": True}
+    result: dict = {"batches": "padded, static", "distinct_batches": len(batches), "distinct_shapes": shapes}
+    losses = {}
+    for mode, options in modes.items():
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            seconds, losses[mode], _, kernels = train_steps(
+                cfg, batches, device, precision, plan["steps"], warmup=warmup, **options
+            )
+        except Exception as exc:  # a compiler or capture failure is a result to report
+            log(f"  cuda graphs: {mode} failed: {_one_line(exc)}")
+            result[mode] = {"error": _one_line(exc)}
+            continue
+        graphs = int(counters["stats"]["unique_graphs"]) if options else None
+        result[mode] = {"step_sec": seconds, "gpu_kernels_per_step": kernels, "unique_graphs": graphs}
+        if mode != "eager" and "eager" in losses:
+            result[mode]["max_loss_diff"] = max(abs(a - b) for a, b in zip(losses["eager"], losses[mode]))
+    timed = {m: r["step_sec"] for m, r in result.items() if isinstance(r, dict) and "step_sec" in r}
+    log(
+        "  cuda graphs (static shapes, "
+        + f"{shapes} shapes): "
+        + ", ".join(f"{m} {sec * 1e3:.1f} ms" for m, sec in timed.items())
+        + "".join(f"; {m} loss diff {result[m]['max_loss_diff']:.2g}" for m in timed if "max_loss_diff" in result[m])
+    )
+    return result
 
 
 # ----------------------------------------------------------------------------- the baseline
@@ -787,6 +854,20 @@ def markdown(report: dict) -> str:
                 else f"failed: {c['error']} |"
             )
         )
+    if "cudagraphs" in report:
+        g = report["cudagraphs"]
+        for mode in ("eager", "compiled", "cuda_graphs"):
+            r = g.get(mode)
+            if r is None:
+                continue
+            cell = (
+                f"failed: {r['error']}"
+                if "error" in r
+                else f"{r['step_sec'] * 1e3:.1f} ms; GPU kernels per step {_count(r.get('gpu_kernels_per_step'))}"
+                + (f"; {r['unique_graphs']} graphs" if r.get("unique_graphs") is not None else "")
+                + (f"; max loss difference from eager {r['max_loss_diff']:.2g}" if "max_loss_diff" in r else "")
+            )
+            lines.append(f"| {mode.replace('_', ' ')} step, static shapes ({g['distinct_shapes']} shapes) | {cell} |")
     if "parity" in report:
         p = report["parity"]
         lines.append(
@@ -875,7 +956,7 @@ def record_mfu(report: dict, path: Path) -> None:
     path.write_text(json.dumps(records, indent=1) + "\n")
 
 
-PARTS = ("steps", "compile", "parity", "loader", "allreduce")
+PARTS = ("steps", "compile", "cudagraphs", "parity", "loader", "allreduce")
 
 
 def main(argv=None) -> int:
@@ -959,6 +1040,7 @@ def main(argv=None) -> int:
     checks = {
         "steps": lambda: check_steps(plan, device, precision, peak, log, kinds),
         "compile": lambda: [check_compile(plan, device, precision, log, kind) for kind in kinds],
+        "cudagraphs": lambda: check_cuda_graphs(plan, device, precision, log),
         "baseline": lambda: check_baseline(plan, device, precision, peak, log, kinds, parts, args.baseline, report),
         "parity": lambda: check_parity(plan, device, precision, log),
         "loader": lambda: check_loader(plan, log),

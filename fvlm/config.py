@@ -152,7 +152,15 @@ class TrainConfig:
     # (fully_shard: weights, gradients and optimizer state sharded over ranks, for the larger LLMs).
     # One process ignores it.
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # torch.compile of the training step: one graph (fullgraph), sizes that vary between batches
+    # marked dynamic. GPU only (on a CPU a compiled run is slower; the flag is ignored there).
     compile: bool = False
+    # Pad every batch to the shape ladder (fvlm/model/batch_index.py `bucket`: under a quarter more,
+    # a few dozen shapes over a run instead of one per batch). Padding changes no loss or gradient.
+    static_shapes: bool = False
+    # With compile on a GPU: capture the compiled step in CUDA graphs (compile's "reduce-overhead"),
+    # one per shape; needs train.compile and train.static_shapes.
+    cuda_graphs: bool = False
     # Intra-op threads on CPU (0 = torch's default); small models on busy cores run faster with 1.
     cpu_threads: int = 0
     # Peak FLOP/s of one device, for MFU; default: the bf16 peak of a known GPU (A100, H100, H200)
@@ -494,6 +502,11 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError(f"data.synth_object_scale must be [min, max] with 0 < min <= max < 1, got {scale}")
     if t.stage not in (1, 2, 3):
         raise UsageError(f"train.stage must be 1, 2 or 3, got {t.stage}")
+    if t.cuda_graphs and not (t.compile and t.static_shapes):
+        raise UsageError(
+            "train.cuda_graphs needs train.compile=true and train.static_shapes=true (a CUDA graph replays "
+            "one shape; without the shape ladder every batch would capture a new one)"
+        )
     _positive(d.synth_pairs, "data.synth_pairs", allow_zero=True)
     _positive(t.dpo.beta, "train.dpo.beta")
     if not 0 <= t.dpo.label_smoothing < 0.5:

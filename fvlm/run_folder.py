@@ -135,9 +135,13 @@ SWEEP_COLUMNS = (
     "error",
 )
 
-# Settings that may change between a run and its resumption: they change how long it runs or what
-# it records, not what a step computes.
+# Settings that may change between a run and its resumption: they change how long it runs, what it
+# records or how fast a step runs, not what a step computes (compiled and padded steps agree with
+# eager unpadded ones to float rounding: tests/test_static_shapes.py).
 RESUMABLE_CHANGES = {
+    "train.compile",
+    "train.static_shapes",
+    "train.cuda_graphs",
     "train.max_steps",
     "train.max_samples",
     "train.eval_every",

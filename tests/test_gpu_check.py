@@ -50,6 +50,11 @@ def test_reduced_gpu_check_measures_everything(tmp_path):
     for c in report["compile"]:
         assert c["compiled_step_sec"] > 0 and c["unique_graphs"] >= 1 and c["recompiles"] >= 0
         assert c["distinct_batches"] == (c["steps"] if c["batches"] == "padded" else 1)
+    # train.static_shapes batches: eager and compiled run the same steps to the same losses (a CPU has no
+    # CUDA graphs to capture, so that row is left out here).
+    graphs = report["cudagraphs"]
+    assert graphs["distinct_shapes"] >= 1 and graphs["eager"]["step_sec"] > 0 and "cuda_graphs" not in graphs
+    assert graphs["compiled"]["unique_graphs"] == 1 and graphs["compiled"]["max_loss_diff"] < 1e-4
     parity = report["parity"]
     assert len(parity["fp32_losses"]) == len(parity["bf16_losses"]) > 1
     assert parity["max_relative_gap"] < 0.05
@@ -59,7 +64,7 @@ def test_reduced_gpu_check_measures_everything(tmp_path):
     assert report["allreduce"]["backend"].startswith("gloo") and report["allreduce"]["manual_over_ddp"] > 0
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| tiny | multi_token | padded |" in table and "| tiny | multi_token | dense |" in table
-    assert "padded batches" in table and "all-reduce" in table
+    assert "padded batches" in table and "all-reduce" in table and "compiled step, static shapes" in table
 
 
 # ----------------------------------------------------------------------------- --baseline

@@ -116,6 +116,19 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def test_static_shapes_train_the_same_run(out_dir, reference):
+    """train.static_shapes pads every batch (training and validation) to the shape ladder: the same
+    losses, gradient norms, counts and validation, to float rounding."""
+    run(command(out_dir, "static", *RESUME, "train.static_shapes=true"))
+    assert_same_rows(by_step(reference / "steps.csv"), by_step(out_dir / "static" / "steps.csv"), COMPARED, 1e-4)
+    assert_same_rows(
+        by_step(reference / "metrics.csv"),
+        by_step(out_dir / "static" / "metrics.csv"),
+        ("val_loss", "val_loss_coarse", "attention_entropy"),
+        1e-4,
+    )
+
+
 def test_a_kill_inside_an_evaluation_write_is_evaluated_again_on_resume(out_dir, reference):
     cmd = command(out_dir, "killed-in-eval", *RESUME)
     dying = subprocess.run(

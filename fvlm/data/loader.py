@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,6 +43,9 @@ from fvlm.data.sources import resolve_sources
 from fvlm.data.synth import ensure_synthetic
 from fvlm.errors import UsageError
 from fvlm.model.backbones import IMAGENET, PixelStats, spec_pixel_stats
+
+if TYPE_CHECKING:
+    from fvlm.model.batch_index import StaticShapes  # imports torch, which this module loads lazily
 
 log = logging.getLogger("fvlm.data")
 SPLITS = ("train", "val", "probe", "bench")
@@ -272,18 +276,27 @@ def _empty(*shape, dtype):
     return torch.tensor([], dtype=dtype).set_(storage).view(*shape)
 
 
-def collate(samples: list[dict], pad_id: int, pixel_stats: PixelStats = IMAGENET, raw_frames: bool = False) -> dict:
+def collate(
+    samples: list[dict],
+    pad_id: int,
+    pixel_stats: PixelStats = IMAGENET,
+    raw_frames: bool = False,
+    static: StaticShapes | None = None,
+) -> dict:
     """Pads and stacks. Frames: with `raw_frames`, the samples' uint8 pixels as they are, channels
     first (a quarter of float32's bytes; the model normalises them on its device, `encode_frames`);
     otherwise normalised straight into a float32 batch with the DINO's mean and std. Padding frames
-    are zero either way."""
+    are zero either way. `static`: every size padded to the shape ladder (fvlm.model.batch_index)."""
     import torch
 
-    from fvlm.model.batch_index import build_indices
+    from fvlm.model.batch_index import bucket, build_indices
 
     batch_size = len(samples)
     t_max = max((s["frames"].shape[0] for s in samples), default=0)
     l_max = max((len(s["ids"]) for s in samples), default=0)
+    if static is not None:
+        t_max = bucket(t_max, static.max_frames) if t_max else 0
+        l_max = bucket(l_max, static.max_text)
     size = samples[0]["frames"].shape[1] if samples else 0
     frames = _empty(batch_size, t_max, 3, size, size, dtype=torch.uint8 if raw_frames else torch.float32)
     frame_mask = torch.zeros(batch_size, t_max, dtype=torch.bool)
@@ -309,7 +322,7 @@ def collate(samples: list[dict], pad_id: int, pixel_stats: PixelStats = IMAGENET
         "loss_mask": loss_mask,
         # Which frames DINO reads and which tokens are targets, found here on the host so that the
         # model's step never waits for the device to find them (fvlm.model.batch_index).
-        **build_indices(frame_mask, loss_mask),
+        **build_indices(frame_mask, loss_mask, static=static is not None),
         "keys": [s["key"] for s in samples],
         "sources": [s["source"] for s in samples],
         "kinds": [s["kind"] for s in samples],
@@ -317,16 +330,23 @@ def collate(samples: list[dict], pad_id: int, pixel_stats: PixelStats = IMAGENET
     }
 
 
-class _Collate:
-    def __init__(self, pad_id: int, pixel_stats: PixelStats = IMAGENET, raw_frames: bool = False):
+class BatchCollate:
+    def __init__(
+        self,
+        pad_id: int,
+        pixel_stats: PixelStats = IMAGENET,
+        raw_frames: bool = False,
+        static: StaticShapes | None = None,
+    ):
         self.pad_id = pad_id
         self.pixel_stats = pixel_stats
         self.raw_frames = raw_frames
+        self.static = static
 
     def __call__(self, items):
         samples = [s for s, _ in items if s is not None]
         events = [e for _, ev in items for e in ev]
-        return collate(samples, self.pad_id, self.pixel_stats, self.raw_frames), events
+        return collate(samples, self.pad_id, self.pixel_stats, self.raw_frames, self.static), events
 
 
 def _worker_init(_):
@@ -339,7 +359,7 @@ class Loader:
     """Iterable over batches with a checkpointable cursor (`state_dict`) and skip counts (`stats`)."""
 
     # What turns a batch's items into the batch (a subclass may add fields: fvlm.training.dpo).
-    collate_type: type = _Collate
+    collate_type: type = BatchCollate
 
     def __init__(
         self,
@@ -358,6 +378,7 @@ class Loader:
         pixel_stats: PixelStats = IMAGENET,
         raw_frames: bool | None = None,
         pin_memory: bool = False,
+        static: StaticShapes | None = None,
     ):
         self.reader = reader
         self.train = train
@@ -375,6 +396,7 @@ class Loader:
         self.raw_frames = train if raw_frames is None else raw_frames
         # Page-locked batches (a CUDA device's): the host->device copy can then overlap the step.
         self.pin_memory = pin_memory
+        self.static = static  # pad every size to the shape ladder (train.static_shapes)
         self.position = 0  # train: next stream position; eval: samples of this rank yielded in this pass
         # Skips found while indexing, plus the distinct samples that decoding turned out to be bad (a
         # bad sample met again in a later epoch or pass is not counted again).
@@ -443,7 +465,7 @@ class Loader:
             _Items(self.reader, substitute=self.train),
             batch_sampler=batches(),
             num_workers=self.num_workers,
-            collate_fn=self.collate_type(self.pad_id, self.pixel_stats, self.raw_frames),
+            collate_fn=self.collate_type(self.pad_id, self.pixel_stats, self.raw_frames, self.static),
             worker_init_fn=_worker_init if self.num_workers else None,
             pin_memory=self.pin_memory,
         )
@@ -527,7 +549,8 @@ def build_loader(
     loader's frames are uint8, normalised by the model; an evaluation loader's are normalised here
     with `pixel_stats`: a loaded model's own (`model_pixel_stats`, what evaluation passes), by
     default those of the `model.dino` folder the model is built from. `pin_memory`: batches in
-    page-locked memory (for a CUDA device).
+    page-locked memory (for a CUDA device). With `train.static_shapes` every batch is padded to the
+    shape ladder (`static_shapes`).
     Raises UsageError for a missing path, a path without shards, or a mix naming a missing source."""
     train = split == "train" if train is None else train
     d = cfg.data
@@ -555,4 +578,15 @@ def build_loader(
         pad_id=tokenizer.pad_token_id,
         pixel_stats=pixel_stats if pixel_stats is not None else spec_pixel_stats(cfg.model.dino),
         pin_memory=pin_memory,
+        static=static_shapes(cfg),
     )
+
+
+def static_shapes(cfg) -> StaticShapes | None:
+    """The shape ladder's caps when `train.static_shapes` is on (None: batches padded to their own
+    longest sample)."""
+    from fvlm.model.batch_index import StaticShapes
+
+    if not cfg.train.static_shapes:
+        return None
+    return StaticShapes(max_frames=cfg.data.max_frames, max_text=cfg.data.max_text_tokens)

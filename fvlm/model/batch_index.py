@@ -9,7 +9,7 @@ them out; the model then builds them itself from the masks, on their device (eag
 
 Keys a batch gains (see `fvlm.model.vlm.Batch`):
 - `frame_rows` [N] long: the flat slot (b * T + t) of each frame DINO encodes, batch-major. With
-  `pad_frames` the list is padded to a fixed length with copies of its last slot: DINO encodes them
+  `static` the list is padded to the shape ladder with copies of its last slot: DINO encodes them
   too and the scatter never reads them, so the padding changes no result, only the shape.
 - `target_rows`, `target_cols` [M] long: sample and text column of each loss target; `target_weight`
   [M] float, 1 for a target and 0 for padding (padding points at column 0 of sample 0).
@@ -30,8 +30,14 @@ import torch
 INDEX_KEYS = ("frame_rows", "target_rows", "target_cols", "target_weight", "n_targets")
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple if multiple > 1 else value
+def bucket(value: int, cap: int | None = None) -> int:
+    """`value` rounded up to the shape ladder of `train.static_shapes`: exact up to 8, then four steps
+    per octave (9-16 by 2, 17-32 by 4, 33-64 by 8, ...: 10, 12, 14, 16, 20, 24, 28, 32, 40, ...), so
+    padding adds less than a quarter, and a size takes one of a few dozen values over three decades.
+    At most `cap` (a size the data never exceeds) when `value` fits under it."""
+    step = 1 << max(0, (value - 1).bit_length() - 3) if value > 8 else 1
+    rounded = -(-value // step) * step
+    return min(rounded, cap) if cap is not None and value <= cap else rounded
 
 
 def frame_rows(frame_mask: torch.Tensor, pad_to: int | None = None) -> torch.Tensor:
@@ -51,21 +57,29 @@ def counted_targets(frame_mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.
     return counted
 
 
+@dataclass(frozen=True)
+class StaticShapes:
+    """`train.static_shapes`: collate pads every size of a batch to the shape ladder (`bucket`): frames
+    per sample (at most `max_frames`), text length (at most `max_text`), and the frame and target
+    lists. The data's own caps keep the ladder from padding past what a batch can hold."""
+
+    max_frames: int
+    max_text: int
+
+
 def build_indices(
-    frame_mask: torch.Tensor,
-    loss_mask: torch.Tensor,
-    frame_multiple: int = 1,
-    target_multiple: int = 1,
+    frame_mask: torch.Tensor, loss_mask: torch.Tensor, static: bool = False
 ) -> dict[str, torch.Tensor | int]:
-    """Every key above from the two masks. `frame_multiple` / `target_multiple` pad the frame and
-    target lists to a multiple (a handful of shapes for a compiled step, instead of one per batch)."""
+    """Every key above from the two masks. `static` pads the frame and target lists to the shape
+    ladder (`bucket`): a few dozen shapes over a run instead of one per batch, so that a captured
+    CUDA graph can be replayed (`train.static_shapes`)."""
     rows = frame_rows(frame_mask)
-    if rows.numel():
-        rows = frame_rows(frame_mask, _round_up(rows.numel(), frame_multiple))
+    if static and rows.numel():
+        rows = frame_rows(frame_mask, bucket(rows.numel(), frame_mask.numel()))
     counted = counted_targets(frame_mask, loss_mask)
     t_rows, t_cols = counted.nonzero(as_tuple=True)
     n = t_rows.numel()
-    padded = _round_up(max(n, 1), target_multiple) if target_multiple > 1 else n
+    padded = bucket(max(n, 1), loss_mask.numel()) if static else n
     weight = torch.zeros(padded, dtype=torch.float32, device=loss_mask.device)
     weight[:n] = 1.0
     pad = padded - n
@@ -138,10 +152,13 @@ class Targets:
         return Targets(rows, cols, torch.ones(rows.shape[0], device=loss_mask.device))
 
 
-def random_padded_batch(g: torch.Generator, b: int, t: int, length: int, size: int) -> dict[str, Any]:
+def random_padded_batch(
+    g: torch.Generator, b: int, t: int, length: int, size: int, static: bool = False
+) -> dict[str, Any]:
     """A batch shaped as the loader's collate makes them, with random content (benchmarks): each
     sample a random number of real frames (1..t, valid first, the rest zero), a random text length
-    (length/2..length, right-padded), targets a random run of its text, and the indices above."""
+    (length/2..length, right-padded), targets a random run of its text, and the indices above
+    (`static`: padded to the shape ladder, as `train.static_shapes` pads them)."""
     frames_per = torch.randint(1, t + 1, (b,), generator=g)
     text_per = torch.randint(length // 2, length + 1, (b,), generator=g)
     frame_mask = torch.arange(t)[None, :] < frames_per[:, None]
@@ -155,5 +172,5 @@ def random_padded_batch(g: torch.Generator, b: int, t: int, length: int, size: i
         "attention_mask": attention_mask,
         "loss_mask": loss_mask,
     }
-    batch.update(build_indices(frame_mask, loss_mask))
+    batch.update(build_indices(frame_mask, loss_mask, static=static))
     return batch

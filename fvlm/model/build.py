@@ -34,7 +34,7 @@ def assemble(cfg: ModelConfig, llm, dino) -> VLMBase:
     return model
 
 
-def compile_model(model: VLMBase, backend: str | object = "inductor") -> VLMBase:
+def compile_model(model: VLMBase, backend: str | object = "inductor", cuda_graphs: bool = False) -> VLMBase:
     """Compiles the model's step (`_forward`) into one graph (`fullgraph=True`).
 
     A batch from the loader carries its frame and target indices, built on the host
@@ -45,15 +45,25 @@ def compile_model(model: VLMBase, backend: str | object = "inductor") -> VLMBase
     unbacked sizes. Inductor's channels-last layout choice for DINO's patch convolution over a
     dynamic number of frames failed its own stride check (torch 2.13, CPU), so that choice is off: it
     concerns that one convolution. These settings are process-wide, as dynamo's configuration is.
+
+    `cuda_graphs` (`train.cuda_graphs`, inductor only): compile's "reduce-overhead" mode, which
+    captures the compiled forward and backward in a CUDA graph per concrete shape and replays it, so
+    a step costs a few launches instead of one per kernel. The one graph above stays one graph; each
+    shape of the ladder (`train.static_shapes`) is captured once. `forward` then marks each step's
+    start and hands back copies of the outputs, which the next replay would overwrite.
     """
     import torch._dynamo.config
     import torch._inductor.config
 
+    if cuda_graphs and backend != "inductor":
+        raise ValueError(f"cuda_graphs needs the inductor backend, not {backend!r}")
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     torch._dynamo.config.capture_scalar_outputs = True
     torch._inductor.config.layout_optimization = False
-    model._forward = torch.compile(model._forward, backend=backend, fullgraph=True)  # type: ignore[method-assign,arg-type]
+    mode = "reduce-overhead" if cuda_graphs else None
+    model._forward = torch.compile(model._forward, backend=backend, mode=mode, fullgraph=True)  # type: ignore[method-assign,arg-type]
     model.compiled = True
+    model.cuda_graphs = cuda_graphs
     return model
 
 

@@ -119,6 +119,7 @@ class VLMBase(nn.Module):
         self.dino_to_llm = nn.Linear(self.dino_dim, self.llm_dim)
         self.visual_scale = cfg.visual_scale
         self.compiled = False  # set by fvlm.model.build.compile_model
+        self.cuda_graphs = False  # the compiled step replays CUDA graphs (compile_model)
 
     # ------------------------------------------------------------------ what each architecture provides
     @property
@@ -144,7 +145,12 @@ class VLMBase(nn.Module):
         tensors only); the target count is taken here from the host's batch, or counted (a sync)."""
         if self.compiled:
             mark_dynamic(batch)
+        if self.cuda_graphs:
+            # A new step: the previous replay's outputs may be overwritten (they were copied below).
+            torch.compiler.cudagraph_mark_step_begin()
         out = self._forward(batch, mode, compute_coarse, return_attention)
+        if self.cuda_graphs:
+            out = _outside_graph_memory(out)
         n = batch.get("n_targets")
         out.n_tokens = int(n) if n is not None else int(out.target_count) if out.target_count is not None else 0
         return out
@@ -645,6 +651,24 @@ def mark_dynamic(batch: Batch) -> None:
         tensor = batch.get(key)
         if isinstance(tensor, torch.Tensor) and tensor.shape[dim] > 1:
             torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def _outside_graph_memory(out: VLMOutput) -> VLMOutput:
+    """The step's outputs copied out of the CUDA graph's memory, which the next replay reuses (a clone
+    keeps the loss differentiable: its backward runs through the captured one)."""
+
+    def copy(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.clone()
+
+    return VLMOutput(
+        loss=out.loss.clone(),
+        n_tokens=out.n_tokens,
+        target_count=copy(out.target_count),
+        loss_fine=copy(out.loss_fine),
+        loss_coarse=copy(out.loss_coarse),
+        entropy_weights=copy(out.entropy_weights),
+        attention={key: value.clone() for key, value in out.attention.items()},
+    )
 
 
 def _asked(weights: torch.Tensor | None) -> torch.Tensor:

@@ -40,10 +40,11 @@ from scipy import stats
 
 from fvlm.data.decode import SampleError, read_meta
 from fvlm.data.index import read_sample
-from fvlm.data.loader import Loader, SampleReader, collate, load_index, split_path
+from fvlm.data.loader import BatchCollate, Loader, SampleReader, collate, load_index, split_path, static_shapes
 from fvlm.data.schedule import TrainSchedule, source_probabilities
 from fvlm.errors import UsageError
-from fvlm.model.backbones import IMAGENET, PixelStats, spec_pixel_stats
+from fvlm.model.backbones import spec_pixel_stats
+from fvlm.model.batch_index import bucket
 from fvlm.model.build import build_model
 from fvlm.model.flops import estimate_flops
 from fvlm.model.vlm import Batch, VLMBase
@@ -152,19 +153,16 @@ class PreferenceReader(SampleReader):
         return sample
 
 
-class _PairCollate:
+class _PairCollate(BatchCollate):
     """The chosen answers as an ordinary batch, plus the rejected answers' padded tensors."""
-
-    def __init__(self, pad_id: int, pixel_stats: PixelStats = IMAGENET, raw_frames: bool = False):
-        self.pad_id = pad_id
-        self.pixel_stats = pixel_stats
-        self.raw_frames = raw_frames
 
     def __call__(self, items: list) -> tuple[dict, list]:
         samples = [s for s, _ in items if s is not None]
         events = [e for _, ev in items for e in ev]
-        batch = collate(samples, self.pad_id, self.pixel_stats, self.raw_frames)
+        batch = collate(samples, self.pad_id, self.pixel_stats, self.raw_frames, self.static)
         length = max((len(s["rejected_ids"]) for s in samples), default=0)
+        if self.static is not None:
+            length = bucket(length, self.static.max_text)
         ids = torch.full((len(samples), length), self.pad_id, dtype=torch.long)
         attention = torch.zeros(len(samples), length, dtype=torch.long)
         targets = torch.zeros(len(samples), length, dtype=torch.bool)
@@ -227,6 +225,7 @@ def build_preference_loader(
         pad_id=tokenizer.pad_token_id,
         pixel_stats=spec_pixel_stats(cfg.model.dino),
         pin_memory=pin_memory,
+        static=static_shapes(cfg),
     )
 
 

@@ -156,6 +156,20 @@ class Settled:
     loss_coarse: float | None
 
 
+def own_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Moves gradients out of a CUDA graph's memory: a parameter's first gradient of a step is the
+    captured backward's output, which the next replay would overwrite before the optimizer reads it
+    (one multi-tensor copy; later micro-batches add into the copy)."""
+    holders, grads = [], []
+    for param in params:
+        if param.grad is not None:
+            holders.append(param)
+            grads.append(param.grad)
+    if grads:
+        for param, copy in zip(holders, torch._foreach_mul(grads, 1.0)):
+            param.grad = copy
+
+
 def _parse_row(row: dict[str, str]) -> dict[str, Any]:
     """A CSV row back to numbers (empty cells are unmeasured values)."""
     parsed: dict[str, float | None] = {k: (float(v) if v else None) for k, v in row.items() if k != "run_id"}
@@ -304,9 +318,12 @@ class Trainer:
             self._restore_newest_readable()
         if cfg.train.compile:
             if dist.device.type == "cuda":
-                compile_model(self.model)
+                compile_model(self.model, cuda_graphs=cfg.train.cuda_graphs)
             elif dist.is_main:
-                print("fvlm: train.compile is ignored on CPU", flush=True)
+                print(
+                    f"fvlm: train.compile{' and train.cuda_graphs are' if cfg.train.cuda_graphs else ' is'} ignored on CPU",
+                    flush=True,
+                )
         self.model.train()
         self._open_outputs()
 
@@ -624,6 +641,8 @@ class Trainer:
                     (out.loss * n).backward()
                 if self.masters is not None:
                     self.masters.accumulate_grads()  # summed over micro-batches in fp32
+                elif self.model.cuda_graphs:
+                    own_gradients(self.trainable)
             except torch.cuda.OutOfMemoryError:
                 if self.dist.enabled and (last or self.engine.sharded or self.masters is not None):
                     raise  # the other ranks are inside a collective this rank can no longer join
