@@ -10,7 +10,7 @@ Exports the fvlm/ package of git ref REF (default: origin/main, else main) with 
 DIR (default: gpu_baseline; a relative DIR is taken from the repository's root), with a marker file
 .fvlm-baseline naming the ref and commit, and prints the command that measures it beside the working tree's code:
 
-    python benchmarks/gpu_check.py --sizes 135m --dense --parts steps,compile --no-record --baseline DIR
+    python benchmarks/gpu_check.py --sizes 135m --parts steps,cudagraphs --no-record --baseline DIR
 
 DIR must be inside the repository, untracked and not ignored by git: the device machine's copy of
 the working tree carries only such files (tracked ones and untracked ones git does not ignore), and
@@ -81,5 +81,5 @@ esac
 
 echo "exported fvlm/ of $ref ($commit) to $dir ($(du -sh "$dir" | cut -f1))"
 echo "run on the device machine, from the repository root:"
-echo "    python benchmarks/gpu_check.py --sizes 135m --dense --parts steps,compile --no-record --baseline $dir"
+echo "    python benchmarks/gpu_check.py --sizes 135m --parts steps,cudagraphs --no-record --baseline $dir"
 echo "then delete the export: rm -rf $dir"
