@@ -155,7 +155,7 @@ class TrainConfig:
     # torch.compile of the training step: one graph (fullgraph), sizes that vary between batches
     # marked dynamic. GPU only (on a CPU a compiled run is slower; the flag is ignored there).
     compile: bool = False
-    # Pad every batch to the shape ladder (fvlm/model/batch_index.py `bucket`: under a quarter more,
+    # Pad every training batch to the shape ladder (fvlm/model/batch_index.py `bucket`: under a quarter more,
     # a few dozen shapes over a run instead of one per batch). Padding changes no loss or gradient.
     static_shapes: bool = False
     # With compile on a GPU: capture the compiled step in CUDA graphs (compile's "reduce-overhead"),

@@ -117,8 +117,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_static_shapes_train_the_same_run(out_dir, reference):
-    """train.static_shapes pads every batch (training and validation) to the shape ladder: the same
-    losses, gradient norms, counts and validation, to float rounding."""
+    """train.static_shapes pads every training batch to the shape ladder: the same losses, gradient
+    norms, counts and validation, to float rounding."""
     run(command(out_dir, "static", *RESUME, "train.static_shapes=true"))
     assert_same_rows(by_step(reference / "steps.csv"), by_step(out_dir / "static" / "steps.csv"), COMPARED, 1e-4)
     assert_same_rows(

@@ -549,8 +549,8 @@ def build_loader(
     loader's frames are uint8, normalised by the model; an evaluation loader's are normalised here
     with `pixel_stats`: a loaded model's own (`model_pixel_stats`, what evaluation passes), by
     default those of the `model.dino` folder the model is built from. `pin_memory`: batches in
-    page-locked memory (for a CUDA device). With `train.static_shapes` every batch is padded to the
-    shape ladder (`static_shapes`).
+    page-locked memory (for a CUDA device). With `train.static_shapes` every training batch is padded
+    to the shape ladder (`static_shapes`).
     Raises UsageError for a missing path, a path without shards, or a mix naming a missing source."""
     train = split == "train" if train is None else train
     d = cfg.data
@@ -578,13 +578,14 @@ def build_loader(
         pad_id=tokenizer.pad_token_id,
         pixel_stats=pixel_stats if pixel_stats is not None else spec_pixel_stats(cfg.model.dino),
         pin_memory=pin_memory,
-        static=static_shapes(cfg),
+        static=static_shapes(cfg) if train else None,
     )
 
 
 def static_shapes(cfg) -> StaticShapes | None:
     """The shape ladder's caps when `train.static_shapes` is on (None: batches padded to their own
-    longest sample)."""
+    longest sample). Only training batches are padded: evaluation's shapes repeat from one pass to
+    the next anyway."""
     from fvlm.model.batch_index import StaticShapes
 
     if not cfg.train.static_shapes:

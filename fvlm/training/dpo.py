@@ -225,7 +225,7 @@ def build_preference_loader(
         pad_id=tokenizer.pad_token_id,
         pixel_stats=spec_pixel_stats(cfg.model.dino),
         pin_memory=pin_memory,
-        static=static_shapes(cfg),
+        static=static_shapes(cfg) if train else None,
     )
 
 
