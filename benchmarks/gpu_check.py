@@ -220,9 +220,13 @@ def train_steps(
 
         if cuda_graphs:
             compile_model(model, backend=compile_backend, cuda_graphs=True)
-        else:
+        else:  # as an old baseline's compile_model, which has no cuda_graphs argument, is called
             compile_model(model, backend=compile_backend)
     optimizer = build_optimizer(model, cfg.optim, masters) if masters is not None else build_optimizer(model, cfg.optim)
+    if cuda_graphs:
+        from fvlm.training.trainer import own_gradients  # only this tree's code takes cuda_graphs
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
     losses, times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -234,9 +238,7 @@ def train_steps(
         if masters is not None:
             masters.accumulate_grads()
         elif cuda_graphs:
-            from fvlm.training.trainer import own_gradients
-
-            own_gradients([p for p in model.parameters() if p.requires_grad])
+            own_gradients(trainable)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if masters is not None:

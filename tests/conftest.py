@@ -133,3 +133,15 @@ def eager_and_compiled(model):
     torch._dynamo.reset()
     compile_model(compiled, backend=counting_backend)
     return model, compiled, graphs
+
+
+def assert_same_grads_then_clear(model, other, atol=1e-6):
+    """The two models' parameters got the same gradients (or none on both); clears them for the next
+    step."""
+    import torch
+
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert (a.grad is None) == (b.grad is None)
+        if a.grad is not None:
+            assert torch.allclose(a.grad, b.grad, atol=atol)
+            a.grad = b.grad = None

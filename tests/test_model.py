@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import eager_and_compiled
+from conftest import assert_same_grads_then_clear, eager_and_compiled
 
 from fvlm.config import load_config
 from fvlm.model.batch_index import build_indices
@@ -117,11 +117,7 @@ def test_a_compiled_model_trains_step_after_step_without_recompiling():
         per_step.append(len(graphs))
         assert torch.equal(outs[0].loss, outs[1].loss)
         assert outs[0].attention_entropy == pytest.approx(outs[1].attention_entropy)
-        for a, b in zip(eager.parameters(), compiled.parameters()):
-            assert (a.grad is None) == (b.grad is None)
-            if a.grad is not None:
-                assert torch.allclose(a.grad, b.grad, atol=1e-6)
-                a.grad = b.grad = None
+        assert_same_grads_then_clear(eager, compiled)
     torch._dynamo.reset()
     # One graph for the whole step: the batch's host-built indices leave nothing data-dependent in it.
     # It was 12 graphs per step before they were traced, then 2 (a branch on the frame count).

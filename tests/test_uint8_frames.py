@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import eager_and_compiled
+from conftest import assert_same_grads_then_clear, eager_and_compiled
 
 from fvlm.config import load_config
 from fvlm.data.decode import grey_frames, normalise_into, uint8_pixels
@@ -141,11 +141,7 @@ def test_a_compiled_step_on_uint8_frames_is_one_graph_and_equals_eager():
             out.loss.backward()
         per_step.append(len(graphs))
         torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-6, atol=0)
-        for a, b in zip(eager.parameters(), compiled.parameters()):
-            assert (a.grad is None) == (b.grad is None)
-            if a.grad is not None:
-                assert torch.allclose(a.grad, b.grad, atol=1e-6)
-                a.grad = b.grad = None
+        assert_same_grads_then_clear(eager, compiled)
     torch._dynamo.reset()
     assert per_step == [1, 1, 1], per_step
 
