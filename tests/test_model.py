@@ -278,6 +278,100 @@ def test_the_llms_norms_are_torch_rms_norm_with_the_same_weights_and_values():
         assert torch.allclose(grad_ours.float(), grad_theirs.float(), atol=atol * 30, rtol=atol)
 
 
+def _llama_reference(fused_attention):
+    """transformers' own LlamaAttention over the same weights as `fused_attention`."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    reference = LlamaAttention(fused_attention.config, fused_attention.layer_idx)
+    reference.load_state_dict(fused_attention.state_dict())
+    return reference
+
+
+def test_the_llms_attention_is_fused_over_the_same_weights_with_transformers_values_and_gradients():
+    """Each LLM layer's q, k and v come from one product and its rotary runs over q and k at once
+    (fvlm/model/fused.py): the state dict keeps transformers' names, and outputs and gradients match
+    transformers' own attention over the same weights, with and without a cache, and under autocast
+    (where the fused layer runs transformers' forward itself)."""
+    from transformers import DynamicCache
+
+    from fvlm.model.fused import FusedLlamaAttention
+
+    model = tiny()
+    llm = model.llm
+    layers = [m for m in llm.modules() if isinstance(m, FusedLlamaAttention)]
+    assert len(layers) == llm.config.num_hidden_layers
+    assert {f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkvo"} <= set(llm.state_dict())
+    ours = layers[0]
+    theirs = _llama_reference(ours)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 7, llm.config.hidden_size, generator=g)
+    positions = torch.arange(7).expand(2, 7)
+    rotary = llm.model.rotary_emb(x, positions)
+
+    def run(layer, x, rotary, cache=None):
+        return layer(x, position_embeddings=rotary, attention_mask=None, cache=cache)[0]
+
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ours, out_theirs = run(ours, a, rotary), run(theirs, b, rotary)
+    assert torch.allclose(out_ours, out_theirs, atol=1e-6)
+    out_ours.square().sum().backward()
+    out_theirs.square().sum().backward()
+    assert torch.allclose(a.grad, b.grad, atol=1e-5)
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p.grad, theirs.get_parameter(name).grad, atol=1e-5), name
+
+    with torch.no_grad():  # a cached continuation (generation's path): the cache holds the same keys
+        caches = DynamicCache(config=llm.config), DynamicCache(config=llm.config)
+        head = (x[:, :5], llm.model.rotary_emb(x, positions[:, :5]))
+        tail = (x[:, 5:], llm.model.rotary_emb(x, positions[:, 5:]))
+        for layer, cache in zip((ours, theirs), caches, strict=True):
+            run(layer, *head, cache=cache)
+        assert torch.allclose(run(ours, *tail, cache=caches[0]), run(theirs, *tail, cache=caches[1]), atol=1e-6)
+        assert torch.allclose(caches[0].layers[0].keys, caches[1].layers[0].keys, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(run(ours, x, rotary), run(theirs, x, rotary))
+
+
+def test_the_rotary_over_queries_and_keys_is_transformers_bit_for_bit():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from fvlm.model.fused import _rotary
+
+    model = tiny()
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(2, 4, 9, 16, generator=g).to(dtype)  # [B, heads, L, d], as transformers has them
+        k = torch.randn(2, 2, 9, 16, generator=g).to(dtype)
+        cos, sin = model.llm.model.rotary_emb(q, torch.arange(3, 12).expand(2, 9))
+        expected_q, expected_k = apply_rotary_pos_emb(q, k, cos.to(dtype), sin.to(dtype))
+        joint = _rotary(torch.cat([q, k], dim=1).transpose(1, 2), cos.to(dtype), sin.to(dtype)).transpose(1, 2)
+        assert torch.equal(joint[:, :4], expected_q) and torch.equal(joint[:, 4:], expected_k)
+
+
+def test_linears_is_the_layers_one_by_one():
+    """`linears` (one product over joined weights) gives each layer's output and gradients."""
+    from fvlm.model.fused import linears
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layers = [torch.nn.Linear(8, n, bias=bias) for n in (8, 4, 4)]
+        x = torch.randn(3, 5, 8)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        joined = linears(a, *layers)
+        for out, layer in zip(joined, layers, strict=True):
+            assert torch.allclose(out, layer(x), atol=1e-6)
+        sum(o.square().sum() * (i + 1) for i, o in enumerate(joined)).backward()
+        grads = [p.grad.clone() for layer in layers for p in layer.parameters()]
+        for layer in layers:
+            layer.zero_grad()
+        sum(layer(b).square().sum() * (i + 1) for i, layer in enumerate(layers)).backward()
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+        for grad, p in zip(grads, (p for layer in layers for p in layer.parameters()), strict=True):
+            assert torch.allclose(grad, p.grad, atol=1e-5)
+    with pytest.raises(ValueError, match="every layer has a bias or none"):
+        linears(x, torch.nn.Linear(8, 4), torch.nn.Linear(8, 4, bias=False))
+
+
 def test_single_sample_loss_equals_batched():
     model = tiny()
     batch = make_batch(valid=(4, 2))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fvlm.model.backbones import PixelStats, pixel_affine, pixel_stats
+from fvlm.model.fused import linears
 
 
 @dataclass
@@ -143,16 +144,17 @@ class DinoEncoder(nn.Module):
         last = len(self.dino.encoder.layer) - 1
         for index, layer in enumerate(self.dino.encoder.layer):
             attn = layer.attention
-            x = layer.norm1(hidden)
-            k = _split_heads(attn.k_proj(x), self.num_heads)
-            v = _split_heads(attn.v_proj(x), self.num_heads)
+            kv_only = index == last and not need_features
+            projections = (attn.k_proj, attn.v_proj) if kv_only else (attn.k_proj, attn.v_proj, attn.q_proj)
+            # One matrix product for the layer's projections (fvlm/model/fused.py), split per head.
+            split = [_split_heads(t, self.num_heads) for t in linears(layer.norm1(hidden), *projections)]
+            k, v = split[:2]
             if cache_kv:
                 keys.append(k)
                 values.append(v)
-            if index == last and not need_features:
+            if kv_only:
                 return PatchCache(None, keys, values, grid)
-            q = _split_heads(attn.q_proj(x), self.num_heads)
-            out = _merge_heads(F.scaled_dot_product_attention(q, k, v))
+            out = _merge_heads(F.scaled_dot_product_attention(split[2], k, v))
             hidden = layer.drop_path(layer.layer_scale1(attn.o_proj(out))) + hidden
             hidden = layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(hidden)))) + hidden
         return PatchCache(self.dino.layernorm(hidden), keys, values, grid)
