@@ -144,17 +144,17 @@ class DinoEncoder(nn.Module):
         last = len(self.dino.encoder.layer) - 1
         for index, layer in enumerate(self.dino.encoder.layer):
             attn = layer.attention
-            kv_only = index == last and not need_features
-            projections = (attn.k_proj, attn.v_proj) if kv_only else (attn.k_proj, attn.v_proj, attn.q_proj)
-            # One matrix product for the layer's projections (fvlm/model/fused.py), split per head.
-            split = [_split_heads(t, self.num_heads) for t in linears(layer.norm1(hidden), *projections)]
-            k, v = split[:2]
+            x = layer.norm1(hidden)
+            # Keys and values from one matrix product (fvlm/model/fused.py); the queries apart, so
+            # that the cached keys and values keep no query columns alive.
+            k, v = (_split_heads(t, self.num_heads) for t in linears(x, attn.k_proj, attn.v_proj))
             if cache_kv:
                 keys.append(k)
                 values.append(v)
-            if kv_only:
+            if index == last and not need_features:
                 return PatchCache(None, keys, values, grid)
-            out = _merge_heads(F.scaled_dot_product_attention(split[2], k, v))
+            q = _split_heads(attn.q_proj(x), self.num_heads)
+            out = _merge_heads(F.scaled_dot_product_attention(q, k, v))
             hidden = layer.drop_path(layer.layer_scale1(attn.o_proj(out))) + hidden
             hidden = layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(hidden)))) + hidden
         return PatchCache(self.dino.layernorm(hidden), keys, values, grid)

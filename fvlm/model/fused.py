@@ -10,9 +10,9 @@ kernel launches forward (and about as many backward). Each replacement keeps eve
   the values are the same bit for bit on a CPU; in bf16 the fused kernel applies the weight before
   rounding once, where transformers rounds the normalised input and then multiplies: results may
   differ by one bf16 rounding step.
-- **Projections of one input** (`linears`): q, k and v (DINO's and the LLM's) from one matrix product
-  over the concatenated weights. Backward is then two products instead of six plus the sum of three
-  input gradients. The concatenated copy lives from forward to backward: one layer's q/k/v weights
+- **Projections of one input** (`linears`): the LLM's q, k and v (DINO's k and v) from one matrix
+  product over the concatenated weights. Backward is then two products instead of six plus the sum
+  of three input gradients. The concatenated copy lives from forward to backward: one layer's q/k/v weights
   (1.1 MB a layer at 135M in bf16, 25 MB at 1.7B), a few percent of a step's activations.
 - **Rotary embedding** (`FusedLlamaAttention`): one rotary over the queries and keys together, with
   `rotate_half`'s negation moved into the sine: the same values as transformers'
