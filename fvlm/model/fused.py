@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, LlamaAttention, eager_attention_forward
 
 
 def _autocasting(x: torch.Tensor) -> bool:
@@ -106,8 +106,6 @@ class FusedLlamaAttention(LlamaAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if _autocasting(hidden_states) or position_embeddings is None:
             return super().forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
-        from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
-
         heads, kv_heads = self.q_proj.out_features // self.head_dim, self.k_proj.out_features // self.head_dim
         qkv = _joined(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
         qk, value = qkv.unflatten(-1, (heads + 2 * kv_heads, self.head_dim)).split([heads + kv_heads, kv_heads], 2)
