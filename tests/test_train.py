@@ -260,6 +260,43 @@ def test_attention_npz_contract(small_run):
     np.testing.assert_allclose(real.sum(-1), 1.0, rtol=1e-4)
 
 
+def test_probe_attention_gives_the_model_host_built_indices_and_the_same_maps(small_run, tmp_path, monkeypatch):
+    """The probe pass takes a sub-batch of the probe loader's videos; it builds that sub-batch's frame
+    and target indices on the host, so the model never finds them itself (a `nonzero` that waits for
+    the device). The maps equal those of the model finding them (the indices left out)."""
+    from contextlib import nullcontext
+
+    from fvlm.data.loader import build_loader
+    from fvlm.model.batch_index import INDEX_KEYS
+    from fvlm.model.build import load_model
+    from fvlm.training import evaluate
+
+    cfg, _ = small_run
+    model, tokenizer = load_model(cfg.run_dir / "checkpoints" / "step_0000024")
+    given = []
+    forward = model.forward
+
+    def recording(batch, **kwargs):
+        given.append(all(k in batch for k in INDEX_KEYS))
+        return forward(batch, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording)
+
+    def probe(folder):
+        loader = build_loader(cfg, "probe", tokenizer, train=False, max_samples=3)
+        return np.load(evaluate.save_probe_attention(model, loader, 3, 24, folder, torch.device("cpu"), nullcontext))
+
+    host = probe(tmp_path / "host")
+    assert given and all(given)
+    given.clear()
+    monkeypatch.setattr(evaluate, "build_indices", lambda frame_mask, loss_mask: {})
+    own = probe(tmp_path / "own")
+    assert given and not any(given)
+    assert sorted(host.files) == sorted(own.files)
+    for name in host.files:
+        np.testing.assert_array_equal(host[name], own[name], err_msg=name)
+
+
 def test_rerunning_a_completed_run_does_nothing(small_run, capsys):
     cfg, summary = small_run
     again = train(cfg)

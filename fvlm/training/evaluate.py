@@ -21,7 +21,7 @@ from fvlm import run_folder as rf
 from fvlm.data.decode import uint8_pixels
 from fvlm.data.loader import boxes_array
 from fvlm.model.backbones import model_pixel_stats
-from fvlm.model.batch_index import INDEX_KEYS
+from fvlm.model.batch_index import INDEX_KEYS, build_indices
 from fvlm.training.dist import Dist
 
 _Batch = TypeVar("_Batch", bound=Mapping[str, Any])
@@ -134,13 +134,15 @@ def save_probe_attention(
         if not keep:
             continue
         rows = torch.tensor(keep)
-        # Per-sample fields only: the batch's frame and target indices describe all of it, and the
-        # model finds the sub-batch's own.
-        sub = {
+        # The batch's frame and target indices describe all of it: the sub-batch gets its own, built
+        # here on the host as collate builds them, so the model finds none itself (a `nonzero` that
+        # waits for the device, and under train.compile a graph of data-dependent sizes).
+        sub: dict[str, Any] = {
             k: (v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in keep])
             for k, v in batch.items()
             if k not in INDEX_KEYS
         }
+        sub.update(build_indices(sub["frame_mask"], sub["loss_mask"]))
         with autocast():
             out = model(to_device(sub, device), return_attention=True)
         if not out.attention:
