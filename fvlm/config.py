@@ -153,7 +153,8 @@ class TrainConfig:
     # One process ignores it.
     distributed: Literal["ddp", "fsdp"] = "ddp"
     # torch.compile of the training step: one graph (fullgraph), sizes that vary between batches
-    # marked dynamic. GPU only (on a CPU a compiled run is slower; the flag is ignored there).
+    # marked dynamic. GPU only (on a CPU the compiles cost more than the faster steps save in runs
+    # of a few thousand steps; the flag is ignored there: docs/findings.md, "Training speed").
     compile: bool = False
     # Pad every training batch to the shape ladder (fvlm/model/batch_index.py `bucket`: under a quarter more,
     # a few dozen shapes over a run instead of one per batch). Padding changes no loss or gradient.
