@@ -124,6 +124,7 @@ def test_a_compiled_model_trains_step_after_step_without_recompiling():
     assert per_step == [1, 1, 1], per_step
 
 
+@pytest.mark.slow
 def test_batches_with_more_or_fewer_frames_per_sample_share_the_compiled_step():
     """The frames per sample (the batch's longest video) change from batch to batch, and the model
     marks that size dynamic too: every batch of 3 frames or more runs one graph (2 and 1 frames get
@@ -146,6 +147,36 @@ def test_batches_with_more_or_fewer_frames_per_sample_share_the_compiled_step():
         counts.append(len(graphs))
     torch._dynamo.reset()
     assert counts == [1, 1, 1, 2, 2, 3], list(zip(frames, counts))
+
+
+@pytest.mark.slow
+def test_every_variant_of_the_step_compiles_in_one_run():
+    """A compiled run meets, in one process: training steps with and without the logged steps' coarse
+    loss, batches of 3+, 2, 1 and no frames per sample, evaluation, the attention probe. Each is a
+    graph of the one function `_forward`, more than dynamo's default limit of 8, at which fullgraph
+    raises: the run used to fail at its first probe."""
+    from fvlm.model.batch_index import random_padded_batch
+
+    _, compiled, graphs = eager_and_compiled(tiny().train())
+    g = torch.Generator().manual_seed(0)
+
+    def batch(b, t):
+        out = random_padded_batch(g, b, max(t, 1), 24, S)
+        if t == 0:  # text only
+            out["frames"], out["frame_mask"] = out["frames"][:, :0], out["frame_mask"][:, :0]
+            out.update(build_indices(out["frame_mask"], out["loss_mask"]))
+        return out
+
+    for coarse in (False, True):
+        for t in (4, 5, 2, 1, 0):
+            compiled(batch(3, t), compute_coarse=coarse).loss.backward()
+    compiled.eval()
+    with torch.no_grad():
+        for b in (16, 5):
+            compiled(batch(b, 4), compute_coarse=True)
+        out = compiled(batch(4, 4), return_attention=True)
+    torch._dynamo.reset()
+    assert out.attention and len(graphs) == 9  # T >= 3, 2, 1 per training mode, text once, eval, probe
 
 
 @pytest.mark.slow

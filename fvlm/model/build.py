@@ -34,6 +34,9 @@ def assemble(cfg: ModelConfig, llm, dino) -> VLMBase:
     return model
 
 
+RECOMPILE_LIMIT = 64
+
+
 def compile_model(model: VLMBase, backend: str | object = "inductor", cuda_graphs: bool = False) -> VLMBase:
     """Compiles the model's step (`_forward`) into one graph (`fullgraph=True`).
 
@@ -59,6 +62,12 @@ def compile_model(model: VLMBase, backend: str | object = "inductor", cuda_graph
         raise ValueError(f"cuda_graphs needs the inductor backend, not {backend!r}")
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     torch._dynamo.config.capture_scalar_outputs = True
+    # One function (`_forward`) serves every variant of the step, each its own graph: training with
+    # and without the logged steps' coarse loss, evaluation, the attention probe, each for batches of
+    # 3+ frames per sample, 2, 1 and none (text only). Dynamo's default of 8 graphs per function made
+    # a run fail at its first attention probe once its batches had met those frame counts (with
+    # fullgraph, the limit raises).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._inductor.config.layout_optimization = False
     mode = "reduce-overhead" if cuda_graphs else None
     model._forward = torch.compile(model._forward, backend=backend, mode=mode, fullgraph=True)  # type: ignore[method-assign,arg-type]
