@@ -154,7 +154,7 @@ def test_every_variant_of_the_step_compiles_in_one_run():
     """A compiled run meets, in one process: training steps with and without the logged steps' coarse
     loss, batches of 3+, 2, 1 and no frames per sample, evaluation, the attention probe. Each is a
     graph of the one function `_forward`, more than dynamo's default limit of 8, at which fullgraph
-    raises: the run used to fail at its first probe."""
+    raises: the run used to fail at the ninth variant it met."""
     from fvlm.model.batch_index import random_padded_batch
 
     _, compiled, graphs = eager_and_compiled(tiny().train())

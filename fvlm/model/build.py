@@ -64,9 +64,8 @@ def compile_model(model: VLMBase, backend: str | object = "inductor", cuda_graph
     torch._dynamo.config.capture_scalar_outputs = True
     # One function (`_forward`) serves every variant of the step, each its own graph: training with
     # and without the logged steps' coarse loss, evaluation, the attention probe, each for batches of
-    # 3+ frames per sample, 2, 1 and none (text only). Dynamo's default of 8 graphs per function made
-    # a run fail at its first attention probe once its batches had met those frame counts (with
-    # fullgraph, the limit raises).
+    # 3+ frames per sample, 2, 1 and none (text only): about nine. Dynamo's default of 8 graphs per
+    # function made a run fail at the ninth variant it met (with fullgraph, the limit raises).
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._inductor.config.layout_optimization = False
     mode = "reduce-overhead" if cuda_graphs else None
