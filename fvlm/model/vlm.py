@@ -639,9 +639,11 @@ def batch_frames(batch: Batch) -> FrameIndex:
 
 # The sizes that change between batches: frames encoded, targets, text length, and frames per
 # sample (marked from the first batch on; left to dynamo, the first count got a graph of its own).
-_DYNAMIC = (("frame_rows", 0), ("target_rows", 0), ("target_cols", 0), ("target_weight", 0))
-_DYNAMIC_TEXT = (("input_ids", 1), ("attention_mask", 1), ("loss_mask", 1))
-_DYNAMIC_FRAMES = (("frames", 1), ("frame_mask", 1))
+_DYNAMIC = (
+    ("frame_rows", 0), ("target_rows", 0), ("target_cols", 0), ("target_weight", 0),
+    ("input_ids", 1), ("attention_mask", 1), ("loss_mask", 1),
+    ("frames", 1), ("frame_mask", 1),
+)  # fmt: skip
 
 
 def mark_dynamic(batch: Batch) -> None:
@@ -651,7 +653,7 @@ def mark_dynamic(batch: Batch) -> None:
 
     if "frame_rows" not in batch:
         return
-    for key, dim in _DYNAMIC + _DYNAMIC_TEXT + _DYNAMIC_FRAMES:
+    for key, dim in _DYNAMIC:
         tensor = batch.get(key)
         if isinstance(tensor, torch.Tensor) and tensor.shape[dim] > 1:
             torch._dynamo.maybe_mark_dynamic(tensor, dim)
